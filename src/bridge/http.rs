@@ -1,0 +1,262 @@
+//! The caller side: accept HTTP/1.1 connections, turn each request into a
+//! call frame, wait (event-driven) for the reply with the same id, and answer.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{header, HeaderName, HeaderValue, Request, Response};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+};
+use tokio::{net::TcpListener, time::Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{registry::AcquireError, session::Failure, Shared};
+use crate::{
+    error::CallError,
+    headers,
+    protocol::{self, DataHead, RequestHead},
+};
+
+/// The header carrying the request id both ways.
+pub(crate) static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Longest caller-supplied request id we adopt; longer ones are replaced.
+const MAX_REQUEST_ID: usize = 128;
+
+/// Accepts caller connections until `shutdown`, then drains them for up to
+/// `shutdown_timeout`.
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let graceful = GracefulShutdown::new();
+    let mut builder = http1::Builder::new();
+    // Without a timer hyper silently ignores header_read_timeout.
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.config.http.header_read_timeout)
+        .keep_alive(true);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "accepting a caller connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let shared = shared.clone();
+        let service = service_fn(move |req| handle(shared.clone(), peer, req));
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(tcp), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(%peer, error = %e, "caller connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    let deadline = shared.config.shutdown_timeout;
+    info!(
+        open = graceful.count(),
+        ?deadline,
+        "stopped accepting calls; draining"
+    );
+    if tokio::time::timeout(deadline, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!(
+            ?deadline,
+            "calls still in flight at the shutdown deadline were dropped"
+        );
+    }
+}
+
+/// Answers one request; never fails at the hyper level.
+async fn handle(
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let started = Instant::now();
+    let request_id = request_id(&req);
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let mut resp = match call(&shared, peer, &request_id, started, req).await {
+        Ok(resp) => resp.map(Full::new),
+        Err(err) => {
+            info!(%request_id, %method, %path, code = err.code(), error = %err, "call failed");
+            err.into_response(&request_id)
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert(REQUEST_ID.clone(), v);
+    }
+    debug!(%request_id, %method, %path, status = resp.status().as_u16(), elapsed = ?started.elapsed(), "call done");
+    Ok(resp)
+}
+
+/// The caller's `X-Request-Id` if it is a sane token, else a new UUID v7.
+fn request_id(req: &Request<Incoming>) -> String {
+    req.headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty() && v.len() <= MAX_REQUEST_ID && v.bytes().all(|b| b.is_ascii_graphic())
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+}
+
+/// Routes, reads the body, dispatches to a worker and awaits the reply.
+async fn call(
+    shared: &Shared,
+    peer: SocketAddr,
+    request_id: &str,
+    started: Instant,
+    req: Request<Incoming>,
+) -> Result<Response<Bytes>, CallError> {
+    let target = shared
+        .router
+        .resolve(req.uri().path())
+        .ok_or_else(|| CallError::NoRoute {
+            path: req.uri().path().to_owned(),
+        })?
+        .clone();
+    let service = target.service.to_string();
+    let deadline = started + target.request_timeout;
+    let timeout = || CallError::Timeout {
+        service: service.clone(),
+        after: target.request_timeout,
+    };
+
+    let (parts, body) = req.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_large = CallError::BodyTooLarge {
+        limit: target.max_body,
+    };
+    if declared.is_some_and(|n| n > target.max_body as u64) {
+        return Err(too_large);
+    }
+    let body = match tokio::time::timeout_at(
+        deadline,
+        Limited::new(body, target.max_body).collect(),
+    )
+    .await
+    {
+        Err(_) => return Err(timeout()),
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => return Err(too_large),
+        Ok(Err(e)) => {
+            return Err(CallError::BadRequest {
+                reason: format!("cannot read the request body: {e}"),
+            })
+        }
+    };
+
+    let mut wire_headers = headers::to_wire(&parts.headers);
+    forwarded_headers(&mut wire_headers, &parts.headers, peer, request_id);
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+
+    let wait = shared
+        .config
+        .http
+        .queue_timeout
+        .min(deadline.saturating_duration_since(Instant::now()));
+    let lease = shared
+        .registry
+        .acquire(&service, wait, shared.config.http.queue_limit)
+        .await
+        .map_err(|e| match e {
+            AcquireError::QueueFull => CallError::QueueFull {
+                service: service.clone(),
+                limit: shared.config.http.queue_limit,
+            },
+            // The call's own deadline ran out while queueing: that is a timeout.
+            AcquireError::NoWorker { .. } if Instant::now() >= deadline => timeout(),
+            AcquireError::NoWorker { connected } => CallError::NoWorker {
+                service: service.clone(),
+                waited: wait,
+                connected,
+            },
+        })?;
+    let session = lease.session().clone();
+    let failed = |f: Failure| match f {
+        Failure::Lost(cause) => CallError::WorkerLost {
+            service: service.clone(),
+            worker: session.worker_id.clone(),
+            cause,
+        },
+        Failure::Bad(reason) => CallError::BadResponse {
+            service: service.clone(),
+            worker: session.worker_id.clone(),
+            reason,
+        },
+    };
+    let (mut guard, reply) = session.start_call().map_err(failed)?;
+    let id = guard.id();
+    let head = |end| {
+        DataHead::Request(RequestHead {
+            id,
+            request_id: request_id.to_owned(),
+            service: service.clone(),
+            method: parts.method.as_str().to_owned(),
+            path,
+            headers: wire_headers,
+            end,
+        })
+    };
+    let frames = protocol::encode_message(head, id, &body);
+    let exchange = async {
+        session.send(frames).await?;
+        reply
+            .await
+            .unwrap_or_else(|_| Err(Failure::Lost("connection closed".into())))
+    };
+    match tokio::time::timeout_at(deadline, exchange).await {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(f)) => Err(failed(f)),
+        Err(_) => {
+            guard.reason = "timeout";
+            Err(timeout())
+        }
+    }
+    // `guard` drops here: a call still pending is removed and cancelled;
+    // `lease` drops after it and frees the worker's slot.
+}
+
+/// Adds `X-Forwarded-For`, `X-Forwarded-Proto` and, when the bridge made the
+/// id up, `X-Request-Id`, so the worker sees what a reverse proxy would show.
+fn forwarded_headers(
+    wire: &mut Vec<protocol::Header>,
+    original: &http::HeaderMap,
+    peer: SocketAddr,
+    request_id: &str,
+) {
+    let prior: Vec<&str> = original
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    wire.retain(|(n, _)| n != "x-forwarded-for" && n != "x-forwarded-proto" && n != "x-request-id");
+    let mut xff = prior.join(", ");
+    if !xff.is_empty() {
+        xff.push_str(", ");
+    }
+    xff.push_str(&peer.ip().to_string());
+    wire.push(("x-forwarded-for".into(), xff));
+    wire.push(("x-forwarded-proto".into(), "http".into()));
+    wire.push(("x-request-id".into(), request_id.to_owned()));
+}

@@ -1,0 +1,205 @@
+//! The sidecar: an HTTP listener for callers and a WebSocket listener for
+//! workers, joined by the worker registry.
+//!
+//! * [`http`] turns each HTTP request into a call frame and awaits its reply.
+//! * [`registry`] picks a worker (least busy, within its declared capacity)
+//!   and queues calls when none is free.
+//! * [`session`] runs one worker connection and its pending map.
+//! * [`routes`] maps paths to services.
+
+mod http;
+mod registry;
+mod routes;
+mod session;
+
+use std::{io, net::SocketAddr, sync::Arc};
+
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{info, warn, Instrument};
+
+use crate::config::Config;
+use registry::Registry;
+use routes::Router;
+
+/// The listeners a bridge serves; bind them first (port 0 works), then
+/// [`run`]. Separating the two lets tests and supervisors own the sockets.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Plain-HTTP listener for callers.
+    pub http: TcpListener,
+    /// WebSocket listener for workers.
+    pub workers: TcpListener,
+}
+
+impl Listeners {
+    /// Binds both addresses of a config.
+    pub fn bind(config: &Config) -> io::Result<Listeners> {
+        Ok(Listeners {
+            http: bind(config.http.listen)?,
+            workers: bind(config.workers.listen)?,
+        })
+    }
+}
+
+/// Binds a listener with a backlog large enough for bursts of new callers
+/// (the std default of 128 drops SYNs under load).
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket
+        .bind(addr)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+    socket.listen(4096)
+}
+
+/// State shared by every connection of one bridge.
+pub(crate) struct Shared {
+    /// The validated configuration.
+    pub(crate) config: Config,
+    /// Path -> service.
+    pub(crate) router: Router,
+    /// Connected workers and waiting calls.
+    pub(crate) registry: Arc<Registry>,
+    /// Frame limits for worker connections.
+    pub(crate) ws_config: WebSocketConfig,
+}
+
+/// Runs a bridge until `shutdown` is cancelled, then stops accepting, lets
+/// calls in flight finish for up to `shutdown_timeout`, and returns.
+///
+/// `tls` is the worker listener's TLS config; `None` serves plain ws and is
+/// only accepted when `config.workers.tls` is false.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    let workers_addr = listeners.workers.local_addr()?;
+    let http_addr = listeners.http.local_addr()?;
+    if config.workers.tls && tls.is_none() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "workers.tls is on but no TLS config was given",
+        ));
+    }
+    if tls.is_none() && !workers_addr.ip().is_loopback() {
+        warn!(
+            addr = %workers_addr,
+            "worker listener serves PLAIN ws on a non-loopback address: tokens and calls cross the network unencrypted"
+        );
+    }
+    let ws_config = WebSocketConfig::default()
+        .max_message_size(Some(config.workers.max_frame.bytes()))
+        .max_frame_size(Some(config.workers.max_frame.bytes()));
+    let shared = Arc::new(Shared {
+        router: Router::new(&config),
+        config,
+        registry: Arc::new(Registry::default()),
+        ws_config,
+    });
+
+    info!(addr = %http_addr, "http listener ready");
+    info!(addr = %workers_addr, tls = tls.is_some(), "worker listener ready");
+
+    // Worker connections outlive the HTTP drain: the calls being drained
+    // need their workers to answer them.
+    let workers_stop = CancellationToken::new();
+    let workers = tokio::spawn(
+        accept_workers(
+            listeners.workers,
+            tls.map(TlsAcceptor::from),
+            shared.clone(),
+            workers_stop.clone(),
+        )
+        .instrument(tracing::info_span!("workers")),
+    );
+    http::serve(listeners.http, shared, shutdown).await;
+    workers_stop.cancel();
+    let _ = workers.await;
+    Ok(())
+}
+
+/// Accepts worker connections until shutdown; each runs in its own task.
+async fn accept_workers(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let tasks = TaskTracker::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends are transient; keep the listener.
+                    warn!(error = %e, "accepting a worker connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let (shared, shutdown, tls) = (shared.clone(), shutdown.clone(), tls.clone());
+        tasks.spawn(
+            async move {
+                match tls {
+                    None => session::serve(tcp, peer, shared, shutdown).await,
+                    Some(acceptor) => {
+                        let timeout = shared.config.workers.handshake_timeout;
+                        match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                            Ok(Ok(stream)) => session::serve(stream, peer, shared, shutdown).await,
+                            Ok(Err(e)) => info!(%peer, error = %e, "worker TLS handshake failed"),
+                            Err(_) => info!(%peer, "worker TLS handshake timed out"),
+                        }
+                    }
+                }
+            }
+            .instrument(tracing::info_span!("worker", %peer)),
+        );
+    }
+    drop(listener);
+    tasks.close();
+    tasks.wait().await;
+}
+
+/// The worker listener's TLS config from `[workers]`: `None` when TLS is
+/// off; with `auto_self_signed`, missing cert files are generated first.
+pub fn server_tls(
+    workers: &crate::config::WorkersConfig,
+) -> Result<Option<Arc<rustls::ServerConfig>>, crate::tls::TlsError> {
+    if !workers.tls {
+        return Ok(None);
+    }
+    let (Some(cert), Some(key)) = (&workers.tls_cert, &workers.tls_key) else {
+        // validate() guarantees both are set when TLS is on.
+        return Ok(None);
+    };
+    if workers.auto_self_signed && !cert.exists() && !key.exists() {
+        let mut hosts = vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+        ];
+        let ip = workers.listen.ip();
+        if !ip.is_unspecified() && !ip.is_loopback() {
+            hosts.push(ip.to_string());
+        }
+        warn!(
+            cert = %cert.display(), key = %key.display(), ?hosts,
+            "TLS files missing: generating a self-signed certificate (workers need --ca {}); use real certificates in production",
+            cert.display()
+        );
+        crate::tls::SelfSigned::generate(&hosts)?.write(cert, key)?;
+    }
+    crate::tls::server_config(cert, key).map(Some)
+}

@@ -1,0 +1,394 @@
+//! Which workers serve which service, how busy each is, and the bounded FIFO
+//! of calls waiting for capacity.
+//!
+//! A call holds a [`Lease`] on one worker while it is in flight; dropping the
+//! lease gives the capacity back and hands it straight to the oldest waiting
+//! call, so waiting is event-driven and never polls. All state sits behind
+//! one `std::sync::Mutex`: critical sections are a few map operations and
+//! never await, which is cheaper than an async mutex and cannot deadlock
+//! across an `.await`.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use tokio::sync::oneshot;
+
+use super::session::Session;
+
+/// Why no lease could be had.
+#[derive(Debug, PartialEq)]
+pub(crate) enum AcquireError {
+    /// The service's wait queue is at `queue_limit`.
+    QueueFull,
+    /// Nothing became free within the wait; `connected` workers serve it.
+    NoWorker {
+        /// Workers of the service connected at the time of giving up.
+        connected: usize,
+    },
+}
+
+/// The registry of connected workers.
+#[derive(Default)]
+pub(crate) struct Registry {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Connected workers by registry key.
+    workers: HashMap<u64, Slot>,
+    /// Per service: its workers and the calls waiting for one.
+    services: HashMap<String, Service>,
+    /// Next registry key; keys are never reused, so a stale lease cannot
+    /// touch a newer worker's counters.
+    next_key: u64,
+}
+
+struct Slot {
+    session: Arc<Session>,
+    services: Vec<String>,
+    inflight: u32,
+    max_inflight: u32,
+    /// A draining worker keeps its calls but gets no new ones.
+    draining: bool,
+}
+
+#[derive(Default)]
+struct Service {
+    workers: Vec<u64>,
+    waiters: VecDeque<oneshot::Sender<Lease>>,
+    /// Rotates the starting point of the least-loaded scan so that equally
+    /// idle workers share the load instead of the first one taking it all.
+    cursor: usize,
+}
+
+/// The right to send one call to one worker. Dropping it frees the slot.
+pub(crate) struct Lease {
+    registry: Arc<Registry>,
+    key: u64,
+    session: Arc<Session>,
+    /// Cleared when the lease was never handed out, so that its drop does
+    /// not release capacity that the registry already took back.
+    armed: bool,
+}
+
+impl Lease {
+    /// The worker connection this lease is for.
+    pub(crate) fn session(&self) -> &Arc<Session> {
+        &self.session
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.armed {
+            self.registry.release(self.key);
+        }
+    }
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock leaves counters that are still
+        // consistent enough to keep serving; refusing all calls would not be.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a worker and lets it take waiting calls at once.
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        session: Arc<Session>,
+        services: &[String],
+        max_inflight: u32,
+    ) -> u64 {
+        let mut state = self.lock();
+        let key = state.next_key;
+        state.next_key += 1;
+        let mut unique = services.to_vec();
+        unique.sort();
+        unique.dedup();
+        for name in &unique {
+            state
+                .services
+                .entry(name.clone())
+                .or_default()
+                .workers
+                .push(key);
+        }
+        state.workers.insert(
+            key,
+            Slot {
+                session,
+                services: unique.clone(),
+                inflight: 0,
+                max_inflight,
+                draining: false,
+            },
+        );
+        for name in &unique {
+            state.pump(self, name);
+        }
+        key
+    }
+
+    /// Removes a worker; its outstanding leases become no-ops.
+    pub(crate) fn unregister(&self, key: u64) {
+        let mut state = self.lock();
+        let Some(slot) = state.workers.remove(&key) else {
+            return;
+        };
+        for name in &slot.services {
+            if let Some(service) = state.services.get_mut(name) {
+                service.workers.retain(|k| *k != key);
+                if service.workers.is_empty() && service.waiters.is_empty() {
+                    state.services.remove(name);
+                }
+            }
+        }
+    }
+
+    /// Stops giving a worker new calls.
+    pub(crate) fn drain(&self, key: u64) {
+        if let Some(slot) = self.lock().workers.get_mut(&key) {
+            slot.draining = true;
+        }
+    }
+
+    /// Connected workers of a service (draining ones included).
+    pub(crate) fn connected(&self, service: &str) -> usize {
+        self.lock()
+            .services
+            .get(service)
+            .map_or(0, |s| s.workers.len())
+    }
+
+    /// Takes capacity on the least-busy worker of `service`, waiting up to
+    /// `wait` in FIFO order behind at most `queue_limit - 1` other calls.
+    pub(crate) async fn acquire(
+        self: &Arc<Self>,
+        service: &str,
+        wait: Duration,
+        queue_limit: usize,
+    ) -> Result<Lease, AcquireError> {
+        let rx = {
+            let mut state = self.lock();
+            if let Some(lease) = state.try_lease(self, service) {
+                return Ok(lease);
+            }
+            let queue = &mut state
+                .services
+                .entry(service.to_owned())
+                .or_default()
+                .waiters;
+            if queue.len() >= queue_limit {
+                // Waiters that gave up are only pruned lazily; do it before
+                // refusing a call for lack of room.
+                queue.retain(|w| !w.is_closed());
+                if queue.len() >= queue_limit {
+                    return Err(AcquireError::QueueFull);
+                }
+            }
+            let (tx, rx) = oneshot::channel();
+            queue.push_back(tx);
+            rx
+        };
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(lease)) => Ok(lease),
+            _ => Err(AcquireError::NoWorker {
+                connected: self.connected(service),
+            }),
+        }
+    }
+
+    fn release(self: &Arc<Self>, key: u64) {
+        let mut state = self.lock();
+        let services = match state.workers.get_mut(&key) {
+            Some(slot) => {
+                slot.inflight = slot.inflight.saturating_sub(1);
+                slot.services.clone()
+            }
+            None => return,
+        };
+        for name in &services {
+            state.pump(self, name);
+        }
+    }
+
+    /// Calls in flight on a worker; for tests and status.
+    #[cfg(test)]
+    fn inflight(&self, key: u64) -> Option<u32> {
+        self.lock().workers.get(&key).map(|s| s.inflight)
+    }
+}
+
+impl State {
+    /// The least-busy worker of `service` with free capacity.
+    fn pick(&mut self, service: &str) -> Option<u64> {
+        let svc = self.services.get_mut(service)?;
+        let n = svc.workers.len();
+        if n == 0 {
+            return None;
+        }
+        svc.cursor = (svc.cursor + 1) % n;
+        let mut best: Option<(u64, u32)> = None;
+        for i in 0..n {
+            let key = svc.workers[(svc.cursor + i) % n];
+            let Some(slot) = self.workers.get(&key) else {
+                continue;
+            };
+            if slot.draining || slot.inflight >= slot.max_inflight {
+                continue;
+            }
+            if best.is_none_or(|(_, load)| slot.inflight < load) {
+                best = Some((key, slot.inflight));
+            }
+        }
+        best.map(|(key, _)| key)
+    }
+
+    fn try_lease(&mut self, registry: &Arc<Registry>, service: &str) -> Option<Lease> {
+        let key = self.pick(service)?;
+        let slot = self.workers.get_mut(&key)?;
+        slot.inflight += 1;
+        Some(Lease {
+            registry: registry.clone(),
+            key,
+            session: slot.session.clone(),
+            armed: true,
+        })
+    }
+
+    /// Hands free capacity to the service's waiters, oldest first.
+    fn pump(&mut self, registry: &Arc<Registry>, service: &str) {
+        loop {
+            let Some(svc) = self.services.get_mut(service) else {
+                return;
+            };
+            match svc.waiters.front() {
+                None => return,
+                Some(w) if w.is_closed() => {
+                    svc.waiters.pop_front();
+                    continue;
+                }
+                Some(_) => {}
+            }
+            let Some(lease) = self.try_lease(registry, service) else {
+                return;
+            };
+            let Some(waiter) = self
+                .services
+                .get_mut(service)
+                .and_then(|s| s.waiters.pop_front())
+            else {
+                return;
+            };
+            if let Err(mut lease) = waiter.send(lease) {
+                // The waiter gave up between the check and the send: take
+                // the capacity back here, under the lock we already hold.
+                lease.armed = false;
+                if let Some(slot) = self.workers.get_mut(&lease.key) {
+                    slot.inflight -= 1;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry_with(max: &[u32]) -> (Arc<Registry>, Vec<u64>) {
+        let reg = Arc::new(Registry::default());
+        let keys = max
+            .iter()
+            .map(|m| reg.register(Session::detached("w"), &["svc".to_owned()], *m))
+            .collect();
+        (reg, keys)
+    }
+
+    #[tokio::test]
+    async fn least_loaded_worker_is_chosen_and_max_is_respected() {
+        let (reg, keys) = registry_with(&[2, 2]);
+        let short = Duration::from_millis(10);
+        let a = reg.acquire("svc", short, 8).await.expect("lease");
+        let b = reg.acquire("svc", short, 8).await.expect("lease");
+        assert_eq!(reg.inflight(keys[0]), Some(1));
+        assert_eq!(reg.inflight(keys[1]), Some(1));
+        let c = reg.acquire("svc", short, 8).await.expect("lease");
+        let d = reg.acquire("svc", short, 8).await.expect("lease");
+        assert_eq!(
+            reg.acquire("svc", short, 8).await.err(),
+            Some(AcquireError::NoWorker { connected: 2 })
+        );
+        drop((a, b, c, d));
+        assert_eq!(reg.inflight(keys[0]), Some(0));
+        assert_eq!(reg.inflight(keys[1]), Some(0));
+    }
+
+    #[tokio::test]
+    async fn released_capacity_goes_to_the_oldest_waiter() {
+        let (reg, _) = registry_with(&[1]);
+        let held = reg.acquire("svc", Duration::ZERO, 8).await.expect("lease");
+        let r1 = reg.clone();
+        let first = tokio::spawn(async move { r1.acquire("svc", Duration::from_secs(5), 8).await });
+        tokio::task::yield_now().await;
+        // Wait until the first waiter is queued before adding the second.
+        while reg.lock().services["svc"].waiters.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let r2 = reg.clone();
+        let second =
+            tokio::spawn(async move { r2.acquire("svc", Duration::from_millis(50), 8).await });
+        drop(held);
+        let got = first.await.expect("join");
+        assert!(got.is_ok());
+        assert!(
+            second.await.expect("join").is_err(),
+            "capacity is still held by the first waiter"
+        );
+    }
+
+    #[tokio::test]
+    async fn queue_limit_refuses_excess_waiters() {
+        let (reg, _) = registry_with(&[]);
+        let r = reg.clone();
+        let waiting =
+            tokio::spawn(async move { r.acquire("svc", Duration::from_secs(5), 1).await });
+        while reg
+            .lock()
+            .services
+            .get("svc")
+            .is_none_or(|s| s.waiters.is_empty())
+        {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            reg.acquire("svc", Duration::from_secs(5), 1).await.err(),
+            Some(AcquireError::QueueFull)
+        );
+        waiting.abort();
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_registers_serves_a_waiting_call() {
+        let reg = Arc::new(Registry::default());
+        let r = reg.clone();
+        let waiting =
+            tokio::spawn(async move { r.acquire("svc", Duration::from_secs(5), 8).await });
+        while reg
+            .lock()
+            .services
+            .get("svc")
+            .is_none_or(|s| s.waiters.is_empty())
+        {
+            tokio::task::yield_now().await;
+        }
+        let key = reg.register(Session::detached("late"), &["svc".to_owned()], 1);
+        assert!(waiting.await.expect("join").is_ok());
+        assert_eq!(reg.inflight(key), Some(0));
+    }
+}

@@ -1,0 +1,674 @@
+//! One worker's connection, bridge side: the upgrade and hello, a reader that
+//! completes pending calls, a writer that batches frames and sends pings, and
+//! the pending map that correlates replies with calls.
+//!
+//! Every pending entry has a guaranteed exit: the reply, the caller's
+//! [`CallGuard`] being dropped (timeout or hang-up, which also sends a
+//! `cancel`), or the connection ending (every entry fails with the cause).
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU32, AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use http::{header, HeaderValue, Response, StatusCode};
+use subtle::ConstantTimeEq;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::{mpsc, oneshot},
+};
+use tokio_tungstenite::{
+    tungstenite::{
+        handshake::server::{ErrorResponse, Request as WsRequest, Response as WsResponse},
+        protocol::{frame::coding::CloseCode, CloseFrame},
+        Message,
+    },
+    WebSocketStream,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::Shared;
+use crate::{
+    headers,
+    protocol::{self, Control, DataHead, ResponseHead, Welcome, MAX_INFLIGHT, MAX_SERVICES},
+};
+
+/// Frames queued for one worker before senders wait (backpressure).
+const OUTBOX: usize = 1024;
+
+/// Frames written before one flush, so a burst becomes few TLS records and
+/// syscalls while a lone frame still goes out at once.
+const WRITE_BATCH: usize = 64;
+
+/// What a pending call resolves to.
+pub(crate) type Reply = Result<Response<Bytes>, Failure>;
+
+/// Why a call ended without a usable reply.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Failure {
+    /// The connection ended; the text says how.
+    Lost(String),
+    /// The worker's reply was invalid, or the worker reported an error.
+    Bad(String),
+}
+
+/// The bridge side of one worker connection.
+pub(crate) struct Session {
+    /// The worker's self-declared id, for logs and error messages.
+    pub(crate) worker_id: String,
+    /// Frames to the writer task.
+    outbox: mpsc::Sender<Message>,
+    /// Calls sent and not yet answered.
+    calls: Mutex<Calls>,
+    /// Next call id on this connection.
+    next_id: AtomicU64,
+    /// Pings sent since the last pong.
+    unanswered: AtomicU32,
+    /// Largest response body accepted.
+    max_response: usize,
+}
+
+#[derive(Default)]
+struct Calls {
+    /// Set once the connection is gone; no new calls may start.
+    closed: Option<String>,
+    map: HashMap<u64, Pending>,
+}
+
+struct Pending {
+    tx: oneshot::Sender<Reply>,
+    /// A response whose head arrived with `end: false`; body chunks follow.
+    partial: Option<(Response<()>, BytesMut)>,
+}
+
+/// Removes its call from the pending map when dropped; if the call was still
+/// pending, the worker is told to cancel it.
+pub(crate) struct CallGuard {
+    session: Arc<Session>,
+    id: u64,
+    /// The reason sent with a cancel, should one be needed.
+    pub(crate) reason: &'static str,
+}
+
+impl CallGuard {
+    /// The call's id on the wire.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        let removed = self.session.lock().map.remove(&self.id).is_some();
+        if removed {
+            let cancel = Control::Cancel {
+                id: self.id,
+                reason: self.reason.to_owned(),
+            };
+            // Best effort: if the outbox is full the worker is far behind and
+            // the late reply will simply be ignored.
+            let _ = self
+                .session
+                .outbox
+                .try_send(Message::text(protocol::encode_control(&cancel)));
+        }
+    }
+}
+
+impl Session {
+    fn new(worker_id: String, outbox: mpsc::Sender<Message>, max_response: usize) -> Self {
+        Session {
+            worker_id,
+            outbox,
+            calls: Mutex::default(),
+            next_id: AtomicU64::new(1),
+            unanswered: AtomicU32::new(0),
+            max_response,
+        }
+    }
+
+    /// A session with no connection behind it, for registry tests.
+    #[cfg(test)]
+    pub(crate) fn detached(worker_id: &str) -> Arc<Self> {
+        let (tx, _rx) = mpsc::channel(1);
+        Arc::new(Self::new(worker_id.to_owned(), tx, usize::MAX))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Calls> {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a new call and returns its guard and the reply receiver.
+    pub(crate) fn start_call(
+        self: &Arc<Self>,
+    ) -> Result<(CallGuard, oneshot::Receiver<Reply>), Failure> {
+        let (tx, rx) = oneshot::channel();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut calls = self.lock();
+        if let Some(cause) = &calls.closed {
+            return Err(Failure::Lost(cause.clone()));
+        }
+        calls.map.insert(id, Pending { tx, partial: None });
+        drop(calls);
+        Ok((
+            CallGuard {
+                session: self.clone(),
+                id,
+                reason: "client_gone",
+            },
+            rx,
+        ))
+    }
+
+    /// Queues frames for the worker, waiting if its outbox is full.
+    pub(crate) async fn send(&self, frames: Vec<Bytes>) -> Result<(), Failure> {
+        for frame in frames {
+            self.outbox
+                .send(Message::Binary(frame))
+                .await
+                .map_err(|_| Failure::Lost("connection closed while sending".into()))?;
+        }
+        Ok(())
+    }
+
+    /// Ends the session: every pending call fails with `cause`. Only the
+    /// first cause is kept; it is the one that explains what happened.
+    fn close(&self, cause: &str) {
+        let drained: Vec<Pending> = {
+            let mut calls = self.lock();
+            if calls.closed.is_some() {
+                return;
+            }
+            calls.closed = Some(cause.to_owned());
+            calls.map.drain().map(|(_, p)| p).collect()
+        };
+        if !drained.is_empty() {
+            warn!(worker = %self.worker_id, calls = drained.len(), %cause, "failing calls of lost worker");
+        }
+        for pending in drained {
+            let _ = pending.tx.send(Err(Failure::Lost(cause.to_owned())));
+        }
+    }
+
+    /// Fails one call; returns false if it was not pending.
+    fn fail(&self, id: u64, failure: Failure) -> bool {
+        match self.lock().map.remove(&id) {
+            Some(p) => {
+                let _ = p.tx.send(Err(failure));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Handles a `response` head.
+    fn on_response(&self, head: ResponseHead, body: Bytes) -> Result<(), String> {
+        let mut calls = self.lock();
+        let Some(pending) = calls.map.get_mut(&head.id) else {
+            // Late replies to calls that timed out or were cancelled are
+            // normal; the caller has already been answered.
+            debug!(worker = %self.worker_id, id = head.id, "reply for a call no longer pending");
+            return Ok(());
+        };
+        let checked = if pending.partial.is_some() {
+            Err("second response head for one call".to_owned())
+        } else {
+            check_head(&head, body.len(), self.max_response)
+        };
+        match checked {
+            Ok(resp) if !head.end => {
+                pending.partial = Some((resp, BytesMut::from(&body[..])));
+                Ok(())
+            }
+            Ok(resp) => {
+                if let Some(p) = calls.map.remove(&head.id) {
+                    let (parts, ()) = resp.into_parts();
+                    let _ = p.tx.send(Ok(Response::from_parts(parts, body)));
+                }
+                Ok(())
+            }
+            Err(reason) => {
+                if let Some(p) = calls.map.remove(&head.id) {
+                    let _ = p.tx.send(Err(Failure::Bad(reason.clone())));
+                }
+                Err(reason)
+            }
+        }
+    }
+
+    /// Handles a `body` chunk of a response.
+    fn on_body(&self, id: u64, end: bool, chunk: Bytes) -> Result<(), String> {
+        let mut calls = self.lock();
+        let Some(pending) = calls.map.get_mut(&id) else {
+            return Ok(());
+        };
+        let Some((_, buf)) = pending.partial.as_mut() else {
+            drop(calls);
+            let reason = "body chunk before the response head".to_owned();
+            self.fail(id, Failure::Bad(reason.clone()));
+            return Err(reason);
+        };
+        if buf.len() + chunk.len() > self.max_response {
+            drop(calls);
+            let reason = format!("response body exceeds {} bytes", self.max_response);
+            self.fail(id, Failure::Bad(reason.clone()));
+            return Err(reason);
+        }
+        buf.extend_from_slice(&chunk);
+        if end {
+            if let Some(Pending {
+                tx,
+                partial: Some((head, buf)),
+            }) = calls.map.remove(&id)
+            {
+                let (parts, ()) = head.into_parts();
+                let _ = tx.send(Ok(Response::from_parts(parts, buf.freeze())));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Validates a response head and converts it to an HTTP response.
+fn check_head(head: &ResponseHead, body_len: usize, max: usize) -> Result<Response<()>, String> {
+    let status = StatusCode::from_u16(head.status)
+        .ok()
+        .filter(|s| (200..=599).contains(&s.as_u16()))
+        .ok_or_else(|| format!("status {} is not a final HTTP status", head.status))?;
+    if body_len > max {
+        return Err(format!("response body exceeds {max} bytes"));
+    }
+    let headers = headers::from_wire(&head.headers)?;
+    let mut resp = Response::new(());
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    Ok(resp)
+}
+
+/// A handshake refusal with a JSON reason.
+fn refuse(status: StatusCode, code: &str, message: &str) -> ErrorResponse {
+    let body = serde_json::json!({"error": {"code": code, "message": message}}).to_string();
+    let mut resp = ErrorResponse::new(Some(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    resp
+}
+
+/// Checks the upgrade request's token and subprotocol.
+fn check_upgrade(
+    shared: &Shared,
+    req: &WsRequest,
+    mut resp: WsResponse,
+) -> Result<WsResponse, ErrorResponse> {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Compare against every token without stopping early, so the time taken
+    // says nothing about which token (or how much of one) matched.
+    let ok = shared.config.workers.tokens.iter().fold(0u8, |acc, t| {
+        acc | t
+            .expose()
+            .as_bytes()
+            .ct_eq(presented.as_bytes())
+            .unwrap_u8()
+    });
+    if presented.is_empty() || ok == 0 {
+        return Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or invalid bearer token in the Authorization header",
+        ));
+    }
+    let offered = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == protocol::SUBPROTOCOL);
+    if !offered {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "bad_subprotocol",
+            &format!(
+                "Sec-WebSocket-Protocol must offer {}",
+                protocol::SUBPROTOCOL
+            ),
+        ));
+    }
+    resp.headers_mut().insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static(protocol::SUBPROTOCOL),
+    );
+    Ok(resp)
+}
+
+/// Serves one worker connection (already TLS-terminated when TLS is on)
+/// until it ends or the bridge shuts down.
+pub(crate) async fn serve<S>(
+    stream: S,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let cfg = &shared.config.workers;
+    let handshake = async {
+        let callback = |req: &WsRequest, resp: WsResponse| check_upgrade(&shared, req, resp);
+        let mut ws = tokio_tungstenite::accept_hdr_async_with_config(
+            stream,
+            callback,
+            Some(shared.ws_config),
+        )
+        .await
+        .map_err(|e| format!("upgrade failed: {e}"))?;
+        let hello = match ws.next().await {
+            Some(Ok(Message::Text(text))) => match protocol::decode_control(&text) {
+                Ok(Control::Hello(h)) => h,
+                Ok(_) => return Err(reject(&mut ws, "first frame must be hello").await),
+                Err(e) => return Err(reject(&mut ws, &e.to_string()).await),
+            },
+            Some(Ok(_)) => return Err(reject(&mut ws, "first frame must be a text hello").await),
+            Some(Err(e)) => return Err(format!("read failed: {e}")),
+            None => return Err("closed before hello".to_owned()),
+        };
+        if let Err(problem) = check_hello(&hello) {
+            return Err(reject(&mut ws, &problem).await);
+        }
+        Ok((ws, hello))
+    };
+    let (mut ws, hello) = match tokio::time::timeout(cfg.handshake_timeout, handshake).await {
+        Ok(Ok(done)) => done,
+        Ok(Err(reason)) => {
+            info!(%peer, %reason, "worker handshake refused");
+            return;
+        }
+        Err(_) => {
+            info!(%peer, timeout = ?cfg.handshake_timeout, "worker handshake timed out");
+            return;
+        }
+    };
+
+    let session_id = uuid::Uuid::now_v7().to_string();
+    let (outbox, rx) = mpsc::channel(OUTBOX);
+    let session = Arc::new(Session::new(
+        hello.worker_id.clone(),
+        outbox,
+        shared.config.http.max_response_body.bytes(),
+    ));
+    // Registered before the welcome goes out: a worker that has read its
+    // welcome can count on being eligible for calls.
+    let key = shared
+        .registry
+        .register(session.clone(), &hello.services, hello.max_inflight);
+    let welcome = Control::Welcome(Welcome {
+        version: protocol::PROTOCOL_VERSION,
+        session_id: session_id.clone(),
+        ping_interval_ms: cfg.ping_interval.as_millis() as u64,
+        ping_misses: cfg.ping_misses,
+        max_frame: cfg.max_frame.0,
+    });
+    if let Err(e) = ws
+        .send(Message::text(protocol::encode_control(&welcome)))
+        .await
+    {
+        shared.registry.unregister(key);
+        info!(%peer, error = %e, "worker left during handshake");
+        return;
+    }
+    info!(
+        %peer, worker = %hello.worker_id, session = %session_id,
+        services = ?hello.services, max_inflight = hello.max_inflight,
+        "worker connected"
+    );
+
+    let (sink, stream) = ws.split();
+    let conn = shutdown.child_token();
+    let writer = tokio::spawn(write_loop(
+        sink,
+        rx,
+        session.clone(),
+        shared.clone(),
+        conn.clone(),
+    ));
+    let cause = read_loop(stream, &session, &shared, key, &conn).await;
+    shared.registry.unregister(key);
+    session.close(&cause);
+    conn.cancel();
+    let _ = writer.await;
+    info!(%peer, worker = %hello.worker_id, session = %session_id, %cause, "worker disconnected");
+}
+
+fn check_hello(hello: &protocol::Hello) -> Result<(), String> {
+    if hello.services.is_empty() || hello.services.len() > MAX_SERVICES {
+        return Err(format!("hello must name 1 to {MAX_SERVICES} services"));
+    }
+    if hello.services.iter().any(|s| s.is_empty() || s.len() > 128) {
+        return Err("service names must be 1 to 128 characters".into());
+    }
+    if hello.max_inflight == 0 || hello.max_inflight > MAX_INFLIGHT {
+        return Err(format!("max_inflight must be 1 to {MAX_INFLIGHT}"));
+    }
+    if hello.worker_id.len() > 256 {
+        return Err("worker_id must be at most 256 characters".into());
+    }
+    Ok(())
+}
+
+/// Sends an error frame and a policy close; returns the reason for the log.
+async fn reject<S>(ws: &mut WebSocketStream<S>, reason: &str) -> String
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let frame = Control::Error {
+        id: None,
+        code: "bad_hello".into(),
+        message: reason.to_owned(),
+    };
+    let _ = ws
+        .send(Message::text(protocol::encode_control(&frame)))
+        .await;
+    let _ = ws
+        .close(Some(CloseFrame {
+            code: CloseCode::Policy,
+            reason: "bad hello".into(),
+        }))
+        .await;
+    reason.to_owned()
+}
+
+type Sink<S> = futures_util::stream::SplitSink<WebSocketStream<S>, Message>;
+type Source<S> = futures_util::stream::SplitStream<WebSocketStream<S>>;
+
+/// Owns the socket's write half: frames from the outbox, batched; pings on
+/// schedule; and the decision to drop a worker that stopped answering them.
+async fn write_loop<S>(
+    mut sink: Sink<S>,
+    mut rx: mpsc::Receiver<Message>,
+    session: Arc<Session>,
+    shared: Arc<Shared>,
+    conn: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let cfg = &shared.config.workers;
+    // A write that cannot complete for as long as a heartbeat would take to
+    // fail means the worker stopped reading: treat it as gone.
+    let stall = cfg.ping_interval * (cfg.ping_misses + 1);
+    let mut ping = tokio::time::interval(cfg.ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let cause = loop {
+        tokio::select! {
+            biased;
+            _ = conn.cancelled() => break None,
+            msg = rx.recv() => {
+                let Some(msg) = msg else { break None };
+                let batch = async {
+                    sink.feed(msg).await?;
+                    for _ in 1..WRITE_BATCH {
+                        match rx.try_recv() {
+                            Ok(m) => sink.feed(m).await?,
+                            Err(_) => break,
+                        }
+                    }
+                    sink.flush().await
+                };
+                match tokio::time::timeout(stall, batch).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => break Some(format!("write failed: {e}")),
+                    Err(_) => break Some(format!("worker stopped reading for {stall:?}")),
+                }
+            }
+            _ = ping.tick() => {
+                let missed = session.unanswered.fetch_add(1, Ordering::Relaxed);
+                if missed >= cfg.ping_misses {
+                    break Some(format!("missed {missed} pongs in a row"));
+                }
+                match tokio::time::timeout(stall, sink.send(Message::Ping(Bytes::new()))).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => break Some(format!("ping failed: {e}")),
+                    Err(_) => break Some(format!("worker stopped reading for {stall:?}")),
+                }
+            }
+        }
+    };
+    if let Some(cause) = cause {
+        session.close(&cause);
+        conn.cancel();
+        return;
+    }
+    // Orderly end (shutdown or connection closed): say goodbye, briefly.
+    let close = CloseFrame {
+        code: CloseCode::Away,
+        reason: "bridge closing".into(),
+    };
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        sink.send(Message::Close(Some(close))),
+    )
+    .await;
+}
+
+/// Owns the socket's read half until the connection ends; returns the cause.
+async fn read_loop<S>(
+    mut stream: Source<S>,
+    session: &Arc<Session>,
+    shared: &Shared,
+    key: u64,
+    conn: &CancellationToken,
+) -> String
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        let msg = tokio::select! {
+            _ = conn.cancelled() => return "connection ended by the bridge".to_owned(),
+            msg = stream.next() => msg,
+        };
+        let msg = match msg {
+            None => return "connection closed".to_owned(),
+            Some(Err(e)) => return format!("read failed: {e}"),
+            Some(Ok(m)) => m,
+        };
+        let problem = match msg {
+            Message::Binary(frame) => on_binary(session, frame),
+            Message::Text(text) => on_text(session, shared, key, &text),
+            Message::Pong(_) => {
+                session.unanswered.store(0, Ordering::Relaxed);
+                None
+            }
+            Message::Close(frame) => {
+                let why = frame
+                    .map(|f| format!(" ({} {})", f.code, f.reason))
+                    .unwrap_or_default();
+                return format!("worker closed the connection{why}");
+            }
+            Message::Ping(_) | Message::Frame(_) => None,
+        };
+        if let Some((id, code, message)) = problem {
+            warn!(worker = %session.worker_id, ?id, code, %message, "protocol violation");
+            let frame = Control::Error {
+                id,
+                code: code.to_owned(),
+                message,
+            };
+            let _ = session
+                .outbox
+                .try_send(Message::text(protocol::encode_control(&frame)));
+        }
+    }
+}
+
+type Problem = Option<(Option<u64>, &'static str, String)>;
+
+fn on_binary(session: &Session, frame: Bytes) -> Problem {
+    let (head, body) = match protocol::decode_data(&frame) {
+        Ok(decoded) => decoded,
+        Err(e) => return Some((None, "malformed_frame", e.to_string())),
+    };
+    let id = head.id();
+    let result = match head {
+        DataHead::Response(head) => session.on_response(head, body),
+        DataHead::Body(b) => session.on_body(b.id, b.end, body),
+        DataHead::Request(_) => Err("workers may not send request frames".to_owned()),
+        DataHead::Unknown => {
+            return Some((None, "unknown_frame", "unknown binary frame type".into()))
+        }
+    };
+    result.err().map(|reason| (id, "bad_response", reason))
+}
+
+fn on_text(session: &Session, shared: &Shared, key: u64, text: &str) -> Problem {
+    match protocol::decode_control(text) {
+        Ok(Control::Error {
+            id: Some(id),
+            code,
+            message,
+        }) => {
+            session.fail(
+                id,
+                Failure::Bad(format!("worker reported {code}: {message}")),
+            );
+            None
+        }
+        Ok(Control::Error {
+            id: None,
+            code,
+            message,
+        }) => {
+            warn!(worker = %session.worker_id, %code, %message, "worker reported an error");
+            None
+        }
+        Ok(Control::Drain) => {
+            info!(worker = %session.worker_id, "worker is draining");
+            shared.registry.drain(key);
+            None
+        }
+        Ok(Control::Unknown) => Some((None, "unknown_frame", "unknown control frame type".into())),
+        Ok(other) => Some((
+            None,
+            "unexpected_frame",
+            format!("a worker may not send {other:?}"),
+        )),
+        Err(e) => Some((None, "malformed_frame", e.to_string())),
+    }
+}

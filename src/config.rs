@@ -1,0 +1,454 @@
+//! Typed configuration: the TOML file, its defaults and its validation.
+//!
+//! `Config::from_file` parses (unknown keys are errors), then `validate`s, so
+//! the rest of the program only ever sees a value that makes sense.
+//! `config/wsbridge.toml` documents every key and is parsed by a test.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use serde::{de, Deserialize, Deserializer};
+
+use crate::protocol::{MAX_HEADER_LEN, MIN_FRAME};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Service for paths that match no route; without it they get 404.
+    #[serde(default)]
+    pub default_service: Option<String>,
+    /// How long a stopping bridge waits for calls in flight.
+    #[serde(default = "defaults::shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// The caller-facing HTTP listener.
+    pub http: HttpConfig,
+    /// The worker-facing WebSocket listener.
+    pub workers: WorkersConfig,
+    /// Path prefix -> service routes; the longest matching prefix wins.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+/// `[http]`: where callers connect and how long they may wait.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of the plain-HTTP listener; keep it on loopback.
+    pub listen: SocketAddr,
+    /// Deadline for a whole call, queueing included; then 504.
+    #[serde(default = "defaults::request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// How long a call may wait for a free worker; then 503 `no_worker`.
+    #[serde(default = "defaults::queue_timeout", with = "humantime_serde")]
+    pub queue_timeout: Duration,
+    /// Calls that may wait per service; beyond it 503 `queue_full`.
+    #[serde(default = "defaults::queue_limit")]
+    pub queue_limit: usize,
+    /// Largest request body; beyond it 413 `body_too_large`.
+    #[serde(default = "defaults::max_body")]
+    pub max_body: ByteSize,
+    /// Largest response body a worker may send; beyond it 502 `bad_response`.
+    #[serde(default = "defaults::max_response_body")]
+    pub max_response_body: ByteSize,
+    /// Time a caller has to send its request headers (slowloris guard).
+    #[serde(default = "defaults::header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+}
+
+/// `[workers]`: where workers dial in and how they are kept honest.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersConfig {
+    /// Address of the WebSocket listener workers connect to.
+    pub listen: SocketAddr,
+    /// Serve wss (the default). `false` serves plain ws: loopback only, please.
+    #[serde(default = "defaults::yes")]
+    pub tls: bool,
+    /// PEM certificate chain for the worker listener.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for the worker listener.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Create a self-signed `tls_cert`/`tls_key` when the files are missing.
+    #[serde(default)]
+    pub auto_self_signed: bool,
+    /// Bearer tokens workers may present; any one of them is accepted.
+    pub tokens: Vec<Secret>,
+    /// How often the bridge pings each worker.
+    #[serde(default = "defaults::ping_interval", with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// Missed pongs in a row after which a worker is dropped.
+    #[serde(default = "defaults::ping_misses")]
+    pub ping_misses: u32,
+    /// Time a worker has for the TLS, upgrade and hello exchange.
+    #[serde(default = "defaults::handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Largest WebSocket message accepted from a worker.
+    #[serde(default = "defaults::max_frame")]
+    pub max_frame: ByteSize,
+}
+
+/// One `[[routes]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Path prefix, matched on whole segments: `/orders` matches `/orders`
+    /// and `/orders/1`, not `/ordersx`.
+    pub prefix: String,
+    /// The service that answers it.
+    pub service: String,
+    /// Overrides `http.request_timeout` for this route.
+    #[serde(default, with = "humantime_serde")]
+    pub request_timeout: Option<Duration>,
+    /// Overrides `http.max_body` for this route.
+    #[serde(default)]
+    pub max_body: Option<ByteSize>,
+}
+
+mod defaults {
+    use super::ByteSize;
+    use std::time::Duration;
+
+    pub(super) fn yes() -> bool {
+        true
+    }
+    pub(super) fn shutdown_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub(super) fn request_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub(super) fn queue_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub(super) fn queue_limit() -> usize {
+        1024
+    }
+    pub(super) fn max_body() -> ByteSize {
+        ByteSize(10 << 20)
+    }
+    pub(super) fn max_response_body() -> ByteSize {
+        ByteSize(64 << 20)
+    }
+    pub(super) fn header_read_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub(super) fn ping_interval() -> Duration {
+        Duration::from_secs(15)
+    }
+    pub(super) fn ping_misses() -> u32 {
+        2
+    }
+    pub(super) fn handshake_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub(super) fn max_frame() -> ByteSize {
+        ByteSize(1 << 20)
+    }
+}
+
+/// What can be wrong with a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, has an unknown key or a value of the wrong form.
+    #[error("invalid config{}: {message}", path.as_ref().map(|p| format!(" in {}", p.display())).unwrap_or_default())]
+    Parse {
+        /// The file, if it came from one.
+        path: Option<PathBuf>,
+        /// The parser's message, which names the key and line.
+        message: String,
+    },
+    /// A value parsed but makes no sense.
+    #[error("invalid config: `{key}` {problem}")]
+    Invalid {
+        /// Dotted key, e.g. `workers.ping_misses`.
+        key: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: Some(path.to_owned()),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: None,
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the relations that types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("shutdown_timeout", self.shutdown_timeout),
+            ("http.request_timeout", self.http.request_timeout),
+            ("http.queue_timeout", self.http.queue_timeout),
+            ("http.header_read_timeout", self.http.header_read_timeout),
+            ("workers.ping_interval", self.workers.ping_interval),
+            ("workers.handshake_timeout", self.workers.handshake_timeout),
+        ];
+        for (key, value) in positive {
+            if value.is_zero() {
+                return Err(invalid(key, "must be longer than zero"));
+            }
+        }
+        if self.http.queue_limit == 0 {
+            return Err(invalid("http.queue_limit", "must be at least 1"));
+        }
+        if self.workers.ping_misses == 0 {
+            return Err(invalid("workers.ping_misses", "must be at least 1"));
+        }
+        if (self.workers.max_frame.0 as usize) < MIN_FRAME {
+            return Err(invalid(
+                "workers.max_frame",
+                format!("must be at least {MIN_FRAME} bytes (one body chunk plus a {MAX_HEADER_LEN}-byte header)"),
+            ));
+        }
+        if self.workers.tokens.is_empty() {
+            return Err(invalid("workers.tokens", "must list at least one token"));
+        }
+        if self.workers.tokens.iter().any(|t| t.expose().is_empty()) {
+            return Err(invalid("workers.tokens", "must not contain an empty token"));
+        }
+        if self.workers.tls && (self.workers.tls_cert.is_none() || self.workers.tls_key.is_none()) {
+            return Err(invalid(
+                "workers.tls_cert",
+                "and `workers.tls_key` are required when `workers.tls` is true",
+            ));
+        }
+        if let Some(s) = &self.default_service {
+            check_service("default_service", s)?;
+        }
+        let mut seen = HashSet::new();
+        for (i, route) in self.routes.iter().enumerate() {
+            let key = format!("routes[{i}].prefix");
+            if !route.prefix.starts_with('/') {
+                return Err(invalid(
+                    key,
+                    format!("{:?} must start with '/'", route.prefix),
+                ));
+            }
+            if !seen.insert(route.prefix.trim_end_matches('/')) {
+                return Err(invalid(key, format!("{:?} is listed twice", route.prefix)));
+            }
+            check_service(&format!("routes[{i}].service"), &route.service)?;
+            if route.request_timeout.is_some_and(|t| t.is_zero()) {
+                return Err(invalid(
+                    format!("routes[{i}].request_timeout"),
+                    "must be longer than zero",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_service(key: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() || name.len() > 128 {
+        return Err(invalid(key, "must be 1 to 128 characters"));
+    }
+    Ok(())
+}
+
+/// A secret string whose `Debug` output never shows it.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself; call only where it is compared or sent.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"MASKED\"")
+    }
+}
+
+/// A size in bytes, written in the config as `512`, `"64KiB"`, `"10MiB"`,
+/// `"1GiB"` (binary units) or `"10MB"` (decimal units).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// The size as a `usize` (saturating on 32-bit targets).
+    pub fn bytes(self) -> usize {
+        usize::try_from(self.0).unwrap_or(usize::MAX)
+    }
+}
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (digits, unit) = s.split_at(split);
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size like \"10MiB\""))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kib" => 1 << 10,
+            "m" | "mib" => 1 << 20,
+            "g" | "gib" => 1 << 30,
+            "kb" => 1_000,
+            "mb" => 1_000_000,
+            "gb" => 1_000_000_000,
+            other => {
+                return Err(format!(
+                    "unknown size unit {other:?} in {s:?} (use B, KiB, MiB, GiB, KB, MB, GB)"
+                ))
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size such as 1048576 or \"10MiB\"")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom("a size cannot be negative"))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [http]
+        listen = "127.0.0.1:0"
+        [workers]
+        listen = "127.0.0.1:0"
+        tls = false
+        tokens = ["t"]
+    "#;
+
+    #[test]
+    fn sizes_parse_in_all_units() {
+        assert_eq!("10MiB".parse(), Ok(ByteSize(10 << 20)));
+        assert_eq!("64 KiB".parse(), Ok(ByteSize(64 << 10)));
+        assert_eq!("2MB".parse(), Ok(ByteSize(2_000_000)));
+        assert_eq!("17".parse(), Ok(ByteSize(17)));
+        assert!("ten".parse::<ByteSize>().is_err());
+        assert!("5 parsecs".parse::<ByteSize>().is_err());
+        assert!("99999999999999GiB".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MINIMAL).expect("valid");
+        assert_eq!(c.http.request_timeout, Duration::from_secs(30));
+        assert_eq!(c.http.max_body, ByteSize(10 << 20));
+        assert_eq!(c.workers.ping_misses, 2);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = MINIMAL.replace("tls = false", "tls = false\nping_intervall = \"1s\"");
+        let err = Config::parse(&text).expect_err("unknown key").to_string();
+        assert!(err.contains("ping_intervall"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let text = MINIMAL.replace("tls = false", "tls = false\nping_interval = \"soon\"");
+        let err = Config::parse(&text).expect_err("bad value").to_string();
+        assert!(err.contains("ping_interval"), "{err}");
+    }
+
+    #[test]
+    fn invalid_relations_are_named() {
+        let text = MINIMAL.replace("tls = false", "tls = false\nping_misses = 0");
+        let err = Config::parse(&text).expect_err("zero misses").to_string();
+        assert!(err.contains("workers.ping_misses"), "{err}");
+        let text = MINIMAL.replace("tls = false", "");
+        let err = Config::parse(&text)
+            .expect_err("tls without cert")
+            .to_string();
+        assert!(err.contains("workers.tls_cert"), "{err}");
+        let text = format!("{MINIMAL}\n[[routes]]\nprefix = \"orders\"\nservice = \"o\"\n");
+        let err = Config::parse(&text)
+            .expect_err("relative prefix")
+            .to_string();
+        assert!(err.contains("routes[0].prefix"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_masked_in_debug() {
+        let c = Config::parse(&MINIMAL.replace("[\"t\"]", "[\"hunter2\"]")).expect("valid");
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("MASKED"),
+            "{shown}"
+        );
+    }
+}

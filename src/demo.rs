@@ -1,0 +1,79 @@
+//! `wsbridge demo`: the bridge on the example config plus an in-process echo
+//! worker connected over real wss on loopback, with a certificate generated
+//! in memory. Nothing is written to disk.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    bridge::{self, Listeners},
+    config::Config,
+    tls::SelfSigned,
+    worker::{self, Worker, WorkerConfig},
+};
+
+/// The example configuration, compiled in.
+pub const EXAMPLE_CONFIG: &str = include_str!("../config/wsbridge.toml");
+
+/// Runs the demo until `shutdown`. `http_port` overrides the example's 8080.
+pub async fn run(http_port: Option<u16>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut config = Config::parse(EXAMPLE_CONFIG).context("the embedded example config")?;
+    if let Some(port) = http_port {
+        config.http.listen.set_port(port);
+    }
+    // The demo's worker is in-process: keep its listener private.
+    config.workers.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, config.workers.listen.port()));
+    let cert = SelfSigned::generate(&["localhost".into(), "127.0.0.1".into()])?;
+    let listeners = Listeners::bind(&config)
+        .context("binding the demo's ports (is another wsbridge running?)")?;
+    let http_addr = listeners.http.local_addr()?;
+    let workers_addr = listeners.workers.local_addr()?;
+
+    let mut services: Vec<String> = config.routes.iter().map(|r| r.service.clone()).collect();
+    services.extend(config.default_service.clone());
+    let token = config
+        .workers
+        .tokens
+        .first()
+        .map(|t| t.expose().to_owned())
+        .unwrap_or_default();
+    let mut wcfg = WorkerConfig::new(
+        format!("wss://localhost:{}", workers_addr.port()),
+        token,
+        services.clone(),
+    );
+    wcfg.worker_id = "demo-echo".into();
+    wcfg.tls = Some(cert.client_config()?);
+    let echo = Worker::new(wcfg, worker::echo);
+    let mut status = echo.subscribe();
+
+    let bridge = tokio::spawn(bridge::run(
+        config,
+        listeners,
+        Some(cert.server_config()?),
+        shutdown.clone(),
+    ));
+    let worker = tokio::spawn(echo.run(shutdown.clone()));
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        ready = status.wait_for(|s| matches!(s, worker::Status::Connected { .. })) => {
+            ready.context("the echo worker stopped")?;
+            println!(
+                "\nwsbridge demo is running\n  \
+                 callers: http://{http_addr}\n  \
+                 workers: wss://{workers_addr} (self-signed certificate, in memory)\n  \
+                 an echo worker is connected for services: {}\n\n\
+                 Try:\n  \
+                 curl -s -d hi http://{http_addr}/x\n  \
+                 curl -si 'http://{http_addr}/orders/42?q=1'\n\n\
+                 Press Ctrl-C to stop.",
+                services.join(", ")
+            );
+        }
+    }
+    bridge.await.context("bridge task")??;
+    worker.await.context("worker task")??;
+    Ok(())
+}

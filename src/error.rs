@@ -1,0 +1,163 @@
+//! Errors at the caller boundary and their one mapping to HTTP.
+//!
+//! Every failure a caller sees is a [`CallError`]: a status code plus a JSON
+//! body `{"error":{"code","message","request_id"}}`. Internal detail (socket
+//! errors, worker internals) goes to the log, not to the caller.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+use serde_json::json;
+
+/// Why a call failed, as the caller is told.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum CallError {
+    /// No route matched and there is no `default_service`.
+    #[error("no route matches path {path:?} and no default_service is configured")]
+    NoRoute {
+        /// The request path.
+        path: String,
+    },
+    /// No worker of the service became free within `queue_timeout`.
+    #[error(
+        "no worker for service {service:?} became free within {waited:?} ({connected} connected)"
+    )]
+    NoWorker {
+        /// The service.
+        service: String,
+        /// How long the call waited.
+        waited: Duration,
+        /// Workers of the service connected when it gave up.
+        connected: usize,
+    },
+    /// The service's wait queue is full.
+    #[error("the queue of service {service:?} is full ({limit} calls waiting)")]
+    QueueFull {
+        /// The service.
+        service: String,
+        /// The configured `queue_limit`.
+        limit: usize,
+    },
+    /// The call exceeded its deadline; the worker was told to cancel.
+    #[error("service {service:?} did not answer within {after:?}")]
+    Timeout {
+        /// The service.
+        service: String,
+        /// The deadline that passed.
+        after: Duration,
+    },
+    /// The worker's connection ended before it replied.
+    #[error("worker {worker:?} of service {service:?} disconnected before replying: {cause}")]
+    WorkerLost {
+        /// The service.
+        service: String,
+        /// The worker's self-declared id.
+        worker: String,
+        /// What ended the connection.
+        cause: String,
+    },
+    /// The worker replied with something that is not a valid HTTP response.
+    #[error("worker {worker:?} of service {service:?} sent an invalid reply: {reason}")]
+    BadResponse {
+        /// The service.
+        service: String,
+        /// The worker's self-declared id.
+        worker: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The request body is larger than `max_body`.
+    #[error("request body exceeds the {limit}-byte limit")]
+    BodyTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The caller's request could not be read.
+    #[error("bad request: {reason}")]
+    BadRequest {
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+impl CallError {
+    /// The stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            CallError::NoRoute { .. } => "no_route",
+            CallError::NoWorker { .. } => "no_worker",
+            CallError::QueueFull { .. } => "queue_full",
+            CallError::Timeout { .. } => "timeout",
+            CallError::WorkerLost { .. } => "worker_lost",
+            CallError::BadResponse { .. } => "bad_response",
+            CallError::BodyTooLarge { .. } => "body_too_large",
+            CallError::BadRequest { .. } => "bad_request",
+        }
+    }
+
+    /// The HTTP status the caller gets.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            CallError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            CallError::NoWorker { .. } | CallError::QueueFull { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            CallError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            CallError::WorkerLost { .. } | CallError::BadResponse { .. } => StatusCode::BAD_GATEWAY,
+            CallError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            CallError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The JSON error body.
+    pub fn body(&self, request_id: &str) -> Bytes {
+        let value = json!({
+            "error": {
+                "code": self.code(),
+                "message": self.to_string(),
+                "request_id": request_id,
+            }
+        });
+        Bytes::from(value.to_string())
+    }
+
+    /// The full HTTP response for this error.
+    pub fn into_response(self, request_id: &str) -> Response<Full<Bytes>> {
+        let mut resp = Response::new(Full::new(self.body(request_id)));
+        *resp.status_mut() = self.status();
+        let headers = resp.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if matches!(
+            self,
+            CallError::QueueFull { .. } | CallError::NoWorker { .. }
+        ) {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_the_documented_json() {
+        let err = CallError::Timeout {
+            service: "orders".into(),
+            after: Duration::from_secs(2),
+        };
+        let body: serde_json::Value = serde_json::from_slice(&err.body("r-1")).expect("json");
+        assert_eq!(body["error"]["code"], "timeout");
+        assert_eq!(body["error"]["request_id"], "r-1");
+        assert!(body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("orders")));
+        assert_eq!(err.status(), StatusCode::GATEWAY_TIMEOUT);
+    }
+}

@@ -1,0 +1,128 @@
+//! HTTP header handling shared by the bridge and the agent: hop-by-hop
+//! stripping (RFC 9110 section 7.6.1) and conversion to and from the wire's
+//! `[name, value]` pairs.
+
+use http::{header, HeaderMap, HeaderName, HeaderValue};
+
+use crate::protocol::Header;
+
+/// Headers that describe one connection, never the message, so a proxy must
+/// not forward them.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("proxy-connection"),
+];
+
+/// True for a header a proxy must not forward.
+fn is_hop_by_hop(name: &HeaderName, listed: &[String]) -> bool {
+    HOP_BY_HOP.contains(name)
+        || name.as_str().starts_with("proxy-")
+        || listed.iter().any(|l| l == name.as_str())
+}
+
+/// Names listed in `Connection:` (which are hop-by-hop too), lowercased.
+fn connection_listed(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// Removes hop-by-hop headers in place.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed = connection_listed(headers);
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n, &listed))
+        .cloned()
+        .collect();
+    for name in doomed {
+        headers.remove(name);
+    }
+}
+
+/// Converts headers to wire pairs, dropping hop-by-hop ones. A value that is
+/// not UTF-8 (legal but rare) is carried with invalid bytes replaced.
+pub fn to_wire(headers: &HeaderMap) -> Vec<Header> {
+    let listed = connection_listed(headers);
+    headers
+        .iter()
+        .filter(|(n, _)| !is_hop_by_hop(n, &listed))
+        .map(|(n, v)| {
+            (
+                n.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Converts wire pairs back to a header map, dropping hop-by-hop headers and
+/// `Content-Length` (the receiver frames the body itself). Fails on the first
+/// name or value that is not valid HTTP.
+pub fn from_wire(pairs: &[Header]) -> Result<HeaderMap, String> {
+    let mut map = HeaderMap::with_capacity(pairs.len());
+    for (name, value) in pairs {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("invalid header name {name:?}"))?;
+        let value =
+            HeaderValue::from_str(value).map_err(|_| format!("invalid value for header {name}"))?;
+        map.append(name, value);
+    }
+    strip_hop_by_hop(&mut map);
+    map.remove(header::CONTENT_LENGTH);
+    Ok(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.append("x-keep", HeaderValue::from_static("a"));
+        h.append("x-keep", HeaderValue::from_static("b"));
+        let wire = to_wire(&h);
+        assert_eq!(
+            wire,
+            vec![
+                ("x-keep".to_owned(), "a".to_owned()),
+                ("x-keep".to_owned(), "b".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn from_wire_rejects_invalid_names() {
+        assert!(from_wire(&[("bad name".into(), "v".into())]).is_err());
+        assert!(from_wire(&[("x".into(), "line\nbreak".into())]).is_err());
+        let map = from_wire(&[
+            ("content-length".into(), "99".into()),
+            ("upgrade".into(), "h2c".into()),
+            ("x-ok".into(), "1".into()),
+        ])
+        .expect("valid");
+        assert_eq!(map.len(), 1);
+    }
+}

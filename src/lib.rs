@@ -1,0 +1,35 @@
+//! # wsbridge
+//!
+//! A sidecar that lets any plain-HTTP program make a synchronous call to a
+//! worker behind a WebSocket. The program sends HTTP to the bridge on
+//! loopback; the bridge forwards it as a frame with an id over a persistent,
+//! multiplexed wss connection that the worker dialled outbound; the reply
+//! frame with the same id completes the HTTP request.
+//!
+//! ```text
+//! app --plain HTTP--> wsbridge (127.0.0.1) ==wss, multiplexed==> worker(s)
+//!     <--HTTP reply--           <== reply frame with the same id ==
+//! ```
+//!
+//! # Layout
+//!
+//! * [`config`] - the typed TOML configuration and its validation.
+//! * [`protocol`] - the wire protocol v1: frames, limits, encode/decode.
+//! * [`bridge`] - the sidecar: HTTP side, worker sessions, registry, routes.
+//! * [`worker`] - the worker library, the upstream agent and the echo handler.
+//! * [`tls`] - rustls configs from PEM files and self-signed certificates.
+//! * [`error`] - caller-facing errors and their HTTP mapping.
+//! * [`headers`] - hop-by-hop stripping and header conversion.
+//! * [`demo`] - the bridge plus an echo worker over wss on loopback.
+
+pub mod bridge;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod headers;
+pub mod protocol;
+pub mod tls;
+pub mod worker;
+
+pub use bridge::{run, Listeners};
+pub use config::Config;

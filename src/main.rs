@@ -1,0 +1,194 @@
+//! The `wsbridge` command: argument parsing, logging and signals. The work
+//! itself lives in the library.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+use tracing_subscriber::EnvFilter;
+use wsbridge::{
+    bridge,
+    config::Config,
+    tls::SelfSigned,
+    worker::{self, Upstream, Worker, WorkerConfig},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "wsbridge",
+    version,
+    about = "Synchronous HTTP calls to workers behind a WebSocket"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the bridge.
+    Serve {
+        /// The TOML config file.
+        #[arg(long, short, default_value = "config/wsbridge.toml")]
+        config: PathBuf,
+    },
+    /// Run a worker agent that serves calls from an upstream HTTP server (or echoes).
+    Worker(WorkerArgs),
+    /// Write a self-signed certificate and key for the worker listener.
+    GenCert {
+        /// Directory for server.crt and server.key.
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        /// Host names and IP addresses the certificate is valid for.
+        #[arg(long = "host", default_values = ["localhost", "127.0.0.1"])]
+        hosts: Vec<String>,
+    },
+    /// Validate a config file and print the effective configuration (secrets masked).
+    CheckConfig {
+        /// The TOML config file.
+        config: PathBuf,
+    },
+    /// Run the bridge with an echo worker over wss on loopback.
+    Demo {
+        /// HTTP port for callers.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+    },
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// The bridge's worker URL, e.g. wss://bridge.example:8443.
+    #[arg(long)]
+    connect: String,
+    /// Bearer token (or set WSBRIDGE_TOKEN, which keeps it out of `ps`).
+    #[arg(long, env = "WSBRIDGE_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Service to serve; repeat for several.
+    #[arg(long = "service", required = true)]
+    services: Vec<String>,
+    /// Forward calls to this HTTP server, e.g. http://127.0.0.1:9000.
+    #[arg(long, conflicts_with = "echo", required_unless_present = "echo")]
+    upstream: Option<String>,
+    /// Answer every call with its own body (for trying things out).
+    #[arg(long)]
+    echo: bool,
+    /// PEM file of the CA (or self-signed certificate) to trust; default: system roots.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Calls this worker accepts at once.
+    #[arg(long, default_value_t = 64)]
+    max_inflight: u32,
+    /// Name shown in the bridge's logs (default: host name and pid).
+    #[arg(long)]
+    id: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve { config } => {
+            let config = Config::from_file(&config)?;
+            let tls = bridge::server_tls(&config.workers)?;
+            let listeners = bridge::Listeners::bind(&config)?;
+            bridge::run(config, listeners, tls, shutdown_on_signal()).await?;
+        }
+        Command::Worker(args) => {
+            let mut cfg = WorkerConfig::new(args.connect, args.token, args.services);
+            cfg.max_inflight = args.max_inflight;
+            if let Some(id) = args.id {
+                cfg.worker_id = id;
+            }
+            if let Some(ca) = &args.ca {
+                cfg.tls = Some(wsbridge::tls::client_config(Some(ca))?);
+            }
+            let shutdown = shutdown_on_signal();
+            match args.upstream {
+                Some(url) => {
+                    let upstream = Upstream::new(&url).map_err(anyhow::Error::msg)?;
+                    Worker::new(cfg, move |req| upstream.forward(req))
+                        .run(shutdown)
+                        .await?
+                }
+                None => Worker::new(cfg, worker::echo).run(shutdown).await?,
+            }
+        }
+        Command::GenCert { out, hosts } => {
+            let (cert, key) = (out.join("server.crt"), out.join("server.key"));
+            SelfSigned::generate(&hosts)?.write(&cert, &key)?;
+            println!(
+                "wrote {} and {} for {}",
+                cert.display(),
+                key.display(),
+                hosts.join(", ")
+            );
+        }
+        Command::CheckConfig { config } => {
+            let parsed = Config::from_file(&config)?;
+            println!("{} is valid:\n{parsed:#?}", config.display());
+        }
+        Command::Demo { port } => wsbridge::demo::run(Some(port), shutdown_on_signal())
+            .await
+            .context("demo")?,
+    }
+    Ok(())
+}
+
+/// A token cancelled on SIGINT or SIGTERM.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("shutting down");
+        trigger.cancel();
+    });
+    token
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}

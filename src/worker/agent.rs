@@ -1,0 +1,136 @@
+//! Ready-made handlers for `wsbridge worker`: forward each call to an
+//! upstream HTTP server, or echo it back.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::{
+    client::legacy::{connect::HttpConnector, Client},
+    rt::TokioExecutor,
+};
+use tracing::warn;
+
+use super::client::{CallInfo, HandlerFuture};
+use crate::headers;
+
+/// Forwards calls to an upstream HTTP/1.1 server over pooled keep-alive
+/// connections, the way a reverse proxy would.
+#[derive(Clone)]
+pub struct Upstream {
+    base: Uri,
+    authority: HeaderValue,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Upstream {
+    /// An upstream at `base`, e.g. `http://127.0.0.1:9000`. Only `http` is
+    /// supported: the upstream is meant to sit beside the agent.
+    pub fn new(base: &str) -> Result<Upstream, String> {
+        let base: Uri = base
+            .parse()
+            .map_err(|e| format!("invalid upstream URL {base:?}: {e}"))?;
+        if base.scheme_str() != Some("http") {
+            return Err(format!("upstream {base} must be an http:// URL"));
+        }
+        let authority = base
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .ok_or_else(|| format!("upstream {base} has no host"))?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        Ok(Upstream {
+            base,
+            authority,
+            client,
+        })
+    }
+
+    /// Forwards one call. Transport failures become a 502 with a JSON body,
+    /// so the caller sees what a reverse proxy would show.
+    pub fn forward(&self, req: Request<Bytes>) -> HandlerFuture {
+        let this = self.clone();
+        Box::pin(async move {
+            let request_id = req
+                .extensions()
+                .get::<CallInfo>()
+                .map(|c| c.request_id.clone())
+                .unwrap_or_default();
+            match this.try_forward(req).await {
+                Ok(resp) => resp,
+                Err(reason) => {
+                    warn!(%request_id, %reason, "upstream request failed");
+                    let body = serde_json::json!({"error": {
+                        "code": "upstream_error",
+                        "message": reason,
+                        "request_id": request_id,
+                    }});
+                    let mut resp = Response::new(Bytes::from(body.to_string()));
+                    *resp.status_mut() = StatusCode::BAD_GATEWAY;
+                    resp.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                    resp
+                }
+            }
+        })
+    }
+
+    async fn try_forward(&self, req: Request<Bytes>) -> Result<Response<Bytes>, String> {
+        let (mut parts, body) = req.into_parts();
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let base = self.base.path().trim_end_matches('/');
+        let uri = format!(
+            "http://{}{base}{path}",
+            self.authority.to_str().unwrap_or_default()
+        );
+        parts.uri = uri
+            .parse()
+            .map_err(|e| format!("cannot build upstream URI: {e}"))?;
+        headers::strip_hop_by_hop(&mut parts.headers);
+        // Like nginx's default: the upstream sees its own name as Host and
+        // the caller's in X-Forwarded-Host.
+        if let Some(original) = parts.headers.remove(header::HOST) {
+            parts.headers.insert("x-forwarded-host", original);
+        }
+        parts.headers.insert(header::HOST, self.authority.clone());
+        let resp = self
+            .client
+            .request(Request::from_parts(parts, Full::new(body)))
+            .await
+            .map_err(|e| format!("upstream {}: {e}", self.base))?;
+        let (mut parts, body) = resp.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| format!("reading the upstream body: {e}"))?
+            .to_bytes();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, body))
+    }
+}
+
+/// Answers 200 with the request body and `x-echo-method` / `x-echo-path`.
+pub async fn echo(req: Request<Bytes>) -> Response<Bytes> {
+    let method = HeaderValue::from_str(req.method().as_str()).ok();
+    let path = req
+        .uri()
+        .path_and_query()
+        .and_then(|p| HeaderValue::from_str(p.as_str()).ok());
+    let content_type = req.headers().get(header::CONTENT_TYPE).cloned();
+    let mut resp = Response::new(req.into_body());
+    let headers = resp.headers_mut();
+    if let Some(m) = method {
+        headers.insert("x-echo-method", m);
+    }
+    if let Some(p) = path {
+        headers.insert("x-echo-path", p);
+    }
+    if let Some(ct) = content_type {
+        headers.insert(header::CONTENT_TYPE, ct);
+    }
+    resp
+}

@@ -1,0 +1,624 @@
+//! A worker connection: dial the bridge, say hello, serve calls with a
+//! handler, and reconnect with capped, jittered exponential backoff.
+//!
+//! Each call runs in its own task; a `cancel` frame aborts it, and so does
+//! the connection ending. A bridge that goes silent (no frame or ping within
+//! `ping_interval * (ping_misses + 1)` from the welcome) is treated as gone,
+//! so a connection cut without a FIN never leaves the worker waiting.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    panic::AssertUnwindSafe,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
+use rustls::pki_types::ServerName;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+    sync::{mpsc, watch},
+    task::AbortHandle,
+    time::Instant,
+};
+use tokio_rustls::TlsConnector;
+use tokio_tungstenite::{
+    tungstenite::{client::IntoClientRequest, protocol::WebSocketConfig, Message},
+    WebSocketStream,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{
+    config::Secret,
+    headers,
+    protocol::{self, Control, DataHead, Hello, RequestHead, ResponseHead, Welcome},
+};
+
+/// Time allowed for TCP, TLS, upgrade and welcome together.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection that lasted this long resets the backoff to its start.
+const STABLE_AFTER: Duration = Duration::from_secs(30);
+
+/// Frames queued towards the bridge before handlers wait.
+const OUTBOX: usize = 1024;
+
+/// Where and how a worker connects.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// `wss://host:port` (or `ws://` for a plain loopback bridge).
+    pub url: String,
+    /// The bearer token the bridge expects.
+    pub token: Secret,
+    /// Name shown in the bridge's logs.
+    pub worker_id: String,
+    /// Services this worker answers.
+    pub services: Vec<String>,
+    /// Calls accepted at once.
+    pub max_inflight: u32,
+    /// TLS trust for `wss`; `None` uses the system roots.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// First reconnect delay.
+    pub backoff_initial: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+    /// Largest message accepted from the bridge.
+    pub max_frame: usize,
+}
+
+impl WorkerConfig {
+    /// A config with defaults: worker id from the host name and pid, 64
+    /// calls in flight, system roots, backoff from 100 ms up to 30 s.
+    pub fn new(
+        url: impl Into<String>,
+        token: impl Into<String>,
+        services: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
+        WorkerConfig {
+            url: url.into(),
+            token: Secret::new(token),
+            worker_id: default_worker_id(),
+            services: services.into_iter().map(Into::into).collect(),
+            max_inflight: 64,
+            tls: None,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(30),
+            max_frame: 64 << 20,
+        }
+    }
+}
+
+fn default_worker_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+/// What a worker connection can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The URL is not a `ws://` or `wss://` URL with a host.
+    #[error("invalid bridge URL {0:?}: {1}")]
+    Url(String, String),
+    /// Connecting, TLS or the upgrade failed.
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// The bridge refused the upgrade or the hello.
+    #[error("bridge refused the worker: {0}")]
+    Rejected(String),
+    /// The connection broke.
+    #[error("connection lost: {0}")]
+    Lost(String),
+}
+
+/// The connection state, for readiness checks and status displays.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Status {
+    /// Dialling (first time or again).
+    Connecting,
+    /// Welcomed by the bridge; calls may arrive.
+    Connected {
+        /// The bridge's id for this connection.
+        session_id: String,
+    },
+    /// Between attempts.
+    Disconnected {
+        /// Why the last attempt or connection ended.
+        reason: String,
+    },
+}
+
+/// Facts about a call, found in the request's extensions.
+#[derive(Debug, Clone)]
+pub struct CallInfo {
+    /// The caller-visible request id.
+    pub request_id: String,
+    /// The service the call was routed to.
+    pub service: String,
+}
+
+/// A boxed future returned by a [`Handler`].
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Response<Bytes>> + Send>>;
+
+/// Serves calls. Implemented for every `Fn(Request<Bytes>) -> Future`.
+pub trait Handler: Send + Sync + 'static {
+    /// Answers one call.
+    fn call(&self, req: Request<Bytes>) -> HandlerFuture;
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(Request<Bytes>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Bytes>> + Send + 'static,
+{
+    fn call(&self, req: Request<Bytes>) -> HandlerFuture {
+        Box::pin(self(req))
+    }
+}
+
+/// A worker: a config plus a handler.
+pub struct Worker {
+    config: WorkerConfig,
+    handler: Arc<dyn Handler>,
+    status: watch::Sender<Status>,
+}
+
+impl Worker {
+    /// Creates a worker; nothing happens until [`Worker::run`].
+    pub fn new(config: WorkerConfig, handler: impl Handler) -> Self {
+        Worker {
+            config,
+            handler: Arc::new(handler),
+            status: watch::Sender::new(Status::Connecting),
+        }
+    }
+
+    /// Follows the connection state.
+    pub fn subscribe(&self) -> watch::Receiver<Status> {
+        self.status.subscribe()
+    }
+
+    /// Serves calls until `shutdown`, reconnecting whenever the connection
+    /// ends. Returns an error only for a config that can never work.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        let target = Target::parse(&self.config.url)?;
+        let tls = match (&target.tls, &self.config.tls) {
+            (false, _) => None,
+            (true, Some(cfg)) => Some(TlsConnector::from(cfg.clone())),
+            (true, None) => Some(TlsConnector::from(
+                crate::tls::client_config(None).map_err(|e| WorkerError::Connect(e.to_string()))?,
+            )),
+        };
+        let mut delay = self.config.backoff_initial;
+        loop {
+            self.status.send_replace(Status::Connecting);
+            let started = Instant::now();
+            let outcome = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                r = self.connect_and_serve(&target, tls.as_ref(), &shutdown) => r,
+            };
+            let reason = match outcome {
+                Ok(()) => return Ok(()),
+                Err(e) => e.to_string(),
+            };
+            if started.elapsed() >= STABLE_AFTER {
+                delay = self.config.backoff_initial;
+            }
+            // Full jitter: spread reconnects of many workers over the window
+            // so a restarted bridge is not hit by all of them at once.
+            let wait = delay.mul_f64(0.5 + fastrand::f64() * 0.5);
+            warn!(url = %self.config.url, %reason, retry_in = ?wait, "worker disconnected");
+            self.status.send_replace(Status::Disconnected { reason });
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(wait) => {}
+            }
+            delay = (delay * 2).min(self.config.backoff_max);
+        }
+    }
+
+    /// One connection, from dial to end. `Ok` only on shutdown.
+    async fn connect_and_serve(
+        &self,
+        target: &Target,
+        tls: Option<&TlsConnector>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), WorkerError> {
+        let connect = async {
+            let tcp = TcpStream::connect((target.host.as_str(), target.port))
+                .await
+                .map_err(|e| {
+                    WorkerError::Connect(format!("{}:{}: {e}", target.host, target.port))
+                })?;
+            let _ = tcp.set_nodelay(true);
+            Ok::<_, WorkerError>(tcp)
+        };
+        let within =
+            |what: &'static str| move |_| WorkerError::Connect(format!("{what} timed out"));
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(within("connect"))??;
+        match tls {
+            None => self.handshake_and_serve(tcp, target, shutdown).await,
+            Some(connector) => {
+                let name = ServerName::try_from(target.host.clone())
+                    .map_err(|e| WorkerError::Url(self.config.url.clone(), e.to_string()))?;
+                let stream = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp))
+                    .await
+                    .map_err(within("TLS handshake"))?
+                    .map_err(|e| WorkerError::Connect(format!("TLS: {e}")))?;
+                self.handshake_and_serve(stream, target, shutdown).await
+            }
+        }
+    }
+
+    async fn handshake_and_serve<S>(
+        &self,
+        stream: S,
+        target: &Target,
+        shutdown: &CancellationToken,
+    ) -> Result<(), WorkerError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut request = target
+            .ws_url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| WorkerError::Url(self.config.url.clone(), e.to_string()))?;
+        let auth = HeaderValue::from_str(&format!("Bearer {}", self.config.token.expose()))
+            .map_err(|_| {
+                WorkerError::Connect("the token contains characters not allowed in a header".into())
+            })?;
+        request.headers_mut().insert(header::AUTHORIZATION, auth);
+        request.headers_mut().insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(protocol::SUBPROTOCOL),
+        );
+        let ws_config = WebSocketConfig::default()
+            .max_message_size(Some(self.config.max_frame))
+            .max_frame_size(Some(self.config.max_frame));
+        let handshake = async {
+            let (mut ws, _) =
+                tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config))
+                    .await
+                    .map_err(|e| match e {
+                        tokio_tungstenite::tungstenite::Error::Http(resp) => {
+                            let body = resp
+                                .body()
+                                .as_ref()
+                                .map(|b| String::from_utf8_lossy(b).into_owned())
+                                .unwrap_or_default();
+                            WorkerError::Rejected(format!("HTTP {} {body}", resp.status()))
+                        }
+                        other => WorkerError::Connect(other.to_string()),
+                    })?;
+            let hello = Control::Hello(Hello {
+                worker_id: self.config.worker_id.clone(),
+                services: self.config.services.clone(),
+                max_inflight: self.config.max_inflight,
+            });
+            ws.send(Message::text(protocol::encode_control(&hello)))
+                .await
+                .map_err(|e| WorkerError::Lost(e.to_string()))?;
+            let welcome = match ws.next().await {
+                Some(Ok(Message::Text(t))) => match protocol::decode_control(&t) {
+                    Ok(Control::Welcome(w)) => w,
+                    Ok(Control::Error { code, message, .. }) => {
+                        return Err(WorkerError::Rejected(format!("{code}: {message}")))
+                    }
+                    other => {
+                        return Err(WorkerError::Rejected(format!(
+                            "expected welcome, got {other:?}"
+                        )))
+                    }
+                },
+                Some(Ok(other)) => {
+                    return Err(WorkerError::Rejected(format!(
+                        "expected welcome, got {other:?}"
+                    )))
+                }
+                Some(Err(e)) => return Err(WorkerError::Lost(e.to_string())),
+                None => return Err(WorkerError::Lost("closed during handshake".into())),
+            };
+            Ok((ws, welcome))
+        };
+        let (ws, welcome) = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
+            .await
+            .map_err(|_| WorkerError::Connect("handshake timed out".into()))??;
+        info!(url = %self.config.url, session = %welcome.session_id, services = ?self.config.services, "connected to bridge");
+        self.status.send_replace(Status::Connected {
+            session_id: welcome.session_id.clone(),
+        });
+        serve(ws, &welcome, self.handler.clone(), shutdown).await
+    }
+}
+
+/// A parsed bridge URL.
+struct Target {
+    tls: bool,
+    host: String,
+    port: u16,
+    ws_url: String,
+}
+
+impl Target {
+    fn parse(url: &str) -> Result<Target, WorkerError> {
+        let bad = |why: &str| WorkerError::Url(url.to_owned(), why.to_owned());
+        let uri: Uri = url.parse().map_err(|_| bad("not a URL"))?;
+        let tls = match uri.scheme_str() {
+            Some("wss") => true,
+            Some("ws") => false,
+            _ => return Err(bad("the scheme must be wss:// or ws://")),
+        };
+        let host = uri.host().ok_or_else(|| bad("no host"))?;
+        // `[::1]` in a URL is `::1` to DNS and to certificate names.
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let authority = uri.authority().map_or(host.clone(), |a| a.to_string());
+        let ws_url = format!("{}://{authority}{path}", if tls { "wss" } else { "ws" });
+        Ok(Target {
+            tls,
+            host,
+            port,
+            ws_url,
+        })
+    }
+}
+
+/// A request whose head arrived with `end: false`.
+struct Partial {
+    head: RequestHead,
+    body: BytesMut,
+}
+
+/// Serves calls on an established connection until it ends.
+async fn serve<S>(
+    ws: WebSocketStream<S>,
+    welcome: &Welcome,
+    handler: Arc<dyn Handler>,
+    shutdown: &CancellationToken,
+) -> Result<(), WorkerError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let silence =
+        Duration::from_millis(welcome.ping_interval_ms.max(1)) * (welcome.ping_misses.max(1) + 1);
+    let (mut sink, mut stream) = ws.split();
+    let (outbox, mut rx) = mpsc::channel::<Message>(OUTBOX);
+    let conn = CancellationToken::new();
+    let _stop_writer = conn.clone().drop_guard();
+    let writer_conn = conn.clone();
+    tokio::spawn(async move {
+        loop {
+            let msg = tokio::select! {
+                _ = writer_conn.cancelled() => break,
+                m = rx.recv() => match m { Some(m) => m, None => break },
+            };
+            let batch = async {
+                sink.feed(msg).await?;
+                while let Ok(m) = rx.try_recv() {
+                    sink.feed(m).await?;
+                }
+                sink.flush().await
+            };
+            if let Err(e) = batch.await {
+                debug!(error = %e, "write to bridge failed");
+                break;
+            }
+        }
+        writer_conn.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+    });
+
+    let calls: Arc<Mutex<HashMap<u64, AbortHandle>>> = Arc::default();
+    // Aborts every handler still running when the connection ends: their
+    // replies could not be delivered anyway.
+    let _abort_all = AbortOnDrop(calls.clone());
+    let mut partial: HashMap<u64, Partial> = HashMap::new();
+    let ctx = CallCtx {
+        handler,
+        outbox: outbox.clone(),
+        calls: calls.clone(),
+    };
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = conn.cancelled() => return Err(WorkerError::Lost("write to bridge failed".into())),
+            m = tokio::time::timeout(silence, stream.next()) => m,
+        };
+        let msg = match msg {
+            Err(_) => return Err(WorkerError::Lost(format!("bridge silent for {silence:?}"))),
+            Ok(None) => return Err(WorkerError::Lost("connection closed".into())),
+            Ok(Some(Err(e))) => return Err(WorkerError::Lost(e.to_string())),
+            Ok(Some(Ok(m))) => m,
+        };
+        match msg {
+            Message::Binary(frame) => match protocol::decode_data(&frame) {
+                Ok((DataHead::Request(head), body)) if head.end => ctx.start(head, body),
+                Ok((DataHead::Request(head), body)) => {
+                    partial.insert(
+                        head.id,
+                        Partial {
+                            head,
+                            body: BytesMut::from(&body[..]),
+                        },
+                    );
+                }
+                Ok((DataHead::Body(b), chunk)) => {
+                    if let Some(p) = partial.get_mut(&b.id) {
+                        p.body.extend_from_slice(&chunk);
+                    }
+                    if b.end {
+                        if let Some(p) = partial.remove(&b.id) {
+                            ctx.start(p.head, p.body.freeze());
+                        }
+                    }
+                }
+                Ok((other, _)) => {
+                    send_error(
+                        &outbox,
+                        other.id(),
+                        "unexpected_frame",
+                        "a bridge sent a frame only workers send",
+                    );
+                }
+                Err(e) => send_error(&outbox, None, "malformed_frame", &e.to_string()),
+            },
+            Message::Text(text) => match protocol::decode_control(&text) {
+                Ok(Control::Cancel { id, reason }) => {
+                    debug!(id, %reason, "call cancelled by the bridge");
+                    partial.remove(&id);
+                    let handle = calls.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                    if let Some(h) = handle {
+                        h.abort();
+                    }
+                }
+                Ok(Control::Error { id, code, message }) => {
+                    warn!(?id, %code, %message, "bridge reported an error");
+                }
+                Ok(Control::Unknown) => {
+                    send_error(&outbox, None, "unknown_frame", "unknown control frame type")
+                }
+                Ok(_) => {}
+                Err(e) => send_error(&outbox, None, "malformed_frame", &e.to_string()),
+            },
+            Message::Close(frame) => {
+                let why = frame
+                    .map(|f| format!(" ({} {})", f.code, f.reason))
+                    .unwrap_or_default();
+                return Err(WorkerError::Lost(format!(
+                    "bridge closed the connection{why}"
+                )));
+            }
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+        }
+    }
+}
+
+fn send_error(outbox: &mpsc::Sender<Message>, id: Option<u64>, code: &str, message: &str) {
+    let frame = Control::Error {
+        id,
+        code: code.to_owned(),
+        message: message.to_owned(),
+    };
+    let _ = outbox.try_send(Message::text(protocol::encode_control(&frame)));
+}
+
+struct AbortOnDrop(Arc<Mutex<HashMap<u64, AbortHandle>>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for (_, h) in self.0.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+            h.abort();
+        }
+    }
+}
+
+/// What each call task needs.
+struct CallCtx {
+    handler: Arc<dyn Handler>,
+    outbox: mpsc::Sender<Message>,
+    calls: Arc<Mutex<HashMap<u64, AbortHandle>>>,
+}
+
+impl CallCtx {
+    /// Runs the handler for one call in its own task.
+    fn start(&self, head: RequestHead, body: Bytes) {
+        let id = head.id;
+        let (handler, outbox, calls) = (
+            self.handler.clone(),
+            self.outbox.clone(),
+            self.calls.clone(),
+        );
+        // The map lock is held across the spawn so the task's own removal
+        // (which takes the same lock) cannot run before the insert.
+        let mut map = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        let task = tokio::spawn(async move {
+            let resp = match build_request(head, body) {
+                Ok(req) => match AssertUnwindSafe(handler.call(req)).catch_unwind().await {
+                    Ok(resp) => resp,
+                    Err(_) => {
+                        warn!(id, "handler panicked");
+                        plain(StatusCode::INTERNAL_SERVER_ERROR, "worker handler panicked")
+                    }
+                },
+                Err(reason) => plain(StatusCode::BAD_REQUEST, &reason),
+            };
+            let (parts, body) = resp.into_parts();
+            let frames = protocol::encode_message(
+                |end| {
+                    DataHead::Response(ResponseHead {
+                        id,
+                        status: parts.status.as_u16(),
+                        headers: headers::to_wire(&parts.headers),
+                        end,
+                    })
+                },
+                id,
+                &body,
+            );
+            // Deregister first: once the reply is queued a cancel for this id
+            // must not abort the task that is sending it.
+            calls.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            for frame in frames {
+                if outbox.send(Message::Binary(frame)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        map.insert(id, task.abort_handle());
+    }
+}
+
+fn plain(status: StatusCode, text: &str) -> Response<Bytes> {
+    let mut resp = Response::new(Bytes::from(text.to_owned()));
+    *resp.status_mut() = status;
+    resp
+}
+
+/// Turns a request frame into an `http::Request`.
+fn build_request(head: RequestHead, body: Bytes) -> Result<Request<Bytes>, String> {
+    let headers = headers::from_wire(&head.headers)?;
+    let mut req = Request::builder()
+        .method(head.method.as_str())
+        .uri(head.path.as_str())
+        .body(body)
+        .map_err(|e| format!("invalid request frame: {e}"))?;
+    *req.headers_mut() = headers;
+    req.extensions_mut().insert(CallInfo {
+        request_id: head.request_id,
+        service: head.service,
+    });
+    Ok(req)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_with_default_ports() {
+        let t = Target::parse("wss://bridge.example").expect("valid");
+        assert!(t.tls && t.port == 443 && t.host == "bridge.example");
+        let t = Target::parse("ws://127.0.0.1:9000/x").expect("valid");
+        assert!(!t.tls && t.port == 9000 && t.ws_url == "ws://127.0.0.1:9000/x");
+        let t = Target::parse("wss://[::1]:8443").expect("valid");
+        assert_eq!(t.host, "::1");
+        assert!(Target::parse("http://x").is_err());
+    }
+}

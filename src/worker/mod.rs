@@ -1,0 +1,22 @@
+//! The worker side: a library to serve calls from a bridge, and the agent
+//! that serves them from an upstream HTTP server (or echoes them).
+//!
+//! ```no_run
+//! use bytes::Bytes;
+//! use http::{Request, Response};
+//! use wsbridge::worker::{Worker, WorkerConfig};
+//!
+//! # async fn demo() -> Result<(), wsbridge::worker::WorkerError> {
+//! let config = WorkerConfig::new("wss://bridge.example:8443", "secret", ["orders"]);
+//! let worker = Worker::new(config, |req: Request<Bytes>| async move {
+//!     Response::new(req.into_body()) // echo
+//! });
+//! worker.run(tokio_util::sync::CancellationToken::new()).await
+//! # }
+//! ```
+
+mod agent;
+mod client;
+
+pub use agent::{echo, Upstream};
+pub use client::{CallInfo, Handler, HandlerFuture, Status, Worker, WorkerConfig, WorkerError};
