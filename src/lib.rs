@@ -31,5 +31,5 @@ pub mod protocol;
 pub mod tls;
 pub mod worker;
 
-pub use bridge::{run, Listeners};
+pub use bridge::{run, Bridge, Listeners};
 pub use config::Config;

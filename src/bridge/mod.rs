@@ -82,49 +82,95 @@ pub async fn run(
     tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
-    let workers_addr = listeners.workers.local_addr()?;
-    let http_addr = listeners.http.local_addr()?;
-    if config.workers.tls && tls.is_none() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "workers.tls is on but no TLS config was given",
-        ));
+    Bridge::new(config, tls)?.serve(listeners, shutdown).await
+}
+
+/// A bridge that is configured but not yet serving. Use [`Bridge::handle`]
+/// to look at its state while it runs.
+pub struct Bridge {
+    shared: Arc<Shared>,
+    tls: Option<TlsAcceptor>,
+}
+
+/// A read-only view of a running bridge, for status displays and tests.
+#[derive(Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Handle {
+    /// Workers connected for `service` (draining ones included).
+    pub fn workers(&self, service: &str) -> usize {
+        self.shared.registry.connected(service)
     }
-    if tls.is_none() && !workers_addr.ip().is_loopback() {
-        warn!(
-            addr = %workers_addr,
-            "worker listener serves PLAIN ws on a non-loopback address: tokens and calls cross the network unencrypted"
+
+    /// Calls of `service` waiting for a free worker.
+    pub fn queued(&self, service: &str) -> usize {
+        self.shared.registry.queued(service)
+    }
+}
+
+impl Bridge {
+    /// Checks that the TLS setting and config agree and prepares the state.
+    pub fn new(config: Config, tls: Option<Arc<rustls::ServerConfig>>) -> io::Result<Bridge> {
+        if config.workers.tls && tls.is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "workers.tls is on but no TLS config was given",
+            ));
+        }
+        let ws_config = WebSocketConfig::default()
+            .max_message_size(Some(config.workers.max_frame.bytes()))
+            .max_frame_size(Some(config.workers.max_frame.bytes()));
+        let shared = Arc::new(Shared {
+            router: Router::new(&config),
+            config,
+            registry: Arc::new(Registry::default()),
+            ws_config,
+        });
+        Ok(Bridge {
+            shared,
+            tls: tls.map(TlsAcceptor::from),
+        })
+    }
+
+    /// A view of the bridge's state that stays valid while it runs.
+    pub fn handle(&self) -> Handle {
+        Handle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Serves until `shutdown`; see [`run`].
+    pub async fn serve(self, listeners: Listeners, shutdown: CancellationToken) -> io::Result<()> {
+        let workers_addr = listeners.workers.local_addr()?;
+        let http_addr = listeners.http.local_addr()?;
+        if self.tls.is_none() && !workers_addr.ip().is_loopback() {
+            warn!(
+                addr = %workers_addr,
+                "worker listener serves PLAIN ws on a non-loopback address: tokens and calls cross the network unencrypted"
+            );
+        }
+        info!(addr = %http_addr, "http listener ready");
+        info!(addr = %workers_addr, tls = self.tls.is_some(), "worker listener ready");
+
+        // Worker connections outlive the HTTP drain: the calls being drained
+        // need their workers to answer them.
+        let workers_stop = CancellationToken::new();
+        let workers = tokio::spawn(
+            accept_workers(
+                listeners.workers,
+                self.tls,
+                self.shared.clone(),
+                workers_stop.clone(),
+            )
+            .instrument(tracing::info_span!("workers")),
         );
+        http::serve(listeners.http, self.shared, shutdown).await;
+        workers_stop.cancel();
+        let _ = workers.await;
+        Ok(())
     }
-    let ws_config = WebSocketConfig::default()
-        .max_message_size(Some(config.workers.max_frame.bytes()))
-        .max_frame_size(Some(config.workers.max_frame.bytes()));
-    let shared = Arc::new(Shared {
-        router: Router::new(&config),
-        config,
-        registry: Arc::new(Registry::default()),
-        ws_config,
-    });
-
-    info!(addr = %http_addr, "http listener ready");
-    info!(addr = %workers_addr, tls = tls.is_some(), "worker listener ready");
-
-    // Worker connections outlive the HTTP drain: the calls being drained
-    // need their workers to answer them.
-    let workers_stop = CancellationToken::new();
-    let workers = tokio::spawn(
-        accept_workers(
-            listeners.workers,
-            tls.map(TlsAcceptor::from),
-            shared.clone(),
-            workers_stop.clone(),
-        )
-        .instrument(tracing::info_span!("workers")),
-    );
-    http::serve(listeners.http, shared, shutdown).await;
-    workers_stop.cancel();
-    let _ = workers.await;
-    Ok(())
 }
 
 /// Accepts worker connections until shutdown; each runs in its own task.

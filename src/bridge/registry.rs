@@ -165,6 +165,14 @@ impl Registry {
             .map_or(0, |s| s.workers.len())
     }
 
+    /// Calls of a service waiting for a worker.
+    pub(crate) fn queued(&self, service: &str) -> usize {
+        self.lock()
+            .services
+            .get(service)
+            .map_or(0, |s| s.waiters.iter().filter(|w| !w.is_closed()).count())
+    }
+
     /// Takes capacity on the least-busy worker of `service`, waiting up to
     /// `wait` in FIFO order behind at most `queue_limit - 1` other calls.
     pub(crate) async fn acquire(

@@ -1,0 +1,595 @@
+//! Shared helpers for the integration tests: a bridge on loopback port 0 with
+//! a generated certificate (in-process or as the real binary), workers that
+//! connect to it over real TLS, a raw WebSocket peer for protocol-level
+//! tests, and an HTTP client. Every await that could hang has a timeout.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::{
+    future::Future, net::SocketAddr, path::PathBuf, process::Stdio, sync::Arc, time::Duration,
+};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{header, HeaderValue, Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper_util::{
+    client::legacy::{connect::HttpConnector, Client},
+    rt::TokioExecutor,
+};
+use rustls::pki_types::ServerName;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    net::TcpStream,
+    task::JoinHandle,
+};
+use tokio_rustls::{client::TlsStream, TlsConnector};
+use tokio_tungstenite::{
+    tungstenite::{self, client::IntoClientRequest, Message},
+    WebSocketStream,
+};
+use tokio_util::sync::CancellationToken;
+use wsbridge::{
+    bridge::{self, Listeners},
+    config::Config,
+    protocol::{self, Control, DataHead, Hello, ResponseHead, Welcome},
+    tls::SelfSigned,
+    worker::{Handler, Status, Worker, WorkerConfig},
+};
+
+/// The token every test bridge accepts.
+pub const TOKEN: &str = "test-token";
+
+/// The default bound on any single await in a test.
+pub const LIMIT: Duration = Duration::from_secs(30);
+
+/// Awaits `fut`, failing the test if it takes longer than `LIMIT`.
+pub async fn with_timeout<T>(fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(LIMIT, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("test step did not finish within {LIMIT:?}"),
+    }
+}
+
+/// A config for tests: both listeners on loopback port 0, TLS on (the
+/// config is handed over in memory), one route `/orders` -> `orders`.
+pub fn test_config() -> Config {
+    Config::parse(&format!(
+        r#"
+        default_service = "default"
+        [http]
+        listen = "127.0.0.1:0"
+        request_timeout = "10s"
+        queue_timeout = "2s"
+        [workers]
+        listen = "127.0.0.1:0"
+        tls_cert = "unused.crt"
+        tls_key = "unused.key"
+        tokens = ["{TOKEN}"]
+        ping_interval = "5s"
+        [[routes]]
+        prefix = "/orders"
+        service = "orders"
+        "#
+    ))
+    .expect("test config is valid")
+}
+
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "wsbridge=debug".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// An in-process bridge.
+pub struct TestBridge {
+    /// Where callers connect.
+    pub http: SocketAddr,
+    /// Where workers connect.
+    pub workers: SocketAddr,
+    /// The bridge's certificate (workers trust it).
+    pub cert: SelfSigned,
+    /// The config it runs with.
+    pub config: Config,
+    /// A view of its state.
+    pub handle: bridge::Handle,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestBridge {
+    /// Starts a bridge with `test_config()` changed by `tweak`.
+    pub async fn start(tweak: impl FnOnce(&mut Config)) -> TestBridge {
+        let cert = SelfSigned::generate(&["localhost".into(), "127.0.0.1".into()]).expect("cert");
+        Self::start_with(tweak, cert).await
+    }
+
+    /// Starts a bridge with a given certificate (to restart "the same" bridge).
+    pub async fn start_with(tweak: impl FnOnce(&mut Config), cert: SelfSigned) -> TestBridge {
+        init_logs();
+        let mut config = test_config();
+        tweak(&mut config);
+        config.validate().expect("tweaked config is valid");
+        let listeners = Listeners::bind(&config).expect("bind");
+        let http = listeners.http.local_addr().expect("addr");
+        let workers = listeners.workers.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let tls = Some(cert.server_config().expect("server tls"));
+        let bridge = bridge::Bridge::new(config.clone(), tls).expect("bridge");
+        let handle = bridge.handle();
+        let task = tokio::spawn(bridge.serve(listeners, shutdown.clone()));
+        TestBridge {
+            http,
+            workers,
+            cert,
+            config,
+            handle,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// The worker URL of this bridge.
+    pub fn url(&self) -> String {
+        format!("wss://localhost:{}", self.workers.port())
+    }
+
+    /// A caller URL for `path`.
+    pub fn at(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    /// A worker config for this bridge.
+    pub fn worker_config(&self, services: &[&str], max_inflight: u32) -> WorkerConfig {
+        let mut cfg = WorkerConfig::new(self.url(), TOKEN, services.iter().copied());
+        cfg.max_inflight = max_inflight;
+        cfg.tls = Some(self.cert.client_config().expect("client tls"));
+        cfg.backoff_initial = Duration::from_millis(20);
+        cfg.backoff_max = Duration::from_millis(200);
+        cfg
+    }
+
+    /// Starts a library worker and waits until the bridge has welcomed it.
+    pub async fn worker(
+        &self,
+        services: &[&str],
+        max_inflight: u32,
+        handler: impl Handler,
+    ) -> TestWorker {
+        TestWorker::start(self.worker_config(services, max_inflight), handler).await
+    }
+
+    /// Waits until `n` calls of `service` are queued. The queue is only
+    /// observable by looking, so this looks every millisecond.
+    pub async fn until_queued(&self, service: &str, n: usize) {
+        with_timeout(async {
+            while self.handle.queued(service) < n {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+    }
+
+    /// Stops the bridge and waits for it to finish.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            with_timeout(task).await.expect("join").expect("bridge run");
+        }
+    }
+}
+
+impl Drop for TestBridge {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A library worker running in a task.
+pub struct TestWorker {
+    /// Its connection state.
+    pub status: tokio::sync::watch::Receiver<Status>,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<Result<(), wsbridge::worker::WorkerError>>>,
+}
+
+impl TestWorker {
+    /// Starts a worker and waits for its first welcome.
+    pub async fn start(config: WorkerConfig, handler: impl Handler) -> TestWorker {
+        let worker = Worker::new(config, handler);
+        let mut status = worker.subscribe();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(worker.run(shutdown.clone()));
+        with_timeout(status.wait_for(|s| matches!(s, Status::Connected { .. })))
+            .await
+            .expect("worker status");
+        TestWorker {
+            status,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// Waits until the worker is connected (again).
+    pub async fn connected(&mut self) {
+        with_timeout(
+            self.status
+                .wait_for(|s| matches!(s, Status::Connected { .. })),
+        )
+        .await
+        .expect("worker status");
+    }
+
+    /// Stops the worker.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            with_timeout(task).await.expect("join").expect("worker run");
+        }
+    }
+}
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A pooled keep-alive HTTP client.
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// A new HTTP client.
+pub fn http_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// A response with its body read.
+pub struct Reply {
+    /// Status, headers.
+    pub head: http::response::Parts,
+    /// The whole body.
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// A header as a string ("" when absent).
+    pub fn header(&self, name: &str) -> &str {
+        self.head
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// The `error.code` of a JSON error body.
+    pub fn error_code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    }
+}
+
+/// Sends a request and reads the whole response.
+pub async fn send(client: &HttpClient, req: Request<Full<Bytes>>) -> Reply {
+    let resp: Response<_> = with_timeout(client.request(req))
+        .await
+        .expect("http request");
+    let (head, body) = resp.into_parts();
+    let body = with_timeout(body.collect()).await.expect("body").to_bytes();
+    Reply { head, body }
+}
+
+/// `POST url` with `body`.
+pub async fn post(client: &HttpClient, url: &str, body: impl Into<Bytes>) -> Reply {
+    let req = Request::post(url)
+        .body(Full::new(body.into()))
+        .expect("request");
+    send(client, req).await
+}
+
+/// `GET url`.
+pub async fn get(client: &HttpClient, url: &str) -> Reply {
+    let req = Request::get(url)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    send(client, req).await
+}
+
+/// A hand-driven worker connection for protocol-level tests.
+pub struct RawWorker {
+    /// The WebSocket.
+    pub ws: WebSocketStream<TlsStream<TcpStream>>,
+    /// The bridge's welcome.
+    pub welcome: Welcome,
+}
+
+/// Opens a TLS WebSocket to the bridge with the given headers; returns the
+/// socket or the handshake error (e.g. the HTTP 401 response).
+pub async fn raw_connect(
+    bridge: &TestBridge,
+    token: Option<&str>,
+    subprotocol: Option<&str>,
+) -> Result<WebSocketStream<TlsStream<TcpStream>>, tungstenite::Error> {
+    let tcp = with_timeout(TcpStream::connect(bridge.workers))
+        .await
+        .expect("tcp");
+    let connector = TlsConnector::from(bridge.cert.client_config().expect("tls"));
+    let name = ServerName::try_from("localhost").expect("name");
+    let tls = with_timeout(connector.connect(name, tcp))
+        .await
+        .expect("tls handshake");
+    let mut req = bridge.url().into_client_request().expect("request");
+    if let Some(t) = token {
+        req.headers_mut().insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {t}")).expect("header"),
+        );
+    }
+    if let Some(p) = subprotocol {
+        req.headers_mut().insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_str(p).expect("header"),
+        );
+    }
+    with_timeout(tokio_tungstenite::client_async(req, tls))
+        .await
+        .map(|(ws, _)| ws)
+}
+
+/// What a raw worker read.
+#[derive(Debug)]
+pub enum Frame {
+    /// A text frame.
+    Control(Control),
+    /// A binary frame.
+    Data(DataHead, Bytes),
+    /// A close frame or the end of the stream.
+    Closed,
+}
+
+impl RawWorker {
+    /// Connects, says hello and reads the welcome.
+    pub async fn connect(bridge: &TestBridge, services: &[&str], max_inflight: u32) -> RawWorker {
+        let mut ws = raw_connect(bridge, Some(TOKEN), Some(protocol::SUBPROTOCOL))
+            .await
+            .expect("upgrade");
+        let hello = Control::Hello(Hello {
+            worker_id: "raw".into(),
+            services: services.iter().map(|s| s.to_string()).collect(),
+            max_inflight,
+        });
+        with_timeout(ws.send(Message::text(protocol::encode_control(&hello))))
+            .await
+            .expect("send hello");
+        let mut raw = RawWorker {
+            ws,
+            welcome: Welcome {
+                version: 0,
+                session_id: String::new(),
+                ping_interval_ms: 0,
+                ping_misses: 0,
+                max_frame: 0,
+            },
+        };
+        match raw.next().await {
+            Frame::Control(Control::Welcome(w)) => raw.welcome = w,
+            other => panic!("expected welcome, got {other:?}"),
+        }
+        raw
+    }
+
+    /// The next text or binary frame (pings are answered by tungstenite).
+    pub async fn next(&mut self) -> Frame {
+        loop {
+            match with_timeout(self.ws.next()).await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Frame::Closed,
+                Some(Ok(Message::Text(t))) => {
+                    return Frame::Control(
+                        protocol::decode_control(&t).expect("valid control frame"),
+                    )
+                }
+                Some(Ok(Message::Binary(b))) => {
+                    let (head, body) = protocol::decode_data(&b).expect("valid data frame");
+                    return Frame::Data(head, body);
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// Reads frames until a complete request arrives; returns its head and body.
+    pub async fn next_request(&mut self) -> (protocol::RequestHead, Bytes) {
+        let mut pending: Option<(protocol::RequestHead, Vec<u8>)> = None;
+        loop {
+            match self.next().await {
+                Frame::Data(DataHead::Request(h), body) if h.end => return (h, body),
+                Frame::Data(DataHead::Request(h), body) => pending = Some((h, body.to_vec())),
+                Frame::Data(DataHead::Body(b), chunk) => {
+                    let (_, buf) = pending.as_mut().expect("body after head");
+                    buf.extend_from_slice(&chunk);
+                    if b.end {
+                        let (h, buf) = pending.take().expect("pending");
+                        return (h, Bytes::from(buf));
+                    }
+                }
+                other => panic!("expected a request, got {other:?}"),
+            }
+        }
+    }
+
+    /// Sends a raw binary frame.
+    pub async fn send_binary(&mut self, frame: Bytes) {
+        with_timeout(self.ws.send(Message::Binary(frame)))
+            .await
+            .expect("send");
+    }
+
+    /// Sends a raw text frame.
+    pub async fn send_text(&mut self, text: &str) {
+        with_timeout(self.ws.send(Message::text(text)))
+            .await
+            .expect("send");
+    }
+
+    /// Replies to call `id` in one frame.
+    pub async fn reply(&mut self, id: u64, status: u16, headers: &[(&str, &str)], body: &[u8]) {
+        let head = DataHead::Response(ResponseHead {
+            id,
+            status,
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+            end: true,
+        });
+        self.send_binary(protocol::encode_data(&head, body)).await;
+    }
+}
+
+/// The real `wsbridge serve` binary on loopback port 0.
+pub struct BridgeProcess {
+    /// Where callers connect.
+    pub http: SocketAddr,
+    /// Where workers connect.
+    pub workers: SocketAddr,
+    /// The self-signed certificate it generated.
+    pub cert_path: PathBuf,
+    child: tokio::process::Child,
+    _dir: TempDir,
+}
+
+impl BridgeProcess {
+    /// Starts `wsbridge serve` with the test config plus `extra` TOML lines
+    /// appended to `[http]`, and waits for both listeners to be ready.
+    pub async fn start(http_extra: &str) -> BridgeProcess {
+        let dir = TempDir::new("bridge");
+        let cert_path = dir.0.join("server.crt");
+        let config = format!(
+            r#"
+            [http]
+            listen = "127.0.0.1:0"
+            {http_extra}
+            [workers]
+            listen = "127.0.0.1:0"
+            tls_cert = "{}"
+            tls_key = "{}"
+            auto_self_signed = true
+            tokens = ["{TOKEN}"]
+            "#,
+            cert_path.display(),
+            dir.0.join("server.key").display()
+        );
+        let config_path = dir.0.join("wsbridge.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsbridge"))
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "warn,wsbridge::bridge=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn wsbridge serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let (mut http, mut workers) = (None, None);
+        while http.is_none() || workers.is_none() {
+            let line = with_timeout(lines.next_line())
+                .await
+                .expect("read stderr")
+                .expect("wsbridge serve exited before its listeners were ready");
+            let addr = line
+                .split("addr=")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|a| a.parse::<SocketAddr>().ok());
+            if line.contains("http listener ready") {
+                http = addr;
+            } else if line.contains("worker listener ready") {
+                workers = addr;
+            }
+        }
+        // Keep draining the log so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        BridgeProcess {
+            http: http.expect("http addr"),
+            workers: workers.expect("workers addr"),
+            cert_path,
+            child,
+            _dir: dir,
+        }
+    }
+
+    /// A worker config for this bridge.
+    pub fn worker_config(&self, services: &[&str], max_inflight: u32) -> WorkerConfig {
+        let mut cfg = WorkerConfig::new(
+            format!("wss://localhost:{}", self.workers.port()),
+            TOKEN,
+            services.iter().copied(),
+        );
+        cfg.max_inflight = max_inflight;
+        cfg.tls = Some(wsbridge::tls::client_config(Some(&self.cert_path)).expect("trust"));
+        cfg
+    }
+
+    /// Sends SIGKILL.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates a fresh directory under the system temp dir.
+    pub fn new(tag: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!(
+            "wsbridge-test-{tag}-{}-{}",
+            std::process::id(),
+            uuid::Uuid::now_v7()
+        ));
+        std::fs::create_dir_all(&path).expect("temp dir");
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs `n` futures produced by `make` concurrently and collects results in order.
+pub async fn join_all<T, F, Fut>(n: usize, make: F) -> Vec<T>
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let handles: Vec<_> = (0..n).map(|i| tokio::spawn(make(i))).collect();
+    let mut out = Vec::with_capacity(n);
+    for h in handles {
+        out.push(with_timeout(h).await.expect("task"));
+    }
+    out
+}
+
+/// Shared counter type for worker handlers.
+pub type Counter = Arc<std::sync::atomic::AtomicUsize>;

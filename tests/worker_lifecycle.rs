@@ -1,0 +1,374 @@
+//! Workers come, go, stall and misbehave; callers always get a clear answer
+//! in bounded time.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use http::StatusCode;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::Message;
+use wsbridge::{
+    protocol::{self, Control, DataHead, Welcome},
+    worker::{self, Status, WorkerConfig},
+};
+
+#[tokio::test]
+async fn timeout_gives_504_and_the_worker_gets_a_cancel() {
+    let bridge = TestBridge::start(|c| c.http.request_timeout = Duration::from_millis(300)).await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
+    let client = http_client();
+    let url = bridge.at("/slow");
+    let call = tokio::spawn(async move { post(&client, &url, "x").await });
+    let (req, _) = raw.next_request().await;
+    // Never reply; the bridge must give up and say so.
+    match raw.next().await {
+        Frame::Control(Control::Cancel { id, reason }) => {
+            assert_eq!(id, req.id);
+            assert_eq!(reason, "timeout");
+        }
+        other => panic!("expected cancel, got {other:?}"),
+    }
+    let r = with_timeout(call).await.expect("join");
+    assert_eq!(r.head.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(r.error_code(), "timeout");
+    assert_eq!(r.json()["error"]["request_id"], req.request_id.as_str());
+    // A late reply is ignored and the worker stays usable.
+    raw.reply(req.id, 200, &[], b"too late").await;
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn per_route_timeout_overrides_the_global_one() {
+    let bridge = TestBridge::start(|c| {
+        c.http.request_timeout = Duration::from_secs(20);
+        c.routes[0].request_timeout = Some(Duration::from_millis(200));
+    })
+    .await;
+    let mut raw = RawWorker::connect(&bridge, &["orders"], 4).await;
+    let client = http_client();
+    let started = Instant::now();
+    let url = bridge.at("/orders/slow");
+    let call = tokio::spawn(async move { post(&client, &url, "x").await });
+    let _ = raw.next_request().await;
+    let r = with_timeout(call).await.expect("join");
+    assert_eq!(r.head.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn no_worker_gives_503_after_queue_timeout() {
+    let bridge = TestBridge::start(|c| c.http.queue_timeout = Duration::from_millis(200)).await;
+    let client = http_client();
+    let started = Instant::now();
+    let r = get(&client, &bridge.at("/orders/1")).await;
+    let waited = started.elapsed();
+    assert_eq!(r.head.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.error_code(), "no_worker");
+    assert_eq!(r.header("retry-after"), "1");
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("orders")));
+    assert!(
+        waited >= Duration::from_millis(200),
+        "answered before queue_timeout: {waited:?}"
+    );
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn a_worker_that_connects_within_queue_timeout_serves_the_call() {
+    let bridge = TestBridge::start(|c| c.http.queue_timeout = Duration::from_secs(10)).await;
+    let client = http_client();
+    let url = bridge.at("/orders/late");
+    let call = tokio::spawn(async move { post(&client, &url, "waited").await });
+    bridge.until_queued("orders", 1).await;
+    let w = bridge.worker(&["orders"], 1, worker::echo).await;
+    let r = with_timeout(call).await.expect("join");
+    assert_eq!(r.head.status, StatusCode::OK);
+    assert_eq!(r.body, "waited");
+    w.stop().await;
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn a_full_queue_gives_503_queue_full() {
+    let bridge = TestBridge::start(|c| {
+        c.http.queue_limit = 1;
+        c.http.queue_timeout = Duration::from_secs(10);
+    })
+    .await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 1).await;
+    let client = http_client();
+    // The first call occupies the worker's only slot, the second the queue.
+    let (c1, c2) = (client.clone(), client.clone());
+    let (u1, u2) = (bridge.at("/a"), bridge.at("/b"));
+    let first = tokio::spawn(async move { post(&c1, &u1, "1").await });
+    let (req, _) = raw.next_request().await;
+    let second = tokio::spawn(async move { post(&c2, &u2, "2").await });
+    bridge.until_queued("default", 1).await;
+    // The third finds the queue full.
+    let r = get(&client, &bridge.at("/c")).await;
+    assert_eq!(r.head.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.error_code(), "queue_full");
+    assert_eq!(r.header("retry-after"), "1");
+    raw.reply(req.id, 200, &[], b"one").await;
+    let (req2, _) = raw.next_request().await;
+    raw.reply(req2.id, 200, &[], b"two").await;
+    assert_eq!(with_timeout(first).await.expect("join").body, "one");
+    assert_eq!(with_timeout(second).await.expect("join").body, "two");
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_request_gives_502_at_once() {
+    let bridge = TestBridge::start(|c| c.http.request_timeout = Duration::from_secs(20)).await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
+    let client = http_client();
+    let url = bridge.at("/doomed");
+    let call = tokio::spawn(async move { post(&client, &url, "x").await });
+    let (req, _) = raw.next_request().await;
+    let killed = Instant::now();
+    // Drop the socket without a close frame: what a crashed process leaves.
+    drop(raw);
+    let r = with_timeout(call).await.expect("join");
+    assert_eq!(r.head.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(r.error_code(), "worker_lost");
+    assert_eq!(r.json()["error"]["request_id"], req.request_id.as_str());
+    assert!(
+        killed.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        killed.elapsed()
+    );
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn a_worker_that_stops_answering_pings_is_dropped() {
+    let interval = Duration::from_millis(200);
+    let misses = 2;
+    let bridge = TestBridge::start(|c| {
+        c.workers.ping_interval = interval;
+        c.workers.ping_misses = misses;
+        c.http.request_timeout = Duration::from_secs(20);
+    })
+    .await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
+    let client = http_client();
+    let url = bridge.at("/frozen");
+    let call = tokio::spawn(async move { post(&client, &url, "x").await });
+    let _ = raw.next_request().await;
+    // From now on the worker reads nothing, so it answers no pings: a frozen
+    // process, or a connection cut without FIN.
+    let frozen = Instant::now();
+    let r = with_timeout(call).await.expect("join");
+    let detected = frozen.elapsed();
+    assert_eq!(r.head.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(r.error_code(), "worker_lost");
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("pong")),
+        "{}",
+        r.json()
+    );
+    let bound = interval * (misses + 1);
+    assert!(
+        detected <= bound + Duration::from_millis(300),
+        "dropped after {detected:?}, bound {bound:?}"
+    );
+    drop(raw);
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn the_worker_reconnects_when_the_bridge_goes_silent() {
+    // A fake bridge that welcomes the worker with a 100 ms ping interval and
+    // then says nothing at all, like a peer behind a dead NAT mapping.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let fake = tokio::spawn(async move {
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let cb = |_: &tokio_tungstenite::tungstenite::handshake::server::Request,
+                      mut resp: tokio_tungstenite::tungstenite::handshake::server::Response| {
+                resp.headers_mut().insert(
+                    "sec-websocket-protocol",
+                    http::HeaderValue::from_static(protocol::SUBPROTOCOL),
+                );
+                Ok(resp)
+            };
+            let mut ws = tokio_tungstenite::accept_hdr_async(tcp, cb)
+                .await
+                .expect("upgrade");
+            let _hello = ws.next().await;
+            let welcome = Control::Welcome(Welcome {
+                version: 1,
+                session_id: "silent".into(),
+                ping_interval_ms: 100,
+                ping_misses: 1,
+                max_frame: 1 << 20,
+            });
+            ws.send(Message::text(protocol::encode_control(&welcome)))
+                .await
+                .expect("welcome");
+            held.push(ws); // keep the socket open, never write again
+        }
+        held
+    });
+    let mut cfg = WorkerConfig::new(
+        format!("ws://127.0.0.1:{}", addr.port()),
+        TOKEN,
+        ["default"],
+    );
+    cfg.backoff_initial = Duration::from_millis(10);
+    let w = TestWorker::start(cfg, worker::echo).await;
+    let mut status = w.status.clone();
+    let silent_since = Instant::now();
+    let reason = with_timeout(status.wait_for(|s| matches!(s, Status::Disconnected { .. })))
+        .await
+        .expect("status")
+        .clone();
+    assert!(
+        matches!(&reason, Status::Disconnected { reason } if reason.contains("silent")),
+        "{reason:?}"
+    );
+    assert!(
+        silent_since.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        silent_since.elapsed()
+    );
+    // ...and it dials again.
+    let held = with_timeout(fake).await.expect("fake bridge");
+    assert_eq!(held.len(), 2);
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_frames_get_an_error_frame_and_the_connection_stays() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
+    raw.send_text(r#"{"type":"teleport","to":"mars"}"#).await;
+    match raw.next().await {
+        Frame::Control(Control::Error { code, .. }) => assert_eq!(code, "unknown_frame"),
+        other => panic!("expected error frame, got {other:?}"),
+    }
+    let mut frame = 9u32.to_be_bytes().to_vec();
+    frame.extend_from_slice(br#"{"x":1}{}"#);
+    raw.send_binary(Bytes::from(frame)).await;
+    match raw.next().await {
+        Frame::Control(Control::Error { code, .. }) => assert_eq!(code, "malformed_frame"),
+        other => panic!("expected error frame, got {other:?}"),
+    }
+    // Still serving.
+    let client = http_client();
+    let url = bridge.at("/after");
+    let call = tokio::spawn(async move { post(&client, &url, "x").await });
+    let (req, body) = raw.next_request().await;
+    raw.reply(req.id, 200, &[("x-ok", "1")], &body).await;
+    let r = with_timeout(call).await.expect("join");
+    assert_eq!((r.head.status, r.header("x-ok")), (StatusCode::OK, "1"));
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_replies_give_502_bad_response() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
+    let client = http_client();
+    let cases: [(&str, u16, &[(&str, &str)]); 3] = [
+        ("/bad-status", 42, &[]),
+        ("/informational", 101, &[]),
+        ("/bad-header", 200, &[("bad header", "x")]),
+    ];
+    for (path, status, headers) in cases {
+        let (c, url) = (client.clone(), bridge.at(path));
+        let call = tokio::spawn(async move { get(&c, &url).await });
+        let (req, _) = raw.next_request().await;
+        raw.reply(req.id, status, headers, b"").await;
+        let r = with_timeout(call).await.expect("join");
+        assert_eq!(r.head.status, StatusCode::BAD_GATEWAY, "{path}");
+        assert_eq!(r.error_code(), "bad_response", "{path}");
+        match raw.next().await {
+            Frame::Control(Control::Error { id, code, .. }) => {
+                assert_eq!((id, code.as_str()), (Some(req.id), "bad_response"))
+            }
+            other => panic!("expected error frame, got {other:?}"),
+        }
+    }
+    // A worker may fail a call explicitly.
+    let (c, url) = (client.clone(), bridge.at("/refused"));
+    let call = tokio::spawn(async move { get(&c, &url).await });
+    let (req, _) = raw.next_request().await;
+    let err = Control::Error {
+        id: Some(req.id),
+        code: "overloaded".into(),
+        message: "try later".into(),
+    };
+    raw.send_text(&protocol::encode_control(&err)).await;
+    let r = with_timeout(call).await.expect("join");
+    assert_eq!(r.error_code(), "bad_response");
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("try later")));
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn chunked_replies_from_a_worker_are_assembled() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
+    let client = http_client();
+    let url = bridge.at("/chunks");
+    let call = tokio::spawn(async move { get(&client, &url).await });
+    let (req, _) = raw.next_request().await;
+    let head = DataHead::Response(protocol::ResponseHead {
+        id: req.id,
+        status: 200,
+        headers: vec![],
+        end: false,
+    });
+    raw.send_binary(protocol::encode_data(&head, b"one,")).await;
+    let mid = DataHead::Body(protocol::BodyHead {
+        id: req.id,
+        end: false,
+    });
+    raw.send_binary(protocol::encode_data(&mid, b"two,")).await;
+    let last = DataHead::Body(protocol::BodyHead {
+        id: req.id,
+        end: true,
+    });
+    raw.send_binary(protocol::encode_data(&last, b"three"))
+        .await;
+    let r = with_timeout(call).await.expect("join");
+    assert_eq!(r.body, "one,two,three");
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn a_draining_worker_gets_no_new_calls() {
+    let bridge = TestBridge::start(|c| c.http.queue_timeout = Duration::from_millis(300)).await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
+    let client = http_client();
+    let (c, url) = (client.clone(), bridge.at("/inflight"));
+    let inflight = tokio::spawn(async move { get(&c, &url).await });
+    let (req, _) = raw.next_request().await;
+    raw.send_text(r#"{"type":"drain"}"#).await;
+    // A call sent after the drain has been processed finds no worker. The
+    // drain and the reply below travel on one ordered connection, so once
+    // the in-flight reply is back, the drain has been seen.
+    raw.reply(req.id, 200, &[], b"finished").await;
+    assert_eq!(with_timeout(inflight).await.expect("join").body, "finished");
+    let r = get(&client, &bridge.at("/new")).await;
+    assert_eq!(r.error_code(), "no_worker");
+    bridge.stop().await;
+}
