@@ -199,6 +199,7 @@ async fn the_worker_reconnects_when_the_bridge_goes_silent() {
         let mut held = Vec::new();
         for _ in 0..2 {
             let (tcp, _) = listener.accept().await.expect("accept");
+            #[allow(clippy::result_large_err)]
             let cb = |_: &tokio_tungstenite::tungstenite::handshake::server::Request,
                       mut resp: tokio_tungstenite::tungstenite::handshake::server::Response| {
                 resp.headers_mut().insert(
@@ -285,7 +286,8 @@ async fn invalid_replies_give_502_bad_response() {
     let bridge = TestBridge::start(|_| {}).await;
     let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
     let client = http_client();
-    let cases: [(&str, u16, &[(&str, &str)]); 3] = [
+    type Case<'a> = (&'a str, u16, &'a [(&'a str, &'a str)]);
+    let cases: [Case; 3] = [
         ("/bad-status", 42, &[]),
         ("/informational", 101, &[]),
         ("/bad-header", 200, &[("bad header", "x")]),

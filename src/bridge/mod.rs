@@ -202,7 +202,12 @@ async fn accept_workers(
                     None => session::serve(tcp, peer, shared, shutdown).await,
                     Some(acceptor) => {
                         let timeout = shared.config.workers.handshake_timeout;
-                        match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                        let accept = tokio::time::timeout(timeout, acceptor.accept(tcp));
+                        let accepted = tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            accepted = accept => accepted,
+                        };
+                        match accepted {
                             Ok(Ok(stream)) => session::serve(stream, peer, shared, shutdown).await,
                             Ok(Err(e)) => info!(%peer, error = %e, "worker TLS handshake failed"),
                             Err(_) => info!(%peer, "worker TLS handshake timed out"),

@@ -310,6 +310,9 @@ fn refuse(status: StatusCode, code: &str, message: &str) -> ErrorResponse {
 }
 
 /// Checks the upgrade request's token and subprotocol.
+// The error type is tungstenite's callback contract; it is built at most
+// once per refused connection, so its size does not matter.
+#[allow(clippy::result_large_err)]
 fn check_upgrade(
     shared: &Shared,
     req: &WsRequest,
@@ -372,6 +375,7 @@ pub(crate) async fn serve<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let cfg = &shared.config.workers;
+    #[allow(clippy::result_large_err)]
     let handshake = async {
         let callback = |req: &WsRequest, resp: WsResponse| check_upgrade(&shared, req, resp);
         let mut ws = tokio_tungstenite::accept_hdr_async_with_config(
@@ -396,7 +400,12 @@ pub(crate) async fn serve<S>(
         }
         Ok((ws, hello))
     };
-    let (mut ws, hello) = match tokio::time::timeout(cfg.handshake_timeout, handshake).await {
+    let handshake = tokio::time::timeout(cfg.handshake_timeout, handshake);
+    let outcome = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        outcome = handshake => outcome,
+    };
+    let (mut ws, hello) = match outcome {
         Ok(Ok(done)) => done,
         Ok(Err(reason)) => {
             info!(%peer, %reason, "worker handshake refused");

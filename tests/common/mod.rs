@@ -481,6 +481,7 @@ impl BridgeProcess {
         let cert_path = dir.0.join("server.crt");
         let config = format!(
             r#"
+            default_service = "default"
             [http]
             listen = "127.0.0.1:0"
             {http_extra}

@@ -1,0 +1,175 @@
+//! `wsbridge worker`, the real binary: forwarding to an upstream HTTP server,
+//! echo mode, and reconnecting after the bridge restarts.
+
+mod common;
+
+use std::{convert::Infallible, net::SocketAddr, process::Stdio, time::Duration};
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::{net::TcpListener, process::Child};
+
+/// A plain HTTP upstream that reports what it received.
+async fn upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    let (parts, body) = req.into_parts();
+                    let body = body
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    let h = |n: &str| {
+                        parts
+                            .headers
+                            .get(n)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned()
+                    };
+                    let resp = Response::builder()
+                        .status(if parts.uri.path() == "/missing" {
+                            404
+                        } else {
+                            200
+                        })
+                        .header("x-up-method", parts.method.as_str())
+                        .header("x-up-uri", parts.uri.to_string())
+                        .header("x-up-host", h("host"))
+                        .header("x-up-forwarded-host", h("x-forwarded-host"))
+                        .header("x-up-request-id", h("x-request-id"))
+                        .body(Full::new(body))
+                        .expect("response");
+                    Ok::<_, Infallible>(resp)
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Starts `wsbridge worker` against `bridge` with `mode` arguments.
+fn agent(bridge: &TestBridge, cert: &std::path::Path, mode: &[&str]) -> Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_wsbridge"))
+        .arg("worker")
+        .args([
+            "--connect",
+            &bridge.url(),
+            "--service",
+            "default",
+            "--service",
+            "orders",
+        ])
+        .arg("--ca")
+        .arg(cert)
+        .args(mode)
+        .env("WSBRIDGE_TOKEN", TOKEN)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn wsbridge worker")
+}
+
+fn write_cert(bridge: &TestBridge, dir: &TempDir) -> std::path::PathBuf {
+    let path = dir.0.join("bridge.crt");
+    std::fs::write(&path, &bridge.cert.cert_pem).expect("write cert");
+    path
+}
+
+#[tokio::test]
+async fn the_agent_forwards_calls_to_its_upstream() {
+    // A generous queue_timeout: the first call waits for the agent to connect.
+    let bridge = TestBridge::start(|c| c.http.queue_timeout = Duration::from_secs(20)).await;
+    let dir = TempDir::new("agent");
+    let up = upstream().await;
+    let _agent = agent(
+        &bridge,
+        &write_cert(&bridge, &dir),
+        &["--upstream", &format!("http://{up}")],
+    );
+    let client = http_client();
+    let req = Request::patch(bridge.at("/orders/7?full=1"))
+        .header("host", "app.internal")
+        .header("x-request-id", "agent-1")
+        .body(Full::new(Bytes::from_static(b"{\"qty\":2}")))
+        .expect("request");
+    let r = send(&client, req).await;
+    assert_eq!(r.head.status, StatusCode::OK);
+    assert_eq!(r.body, "{\"qty\":2}");
+    assert_eq!(r.header("x-up-method"), "PATCH");
+    assert_eq!(r.header("x-up-uri"), "/orders/7?full=1");
+    assert_eq!(r.header("x-up-host"), up.to_string());
+    assert_eq!(r.header("x-up-forwarded-host"), "app.internal");
+    assert_eq!(r.header("x-up-request-id"), "agent-1");
+    // Upstream statuses pass through unchanged.
+    let r = get(&client, &bridge.at("/missing")).await;
+    assert_eq!(r.head.status, StatusCode::NOT_FOUND);
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_gives_a_json_502() {
+    let bridge = TestBridge::start(|c| c.http.queue_timeout = Duration::from_secs(20)).await;
+    let dir = TempDir::new("agent-down");
+    // A port that was just free: nothing listens there.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let _agent = agent(
+        &bridge,
+        &write_cert(&bridge, &dir),
+        &["--upstream", &format!("http://{dead}")],
+    );
+    let r = get(&http_client(), &bridge.at("/x")).await;
+    assert_eq!(r.head.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(r.error_code(), "upstream_error");
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn the_agent_reconnects_after_the_bridge_restarts() {
+    let tweak = |c: &mut wsbridge::Config| c.http.queue_timeout = Duration::from_secs(20);
+    let bridge = TestBridge::start(tweak).await;
+    let (cert, workers_addr) = (bridge.cert.clone(), bridge.workers);
+    let dir = TempDir::new("agent-restart");
+    let _agent = agent(&bridge, &write_cert(&bridge, &dir), &["--echo"]);
+    let client = http_client();
+    let r = post(&client, &bridge.at("/before"), "one").await;
+    assert_eq!(
+        (r.head.status, r.header("x-echo-path")),
+        (StatusCode::OK, "/before")
+    );
+    bridge.stop().await;
+
+    // The same worker address and certificate, as after a redeploy.
+    let bridge = TestBridge::start_with(
+        |c| {
+            tweak(c);
+            c.workers.listen = workers_addr;
+        },
+        cert,
+    )
+    .await;
+    // The call waits in the queue until the agent is back.
+    let r = post(&client, &bridge.at("/after"), "two").await;
+    assert_eq!(
+        (r.head.status, r.body.as_ref()),
+        (StatusCode::OK, &b"two"[..])
+    );
+    bridge.stop().await;
+}

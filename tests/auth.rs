@@ -1,0 +1,113 @@
+//! The worker handshake: token and subprotocol are checked before any
+//! upgrade, and a bad hello is refused with a reason.
+
+mod common;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use http::StatusCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use wsbridge::protocol::{self, Control};
+
+fn refused_status(result: Result<impl Sized, tungstenite::Error>) -> (StatusCode, String) {
+    match result {
+        Err(tungstenite::Error::Http(resp)) => {
+            let body = resp
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            (resp.status(), body)
+        }
+        Err(other) => panic!("expected an HTTP refusal, got {other}"),
+        Ok(_) => panic!("the upgrade was accepted"),
+    }
+}
+
+#[tokio::test]
+async fn wrong_or_missing_token_gets_401_before_upgrade() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let (status, body) =
+        refused_status(raw_connect(&bridge, Some("wrong"), Some(protocol::SUBPROTOCOL)).await);
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body.contains("unauthorized"), "{body}");
+    let (status, _) = refused_status(raw_connect(&bridge, None, Some(protocol::SUBPROTOCOL)).await);
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // A prefix of the right token is still wrong.
+    let (status, _) =
+        refused_status(raw_connect(&bridge, Some(&TOKEN[..4]), Some(protocol::SUBPROTOCOL)).await);
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn missing_subprotocol_gets_400_with_a_reason() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let (status, body) = refused_status(raw_connect(&bridge, Some(TOKEN), None).await);
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body.contains(protocol::SUBPROTOCOL), "{body}");
+    let (status, _) = refused_status(raw_connect(&bridge, Some(TOKEN), Some("wsbridge.v0")).await);
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn any_configured_token_is_accepted() {
+    let bridge = TestBridge::start(|c| {
+        c.workers
+            .tokens
+            .insert(0, wsbridge::config::Secret::new("other-token"));
+    })
+    .await;
+    let ws = raw_connect(&bridge, Some(TOKEN), Some("chat, wsbridge.v1")).await;
+    assert!(
+        ws.is_ok(),
+        "the second token, offered among other subprotocols, is accepted"
+    );
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_hello_is_refused_with_an_error_frame() {
+    let bridge = TestBridge::start(|_| {}).await;
+    for hello in [
+        r#"{"type":"hello","worker_id":"w","services":[],"max_inflight":1}"#,
+        r#"{"type":"hello","worker_id":"w","services":["a"],"max_inflight":0}"#,
+        r#"{"type":"drain"}"#,
+        "not json",
+    ] {
+        let mut ws = raw_connect(&bridge, Some(TOKEN), Some(protocol::SUBPROTOCOL))
+            .await
+            .expect("upgrade");
+        ws.send(Message::text(hello)).await.expect("send");
+        match with_timeout(ws.next()).await {
+            Some(Ok(Message::Text(t))) => match protocol::decode_control(&t) {
+                Ok(Control::Error { code, .. }) => assert_eq!(code, "bad_hello", "{hello}"),
+                other => panic!("expected error frame for {hello}, got {other:?}"),
+            },
+            other => panic!("expected error frame for {hello}, got {other:?}"),
+        }
+        // ...followed by a close.
+        loop {
+            match with_timeout(ws.next()).await {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn a_silent_connection_is_closed_after_the_handshake_timeout() {
+    let bridge =
+        TestBridge::start(|c| c.workers.handshake_timeout = std::time::Duration::from_millis(200))
+            .await;
+    let mut ws = raw_connect(&bridge, Some(TOKEN), Some(protocol::SUBPROTOCOL))
+        .await
+        .expect("upgrade");
+    // Upgraded, but never says hello: the bridge must not wait forever.
+    let end = with_timeout(ws.next()).await;
+    assert!(!matches!(end, Some(Ok(Message::Text(_)))), "{end:?}");
+    bridge.stop().await;
+}

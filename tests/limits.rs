@@ -1,0 +1,104 @@
+//! Bounded input: bodies above `max_body` get 413 without reaching a worker.
+
+mod common;
+
+use std::sync::{atomic::Ordering, Arc};
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response, StatusCode};
+use http_body_util::StreamBody;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn bodies_over_max_body_get_413() {
+    let bridge = TestBridge::start(|c| {
+        c.http.max_body = wsbridge::config::ByteSize(1000);
+        c.routes[0].max_body = Some(wsbridge::config::ByteSize(5000));
+    })
+    .await;
+    let calls: Counter = Arc::default();
+    let seen = calls.clone();
+    let _w = bridge
+        .worker(&["default", "orders"], 8, move |req: Request<Bytes>| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            async move { Response::new(req.into_body()) }
+        })
+        .await;
+    let client = http_client();
+    // With Content-Length: refused before the body is read.
+    let r = post(&client, &bridge.at("/x"), vec![b'a'; 1001]).await;
+    assert_eq!(r.head.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(r.error_code(), "body_too_large");
+    assert!(!r.header("x-request-id").is_empty());
+    // At the limit: fine.
+    let r = post(&client, &bridge.at("/x"), vec![b'a'; 1000]).await;
+    assert_eq!(r.head.status, StatusCode::OK);
+    // Chunked, no Content-Length: cut while reading.
+    let chunks = (0..20).map(|_| {
+        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::from(vec![b'b'; 100])))
+    });
+    let req = Request::post(bridge.at("/x"))
+        .body(StreamBody::new(futures_util::stream::iter(chunks)))
+        .expect("request");
+    let chunked_client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let resp = with_timeout(chunked_client.request(req))
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // A route may raise the limit.
+    let r = post(&client, &bridge.at("/orders/upload"), vec![b'c'; 4000]).await;
+    assert_eq!((r.head.status, r.body.len()), (StatusCode::OK, 4000));
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "refused bodies never reached the worker"
+    );
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_http_gets_400_and_the_bridge_keeps_serving() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let _w = bridge.worker(&["default"], 8, wsbridge::worker::echo).await;
+    let mut tcp = with_timeout(tokio::net::TcpStream::connect(bridge.http))
+        .await
+        .expect("connect");
+    tcp.write_all(b"GARBAGE\x01 / HTTP/9.9\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    with_timeout(tcp.read_to_end(&mut answer))
+        .await
+        .expect("read");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    let client = http_client();
+    let r = post(&client, &bridge.at("/still-up"), "yes").await;
+    assert_eq!(r.body, "yes");
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn a_caller_that_hangs_up_cancels_the_call_on_the_worker() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
+    let mut tcp = with_timeout(tokio::net::TcpStream::connect(bridge.http))
+        .await
+        .expect("connect");
+    tcp.write_all(b"POST /gone HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+        .await
+        .expect("write");
+    let (req, body) = raw.next_request().await;
+    assert_eq!(body, "hi");
+    drop(tcp);
+    match raw.next().await {
+        Frame::Control(wsbridge::protocol::Control::Cancel { id, reason }) => {
+            assert_eq!((id, reason.as_str()), (req.id, "client_gone"));
+        }
+        other => panic!("expected cancel, got {other:?}"),
+    }
+    bridge.stop().await;
+}
