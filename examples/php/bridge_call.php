@@ -1,0 +1,87 @@
+<?php
+/**
+ * bridge_call(): a synchronous call to a worker behind wsbridge, for legacy
+ * PHP code. Plain curl, no extensions beyond ext-curl and ext-json.
+ *
+ *     require 'bridge_call.php';
+ *     $res = bridge_call('/add', ['a' => 2, 'b' => 3]);   // ['sum' => 5, ...]
+ *
+ * The bridge listens on loopback (WSBRIDGE_HTTP, default http://127.0.0.1:8080);
+ * the call blocks until the worker replies or the bridge gives up. Failures
+ * raise BridgeException carrying the bridge's error code (no_worker, timeout,
+ * worker_lost, ...) and the request id to grep for in both sides' logs.
+ */
+
+class BridgeException extends RuntimeException
+{
+    /** @var string bridge error code, e.g. "no_worker" */
+    public $errorCode;
+    /** @var string the X-Request-Id of the failed call */
+    public $requestId;
+    /** @var int HTTP status */
+    public $status;
+
+    public function __construct($errorCode, $message, $requestId, $status)
+    {
+        parent::__construct("[$errorCode] $message (request $requestId)", $status);
+        $this->errorCode = $errorCode;
+        $this->requestId = $requestId;
+        $this->status = $status;
+    }
+}
+
+/**
+ * POST $params as JSON to $path on the bridge and return the decoded JSON reply.
+ *
+ * @param string $path    e.g. '/orders/add'; the route picks the service
+ * @param mixed  $params  anything json_encode() accepts
+ * @param float  $timeout seconds; keep it above the bridge's request_timeout
+ * @return mixed the decoded reply
+ * @throws BridgeException on any bridge or worker failure
+ */
+function bridge_call($path, $params = [], $timeout = 35.0)
+{
+    $base = getenv('WSBRIDGE_HTTP') ?: 'http://127.0.0.1:8080';
+    $requestId = bin2hex(random_bytes(8));
+    $ch = curl_init(rtrim($base, '/') . $path);
+    $headers = [];
+    curl_setopt_array($ch, [
+        CURLOPT_POST => true,
+        CURLOPT_POSTFIELDS => json_encode($params),
+        CURLOPT_HTTPHEADER => [
+            'Content-Type: application/json',
+            'Accept: application/json',
+            'X-Request-Id: ' . $requestId,
+        ],
+        CURLOPT_RETURNTRANSFER => true,
+        CURLOPT_TIMEOUT_MS => (int) ($timeout * 1000),
+        CURLOPT_HEADERFUNCTION => function ($ch, $line) use (&$headers) {
+            $parts = explode(':', $line, 2);
+            if (count($parts) === 2) {
+                $headers[strtolower(trim($parts[0]))] = trim($parts[1]);
+            }
+            return strlen($line);
+        },
+    ]);
+    $body = curl_exec($ch);
+    $status = (int) curl_getinfo($ch, CURLINFO_RESPONSE_CODE);
+    $curlError = curl_error($ch);
+    curl_close($ch);
+
+    if ($body === false) {
+        throw new BridgeException('unreachable', "cannot reach wsbridge at $base: $curlError", $requestId, 0);
+    }
+    $requestId = isset($headers['x-request-id']) ? $headers['x-request-id'] : $requestId;
+    $decoded = json_decode($body, true);
+    if ($status >= 400) {
+        if (is_array($decoded) && isset($decoded['error']['code'])) {
+            $e = $decoded['error'];
+            throw new BridgeException($e['code'], $e['message'], isset($e['request_id']) ? $e['request_id'] : $requestId, $status);
+        }
+        throw new BridgeException('http_' . $status, substr($body, 0, 200), $requestId, $status);
+    }
+    if ($decoded === null && trim($body) !== 'null') {
+        return $body; // not JSON: hand back the raw reply
+    }
+    return $decoded;
+}
