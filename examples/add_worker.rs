@@ -25,15 +25,29 @@ async fn handle(req: Request<Bytes>) -> Response<Bytes> {
         .map(|c| c.request_id.clone())
         .unwrap_or_default();
     if req.uri().path() != "/add" {
-        return reply(StatusCode::NOT_FOUND, json!({"error": "only /add is served here"}));
+        return reply(
+            StatusCode::NOT_FOUND,
+            json!({"error": "only /add is served here"}),
+        );
     }
     let input: Value = match serde_json::from_slice(req.body()) {
         Ok(v) => v,
-        Err(e) => return reply(StatusCode::BAD_REQUEST, json!({"error": format!("body is not JSON: {e}")})),
+        Err(e) => {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                json!({"error": format!("body is not JSON: {e}")}),
+            )
+        }
     };
     match (input["a"].as_f64(), input["b"].as_f64()) {
-        (Some(a), Some(b)) => reply(StatusCode::OK, json!({"sum": a + b, "request_id": request_id})),
-        _ => reply(StatusCode::BAD_REQUEST, json!({"error": "need numbers \"a\" and \"b\""})),
+        (Some(a), Some(b)) => reply(
+            StatusCode::OK,
+            json!({"sum": a + b, "request_id": request_id}),
+        ),
+        _ => reply(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "need numbers \"a\" and \"b\""}),
+        ),
     }
 }
 
@@ -48,7 +62,8 @@ fn reply(status: StatusCode, body: Value) -> Response<Bytes> {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt().with_env_filter("info").init();
-    let env = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
+    let env =
+        |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
     let mut config = WorkerConfig::new(
         env("WSBRIDGE_URL", "wss://localhost:8443"),
         env("WSBRIDGE_TOKEN", "change-me"),

@@ -393,6 +393,22 @@ mod tests {
     "#;
 
     #[test]
+    fn the_example_config_parses_with_its_documented_values() {
+        let c = Config::parse(include_str!("../config/wsbridge.toml")).expect("example is valid");
+        assert_eq!(c.default_service.as_deref(), Some("default"));
+        assert_eq!(c.http.listen, "127.0.0.1:8080".parse().expect("addr"));
+        assert_eq!(c.http.queue_timeout, Duration::from_secs(5));
+        assert_eq!(c.workers.listen.port(), 8443);
+        assert!(c.workers.tls && c.workers.auto_self_signed);
+        assert_eq!(c.workers.tokens, vec![Secret::new("change-me")]);
+        assert_eq!(c.routes.len(), 1);
+        assert_eq!(
+            (c.routes[0].prefix.as_str(), c.routes[0].service.as_str()),
+            ("/orders", "orders")
+        );
+    }
+
+    #[test]
     fn sizes_parse_in_all_units() {
         assert_eq!("10MiB".parse(), Ok(ByteSize(10 << 20)));
         assert_eq!("64 KiB".parse(), Ok(ByteSize(64 << 10)));

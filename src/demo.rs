@@ -17,14 +17,20 @@ use crate::{
 /// The example configuration, compiled in.
 pub const EXAMPLE_CONFIG: &str = include_str!("../config/wsbridge.toml");
 
-/// Runs the demo until `shutdown`. `http_port` overrides the example's 8080.
-pub async fn run(http_port: Option<u16>, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Runs the demo until `shutdown`. The ports override the example's 8080
+/// and 8443 (0 picks free ones; the printed lines show which).
+pub async fn run(
+    http_port: Option<u16>,
+    workers_port: Option<u16>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut config = Config::parse(EXAMPLE_CONFIG).context("the embedded example config")?;
     if let Some(port) = http_port {
         config.http.listen.set_port(port);
     }
     // The demo's worker is in-process: keep its listener private.
-    config.workers.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, config.workers.listen.port()));
+    let port = workers_port.unwrap_or(config.workers.listen.port());
+    config.workers.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let cert = SelfSigned::generate(&["localhost".into(), "127.0.0.1".into()])?;
     let listeners = Listeners::bind(&config)
         .context("binding the demo's ports (is another wsbridge running?)")?;

@@ -52,9 +52,12 @@ enum Command {
     },
     /// Run the bridge with an echo worker over wss on loopback.
     Demo {
-        /// HTTP port for callers.
+        /// HTTP port for callers (0: any free port).
         #[arg(long, default_value_t = 8080)]
         port: u16,
+        /// Port of the worker listener (0: any free port).
+        #[arg(long, default_value_t = 8443)]
+        workers_port: u16,
     },
 }
 
@@ -154,9 +157,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let parsed = Config::from_file(&config)?;
             println!("{} is valid:\n{parsed:#?}", config.display());
         }
-        Command::Demo { port } => wsbridge::demo::run(Some(port), shutdown_on_signal())
-            .await
-            .context("demo")?,
+        Command::Demo { port, workers_port } => {
+            wsbridge::demo::run(Some(port), Some(workers_port), shutdown_on_signal())
+                .await
+                .context("demo")?
+        }
     }
     Ok(())
 }
