@@ -285,7 +285,7 @@ impl Config {
 
 fn check_service(key: &str, name: &str) -> Result<(), ConfigError> {
     if name.is_empty() || name.len() > 128 {
-        return Err(invalid(key, "must be 1 to 128 characters"));
+        return Err(invalid(key, "must be 1 to 128 bytes"));
     }
     Ok(())
 }

@@ -74,6 +74,12 @@ pub enum CallError {
         /// The limit in bytes.
         limit: usize,
     },
+    /// The request's headers would not fit in a frame header.
+    #[error("request headers exceed the {limit}-byte limit")]
+    HeadersTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
     /// The caller's request could not be read.
     #[error("bad request: {reason}")]
     BadRequest {
@@ -93,6 +99,7 @@ impl CallError {
             CallError::WorkerLost { .. } => "worker_lost",
             CallError::BadResponse { .. } => "bad_response",
             CallError::BodyTooLarge { .. } => "body_too_large",
+            CallError::HeadersTooLarge { .. } => "headers_too_large",
             CallError::BadRequest { .. } => "bad_request",
         }
     }
@@ -107,6 +114,7 @@ impl CallError {
             CallError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             CallError::WorkerLost { .. } | CallError::BadResponse { .. } => StatusCode::BAD_GATEWAY,
             CallError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            CallError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             CallError::BadRequest { .. } => StatusCode::BAD_REQUEST,
         }
     }

@@ -58,7 +58,7 @@ pub enum Control {
     Cancel {
         /// The call to abandon.
         id: u64,
-        /// Why: `timeout`, `client_gone`, `body_too_large`.
+        /// Why: `timeout` or `client_gone`.
         reason: String,
     },
     /// Either direction: something went wrong. With an `id` it concerns one
@@ -184,13 +184,13 @@ impl DataHead {
     }
 }
 
-/// Why a frame could not be decoded.
+/// Why a frame could not be encoded or decoded.
 #[derive(Debug, thiserror::Error, PartialEq)]
-pub enum DecodeError {
+pub enum FrameError {
     /// Fewer than 4 bytes, or a length that points past the end.
     #[error("binary frame is truncated: {0}")]
     Truncated(&'static str),
-    /// The header length is above [`MAX_HEADER_LEN`].
+    /// The JSON header is longer than [`MAX_HEADER_LEN`].
     #[error("frame header of {0} bytes exceeds the {MAX_HEADER_LEN}-byte limit")]
     HeaderTooLarge(usize),
     /// The header is not the JSON this version expects.
@@ -211,20 +211,20 @@ pub fn encode_data(head: &DataHead, body: &[u8]) -> Bytes {
 }
 
 /// Decodes a binary frame into its head and its body (a zero-copy slice).
-pub fn decode_data(frame: &Bytes) -> Result<(DataHead, Bytes), DecodeError> {
+pub fn decode_data(frame: &Bytes) -> Result<(DataHead, Bytes), FrameError> {
     if frame.len() < 4 {
-        return Err(DecodeError::Truncated("no 4-byte length prefix"));
+        return Err(FrameError::Truncated("no 4-byte length prefix"));
     }
     let len = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
     if len > MAX_HEADER_LEN {
-        return Err(DecodeError::HeaderTooLarge(len));
+        return Err(FrameError::HeaderTooLarge(len));
     }
     let end = 4 + len;
     if frame.len() < end {
-        return Err(DecodeError::Truncated("header length exceeds frame"));
+        return Err(FrameError::Truncated("header length exceeds frame"));
     }
     let head =
-        serde_json::from_slice(&frame[4..end]).map_err(|e| DecodeError::Json(e.to_string()))?;
+        serde_json::from_slice(&frame[4..end]).map_err(|e| FrameError::Json(e.to_string()))?;
     Ok((head, frame.slice(end..)))
 }
 
@@ -234,24 +234,47 @@ pub fn encode_control(frame: &Control) -> String {
 }
 
 /// Decodes a control frame.
-pub fn decode_control(text: &str) -> Result<Control, DecodeError> {
-    serde_json::from_str(text).map_err(|e| DecodeError::Json(e.to_string()))
+pub fn decode_control(text: &str) -> Result<Control, FrameError> {
+    serde_json::from_str(text).map_err(|e| FrameError::Json(e.to_string()))
 }
 
 /// Splits a message body into frames: the head carries the first chunk, and
 /// `body` frames carry the rest, each at most [`CHUNK_SIZE`] bytes. `head`
-/// is called with the `end` flag of the first frame.
-pub fn encode_message(head: impl FnOnce(bool) -> DataHead, id: u64, body: &Bytes) -> Vec<Bytes> {
+/// is called with the `end` flag of the first frame. Fails when the head's
+/// JSON would exceed [`MAX_HEADER_LEN`] (the receiver would refuse it).
+pub fn encode_message(
+    head: impl FnOnce(bool) -> DataHead,
+    id: u64,
+    body: &Bytes,
+) -> Result<Vec<Bytes>, FrameError> {
     let mut chunks = body.chunks(CHUNK_SIZE);
     let first = chunks.next().unwrap_or(&[]);
     let total = body.len().div_ceil(CHUNK_SIZE).max(1);
     let mut frames = Vec::with_capacity(total);
-    frames.push(encode_data(&head(total == 1), first));
+    let head_frame = encode_data(&head(total == 1), first);
+    let head_len = head_frame.len() - 4 - first.len();
+    if head_len > MAX_HEADER_LEN {
+        return Err(FrameError::HeaderTooLarge(head_len));
+    }
+    frames.push(head_frame);
     for (i, chunk) in chunks.enumerate() {
         let end = i + 2 == total;
         frames.push(encode_data(&DataHead::Body(BodyHead { id, end }), chunk));
     }
-    frames
+    Ok(frames)
+}
+
+/// The `id` of a binary frame whose header is valid JSON with a numeric
+/// `id` but otherwise malformed, so the call it names can be failed at once
+/// instead of at its deadline.
+pub fn peek_id(frame: &Bytes) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        id: u64,
+    }
+    let len = u32::from_be_bytes(frame.get(..4)?.try_into().ok()?) as usize;
+    let json = frame.get(4..4usize.checked_add(len)?)?;
+    serde_json::from_slice::<IdOnly>(json).ok().map(|h| h.id)
 }
 
 #[cfg(test)]
@@ -302,20 +325,48 @@ mod tests {
     fn hostile_frames_are_errors_not_panics() {
         assert!(matches!(
             decode_data(&Bytes::from_static(b"\0\0")),
-            Err(DecodeError::Truncated(_))
+            Err(FrameError::Truncated(_))
         ));
         assert!(matches!(
             decode_data(&Bytes::from_static(&[0xff, 0xff, 0xff, 0xff])),
-            Err(DecodeError::HeaderTooLarge(_))
+            Err(FrameError::HeaderTooLarge(_))
         ));
         assert!(matches!(
             decode_data(&Bytes::from_static(&[0, 0, 0, 9, b'{'])),
-            Err(DecodeError::Truncated(_))
+            Err(FrameError::Truncated(_))
         ));
         assert!(matches!(
             decode_data(&Bytes::from_static(&[0, 0, 0, 1, b'{'])),
-            Err(DecodeError::Json(_))
+            Err(FrameError::Json(_))
         ));
+    }
+
+    #[test]
+    fn oversized_heads_are_refused_when_encoding() {
+        let huge = DataHead::Response(ResponseHead {
+            id: 9,
+            status: 200,
+            headers: vec![("x-big".into(), "v".repeat(MAX_HEADER_LEN))],
+            end: true,
+        });
+        assert!(matches!(
+            encode_message(|_| huge, 9, &Bytes::new()),
+            Err(FrameError::HeaderTooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn the_id_of_a_malformed_head_can_be_recovered() {
+        let json = br#"{"type":"response","id":12,"status":"two hundred"}"#;
+        let mut frame = (json.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(json);
+        let frame = Bytes::from(frame);
+        assert!(decode_data(&frame).is_err());
+        assert_eq!(peek_id(&frame), Some(12));
+        assert_eq!(
+            peek_id(&Bytes::from_static(&[0xff, 0xff, 0xff, 0xff, b'{'])),
+            None
+        );
     }
 
     #[test]
@@ -336,7 +387,7 @@ mod tests {
     #[test]
     fn large_bodies_are_chunked_with_one_end_flag() {
         let body = Bytes::from(vec![7u8; CHUNK_SIZE * 2 + 5]);
-        let frames = encode_message(response, 7, &body);
+        let frames = encode_message(response, 7, &body).expect("encodes");
         assert_eq!(frames.len(), 3);
         let mut joined = Vec::new();
         let mut ends = Vec::new();
@@ -351,6 +402,9 @@ mod tests {
         }
         assert_eq!(ends, vec![false, false, true]);
         assert_eq!(joined, body);
-        assert_eq!(encode_message(response, 7, &Bytes::new()).len(), 1);
+        assert_eq!(
+            encode_message(response, 7, &Bytes::new()).map(|f| f.len()),
+            Ok(1)
+        );
     }
 }

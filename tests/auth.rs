@@ -111,3 +111,25 @@ async fn a_silent_connection_is_closed_after_the_handshake_timeout() {
     assert!(!matches!(end, Some(Ok(Message::Text(_)))), "{end:?}");
     bridge.stop().await;
 }
+
+#[tokio::test]
+async fn a_ping_before_hello_is_fine() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let mut ws = raw_connect(&bridge, Some(TOKEN), Some(protocol::SUBPROTOCOL))
+        .await
+        .expect("upgrade");
+    ws.send(Message::Ping("early".into())).await.expect("ping");
+    let hello = r#"{"type":"hello","worker_id":"w","services":["default"],"max_inflight":1}"#;
+    ws.send(Message::text(hello)).await.expect("hello");
+    let welcomed = loop {
+        match with_timeout(ws.next()).await {
+            Some(Ok(Message::Text(t))) => {
+                break matches!(protocol::decode_control(&t), Ok(Control::Welcome(_)))
+            }
+            Some(Ok(Message::Pong(_))) => continue,
+            other => panic!("expected welcome, got {other:?}"),
+        }
+    };
+    assert!(welcomed);
+    bridge.stop().await;
+}

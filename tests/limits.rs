@@ -102,3 +102,48 @@ async fn a_caller_that_hangs_up_cancels_the_call_on_the_worker() {
     }
     bridge.stop().await;
 }
+
+#[tokio::test]
+async fn headers_too_large_for_a_frame_get_431() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let calls: Counter = Arc::default();
+    let seen = calls.clone();
+    let _w = bridge
+        .worker(&["default"], 8, move |req: Request<Bytes>| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            async move { Response::new(req.into_body()) }
+        })
+        .await;
+    let client = http_client();
+    // 80 headers of 1 KB: fine for HTTP, too much for one frame header.
+    let mut req = Request::get(bridge.at("/big-headers"));
+    for i in 0..80 {
+        req = req.header(format!("x-h{i}"), "v".repeat(1000));
+    }
+    let r = send(
+        &client,
+        req.body(http_body_util::Full::new(Bytes::new()))
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(r.head.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert_eq!(r.error_code(), "headers_too_large");
+    // Headers with characters JSON must escape are measured exactly too.
+    let mut req = Request::get(bridge.at("/escaped"));
+    for i in 0..20 {
+        req = req.header(format!("x-q{i}"), "\\\"".repeat(200));
+    }
+    let r = send(
+        &client,
+        req.body(http_body_util::Full::new(Bytes::new()))
+            .expect("request"),
+    )
+    .await;
+    assert_eq!(r.head.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "only the call that fits reached the worker"
+    );
+    bridge.stop().await;
+}

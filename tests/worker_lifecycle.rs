@@ -307,6 +307,29 @@ async fn invalid_replies_give_502_bad_response() {
             other => panic!("expected error frame, got {other:?}"),
         }
     }
+    // A header that is JSON but not a valid response names its call, which
+    // fails at once instead of at the deadline.
+    let (c, url) = (client.clone(), bridge.at("/garbled"));
+    let call = tokio::spawn(async move { get(&c, &url).await });
+    let (req, _) = raw.next_request().await;
+    let json = format!(
+        r#"{{"type":"response","id":{},"status":"two hundred"}}"#,
+        req.id
+    );
+    let mut frame = (json.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(json.as_bytes());
+    raw.send_binary(Bytes::from(frame)).await;
+    let r = with_timeout(call).await.expect("join");
+    assert_eq!(
+        (r.head.status, r.error_code().as_str()),
+        (StatusCode::BAD_GATEWAY, "bad_response")
+    );
+    match raw.next().await {
+        Frame::Control(Control::Error { id, code, .. }) => {
+            assert_eq!((id, code.as_str()), (Some(req.id), "malformed_frame"))
+        }
+        other => panic!("expected error frame, got {other:?}"),
+    }
     // A worker may fail a call explicitly.
     let (c, url) = (client.clone(), bridge.at("/refused"));
     let call = tokio::spawn(async move { get(&c, &url).await });
@@ -372,5 +395,25 @@ async fn a_draining_worker_gets_no_new_calls() {
     assert_eq!(with_timeout(inflight).await.expect("join").body, "finished");
     let r = get(&client, &bridge.at("/new")).await;
     assert_eq!(r.error_code(), "no_worker");
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn a_worker_close_is_answered_with_a_close() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
+    with_timeout(raw.ws.close(None)).await.expect("close");
+    // RFC 6455 5.5.1: the bridge echoes the close before dropping the TCP connection.
+    let echoed = loop {
+        match with_timeout(raw.ws.next()).await {
+            Some(Ok(Message::Close(_))) => break true,
+            Some(Ok(_)) => continue,
+            None | Some(Err(_)) => break false,
+        }
+    };
+    assert!(
+        echoed,
+        "the bridge dropped the connection without a close frame"
+    );
     bridge.stop().await;
 }

@@ -170,6 +170,19 @@ async fn call(
         .path_and_query()
         .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
 
+    let head_too_large = CallError::HeadersTooLarge {
+        limit: protocol::MAX_HEADER_LEN,
+    };
+    if !head_fits(
+        request_id,
+        &service,
+        parts.method.as_str(),
+        &path,
+        &wire_headers,
+    ) {
+        return Err(head_too_large);
+    }
+
     let wait = shared
         .config
         .http
@@ -218,7 +231,8 @@ async fn call(
             end,
         })
     };
-    let frames = protocol::encode_message(head, id, &body);
+    // head_fits() checked this before a worker was chosen; this is the backstop.
+    let frames = protocol::encode_message(head, id, &body).map_err(|_| head_too_large)?;
     let exchange = async {
         session.send(frames).await?;
         reply
@@ -237,8 +251,42 @@ async fn call(
     // `lease` drops after it and frees the worker's slot.
 }
 
-/// Adds `X-Forwarded-For`, `X-Forwarded-Proto` and, when the bridge made the
-/// id up, `X-Request-Id`, so the worker sees what a reverse proxy would show.
+/// True when a request head with these fields fits in [`protocol::MAX_HEADER_LEN`].
+/// JSON escaping can grow a byte to six (`\u00XX`), so heads that might be
+/// near the limit are measured exactly, and the common small head is not
+/// serialised twice.
+fn head_fits(
+    request_id: &str,
+    service: &str,
+    method: &str,
+    path: &str,
+    headers: &[protocol::Header],
+) -> bool {
+    let raw = request_id.len()
+        + service.len()
+        + method.len()
+        + path.len()
+        + headers
+            .iter()
+            .map(|(n, v)| n.len() + v.len() + 8)
+            .sum::<usize>();
+    if raw * 6 + 256 <= protocol::MAX_HEADER_LEN {
+        return true;
+    }
+    let probe = DataHead::Request(RequestHead {
+        id: u64::MAX,
+        request_id: request_id.to_owned(),
+        service: service.to_owned(),
+        method: method.to_owned(),
+        path: path.to_owned(),
+        headers: headers.to_vec(),
+        end: false,
+    });
+    serde_json::to_vec(&probe).is_ok_and(|json| json.len() <= protocol::MAX_HEADER_LEN)
+}
+
+/// Adds `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Request-Id` (replacing
+/// any the caller sent), so the worker sees what a reverse proxy would show.
 fn forwarded_headers(
     wire: &mut Vec<protocol::Header>,
     original: &http::HeaderMap,

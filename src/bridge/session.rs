@@ -385,15 +385,21 @@ pub(crate) async fn serve<S>(
         )
         .await
         .map_err(|e| format!("upgrade failed: {e}"))?;
-        let hello = match ws.next().await {
-            Some(Ok(Message::Text(text))) => match protocol::decode_control(&text) {
-                Ok(Control::Hello(h)) => h,
-                Ok(_) => return Err(reject(&mut ws, "first frame must be hello").await),
-                Err(e) => return Err(reject(&mut ws, &e.to_string()).await),
-            },
-            Some(Ok(_)) => return Err(reject(&mut ws, "first frame must be a text hello").await),
-            Some(Err(e)) => return Err(format!("read failed: {e}")),
-            None => return Err("closed before hello".to_owned()),
+        let hello = loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(text))) => match protocol::decode_control(&text) {
+                    Ok(Control::Hello(h)) => break h,
+                    Ok(_) => return Err(reject(&mut ws, "first frame must be hello").await),
+                    Err(e) => return Err(reject(&mut ws, &e.to_string()).await),
+                },
+                // Some client libraries ping as soon as they connect.
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(_)) => {
+                    return Err(reject(&mut ws, "first frame must be a text hello").await)
+                }
+                Some(Err(e)) => return Err(format!("read failed: {e}")),
+                None => return Err("closed before hello".to_owned()),
+            }
         };
         if let Err(problem) = check_hello(&hello) {
             return Err(reject(&mut ws, &problem).await);
@@ -472,13 +478,13 @@ fn check_hello(hello: &protocol::Hello) -> Result<(), String> {
         return Err(format!("hello must name 1 to {MAX_SERVICES} services"));
     }
     if hello.services.iter().any(|s| s.is_empty() || s.len() > 128) {
-        return Err("service names must be 1 to 128 characters".into());
+        return Err("service names must be 1 to 128 bytes".into());
     }
     if hello.max_inflight == 0 || hello.max_inflight > MAX_INFLIGHT {
         return Err(format!("max_inflight must be 1 to {MAX_INFLIGHT}"));
     }
     if hello.worker_id.len() > 256 {
-        return Err("worker_id must be at most 256 characters".into());
+        return Err("worker_id must be at most 256 bytes".into());
     }
     Ok(())
 }
@@ -565,16 +571,18 @@ async fn write_loop<S>(
         conn.cancel();
         return;
     }
-    // Orderly end (shutdown or connection closed): say goodbye, briefly.
-    let close = CloseFrame {
-        code: CloseCode::Away,
-        reason: "bridge closing".into(),
+    // Orderly end, briefly. If the worker closed first, tungstenite has
+    // queued the echo of its close frame and a new close would be refused:
+    // `close()` then just flushes that echo.
+    let goodbye = async {
+        let close = CloseFrame {
+            code: CloseCode::Away,
+            reason: "bridge closing".into(),
+        };
+        let _ = sink.send(Message::Close(Some(close))).await;
+        let _ = sink.close().await;
     };
-    let _ = tokio::time::timeout(
-        Duration::from_secs(1),
-        sink.send(Message::Close(Some(close))),
-    )
-    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), goodbye).await;
 }
 
 /// Owns the socket's read half until the connection ends; returns the cause.
@@ -632,13 +640,24 @@ type Problem = Option<(Option<u64>, &'static str, String)>;
 fn on_binary(session: &Session, frame: Bytes) -> Problem {
     let (head, body) = match protocol::decode_data(&frame) {
         Ok(decoded) => decoded,
-        Err(e) => return Some((None, "malformed_frame", e.to_string())),
+        Err(e) => {
+            // If the header names a call, fail that call now rather than
+            // leave its caller waiting for the deadline.
+            let id = protocol::peek_id(&frame);
+            if let Some(id) = id {
+                session.fail(id, Failure::Bad(e.to_string()));
+            }
+            return Some((id, "malformed_frame", e.to_string()));
+        }
     };
     let id = head.id();
     let result = match head {
         DataHead::Response(head) => session.on_response(head, body),
         DataHead::Body(b) => session.on_body(b.id, b.end, body),
-        DataHead::Request(_) => Err("workers may not send request frames".to_owned()),
+        DataHead::Request(_) => {
+            let reason = "workers may not send request frames".into();
+            return Some((None, "unexpected_frame", reason));
+        }
         DataHead::Unknown => {
             return Some((None, "unknown_frame", "unknown binary frame type".into()))
         }

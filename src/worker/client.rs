@@ -469,13 +469,12 @@ where
                         }
                     }
                 }
-                Ok((other, _)) => {
-                    send_error(
-                        &outbox,
-                        other.id(),
-                        "unexpected_frame",
-                        "a bridge sent a frame only workers send",
-                    );
+                Ok((DataHead::Unknown, _)) => {
+                    send_error(&outbox, None, "unknown_frame", "unknown binary frame type");
+                }
+                Ok((DataHead::Response(_), _)) => {
+                    let reason = "a bridge may not send response frames";
+                    send_error(&outbox, None, "unexpected_frame", reason);
                 }
                 Err(e) => send_error(&outbox, None, "malformed_frame", &e.to_string()),
             },
@@ -560,7 +559,7 @@ impl CallCtx {
                 Err(reason) => plain(StatusCode::BAD_REQUEST, &reason),
             };
             let (parts, body) = resp.into_parts();
-            let frames = protocol::encode_message(
+            let encoded = protocol::encode_message(
                 |end| {
                     DataHead::Response(ResponseHead {
                         id,
@@ -572,11 +571,24 @@ impl CallCtx {
                 id,
                 &body,
             );
+            let messages: Vec<Message> = match encoded {
+                Ok(frames) => frames.into_iter().map(Message::Binary).collect(),
+                Err(e) => {
+                    // The bridge would refuse this head; fail the call instead.
+                    warn!(id, error = %e, "cannot send the handler's response");
+                    let frame = Control::Error {
+                        id: Some(id),
+                        code: "headers_too_large".into(),
+                        message: e.to_string(),
+                    };
+                    vec![Message::text(protocol::encode_control(&frame))]
+                }
+            };
             // Deregister first: once the reply is queued a cancel for this id
             // must not abort the task that is sending it.
             calls.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-            for frame in frames {
-                if outbox.send(Message::Binary(frame)).await.is_err() {
+            for msg in messages {
+                if outbox.send(msg).await.is_err() {
                     break;
                 }
             }
