@@ -231,6 +231,12 @@ impl Config {
             if value.is_zero() {
                 return Err(invalid(key, "must be longer than zero"));
             }
+            if value > MAX_DURATION {
+                return Err(invalid(key, "must be at most 24h"));
+            }
+        }
+        if self.workers.ping_misses > 1000 {
+            return Err(invalid("workers.ping_misses", "must be at most 1000"));
         }
         if self.http.queue_limit == 0 {
             return Err(invalid("http.queue_limit", "must be at least 1"));
@@ -272,16 +278,23 @@ impl Config {
                 return Err(invalid(key, format!("{:?} is listed twice", route.prefix)));
             }
             check_service(&format!("routes[{i}].service"), &route.service)?;
-            if route.request_timeout.is_some_and(|t| t.is_zero()) {
+            if route
+                .request_timeout
+                .is_some_and(|t| t.is_zero() || t > MAX_DURATION)
+            {
                 return Err(invalid(
                     format!("routes[{i}].request_timeout"),
-                    "must be longer than zero",
+                    "must be longer than zero and at most 24h",
                 ));
             }
         }
         Ok(())
     }
 }
+
+/// Longest timeout or interval accepted; longer ones are almost certainly a
+/// unit mistake, and bounding them keeps deadline arithmetic trivially safe.
+const MAX_DURATION: Duration = Duration::from_secs(86_400);
 
 fn check_service(key: &str, name: &str) -> Result<(), ConfigError> {
     if name.is_empty() || name.len() > 128 {

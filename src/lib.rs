@@ -20,6 +20,7 @@
 //! * [`tls`] - rustls configs from PEM files and self-signed certificates.
 //! * [`error`] - caller-facing errors and their HTTP mapping.
 //! * [`headers`] - hop-by-hop stripping and header conversion.
+//! * `transport` - the batched, stall-bounded WebSocket write half.
 //! * [`demo`] - the bridge plus an echo worker over wss on loopback.
 
 pub mod bridge;
@@ -29,6 +30,7 @@ pub mod error;
 pub mod headers;
 pub mod protocol;
 pub mod tls;
+mod transport;
 pub mod worker;
 
 pub use bridge::{run, Bridge, Listeners};

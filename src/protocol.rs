@@ -106,6 +106,10 @@ pub struct Welcome {
     pub ping_misses: u32,
     /// Largest WebSocket message the bridge accepts from the worker.
     pub max_frame: u64,
+    /// Largest reply body the bridge accepts (all chunks together); a
+    /// bigger one fails the call with 502 `bad_response`.
+    #[serde(default)]
+    pub max_response_body: u64,
 }
 
 /// The JSON header of a binary frame.

@@ -218,6 +218,7 @@ async fn the_worker_reconnects_when_the_bridge_goes_silent() {
                 ping_interval_ms: 100,
                 ping_misses: 1,
                 max_frame: 1 << 20,
+                max_response_body: 1 << 20,
             });
             ws.send(Message::text(protocol::encode_control(&welcome)))
                 .await

@@ -129,7 +129,11 @@ async fn call(
         })?
         .clone();
     let service = target.service.to_string();
-    let deadline = started + target.request_timeout;
+    // Durations are capped by config validation; the fallback only guards
+    // the arithmetic.
+    let deadline = started
+        .checked_add(target.request_timeout)
+        .unwrap_or(started + Duration::from_secs(86_400));
     let timeout = || CallError::Timeout {
         service: service.clone(),
         after: target.request_timeout,
@@ -183,28 +187,36 @@ async fn call(
         return Err(head_too_large);
     }
 
-    let wait = shared
-        .config
-        .http
-        .queue_timeout
-        .min(deadline.saturating_duration_since(Instant::now()));
-    let lease = shared
-        .registry
-        .acquire(&service, wait, shared.config.http.queue_limit)
-        .await
-        .map_err(|e| match e {
-            AcquireError::QueueFull => CallError::QueueFull {
-                service: service.clone(),
-                limit: shared.config.http.queue_limit,
-            },
-            // The call's own deadline ran out while queueing: that is a timeout.
-            AcquireError::NoWorker { .. } if Instant::now() >= deadline => timeout(),
-            AcquireError::NoWorker { connected } => CallError::NoWorker {
-                service: service.clone(),
-                waited: wait,
-                connected,
-            },
-        })?;
+    let http = &shared.config.http;
+    let queued_at = Instant::now();
+    let queue_deadline = queued_at
+        .checked_add(http.queue_timeout)
+        .map_or(deadline, |t| t.min(deadline));
+    let (lease, mut guard, reply) = loop {
+        let wait = queue_deadline.saturating_duration_since(Instant::now());
+        let lease = shared
+            .registry
+            .acquire(&service, wait, http.queue_limit)
+            .await
+            .map_err(|e| match e {
+                AcquireError::QueueFull => CallError::QueueFull {
+                    service: service.clone(),
+                    limit: http.queue_limit,
+                },
+                // The call's own deadline ran out while queueing: a timeout.
+                AcquireError::NoWorker { .. } if Instant::now() >= deadline => timeout(),
+                AcquireError::NoWorker { connected } => CallError::NoWorker {
+                    service: service.clone(),
+                    waited: queued_at.elapsed(),
+                    connected,
+                },
+            })?;
+        // A connection that closed after handing out this lease never saw
+        // the call, so choosing another worker is safe.
+        if let Ok((guard, reply)) = lease.session().start_call() {
+            break (lease, guard, reply);
+        }
+    };
     let session = lease.session().clone();
     let failed = |f: Failure| match f {
         Failure::Lost(cause) => CallError::WorkerLost {
@@ -218,7 +230,6 @@ async fn call(
             reason,
         },
     };
-    let (mut guard, reply) = session.start_call().map_err(failed)?;
     let id = guard.id();
     let head = |end| {
         DataHead::Request(RequestHead {

@@ -151,6 +151,13 @@ impl Bridge {
                 "worker listener serves PLAIN ws on a non-loopback address: tokens and calls cross the network unencrypted"
             );
         }
+        let tokens = &self.shared.config.workers.tokens;
+        if !workers_addr.ip().is_loopback() && tokens.iter().any(|t| t.expose() == "change-me") {
+            warn!(
+                addr = %workers_addr,
+                "workers.tokens still holds the example token \"change-me\" on a non-loopback listener: anyone who can reach it can register a worker"
+            );
+        }
         info!(addr = %http_addr, "http listener ready");
         info!(addr = %workers_addr, tls = self.tls.is_some(), "worker listener ready");
 

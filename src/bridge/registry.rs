@@ -45,11 +45,15 @@ struct State {
     /// Next registry key; keys are never reused, so a stale lease cannot
     /// touch a newer worker's counters.
     next_key: u64,
+    /// Rotates which of a worker's services gets freed capacity first, so a
+    /// backlog on one service cannot starve another served by the same worker.
+    rotor: usize,
 }
 
 struct Slot {
     session: Arc<Session>,
-    services: Vec<String>,
+    /// Shared, so releasing a slot does not copy the list under the lock.
+    services: Arc<[String]>,
     inflight: u32,
     max_inflight: u32,
     /// A draining worker keeps its calls but gets no new ones.
@@ -110,7 +114,8 @@ impl Registry {
         let mut unique = services.to_vec();
         unique.sort();
         unique.dedup();
-        for name in &unique {
+        let unique: Arc<[String]> = unique.into();
+        for name in unique.iter() {
             state
                 .services
                 .entry(name.clone())
@@ -128,9 +133,7 @@ impl Registry {
                 draining: false,
             },
         );
-        for name in &unique {
-            state.pump(self, name);
-        }
+        state.pump_all(self, &unique);
         key
     }
 
@@ -140,7 +143,7 @@ impl Registry {
         let Some(slot) = state.workers.remove(&key) else {
             return;
         };
-        for name in &slot.services {
+        for name in slot.services.iter() {
             if let Some(service) = state.services.get_mut(name) {
                 service.workers.retain(|k| *k != key);
                 if service.workers.is_empty() && service.waiters.is_empty() {
@@ -220,9 +223,7 @@ impl Registry {
             }
             None => return,
         };
-        for name in &services {
-            state.pump(self, name);
-        }
+        state.pump_all(self, &services);
     }
 
     /// Calls in flight on a worker; for tests and status.
@@ -267,6 +268,15 @@ impl State {
             session: slot.session.clone(),
             armed: true,
         })
+    }
+
+    /// Pumps each of a worker's services, starting at a rotating one.
+    fn pump_all(&mut self, registry: &Arc<Registry>, services: &[String]) {
+        let n = services.len();
+        self.rotor = self.rotor.wrapping_add(1);
+        for i in 0..n {
+            self.pump(registry, &services[(self.rotor + i) % n]);
+        }
     }
 
     /// Hands free capacity to the service's waiters, oldest first.
@@ -351,6 +361,9 @@ mod tests {
         let r2 = reg.clone();
         let second =
             tokio::spawn(async move { r2.acquire("svc", Duration::from_millis(50), 8).await });
+        while reg.queued("svc") < 2 {
+            tokio::task::yield_now().await;
+        }
         drop(held);
         let got = first.await.expect("join");
         assert!(got.is_ok());
@@ -398,5 +411,43 @@ mod tests {
         let key = reg.register(Session::detached("late"), &["svc".to_owned()], 1);
         assert!(waiting.await.expect("join").is_ok());
         assert_eq!(reg.inflight(key), Some(0));
+    }
+
+    #[tokio::test]
+    async fn a_backlog_on_one_service_does_not_starve_another() {
+        let reg = Arc::new(Registry::default());
+        reg.register(Session::detached("w"), &["a".to_owned(), "b".to_owned()], 1);
+        let mut held = reg.acquire("a", Duration::ZERO, 64).await.expect("lease");
+        let mut waiting = Vec::new();
+        for service in ["a", "a", "a", "b", "a", "a"] {
+            let r = reg.clone();
+            let queued_before = reg.queued(service);
+            waiting.push((
+                service,
+                tokio::spawn(async move { r.acquire(service, Duration::from_secs(5), 64).await }),
+            ));
+            while reg.queued(service) == queued_before {
+                tokio::task::yield_now().await;
+            }
+        }
+        // Hand the single slot around; "b" must get it within two releases
+        // although "a" has the longer queue.
+        let mut served = Vec::new();
+        for _ in 0..2 {
+            drop(held);
+            let (svc, lease) = loop {
+                if let Some(i) = waiting.iter().position(|(_, h)| h.is_finished()) {
+                    let (svc, h) = waiting.remove(i);
+                    break (svc, h.await.expect("join").expect("lease"));
+                }
+                tokio::task::yield_now().await;
+            };
+            served.push(svc);
+            held = lease;
+        }
+        assert!(served.contains(&"b"), "served {served:?}");
+        for (_, h) in waiting {
+            h.abort();
+        }
     }
 }

@@ -39,14 +39,11 @@ use super::Shared;
 use crate::{
     headers,
     protocol::{self, Control, DataHead, ResponseHead, Welcome, MAX_INFLIGHT, MAX_SERVICES},
+    transport,
 };
 
 /// Frames queued for one worker before senders wait (backpressure).
 const OUTBOX: usize = 1024;
-
-/// Frames written before one flush, so a burst becomes few TLS records and
-/// syscalls while a lone frame still goes out at once.
-const WRITE_BATCH: usize = 64;
 
 /// What a pending call resolves to.
 pub(crate) type Reply = Result<Response<Bytes>, Failure>;
@@ -108,18 +105,49 @@ impl CallGuard {
 impl Drop for CallGuard {
     fn drop(&mut self) {
         let removed = self.session.lock().map.remove(&self.id).is_some();
-        if removed {
-            let cancel = Control::Cancel {
-                id: self.id,
-                reason: self.reason.to_owned(),
-            };
-            // Best effort: if the outbox is full the worker is far behind and
-            // the late reply will simply be ignored.
-            let _ = self
-                .session
-                .outbox
-                .try_send(Message::text(protocol::encode_control(&cancel)));
+        if !removed {
+            return;
         }
+        let cancel = Control::Cancel {
+            id: self.id,
+            reason: self.reason.to_owned(),
+        };
+        let msg = Message::text(protocol::encode_control(&cancel));
+        // The cancel must travel behind any frames of this call already
+        // queued (a partly sent body, say), so it takes the same channel. If
+        // that is full, a task waits for room; the write loop's stall bound
+        // ends the wait if the worker has stopped reading.
+        if let Err(mpsc::error::TrySendError::Full(msg)) = self.session.outbox.try_send(msg) {
+            let outbox = self.session.outbox.clone();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = outbox.send(msg).await;
+                });
+            }
+        }
+    }
+}
+
+/// A registered worker connection. Ending it removes the worker from the
+/// registry *before* failing its pending calls, so that the capacity those
+/// failures free is never handed to a call bound for the dead connection.
+struct Live {
+    shared: Arc<Shared>,
+    key: u64,
+    session: Arc<Session>,
+}
+
+impl Live {
+    /// Ends the connection's registration; idempotent, first cause wins.
+    fn end(&self, cause: &str) {
+        self.shared.registry.unregister(self.key);
+        self.session.close(cause);
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.end("connection ended");
     }
 }
 
@@ -140,6 +168,11 @@ impl Session {
     pub(crate) fn detached(worker_id: &str) -> Arc<Self> {
         let (tx, _rx) = mpsc::channel(1);
         Arc::new(Self::new(worker_id.to_owned(), tx, usize::MAX))
+    }
+
+    /// Why the session ended, once it has.
+    fn end_cause(&self) -> Option<String> {
+        self.lock().closed.clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, Calls> {
@@ -198,14 +231,10 @@ impl Session {
         }
     }
 
-    /// Fails one call; returns false if it was not pending.
-    fn fail(&self, id: u64, failure: Failure) -> bool {
-        match self.lock().map.remove(&id) {
-            Some(p) => {
-                let _ = p.tx.send(Err(failure));
-                true
-            }
-            None => false,
+    /// Fails one call, if it is still pending.
+    fn fail(&self, id: u64, failure: Failure) {
+        if let Some(p) = self.lock().map.remove(&id) {
+            let _ = p.tx.send(Err(failure));
         }
     }
 
@@ -322,8 +351,9 @@ fn check_upgrade(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token.trim());
     // Compare against every token without stopping early, so the time taken
     // says nothing about which token (or how much of one) matched.
     let ok = shared.config.workers.tokens.iter().fold(0u8, |acc, t| {
@@ -435,18 +465,26 @@ pub(crate) async fn serve<S>(
     let key = shared
         .registry
         .register(session.clone(), &hello.services, hello.max_inflight);
+    // From here on, every way out (including a panic) unregisters the worker
+    // and fails its pending calls, in that order.
+    let live = Arc::new(Live {
+        shared: shared.clone(),
+        key,
+        session: session.clone(),
+    });
     let welcome = Control::Welcome(Welcome {
         version: protocol::PROTOCOL_VERSION,
         session_id: session_id.clone(),
         ping_interval_ms: cfg.ping_interval.as_millis() as u64,
         ping_misses: cfg.ping_misses,
         max_frame: cfg.max_frame.0,
+        max_response_body: shared.config.http.max_response_body.0,
     });
     if let Err(e) = ws
         .send(Message::text(protocol::encode_control(&welcome)))
         .await
     {
-        shared.registry.unregister(key);
+        live.end("worker left during the handshake");
         info!(%peer, error = %e, "worker left during handshake");
         return;
     }
@@ -458,18 +496,12 @@ pub(crate) async fn serve<S>(
 
     let (sink, stream) = ws.split();
     let conn = shutdown.child_token();
-    let writer = tokio::spawn(write_loop(
-        sink,
-        rx,
-        session.clone(),
-        shared.clone(),
-        conn.clone(),
-    ));
+    let writer = tokio::spawn(write_loop(sink, rx, live.clone(), conn.clone()));
     let cause = read_loop(stream, &session, &shared, key, &conn).await;
-    shared.registry.unregister(key);
-    session.close(&cause);
+    live.end(&cause);
     conn.cancel();
     let _ = writer.await;
+    let cause = session.end_cause().unwrap_or(cause);
     info!(%peer, worker = %hello.worker_id, session = %session_id, %cause, "worker disconnected");
 }
 
@@ -519,55 +551,47 @@ type Source<S> = futures_util::stream::SplitStream<WebSocketStream<S>>;
 async fn write_loop<S>(
     mut sink: Sink<S>,
     mut rx: mpsc::Receiver<Message>,
-    session: Arc<Session>,
-    shared: Arc<Shared>,
+    live: Arc<Live>,
     conn: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let cfg = &shared.config.workers;
-    // A write that cannot complete for as long as a heartbeat would take to
-    // fail means the worker stopped reading: treat it as gone.
-    let stall = cfg.ping_interval * (cfg.ping_misses + 1);
+    let cfg = &live.shared.config.workers;
+    // A write step that cannot complete for as long as a heartbeat would
+    // take to fail means the worker stopped reading: treat it as gone.
+    let stall = transport::dead_after(cfg.ping_interval, cfg.ping_misses);
     let mut ping = tokio::time::interval(cfg.ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let cause = loop {
-        tokio::select! {
+        // Pings come before data: a busy outbox must not starve the
+        // heartbeat, or a dead peer would go unnoticed while calls pile up.
+        let written = tokio::select! {
             biased;
             _ = conn.cancelled() => break None,
-            msg = rx.recv() => {
-                let Some(msg) = msg else { break None };
-                let batch = async {
-                    sink.feed(msg).await?;
-                    for _ in 1..WRITE_BATCH {
-                        match rx.try_recv() {
-                            Ok(m) => sink.feed(m).await?,
-                            Err(_) => break,
-                        }
-                    }
-                    sink.flush().await
-                };
-                match tokio::time::timeout(stall, batch).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => break Some(format!("write failed: {e}")),
-                    Err(_) => break Some(format!("worker stopped reading for {stall:?}")),
-                }
-            }
             _ = ping.tick() => {
-                let missed = session.unanswered.fetch_add(1, Ordering::Relaxed);
+                let missed = live.session.unanswered.fetch_add(1, Ordering::Relaxed);
                 if missed >= cfg.ping_misses {
                     break Some(format!("missed {missed} pongs in a row"));
                 }
-                match tokio::time::timeout(stall, sink.send(Message::Ping(Bytes::new()))).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => break Some(format!("ping failed: {e}")),
-                    Err(_) => break Some(format!("worker stopped reading for {stall:?}")),
+                tokio::select! {
+                    _ = conn.cancelled() => break None,
+                    r = transport::step(stall, sink.send(Message::Ping(Bytes::new()))) => r,
                 }
             }
+            msg = rx.recv() => {
+                let Some(msg) = msg else { break None };
+                tokio::select! {
+                    _ = conn.cancelled() => break None,
+                    r = transport::write_batch(&mut sink, msg, &mut rx, stall) => r,
+                }
+            }
+        };
+        if let Err(e) = written {
+            break Some(e.to_string());
         }
     };
     if let Some(cause) = cause {
-        session.close(&cause);
+        live.end(&cause);
         conn.cancel();
         return;
     }
@@ -598,7 +622,9 @@ where
 {
     loop {
         let msg = tokio::select! {
-            _ = conn.cancelled() => return "connection ended by the bridge".to_owned(),
+            // Cancelled by the write loop (which recorded its own cause
+            // first) or by the bridge shutting down.
+            _ = conn.cancelled() => return "the bridge is shutting down".to_owned(),
             msg = stream.next() => msg,
         };
         let msg = match msg {

@@ -11,7 +11,6 @@ use hyper_util::{
 use tracing::warn;
 
 use super::client::{CallInfo, HandlerFuture};
-use crate::headers;
 
 /// Forwards calls to an upstream HTTP/1.1 server over pooled keep-alive
 /// connections, the way a reverse proxy would.
@@ -90,7 +89,8 @@ impl Upstream {
         parts.uri = uri
             .parse()
             .map_err(|e| format!("cannot build upstream URI: {e}"))?;
-        headers::strip_hop_by_hop(&mut parts.headers);
+        // No hop-by-hop stripping here: the wire carries none inbound, and the
+        // reply is stripped again when it is encoded for the bridge.
         // Like nginx's default: the upstream sees its own name as Host and
         // the caller's in X-Forwarded-Host.
         if let Some(original) = parts.headers.remove(header::HOST) {
@@ -102,13 +102,12 @@ impl Upstream {
             .request(Request::from_parts(parts, Full::new(body)))
             .await
             .map_err(|e| format!("upstream {}: {e}", self.base))?;
-        let (mut parts, body) = resp.into_parts();
+        let (parts, body) = resp.into_parts();
         let body = body
             .collect()
             .await
             .map_err(|e| format!("reading the upstream body: {e}"))?
             .to_bytes();
-        headers::strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, body))
     }
 }

@@ -38,6 +38,7 @@ use crate::{
     config::Secret,
     headers,
     protocol::{self, Control, DataHead, Hello, RequestHead, ResponseHead, Welcome},
+    transport,
 };
 
 /// Time allowed for TCP, TLS, upgrade and welcome together.
@@ -223,7 +224,7 @@ impl Worker {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(wait) => {}
             }
-            delay = (delay * 2).min(self.config.backoff_max);
+            delay = delay.saturating_mul(2).min(self.config.backoff_max);
         }
     }
 
@@ -313,7 +314,14 @@ impl Worker {
                 .map_err(|e| WorkerError::Lost(e.to_string()))?;
             let welcome = match ws.next().await {
                 Some(Ok(Message::Text(t))) => match protocol::decode_control(&t) {
-                    Ok(Control::Welcome(w)) => w,
+                    Ok(Control::Welcome(w)) if w.version == protocol::PROTOCOL_VERSION => w,
+                    Ok(Control::Welcome(w)) => {
+                        return Err(WorkerError::Rejected(format!(
+                            "the bridge speaks protocol version {}, this worker {}",
+                            w.version,
+                            protocol::PROTOCOL_VERSION
+                        )))
+                    }
                     Ok(Control::Error { code, message, .. }) => {
                         return Err(WorkerError::Rejected(format!("{code}: {message}")))
                     }
@@ -396,8 +404,10 @@ async fn serve<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let silence =
-        Duration::from_millis(welcome.ping_interval_ms.max(1)) * (welcome.ping_misses.max(1) + 1);
+    // The welcome comes from the network: clamp it rather than trust it
+    // with arithmetic (a zero or absurd interval must not spin or overflow).
+    let interval = Duration::from_millis(welcome.ping_interval_ms.clamp(10, 86_400_000));
+    let silence = transport::dead_after(interval, welcome.ping_misses.clamp(1, 1000));
     let (mut sink, mut stream) = ws.split();
     let (outbox, mut rx) = mpsc::channel::<Message>(OUTBOX);
     let conn = CancellationToken::new();
@@ -409,14 +419,13 @@ where
                 _ = writer_conn.cancelled() => break,
                 m = rx.recv() => match m { Some(m) => m, None => break },
             };
-            let batch = async {
-                sink.feed(msg).await?;
-                while let Ok(m) = rx.try_recv() {
-                    sink.feed(m).await?;
-                }
-                sink.flush().await
+            // A bridge that stops reading must not keep this task (and the
+            // socket) alive after the connection is given up.
+            let written = tokio::select! {
+                _ = writer_conn.cancelled() => break,
+                r = transport::write_batch(&mut sink, msg, &mut rx, silence) => r,
             };
-            if let Err(e) = batch.await {
+            if let Err(e) = written {
                 debug!(error = %e, "write to bridge failed");
                 break;
             }

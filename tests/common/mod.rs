@@ -384,6 +384,7 @@ impl RawWorker {
                 ping_interval_ms: 0,
                 ping_misses: 0,
                 max_frame: 0,
+                max_response_body: 0,
             },
         };
         match raw.next().await {
