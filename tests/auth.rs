@@ -107,7 +107,13 @@ async fn a_silent_connection_is_closed_after_the_handshake_timeout() {
         .await
         .expect("upgrade");
     // Upgraded, but never says hello: the bridge must not wait forever.
+    let started = std::time::Instant::now();
     let end = with_timeout(ws.next()).await;
+    let waited = started.elapsed();
+    assert!(
+        waited < std::time::Duration::from_secs(5),
+        "closed only after {waited:?}"
+    );
     assert!(!matches!(end, Some(Ok(Message::Text(_)))), "{end:?}");
     bridge.stop().await;
 }

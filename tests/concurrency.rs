@@ -92,9 +92,13 @@ async fn declared_max_inflight_is_never_exceeded() {
 async fn ten_thousand_concurrent_calls_each_get_their_own_reply() {
     const CALLS: usize = 10_000;
     let bridge = BridgeProcess::start(
+        // header_read_timeout also bounds how long a connection may sit
+        // before its request is read; on a loaded 2-core machine 10,000
+        // connects can take longer than the default 10 s to be served.
         r#"request_timeout = "60s"
         queue_timeout = "60s"
-        queue_limit = 20000"#,
+        queue_limit = 20000
+        header_read_timeout = "120s""#,
     )
     .await;
     let served = Arc::new(Mutex::new(Vec::new()));
@@ -108,7 +112,8 @@ async fn ten_thousand_concurrent_calls_each_get_their_own_reply() {
             count.fetch_add(1, Ordering::SeqCst);
             inner(req)
         };
-        workers.push(TestWorker::start(bridge.worker_config(&["default"], 4096), handler).await);
+        // 4 x 1024 slots for 10,000 calls: the queue is exercised at scale too.
+        workers.push(TestWorker::start(bridge.worker_config(&["default"], 1024), handler).await);
     }
     let client = http_client();
     let url = format!("http://{}/many", bridge.http);

@@ -36,8 +36,15 @@ async fn timeout_gives_504_and_the_worker_gets_a_cancel() {
     assert_eq!(r.head.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(r.error_code(), "timeout");
     assert_eq!(r.json()["error"]["request_id"], req.request_id.as_str());
-    // A late reply is ignored and the worker stays usable.
+    // A late reply is ignored, and the next call gets its own reply, not it.
     raw.reply(req.id, 200, &[], b"too late").await;
+    let client = http_client();
+    let url = bridge.at("/next");
+    let call = tokio::spawn(async move { post(&client, &url, "x").await });
+    let (next, _) = raw.next_request().await;
+    assert_ne!(next.id, req.id);
+    raw.reply(next.id, 200, &[], b"on time").await;
+    assert_eq!(with_timeout(call).await.expect("join").body, "on time");
     bridge.stop().await;
 }
 
@@ -80,6 +87,10 @@ async fn no_worker_gives_503_after_queue_timeout() {
     assert!(
         waited >= Duration::from_millis(200),
         "answered before queue_timeout: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(5),
+        "answered long after queue_timeout: {waited:?}"
     );
     bridge.stop().await;
 }
@@ -153,7 +164,7 @@ async fn a_worker_killed_mid_request_gives_502_at_once() {
 
 #[tokio::test]
 async fn a_worker_that_stops_answering_pings_is_dropped() {
-    let interval = Duration::from_millis(200);
+    let interval = Duration::from_millis(300);
     let misses = 2;
     let bridge = TestBridge::start(|c| {
         c.workers.ping_interval = interval;
@@ -182,7 +193,7 @@ async fn a_worker_that_stops_answering_pings_is_dropped() {
     );
     let bound = interval * (misses + 1);
     assert!(
-        detected <= bound + Duration::from_millis(300),
+        detected <= bound + Duration::from_millis(600),
         "dropped after {detected:?}, bound {bound:?}"
     );
     drop(raw);
@@ -415,6 +426,180 @@ async fn a_worker_close_is_answered_with_a_close() {
     assert!(
         echoed,
         "the bridge dropped the connection without a close frame"
+    );
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn a_healthy_worker_survives_many_ping_intervals() {
+    // Pings every 50 ms, dropped after one miss: a worker that answers pongs
+    // must stay connected through a call lasting many intervals.
+    let bridge = TestBridge::start(|c| {
+        c.workers.ping_interval = Duration::from_millis(50);
+        c.workers.ping_misses = 1;
+    })
+    .await;
+    let w = bridge
+        .worker(&["default"], 4, |req: http::Request<Bytes>| async move {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            http::Response::new(req.into_body())
+        })
+        .await;
+    let session_before = w.status.borrow().clone();
+    let r = post(&http_client(), &bridge.at("/long"), "patience").await;
+    assert_eq!(
+        (r.head.status, r.body.as_ref()),
+        (StatusCode::OK, &b"patience"[..])
+    );
+    assert_eq!(
+        *w.status.borrow(),
+        session_before,
+        "the worker reconnected in between"
+    );
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn a_cancel_aborts_the_handler_in_the_worker_library() {
+    let bridge = TestBridge::start(|c| c.http.request_timeout = Duration::from_millis(200)).await;
+    let (dropped_tx, dropped_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let dropped_rx = std::sync::Arc::new(tokio::sync::Mutex::new(dropped_rx));
+    /// Signals when the handler's future is dropped.
+    struct OnDrop(tokio::sync::mpsc::UnboundedSender<()>);
+    impl Drop for OnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.send(());
+        }
+    }
+    let _w = bridge
+        .worker(&["default"], 4, move |_req: http::Request<Bytes>| {
+            let guard = OnDrop(dropped_tx.clone());
+            async move {
+                let _guard = guard;
+                std::future::pending::<()>().await;
+                http::Response::new(Bytes::new())
+            }
+        })
+        .await;
+    let r = get(&http_client(), &bridge.at("/forever")).await;
+    assert_eq!(r.error_code(), "timeout");
+    // The handler's future is dropped because of the cancel frame: the
+    // connection itself stays up (nothing else would drop it).
+    with_timeout(dropped_rx.lock().await.recv())
+        .await
+        .expect("handler dropped");
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn a_reply_over_max_response_body_gives_502() {
+    let bridge =
+        TestBridge::start(|c| c.http.max_response_body = wsbridge::config::ByteSize(1000)).await;
+    let _w = bridge.worker(&["default"], 4, worker::echo).await;
+    let client = http_client();
+    let r = post(&client, &bridge.at("/ok"), vec![b'x'; 1000]).await;
+    assert_eq!(r.head.status, StatusCode::OK);
+    let r = post(&client, &bridge.at("/too-big"), vec![b'x'; 1001]).await;
+    assert_eq!(
+        (r.head.status, r.error_code().as_str()),
+        (StatusCode::BAD_GATEWAY, "bad_response")
+    );
+    // Also when the excess arrives in later chunks.
+    let r = post(&client, &bridge.at("/chunked"), vec![b'x'; 600_000]).await;
+    assert_eq!(r.error_code(), "bad_response");
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_over_max_frame_drops_the_worker() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
+    let client = http_client();
+    let url = bridge.at("/huge");
+    let call = tokio::spawn(async move { get(&client, &url).await });
+    let (req, _) = raw.next_request().await;
+    let head = DataHead::Response(protocol::ResponseHead {
+        id: req.id,
+        status: 200,
+        headers: vec![],
+        end: true,
+    });
+    let too_big = vec![0u8; raw.welcome.max_frame as usize + 1];
+    let _ = raw
+        .ws
+        .send(Message::Binary(protocol::encode_data(&head, &too_big)))
+        .await;
+    let r = with_timeout(call).await.expect("join");
+    assert_eq!(
+        (r.head.status, r.error_code().as_str()),
+        (StatusCode::BAD_GATEWAY, "worker_lost")
+    );
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn a_call_queued_behind_a_dying_worker_goes_to_the_next_worker() {
+    let bridge = TestBridge::start(|c| {
+        c.workers.ping_interval = Duration::from_millis(100);
+        c.workers.ping_misses = 1;
+        c.http.queue_timeout = Duration::from_secs(20);
+        c.http.request_timeout = Duration::from_secs(20);
+    })
+    .await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 1).await;
+    let client = http_client();
+    let (c1, u1) = (client.clone(), bridge.at("/first"));
+    let first = tokio::spawn(async move { post(&c1, &u1, "1").await });
+    let _ = raw.next_request().await;
+    let (c2, u2) = (client.clone(), bridge.at("/second"));
+    let second = tokio::spawn(async move { post(&c2, &u2, "2").await });
+    bridge.until_queued("default", 1).await;
+    // The worker freezes (reads nothing, answers no pings): the call on it
+    // fails, but the queued call was never sent and must not fail with it.
+    let r = with_timeout(first).await.expect("join");
+    assert_eq!(r.error_code(), "worker_lost");
+    assert_eq!(
+        bridge.handle.queued("default"),
+        1,
+        "the queued call is still waiting"
+    );
+    let _w = bridge.worker(&["default"], 1, worker::echo).await;
+    let r = with_timeout(second).await.expect("join");
+    assert_eq!(
+        (r.head.status, r.body.as_ref()),
+        (StatusCode::OK, &b"2"[..])
+    );
+    drop(raw);
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn a_caller_that_hangs_up_while_queued_leaves_the_queue() {
+    let bridge = TestBridge::start(|c| c.http.queue_timeout = Duration::from_secs(20)).await;
+    let mut tcp = with_timeout(tokio::net::TcpStream::connect(bridge.http))
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, b"GET /waiting HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    bridge.until_queued("default", 1).await;
+    drop(tcp);
+    with_timeout(async {
+        while bridge.handle.queued("default") > 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    // A worker that connects now finds nothing stale to serve.
+    let mut raw = RawWorker::connect(&bridge, &["default"], 1).await;
+    let url = bridge.at("/fresh");
+    let call = tokio::spawn(async move { get(&http_client(), &url).await });
+    let (req, _) = raw.next_request().await;
+    assert_eq!(req.path, "/fresh");
+    raw.reply(req.id, 200, &[], b"").await;
+    assert_eq!(
+        with_timeout(call).await.expect("join").head.status,
+        StatusCode::OK
     );
     bridge.stop().await;
 }

@@ -73,7 +73,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: 
     {
         warn!(
             ?deadline,
-            "calls still in flight at the shutdown deadline were dropped"
+            "shutdown deadline reached: calls still in flight fail with 502 worker_lost as their workers are disconnected"
         );
     }
 }

@@ -174,6 +174,11 @@ impl TestBridge {
         .await
     }
 
+    /// Starts a graceful shutdown without waiting for it.
+    pub fn begin_stop(&self) {
+        self.shutdown.cancel();
+    }
+
     /// Stops the bridge and waits for it to finish.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
