@@ -35,7 +35,7 @@ pub enum TlsError {
     #[error("cannot generate a certificate: {0}")]
     Generate(String),
     /// Writing generated files failed.
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Write {
         /// The file.
         path: PathBuf,
