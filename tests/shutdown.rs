@@ -12,9 +12,7 @@ use http::StatusCode;
 async fn calls_in_flight_finish_during_shutdown() {
     let bridge = TestBridge::start(|c| c.shutdown_timeout = Duration::from_secs(10)).await;
     let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
-    let client = http_client();
-    let url = bridge.at("/in-flight");
-    let call = tokio::spawn(async move { post(&client, &url, "x").await });
+    let call = spawn_post(&bridge, "/in-flight", "x");
     let (req, _) = raw.next_request().await;
     bridge.begin_stop();
     // New callers are no longer accepted...
@@ -42,9 +40,7 @@ async fn the_drain_is_bounded_by_shutdown_timeout() {
     })
     .await;
     let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
-    let client = http_client();
-    let url = bridge.at("/never");
-    let call = tokio::spawn(async move { post(&client, &url, "x").await });
+    let call = spawn_post(&bridge, "/never", "x");
     let _ = raw.next_request().await;
     let started = Instant::now();
     bridge.stop().await;

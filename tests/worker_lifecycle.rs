@@ -20,9 +20,7 @@ use wsbridge::{
 async fn timeout_gives_504_and_the_worker_gets_a_cancel() {
     let bridge = TestBridge::start(|c| c.http.request_timeout = Duration::from_millis(300)).await;
     let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
-    let client = http_client();
-    let url = bridge.at("/slow");
-    let call = tokio::spawn(async move { post(&client, &url, "x").await });
+    let call = spawn_post(&bridge, "/slow", "x");
     let (req, _) = raw.next_request().await;
     // Never reply; the bridge must give up and say so.
     match raw.next().await {
@@ -38,9 +36,7 @@ async fn timeout_gives_504_and_the_worker_gets_a_cancel() {
     assert_eq!(r.json()["error"]["request_id"], req.request_id.as_str());
     // A late reply is ignored, and the next call gets its own reply, not it.
     raw.reply(req.id, 200, &[], b"too late").await;
-    let client = http_client();
-    let url = bridge.at("/next");
-    let call = tokio::spawn(async move { post(&client, &url, "x").await });
+    let call = spawn_post(&bridge, "/next", "x");
     let (next, _) = raw.next_request().await;
     assert_ne!(next.id, req.id);
     raw.reply(next.id, 200, &[], b"on time").await;
@@ -98,9 +94,7 @@ async fn no_worker_gives_503_after_queue_timeout() {
 #[tokio::test]
 async fn a_worker_that_connects_within_queue_timeout_serves_the_call() {
     let bridge = TestBridge::start(|c| c.http.queue_timeout = Duration::from_secs(10)).await;
-    let client = http_client();
-    let url = bridge.at("/orders/late");
-    let call = tokio::spawn(async move { post(&client, &url, "waited").await });
+    let call = spawn_post(&bridge, "/orders/late", "waited");
     bridge.until_queued("orders", 1).await;
     let w = bridge.worker(&["orders"], 1, worker::echo).await;
     let r = with_timeout(call).await.expect("join");
@@ -143,9 +137,7 @@ async fn a_full_queue_gives_503_queue_full() {
 async fn a_worker_killed_mid_request_gives_502_at_once() {
     let bridge = TestBridge::start(|c| c.http.request_timeout = Duration::from_secs(20)).await;
     let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
-    let client = http_client();
-    let url = bridge.at("/doomed");
-    let call = tokio::spawn(async move { post(&client, &url, "x").await });
+    let call = spawn_post(&bridge, "/doomed", "x");
     let (req, _) = raw.next_request().await;
     let killed = Instant::now();
     // Drop the socket without a close frame: what a crashed process leaves.
@@ -173,9 +165,7 @@ async fn a_worker_that_stops_answering_pings_is_dropped() {
     })
     .await;
     let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
-    let client = http_client();
-    let url = bridge.at("/frozen");
-    let call = tokio::spawn(async move { post(&client, &url, "x").await });
+    let call = spawn_post(&bridge, "/frozen", "x");
     let _ = raw.next_request().await;
     // From now on the worker reads nothing, so it answers no pings: a frozen
     // process, or a connection cut without FIN.
@@ -283,9 +273,7 @@ async fn unknown_frames_get_an_error_frame_and_the_connection_stays() {
         other => panic!("expected error frame, got {other:?}"),
     }
     // Still serving.
-    let client = http_client();
-    let url = bridge.at("/after");
-    let call = tokio::spawn(async move { post(&client, &url, "x").await });
+    let call = spawn_post(&bridge, "/after", "x");
     let (req, body) = raw.next_request().await;
     raw.reply(req.id, 200, &[("x-ok", "1")], &body).await;
     let r = with_timeout(call).await.expect("join");
@@ -321,8 +309,7 @@ async fn invalid_replies_give_502_bad_response() {
     }
     // A header that is JSON but not a valid response names its call, which
     // fails at once instead of at the deadline.
-    let (c, url) = (client.clone(), bridge.at("/garbled"));
-    let call = tokio::spawn(async move { get(&c, &url).await });
+    let call = spawn_get(&bridge, "/garbled");
     let (req, _) = raw.next_request().await;
     let json = format!(
         r#"{{"type":"response","id":{},"status":"two hundred"}}"#,
@@ -343,8 +330,7 @@ async fn invalid_replies_give_502_bad_response() {
         other => panic!("expected error frame, got {other:?}"),
     }
     // A worker may fail a call explicitly.
-    let (c, url) = (client.clone(), bridge.at("/refused"));
-    let call = tokio::spawn(async move { get(&c, &url).await });
+    let call = spawn_get(&bridge, "/refused");
     let (req, _) = raw.next_request().await;
     let err = Control::Error {
         id: Some(req.id),
@@ -364,16 +350,9 @@ async fn invalid_replies_give_502_bad_response() {
 async fn chunked_replies_from_a_worker_are_assembled() {
     let bridge = TestBridge::start(|_| {}).await;
     let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
-    let client = http_client();
-    let url = bridge.at("/chunks");
-    let call = tokio::spawn(async move { get(&client, &url).await });
+    let call = spawn_get(&bridge, "/chunks");
     let (req, _) = raw.next_request().await;
-    let head = DataHead::Response(protocol::ResponseHead {
-        id: req.id,
-        status: 200,
-        headers: vec![],
-        end: false,
-    });
+    let head = response_head(req.id, 200, false);
     raw.send_binary(protocol::encode_data(&head, b"one,")).await;
     let mid = DataHead::Body(protocol::BodyHead {
         id: req.id,
@@ -514,16 +493,9 @@ async fn a_reply_over_max_response_body_gives_502() {
 async fn a_message_over_max_frame_drops_the_worker() {
     let bridge = TestBridge::start(|_| {}).await;
     let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
-    let client = http_client();
-    let url = bridge.at("/huge");
-    let call = tokio::spawn(async move { get(&client, &url).await });
+    let call = spawn_get(&bridge, "/huge");
     let (req, _) = raw.next_request().await;
-    let head = DataHead::Response(protocol::ResponseHead {
-        id: req.id,
-        status: 200,
-        headers: vec![],
-        end: true,
-    });
+    let head = response_head(req.id, 200, true);
     let too_big = vec![0u8; raw.welcome.max_frame as usize + 1];
     let _ = raw
         .ws

@@ -315,6 +315,29 @@ pub async fn get(client: &HttpClient, url: &str) -> Reply {
     send(client, req).await
 }
 
+/// Starts `GET path` on its own connection in a task, for calls that the
+/// test answers by hand.
+pub fn spawn_get(bridge: &TestBridge, path: &str) -> JoinHandle<Reply> {
+    let url = bridge.at(path);
+    tokio::spawn(async move { get(&http_client(), &url).await })
+}
+
+/// Starts `POST path` with `body` in a task.
+pub fn spawn_post(bridge: &TestBridge, path: &str, body: &'static str) -> JoinHandle<Reply> {
+    let url = bridge.at(path);
+    tokio::spawn(async move { post(&http_client(), &url, body).await })
+}
+
+/// A `response` head.
+pub fn response_head(id: u64, status: u16, end: bool) -> DataHead {
+    DataHead::Response(ResponseHead {
+        id,
+        status,
+        headers: vec![],
+        end,
+    })
+}
+
 /// A hand-driven worker connection for protocol-level tests.
 pub struct RawWorker {
     /// The WebSocket.
