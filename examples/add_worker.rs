@@ -11,14 +11,14 @@
 //!
 //! It uses only the public `wsbridge::worker` API.
 
-use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
+use wsbridge::body::Body;
 use wsbridge::worker::{CallInfo, Worker, WorkerConfig};
 
 /// Answers one call.
-async fn handle(req: Request<Bytes>) -> Response<Bytes> {
+async fn handle(req: Request<Body>) -> Response<Body> {
     let request_id = req
         .extensions()
         .get::<CallInfo>()
@@ -30,7 +30,17 @@ async fn handle(req: Request<Bytes>) -> Response<Bytes> {
             json!({"error": "only /add is served here"}),
         );
     }
-    let input: Value = match serde_json::from_slice(req.body()) {
+    // Calls are small JSON documents; anything over 64 KiB is refused.
+    let body = match req.into_body().collect(64 * 1024).await {
+        Ok(b) => b,
+        Err(e) => {
+            return reply(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                json!({"error": e.to_string()}),
+            )
+        }
+    };
+    let input: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
             return reply(
@@ -51,11 +61,11 @@ async fn handle(req: Request<Bytes>) -> Response<Bytes> {
     }
 }
 
-fn reply(status: StatusCode, body: Value) -> Response<Bytes> {
+fn reply(status: StatusCode, body: Value) -> Response<Body> {
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
-        .body(Bytes::from(body.to_string()))
+        .body(Body::from(body.to_string()))
         .unwrap_or_default()
 }
 

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
-use http_body_util::Full;
 use serde_json::json;
 
 /// Why a call failed, as the caller is told.
@@ -132,8 +131,8 @@ impl CallError {
     }
 
     /// The full HTTP response for this error.
-    pub fn into_response(self, request_id: &str) -> Response<Full<Bytes>> {
-        let mut resp = Response::new(Full::new(self.body(request_id)));
+    pub fn into_response(self, request_id: &str) -> Response<Bytes> {
+        let mut resp = Response::new(self.body(request_id));
         *resp.status_mut() = self.status();
         let headers = resp.headers_mut();
         headers.insert(

@@ -14,6 +14,7 @@
 //! # Layout
 //!
 //! * [`config`] - the typed TOML configuration and its validation.
+//! * [`body`] - message bodies, complete or streamed chunk by chunk.
 //! * [`protocol`] - the wire protocol v1: frames, limits, encode/decode.
 //! * [`bridge`] - the sidecar: HTTP side, worker sessions, registry, routes.
 //! * [`worker`] - the worker library, the upstream agent and the echo handler.
@@ -23,6 +24,7 @@
 //! * `transport` - the batched, stall-bounded WebSocket write half.
 //! * [`demo`] - the bridge plus an echo worker over wss on loopback.
 
+pub mod body;
 pub mod bridge;
 pub mod config;
 pub mod demo;

@@ -11,6 +11,7 @@ use std::{
     },
     time::Duration,
 };
+use wsbridge::body::Body;
 
 use bytes::Bytes;
 use common::*;
@@ -25,24 +26,24 @@ fn tracking_worker(
     served: Arc<Mutex<Vec<Bytes>>>,
     max_delay_ms: u64,
 ) -> impl Fn(
-    Request<Bytes>,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Bytes>> + Send>>
+    Request<Body>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>>
        + Send
        + Sync
        + 'static {
-    move |req: Request<Bytes>| {
+    move |req: Request<Body>| {
         let (current, peak, served) = (current.clone(), peak.clone(), served.clone());
         Box::pin(async move {
             let now = current.fetch_add(1, Ordering::SeqCst) + 1;
             peak.fetch_max(now, Ordering::SeqCst);
             let delay = fastrand::u64(0..=max_delay_ms);
             tokio::time::sleep(Duration::from_millis(delay)).await;
-            let body = req.into_body();
+            let body = req.into_body().collect(1 << 20).await.expect("body");
             served.lock().expect("lock").push(body.clone());
             current.fetch_sub(1, Ordering::SeqCst);
             Response::builder()
                 .header("x-worker", name)
-                .body(body)
+                .body(Body::from(body))
                 .expect("response")
         })
     }

@@ -3,6 +3,7 @@
 mod common;
 
 use std::sync::{atomic::Ordering, Arc};
+use wsbridge::body::Body;
 
 use bytes::Bytes;
 use common::*;
@@ -20,7 +21,7 @@ async fn bodies_over_max_body_get_413() {
     let calls: Counter = Arc::default();
     let seen = calls.clone();
     let _w = bridge
-        .worker(&["default", "orders"], 8, move |req: Request<Bytes>| {
+        .worker(&["default", "orders"], 8, move |req: Request<Body>| {
             seen.fetch_add(1, Ordering::SeqCst);
             async move { Response::new(req.into_body()) }
         })
@@ -109,7 +110,7 @@ async fn headers_too_large_for_a_frame_get_431() {
     let calls: Counter = Arc::default();
     let seen = calls.clone();
     let _w = bridge
-        .worker(&["default"], 8, move |req: Request<Bytes>| {
+        .worker(&["default"], 8, move |req: Request<Body>| {
             seen.fetch_add(1, Ordering::SeqCst);
             async move { Response::new(req.into_body()) }
         })

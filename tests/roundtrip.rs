@@ -7,10 +7,11 @@ use bytes::Bytes;
 use common::*;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
+use wsbridge::body::Body;
 use wsbridge::worker::{self, CallInfo};
 
 /// A handler that describes the request it got in headers and echoes the body.
-async fn mirror(req: Request<Bytes>) -> Response<Bytes> {
+async fn mirror(req: Request<Body>) -> Response<Body> {
     let info = req.extensions().get::<CallInfo>().cloned();
     let mut resp = Response::builder()
         .status(StatusCode::CREATED)

@@ -1,12 +1,23 @@
 //! The caller side: accept HTTP/1.1 connections, turn each request into a
 //! call frame, wait (event-driven) for the reply with the same id, and answer.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Request, Response};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::{
+    body::{Body as HttpBody, Frame, Incoming, SizeHint},
+    server::conn::http1,
+    service::service_fn,
+};
 use hyper_util::{
     rt::{TokioIo, TokioTimer},
     server::graceful::GracefulShutdown,
@@ -15,8 +26,13 @@ use tokio::{net::TcpListener, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{registry::AcquireError, session::Failure, Shared};
+use super::{
+    registry::{AcquireError, Lease},
+    session::{CallGuard, Failure},
+    Shared,
+};
 use crate::{
+    body::{Body, BodyError},
     error::CallError,
     headers,
     protocol::{self, DataHead, RequestHead},
@@ -83,15 +99,18 @@ async fn handle(
     shared: Arc<Shared>,
     peer: SocketAddr,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<CallBody>, Infallible> {
     let started = Instant::now();
     let request_id = request_id(&req);
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let mut resp = match call(&shared, peer, &request_id, started, req).await {
-        Ok(resp) => resp.map(Full::new),
+        Ok(resp) => resp,
         Err(err) => {
             info!(%request_id, %method, %path, code = err.code(), error = %err, "call failed");
-            err.into_response(&request_id)
+            err.into_response(&request_id).map(|full| CallBody {
+                body: Body::full(full),
+                _call: None,
+            })
         }
     };
     if let Ok(v) = HeaderValue::from_str(&request_id) {
@@ -120,7 +139,7 @@ async fn call(
     request_id: &str,
     started: Instant,
     req: Request<Incoming>,
-) -> Result<Response<Bytes>, CallError> {
+) -> Result<Response<CallBody>, CallError> {
     let target = shared
         .router
         .resolve(req.uri().path())
@@ -251,15 +270,21 @@ async fn call(
             .unwrap_or_else(|_| Err(Failure::Lost("connection closed".into())))
     };
     match tokio::time::timeout_at(deadline, exchange).await {
-        Ok(Ok(resp)) => Ok(resp),
+        Ok(Ok(resp)) => {
+            // A streamed reply keeps the call (its cancel-on-drop guard and
+            // its worker slot) alive until the caller has read it all or
+            // hung up; a complete one is done already.
+            let call = resp.body().as_full().is_none().then_some((guard, lease));
+            Ok(resp.map(|body| CallBody { body, _call: call }))
+        }
         Ok(Err(f)) => Err(failed(f)),
         Err(_) => {
             guard.reason = "timeout";
             Err(timeout())
         }
     }
-    // `guard` drops here: a call still pending is removed and cancelled;
-    // `lease` drops after it and frees the worker's slot.
+    // Otherwise `guard` drops here: a call still pending is removed and
+    // cancelled; `lease` drops after it and frees the worker's slot.
 }
 
 /// True when a request head with these fields fits in [`protocol::MAX_HEADER_LEN`].
@@ -294,6 +319,33 @@ fn head_fits(
         end: false,
     });
     serde_json::to_vec(&probe).is_ok_and(|json| json.len() <= protocol::MAX_HEADER_LEN)
+}
+
+/// What the caller receives: the reply's body, holding the call's guard
+/// and worker lease while a streamed body is still flowing.
+pub(crate) struct CallBody {
+    body: Body,
+    _call: Option<(CallGuard, Lease)>,
+}
+
+impl HttpBody for CallBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// Adds `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Request-Id` (replacing

@@ -10,13 +10,13 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, MutexGuard,
     },
     time::Duration,
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::{header, HeaderValue, Response, StatusCode};
 use subtle::ConstantTimeEq;
@@ -37,6 +37,7 @@ use tracing::{debug, info, warn};
 
 use super::Shared;
 use crate::{
+    body::{Body, BodyError, BodySender},
     headers,
     protocol::{self, Control, DataHead, ResponseHead, Welcome, MAX_INFLIGHT, MAX_SERVICES},
     transport,
@@ -46,7 +47,7 @@ use crate::{
 const OUTBOX: usize = 1024;
 
 /// What a pending call resolves to.
-pub(crate) type Reply = Result<Response<Bytes>, Failure>;
+pub(crate) type Reply = Result<Response<Body>, Failure>;
 
 /// Why a call ended without a usable reply.
 #[derive(Debug, Clone, PartialEq)]
@@ -81,9 +82,32 @@ struct Calls {
 }
 
 struct Pending {
-    tx: oneshot::Sender<Reply>,
-    /// A response whose head arrived with `end: false`; body chunks follow.
-    partial: Option<(Response<()>, BytesMut)>,
+    /// Completed by the response head (or a failure before it).
+    head: Option<oneshot::Sender<Reply>>,
+    /// After a head with `end: false`: where the body chunks go.
+    stream: Option<Stream>,
+}
+
+/// A response body being relayed to the caller as it arrives.
+struct Stream {
+    tx: BodySender,
+    /// Bytes received from the worker and not yet taken by the caller.
+    buffered: Arc<AtomicUsize>,
+}
+
+impl Pending {
+    /// Ends the call with a failure, whichever stage it is in.
+    fn fail(self, failure: Failure) {
+        if let Some(head) = self.head {
+            let _ = head.send(Err(failure));
+        } else if let Some(stream) = self.stream {
+            let text = match failure {
+                Failure::Lost(c) => format!("worker lost mid-body: {c}"),
+                Failure::Bad(r) => format!("invalid reply mid-body: {r}"),
+            };
+            stream.tx.abort(BodyError::new(text));
+        }
+    }
 }
 
 /// Removes its call from the pending map when dropped; if the call was still
@@ -189,7 +213,13 @@ impl Session {
         if let Some(cause) = &calls.closed {
             return Err(Failure::Lost(cause.clone()));
         }
-        calls.map.insert(id, Pending { tx, partial: None });
+        calls.map.insert(
+            id,
+            Pending {
+                head: Some(tx),
+                stream: None,
+            },
+        );
         drop(calls);
         Ok((
             CallGuard {
@@ -227,18 +257,21 @@ impl Session {
             warn!(worker = %self.worker_id, calls = drained.len(), %cause, "failing calls of lost worker");
         }
         for pending in drained {
-            let _ = pending.tx.send(Err(Failure::Lost(cause.to_owned())));
+            pending.fail(Failure::Lost(cause.to_owned()));
         }
     }
 
     /// Fails one call, if it is still pending.
     fn fail(&self, id: u64, failure: Failure) {
-        if let Some(p) = self.lock().map.remove(&id) {
-            let _ = p.tx.send(Err(failure));
+        let removed = self.lock().map.remove(&id);
+        if let Some(p) = removed {
+            p.fail(failure);
         }
     }
 
-    /// Handles a `response` head.
+    /// Handles a `response` head: a complete reply goes to the caller at
+    /// once; a head with `end: false` goes to the caller with a body that
+    /// the following chunks feed as they arrive.
     fn on_response(&self, head: ResponseHead, body: Bytes) -> Result<(), String> {
         let mut calls = self.lock();
         let Some(pending) = calls.map.get_mut(&head.id) else {
@@ -247,59 +280,80 @@ impl Session {
             debug!(worker = %self.worker_id, id = head.id, "reply for a call no longer pending");
             return Ok(());
         };
-        let checked = if pending.partial.is_some() {
-            Err("second response head for one call".to_owned())
-        } else {
-            check_head(&head, body.len(), self.max_response)
+        let Some(tx) = pending.head.take() else {
+            let reason = "second response head for one call".to_owned();
+            let removed = calls.map.remove(&head.id);
+            drop(calls);
+            if let Some(p) = removed {
+                p.fail(Failure::Bad(reason.clone()));
+            }
+            return Err(reason);
         };
-        match checked {
-            Ok(resp) if !head.end => {
-                pending.partial = Some((resp, BytesMut::from(&body[..])));
-                Ok(())
-            }
-            Ok(resp) => {
-                if let Some(p) = calls.map.remove(&head.id) {
-                    let (parts, ()) = resp.into_parts();
-                    let _ = p.tx.send(Ok(Response::from_parts(parts, body)));
-                }
-                Ok(())
-            }
+        let resp = match check_head(&head, body.len(), self.max_response) {
+            Ok(resp) => resp,
             Err(reason) => {
-                if let Some(p) = calls.map.remove(&head.id) {
-                    let _ = p.tx.send(Err(Failure::Bad(reason.clone())));
-                }
-                Err(reason)
+                calls.map.remove(&head.id);
+                drop(calls);
+                let _ = tx.send(Err(Failure::Bad(reason.clone())));
+                return Err(reason);
             }
+        };
+        let (parts, ()) = resp.into_parts();
+        if head.end {
+            calls.map.remove(&head.id);
+            drop(calls);
+            let _ = tx.send(Ok(Response::from_parts(parts, Body::full(body))));
+            return Ok(());
         }
+        let (sender, stream_body) = Body::channel();
+        let buffered = Arc::new(AtomicUsize::new(body.len()));
+        let taken = buffered.clone();
+        let stream_body = stream_body.on_read(move |n| {
+            taken.fetch_sub(n, Ordering::Relaxed);
+        });
+        sender.send(body);
+        pending.stream = Some(Stream {
+            tx: sender,
+            buffered,
+        });
+        drop(calls);
+        let _ = tx.send(Ok(Response::from_parts(parts, stream_body)));
+        Ok(())
     }
 
-    /// Handles a `body` chunk of a response.
+    /// Handles a `body` chunk of a streamed response.
     fn on_body(&self, id: u64, end: bool, chunk: Bytes) -> Result<(), String> {
         let mut calls = self.lock();
         let Some(pending) = calls.map.get_mut(&id) else {
             return Ok(());
         };
-        let Some((_, buf)) = pending.partial.as_mut() else {
+        let Some(stream) = pending.stream.as_ref() else {
             drop(calls);
             let reason = "body chunk before the response head".to_owned();
             self.fail(id, Failure::Bad(reason.clone()));
             return Err(reason);
         };
-        if buf.len() + chunk.len() > self.max_response {
+        let held = stream.buffered.fetch_add(chunk.len(), Ordering::Relaxed) + chunk.len();
+        if held > self.max_response {
             drop(calls);
-            let reason = format!("response body exceeds {} bytes", self.max_response);
+            let reason = format!(
+                "{held} bytes of the reply are waiting for the caller, more than max_response_body ({})",
+                self.max_response
+            );
             self.fail(id, Failure::Bad(reason.clone()));
             return Err(reason);
         }
-        buf.extend_from_slice(&chunk);
+        if !stream.tx.send(chunk) {
+            // The caller is gone; its guard sends the cancel.
+            return Ok(());
+        }
         if end {
             if let Some(Pending {
-                tx,
-                partial: Some((head, buf)),
+                stream: Some(stream),
+                ..
             }) = calls.map.remove(&id)
             {
-                let (parts, ()) = head.into_parts();
-                let _ = tx.send(Ok(Response::from_parts(parts, buf.freeze())));
+                stream.tx.finish();
             }
         }
         Ok(())

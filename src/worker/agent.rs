@@ -1,9 +1,7 @@
 //! Ready-made handlers for `wsbridge worker`: forward each call to an
 //! upstream HTTP server, or echo it back.
 
-use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Full};
 use hyper_util::{
     client::legacy::{connect::HttpConnector, Client},
     rt::TokioExecutor,
@@ -11,6 +9,7 @@ use hyper_util::{
 use tracing::warn;
 
 use super::client::{CallInfo, HandlerFuture};
+use crate::body::Body;
 
 /// Forwards calls to an upstream HTTP/1.1 server over pooled keep-alive
 /// connections, the way a reverse proxy would.
@@ -18,7 +17,7 @@ use super::client::{CallInfo, HandlerFuture};
 pub struct Upstream {
     base: Uri,
     authority: HeaderValue,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpConnector, Body>,
 }
 
 impl Upstream {
@@ -49,7 +48,7 @@ impl Upstream {
 
     /// Forwards one call. Transport failures become a 502 with a JSON body,
     /// so the caller sees what a reverse proxy would show.
-    pub fn forward(&self, req: Request<Bytes>) -> HandlerFuture {
+    pub fn forward(&self, req: Request<Body>) -> HandlerFuture {
         let this = self.clone();
         Box::pin(async move {
             let request_id = req
@@ -66,7 +65,7 @@ impl Upstream {
                         "message": reason,
                         "request_id": request_id,
                     }});
-                    let mut resp = Response::new(Bytes::from(body.to_string()));
+                    let mut resp = Response::new(Body::from(body.to_string()));
                     *resp.status_mut() = StatusCode::BAD_GATEWAY;
                     resp.headers_mut().insert(
                         header::CONTENT_TYPE,
@@ -78,7 +77,9 @@ impl Upstream {
         })
     }
 
-    async fn try_forward(&self, req: Request<Bytes>) -> Result<Response<Bytes>, String> {
+    /// Both bodies stream: the upload goes up as it arrives from the bridge,
+    /// and the upstream's answer goes back as the upstream produces it.
+    async fn try_forward(&self, req: Request<Body>) -> Result<Response<Body>, String> {
         let (mut parts, body) = req.into_parts();
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let base = self.base.path().trim_end_matches('/');
@@ -99,21 +100,18 @@ impl Upstream {
         parts.headers.insert(header::HOST, self.authority.clone());
         let resp = self
             .client
-            .request(Request::from_parts(parts, Full::new(body)))
+            .request(Request::from_parts(parts, body))
             .await
             .map_err(|e| format!("upstream {}: {e}", self.base))?;
         let (parts, body) = resp.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map_err(|e| format!("reading the upstream body: {e}"))?
-            .to_bytes();
+        let body = Body::wrap(body);
         Ok(Response::from_parts(parts, body))
     }
 }
 
 /// Answers 200 with the request body and `x-echo-method` / `x-echo-path`.
-pub async fn echo(req: Request<Bytes>) -> Response<Bytes> {
+/// The body streams back as it arrives.
+pub async fn echo(req: Request<Body>) -> Response<Body> {
     let method = HeaderValue::from_str(req.method().as_str()).ok();
     let path = req
         .uri()

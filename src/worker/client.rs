@@ -15,9 +15,10 @@ use std::{
     time::Duration,
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
 use rustls::pki_types::ServerName;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -35,9 +36,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
+    body::{Body, BodyError, BodySender},
     config::Secret,
     headers,
-    protocol::{self, Control, DataHead, Hello, RequestHead, ResponseHead, Welcome},
+    protocol::{
+        self, BodyHead, Control, DataHead, Hello, RequestHead, ResponseHead, Welcome, CHUNK_SIZE,
+    },
     transport,
 };
 
@@ -149,20 +153,22 @@ pub struct CallInfo {
 }
 
 /// A boxed future returned by a [`Handler`].
-pub type HandlerFuture = Pin<Box<dyn Future<Output = Response<Bytes>> + Send>>;
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
 
-/// Serves calls. Implemented for every `Fn(Request<Bytes>) -> Future`.
+/// Serves calls. Implemented for every `Fn(Request<Body>) -> Future`. The
+/// request body may still be arriving (read it with `Body::collect` or as a
+/// stream); the response body may be complete or streamed.
 pub trait Handler: Send + Sync + 'static {
     /// Answers one call.
-    fn call(&self, req: Request<Bytes>) -> HandlerFuture;
+    fn call(&self, req: Request<Body>) -> HandlerFuture;
 }
 
 impl<F, Fut> Handler for F
 where
-    F: Fn(Request<Bytes>) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Response<Bytes>> + Send + 'static,
+    F: Fn(Request<Body>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
 {
-    fn call(&self, req: Request<Bytes>) -> HandlerFuture {
+    fn call(&self, req: Request<Body>) -> HandlerFuture {
         Box::pin(self(req))
     }
 }
@@ -388,12 +394,6 @@ impl Target {
     }
 }
 
-/// A request whose head arrived with `end: false`.
-struct Partial {
-    head: RequestHead,
-    body: BytesMut,
-}
-
 /// Serves calls on an established connection until it ends.
 async fn serve<S>(
     ws: WebSocketStream<S>,
@@ -438,7 +438,8 @@ where
     // Aborts every handler still running when the connection ends: their
     // replies could not be delivered anyway.
     let _abort_all = AbortOnDrop(calls.clone());
-    let mut partial: HashMap<u64, Partial> = HashMap::new();
+    // Request bodies still arriving, by call id.
+    let mut partial: HashMap<u64, BodySender> = HashMap::new();
     let ctx = CallCtx {
         handler,
         outbox: outbox.clone(),
@@ -458,23 +459,23 @@ where
         };
         match msg {
             Message::Binary(frame) => match protocol::decode_data(&frame) {
-                Ok((DataHead::Request(head), body)) if head.end => ctx.start(head, body),
+                Ok((DataHead::Request(head), body)) if head.end => {
+                    ctx.start(head, Body::full(body))
+                }
                 Ok((DataHead::Request(head), body)) => {
-                    partial.insert(
-                        head.id,
-                        Partial {
-                            head,
-                            body: BytesMut::from(&body[..]),
-                        },
-                    );
+                    // The handler starts now and reads the body as it comes.
+                    let (tx, stream) = Body::channel();
+                    tx.send(body);
+                    partial.insert(head.id, tx);
+                    ctx.start(head, stream);
                 }
                 Ok((DataHead::Body(b), chunk)) => {
-                    if let Some(p) = partial.get_mut(&b.id) {
-                        p.body.extend_from_slice(&chunk);
+                    if let Some(tx) = partial.get(&b.id) {
+                        tx.send(chunk);
                     }
                     if b.end {
-                        if let Some(p) = partial.remove(&b.id) {
-                            ctx.start(p.head, p.body.freeze());
+                        if let Some(tx) = partial.remove(&b.id) {
+                            tx.finish();
                         }
                     }
                 }
@@ -490,14 +491,14 @@ where
             Message::Text(text) => match protocol::decode_control(&text) {
                 Ok(Control::Cancel { id, reason }) => {
                     debug!(id, %reason, "call cancelled by the bridge");
-                    partial.remove(&id);
-                    let handle = calls.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-                    if let Some(h) = handle {
-                        h.abort();
-                    }
+                    abandon(&calls, &mut partial, id, &reason);
                 }
                 Ok(Control::Error { id, code, message }) => {
                     warn!(?id, %code, %message, "bridge reported an error");
+                    // An error about one call ends that call on the bridge.
+                    if let Some(id) = id {
+                        abandon(&calls, &mut partial, id, &code);
+                    }
                 }
                 Ok(Control::Unknown) => {
                     send_error(&outbox, None, "unknown_frame", "unknown control frame type")
@@ -515,6 +516,23 @@ where
             }
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
         }
+    }
+}
+
+/// Stops a call: its handler task is aborted and a request body still
+/// arriving ends with an error.
+fn abandon(
+    calls: &Mutex<HashMap<u64, AbortHandle>>,
+    partial: &mut HashMap<u64, BodySender>,
+    id: u64,
+    reason: &str,
+) {
+    if let Some(tx) = partial.remove(&id) {
+        tx.abort(BodyError::new(format!("call cancelled: {reason}")));
+    }
+    let handle = calls.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    if let Some(h) = handle {
+        h.abort();
     }
 }
 
@@ -545,8 +563,9 @@ struct CallCtx {
 }
 
 impl CallCtx {
-    /// Runs the handler for one call in its own task.
-    fn start(&self, head: RequestHead, body: Bytes) {
+    /// Runs the handler for one call in its own task; `body` is complete or
+    /// still arriving.
+    fn start(&self, head: RequestHead, body: Body) {
         let id = head.id;
         let (handler, outbox, calls) = (
             self.handler.clone(),
@@ -567,53 +586,89 @@ impl CallCtx {
                 },
                 Err(reason) => plain(StatusCode::BAD_REQUEST, &reason),
             };
-            let (parts, body) = resp.into_parts();
-            let encoded = protocol::encode_message(
-                |end| {
-                    DataHead::Response(ResponseHead {
-                        id,
-                        status: parts.status.as_u16(),
-                        headers: headers::to_wire(&parts.headers),
-                        end,
-                    })
-                },
-                id,
-                &body,
-            );
-            let messages: Vec<Message> = match encoded {
-                Ok(frames) => frames.into_iter().map(Message::Binary).collect(),
-                Err(e) => {
-                    // The bridge would refuse this head; fail the call instead.
-                    warn!(id, error = %e, "cannot send the handler's response");
-                    let frame = Control::Error {
-                        id: Some(id),
-                        code: "headers_too_large".into(),
-                        message: e.to_string(),
-                    };
-                    vec![Message::text(protocol::encode_control(&frame))]
-                }
-            };
-            // Deregister first: once the reply is queued a cancel for this id
-            // must not abort the task that is sending it.
-            calls.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-            for msg in messages {
-                if outbox.send(msg).await.is_err() {
-                    break;
-                }
+            if let Err(reason) = send_response(id, resp, &outbox).await {
+                warn!(id, %reason, "cannot send the handler's response");
+                let frame = Control::Error {
+                    id: Some(id),
+                    code: "bad_response".into(),
+                    message: reason,
+                };
+                let _ = outbox
+                    .send(Message::text(protocol::encode_control(&frame)))
+                    .await;
             }
+            // A cancel may abort the task until here: while a streamed
+            // reply is being sent, it means "stop sending".
+            calls.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         });
         map.insert(id, task.abort_handle());
     }
 }
 
-fn plain(status: StatusCode, text: &str) -> Response<Bytes> {
-    let mut resp = Response::new(Bytes::from(text.to_owned()));
+/// Sends a response: in one frame or chunked when it is complete, or as a
+/// head followed by chunks as the body produces them. `Err` means the reply
+/// could not be (fully) sent and the call should be failed.
+async fn send_response(
+    id: u64,
+    resp: Response<Body>,
+    outbox: &mpsc::Sender<Message>,
+) -> Result<(), String> {
+    let (parts, mut body) = resp.into_parts();
+    let head = |end| {
+        DataHead::Response(ResponseHead {
+            id,
+            status: parts.status.as_u16(),
+            headers: headers::to_wire(&parts.headers),
+            end,
+        })
+    };
+    let send = |frame: Bytes| async move {
+        outbox
+            .send(Message::Binary(frame))
+            .await
+            .map_err(|_| "connection closed".to_owned())
+    };
+    if let Some(full) = body.as_full() {
+        for frame in protocol::encode_message(head, id, &full).map_err(|e| e.to_string())? {
+            send(frame).await?;
+        }
+        return Ok(());
+    }
+    // The head goes out at once, so a caller sees the status (and, say, the
+    // first server-sent event) without waiting for the whole body.
+    let first = protocol::encode_data(&head(false), &[]);
+    if first.len() - 4 > protocol::MAX_HEADER_LEN {
+        return Err(format!(
+            "response headers exceed {} bytes",
+            protocol::MAX_HEADER_LEN
+        ));
+    }
+    send(first).await?;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("the response body failed: {e}"))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        for chunk in data.chunks(CHUNK_SIZE) {
+            let more = DataHead::Body(BodyHead { id, end: false });
+            send(protocol::encode_data(&more, chunk)).await?;
+        }
+    }
+    send(protocol::encode_data(
+        &DataHead::Body(BodyHead { id, end: true }),
+        &[],
+    ))
+    .await
+}
+
+fn plain(status: StatusCode, text: &str) -> Response<Body> {
+    let mut resp = Response::new(Body::from(text.to_owned()));
     *resp.status_mut() = status;
     resp
 }
 
 /// Turns a request frame into an `http::Request`.
-fn build_request(head: RequestHead, body: Bytes) -> Result<Request<Bytes>, String> {
+fn build_request(head: RequestHead, body: Body) -> Result<Request<Body>, String> {
     let headers = headers::from_wire(&head.headers)?;
     let mut req = Request::builder()
         .method(head.method.as_str())

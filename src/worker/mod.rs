@@ -2,13 +2,12 @@
 //! that serves them from an upstream HTTP server (or echoes them).
 //!
 //! ```no_run
-//! use bytes::Bytes;
 //! use http::{Request, Response};
-//! use wsbridge::worker::{Worker, WorkerConfig};
+//! use wsbridge::{body::Body, worker::{Worker, WorkerConfig}};
 //!
 //! # async fn demo() -> Result<(), wsbridge::worker::WorkerError> {
 //! let config = WorkerConfig::new("wss://bridge.example:8443", "secret", ["orders"]);
-//! let worker = Worker::new(config, |req: Request<Bytes>| async move {
+//! let worker = Worker::new(config, |req: Request<Body>| async move {
 //!     Response::new(req.into_body()) // echo
 //! });
 //! worker.run(tokio_util::sync::CancellationToken::new()).await

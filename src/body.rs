@@ -1,0 +1,300 @@
+//! The body type shared by the bridge and the worker library: a message body
+//! that is either complete (the common, small case: no channel, no task) or
+//! arrives in chunks through a channel as frames come in.
+//!
+//! A chunked body reports each chunk its reader takes to an optional
+//! `on_read` hook; flow control uses it to grant the sender more credit
+//! only as fast as the final reader consumes.
+
+use std::{
+    fmt,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt};
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use tokio::sync::mpsc;
+
+/// Why a body ended before its last byte.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct BodyError(pub String);
+
+impl BodyError {
+    /// An error with a message.
+    pub fn new(message: impl Into<String>) -> Self {
+        BodyError(message.into())
+    }
+}
+
+/// Called with the size of each chunk the reader takes.
+type OnRead = Box<dyn FnMut(usize) + Send>;
+
+/// An HTTP message body: complete, chunked, or any other `http_body::Body`.
+pub struct Body {
+    kind: Kind,
+}
+
+enum Kind {
+    Full(Option<Bytes>),
+    Chunks {
+        rx: mpsc::UnboundedReceiver<Result<Bytes, BodyError>>,
+        on_read: Option<OnRead>,
+    },
+    Boxed(UnsyncBoxBody<Bytes, BodyError>),
+}
+
+impl fmt::Debug for Body {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Kind::Full(b) => write!(f, "Body::Full({} bytes)", b.as_ref().map_or(0, Bytes::len)),
+            Kind::Chunks { .. } => f.write_str("Body::Chunks"),
+            Kind::Boxed(_) => f.write_str("Body::Boxed"),
+        }
+    }
+}
+
+/// The sending half of a chunked [`Body`]. Call [`BodySender::finish`]
+/// after the last chunk: a sender dropped without it ends the body with an
+/// error, so a cut-off body can never pass for a complete one.
+#[derive(Debug)]
+pub struct BodySender {
+    tx: mpsc::UnboundedSender<Result<Bytes, BodyError>>,
+    finished: bool,
+}
+
+impl Drop for BodySender {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self
+                .tx
+                .send(Err(BodyError::new("the body was cut off before its end")));
+        }
+    }
+}
+
+impl BodySender {
+    /// Queues a chunk; `false` if the reader is gone. Never waits: the
+    /// protocol's flow control, not this channel, bounds what is queued.
+    pub fn send(&self, chunk: Bytes) -> bool {
+        chunk.is_empty() || self.tx.send(Ok(chunk)).is_ok()
+    }
+
+    /// Ends the body cleanly.
+    pub fn finish(mut self) {
+        self.finished = true;
+    }
+
+    /// Ends the body with an error, so the reader cannot mistake a cut-off
+    /// body for a complete one.
+    pub fn abort(mut self, error: BodyError) {
+        self.finished = true;
+        let _ = self.tx.send(Err(error));
+    }
+
+    /// True once the reader has dropped the body.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+impl Body {
+    /// An empty body.
+    pub fn empty() -> Body {
+        Body {
+            kind: Kind::Full(None),
+        }
+    }
+
+    /// A complete body.
+    pub fn full(bytes: impl Into<Bytes>) -> Body {
+        let bytes = bytes.into();
+        Body {
+            kind: Kind::Full((!bytes.is_empty()).then_some(bytes)),
+        }
+    }
+
+    /// A body fed chunk by chunk through the returned sender.
+    pub fn channel() -> (BodySender, Body) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let body = Body {
+            kind: Kind::Chunks { rx, on_read: None },
+        };
+        (
+            BodySender {
+                tx,
+                finished: false,
+            },
+            body,
+        )
+    }
+
+    /// Wraps any body whose data is `Bytes`.
+    pub fn wrap<B>(body: B) -> Body
+    where
+        B: HttpBody<Data = Bytes> + Send + 'static,
+        B::Error: fmt::Display,
+    {
+        Body {
+            kind: Kind::Boxed(body.map_err(|e| BodyError(e.to_string())).boxed_unsync()),
+        }
+    }
+
+    /// Calls `hook` with the size of every chunk the reader takes (chunked
+    /// bodies only).
+    pub(crate) fn on_read(mut self, hook: impl FnMut(usize) + Send + 'static) -> Body {
+        if let Kind::Chunks { on_read, .. } = &mut self.kind {
+            *on_read = Some(Box::new(hook));
+        }
+        self
+    }
+
+    /// The whole body when it is already complete in memory.
+    pub fn as_full(&self) -> Option<Bytes> {
+        match &self.kind {
+            Kind::Full(b) => Some(b.clone().unwrap_or_default()),
+            _ => None,
+        }
+    }
+
+    /// Reads the whole body, failing if it is longer than `limit` bytes.
+    pub async fn collect(self, limit: usize) -> Result<Bytes, BodyError> {
+        if let Kind::Full(b) = self.kind {
+            let b = b.unwrap_or_default();
+            return if b.len() > limit {
+                Err(BodyError(format!("body exceeds {limit} bytes")))
+            } else {
+                Ok(b)
+            };
+        }
+        let mut body = self;
+        let mut buf = BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                if buf.len() + data.len() > limit {
+                    return Err(BodyError(format!("body exceeds {limit} bytes")));
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+        Ok(buf.freeze())
+    }
+}
+
+impl Default for Body {
+    fn default() -> Self {
+        Body::empty()
+    }
+}
+
+impl From<Bytes> for Body {
+    fn from(b: Bytes) -> Self {
+        Body::full(b)
+    }
+}
+
+impl From<Vec<u8>> for Body {
+    fn from(v: Vec<u8>) -> Self {
+        Body::full(v)
+    }
+}
+
+impl From<String> for Body {
+    fn from(s: String) -> Self {
+        Body::full(s)
+    }
+}
+
+impl From<&'static str> for Body {
+    fn from(s: &'static str) -> Self {
+        Body::full(Bytes::from_static(s.as_bytes()))
+    }
+}
+
+impl HttpBody for Body {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match &mut self.get_mut().kind {
+            Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Chunks { rx, on_read } => match rx.poll_recv(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    if let Some(hook) = on_read {
+                        hook(chunk.len());
+                    }
+                    Poll::Ready(Some(Ok(Frame::data(chunk))))
+                }
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+            Kind::Boxed(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(b) => b.is_none(),
+            Kind::Chunks { .. } => false,
+            Kind::Boxed(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Chunks { .. } => SizeHint::default(),
+            Kind::Boxed(b) => b.size_hint(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn chunks_arrive_in_order_and_end_cleanly() {
+        let (tx, body) = Body::channel();
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = seen.clone();
+        let body = body.on_read(move |n| {
+            counter.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+        });
+        assert!(tx.send(Bytes::from_static(b"ab")));
+        assert!(tx.send(Bytes::from_static(b"cd")));
+        tx.finish();
+        assert_eq!(body.collect(10).await, Ok(Bytes::from_static(b"abcd")));
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn an_aborted_body_is_an_error_not_a_short_body() {
+        let (tx, body) = Body::channel();
+        tx.send(Bytes::from_static(b"partial"));
+        tx.abort(BodyError::new("worker lost"));
+        assert_eq!(body.collect(100).await, Err(BodyError::new("worker lost")));
+        let (tx, body) = Body::channel();
+        tx.send(Bytes::from_static(b"partial"));
+        drop(tx);
+        assert!(
+            body.collect(100).await.is_err(),
+            "a dropped sender is not a clean end"
+        );
+    }
+
+    #[tokio::test]
+    async fn collect_enforces_its_limit() {
+        assert!(Body::full("12345").collect(4).await.is_err());
+        assert_eq!(
+            Body::full("1234").collect(4).await,
+            Ok(Bytes::from_static(b"1234"))
+        );
+    }
+}

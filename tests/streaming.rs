@@ -1,0 +1,169 @@
+//! Bodies that stream: replies reach the caller chunk by chunk as the worker
+//! produces them, and a stream that breaks never looks complete.
+
+mod common;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tokio::sync::{mpsc, Mutex};
+use wsbridge::{
+    body::Body,
+    protocol::{BodyHead, Control, DataHead},
+};
+
+#[tokio::test]
+async fn an_event_stream_reaches_the_caller_chunk_by_chunk() {
+    let bridge = TestBridge::start(|_| {}).await;
+    // The worker sends event N+1 only after the caller has received event N:
+    // if the bridge buffered the reply, this would deadlock and time out.
+    let (got_tx, got_rx) = mpsc::unbounded_channel::<usize>();
+    let got_rx = Arc::new(Mutex::new(got_rx));
+    let _w = bridge
+        .worker(&["default"], 4, move |_req: Request<Body>| {
+            let got_rx = got_rx.clone();
+            async move {
+                let (tx, body) = Body::channel();
+                tokio::spawn(async move {
+                    let mut got = got_rx.lock().await;
+                    for n in 0..5 {
+                        tx.send(Bytes::from(format!("data: event {n}\n\n")));
+                        if got.recv().await != Some(n) {
+                            return; // dropped without finish: the stream is cut
+                        }
+                    }
+                    tx.finish();
+                });
+                Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(body)
+                    .expect("response")
+            }
+        })
+        .await;
+    let req = Request::get(bridge.at("/events"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = with_timeout(http_client().request(req)).await.expect("head");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    let mut text = String::new();
+    for n in 0..5 {
+        let expected = format!("data: event {n}\n\n");
+        while !text.ends_with(&expected) {
+            let frame = with_timeout(body.frame()).await.expect("frame").expect("data");
+            text.push_str(&String::from_utf8_lossy(&frame.into_data().expect("data")));
+        }
+        got_tx.send(n).expect("worker listening");
+    }
+    assert!(with_timeout(body.frame()).await.is_none(), "the stream ends cleanly");
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn a_worker_lost_mid_reply_cuts_the_body_off() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
+    let req = Request::get(bridge.at("/download"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let client = http_client();
+    let call = tokio::spawn(async move { client.request(req).await });
+    let (req, _) = raw.next_request().await;
+    raw.send_binary(wsbridge::protocol::encode_data(&response_head(req.id, 200, false), b"first part"))
+        .await;
+    let resp = with_timeout(call).await.expect("join").expect("head");
+    assert_eq!(resp.status(), StatusCode::OK);
+    drop(raw); // the worker dies mid-body
+    let body = with_timeout(resp.into_body().collect()).await;
+    assert!(body.is_err(), "a cut-off reply must not end like a complete one");
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn a_caller_that_hangs_up_mid_reply_cancels_the_worker() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
+    let req = Request::get(bridge.at("/abandoned"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let client = http_client();
+    let call = tokio::spawn(async move { client.request(req).await });
+    let (req, _) = raw.next_request().await;
+    raw.send_binary(wsbridge::protocol::encode_data(&response_head(req.id, 200, false), b"part"))
+        .await;
+    let resp = with_timeout(call).await.expect("join").expect("head");
+    drop(resp); // the caller walks away mid-body
+    match raw.next().await {
+        Frame::Control(Control::Cancel { id, reason }) => {
+            assert_eq!((id, reason.as_str()), (req.id, "client_gone"));
+        }
+        other => panic!("expected cancel, got {other:?}"),
+    }
+    // Chunks that were already on their way are ignored, and the worker slot
+    // is free again: a new call is served.
+    let more = DataHead::Body(BodyHead { id: req.id, end: true });
+    raw.send_binary(wsbridge::protocol::encode_data(&more, b"late")).await;
+    let call = spawn_get(&bridge, "/next");
+    let (next, _) = raw.next_request().await;
+    raw.reply(next.id, 200, &[], b"ok").await;
+    assert_eq!(with_timeout(call).await.expect("join").body, "ok");
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn request_bodies_reach_the_handler_while_still_arriving() {
+    let bridge = TestBridge::start(|_| {}).await;
+    // The handler answers with the size of the first chunk it could read,
+    // then the total: the first read happens before the upload is complete.
+    let (first_tx, first_rx) = mpsc::unbounded_channel::<usize>();
+    let _w = bridge
+        .worker(&["default"], 4, move |req: Request<Body>| {
+            let first_tx = first_tx.clone();
+            async move {
+                let mut body = req.into_body();
+                let mut total = 0;
+                let mut first = true;
+                while let Some(frame) = body.frame().await {
+                    let n = frame.expect("chunk").into_data().map_or(0, |d| d.len());
+                    if first {
+                        let _ = first_tx.send(n);
+                        first = false;
+                    }
+                    total += n;
+                }
+                Response::new(Body::from(total.to_string()))
+            }
+        })
+        .await;
+    // Upload in two halves; the second is sent only after the worker has
+    // seen the first.
+    let (part_tx, part_rx) = mpsc::channel::<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>(1);
+    let upload = http_body_util::StreamBody::new(tokio_stream_from(part_rx));
+    let req = Request::post(bridge.at("/upload")).body(upload).expect("request");
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let call = tokio::spawn(async move { client.request(req).await });
+    let half = Bytes::from(vec![7u8; 400_000]);
+    part_tx.send(Ok(hyper::body::Frame::data(half.clone()))).await.expect("send");
+    let mut first_rx = first_rx;
+    let first = with_timeout(first_rx.recv()).await.expect("first chunk seen");
+    assert!(first > 0 && first <= 400_000, "{first}");
+    part_tx.send(Ok(hyper::body::Frame::data(half))).await.expect("send");
+    drop(part_tx);
+    let resp = with_timeout(call).await.expect("join").expect("response");
+    let total = with_timeout(resp.into_body().collect()).await.expect("body").to_bytes();
+    assert_eq!(total, "800000");
+    bridge.stop().await;
+}
+
+/// A stream over an mpsc receiver (tokio-stream's wrapper, without the crate).
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + 'static {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
