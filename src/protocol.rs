@@ -35,6 +35,12 @@ pub const CHUNK_SIZE: usize = 256 * 1024;
 /// maximal header must always fit.
 pub const MIN_FRAME: usize = CHUNK_SIZE + MAX_HEADER_LEN + 4;
 
+/// Per-call flow-control window: the body bytes of one call that may be on
+/// their way (sent, not yet consumed by the receiver's reader). Large enough
+/// to keep a loopback or LAN connection busy, small enough that many
+/// concurrent transfers stay within a few MiB.
+pub const WINDOW: usize = 1024 * 1024;
+
 /// Most services a single worker may declare in `hello`.
 pub const MAX_SERVICES: usize = 64;
 
@@ -76,6 +82,15 @@ pub enum Control {
     /// Worker -> bridge: send me no new calls; the ones in flight will still
     /// be answered.
     Drain,
+    /// Either direction, on connections with flow control: the receiver has
+    /// consumed `bytes` more body bytes of call `id`, so the sender may send
+    /// that many more.
+    Credit {
+        /// The call.
+        id: u64,
+        /// Bytes consumed since the last credit.
+        bytes: u64,
+    },
     /// Any `type` this version does not know; answered with an error frame.
     #[serde(other)]
     Unknown,
@@ -90,6 +105,9 @@ pub struct Hello {
     pub services: Vec<String>,
     /// How many calls the worker accepts at once; the bridge never exceeds it.
     pub max_inflight: u32,
+    /// The worker takes part in per-call flow control (`credit` frames).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub flow_control: bool,
 }
 
 /// The bridge's acceptance of a worker, with the connection's parameters.
@@ -110,6 +128,10 @@ pub struct Welcome {
     /// bigger one fails the call with 502 `bad_response`.
     #[serde(default)]
     pub max_response_body: u64,
+    /// With flow control: the body bytes of one call either side may send
+    /// before the receiver's `credit` frames allow more (0: no flow control).
+    #[serde(default)]
+    pub window: u64,
 }
 
 /// The JSON header of a binary frame.
@@ -255,17 +277,22 @@ pub fn encode_message(
     let first = chunks.next().unwrap_or(&[]);
     let total = body.len().div_ceil(CHUNK_SIZE).max(1);
     let mut frames = Vec::with_capacity(total);
-    let head_frame = encode_data(&head(total == 1), first);
-    let head_len = head_frame.len() - 4 - first.len();
-    if head_len > MAX_HEADER_LEN {
-        return Err(FrameError::HeaderTooLarge(head_len));
-    }
-    frames.push(head_frame);
+    frames.push(encode_head(&head(total == 1), first)?);
     for (i, chunk) in chunks.enumerate() {
         let end = i + 2 == total;
         frames.push(encode_data(&DataHead::Body(BodyHead { id, end }), chunk));
     }
     Ok(frames)
+}
+
+/// Encodes a head frame, refusing a JSON header the receiver would refuse.
+pub fn encode_head(head: &DataHead, body: &[u8]) -> Result<Bytes, FrameError> {
+    let frame = encode_data(head, body);
+    let head_len = frame.len() - 4 - body.len();
+    if head_len > MAX_HEADER_LEN {
+        return Err(FrameError::HeaderTooLarge(head_len));
+    }
+    Ok(frame)
 }
 
 /// The `id` of a binary frame whose header is valid JSON with a numeric

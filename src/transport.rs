@@ -55,12 +55,96 @@ fn size(msg: &Message) -> usize {
     }
 }
 
-/// Writes `first` and whatever else is already queued (up to a batch), then
-/// flushes.
+/// Control frames and message heads queued before senders wait.
+const URGENT: usize = 1024;
+
+/// Body chunks queued before senders wait: a few chunks keep the socket
+/// busy, and a short queue keeps memory and head-of-line delay small.
+const BULK: usize = 8;
+
+/// The two queues in front of a connection's writer: `urgent` for control
+/// frames and message heads (small; always written first, so a short call
+/// never waits behind someone's upload) and `bulk` for body chunks.
+#[derive(Clone, Debug)]
+pub(crate) struct Outbox {
+    urgent: mpsc::Sender<Message>,
+    bulk: mpsc::Sender<Message>,
+}
+
+/// The writer's end of an [`Outbox`].
+pub(crate) struct Inbox {
+    urgent: mpsc::Receiver<Message>,
+    bulk: mpsc::Receiver<Message>,
+}
+
+/// The queues are gone: the connection has ended.
+#[derive(Debug)]
+pub(crate) struct Closed;
+
+/// A new pair of queues.
+pub(crate) fn outbox() -> (Outbox, Inbox) {
+    let (urgent, urgent_rx) = mpsc::channel(URGENT);
+    let (bulk, bulk_rx) = mpsc::channel(BULK);
+    (
+        Outbox { urgent, bulk },
+        Inbox {
+            urgent: urgent_rx,
+            bulk: bulk_rx,
+        },
+    )
+}
+
+impl Outbox {
+    /// Queues a control frame or a head, waiting if the queue is full.
+    pub(crate) async fn urgent(&self, msg: Message) -> Result<(), Closed> {
+        self.urgent.send(msg).await.map_err(|_| Closed)
+    }
+
+    /// Queues a body chunk, waiting if the queue is full.
+    pub(crate) async fn bulk(&self, msg: Message) -> Result<(), Closed> {
+        self.bulk.send(msg).await.map_err(|_| Closed)
+    }
+
+    /// Queues a control frame from code that cannot wait (a `Drop`, the
+    /// reader). If the queue is full, a task waits for room; the writer's
+    /// stall bound ends that wait if the peer has stopped reading.
+    pub(crate) fn control(&self, msg: Message) {
+        if let Err(mpsc::error::TrySendError::Full(msg)) = self.urgent.try_send(msg) {
+            let urgent = self.urgent.clone();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = urgent.send(msg).await;
+                });
+            }
+        }
+    }
+}
+
+impl Inbox {
+    /// The next frame, urgent ones first; `None` once both queues are closed.
+    pub(crate) async fn recv(&mut self) -> Option<Message> {
+        tokio::select! {
+            biased;
+            Some(m) = self.urgent.recv() => Some(m),
+            Some(m) = self.bulk.recv() => Some(m),
+            else => None,
+        }
+    }
+
+    fn try_recv(&mut self) -> Option<Message> {
+        self.urgent
+            .try_recv()
+            .or_else(|_| self.bulk.try_recv())
+            .ok()
+    }
+}
+
+/// Writes `first` and whatever else is already queued (up to a batch, urgent
+/// frames first), then flushes.
 pub(crate) async fn write_batch<S>(
     sink: &mut S,
     first: Message,
-    rx: &mut mpsc::Receiver<Message>,
+    inbox: &mut Inbox,
     stall: Duration,
 ) -> Result<(), WriteError>
 where
@@ -70,7 +154,7 @@ where
     step(stall, sink.feed(first)).await?;
     let mut frames = 1;
     while frames < BATCH_FRAMES && bytes < BATCH_BYTES {
-        let Ok(msg) = rx.try_recv() else { break };
+        let Some(msg) = inbox.try_recv() else { break };
         bytes += size(&msg);
         frames += 1;
         step(stall, sink.feed(msg)).await?;

@@ -47,7 +47,9 @@ async fn an_event_stream_reaches_the_caller_chunk_by_chunk() {
     let req = Request::get(bridge.at("/events"))
         .body(Full::new(Bytes::new()))
         .expect("request");
-    let resp = with_timeout(http_client().request(req)).await.expect("head");
+    let resp = with_timeout(http_client().request(req))
+        .await
+        .expect("head");
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let mut body = resp.into_body();
@@ -55,12 +57,18 @@ async fn an_event_stream_reaches_the_caller_chunk_by_chunk() {
     for n in 0..5 {
         let expected = format!("data: event {n}\n\n");
         while !text.ends_with(&expected) {
-            let frame = with_timeout(body.frame()).await.expect("frame").expect("data");
+            let frame = with_timeout(body.frame())
+                .await
+                .expect("frame")
+                .expect("data");
             text.push_str(&String::from_utf8_lossy(&frame.into_data().expect("data")));
         }
         got_tx.send(n).expect("worker listening");
     }
-    assert!(with_timeout(body.frame()).await.is_none(), "the stream ends cleanly");
+    assert!(
+        with_timeout(body.frame()).await.is_none(),
+        "the stream ends cleanly"
+    );
     bridge.stop().await;
 }
 
@@ -74,13 +82,19 @@ async fn a_worker_lost_mid_reply_cuts_the_body_off() {
     let client = http_client();
     let call = tokio::spawn(async move { client.request(req).await });
     let (req, _) = raw.next_request().await;
-    raw.send_binary(wsbridge::protocol::encode_data(&response_head(req.id, 200, false), b"first part"))
-        .await;
+    raw.send_binary(wsbridge::protocol::encode_data(
+        &response_head(req.id, 200, false),
+        b"first part",
+    ))
+    .await;
     let resp = with_timeout(call).await.expect("join").expect("head");
     assert_eq!(resp.status(), StatusCode::OK);
     drop(raw); // the worker dies mid-body
     let body = with_timeout(resp.into_body().collect()).await;
-    assert!(body.is_err(), "a cut-off reply must not end like a complete one");
+    assert!(
+        body.is_err(),
+        "a cut-off reply must not end like a complete one"
+    );
     bridge.stop().await;
 }
 
@@ -94,8 +108,11 @@ async fn a_caller_that_hangs_up_mid_reply_cancels_the_worker() {
     let client = http_client();
     let call = tokio::spawn(async move { client.request(req).await });
     let (req, _) = raw.next_request().await;
-    raw.send_binary(wsbridge::protocol::encode_data(&response_head(req.id, 200, false), b"part"))
-        .await;
+    raw.send_binary(wsbridge::protocol::encode_data(
+        &response_head(req.id, 200, false),
+        b"part",
+    ))
+    .await;
     let resp = with_timeout(call).await.expect("join").expect("head");
     drop(resp); // the caller walks away mid-body
     match raw.next().await {
@@ -106,8 +123,12 @@ async fn a_caller_that_hangs_up_mid_reply_cancels_the_worker() {
     }
     // Chunks that were already on their way are ignored, and the worker slot
     // is free again: a new call is served.
-    let more = DataHead::Body(BodyHead { id: req.id, end: true });
-    raw.send_binary(wsbridge::protocol::encode_data(&more, b"late")).await;
+    let more = DataHead::Body(BodyHead {
+        id: req.id,
+        end: true,
+    });
+    raw.send_binary(wsbridge::protocol::encode_data(&more, b"late"))
+        .await;
     let call = spawn_get(&bridge, "/next");
     let (next, _) = raw.next_request().await;
     raw.reply(next.id, 200, &[], b"ok").await;
@@ -142,21 +163,35 @@ async fn request_bodies_reach_the_handler_while_still_arriving() {
         .await;
     // Upload in two halves; the second is sent only after the worker has
     // seen the first.
-    let (part_tx, part_rx) = mpsc::channel::<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>(1);
+    let (part_tx, part_rx) =
+        mpsc::channel::<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>(1);
     let upload = http_body_util::StreamBody::new(tokio_stream_from(part_rx));
-    let req = Request::post(bridge.at("/upload")).body(upload).expect("request");
+    let req = Request::post(bridge.at("/upload"))
+        .body(upload)
+        .expect("request");
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build(hyper_util::client::legacy::connect::HttpConnector::new());
     let call = tokio::spawn(async move { client.request(req).await });
     let half = Bytes::from(vec![7u8; 400_000]);
-    part_tx.send(Ok(hyper::body::Frame::data(half.clone()))).await.expect("send");
+    part_tx
+        .send(Ok(hyper::body::Frame::data(half.clone())))
+        .await
+        .expect("send");
     let mut first_rx = first_rx;
-    let first = with_timeout(first_rx.recv()).await.expect("first chunk seen");
+    let first = with_timeout(first_rx.recv())
+        .await
+        .expect("first chunk seen");
     assert!(first > 0 && first <= 400_000, "{first}");
-    part_tx.send(Ok(hyper::body::Frame::data(half))).await.expect("send");
+    part_tx
+        .send(Ok(hyper::body::Frame::data(half)))
+        .await
+        .expect("send");
     drop(part_tx);
     let resp = with_timeout(call).await.expect("join").expect("response");
-    let total = with_timeout(resp.into_body().collect()).await.expect("body").to_bytes();
+    let total = with_timeout(resp.into_body().collect())
+        .await
+        .expect("body")
+        .to_bytes();
     assert_eq!(total, "800000");
     bridge.stop().await;
 }

@@ -221,6 +221,7 @@ async fn the_worker_reconnects_when_the_bridge_goes_silent() {
                 ping_misses: 1,
                 max_frame: 1 << 20,
                 max_response_body: 1 << 20,
+                window: 0,
             });
             ws.send(Message::text(protocol::encode_control(&welcome)))
                 .await

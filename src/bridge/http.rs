@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{header, HeaderName, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::{
@@ -22,20 +22,20 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     server::graceful::GracefulShutdown,
 };
-use tokio::{net::TcpListener, time::Instant};
-use tokio_util::sync::CancellationToken;
+use tokio::{net::TcpListener, sync::Semaphore, time::Instant};
+use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 use tracing::{debug, info, warn};
 
 use super::{
     registry::{AcquireError, Lease},
-    session::{CallGuard, Failure},
+    session::{CallGuard, Failure, Session},
     Shared,
 };
 use crate::{
     body::{Body, BodyError},
     error::CallError,
     headers,
-    protocol::{self, DataHead, RequestHead},
+    protocol::{self, BodyHead, DataHead, RequestHead},
 };
 
 /// The header carrying the request id both ways.
@@ -170,21 +170,40 @@ async fn call(
     if declared.is_some_and(|n| n > target.max_body as u64) {
         return Err(too_large);
     }
-    let body = match tokio::time::timeout_at(
-        deadline,
-        Limited::new(body, target.max_body).collect(),
-    )
-    .await
-    {
-        Err(_) => return Err(timeout()),
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e)) if e.is::<LengthLimitError>() => return Err(too_large),
-        Ok(Err(e)) => {
-            return Err(CallError::BadRequest {
+    // Read the start of the body: a body that ends within one chunk travels
+    // in the request frame itself; a longer one streams after it.
+    let mut body = Limited::new(body, target.max_body);
+    let read_error = |e: Box<dyn std::error::Error + Send + Sync>| {
+        if e.is::<LengthLimitError>() {
+            CallError::BodyTooLarge {
+                limit: target.max_body,
+            }
+        } else {
+            CallError::BadRequest {
                 reason: format!("cannot read the request body: {e}"),
-            })
+            }
         }
     };
+    let mut start = BytesMut::new();
+    let complete = loop {
+        if body.is_end_stream() {
+            break true;
+        }
+        if start.len() >= protocol::CHUNK_SIZE {
+            break false;
+        }
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(timeout()),
+            Ok(None) => break true,
+            Ok(Some(Err(e))) => return Err(read_error(e)),
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    start.extend_from_slice(&data);
+                }
+            }
+        }
+    };
+    let start = start.freeze();
 
     let mut wire_headers = headers::to_wire(&parts.headers);
     forwarded_headers(&mut wire_headers, &parts.headers, peer, request_id);
@@ -211,7 +230,7 @@ async fn call(
     let queue_deadline = queued_at
         .checked_add(http.queue_timeout)
         .map_or(deadline, |t| t.min(deadline));
-    let (lease, mut guard, reply) = loop {
+    let (lease, mut guard, reply, window) = loop {
         let wait = queue_deadline.saturating_duration_since(Instant::now());
         let lease = shared
             .registry
@@ -232,8 +251,8 @@ async fn call(
             })?;
         // A connection that closed after handing out this lease never saw
         // the call, so choosing another worker is safe.
-        if let Ok((guard, reply)) = lease.session().start_call() {
-            break (lease, guard, reply);
+        if let Ok(started) = lease.session().start_call() {
+            break (lease, started.guard, started.reply, started.window);
         }
     };
     let session = lease.session().clone();
@@ -262,22 +281,77 @@ async fn call(
         })
     };
     // head_fits() checked this before a worker was chosen; this is the backstop.
-    let frames = protocol::encode_message(head, id, &body).map_err(|_| head_too_large)?;
+    let frames = if complete {
+        protocol::encode_message(head, id, &start)
+    } else {
+        // The head carries the first chunk; the rest of what was read, and
+        // everything after, follows as body chunks.
+        let first = start.slice(..protocol::CHUNK_SIZE.min(start.len()));
+        protocol::encode_head(&head(false), &first).map(|f| vec![f])
+    }
+    .map_err(|_| head_too_large)?;
     let exchange = async {
-        session.send(frames).await?;
-        reply
-            .await
-            .unwrap_or_else(|_| Err(Failure::Lost("connection closed".into())))
+        let mut frames = frames.into_iter();
+        if complete {
+            if let Some(first) = frames.next() {
+                session.send_head(first).await.map_err(failed)?;
+            }
+            for chunk in frames {
+                session.send_chunk(chunk).await.map_err(failed)?;
+            }
+            let resp = reply
+                .await
+                .unwrap_or_else(|_| Err(Failure::Lost("connection closed".into())))
+                .map_err(failed)?;
+            return Ok((resp, None));
+        }
+        // The upload runs in its own task: it must go on after the reply
+        // head arrives (an echo, say, answers while still reading), and it
+        // stops when the call is dropped.
+        let upload = Upload {
+            session: session.clone(),
+            id,
+            window,
+        };
+        let head_frame = frames.next().unwrap_or_default();
+        let mut pump = AbortOnDropHandle::new(tokio::spawn(upload.run(head_frame, start, body)));
+        let mut reply = reply;
+        loop {
+            tokio::select! {
+                r = &mut reply => {
+                    let resp = r
+                        .unwrap_or_else(|_| Err(Failure::Lost("connection closed".into())))
+                        .map_err(failed)?;
+                    return Ok((resp, (!pump.is_finished()).then_some(pump)));
+                }
+                done = &mut pump, if !pump.is_finished() => match done {
+                    Ok(Ok(())) => {}
+                    Ok(Err(UploadError::Worker(f))) => return Err(failed(f)),
+                    Ok(Err(UploadError::Caller(e))) => return Err(read_error(e)),
+                    Err(_) => return Err(failed(Failure::Lost("upload task failed".into()))),
+                }
+            }
+        }
     };
     match tokio::time::timeout_at(deadline, exchange).await {
-        Ok(Ok(resp)) => {
-            // A streamed reply keeps the call (its cancel-on-drop guard and
-            // its worker slot) alive until the caller has read it all or
-            // hung up; a complete one is done already.
-            let call = resp.body().as_full().is_none().then_some((guard, lease));
+        Ok(Err(e)) => {
+            // A body cut off for its size tells the worker why.
+            if matches!(e, CallError::BodyTooLarge { .. }) {
+                guard.reason = "body_too_large";
+            }
+            Err(e)
+        }
+        Ok(Ok((resp, upload))) => {
+            // A streamed reply keeps the call (its cancel-on-drop guard, its
+            // worker slot and any upload still running) alive until the
+            // caller has read it all or hung up; a complete one is done.
+            let call = resp.body().as_full().is_none().then_some(Held {
+                _upload: upload,
+                _guard: guard,
+                _lease: lease,
+            });
             Ok(resp.map(|body| CallBody { body, _call: call }))
         }
-        Ok(Err(f)) => Err(failed(f)),
         Err(_) => {
             guard.reason = "timeout";
             Err(timeout())
@@ -285,6 +359,79 @@ async fn call(
     }
     // Otherwise `guard` drops here: a call still pending is removed and
     // cancelled; `lease` drops after it and frees the worker's slot.
+}
+
+/// Why an upload stopped.
+enum UploadError {
+    /// The worker connection failed.
+    Worker(Failure),
+    /// Reading the caller's body failed (or it grew past `max_body`).
+    Caller(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Streams a request body to the worker after its head, chunk by chunk,
+/// waiting for credit when the worker does flow control.
+struct Upload {
+    session: Arc<Session>,
+    id: u64,
+    window: Option<Arc<Semaphore>>,
+}
+
+impl Upload {
+    /// Takes `n` bytes of window, waiting for the worker's credit.
+    async fn reserve(&self, n: usize) -> Result<(), UploadError> {
+        let Some(window) = &self.window else {
+            return Ok(());
+        };
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        match window.acquire_many(n).await {
+            Ok(permits) => {
+                permits.forget();
+                Ok(())
+            }
+            Err(_) => Err(UploadError::Worker(Failure::Lost(
+                "connection closed".into(),
+            ))),
+        }
+    }
+
+    async fn chunk(&self, data: &[u8], end: bool) -> Result<(), UploadError> {
+        self.reserve(data.len()).await?;
+        let frame = protocol::encode_data(&DataHead::Body(BodyHead { id: self.id, end }), data);
+        self.session
+            .send_chunk(frame)
+            .await
+            .map_err(UploadError::Worker)
+    }
+
+    /// Sends the head (carrying the first chunk of `start`), the rest of
+    /// `start`, then the remaining body as it arrives, then the end marker.
+    async fn run(
+        self,
+        head: Bytes,
+        start: Bytes,
+        mut body: Limited<Incoming>,
+    ) -> Result<(), UploadError> {
+        let first = protocol::CHUNK_SIZE.min(start.len());
+        self.reserve(first).await?;
+        self.session
+            .send_head(head)
+            .await
+            .map_err(UploadError::Worker)?;
+        for piece in start[first..].chunks(protocol::CHUNK_SIZE) {
+            self.chunk(piece, false).await?;
+        }
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(UploadError::Caller)?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            for piece in data.chunks(protocol::CHUNK_SIZE) {
+                self.chunk(piece, false).await?;
+            }
+        }
+        self.chunk(&[], true).await
+    }
 }
 
 /// True when a request head with these fields fits in [`protocol::MAX_HEADER_LEN`].
@@ -325,7 +472,16 @@ fn head_fits(
 /// and worker lease while a streamed body is still flowing.
 pub(crate) struct CallBody {
     body: Body,
-    _call: Option<(CallGuard, Lease)>,
+    _call: Option<Held>,
+}
+
+/// What a streamed reply holds on to; dropped in field order, so the upload
+/// stops, then the call is removed (and cancelled if unfinished), then the
+/// worker's slot is freed.
+struct Held {
+    _upload: Option<AbortOnDropHandle<Result<(), UploadError>>>,
+    _guard: CallGuard,
+    _lease: Lease,
 }
 
 impl HttpBody for CallBody {

@@ -22,7 +22,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 use subtle::ConstantTimeEq;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    sync::{mpsc, oneshot},
+    sync::{oneshot, Semaphore},
 };
 use tokio_tungstenite::{
     tungstenite::{
@@ -40,11 +40,8 @@ use crate::{
     body::{Body, BodyError, BodySender},
     headers,
     protocol::{self, Control, DataHead, ResponseHead, Welcome, MAX_INFLIGHT, MAX_SERVICES},
-    transport,
+    transport::{self, Inbox, Outbox},
 };
-
-/// Frames queued for one worker before senders wait (backpressure).
-const OUTBOX: usize = 1024;
 
 /// What a pending call resolves to.
 pub(crate) type Reply = Result<Response<Body>, Failure>;
@@ -63,7 +60,9 @@ pub(crate) struct Session {
     /// The worker's self-declared id, for logs and error messages.
     pub(crate) worker_id: String,
     /// Frames to the writer task.
-    outbox: mpsc::Sender<Message>,
+    outbox: Outbox,
+    /// The worker takes part in per-call flow control.
+    flow_control: bool,
     /// Calls sent and not yet answered.
     calls: Mutex<Calls>,
     /// Next call id on this connection.
@@ -86,6 +85,8 @@ struct Pending {
     head: Option<oneshot::Sender<Reply>>,
     /// After a head with `end: false`: where the body chunks go.
     stream: Option<Stream>,
+    /// With flow control: request body bytes the bridge may still send.
+    window: Option<Arc<Semaphore>>,
 }
 
 /// A response body being relayed to the caller as it arrives.
@@ -136,20 +137,22 @@ impl Drop for CallGuard {
             id: self.id,
             reason: self.reason.to_owned(),
         };
-        let msg = Message::text(protocol::encode_control(&cancel));
-        // The cancel must travel behind any frames of this call already
-        // queued (a partly sent body, say), so it takes the same channel. If
-        // that is full, a task waits for room; the write loop's stall bound
-        // ends the wait if the worker has stopped reading.
-        if let Err(mpsc::error::TrySendError::Full(msg)) = self.session.outbox.try_send(msg) {
-            let outbox = self.session.outbox.clone();
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move {
-                    let _ = outbox.send(msg).await;
-                });
-            }
-        }
+        // Urgent, so it overtakes any chunks of this call still queued
+        // (the worker ignores chunks of calls it no longer knows).
+        self.session
+            .outbox
+            .control(Message::text(protocol::encode_control(&cancel)));
     }
+}
+
+/// A call just registered on a session.
+pub(crate) struct Started {
+    /// Removes (and cancels) the call when dropped.
+    pub(crate) guard: CallGuard,
+    /// Completed by the reply head or a failure.
+    pub(crate) reply: oneshot::Receiver<Reply>,
+    /// With flow control: the request body bytes that may be sent.
+    pub(crate) window: Option<Arc<Semaphore>>,
 }
 
 /// A registered worker connection. Ending it removes the worker from the
@@ -176,10 +179,11 @@ impl Drop for Live {
 }
 
 impl Session {
-    fn new(worker_id: String, outbox: mpsc::Sender<Message>, max_response: usize) -> Self {
+    fn new(worker_id: String, outbox: Outbox, max_response: usize, flow_control: bool) -> Self {
         Session {
             worker_id,
             outbox,
+            flow_control,
             calls: Mutex::default(),
             next_id: AtomicU64::new(1),
             unanswered: AtomicU32::new(0),
@@ -190,8 +194,8 @@ impl Session {
     /// A session with no connection behind it, for registry tests.
     #[cfg(test)]
     pub(crate) fn detached(worker_id: &str) -> Arc<Self> {
-        let (tx, _rx) = mpsc::channel(1);
-        Arc::new(Self::new(worker_id.to_owned(), tx, usize::MAX))
+        let (outbox, _inbox) = transport::outbox();
+        Arc::new(Self::new(worker_id.to_owned(), outbox, usize::MAX, false))
     }
 
     /// Why the session ended, once it has.
@@ -203,43 +207,64 @@ impl Session {
         self.calls.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a new call and returns its guard and the reply receiver.
-    pub(crate) fn start_call(
-        self: &Arc<Self>,
-    ) -> Result<(CallGuard, oneshot::Receiver<Reply>), Failure> {
+    /// Registers a new call and returns its guard, the reply receiver and,
+    /// with flow control, the window its request body must wait on.
+    pub(crate) fn start_call(self: &Arc<Self>) -> Result<Started, Failure> {
         let (tx, rx) = oneshot::channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut calls = self.lock();
         if let Some(cause) = &calls.closed {
             return Err(Failure::Lost(cause.clone()));
         }
+        let window = self
+            .flow_control
+            .then(|| Arc::new(Semaphore::new(protocol::WINDOW)));
         calls.map.insert(
             id,
             Pending {
                 head: Some(tx),
                 stream: None,
+                window: window.clone(),
             },
         );
         drop(calls);
-        Ok((
-            CallGuard {
+        Ok(Started {
+            guard: CallGuard {
                 session: self.clone(),
                 id,
                 reason: "client_gone",
             },
-            rx,
-        ))
+            reply: rx,
+            window,
+        })
     }
 
-    /// Queues frames for the worker, waiting if its outbox is full.
-    pub(crate) async fn send(&self, frames: Vec<Bytes>) -> Result<(), Failure> {
-        for frame in frames {
-            self.outbox
-                .send(Message::Binary(frame))
-                .await
-                .map_err(|_| Failure::Lost("connection closed while sending".into()))?;
+    /// Queues a message head (or a whole small message) for the worker.
+    pub(crate) async fn send_head(&self, frame: Bytes) -> Result<(), Failure> {
+        self.outbox
+            .urgent(Message::Binary(frame))
+            .await
+            .map_err(|_| Failure::Lost("connection closed while sending".into()))
+    }
+
+    /// Queues a body chunk for the worker, waiting while the queue is full.
+    pub(crate) async fn send_chunk(&self, frame: Bytes) -> Result<(), Failure> {
+        self.outbox
+            .bulk(Message::Binary(frame))
+            .await
+            .map_err(|_| Failure::Lost("connection closed while sending".into()))
+    }
+
+    /// A `credit` from the worker: it consumed `bytes` more of call `id`'s
+    /// request body.
+    fn credit(&self, id: u64, bytes: u64) {
+        let calls = self.lock();
+        if let Some(window) = calls.map.get(&id).and_then(|p| p.window.as_ref()) {
+            // Never more than a window at once: a confused or hostile
+            // worker cannot make the bridge send unbounded amounts.
+            let room = protocol::WINDOW.saturating_sub(window.available_permits());
+            window.add_permits(usize::try_from(bytes).unwrap_or(usize::MAX).min(room));
         }
-        Ok(())
     }
 
     /// Ends the session: every pending call fails with `cause`. Only the
@@ -308,8 +333,17 @@ impl Session {
         let (sender, stream_body) = Body::channel();
         let buffered = Arc::new(AtomicUsize::new(body.len()));
         let taken = buffered.clone();
+        let credit = self.flow_control.then(|| (self.outbox.clone(), head.id));
         let stream_body = stream_body.on_read(move |n| {
             taken.fetch_sub(n, Ordering::Relaxed);
+            // The caller took n bytes: the worker may send n more.
+            if let Some((outbox, id)) = &credit {
+                let frame = Control::Credit {
+                    id: *id,
+                    bytes: n as u64,
+                };
+                outbox.control(Message::text(protocol::encode_control(&frame)));
+            }
         });
         sender.send(body);
         pending.stream = Some(Stream {
@@ -508,11 +542,12 @@ pub(crate) async fn serve<S>(
     };
 
     let session_id = uuid::Uuid::now_v7().to_string();
-    let (outbox, rx) = mpsc::channel(OUTBOX);
+    let (outbox, inbox) = transport::outbox();
     let session = Arc::new(Session::new(
         hello.worker_id.clone(),
         outbox,
         shared.config.http.max_response_body.bytes(),
+        hello.flow_control,
     ));
     // Registered before the welcome goes out: a worker that has read its
     // welcome can count on being eligible for calls.
@@ -533,6 +568,11 @@ pub(crate) async fn serve<S>(
         ping_misses: cfg.ping_misses,
         max_frame: cfg.max_frame.0,
         max_response_body: shared.config.http.max_response_body.0,
+        window: if hello.flow_control {
+            protocol::WINDOW as u64
+        } else {
+            0
+        },
     });
     if let Err(e) = ws
         .send(Message::text(protocol::encode_control(&welcome)))
@@ -550,7 +590,7 @@ pub(crate) async fn serve<S>(
 
     let (sink, stream) = ws.split();
     let conn = shutdown.child_token();
-    let writer = tokio::spawn(write_loop(sink, rx, live.clone(), conn.clone()));
+    let writer = tokio::spawn(write_loop(sink, inbox, live.clone(), conn.clone()));
     let cause = read_loop(stream, &session, &shared, key, &conn).await;
     live.end(&cause);
     conn.cancel();
@@ -604,7 +644,7 @@ type Source<S> = futures_util::stream::SplitStream<WebSocketStream<S>>;
 /// schedule; and the decision to drop a worker that stopped answering them.
 async fn write_loop<S>(
     mut sink: Sink<S>,
-    mut rx: mpsc::Receiver<Message>,
+    mut inbox: Inbox,
     live: Arc<Live>,
     conn: CancellationToken,
 ) where
@@ -632,11 +672,11 @@ async fn write_loop<S>(
                     r = transport::step(stall, sink.send(Message::Ping(Bytes::new()))) => r,
                 }
             }
-            msg = rx.recv() => {
+            msg = inbox.recv() => {
                 let Some(msg) = msg else { break None };
                 tokio::select! {
                     _ = conn.cancelled() => break None,
-                    r = transport::write_batch(&mut sink, msg, &mut rx, stall) => r,
+                    r = transport::write_batch(&mut sink, msg, &mut inbox, stall) => r,
                 }
             }
         };
@@ -708,9 +748,9 @@ where
                 code: code.to_owned(),
                 message,
             };
-            let _ = session
+            session
                 .outbox
-                .try_send(Message::text(protocol::encode_control(&frame)));
+                .control(Message::text(protocol::encode_control(&frame)));
         }
     }
 }
@@ -764,6 +804,10 @@ fn on_text(session: &Session, shared: &Shared, key: u64, text: &str) -> Problem 
             message,
         }) => {
             warn!(worker = %session.worker_id, %code, %message, "worker reported an error");
+            None
+        }
+        Ok(Control::Credit { id, bytes }) => {
+            session.credit(id, bytes);
             None
         }
         Ok(Control::Drain) => {

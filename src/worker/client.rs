@@ -15,7 +15,6 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
@@ -23,7 +22,7 @@ use rustls::pki_types::ServerName;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
-    sync::{mpsc, watch},
+    sync::{watch, Semaphore},
     task::AbortHandle,
     time::Instant,
 };
@@ -42,7 +41,7 @@ use crate::{
     protocol::{
         self, BodyHead, Control, DataHead, Hello, RequestHead, ResponseHead, Welcome, CHUNK_SIZE,
     },
-    transport,
+    transport::{self, Outbox},
 };
 
 /// Time allowed for TCP, TLS, upgrade and welcome together.
@@ -50,9 +49,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A connection that lasted this long resets the backoff to its start.
 const STABLE_AFTER: Duration = Duration::from_secs(30);
-
-/// Frames queued towards the bridge before handlers wait.
-const OUTBOX: usize = 1024;
 
 /// Where and how a worker connects.
 #[derive(Debug, Clone)]
@@ -314,6 +310,7 @@ impl Worker {
                 worker_id: self.config.worker_id.clone(),
                 services: self.config.services.clone(),
                 max_inflight: self.config.max_inflight,
+                flow_control: true,
             });
             ws.send(Message::text(protocol::encode_control(&hello)))
                 .await
@@ -394,6 +391,20 @@ impl Target {
     }
 }
 
+/// One call in flight on the worker side.
+struct CallEntry {
+    /// Aborts the call's task (cancel, or the connection ending).
+    abort: AbortHandle,
+    /// With flow control: response body bytes this call may still send.
+    window: Option<Arc<Semaphore>>,
+}
+
+type Calls = Arc<Mutex<HashMap<u64, CallEntry>>>;
+
+fn lock(calls: &Calls) -> std::sync::MutexGuard<'_, HashMap<u64, CallEntry>> {
+    calls.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Serves calls on an established connection until it ends.
 async fn serve<S>(
     ws: WebSocketStream<S>,
@@ -408,8 +419,14 @@ where
     // with arithmetic (a zero or absurd interval must not spin or overflow).
     let interval = Duration::from_millis(welcome.ping_interval_ms.clamp(10, 86_400_000));
     let silence = transport::dead_after(interval, welcome.ping_misses.clamp(1, 1000));
+    // A window below one chunk could never let a chunk through.
+    let window = (welcome.window > 0).then(|| {
+        usize::try_from(welcome.window)
+            .unwrap_or(usize::MAX)
+            .clamp(CHUNK_SIZE, 64 << 20)
+    });
     let (mut sink, mut stream) = ws.split();
-    let (outbox, mut rx) = mpsc::channel::<Message>(OUTBOX);
+    let (outbox, mut inbox) = transport::outbox();
     let conn = CancellationToken::new();
     let _stop_writer = conn.clone().drop_guard();
     let writer_conn = conn.clone();
@@ -417,13 +434,13 @@ where
         loop {
             let msg = tokio::select! {
                 _ = writer_conn.cancelled() => break,
-                m = rx.recv() => match m { Some(m) => m, None => break },
+                m = inbox.recv() => match m { Some(m) => m, None => break },
             };
             // A bridge that stops reading must not keep this task (and the
             // socket) alive after the connection is given up.
             let written = tokio::select! {
                 _ = writer_conn.cancelled() => break,
-                r = transport::write_batch(&mut sink, msg, &mut rx, silence) => r,
+                r = transport::write_batch(&mut sink, msg, &mut inbox, silence) => r,
             };
             if let Err(e) = written {
                 debug!(error = %e, "write to bridge failed");
@@ -434,7 +451,7 @@ where
         let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
     });
 
-    let calls: Arc<Mutex<HashMap<u64, AbortHandle>>> = Arc::default();
+    let calls: Calls = Arc::default();
     // Aborts every handler still running when the connection ends: their
     // replies could not be delivered anyway.
     let _abort_all = AbortOnDrop(calls.clone());
@@ -444,6 +461,7 @@ where
         handler,
         outbox: outbox.clone(),
         calls: calls.clone(),
+        window,
     };
     loop {
         let msg = tokio::select! {
@@ -463,9 +481,23 @@ where
                     ctx.start(head, Body::full(body))
                 }
                 Ok((DataHead::Request(head), body)) => {
-                    // The handler starts now and reads the body as it comes.
+                    // The handler starts now and reads the body as it comes;
+                    // with flow control, what it reads is credited back.
                     let (tx, stream) = Body::channel();
                     tx.send(body);
+                    let stream = match window {
+                        None => stream,
+                        Some(_) => {
+                            let (outbox, id) = (outbox.clone(), head.id);
+                            stream.on_read(move |n| {
+                                let frame = Control::Credit {
+                                    id,
+                                    bytes: n as u64,
+                                };
+                                outbox.control(Message::text(protocol::encode_control(&frame)));
+                            })
+                        }
+                    };
                     partial.insert(head.id, tx);
                     ctx.start(head, stream);
                 }
@@ -492,6 +524,16 @@ where
                 Ok(Control::Cancel { id, reason }) => {
                     debug!(id, %reason, "call cancelled by the bridge");
                     abandon(&calls, &mut partial, id, &reason);
+                }
+                Ok(Control::Credit { id, bytes }) => {
+                    let calls = lock(&calls);
+                    if let Some(w) = calls.get(&id).and_then(|c| c.window.as_ref()) {
+                        // At most a window: a confused bridge cannot make
+                        // this worker queue unbounded amounts.
+                        let cap = window.unwrap_or(0);
+                        let room = cap.saturating_sub(w.available_permits());
+                        w.add_permits(usize::try_from(bytes).unwrap_or(usize::MAX).min(room));
+                    }
                 }
                 Ok(Control::Error { id, code, message }) => {
                     warn!(?id, %code, %message, "bridge reported an error");
@@ -521,36 +563,30 @@ where
 
 /// Stops a call: its handler task is aborted and a request body still
 /// arriving ends with an error.
-fn abandon(
-    calls: &Mutex<HashMap<u64, AbortHandle>>,
-    partial: &mut HashMap<u64, BodySender>,
-    id: u64,
-    reason: &str,
-) {
+fn abandon(calls: &Calls, partial: &mut HashMap<u64, BodySender>, id: u64, reason: &str) {
     if let Some(tx) = partial.remove(&id) {
         tx.abort(BodyError::new(format!("call cancelled: {reason}")));
     }
-    let handle = calls.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-    if let Some(h) = handle {
-        h.abort();
+    if let Some(entry) = lock(calls).remove(&id) {
+        entry.abort.abort();
     }
 }
 
-fn send_error(outbox: &mpsc::Sender<Message>, id: Option<u64>, code: &str, message: &str) {
+fn send_error(outbox: &Outbox, id: Option<u64>, code: &str, message: &str) {
     let frame = Control::Error {
         id,
         code: code.to_owned(),
         message: message.to_owned(),
     };
-    let _ = outbox.try_send(Message::text(protocol::encode_control(&frame)));
+    outbox.control(Message::text(protocol::encode_control(&frame)));
 }
 
-struct AbortOnDrop(Arc<Mutex<HashMap<u64, AbortHandle>>>);
+struct AbortOnDrop(Calls);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        for (_, h) in self.0.lock().unwrap_or_else(|p| p.into_inner()).drain() {
-            h.abort();
+        for (_, entry) in lock(&self.0).drain() {
+            entry.abort.abort();
         }
     }
 }
@@ -558,8 +594,10 @@ impl Drop for AbortOnDrop {
 /// What each call task needs.
 struct CallCtx {
     handler: Arc<dyn Handler>,
-    outbox: mpsc::Sender<Message>,
-    calls: Arc<Mutex<HashMap<u64, AbortHandle>>>,
+    outbox: Outbox,
+    calls: Calls,
+    /// The per-call flow-control window, when the bridge grants one.
+    window: Option<usize>,
 }
 
 impl CallCtx {
@@ -572,9 +610,11 @@ impl CallCtx {
             self.outbox.clone(),
             self.calls.clone(),
         );
+        let window = self.window.map(|w| Arc::new(Semaphore::new(w)));
+        let send_window = window.clone();
         // The map lock is held across the spawn so the task's own removal
         // (which takes the same lock) cannot run before the insert.
-        let mut map = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = lock(&self.calls);
         let task = tokio::spawn(async move {
             let resp = match build_request(head, body) {
                 Ok(req) => match AssertUnwindSafe(handler.call(req)).catch_unwind().await {
@@ -586,79 +626,94 @@ impl CallCtx {
                 },
                 Err(reason) => plain(StatusCode::BAD_REQUEST, &reason),
             };
-            if let Err(reason) = send_response(id, resp, &outbox).await {
+            let sender = ReplySender {
+                id,
+                outbox: &outbox,
+                window: send_window.as_deref(),
+            };
+            if let Err(reason) = sender.send(resp).await {
                 warn!(id, %reason, "cannot send the handler's response");
-                let frame = Control::Error {
-                    id: Some(id),
-                    code: "bad_response".into(),
-                    message: reason,
-                };
-                let _ = outbox
-                    .send(Message::text(protocol::encode_control(&frame)))
-                    .await;
+                send_error(&outbox, Some(id), "bad_response", &reason);
             }
             // A cancel may abort the task until here: while a streamed
             // reply is being sent, it means "stop sending".
-            calls.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            lock(&calls).remove(&id);
         });
-        map.insert(id, task.abort_handle());
+        map.insert(
+            id,
+            CallEntry {
+                abort: task.abort_handle(),
+                window,
+            },
+        );
     }
 }
 
-/// Sends a response: in one frame or chunked when it is complete, or as a
-/// head followed by chunks as the body produces them. `Err` means the reply
-/// could not be (fully) sent and the call should be failed.
-async fn send_response(
+/// Sends one call's response.
+struct ReplySender<'a> {
     id: u64,
-    resp: Response<Body>,
-    outbox: &mpsc::Sender<Message>,
-) -> Result<(), String> {
-    let (parts, mut body) = resp.into_parts();
-    let head = |end| {
-        DataHead::Response(ResponseHead {
-            id,
-            status: parts.status.as_u16(),
-            headers: headers::to_wire(&parts.headers),
-            end,
-        })
-    };
-    let send = |frame: Bytes| async move {
-        outbox
-            .send(Message::Binary(frame))
+    outbox: &'a Outbox,
+    window: Option<&'a Semaphore>,
+}
+
+impl ReplySender<'_> {
+    /// Takes `n` bytes of window, waiting for the bridge's credit.
+    async fn reserve(&self, n: usize) -> Result<(), String> {
+        let Some(window) = self.window else {
+            return Ok(());
+        };
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        let permits = window
+            .acquire_many(n)
+            .await
+            .map_err(|_| "connection closed".to_owned())?;
+        permits.forget();
+        Ok(())
+    }
+
+    async fn chunk(&self, data: &[u8], end: bool) -> Result<(), String> {
+        self.reserve(data.len()).await?;
+        let frame = protocol::encode_data(&DataHead::Body(BodyHead { id: self.id, end }), data);
+        self.outbox
+            .bulk(Message::Binary(frame))
             .await
             .map_err(|_| "connection closed".to_owned())
-    };
-    if let Some(full) = body.as_full() {
-        for frame in protocol::encode_message(head, id, &full).map_err(|e| e.to_string())? {
-            send(frame).await?;
+    }
+
+    /// Sends a response: a small complete one in a single frame; anything
+    /// else as a head (at once, so the caller sees the status and the first
+    /// bytes without waiting for the rest) followed by chunks as the body
+    /// produces them. `Err` means the reply could not be fully sent.
+    async fn send(&self, resp: Response<Body>) -> Result<(), String> {
+        let (parts, mut body) = resp.into_parts();
+        let full = body.as_full().filter(|b| b.len() <= CHUNK_SIZE);
+        let head = DataHead::Response(ResponseHead {
+            id: self.id,
+            status: parts.status.as_u16(),
+            headers: headers::to_wire(&parts.headers),
+            end: full.is_some(),
+        });
+        let first = full.unwrap_or_default();
+        let frame = protocol::encode_head(&head, &first).map_err(|e| e.to_string())?;
+        self.reserve(first.len()).await?;
+        self.outbox
+            .urgent(Message::Binary(frame))
+            .await
+            .map_err(|_| "connection closed".to_owned())?;
+        if matches!(head, DataHead::Response(ResponseHead { end: true, .. })) {
+            return Ok(());
         }
-        return Ok(());
-    }
-    // The head goes out at once, so a caller sees the status (and, say, the
-    // first server-sent event) without waiting for the whole body.
-    let first = protocol::encode_data(&head(false), &[]);
-    if first.len() - 4 > protocol::MAX_HEADER_LEN {
-        return Err(format!(
-            "response headers exceed {} bytes",
-            protocol::MAX_HEADER_LEN
-        ));
-    }
-    send(first).await?;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| format!("the response body failed: {e}"))?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        for chunk in data.chunks(CHUNK_SIZE) {
-            let more = DataHead::Body(BodyHead { id, end: false });
-            send(protocol::encode_data(&more, chunk)).await?;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| format!("the response body failed: {e}"))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            for piece in data.chunks(CHUNK_SIZE) {
+                self.chunk(piece, false).await?;
+            }
         }
+        self.chunk(&[], true).await
     }
-    send(protocol::encode_data(
-        &DataHead::Body(BodyHead { id, end: true }),
-        &[],
-    ))
-    .await
 }
 
 fn plain(status: StatusCode, text: &str) -> Response<Body> {

@@ -400,6 +400,7 @@ impl RawWorker {
             worker_id: "raw".into(),
             services: services.iter().map(|s| s.to_string()).collect(),
             max_inflight,
+            flow_control: false,
         });
         with_timeout(ws.send(Message::text(protocol::encode_control(&hello))))
             .await
@@ -413,6 +414,7 @@ impl RawWorker {
                 ping_misses: 0,
                 max_frame: 0,
                 max_response_body: 0,
+                window: 0,
             },
         };
         match raw.next().await {
