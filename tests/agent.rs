@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::{convert::Infallible, net::SocketAddr, process::Stdio, time::Duration};
+use std::{convert::Infallible, net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
 use common::*;
@@ -59,28 +59,9 @@ async fn upstream() -> SocketAddr {
     addr
 }
 
-/// Starts `wsbridge worker` against `bridge` with `mode` arguments.
+/// Starts the agent against an in-process bridge.
 fn agent(bridge: &TestBridge, cert: &std::path::Path, mode: &[&str]) -> Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_wsbridge"))
-        .arg("worker")
-        .args([
-            "--connect",
-            &bridge.url(),
-            "--service",
-            "default",
-            "--service",
-            "orders",
-        ])
-        .arg("--ca")
-        .arg(cert)
-        .args(mode)
-        .env("WSBRIDGE_TOKEN", TOKEN)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn wsbridge worker")
+    spawn_agent(&bridge.url(), cert, mode)
 }
 
 fn write_cert(bridge: &TestBridge, dir: &TempDir) -> std::path::PathBuf {

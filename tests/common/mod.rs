@@ -580,10 +580,49 @@ impl BridgeProcess {
         cfg
     }
 
+    /// The peak resident memory of the process so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let pid = self.child.id().expect("bridge process is running");
+        let status =
+            std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .expect("VmHWM in /proc status")
+    }
+
     /// Sends SIGKILL.
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;
     }
+}
+
+/// Starts `wsbridge worker` (the agent) against `url`, trusting `ca`,
+/// serving `default` and `orders`, with `mode` arguments (`--echo` or
+/// `--upstream URL`). It is killed when the handle is dropped.
+pub fn spawn_agent(url: &str, ca: &std::path::Path, mode: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_wsbridge"))
+        .arg("worker")
+        .args([
+            "--connect",
+            url,
+            "--service",
+            "default",
+            "--service",
+            "orders",
+        ])
+        .arg("--ca")
+        .arg(ca)
+        .args(mode)
+        .env("WSBRIDGE_TOKEN", TOKEN)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn wsbridge worker")
 }
 
 /// A temporary directory removed on drop.
