@@ -154,3 +154,64 @@ async fn the_agent_reconnects_after_the_bridge_restarts() {
     );
     bridge.stop().await;
 }
+
+#[tokio::test]
+async fn a_caller_hanging_up_aborts_the_agents_upstream_request() {
+    let bridge = TestBridge::start(|c| c.http.queue_timeout = Duration::from_secs(20)).await;
+    let dir = TempDir::new("agent-abort");
+    // An upstream whose reply never ends; it reports when hyper drops it,
+    // which happens when the agent closes the upstream connection.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let up = listener.local_addr().expect("addr");
+    let (dropped_tx, mut dropped_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    struct OnDrop(tokio::sync::mpsc::UnboundedSender<()>);
+    impl Drop for OnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.send(());
+        }
+    }
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let dropped_tx = dropped_tx.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req: Request<Incoming>| {
+                    let guard = OnDrop(dropped_tx.clone());
+                    async move {
+                        let stream = futures_util::stream::unfold(guard, |g| async move {
+                            tokio::task::yield_now().await;
+                            let chunk = hyper::body::Frame::data(Bytes::from(vec![b'e'; 16384]));
+                            Some((Ok::<_, Infallible>(chunk), g))
+                        });
+                        Ok::<_, Infallible>(Response::new(http_body_util::StreamBody::new(stream)))
+                    }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    let _agent = agent(
+        &bridge,
+        &write_cert(&bridge, &dir),
+        &["--upstream", &format!("http://{up}")],
+    );
+    let req = Request::get(bridge.at("/endless"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = with_timeout(http_client().request(req))
+        .await
+        .expect("head");
+    let mut body = resp.into_body();
+    for _ in 0..4 {
+        with_timeout(body.frame())
+            .await
+            .expect("frame")
+            .expect("data");
+    }
+    drop(body);
+    with_timeout(dropped_rx.recv())
+        .await
+        .expect("the upstream request was aborted");
+    bridge.stop().await;
+}

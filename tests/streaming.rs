@@ -202,3 +202,105 @@ fn tokio_stream_from<T: Send + 'static>(
 ) -> impl futures_util::Stream<Item = T> + Send + 'static {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
+
+#[tokio::test]
+async fn a_caller_that_hangs_up_mid_upload_cancels_the_worker_and_leaves_nothing_behind() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
+    // Declare a 2 MB body, send 600 KB of it, then vanish.
+    let mut tcp = with_timeout(tokio::net::TcpStream::connect(bridge.http))
+        .await
+        .expect("connect");
+    let head = "POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n";
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, head.as_bytes())
+        .await
+        .expect("write");
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, &vec![b'u'; 600_000])
+        .await
+        .expect("write");
+    let req = loop {
+        match raw.next().await {
+            Frame::Data(DataHead::Request(h), _) => {
+                assert!(!h.end, "a 2 MB body streams");
+                break h;
+            }
+            other => panic!("expected the request head, got {other:?}"),
+        }
+    };
+    assert_eq!(bridge.handle.in_flight(), 1);
+    drop(tcp);
+    // Chunks may still be on their way; the cancel must follow.
+    loop {
+        match raw.next().await {
+            Frame::Data(DataHead::Body(b), _) => assert_eq!(b.id, req.id),
+            Frame::Control(Control::Cancel { id, reason }) => {
+                assert_eq!((id, reason.as_str()), (req.id, "client_gone"));
+                break;
+            }
+            other => panic!("expected chunks then cancel, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        bridge.handle.in_flight(),
+        0,
+        "the pending map is back to idle"
+    );
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn a_caller_that_hangs_up_mid_download_leaves_nothing_behind() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let (dropped_tx, mut dropped_rx) = mpsc::unbounded_channel::<()>();
+    /// Signals when the worker's streaming body is dropped (the library
+    /// aborted the call).
+    struct OnDrop(mpsc::UnboundedSender<()>);
+    impl Drop for OnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.send(());
+        }
+    }
+    let _w = bridge
+        .worker(&["default"], 4, move |_req: Request<Body>| {
+            let dropped_tx = dropped_tx.clone();
+            async move {
+                // An endless stream, as far as the caller is concerned.
+                let guard = OnDrop(dropped_tx);
+                let stream = futures_util::stream::unfold(guard, |g| async move {
+                    let chunk = Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                        Bytes::from(vec![b'd'; 65536]),
+                    ));
+                    Some((chunk, g))
+                });
+                Response::new(Body::wrap(http_body_util::StreamBody::new(stream)))
+            }
+        })
+        .await;
+    let req = Request::get(bridge.at("/endless"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = with_timeout(http_client().request(req))
+        .await
+        .expect("head");
+    let mut body = resp.into_body();
+    for _ in 0..10 {
+        with_timeout(body.frame())
+            .await
+            .expect("frame")
+            .expect("data");
+    }
+    assert_eq!(bridge.handle.in_flight(), 1);
+    drop(body);
+    // The bridge cancels, the library drops the handler's stream...
+    with_timeout(dropped_rx.recv())
+        .await
+        .expect("worker stream dropped");
+    // ...and the bridge holds nothing for the call any more.
+    with_timeout(async {
+        while bridge.handle.in_flight() > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    bridge.stop().await;
+}

@@ -104,6 +104,17 @@ impl Handle {
         self.shared.registry.connected(service)
     }
 
+    /// Calls sent to workers and not yet finished, streamed replies
+    /// included: what the pending maps hold right now.
+    pub fn in_flight(&self) -> usize {
+        self.shared
+            .registry
+            .sessions()
+            .iter()
+            .map(|s| s.pending())
+            .sum()
+    }
+
     /// Calls of `service` waiting for a free worker.
     pub fn queued(&self, service: &str) -> usize {
         self.shared.registry.queued(service)

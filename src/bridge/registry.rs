@@ -168,6 +168,15 @@ impl Registry {
             .map_or(0, |s| s.workers.len())
     }
 
+    /// Every connected worker's session.
+    pub(crate) fn sessions(&self) -> Vec<Arc<Session>> {
+        self.lock()
+            .workers
+            .values()
+            .map(|s| s.session.clone())
+            .collect()
+    }
+
     /// Calls of a service waiting for a worker.
     pub(crate) fn queued(&self, service: &str) -> usize {
         self.lock()

@@ -198,6 +198,11 @@ impl Session {
         Arc::new(Self::new(worker_id.to_owned(), outbox, usize::MAX, false))
     }
 
+    /// Calls sent to this worker and not finished (streams included).
+    pub(crate) fn pending(&self) -> usize {
+        self.lock().map.len()
+    }
+
     /// Why the session ended, once it has.
     fn end_cause(&self) -> Option<String> {
         self.lock().closed.clone()
