@@ -42,7 +42,9 @@ async fn handler(req: Request<Body>) -> Response<Body> {
                 }
                 let n = left.min(chunk.len());
                 left -= n;
-                std::task::Poll::Ready(Some(Ok::<_, Infallible>(hyper::body::Frame::data(chunk.slice(..n)))))
+                std::task::Poll::Ready(Some(Ok::<_, Infallible>(hyper::body::Frame::data(
+                    chunk.slice(..n),
+                ))))
             });
             Response::new(Body::wrap(StreamBody::new(stream)))
         }
@@ -67,7 +69,9 @@ fn upload_body() -> Body {
         }
         let n = left.min(chunk.len());
         left -= n;
-        std::task::Poll::Ready(Some(Ok::<_, Infallible>(hyper::body::Frame::data(chunk.slice(..n)))))
+        std::task::Poll::Ready(Some(Ok::<_, Infallible>(hyper::body::Frame::data(
+            chunk.slice(..n),
+        ))))
     });
     Body::wrap(StreamBody::new(stream))
 }
@@ -82,7 +86,9 @@ async fn small_calls(base: &str) -> Vec<Duration> {
             let mut lat = Vec::new();
             for _ in (w..SMALL_CALLS).step_by(SMALL_CONCURRENCY) {
                 let started = Instant::now();
-                let req = Request::get(&url).body(Full::new(Bytes::new())).expect("request");
+                let req = Request::get(&url)
+                    .body(Full::new(Bytes::new()))
+                    .expect("request");
                 let resp = client.request(req).await.expect("small call");
                 let body = resp.into_body().collect().await.expect("body").to_bytes();
                 assert_eq!(body, "ok");
@@ -129,8 +135,9 @@ async fn main() {
         let started = Instant::now();
         let mut transfers = Vec::new();
         for i in 0..TRANSFERS {
-            let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build(hyper_util::client::legacy::connect::HttpConnector::new());
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build(hyper_util::client::legacy::connect::HttpConnector::new());
             let base = base.clone();
             transfers.push(tokio::spawn(async move {
                 let req = if i % 2 == 0 {
@@ -143,7 +150,10 @@ async fn main() {
                 let mut body = resp.into_body();
                 let mut n = 0usize;
                 while let Some(frame) = body.frame().await {
-                    n += frame.expect("transfer body").into_data().map_or(0, |d| d.len());
+                    n += frame
+                        .expect("transfer body")
+                        .into_data()
+                        .map_or(0, |d| d.len());
                 }
                 n
             }));
@@ -172,15 +182,25 @@ async fn main() {
     println!("\nsmall calls ({SMALL_CALLS} per phase, concurrency {SMALL_CONCURRENCY}), medians of {ROUNDS} alternating rounds");
     println!("| phase | p50 | p99 |");
     println!("|---|---|---|");
-    println!("| A: alone | {:.2} ms | {:.2} ms |", a50.as_secs_f64() * 1e3, a99.as_secs_f64() * 1e3);
+    println!(
+        "| A: alone | {:.2} ms | {:.2} ms |",
+        a50.as_secs_f64() * 1e3,
+        a99.as_secs_f64() * 1e3
+    );
     println!(
         "| B: with {TRANSFERS} x 100 MiB transfers | {:.2} ms | {:.2} ms |",
         b50.as_secs_f64() * 1e3,
         b99.as_secs_f64() * 1e3
     );
     println!("p99 ratio B/A: {ratio:.2}x (target <= 3x)");
-    println!("transfers: {mib:.0} MiB in {transfer_time:.1} s ({:.0} MiB/s)", mib / transfer_time);
-    println!("bridge peak RSS: {:.1} MiB", bridge.peak_rss() as f64 / 1048576.0);
+    println!(
+        "transfers: {mib:.0} MiB in {transfer_time:.1} s ({:.0} MiB/s)",
+        mib / transfer_time
+    );
+    println!(
+        "bridge peak RSS: {:.1} MiB",
+        bridge.peak_rss() as f64 / 1048576.0
+    );
     if check && ratio > 3.0 {
         eprintln!("FAILED: small-call p99 with transfers is {ratio:.2}x the p99 without");
         std::process::exit(1);

@@ -15,7 +15,7 @@ use std::{
 
 use serde::{de, Deserialize, Deserializer};
 
-use crate::protocol::{MAX_HEADER_LEN, MIN_FRAME};
+use crate::protocol::{CHUNK_SIZE, MAX_HEADER_LEN, MIN_FRAME};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -94,6 +94,9 @@ pub struct WorkersConfig {
     /// Largest WebSocket message accepted from a worker.
     #[serde(default = "defaults::max_frame")]
     pub max_frame: ByteSize,
+    /// Per-call flow-control window offered to workers that do flow control.
+    #[serde(default = "defaults::flow_window")]
+    pub flow_window: ByteSize,
 }
 
 /// One `[[routes]]` entry.
@@ -152,6 +155,9 @@ mod defaults {
     }
     pub(super) fn max_frame() -> ByteSize {
         ByteSize(1 << 20)
+    }
+    pub(super) fn flow_window() -> ByteSize {
+        ByteSize(crate::protocol::WINDOW as u64)
     }
 }
 
@@ -248,6 +254,13 @@ impl Config {
             return Err(invalid(
                 "workers.max_frame",
                 format!("must be at least {MIN_FRAME} bytes (one body chunk plus a {MAX_HEADER_LEN}-byte header)"),
+            ));
+        }
+        let window = self.workers.flow_window.bytes();
+        if !(CHUNK_SIZE..=64 << 20).contains(&window) {
+            return Err(invalid(
+                "workers.flow_window",
+                format!("must be between {CHUNK_SIZE} bytes (one chunk) and 64MiB"),
             ));
         }
         if self.workers.tokens.is_empty() {

@@ -212,7 +212,7 @@ async fn accept_workers(
                 }
             },
         };
-        let _ = tcp.set_nodelay(true);
+        crate::transport::tune(&tcp);
         let (shared, shutdown, tls) = (shared.clone(), shutdown.clone(), tls.clone());
         tasks.spawn(
             async move {

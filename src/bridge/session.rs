@@ -61,8 +61,8 @@ pub(crate) struct Session {
     pub(crate) worker_id: String,
     /// Frames to the writer task.
     outbox: Outbox,
-    /// The worker takes part in per-call flow control.
-    flow_control: bool,
+    /// The per-call flow-control window, if the worker does flow control.
+    window: Option<usize>,
     /// Calls sent and not yet answered.
     calls: Mutex<Calls>,
     /// Next call id on this connection.
@@ -179,11 +179,11 @@ impl Drop for Live {
 }
 
 impl Session {
-    fn new(worker_id: String, outbox: Outbox, max_response: usize, flow_control: bool) -> Self {
+    fn new(worker_id: String, outbox: Outbox, max_response: usize, window: Option<usize>) -> Self {
         Session {
             worker_id,
             outbox,
-            flow_control,
+            window,
             calls: Mutex::default(),
             next_id: AtomicU64::new(1),
             unanswered: AtomicU32::new(0),
@@ -195,7 +195,7 @@ impl Session {
     #[cfg(test)]
     pub(crate) fn detached(worker_id: &str) -> Arc<Self> {
         let (outbox, _inbox) = transport::outbox();
-        Arc::new(Self::new(worker_id.to_owned(), outbox, usize::MAX, false))
+        Arc::new(Self::new(worker_id.to_owned(), outbox, usize::MAX, None))
     }
 
     /// Calls sent to this worker and not finished (streams included).
@@ -221,9 +221,7 @@ impl Session {
         if let Some(cause) = &calls.closed {
             return Err(Failure::Lost(cause.clone()));
         }
-        let window = self
-            .flow_control
-            .then(|| Arc::new(Semaphore::new(protocol::WINDOW)));
+        let window = self.window.map(|w| Arc::new(Semaphore::new(w)));
         calls.map.insert(
             id,
             Pending {
@@ -267,7 +265,8 @@ impl Session {
         if let Some(window) = calls.map.get(&id).and_then(|p| p.window.as_ref()) {
             // Never more than a window at once: a confused or hostile
             // worker cannot make the bridge send unbounded amounts.
-            let room = protocol::WINDOW.saturating_sub(window.available_permits());
+            let cap = self.window.unwrap_or(0);
+            let room = cap.saturating_sub(window.available_permits());
             window.add_permits(usize::try_from(bytes).unwrap_or(usize::MAX).min(room));
         }
     }
@@ -338,7 +337,7 @@ impl Session {
         let (sender, stream_body) = Body::channel();
         let buffered = Arc::new(AtomicUsize::new(body.len()));
         let taken = buffered.clone();
-        let credit = self.flow_control.then(|| (self.outbox.clone(), head.id));
+        let credit = self.window.map(|_| (self.outbox.clone(), head.id));
         let stream_body = stream_body.on_read(move |n| {
             taken.fetch_sub(n, Ordering::Relaxed);
             // The caller took n bytes: the worker may send n more.
@@ -552,7 +551,7 @@ pub(crate) async fn serve<S>(
         hello.worker_id.clone(),
         outbox,
         shared.config.http.max_response_body.bytes(),
-        hello.flow_control,
+        hello.flow_control.then(|| cfg.flow_window.bytes()),
     ));
     // Registered before the welcome goes out: a worker that has read its
     // welcome can count on being eligible for calls.
@@ -574,7 +573,7 @@ pub(crate) async fn serve<S>(
         max_frame: cfg.max_frame.0,
         max_response_body: shared.config.http.max_response_body.0,
         window: if hello.flow_control {
-            protocol::WINDOW as u64
+            cfg.flow_window.0
         } else {
             0
         },

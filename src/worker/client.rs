@@ -243,7 +243,7 @@ impl Worker {
                 .map_err(|e| {
                     WorkerError::Connect(format!("{}:{}: {e}", target.host, target.port))
                 })?;
-            let _ = tcp.set_nodelay(true);
+            crate::transport::tune(&tcp);
             Ok::<_, WorkerError>(tcp)
         };
         let within =
