@@ -11,7 +11,6 @@
 //! also exits non-zero when B's p99 exceeds 3x A's (the target).
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::{
