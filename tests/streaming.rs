@@ -300,3 +300,32 @@ async fn a_caller_that_hangs_up_mid_download_leaves_nothing_behind() {
     .await;
     bridge.stop().await;
 }
+
+#[tokio::test]
+async fn a_stream_that_goes_quiet_is_cut_off_after_request_timeout() {
+    let bridge =
+        TestBridge::start(|c| c.http.request_timeout = std::time::Duration::from_millis(300)).await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
+    let req = Request::get(bridge.at("/stalls"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let client = http_client();
+    let call = tokio::spawn(async move { client.request(req).await });
+    let (req, _) = raw.next_request().await;
+    raw.send_binary(wsbridge::protocol::encode_data(
+        &response_head(req.id, 200, false),
+        b"some",
+    ))
+    .await;
+    let resp = with_timeout(call).await.expect("join").expect("head");
+    // Then nothing: the caller's body is cut off and the worker told why.
+    let body = with_timeout(resp.into_body().collect()).await;
+    assert!(body.is_err(), "a stalled stream must not end cleanly");
+    match raw.next().await {
+        Frame::Control(Control::Cancel { id, reason }) => {
+            assert_eq!((id, reason.as_str()), (req.id, "timeout"));
+        }
+        other => panic!("expected cancel, got {other:?}"),
+    }
+    bridge.stop().await;
+}

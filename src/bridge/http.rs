@@ -3,6 +3,7 @@
 
 use std::{
     convert::Infallible,
+    future::Future,
     net::SocketAddr,
     pin::Pin,
     sync::Arc,
@@ -312,6 +313,7 @@ async fn call(
             session: session.clone(),
             id,
             window,
+            idle_limit: target.request_timeout,
         };
         let head_frame = frames.next().unwrap_or_default();
         let mut pump = AbortOnDropHandle::new(tokio::spawn(upload.run(head_frame, start, body)));
@@ -347,8 +349,10 @@ async fn call(
             // caller has read it all or hung up; a complete one is done.
             let call = resp.body().as_full().is_none().then_some(Held {
                 _upload: upload,
-                _guard: guard,
+                guard,
                 _lease: lease,
+                idle_limit: target.request_timeout,
+                idle: Box::pin(tokio::time::sleep(target.request_timeout)),
             });
             Ok(resp.map(|body| CallBody { body, _call: call }))
         }
@@ -375,6 +379,8 @@ struct Upload {
     session: Arc<Session>,
     id: u64,
     window: Option<Arc<Semaphore>>,
+    /// Longest silence from the caller mid-body.
+    idle_limit: Duration,
 }
 
 impl Upload {
@@ -421,7 +427,17 @@ impl Upload {
         for piece in start[first..].chunks(protocol::CHUNK_SIZE) {
             self.chunk(piece, false).await?;
         }
-        while let Some(frame) = body.frame().await {
+        loop {
+            // A caller that stops sending mid-body holds a worker slot; give
+            // up after the route's request_timeout of silence.
+            let next = tokio::time::timeout(self.idle_limit, body.frame())
+                .await
+                .map_err(|_| {
+                    UploadError::Caller(
+                        format!("no request body data for {:?}", self.idle_limit).into(),
+                    )
+                })?;
+            let Some(frame) = next else { break };
             let frame = frame.map_err(UploadError::Caller)?;
             let Ok(data) = frame.into_data() else {
                 continue;
@@ -480,8 +496,12 @@ pub(crate) struct CallBody {
 /// worker's slot is freed.
 struct Held {
     _upload: Option<AbortOnDropHandle<Result<(), UploadError>>>,
-    _guard: CallGuard,
+    guard: CallGuard,
     _lease: Lease,
+    /// A streamed reply that goes quiet for the route's `request_timeout`
+    /// is cut off (and the worker told `timeout`), like a proxy read timeout.
+    idle_limit: Duration,
+    idle: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl HttpBody for CallBody {
@@ -492,7 +512,28 @@ impl HttpBody for CallBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        let Some(held) = this._call.as_mut() else {
+            return polled;
+        };
+        match polled {
+            Poll::Pending => {
+                if held.idle.as_mut().poll(cx).is_ready() {
+                    held.guard.reason = "timeout";
+                    let limit = held.idle_limit;
+                    return Poll::Ready(Some(Err(BodyError::new(format!(
+                        "the worker sent nothing for {limit:?}"
+                    )))));
+                }
+                Poll::Pending
+            }
+            ready => {
+                let deadline = tokio::time::Instant::now() + held.idle_limit;
+                held.idle.as_mut().reset(deadline);
+                ready
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
