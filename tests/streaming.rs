@@ -329,3 +329,103 @@ async fn a_stream_that_goes_quiet_is_cut_off_after_request_timeout() {
     }
     bridge.stop().await;
 }
+
+#[tokio::test]
+async fn an_upload_that_breaks_after_the_reply_started_aborts_the_call() {
+    let bridge =
+        TestBridge::start(|c| c.http.request_timeout = std::time::Duration::from_secs(20)).await;
+    // The echo streams its reply while still reading the request.
+    let _w = bridge.worker(&["default"], 4, wsbridge::worker::echo).await;
+    let mut tcp = with_timeout(tokio::net::TcpStream::connect(bridge.http))
+        .await
+        .expect("connect");
+    let head = "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n\r\n";
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, head.as_bytes())
+        .await
+        .expect("write");
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, &vec![b'e'; 600_000])
+        .await
+        .expect("write");
+    // Wait for the reply's status line: the reply is under way.
+    let mut seen = Vec::new();
+    while !seen.windows(12).any(|w| w == b"HTTP/1.1 200") {
+        let mut buf = [0u8; 4096];
+        let n = with_timeout(tokio::io::AsyncReadExt::read(&mut tcp, &mut buf))
+            .await
+            .expect("read");
+        assert!(n > 0, "connection closed before the reply started");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(bridge.handle.in_flight(), 1);
+    // The caller vanishes mid-upload: the call must end now, not when some
+    // timeout notices the silence.
+    drop(tcp);
+    let started = std::time::Instant::now();
+    with_timeout(async {
+        while bridge.handle.in_flight() > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn an_upload_that_crosses_max_body_after_the_reply_started_aborts_the_call() {
+    let bridge = TestBridge::start(|c| {
+        c.http.request_timeout = std::time::Duration::from_secs(20);
+        c.http.max_body = wsbridge::config::ByteSize(1_000_000);
+    })
+    .await;
+    let _w = bridge.worker(&["default"], 4, wsbridge::worker::echo).await;
+    let mut tcp = with_timeout(tokio::net::TcpStream::connect(bridge.http))
+        .await
+        .expect("connect");
+    let head = "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, head.as_bytes())
+        .await
+        .expect("write");
+    let chunk = |n: usize| {
+        let mut c = format!("{n:x}\r\n").into_bytes();
+        c.extend(std::iter::repeat_n(b'c', n));
+        c.extend_from_slice(b"\r\n");
+        c
+    };
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, &chunk(600_000))
+        .await
+        .expect("write");
+    let mut seen = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    while !seen.windows(12).any(|w| w == b"HTTP/1.1 200") {
+        let n = with_timeout(tokio::io::AsyncReadExt::read(&mut tcp, &mut buf))
+            .await
+            .expect("read");
+        assert!(n > 0, "connection closed before the reply started");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // Now past max_body, while the caller is still reading the reply.
+    let _ = tokio::io::AsyncWriteExt::write_all(&mut tcp, &chunk(600_000)).await;
+    // The reply is cut off: the connection closes without the final chunk.
+    loop {
+        match with_timeout(tokio::io::AsyncReadExt::read(&mut tcp, &mut buf)).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    assert!(
+        !seen.ends_with(b"0\r\n\r\n"),
+        "a cut-off reply must not end like a complete one"
+    );
+    with_timeout(async {
+        while bridge.handle.in_flight() > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    })
+    .await;
+    bridge.stop().await;
+}

@@ -281,8 +281,12 @@ async fn call(
             end,
         })
     };
+    // Only a body that fits one chunk skips the upload path: anything longer
+    // goes through it even when already read whole, so that it respects the
+    // worker's flow-control window.
+    let single = complete && start.len() <= protocol::CHUNK_SIZE;
     // head_fits() checked this before a worker was chosen; this is the backstop.
-    let frames = if complete {
+    let frames = if single {
         protocol::encode_message(head, id, &start)
     } else {
         // The head carries the first chunk; the rest of what was read, and
@@ -293,7 +297,7 @@ async fn call(
     .map_err(|_| head_too_large)?;
     let exchange = async {
         let mut frames = frames.into_iter();
-        if complete {
+        if single {
             if let Some(first) = frames.next() {
                 session.send_head(first).await.map_err(failed)?;
             }
@@ -324,7 +328,22 @@ async fn call(
                     let resp = r
                         .unwrap_or_else(|_| Err(Failure::Lost("connection closed".into())))
                         .map_err(failed)?;
-                    return Ok((resp, (!pump.is_finished()).then_some(pump)));
+                    // An upload still running goes on beside the reply; if
+                    // it fails now, the call is aborted both ways.
+                    let watcher = (!pump.is_finished()).then(|| {
+                        let session = session.clone();
+                        AbortOnDropHandle::new(tokio::spawn(async move {
+                            let reason = match pump.await {
+                                Ok(Err(UploadError::Caller(e))) if e.is::<LengthLimitError>() => {
+                                    "body_too_large"
+                                }
+                                Ok(Err(UploadError::Caller(_))) => "client_gone",
+                                _ => return,
+                            };
+                            session.abort_call(id, reason);
+                        }))
+                    });
+                    return Ok((resp, watcher));
                 }
                 done = &mut pump, if !pump.is_finished() => match done {
                     Ok(Ok(())) => {}
@@ -495,7 +514,7 @@ pub(crate) struct CallBody {
 /// stops, then the call is removed (and cancelled if unfinished), then the
 /// worker's slot is freed.
 struct Held {
-    _upload: Option<AbortOnDropHandle<Result<(), UploadError>>>,
+    _upload: Option<AbortOnDropHandle<()>>,
     guard: CallGuard,
     _lease: Lease,
     /// A streamed reply that goes quiet for the route's `request_timeout`

@@ -290,6 +290,21 @@ impl Session {
         }
     }
 
+    /// Ends a call from the bridge's side: the caller's reply (or its body,
+    /// if streaming) fails, and the worker is told to stop.
+    pub(crate) fn abort_call(&self, id: u64, reason: &str) {
+        let removed = self.lock().map.remove(&id);
+        if let Some(p) = removed {
+            p.fail(Failure::Bad(format!("call aborted: {reason}")));
+            let cancel = Control::Cancel {
+                id,
+                reason: reason.to_owned(),
+            };
+            self.outbox
+                .control(Message::text(protocol::encode_control(&cancel)));
+        }
+    }
+
     /// Fails one call, if it is still pending.
     fn fail(&self, id: u64, failure: Failure) {
         let removed = self.lock().map.remove(&id);

@@ -401,8 +401,12 @@ struct CallEntry {
 
 type Calls = Arc<Mutex<HashMap<u64, CallEntry>>>;
 
-fn lock(calls: &Calls) -> std::sync::MutexGuard<'_, HashMap<u64, CallEntry>> {
-    calls.lock().unwrap_or_else(|p| p.into_inner())
+/// Request bodies still arriving, by call id. Shared with the call tasks:
+/// a handler that answers before its body has ended drops the rest.
+type Partials = Arc<Mutex<HashMap<u64, BodySender>>>;
+
+fn lock<T>(map: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    map.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Serves calls on an established connection until it ends.
@@ -456,11 +460,12 @@ where
     // replies could not be delivered anyway.
     let _abort_all = AbortOnDrop(calls.clone());
     // Request bodies still arriving, by call id.
-    let mut partial: HashMap<u64, BodySender> = HashMap::new();
+    let partial: Partials = Arc::default();
     let ctx = CallCtx {
         handler,
         outbox: outbox.clone(),
         calls: calls.clone(),
+        partial: partial.clone(),
         window,
     };
     loop {
@@ -498,15 +503,16 @@ where
                             })
                         }
                     };
-                    partial.insert(head.id, tx);
+                    lock(&partial).insert(head.id, tx);
                     ctx.start(head, stream);
                 }
                 Ok((DataHead::Body(b), chunk)) => {
-                    if let Some(tx) = partial.get(&b.id) {
+                    let mut bodies = lock(&partial);
+                    if let Some(tx) = bodies.get(&b.id) {
                         tx.send(chunk);
                     }
                     if b.end {
-                        if let Some(tx) = partial.remove(&b.id) {
+                        if let Some(tx) = bodies.remove(&b.id) {
                             tx.finish();
                         }
                     }
@@ -523,7 +529,7 @@ where
             Message::Text(text) => match protocol::decode_control(&text) {
                 Ok(Control::Cancel { id, reason }) => {
                     debug!(id, %reason, "call cancelled by the bridge");
-                    abandon(&calls, &mut partial, id, &reason);
+                    abandon(&calls, &partial, id, &reason);
                 }
                 Ok(Control::Credit { id, bytes }) => {
                     let calls = lock(&calls);
@@ -539,7 +545,7 @@ where
                     warn!(?id, %code, %message, "bridge reported an error");
                     // An error about one call ends that call on the bridge.
                     if let Some(id) = id {
-                        abandon(&calls, &mut partial, id, &code);
+                        abandon(&calls, &partial, id, &code);
                     }
                 }
                 Ok(Control::Unknown) => {
@@ -563,8 +569,9 @@ where
 
 /// Stops a call: its handler task is aborted and a request body still
 /// arriving ends with an error.
-fn abandon(calls: &Calls, partial: &mut HashMap<u64, BodySender>, id: u64, reason: &str) {
-    if let Some(tx) = partial.remove(&id) {
+fn abandon(calls: &Calls, partial: &Partials, id: u64, reason: &str) {
+    let body = lock(partial).remove(&id);
+    if let Some(tx) = body {
         tx.abort(BodyError::new(format!("call cancelled: {reason}")));
     }
     if let Some(entry) = lock(calls).remove(&id) {
@@ -596,6 +603,7 @@ struct CallCtx {
     handler: Arc<dyn Handler>,
     outbox: Outbox,
     calls: Calls,
+    partial: Partials,
     /// The per-call flow-control window, when the bridge grants one.
     window: Option<usize>,
 }
@@ -605,10 +613,11 @@ impl CallCtx {
     /// still arriving.
     fn start(&self, head: RequestHead, body: Body) {
         let id = head.id;
-        let (handler, outbox, calls) = (
+        let (handler, outbox, calls, partial) = (
             self.handler.clone(),
             self.outbox.clone(),
             self.calls.clone(),
+            self.partial.clone(),
         );
         let window = self.window.map(|w| Arc::new(Semaphore::new(w)));
         let send_window = window.clone();
@@ -638,6 +647,9 @@ impl CallCtx {
             // A cancel may abort the task until here: while a streamed
             // reply is being sent, it means "stop sending".
             lock(&calls).remove(&id);
+            // The call is over: whatever of its request body has not
+            // arrived is no longer wanted (the bridge stops sending it).
+            lock(&partial).remove(&id);
         });
         map.insert(
             id,
