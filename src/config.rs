@@ -263,12 +263,6 @@ impl Config {
                 format!("must be between {CHUNK_SIZE} bytes (one chunk) and 64MiB"),
             ));
         }
-        if window > self.http.max_response_body.bytes() {
-            return Err(invalid(
-                "workers.flow_window",
-                "must not exceed `http.max_response_body` (a worker may have a whole window in flight)",
-            ));
-        }
         if self.workers.tokens.is_empty() {
             return Err(invalid("workers.tokens", "must list at least one token"));
         }

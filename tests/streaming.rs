@@ -409,6 +409,7 @@ async fn an_upload_that_crosses_max_body_after_the_reply_started_aborts_the_call
         seen.extend_from_slice(&buf[..n]);
     }
     // Now past max_body, while the caller is still reading the reply.
+    let crossed = std::time::Instant::now();
     let _ = tokio::io::AsyncWriteExt::write_all(&mut tcp, &chunk(600_000)).await;
     // The reply is cut off: the connection closes without the final chunk.
     loop {
@@ -427,5 +428,11 @@ async fn an_upload_that_crosses_max_body_after_the_reply_started_aborts_the_call
         }
     })
     .await;
+    // Ended by the size check itself, not by the 20 s silence limit.
+    assert!(
+        crossed.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        crossed.elapsed()
+    );
     bridge.stop().await;
 }

@@ -485,19 +485,11 @@ async fn a_reply_over_max_response_body_gives_502() {
         (r.head.status, r.error_code().as_str()),
         (StatusCode::BAD_GATEWAY, "bad_response")
     );
-    // A streamed reply (the echo streams bodies over one chunk) has sent
-    // its status already: the excess cuts the body off, which the caller
-    // sees as an error, never as a short body that looks complete.
-    let req = http::Request::post(bridge.at("/streamed"))
-        .body(http_body_util::Full::new(Bytes::from(vec![b'x'; 600_000])))
-        .expect("request");
-    // (hyper may not even have written the status line when the cut comes:
-    // then the request itself fails, which is just as honest.)
-    if let Ok(resp) = with_timeout(client.request(req)).await {
-        assert_eq!(resp.status(), StatusCode::OK);
-        let body = with_timeout(http_body_util::BodyExt::collect(resp.into_body())).await;
-        assert!(body.is_err(), "a cut-off body must not end cleanly");
-    }
+    // A streamed reply from a flow-controlled worker (the echo streams
+    // bodies over one chunk) never holds more than a window in the bridge,
+    // so it passes however large it is.
+    let r = post(&client, &bridge.at("/streamed"), vec![b'x'; 600_000]).await;
+    assert_eq!((r.head.status, r.body.len()), (StatusCode::OK, 600_000));
     bridge.stop().await;
 }
 

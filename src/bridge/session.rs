@@ -387,11 +387,12 @@ impl Session {
             return Err(reason);
         };
         let held = stream.buffered.fetch_add(chunk.len(), Ordering::Relaxed) + chunk.len();
-        if held > self.max_response {
+        // A flow-controlled worker may always have one window in flight.
+        let limit = self.max_response.max(self.window.unwrap_or(0));
+        if held > limit {
             drop(calls);
             let reason = format!(
-                "{held} bytes of the reply are waiting for the caller, more than max_response_body ({})",
-                self.max_response
+                "{held} bytes of the reply are waiting for the caller, more than the {limit} allowed"
             );
             self.fail(id, Failure::Bad(reason.clone()));
             return Err(reason);
