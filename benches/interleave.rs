@@ -117,16 +117,31 @@ fn median(mut v: Vec<Duration>) -> Duration {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let check = std::env::args().any(|a| a == "--check");
-    let bridge = BridgeProcess::start(
+    let bridge = BridgeProcess::start_with(
         r#"request_timeout = "600s"
         max_body = "1GiB""#,
+        "[[routes]]\nprefix = \"/small-svc\"\nservice = \"small\"",
     )
     .await;
+    // With `--separate`, small calls go to a second worker connection: the
+    // difference to the shared case shows what head-of-line blocking on the
+    // shared connection costs, as opposed to the two cores being busy.
+    let separate = std::env::args().any(|a| a == "--separate");
     let _worker = TestWorker::start(bridge.worker_config(&["default"], 4096), handler).await;
+    let _small_worker = if separate {
+        Some(TestWorker::start(bridge.worker_config(&["small"], 4096), handler).await)
+    } else {
+        None
+    };
+    let small_base = if separate {
+        format!("http://{}/small-svc", bridge.http)
+    } else {
+        format!("http://{}", bridge.http)
+    };
     let base = format!("http://{}", bridge.http);
     let (mut a50, mut a99, mut b50, mut b99, mut moved) = (vec![], vec![], vec![], vec![], vec![]);
     for round in 0..ROUNDS {
-        let alone = small_calls(&base).await;
+        let alone = small_calls(&small_base).await;
         a50.push(pct(&alone, 0.50));
         a99.push(pct(&alone, 0.99));
 
@@ -157,7 +172,7 @@ async fn main() {
                 n
             }));
         }
-        let busy = small_calls(&base).await;
+        let busy = small_calls(&small_base).await;
         let mut total = 0;
         for t in transfers {
             total += t.await.expect("join");

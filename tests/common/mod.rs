@@ -508,6 +508,12 @@ impl BridgeProcess {
     /// Starts `wsbridge serve` with the test config plus `extra` TOML lines
     /// appended to `[http]`, and waits for both listeners to be ready.
     pub async fn start(http_extra: &str) -> BridgeProcess {
+        Self::start_with(http_extra, "").await
+    }
+
+    /// Like [`BridgeProcess::start`], with `tail` (e.g. `[[routes]]`)
+    /// appended to the config.
+    pub async fn start_with(http_extra: &str, tail: &str) -> BridgeProcess {
         let dir = TempDir::new("bridge");
         let cert_path = dir.0.join("server.crt");
         let config = format!(
@@ -522,6 +528,7 @@ impl BridgeProcess {
             tls_key = "{}"
             auto_self_signed = true
             tokens = ["{TOKEN}"]
+            {tail}
             "#,
             cert_path.display(),
             dir.0.join("server.key").display()
