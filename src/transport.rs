@@ -105,6 +105,12 @@ impl Outbox {
         self.bulk.send(msg).await.map_err(|_| Closed)
     }
 
+    /// Queues a control frame if there is room, else drops it: for error
+    /// reports, which are advice, never for credits or cancels.
+    pub(crate) fn try_control(&self, msg: Message) {
+        let _ = self.urgent.try_send(msg);
+    }
+
     /// Queues a control frame from code that cannot wait (a `Drop`, the
     /// reader). If the queue is full, a task waits for room; the writer's
     /// stall bound ends that wait if the peer has stopped reading.

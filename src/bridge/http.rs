@@ -338,6 +338,7 @@ async fn call(
                                     "body_too_large"
                                 }
                                 Ok(Err(UploadError::Caller(_))) => "client_gone",
+                                Ok(Err(UploadError::Stalled)) => "timeout",
                                 _ => return,
                             };
                             session.abort_call(id, reason);
@@ -349,6 +350,7 @@ async fn call(
                     Ok(Ok(())) => {}
                     Ok(Err(UploadError::Worker(f))) => return Err(failed(f)),
                     Ok(Err(UploadError::Caller(e))) => return Err(read_error(e)),
+                    Ok(Err(UploadError::Stalled)) => return Err(timeout()),
                     Err(_) => return Err(failed(Failure::Lost("upload task failed".into()))),
                 }
             }
@@ -390,6 +392,8 @@ enum UploadError {
     Worker(Failure),
     /// Reading the caller's body failed (or it grew past `max_body`).
     Caller(Box<dyn std::error::Error + Send + Sync>),
+    /// The worker granted no credit for this long.
+    Stalled,
 }
 
 /// Streams a request body to the worker after its head, chunk by chunk,
@@ -409,14 +413,17 @@ impl Upload {
             return Ok(());
         };
         let n = u32::try_from(n).unwrap_or(u32::MAX);
-        match window.acquire_many(n).await {
-            Ok(permits) => {
+        // Waiting for credit counts as silence too: an echo whose caller
+        // writes everything before reading would otherwise wait forever.
+        match tokio::time::timeout(self.idle_limit, window.acquire_many(n)).await {
+            Ok(Ok(permits)) => {
                 permits.forget();
                 Ok(())
             }
-            Err(_) => Err(UploadError::Worker(Failure::Lost(
+            Ok(Err(_)) => Err(UploadError::Worker(Failure::Lost(
                 "connection closed".into(),
             ))),
+            Err(_) => Err(UploadError::Stalled),
         }
     }
 
@@ -439,8 +446,10 @@ impl Upload {
     ) -> Result<(), UploadError> {
         let first = protocol::CHUNK_SIZE.min(start.len());
         self.reserve(first).await?;
+        // The head of a streamed body takes the bulk queue, in order with its
+        // chunks: through the urgent queue a chunk could overtake it.
         self.session
-            .send_head(head)
+            .send_chunk(head)
             .await
             .map_err(UploadError::Worker)?;
         for piece in start[first..].chunks(protocol::CHUNK_SIZE) {

@@ -387,8 +387,10 @@ impl Session {
             return Err(reason);
         };
         let held = stream.buffered.fetch_add(chunk.len(), Ordering::Relaxed) + chunk.len();
-        // A flow-controlled worker may always have one window in flight.
-        let limit = self.max_response.max(self.window.unwrap_or(0));
+        // A flow-controlled worker never has more than its window waiting
+        // (it gets credit only as the caller reads); one that overruns it
+        // is cut off. Others may fill up to max_response_body.
+        let limit = self.window.unwrap_or(self.max_response);
         if held > limit {
             drop(calls);
             let reason = format!(
@@ -768,9 +770,11 @@ where
                 code: code.to_owned(),
                 message,
             };
+            // Best effort: a worker flooding the bridge with junk while not
+            // reading must not make it queue (or spawn) anything for that.
             session
                 .outbox
-                .control(Message::text(protocol::encode_control(&frame)));
+                .try_control(Message::text(protocol::encode_control(&frame)));
         }
     }
 }
@@ -791,6 +795,14 @@ fn on_binary(session: &Session, frame: Bytes) -> Problem {
         }
     };
     let id = head.id();
+    // A chunk is a slice of its frame: held for a slow caller, it would keep
+    // the whole frame alive. A frame padded with large unknown fields must
+    // not make the bridge hold more than the bytes it counts.
+    let body = if frame.len() - body.len() > 4096 {
+        Bytes::copy_from_slice(&body)
+    } else {
+        body
+    };
     let result = match head {
         DataHead::Response(head) => session.on_response(head, body),
         DataHead::Body(b) => session.on_body(b.id, b.end, body),

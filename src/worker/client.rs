@@ -585,7 +585,7 @@ fn send_error(outbox: &Outbox, id: Option<u64>, code: &str, message: &str) {
         code: code.to_owned(),
         message: message.to_owned(),
     };
-    outbox.control(Message::text(protocol::encode_control(&frame)));
+    outbox.try_control(Message::text(protocol::encode_control(&frame)));
 }
 
 struct AbortOnDrop(Calls);
@@ -642,7 +642,13 @@ impl CallCtx {
             };
             if let Err(reason) = sender.send(resp).await {
                 warn!(id, %reason, "cannot send the handler's response");
-                send_error(&outbox, Some(id), "bad_response", &reason);
+                // Not best effort: this error is what ends the call on the bridge.
+                let frame = Control::Error {
+                    id: Some(id),
+                    code: "bad_response".into(),
+                    message: reason,
+                };
+                outbox.control(Message::text(protocol::encode_control(&frame)));
             }
             // A cancel may abort the task until here: while a streamed
             // reply is being sent, it means "stop sending".
@@ -705,16 +711,22 @@ impl ReplySender<'_> {
             headers: headers::to_wire(&parts.headers),
             end: full.is_some(),
         });
-        let first = full.unwrap_or_default();
+        let first = full.clone().unwrap_or_default();
         let frame = protocol::encode_head(&head, &first).map_err(|e| e.to_string())?;
         self.reserve(first.len()).await?;
+        if full.is_some() {
+            // A whole small reply overtakes queued chunks of other calls.
+            return self
+                .outbox
+                .urgent(Message::Binary(frame))
+                .await
+                .map_err(|_| "connection closed".to_owned());
+        }
+        // A streamed head stays in order with its own chunks.
         self.outbox
-            .urgent(Message::Binary(frame))
+            .bulk(Message::Binary(frame))
             .await
             .map_err(|_| "connection closed".to_owned())?;
-        if matches!(head, DataHead::Response(ResponseHead { end: true, .. })) {
-            return Ok(());
-        }
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| format!("the response body failed: {e}"))?;
             let Ok(data) = frame.into_data() else {
