@@ -66,10 +66,12 @@ pub fn to_wire(headers: &HeaderMap) -> Vec<Header> {
         .collect()
 }
 
-/// Converts wire pairs back to a header map, dropping hop-by-hop headers and
-/// `Content-Length` (the receiver frames the body itself). Fails on the first
-/// name or value that is not valid HTTP.
-pub fn from_wire(pairs: &[Header]) -> Result<HeaderMap, String> {
+/// Converts wire pairs back to a header map, dropping hop-by-hop headers.
+/// `Content-Length` is kept only for a streamed body (`streamed`), where it
+/// tells the next hop the size and lets HTTP catch a body cut short; a
+/// complete body is framed from its own length. Fails on the first name or
+/// value that is not valid HTTP.
+pub fn from_wire(pairs: &[Header], streamed: bool) -> Result<HeaderMap, String> {
     let mut map = HeaderMap::with_capacity(pairs.len());
     for (name, value) in pairs {
         let name = HeaderName::from_bytes(name.as_bytes())
@@ -79,7 +81,14 @@ pub fn from_wire(pairs: &[Header]) -> Result<HeaderMap, String> {
         map.append(name, value);
     }
     strip_hop_by_hop(&mut map);
-    map.remove(header::CONTENT_LENGTH);
+    let lengths = map.get_all(header::CONTENT_LENGTH).iter().count();
+    let valid = map
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.parse::<u64>().is_ok());
+    if !(streamed && lengths == 1 && valid) {
+        map.remove(header::CONTENT_LENGTH);
+    }
     Ok(map)
 }
 
@@ -115,13 +124,21 @@ mod tests {
 
     #[test]
     fn from_wire_rejects_invalid_names() {
-        assert!(from_wire(&[("bad name".into(), "v".into())]).is_err());
-        assert!(from_wire(&[("x".into(), "line\nbreak".into())]).is_err());
-        let map = from_wire(&[
-            ("content-length".into(), "99".into()),
-            ("upgrade".into(), "h2c".into()),
-            ("x-ok".into(), "1".into()),
-        ])
+        assert!(from_wire(&[("bad name".into(), "v".into())], false).is_err());
+        assert!(from_wire(&[("x".into(), "line\nbreak".into())], false).is_err());
+        let streamed = from_wire(&[("content-length".into(), "99".into())], true).expect("valid");
+        assert_eq!(
+            streamed.get("content-length").map(|v| v.as_bytes()),
+            Some(&b"99"[..])
+        );
+        let map = from_wire(
+            &[
+                ("content-length".into(), "99".into()),
+                ("upgrade".into(), "h2c".into()),
+                ("x-ok".into(), "1".into()),
+            ],
+            false,
+        )
         .expect("valid");
         assert_eq!(map.len(), 1);
     }

@@ -436,3 +436,29 @@ async fn an_upload_that_crosses_max_body_after_the_reply_started_aborts_the_call
     );
     bridge.stop().await;
 }
+
+#[tokio::test]
+async fn an_http10_caller_gets_a_502_not_a_silently_short_body() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
+    let mut tcp = with_timeout(tokio::net::TcpStream::connect(bridge.http))
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, b"GET /old HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let (req, _) = raw.next_request().await;
+    raw.send_binary(wsbridge::protocol::encode_data(
+        &response_head(req.id, 200, false),
+        b"partial",
+    ))
+    .await;
+    drop(raw); // the worker dies mid-body
+    let mut answer = Vec::new();
+    with_timeout(tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut answer))
+        .await
+        .expect("read");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.0 502"), "{text}");
+    bridge.stop().await;
+}

@@ -160,6 +160,7 @@ async fn call(
     };
 
     let (parts, body) = req.into_parts();
+    let caller_version = parts.version;
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -365,10 +366,35 @@ async fn call(
             Err(e)
         }
         Ok(Ok((resp, upload))) => {
+            let streamed = resp.body().as_full().is_none();
+            if streamed
+                && caller_version == http::Version::HTTP_10
+                && !resp.headers().contains_key(header::CONTENT_LENGTH)
+            {
+                // HTTP/1.0 has no chunked encoding: a body of unknown length
+                // ends by closing the connection, which looks the same
+                // whether it is complete or cut off. Collect it (the call
+                // stays alive meanwhile) so a cut-off becomes a 502.
+                let (head, body) = resp.into_parts();
+                let collected = body
+                    .collect(shared.config.http.max_response_body.bytes())
+                    .await;
+                drop((upload, guard, lease));
+                return match collected {
+                    Ok(bytes) => Ok(Response::from_parts(
+                        head,
+                        CallBody {
+                            body: Body::full(bytes),
+                            _call: None,
+                        },
+                    )),
+                    Err(e) => Err(failed(Failure::Bad(e.to_string()))),
+                };
+            }
             // A streamed reply keeps the call (its cancel-on-drop guard, its
             // worker slot and any upload still running) alive until the
             // caller has read it all or hung up; a complete one is done.
-            let call = resp.body().as_full().is_none().then_some(Held {
+            let call = streamed.then_some(Held {
                 _upload: upload,
                 guard,
                 _lease: lease,

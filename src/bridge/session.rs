@@ -425,7 +425,7 @@ fn check_head(head: &ResponseHead, body_len: usize, max: usize) -> Result<Respon
     if body_len > max {
         return Err(format!("response body exceeds {max} bytes"));
     }
-    let headers = headers::from_wire(&head.headers)?;
+    let headers = headers::from_wire(&head.headers, !head.end)?;
     let mut resp = Response::new(());
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;

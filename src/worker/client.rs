@@ -748,7 +748,7 @@ fn plain(status: StatusCode, text: &str) -> Response<Body> {
 
 /// Turns a request frame into an `http::Request`.
 fn build_request(head: RequestHead, body: Body) -> Result<Request<Body>, String> {
-    let headers = headers::from_wire(&head.headers)?;
+    let headers = headers::from_wire(&head.headers, body.as_full().is_none())?;
     let mut req = Request::builder()
         .method(head.method.as_str())
         .uri(head.path.as_str())

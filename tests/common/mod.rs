@@ -393,6 +393,16 @@ pub enum Frame {
 impl RawWorker {
     /// Connects, says hello and reads the welcome.
     pub async fn connect(bridge: &TestBridge, services: &[&str], max_inflight: u32) -> RawWorker {
+        Self::connect_with(bridge, services, max_inflight, false).await
+    }
+
+    /// Like [`RawWorker::connect`], optionally asking for flow control.
+    pub async fn connect_with(
+        bridge: &TestBridge,
+        services: &[&str],
+        max_inflight: u32,
+        flow_control: bool,
+    ) -> RawWorker {
         let mut ws = raw_connect(bridge, Some(TOKEN), Some(protocol::SUBPROTOCOL))
             .await
             .expect("upgrade");
@@ -400,7 +410,7 @@ impl RawWorker {
             worker_id: "raw".into(),
             services: services.iter().map(|s| s.to_string()).collect(),
             max_inflight,
-            flow_control: false,
+            flow_control,
         });
         with_timeout(ws.send(Message::text(protocol::encode_control(&hello))))
             .await
@@ -426,8 +436,13 @@ impl RawWorker {
 
     /// The next text or binary frame (pings are answered by tungstenite).
     pub async fn next(&mut self) -> Frame {
+        // One bound for the whole wait: pings alone must not keep it going.
+        with_timeout(self.next_unbounded()).await
+    }
+
+    async fn next_unbounded(&mut self) -> Frame {
         loop {
-            match with_timeout(self.ws.next()).await {
+            match self.ws.next().await {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Frame::Closed,
                 Some(Ok(Message::Text(t))) => {
                     return Frame::Control(
