@@ -97,6 +97,9 @@ pub struct WorkersConfig {
     /// Per-call flow-control window offered to workers that do flow control.
     #[serde(default = "defaults::flow_window")]
     pub flow_window: ByteSize,
+    /// Socket send buffer for worker connections (0: the OS's autotuning).
+    #[serde(default = "defaults::send_buffer")]
+    pub send_buffer: ByteSize,
 }
 
 /// One `[[routes]]` entry.
@@ -158,6 +161,9 @@ mod defaults {
     }
     pub(super) fn flow_window() -> ByteSize {
         ByteSize(crate::protocol::WINDOW as u64)
+    }
+    pub(super) fn send_buffer() -> ByteSize {
+        ByteSize(256 * 1024)
     }
 }
 

@@ -168,16 +168,20 @@ where
     step(stall, sink.flush()).await
 }
 
-/// Socket send buffer for worker connections. Bytes in the kernel's buffer
-/// are bytes an urgent frame (a small call's head) must wait behind; with
-/// per-call flow control keeping the pipe full, a small buffer costs no
-/// throughput on loopback or a LAN and bounds that wait.
+/// Default socket send buffer for worker connections. Bytes in the
+/// kernel's buffer are bytes an urgent frame (a small call's head) must wait
+/// behind; on loopback or a LAN a small buffer costs no throughput and
+/// bounds that wait. A fixed size turns off the kernel's autotuning, which
+/// long, fast links need: there, 0 (keep the OS default) is the better choice.
 pub(crate) const SEND_BUFFER: usize = 256 * 1024;
 
-/// Applies the worker-connection socket options.
-pub(crate) fn tune(tcp: &tokio::net::TcpStream) {
+/// Applies the worker-connection socket options; `send_buffer` 0 leaves the
+/// send buffer to the OS.
+pub(crate) fn tune(tcp: &tokio::net::TcpStream, send_buffer: usize) {
     let _ = tcp.set_nodelay(true);
-    let _ = socket2::SockRef::from(tcp).set_send_buffer_size(SEND_BUFFER);
+    if send_buffer > 0 {
+        let _ = socket2::SockRef::from(tcp).set_send_buffer_size(send_buffer);
+    }
 }
 
 /// `interval * (misses + 1)` without overflow: how long a peer may stay

@@ -212,7 +212,7 @@ async fn accept_workers(
                 }
             },
         };
-        crate::transport::tune(&tcp);
+        crate::transport::tune(&tcp, shared.config.workers.send_buffer.bytes());
         let (shared, shutdown, tls) = (shared.clone(), shutdown.clone(), tls.clone());
         tasks.spawn(
             async move {

@@ -71,6 +71,10 @@ pub struct WorkerConfig {
     pub backoff_max: Duration,
     /// Largest message accepted from the bridge.
     pub max_frame: usize,
+    /// Socket send buffer (0: the OS's autotuning, better on long, fast
+    /// links); the default keeps small replies from queueing behind large
+    /// ones on loopback and LANs.
+    pub send_buffer: usize,
 }
 
 impl WorkerConfig {
@@ -91,6 +95,7 @@ impl WorkerConfig {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
             max_frame: 64 << 20,
+            send_buffer: transport::SEND_BUFFER,
         }
     }
 }
@@ -243,7 +248,7 @@ impl Worker {
                 .map_err(|e| {
                     WorkerError::Connect(format!("{}:{}: {e}", target.host, target.port))
                 })?;
-            crate::transport::tune(&tcp);
+            crate::transport::tune(&tcp, self.config.send_buffer);
             Ok::<_, WorkerError>(tcp)
         };
         let within =
