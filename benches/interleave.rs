@@ -32,21 +32,7 @@ const ROUNDS: usize = 3;
 
 async fn handler(req: Request<Body>) -> Response<Body> {
     match req.uri().path() {
-        "/source" => {
-            let chunk = Bytes::from(vec![b's'; 256 * 1024]);
-            let mut left = TRANSFER_BYTES;
-            let stream = futures_util::stream::poll_fn(move |_| {
-                if left == 0 {
-                    return std::task::Poll::Ready(None);
-                }
-                let n = left.min(chunk.len());
-                left -= n;
-                std::task::Poll::Ready(Some(Ok::<_, Infallible>(hyper::body::Frame::data(
-                    chunk.slice(..n),
-                ))))
-            });
-            Response::new(Body::wrap(StreamBody::new(stream)))
-        }
+        "/source" => Response::new(generated(b's')),
         "/sink" => {
             let mut body = req.into_body();
             let mut n = 0usize;
@@ -59,8 +45,9 @@ async fn handler(req: Request<Body>) -> Response<Body> {
     }
 }
 
-fn upload_body() -> Body {
-    let chunk = Bytes::from(vec![b'u'; 256 * 1024]);
+/// A body of `TRANSFER_BYTES` bytes of `byte`, produced as it is read.
+fn generated(byte: u8) -> Body {
+    let chunk = Bytes::from(vec![byte; 256 * 1024]);
     let mut left = TRANSFER_BYTES;
     let stream = futures_util::stream::poll_fn(move |_| {
         if left == 0 {
@@ -157,7 +144,7 @@ async fn main() {
                 let req = if i % 2 == 0 {
                     Request::get(format!("{base}/source")).body(Body::empty())
                 } else {
-                    Request::post(format!("{base}/sink")).body(upload_body())
+                    Request::post(format!("{base}/sink")).body(generated(b'u'))
                 }
                 .expect("request");
                 let resp = client.request(req).await.expect("transfer");

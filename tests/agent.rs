@@ -164,12 +164,6 @@ async fn a_caller_hanging_up_aborts_the_agents_upstream_request() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let up = listener.local_addr().expect("addr");
     let (dropped_tx, mut dropped_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    struct OnDrop(tokio::sync::mpsc::UnboundedSender<()>);
-    impl Drop for OnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.send(());
-        }
-    }
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let dropped_tx = dropped_tx.clone();

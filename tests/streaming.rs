@@ -248,14 +248,6 @@ async fn a_caller_that_hangs_up_mid_upload_cancels_the_worker_and_leaves_nothing
 async fn a_caller_that_hangs_up_mid_download_leaves_nothing_behind() {
     let bridge = TestBridge::start(|_| {}).await;
     let (dropped_tx, mut dropped_rx) = mpsc::unbounded_channel::<()>();
-    /// Signals when the worker's streaming body is dropped (the library
-    /// aborted the call).
-    struct OnDrop(mpsc::UnboundedSender<()>);
-    impl Drop for OnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.send(());
-        }
-    }
     let _w = bridge
         .worker(&["default"], 4, move |_req: Request<Body>| {
             let dropped_tx = dropped_tx.clone();

@@ -445,13 +445,6 @@ async fn a_cancel_aborts_the_handler_in_the_worker_library() {
     let bridge = TestBridge::start(|c| c.http.request_timeout = Duration::from_millis(200)).await;
     let (dropped_tx, dropped_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let dropped_rx = std::sync::Arc::new(tokio::sync::Mutex::new(dropped_rx));
-    /// Signals when the handler's future is dropped.
-    struct OnDrop(tokio::sync::mpsc::UnboundedSender<()>);
-    impl Drop for OnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.send(());
-        }
-    }
     let _w = bridge
         .worker(&["default"], 4, move |_req: http::Request<Body>| {
             let guard = OnDrop(dropped_tx.clone());

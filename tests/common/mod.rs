@@ -684,5 +684,15 @@ where
     out
 }
 
+/// Signals through its channel when it is dropped: put one inside a
+/// handler's future or a body stream to observe that it was abandoned.
+pub struct OnDrop(pub tokio::sync::mpsc::UnboundedSender<()>);
+
+impl Drop for OnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
+
 /// Shared counter type for worker handlers.
 pub type Counter = Arc<std::sync::atomic::AtomicUsize>;
