@@ -76,18 +76,9 @@ async fn an_event_stream_reaches_the_caller_chunk_by_chunk() {
 async fn a_worker_lost_mid_reply_cuts_the_body_off() {
     let bridge = TestBridge::start(|_| {}).await;
     let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
-    let req = Request::get(bridge.at("/download"))
-        .body(Full::new(Bytes::new()))
-        .expect("request");
-    let client = http_client();
-    let call = tokio::spawn(async move { client.request(req).await });
-    let (req, _) = raw.next_request().await;
-    raw.send_binary(wsbridge::protocol::encode_data(
-        &response_head(req.id, 200, false),
-        b"first part",
-    ))
-    .await;
-    let resp = with_timeout(call).await.expect("join").expect("head");
+    let (_, resp) = raw
+        .streamed_reply(&bridge, "/download", b"first part")
+        .await;
     assert_eq!(resp.status(), StatusCode::OK);
     drop(raw); // the worker dies mid-body
     let body = with_timeout(resp.into_body().collect()).await;
@@ -102,18 +93,7 @@ async fn a_worker_lost_mid_reply_cuts_the_body_off() {
 async fn a_caller_that_hangs_up_mid_reply_cancels_the_worker() {
     let bridge = TestBridge::start(|_| {}).await;
     let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
-    let req = Request::get(bridge.at("/abandoned"))
-        .body(Full::new(Bytes::new()))
-        .expect("request");
-    let client = http_client();
-    let call = tokio::spawn(async move { client.request(req).await });
-    let (req, _) = raw.next_request().await;
-    raw.send_binary(wsbridge::protocol::encode_data(
-        &response_head(req.id, 200, false),
-        b"part",
-    ))
-    .await;
-    let resp = with_timeout(call).await.expect("join").expect("head");
+    let (req, resp) = raw.streamed_reply(&bridge, "/abandoned", b"part").await;
     drop(resp); // the caller walks away mid-body
     match raw.next().await {
         Frame::Control(Control::Cancel { id, reason }) => {
@@ -298,18 +278,7 @@ async fn a_stream_that_goes_quiet_is_cut_off_after_request_timeout() {
     let bridge =
         TestBridge::start(|c| c.http.request_timeout = std::time::Duration::from_millis(300)).await;
     let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
-    let req = Request::get(bridge.at("/stalls"))
-        .body(Full::new(Bytes::new()))
-        .expect("request");
-    let client = http_client();
-    let call = tokio::spawn(async move { client.request(req).await });
-    let (req, _) = raw.next_request().await;
-    raw.send_binary(wsbridge::protocol::encode_data(
-        &response_head(req.id, 200, false),
-        b"some",
-    ))
-    .await;
-    let resp = with_timeout(call).await.expect("join").expect("head");
+    let (req, resp) = raw.streamed_reply(&bridge, "/stalls", b"some").await;
     // Then nothing: the caller's body is cut off and the worker told why.
     let body = with_timeout(resp.into_body().collect()).await;
     assert!(body.is_err(), "a stalled stream must not end cleanly");

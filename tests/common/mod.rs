@@ -478,6 +478,30 @@ impl RawWorker {
         }
     }
 
+    /// Has the bridge call `path`, answers with a streamed reply head
+    /// carrying `first`, and returns the call's head and the caller's
+    /// response (its body still open).
+    pub async fn streamed_reply(
+        &mut self,
+        bridge: &TestBridge,
+        path: &str,
+        first: &[u8],
+    ) -> (protocol::RequestHead, Response<hyper::body::Incoming>) {
+        let req = Request::get(bridge.at(path))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let client = http_client();
+        let call = tokio::spawn(async move { client.request(req).await });
+        let (req, _) = self.next_request().await;
+        self.send_binary(protocol::encode_data(
+            &response_head(req.id, 200, false),
+            first,
+        ))
+        .await;
+        let resp = with_timeout(call).await.expect("join").expect("head");
+        (req, resp)
+    }
+
     /// Sends a raw binary frame.
     pub async fn send_binary(&mut self, frame: Bytes) {
         with_timeout(self.ws.send(Message::Binary(frame)))
