@@ -266,27 +266,6 @@ pub fn decode_control(text: &str) -> Result<Control, FrameError> {
     serde_json::from_str(text).map_err(|e| FrameError::Json(e.to_string()))
 }
 
-/// Splits a message body into frames: the head carries the first chunk, and
-/// `body` frames carry the rest, each at most [`CHUNK_SIZE`] bytes. `head`
-/// is called with the `end` flag of the first frame. Fails when the head's
-/// JSON would exceed [`MAX_HEADER_LEN`] (the receiver would refuse it).
-pub fn encode_message(
-    head: impl FnOnce(bool) -> DataHead,
-    id: u64,
-    body: &Bytes,
-) -> Result<Vec<Bytes>, FrameError> {
-    let mut chunks = body.chunks(CHUNK_SIZE);
-    let first = chunks.next().unwrap_or(&[]);
-    let total = body.len().div_ceil(CHUNK_SIZE).max(1);
-    let mut frames = Vec::with_capacity(total);
-    frames.push(encode_head(&head(total == 1), first)?);
-    for (i, chunk) in chunks.enumerate() {
-        let end = i + 2 == total;
-        frames.push(encode_data(&DataHead::Body(BodyHead { id, end }), chunk));
-    }
-    Ok(frames)
-}
-
 /// Encodes a head frame, refusing a JSON header the receiver would refuse.
 pub fn encode_head(head: &DataHead, body: &[u8]) -> Result<Bytes, FrameError> {
     let frame = encode_data(head, body);
@@ -383,7 +362,7 @@ mod tests {
             end: true,
         });
         assert!(matches!(
-            encode_message(|_| huge, 9, &Bytes::new()),
+            encode_head(&huge, &[]),
             Err(FrameError::HeaderTooLarge(_))
         ));
     }
@@ -414,30 +393,6 @@ mod tests {
         assert_eq!(
             decode_data(&Bytes::from(frame)).map(|f| f.0),
             Ok(DataHead::Unknown)
-        );
-    }
-
-    #[test]
-    fn large_bodies_are_chunked_with_one_end_flag() {
-        let body = Bytes::from(vec![7u8; CHUNK_SIZE * 2 + 5]);
-        let frames = encode_message(response, 7, &body).expect("encodes");
-        assert_eq!(frames.len(), 3);
-        let mut joined = Vec::new();
-        let mut ends = Vec::new();
-        for f in &frames {
-            let (head, part) = decode_data(f).expect("decodes");
-            ends.push(match head {
-                DataHead::Response(r) => r.end,
-                DataHead::Body(b) => b.end,
-                other => panic!("unexpected {other:?}"),
-            });
-            joined.extend_from_slice(&part);
-        }
-        assert_eq!(ends, vec![false, false, true]);
-        assert_eq!(joined, body);
-        assert_eq!(
-            encode_message(response, 7, &Bytes::new()).map(|f| f.len()),
-            Ok(1)
         );
     }
 }

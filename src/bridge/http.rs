@@ -287,24 +287,20 @@ async fn call(
     // worker's flow-control window.
     let single = complete && start.len() <= protocol::CHUNK_SIZE;
     // head_fits() checked this before a worker was chosen; this is the backstop.
-    let frames = if single {
-        protocol::encode_message(head, id, &start)
+    let head_frame = if single {
+        protocol::encode_head(&head(true), &start)
     } else {
         // The head carries the first chunk; the rest of what was read, and
         // everything after, follows as body chunks.
-        let first = start.slice(..protocol::CHUNK_SIZE.min(start.len()));
-        protocol::encode_head(&head(false), &first).map(|f| vec![f])
+        protocol::encode_head(
+            &head(false),
+            &start[..protocol::CHUNK_SIZE.min(start.len())],
+        )
     }
     .map_err(|_| head_too_large)?;
     let exchange = async {
-        let mut frames = frames.into_iter();
         if single {
-            if let Some(first) = frames.next() {
-                session.send_head(first).await.map_err(failed)?;
-            }
-            for chunk in frames {
-                session.send_chunk(chunk).await.map_err(failed)?;
-            }
+            session.send_whole(head_frame).await.map_err(failed)?;
             let resp = reply
                 .await
                 .unwrap_or_else(|_| Err(Failure::Lost("connection closed".into())))
@@ -320,7 +316,7 @@ async fn call(
             window,
             idle_limit: target.request_timeout,
         };
-        let head_frame = frames.next().unwrap_or_default();
+
         let mut pump = AbortOnDropHandle::new(tokio::spawn(upload.run(head_frame, start, body)));
         let mut reply = reply;
         loop {

@@ -242,8 +242,9 @@ impl Session {
         })
     }
 
-    /// Queues a message head (or a whole small message) for the worker.
-    pub(crate) async fn send_head(&self, frame: Bytes) -> Result<(), Failure> {
+    /// Queues a whole message (one frame) for the worker, ahead of queued
+    /// chunks of streamed ones.
+    pub(crate) async fn send_whole(&self, frame: Bytes) -> Result<(), Failure> {
         self.outbox
             .urgent(Message::Binary(frame))
             .await
