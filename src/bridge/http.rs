@@ -372,9 +372,15 @@ async fn call(
                 // whether it is complete or cut off. Collect it (the call
                 // stays alive meanwhile) so a cut-off becomes a 502.
                 let (head, body) = resp.into_parts();
-                let collected = body
-                    .collect(shared.config.http.max_response_body.bytes())
-                    .await;
+                let limit = shared.config.http.max_response_body.bytes();
+                let collected =
+                    tokio::time::timeout(target.request_timeout, body.collect(limit)).await;
+                let Ok(collected) = collected else {
+                    // A worker that stalls mid-body is cancelled, as for
+                    // HTTP/1.1 callers.
+                    guard.reason = "timeout";
+                    return Err(timeout());
+                };
                 drop((upload, guard, lease));
                 return match collected {
                     Ok(bytes) => Ok(Response::from_parts(
