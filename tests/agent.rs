@@ -190,19 +190,7 @@ async fn a_caller_hanging_up_aborts_the_agents_upstream_request() {
         &write_cert(&bridge, &dir),
         &["--upstream", &format!("http://{up}")],
     );
-    let req = Request::get(bridge.at("/endless"))
-        .body(Full::new(Bytes::new()))
-        .expect("request");
-    let resp = with_timeout(http_client().request(req))
-        .await
-        .expect("head");
-    let mut body = resp.into_body();
-    for _ in 0..4 {
-        with_timeout(body.frame())
-            .await
-            .expect("frame")
-            .expect("data");
-    }
+    let body = bridge.read_frames("/endless", 4).await;
     drop(body);
     with_timeout(dropped_rx.recv())
         .await

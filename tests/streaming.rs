@@ -244,19 +244,7 @@ async fn a_caller_that_hangs_up_mid_download_leaves_nothing_behind() {
             }
         })
         .await;
-    let req = Request::get(bridge.at("/endless"))
-        .body(Full::new(Bytes::new()))
-        .expect("request");
-    let resp = with_timeout(http_client().request(req))
-        .await
-        .expect("head");
-    let mut body = resp.into_body();
-    for _ in 0..10 {
-        with_timeout(body.frame())
-            .await
-            .expect("frame")
-            .expect("data");
-    }
+    let body = bridge.read_frames("/endless", 10).await;
     assert_eq!(bridge.handle.in_flight(), 1);
     drop(body);
     // The bridge cancels, the library drops the handler's stream...
@@ -264,12 +252,7 @@ async fn a_caller_that_hangs_up_mid_download_leaves_nothing_behind() {
         .await
         .expect("worker stream dropped");
     // ...and the bridge holds nothing for the call any more.
-    with_timeout(async {
-        while bridge.handle.in_flight() > 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
-    })
-    .await;
+    bridge.until_idle().await;
     bridge.stop().await;
 }
 
@@ -322,12 +305,7 @@ async fn an_upload_that_breaks_after_the_reply_started_aborts_the_call() {
     // timeout notices the silence.
     drop(tcp);
     let started = std::time::Instant::now();
-    with_timeout(async {
-        while bridge.handle.in_flight() > 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        }
-    })
-    .await;
+    bridge.until_idle().await;
     assert!(
         started.elapsed() < std::time::Duration::from_secs(5),
         "{:?}",
@@ -383,12 +361,7 @@ async fn an_upload_that_crosses_max_body_after_the_reply_started_aborts_the_call
         !seen.ends_with(b"0\r\n\r\n"),
         "a cut-off reply must not end like a complete one"
     );
-    with_timeout(async {
-        while bridge.handle.in_flight() > 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        }
-    })
-    .await;
+    bridge.until_idle().await;
     // Ended by the size check itself, not by the 20 s silence limit.
     assert!(
         crossed.elapsed() < std::time::Duration::from_secs(5),

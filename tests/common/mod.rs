@@ -174,6 +174,35 @@ impl TestBridge {
         .await
     }
 
+    /// Waits until no call is in flight on any worker (pending maps idle).
+    pub async fn until_idle(&self) {
+        with_timeout(async {
+            while self.handle.in_flight() > 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await
+    }
+
+    /// `GET path`, then reads `n` data frames of the reply; returns the
+    /// reply's body, still open.
+    pub async fn read_frames(&self, path: &str, n: usize) -> hyper::body::Incoming {
+        let req = Request::get(self.at(path))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = with_timeout(http_client().request(req))
+            .await
+            .expect("head");
+        let mut body = resp.into_body();
+        for _ in 0..n {
+            with_timeout(body.frame())
+                .await
+                .expect("frame")
+                .expect("data");
+        }
+        body
+    }
+
     /// Starts a graceful shutdown without waiting for it.
     pub fn begin_stop(&self) {
         self.shutdown.cancel();
