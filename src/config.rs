@@ -100,6 +100,10 @@ pub struct WorkersConfig {
     /// Socket send buffer for worker connections (0: the OS's autotuning).
     #[serde(default = "defaults::send_buffer")]
     pub send_buffer: ByteSize,
+    /// Let workers that offer it compress large bodies (LZ4). Workers opt
+    /// in; this only allows it.
+    #[serde(default = "defaults::yes")]
+    pub compression: bool,
 }
 
 /// One `[[routes]]` entry.

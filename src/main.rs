@@ -87,6 +87,10 @@ struct WorkerArgs {
     /// Name shown in the bridge's logs (default: host name and pid).
     #[arg(long)]
     id: Option<String>,
+    /// Offer LZ4 compression of body frames of 16 KiB and more (for text
+    /// and JSON over links slower than the CPU; not worth it on loopback).
+    #[arg(long)]
+    compress: bool,
 }
 
 fn main() -> ExitCode {
@@ -125,6 +129,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Worker(args) => {
             let mut cfg = WorkerConfig::new(args.connect, args.token, args.services);
             cfg.max_inflight = args.max_inflight;
+            cfg.compression = args.compress;
             if let Some(id) = args.id {
                 cfg.worker_id = id;
             }

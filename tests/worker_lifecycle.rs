@@ -222,6 +222,7 @@ async fn the_worker_reconnects_when_the_bridge_goes_silent() {
                 max_frame: 1 << 20,
                 max_response_body: 1 << 20,
                 window: 0,
+                compression: None,
             });
             ws.send(Message::text(protocol::encode_control(&welcome)))
                 .await

@@ -36,7 +36,7 @@ use crate::{
     body::{Body, BodyError},
     error::CallError,
     headers,
-    protocol::{self, BodyHead, DataHead, RequestHead},
+    protocol::{self, BodyHead, Compression, DataHead, RequestHead},
 };
 
 /// The header carrying the request id both ways.
@@ -286,15 +286,22 @@ async fn call(
     // goes through it even when already read whole, so that it respects the
     // worker's flow-control window.
     let single = complete && start.len() <= protocol::CHUNK_SIZE;
+    // A body that is already compressed (Content-Encoding) is sent as it is.
+    let codec = if parts.headers.contains_key(header::CONTENT_ENCODING) {
+        Compression::None
+    } else {
+        session.compression()
+    };
     // head_fits() checked this before a worker was chosen; this is the backstop.
     let head_frame = if single {
-        protocol::encode_head(&head(true), &start)
+        protocol::encode_head(&head(true), &start, codec)
     } else {
         // The head carries the first chunk; the rest of what was read, and
         // everything after, follows as body chunks.
         protocol::encode_head(
             &head(false),
             &start[..protocol::CHUNK_SIZE.min(start.len())],
+            codec,
         )
     }
     .map_err(|_| head_too_large)?;
@@ -314,6 +321,7 @@ async fn call(
             session: session.clone(),
             id,
             window,
+            codec,
             idle_limit: target.request_timeout,
         };
 
@@ -430,6 +438,8 @@ struct Upload {
     session: Arc<Session>,
     id: u64,
     window: Option<Arc<Semaphore>>,
+    /// How body chunks are compressed.
+    codec: Compression,
     /// Longest silence from the caller mid-body.
     idle_limit: Duration,
 }
@@ -457,7 +467,8 @@ impl Upload {
 
     async fn chunk(&self, data: &[u8], end: bool) -> Result<(), UploadError> {
         self.reserve(data.len()).await?;
-        let frame = protocol::encode_data(&DataHead::Body(BodyHead { id: self.id, end }), data);
+        let head = DataHead::Body(BodyHead { id: self.id, end });
+        let frame = protocol::encode_frame(&head, data, self.codec);
         self.session
             .send_chunk(frame)
             .await

@@ -39,7 +39,9 @@ use super::Shared;
 use crate::{
     body::{Body, BodyError, BodySender},
     headers,
-    protocol::{self, Control, DataHead, ResponseHead, Welcome, MAX_INFLIGHT, MAX_SERVICES},
+    protocol::{
+        self, Compression, Control, DataHead, ResponseHead, Welcome, MAX_INFLIGHT, MAX_SERVICES,
+    },
     transport::{self, Inbox, Outbox},
 };
 
@@ -61,16 +63,28 @@ pub(crate) struct Session {
     pub(crate) worker_id: String,
     /// Frames to the writer task.
     outbox: Outbox,
-    /// The per-call flow-control window, if the worker does flow control.
-    window: Option<usize>,
+    /// What the handshake settled.
+    terms: Terms,
     /// Calls sent and not yet answered.
     calls: Mutex<Calls>,
     /// Next call id on this connection.
     next_id: AtomicU64,
     /// Pings sent since the last pong.
     unanswered: AtomicU32,
+}
+
+/// The parameters of one worker connection, settled by hello and welcome.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Terms {
     /// Largest response body accepted.
-    max_response: usize,
+    pub(crate) max_response: usize,
+    /// The per-call flow-control window, if the worker does flow control.
+    pub(crate) window: Option<usize>,
+    /// Body compression both sides may use.
+    pub(crate) compression: Compression,
+    /// Largest message from the worker; also the most a compressed body may
+    /// inflate to.
+    pub(crate) max_frame: usize,
 }
 
 #[derive(Default)]
@@ -179,23 +193,33 @@ impl Drop for Live {
 }
 
 impl Session {
-    fn new(worker_id: String, outbox: Outbox, max_response: usize, window: Option<usize>) -> Self {
+    fn new(worker_id: String, outbox: Outbox, terms: Terms) -> Self {
         Session {
             worker_id,
             outbox,
-            window,
+            terms,
             calls: Mutex::default(),
             next_id: AtomicU64::new(1),
             unanswered: AtomicU32::new(0),
-            max_response,
         }
+    }
+
+    /// The body compression agreed with this worker.
+    pub(crate) fn compression(&self) -> Compression {
+        self.terms.compression
     }
 
     /// A session with no connection behind it, for registry tests.
     #[cfg(test)]
     pub(crate) fn detached(worker_id: &str) -> Arc<Self> {
         let (outbox, _inbox) = transport::outbox();
-        Arc::new(Self::new(worker_id.to_owned(), outbox, usize::MAX, None))
+        let terms = Terms {
+            max_response: usize::MAX,
+            window: None,
+            compression: Compression::None,
+            max_frame: 0,
+        };
+        Arc::new(Self::new(worker_id.to_owned(), outbox, terms))
     }
 
     /// Calls sent to this worker and not finished (streams included).
@@ -221,7 +245,7 @@ impl Session {
         if let Some(cause) = &calls.closed {
             return Err(Failure::Lost(cause.clone()));
         }
-        let window = self.window.map(|w| Arc::new(Semaphore::new(w)));
+        let window = self.terms.window.map(|w| Arc::new(Semaphore::new(w)));
         calls.map.insert(
             id,
             Pending {
@@ -266,7 +290,7 @@ impl Session {
         if let Some(window) = calls.map.get(&id).and_then(|p| p.window.as_ref()) {
             // Never more than a window at once: a confused or hostile
             // worker cannot make the bridge send unbounded amounts.
-            let cap = self.window.unwrap_or(0);
+            let cap = self.terms.window.unwrap_or(0);
             let room = cap.saturating_sub(window.available_permits());
             window.add_permits(usize::try_from(bytes).unwrap_or(usize::MAX).min(room));
         }
@@ -334,7 +358,7 @@ impl Session {
             }
             return Err(reason);
         };
-        let resp = match check_head(&head, body.len(), self.max_response) {
+        let resp = match check_head(&head, body.len(), self.terms.max_response) {
             Ok(resp) => resp,
             Err(reason) => {
                 calls.map.remove(&head.id);
@@ -353,7 +377,7 @@ impl Session {
         let (sender, stream_body) = Body::channel();
         let buffered = Arc::new(AtomicUsize::new(body.len()));
         let taken = buffered.clone();
-        let credit = self.window.map(|_| (self.outbox.clone(), head.id));
+        let credit = self.terms.window.map(|_| (self.outbox.clone(), head.id));
         let stream_body = stream_body.on_read(move |n| {
             taken.fetch_sub(n, Ordering::Relaxed);
             // The caller took n bytes: the worker may send n more.
@@ -391,7 +415,7 @@ impl Session {
         // A flow-controlled worker never has more than its window waiting
         // (it gets credit only as the caller reads); one that overruns it
         // is cut off. Others may fill up to max_response_body.
-        let limit = self.window.unwrap_or(self.max_response);
+        let limit = self.terms.window.unwrap_or(self.terms.max_response);
         if held > limit {
             drop(calls);
             let reason = format!(
@@ -566,12 +590,13 @@ pub(crate) async fn serve<S>(
 
     let session_id = uuid::Uuid::now_v7().to_string();
     let (outbox, inbox) = transport::outbox();
-    let session = Arc::new(Session::new(
-        hello.worker_id.clone(),
-        outbox,
-        shared.config.http.max_response_body.bytes(),
-        hello.flow_control.then(|| cfg.flow_window.bytes()),
-    ));
+    let terms = Terms {
+        max_response: shared.config.http.max_response_body.bytes(),
+        window: hello.flow_control.then(|| cfg.flow_window.bytes()),
+        compression: Compression::choose(&hello.compression, cfg.compression),
+        max_frame: cfg.max_frame.bytes(),
+    };
+    let session = Arc::new(Session::new(hello.worker_id.clone(), outbox, terms));
     // Registered before the welcome goes out: a worker that has read its
     // welcome can count on being eligible for calls.
     let key = shared
@@ -596,6 +621,7 @@ pub(crate) async fn serve<S>(
         } else {
             0
         },
+        compression: terms.compression.name().map(str::to_owned),
     });
     if let Err(e) = ws
         .send(Message::text(protocol::encode_control(&welcome)))
@@ -783,7 +809,11 @@ where
 type Problem = Option<(Option<u64>, &'static str, String)>;
 
 fn on_binary(session: &Session, frame: Bytes) -> Problem {
-    let (head, body) = match protocol::decode_data(&frame) {
+    let inflate_limit = match session.terms.compression {
+        Compression::None => 0,
+        Compression::Lz4 => session.terms.max_frame,
+    };
+    let (head, body) = match protocol::decode_data(&frame, inflate_limit) {
         Ok(decoded) => decoded,
         Err(e) => {
             // If the header names a call, fail that call now rather than
@@ -799,7 +829,7 @@ fn on_binary(session: &Session, frame: Bytes) -> Problem {
     // A chunk is a slice of its frame: held for a slow caller, it would keep
     // the whole frame alive. A frame padded with large unknown fields must
     // not make the bridge hold more than the bytes it counts.
-    let body = if frame.len() - body.len() > 4096 {
+    let body = if frame.len().saturating_sub(body.len()) > 4096 {
         Bytes::copy_from_slice(&body)
     } else {
         body

@@ -39,7 +39,8 @@ use crate::{
     config::Secret,
     headers,
     protocol::{
-        self, BodyHead, Control, DataHead, Hello, RequestHead, ResponseHead, Welcome, CHUNK_SIZE,
+        self, BodyHead, Compression, Control, DataHead, Hello, RequestHead, ResponseHead, Welcome,
+        CHUNK_SIZE,
     },
     transport::{self, Outbox},
 };
@@ -75,6 +76,9 @@ pub struct WorkerConfig {
     /// links); the default keeps small replies from queueing behind large
     /// ones on loopback and LANs.
     pub send_buffer: usize,
+    /// Offer LZ4 compression of large body frames (the bridge may agree).
+    /// Off by default: on loopback it costs CPU and saves nothing.
+    pub compression: bool,
 }
 
 impl WorkerConfig {
@@ -96,6 +100,7 @@ impl WorkerConfig {
             backoff_max: Duration::from_secs(30),
             max_frame: 64 << 20,
             send_buffer: transport::SEND_BUFFER,
+            compression: false,
         }
     }
 }
@@ -316,6 +321,11 @@ impl Worker {
                 services: self.config.services.clone(),
                 max_inflight: self.config.max_inflight,
                 flow_control: true,
+                compression: if self.config.compression {
+                    vec!["lz4".to_owned()]
+                } else {
+                    Vec::new()
+                },
             });
             ws.send(Message::text(protocol::encode_control(&hello)))
                 .await
@@ -356,7 +366,15 @@ impl Worker {
         self.status.send_replace(Status::Connected {
             session_id: welcome.session_id.clone(),
         });
-        serve(ws, &welcome, self.handler.clone(), shutdown).await
+        let codec = match welcome.compression.as_deref() {
+            Some("lz4") if self.config.compression => Compression::Lz4,
+            _ => Compression::None,
+        };
+        let terms = Terms {
+            codec,
+            max_frame: self.config.max_frame,
+        };
+        serve(ws, &welcome, terms, self.handler.clone(), shutdown).await
     }
 }
 
@@ -396,6 +414,16 @@ impl Target {
     }
 }
 
+/// What this side settled in the handshake, beyond the welcome's figures.
+#[derive(Debug, Clone, Copy)]
+struct Terms {
+    /// Body compression both sides may use.
+    codec: Compression,
+    /// Largest message from the bridge; also the most a compressed body may
+    /// inflate to.
+    max_frame: usize,
+}
+
 /// One call in flight on the worker side.
 struct CallEntry {
     /// Aborts the call's task (cancel, or the connection ending).
@@ -418,6 +446,7 @@ fn lock<T>(map: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 async fn serve<S>(
     ws: WebSocketStream<S>,
     welcome: &Welcome,
+    terms: Terms,
     handler: Arc<dyn Handler>,
     shutdown: &CancellationToken,
 ) -> Result<(), WorkerError>
@@ -472,6 +501,11 @@ where
         calls: calls.clone(),
         partial: partial.clone(),
         window,
+        codec: terms.codec,
+    };
+    let inflate_limit = match terms.codec {
+        Compression::None => 0,
+        Compression::Lz4 => terms.max_frame,
     };
     loop {
         let msg = tokio::select! {
@@ -486,7 +520,7 @@ where
             Ok(Some(Ok(m))) => m,
         };
         match msg {
-            Message::Binary(frame) => match protocol::decode_data(&frame) {
+            Message::Binary(frame) => match protocol::decode_data(&frame, inflate_limit) {
                 Ok((DataHead::Request(head), body)) if head.end => {
                     ctx.start(head, Body::full(body))
                 }
@@ -611,6 +645,8 @@ struct CallCtx {
     partial: Partials,
     /// The per-call flow-control window, when the bridge grants one.
     window: Option<usize>,
+    /// How reply bodies are compressed.
+    codec: Compression,
 }
 
 impl CallCtx {
@@ -626,6 +662,7 @@ impl CallCtx {
         );
         let window = self.window.map(|w| Arc::new(Semaphore::new(w)));
         let send_window = window.clone();
+        let codec = self.codec;
         // The map lock is held across the spawn so the task's own removal
         // (which takes the same lock) cannot run before the insert.
         let mut map = lock(&self.calls);
@@ -644,6 +681,7 @@ impl CallCtx {
                 id,
                 outbox: &outbox,
                 window: send_window.as_deref(),
+                codec,
             };
             if let Err(reason) = sender.send(resp).await {
                 warn!(id, %reason, "cannot send the handler's response");
@@ -677,6 +715,7 @@ struct ReplySender<'a> {
     id: u64,
     outbox: &'a Outbox,
     window: Option<&'a Semaphore>,
+    codec: Compression,
 }
 
 impl ReplySender<'_> {
@@ -696,7 +735,8 @@ impl ReplySender<'_> {
 
     async fn chunk(&self, data: &[u8], end: bool) -> Result<(), String> {
         self.reserve(data.len()).await?;
-        let frame = protocol::encode_data(&DataHead::Body(BodyHead { id: self.id, end }), data);
+        let head = DataHead::Body(BodyHead { id: self.id, end });
+        let frame = protocol::encode_frame(&head, data, self.codec);
         self.outbox
             .bulk(Message::Binary(frame))
             .await
@@ -707,8 +747,12 @@ impl ReplySender<'_> {
     /// else as a head (at once, so the caller sees the status and the first
     /// bytes without waiting for the rest) followed by chunks as the body
     /// produces them. `Err` means the reply could not be fully sent.
-    async fn send(&self, resp: Response<Body>) -> Result<(), String> {
+    async fn send(mut self, resp: Response<Body>) -> Result<(), String> {
         let (parts, mut body) = resp.into_parts();
+        // A body that is already compressed (Content-Encoding) is sent as it is.
+        if parts.headers.contains_key(header::CONTENT_ENCODING) {
+            self.codec = Compression::None;
+        }
         let full = body.as_full().filter(|b| b.len() <= CHUNK_SIZE);
         let head = DataHead::Response(ResponseHead {
             id: self.id,
@@ -717,7 +761,7 @@ impl ReplySender<'_> {
             end: full.is_some(),
         });
         let first = full.clone().unwrap_or_default();
-        let frame = protocol::encode_head(&head, &first).map_err(|e| e.to_string())?;
+        let frame = protocol::encode_head(&head, &first, self.codec).map_err(|e| e.to_string())?;
         self.reserve(first.len()).await?;
         if full.is_some() {
             // A whole small reply overtakes queued chunks of other calls.

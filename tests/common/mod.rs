@@ -373,6 +373,8 @@ pub struct RawWorker {
     pub ws: WebSocketStream<TlsStream<TcpStream>>,
     /// The bridge's welcome.
     pub welcome: Welcome,
+    /// Bytes of binary frames received, as they travelled (compressed).
+    pub wire_bytes: usize,
 }
 
 /// Opens a TLS WebSocket to the bridge with the given headers; returns the
@@ -432,15 +434,22 @@ impl RawWorker {
         max_inflight: u32,
         flow_control: bool,
     ) -> RawWorker {
-        let mut ws = raw_connect(bridge, Some(TOKEN), Some(protocol::SUBPROTOCOL))
-            .await
-            .expect("upgrade");
-        let hello = Control::Hello(Hello {
+        let hello = Hello {
             worker_id: "raw".into(),
             services: services.iter().map(|s| s.to_string()).collect(),
             max_inflight,
             flow_control,
-        });
+            compression: Vec::new(),
+        };
+        Self::connect_hello(bridge, hello).await
+    }
+
+    /// Connects with the given hello and reads the welcome.
+    pub async fn connect_hello(bridge: &TestBridge, hello: Hello) -> RawWorker {
+        let mut ws = raw_connect(bridge, Some(TOKEN), Some(protocol::SUBPROTOCOL))
+            .await
+            .expect("upgrade");
+        let hello = Control::Hello(hello);
         with_timeout(ws.send(Message::text(protocol::encode_control(&hello))))
             .await
             .expect("send hello");
@@ -454,7 +463,9 @@ impl RawWorker {
                 max_frame: 0,
                 max_response_body: 0,
                 window: 0,
+                compression: None,
             },
+            wire_bytes: 0,
         };
         match raw.next().await {
             Frame::Control(Control::Welcome(w)) => raw.welcome = w,
@@ -479,7 +490,14 @@ impl RawWorker {
                     )
                 }
                 Some(Ok(Message::Binary(b))) => {
-                    let (head, body) = protocol::decode_data(&b).expect("valid data frame");
+                    self.wire_bytes += b.len();
+                    let inflate = if self.welcome.compression.is_some() {
+                        64 << 20
+                    } else {
+                        0
+                    };
+                    let (head, body) =
+                        protocol::decode_data(&b, inflate).expect("valid data frame");
                     return Frame::Data(head, body);
                 }
                 Some(Ok(_)) => continue,
