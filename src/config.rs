@@ -60,6 +60,10 @@ pub struct HttpConfig {
     /// Time a caller has to send its request headers (slowloris guard).
     #[serde(default = "defaults::header_read_timeout", with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// Longest a response write may make no progress (a caller that stopped
+    /// reading); then the connection is closed and its call cancelled.
+    #[serde(default = "defaults::send_timeout", with = "humantime_serde")]
+    pub send_timeout: Duration,
 }
 
 /// `[workers]`: where workers dial in and how they are kept honest.
@@ -147,6 +151,9 @@ mod defaults {
     }
     pub(super) fn max_response_body() -> ByteSize {
         ByteSize(64 << 20)
+    }
+    pub(super) fn send_timeout() -> Duration {
+        Duration::from_secs(60)
     }
     pub(super) fn header_read_timeout() -> Duration {
         Duration::from_secs(10)
@@ -240,6 +247,7 @@ impl Config {
             ("http.request_timeout", self.http.request_timeout),
             ("http.queue_timeout", self.http.queue_timeout),
             ("http.header_read_timeout", self.http.header_read_timeout),
+            ("http.send_timeout", self.http.send_timeout),
             ("workers.ping_interval", self.workers.ping_interval),
             ("workers.handshake_timeout", self.workers.handshake_timeout),
         ];

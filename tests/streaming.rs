@@ -117,6 +117,61 @@ async fn a_caller_that_hangs_up_mid_reply_cancels_the_worker() {
 }
 
 #[tokio::test]
+async fn a_caller_that_stops_reading_is_cut_off_after_send_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let limit = std::time::Duration::from_millis(500);
+    let bridge = TestBridge::start(|c| c.http.send_timeout = limit).await;
+    let mut raw = RawWorker::connect_with(&bridge, &["default"], 4, true).await;
+    // The caller asks for a download and then reads nothing at all.
+    let mut caller = tokio::net::TcpStream::connect(bridge.http)
+        .await
+        .expect("connect");
+    caller
+        .write_all(b"GET /download HTTP/1.1\r\nhost: bridge\r\n\r\n")
+        .await
+        .expect("request");
+    let (req, _) = raw.next_request().await;
+    let window = usize::try_from(raw.welcome.window).expect("window");
+    let chunk = vec![b'd'; window];
+    raw.send_binary(wsbridge::protocol::encode_data(
+        &response_head(req.id, 200, false),
+        &chunk,
+    ))
+    .await;
+    // The worker streams as fast as the bridge credits it, until the socket
+    // buffers fill up, the bridge's writes stall and it gives up the call.
+    let started = tokio::time::Instant::now();
+    let mut stalled_since = started;
+    let reason = loop {
+        match raw.next().await {
+            Frame::Control(Control::Credit { id, bytes }) => {
+                assert_eq!(id, req.id);
+                stalled_since = tokio::time::Instant::now();
+                let more = DataHead::Body(BodyHead {
+                    id: req.id,
+                    end: false,
+                });
+                let n = usize::try_from(bytes).expect("credit");
+                raw.send_binary(wsbridge::protocol::encode_data(&more, &chunk[..n]))
+                    .await;
+            }
+            Frame::Control(Control::Cancel { id, reason }) => {
+                assert_eq!(id, req.id);
+                break reason;
+            }
+            other => panic!("expected credit or cancel, got {other:?}"),
+        }
+    };
+    assert_eq!(reason, "client_gone");
+    // Cut off after the writes stopped making progress for send_timeout,
+    // not earlier.
+    assert!(stalled_since.elapsed() >= limit - limit / 5);
+    bridge.until_idle().await;
+    drop(caller);
+    bridge.stop().await;
+}
+
+#[tokio::test]
 async fn request_bodies_reach_the_handler_while_still_arriving() {
     let bridge = TestBridge::start(|_| {}).await;
     // The handler answers with the size of the first chunk it could read,

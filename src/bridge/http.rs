@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     registry::{AcquireError, Lease},
+    send_timeout::SendTimeout,
     session::{CallGuard, Failure, Session},
     Shared,
 };
@@ -68,9 +69,10 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: 
             },
         };
         let _ = tcp.set_nodelay(true);
+        let io = TokioIo::new(SendTimeout::new(tcp, shared.config.http.send_timeout));
         let shared = shared.clone();
         let service = service_fn(move |req| handle(shared.clone(), peer, req));
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(tcp), service));
+        let conn = graceful.watch(builder.serve_connection(io, service));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 debug!(%peer, error = %e, "caller connection ended with an error");

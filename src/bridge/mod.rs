@@ -10,6 +10,7 @@
 mod http;
 mod registry;
 mod routes;
+mod send_timeout;
 mod session;
 
 use std::{io, net::SocketAddr, sync::Arc};
