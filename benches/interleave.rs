@@ -266,7 +266,11 @@ async fn main() {
             None,
         ),
         ("bridge, transfers paced", via_bridge, Some(paced)),
-        ("direct (control), transfers paced", format!("http://{direct}"), Some(paced)),
+        (
+            "direct (control), transfers paced",
+            format!("http://{direct}"),
+            Some(paced),
+        ),
     ];
     let mut figures: Vec<Figures> = scenarios.iter().map(|_| Figures::default()).collect();
     for round in 0..ROUNDS {

@@ -91,6 +91,13 @@ struct WorkerArgs {
     /// and JSON over links slower than the CPU; not worth it on loopback).
     #[arg(long)]
     compress: bool,
+    /// On SIGTERM/Ctrl-C, the longest wait for the calls in flight (e.g. 30s, 2m).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: std::time::Duration,
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    humantime_serde::re::humantime::parse_duration(text).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
@@ -130,6 +137,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let mut cfg = WorkerConfig::new(args.connect, args.token, args.services);
             cfg.max_inflight = args.max_inflight;
             cfg.compression = args.compress;
+            cfg.drain_timeout = args.drain_timeout;
             if let Some(id) = args.id {
                 cfg.worker_id = id;
             }

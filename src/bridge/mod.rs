@@ -105,6 +105,11 @@ impl Handle {
         self.shared.registry.connected(service)
     }
 
+    /// Workers connected for `service` that take new calls (not draining).
+    pub fn accepting(&self, service: &str) -> usize {
+        self.shared.registry.accepting(service)
+    }
+
     /// Calls sent to workers and not yet finished, streamed replies
     /// included: what the pending maps hold right now.
     pub fn in_flight(&self) -> usize {

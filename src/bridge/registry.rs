@@ -153,10 +153,12 @@ impl Registry {
         }
     }
 
-    /// Stops giving a worker new calls.
+    /// Stops giving a worker new calls; once its last call has ended, its
+    /// connection is closed (`Session::drained`).
     pub(crate) fn drain(&self, key: u64) {
         if let Some(slot) = self.lock().workers.get_mut(&key) {
             slot.draining = true;
+            slot.close_if_drained();
         }
     }
 
@@ -166,6 +168,17 @@ impl Registry {
             .services
             .get(service)
             .map_or(0, |s| s.workers.len())
+    }
+
+    /// Connected workers of a service that take new calls (not draining).
+    pub(crate) fn accepting(&self, service: &str) -> usize {
+        let state = self.lock();
+        state.services.get(service).map_or(0, |s| {
+            s.workers
+                .iter()
+                .filter(|k| state.workers.get(k).is_some_and(|w| !w.draining))
+                .count()
+        })
     }
 
     /// Every connected worker's session.
@@ -228,6 +241,7 @@ impl Registry {
         let services = match state.workers.get_mut(&key) {
             Some(slot) => {
                 slot.inflight = slot.inflight.saturating_sub(1);
+                slot.close_if_drained();
                 slot.services.clone()
             }
             None => return,
@@ -239,6 +253,14 @@ impl Registry {
     #[cfg(test)]
     fn inflight(&self, key: u64) -> Option<u32> {
         self.lock().workers.get(&key).map(|s| s.inflight)
+    }
+}
+
+impl Slot {
+    fn close_if_drained(&self) {
+        if self.draining && self.inflight == 0 {
+            self.session.drained.cancel();
+        }
     }
 }
 

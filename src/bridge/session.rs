@@ -71,6 +71,9 @@ pub(crate) struct Session {
     next_id: AtomicU64,
     /// Pings sent since the last pong.
     unanswered: AtomicU32,
+    /// Cancelled when the worker has asked to drain and its last call has
+    /// ended: the bridge then closes the connection.
+    pub(crate) drained: CancellationToken,
 }
 
 /// The parameters of one worker connection, settled by hello and welcome.
@@ -201,6 +204,7 @@ impl Session {
             calls: Mutex::default(),
             next_id: AtomicU64::new(1),
             unanswered: AtomicU32::new(0),
+            drained: CancellationToken::new(),
         }
     }
 
@@ -639,7 +643,13 @@ pub(crate) async fn serve<S>(
 
     let (sink, stream) = ws.split();
     let conn = shutdown.child_token();
-    let writer = tokio::spawn(write_loop(sink, inbox, live.clone(), conn.clone()));
+    let writer = tokio::spawn(write_loop(
+        sink,
+        inbox,
+        live.clone(),
+        conn.clone(),
+        shutdown.clone(),
+    ));
     let cause = read_loop(stream, &session, &shared, key, &conn).await;
     live.end(&cause);
     conn.cancel();
@@ -696,6 +706,7 @@ async fn write_loop<S>(
     mut inbox: Inbox,
     live: Arc<Live>,
     conn: CancellationToken,
+    bridge_stopping: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -741,10 +752,23 @@ async fn write_loop<S>(
     // Orderly end, briefly. If the worker closed first, tungstenite has
     // queued the echo of its close frame and a new close would be refused:
     // `close()` then just flushes that echo.
+    let (code, reason) = if live.session.drained.is_cancelled() {
+        (CloseCode::Normal, "drained")
+    } else if bridge_stopping.is_cancelled() {
+        (CloseCode::Away, "bridge shutting down")
+    } else {
+        (CloseCode::Away, "bridge closing")
+    };
     let goodbye = async {
+        if bridge_stopping.is_cancelled() {
+            // `drain` tells the worker why it is being closed, and that it
+            // gets no new calls here any more.
+            let drain = protocol::encode_control(&Control::Drain);
+            let _ = sink.send(Message::text(drain)).await;
+        }
         let close = CloseFrame {
-            code: CloseCode::Away,
-            reason: "bridge closing".into(),
+            code,
+            reason: reason.into(),
         };
         let _ = sink.send(Message::Close(Some(close))).await;
         let _ = sink.close().await;
@@ -768,6 +792,7 @@ where
             // Cancelled by the write loop (which recorded its own cause
             // first) or by the bridge shutting down.
             _ = conn.cancelled() => return "the bridge is shutting down".to_owned(),
+            _ = session.drained.cancelled() => return "drained".to_owned(),
             msg = stream.next() => msg,
         };
         let msg = match msg {

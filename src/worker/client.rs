@@ -76,6 +76,9 @@ pub struct WorkerConfig {
     /// links); the default keeps small replies from queueing behind large
     /// ones on loopback and LANs.
     pub send_buffer: usize,
+    /// On shutdown the worker asks the bridge for no new calls and waits this
+    /// long for the calls in flight to finish before it gives them up.
+    pub drain_timeout: Duration,
     /// Offer LZ4 compression of large body frames (the bridge may agree).
     /// Off by default: on loopback it costs CPU and saves nothing.
     pub compression: bool,
@@ -101,6 +104,7 @@ impl WorkerConfig {
             max_frame: 64 << 20,
             send_buffer: transport::SEND_BUFFER,
             compression: false,
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -216,10 +220,10 @@ impl Worker {
         loop {
             self.status.send_replace(Status::Connecting);
             let started = Instant::now();
-            let outcome = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                r = self.connect_and_serve(&target, tls.as_ref(), &shutdown) => r,
-            };
+            // Shutdown is handled inside: a connected worker drains first.
+            let outcome = self
+                .connect_and_serve(&target, tls.as_ref(), &shutdown)
+                .await;
             let reason = match outcome {
                 Ok(()) => return Ok(()),
                 Err(e) => e.to_string(),
@@ -359,9 +363,12 @@ impl Worker {
             };
             Ok((ws, welcome))
         };
-        let (ws, welcome) = tokio::time::timeout(CONNECT_TIMEOUT, handshake)
-            .await
-            .map_err(|_| WorkerError::Connect("handshake timed out".into()))??;
+        let (ws, welcome) = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            r = tokio::time::timeout(CONNECT_TIMEOUT, handshake) => {
+                r.map_err(|_| WorkerError::Connect("handshake timed out".into()))??
+            }
+        };
         info!(url = %self.config.url, session = %welcome.session_id, services = ?self.config.services, "connected to bridge");
         self.status.send_replace(Status::Connected {
             session_id: welcome.session_id.clone(),
@@ -373,6 +380,7 @@ impl Worker {
         let terms = Terms {
             codec,
             max_frame: self.config.max_frame,
+            drain_timeout: self.config.drain_timeout,
         };
         serve(ws, &welcome, terms, self.handler.clone(), shutdown).await
     }
@@ -422,6 +430,8 @@ struct Terms {
     /// Largest message from the bridge; also the most a compressed body may
     /// inflate to.
     max_frame: usize,
+    /// Longest wait, after shutdown was asked for, for the calls in flight.
+    drain_timeout: Duration,
 }
 
 /// One call in flight on the worker side.
@@ -507,14 +517,28 @@ where
         Compression::None => 0,
         Compression::Lz4 => terms.max_frame,
     };
+    // Set once shutdown was asked for: the bridge has been told to drain
+    // this worker and will close the connection after its last reply.
+    let mut drain_deadline: Option<Instant> = None;
     loop {
         let msg = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled(), if drain_deadline.is_none() => {
+                info!(in_flight = lock(&calls).len(), "draining: no new calls; finishing the ones in flight");
+                outbox.control(Message::text(protocol::encode_control(&Control::Drain)));
+                drain_deadline = Some(Instant::now() + terms.drain_timeout);
+                continue;
+            }
+            _ = tokio::time::sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if drain_deadline.is_some() => {
+                warn!(in_flight = lock(&calls).len(), timeout = ?terms.drain_timeout, "drain timed out; abandoning the calls in flight");
+                return Ok(());
+            }
             _ = conn.cancelled() => return Err(WorkerError::Lost("write to bridge failed".into())),
             m = tokio::time::timeout(silence, stream.next()) => m,
         };
         let msg = match msg {
             Err(_) => return Err(WorkerError::Lost(format!("bridge silent for {silence:?}"))),
+            // After a drain the bridge closes once the last reply is in.
+            Ok(None) if drain_deadline.is_some() => return Ok(()),
             Ok(None) => return Err(WorkerError::Lost("connection closed".into())),
             Ok(Some(Err(e))) => return Err(WorkerError::Lost(e.to_string())),
             Ok(Some(Ok(m))) => m,
@@ -587,12 +611,19 @@ where
                         abandon(&calls, &partial, id, &code);
                     }
                 }
+                Ok(Control::Drain) => {
+                    info!("the bridge is shutting down; it closes this connection when its calls are done");
+                }
                 Ok(Control::Unknown) => {
                     send_error(&outbox, None, "unknown_frame", "unknown control frame type")
                 }
                 Ok(_) => {}
                 Err(e) => send_error(&outbox, None, "malformed_frame", &e.to_string()),
             },
+            Message::Close(_) if drain_deadline.is_some() => {
+                info!("drained: the bridge closed the connection after the last reply");
+                return Ok(());
+            }
             Message::Close(frame) => {
                 let why = frame
                     .map(|f| format!(" ({} {})", f.code, f.reason))
