@@ -51,6 +51,10 @@ pub struct HttpConfig {
     /// Calls that may wait per service; beyond it 503 `queue_full`.
     #[serde(default = "defaults::queue_limit")]
     pub queue_limit: usize,
+    /// How many more workers a call may be sent to when its worker vanishes
+    /// before replying (only calls that cannot take effect twice; see docs).
+    #[serde(default = "defaults::max_retries")]
+    pub max_retries: u32,
     /// Largest request body; beyond it 413 `body_too_large`.
     #[serde(default = "defaults::max_body")]
     pub max_body: ByteSize,
@@ -151,6 +155,9 @@ mod defaults {
     }
     pub(super) fn max_response_body() -> ByteSize {
         ByteSize(64 << 20)
+    }
+    pub(super) fn max_retries() -> u32 {
+        2
     }
     pub(super) fn send_timeout() -> Duration {
         Duration::from_secs(60)

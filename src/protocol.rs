@@ -101,6 +101,14 @@ pub enum Control {
         /// Bytes consumed since the last credit.
         bytes: u64,
     },
+    /// Worker -> bridge, from workers that said `"accepted": true` in hello:
+    /// call `id` has been read and its handler is about to start. Until
+    /// then the bridge knows the call has had no effect, so if the
+    /// connection is lost it may send the call to another worker.
+    Accepted {
+        /// The call.
+        id: u64,
+    },
     /// Any `type` this version does not know; answered with an error frame.
     #[serde(other)]
     Unknown,
@@ -118,6 +126,9 @@ pub struct Hello {
     /// The worker takes part in per-call flow control (`credit` frames).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub flow_control: bool,
+    /// The worker sends `accepted` for every call before starting it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub accepted: bool,
     /// Body codecs the worker can read and write, in order of preference;
     /// this version knows `"lz4"`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -6,7 +6,7 @@
 use std::{fmt, time::Duration};
 
 use futures_util::{Sink, SinkExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::{self, Message};
 
 /// Most frames written before one flush: a burst becomes a few TLS records
@@ -62,19 +62,33 @@ const URGENT: usize = 1024;
 /// busy, and a short queue keeps memory and head-of-line delay small.
 const BULK: usize = 8;
 
+/// A queued frame, optionally with someone waiting for it to be written.
+#[derive(Debug)]
+pub(crate) struct Outgoing {
+    msg: Message,
+    /// Told once the frame has been handed to the socket.
+    written: Option<oneshot::Sender<()>>,
+}
+
+impl From<Message> for Outgoing {
+    fn from(msg: Message) -> Self {
+        Outgoing { msg, written: None }
+    }
+}
+
 /// The two queues in front of a connection's writer: `urgent` for control
 /// frames and message heads (small; always written first, so a short call
 /// never waits behind someone's upload) and `bulk` for body chunks.
 #[derive(Clone, Debug)]
 pub(crate) struct Outbox {
-    urgent: mpsc::Sender<Message>,
-    bulk: mpsc::Sender<Message>,
+    urgent: mpsc::Sender<Outgoing>,
+    bulk: mpsc::Sender<Outgoing>,
 }
 
 /// The writer's end of an [`Outbox`].
 pub(crate) struct Inbox {
-    urgent: mpsc::Receiver<Message>,
-    bulk: mpsc::Receiver<Message>,
+    urgent: mpsc::Receiver<Outgoing>,
+    bulk: mpsc::Receiver<Outgoing>,
 }
 
 /// The queues are gone: the connection has ended.
@@ -97,24 +111,39 @@ pub(crate) fn outbox() -> (Outbox, Inbox) {
 impl Outbox {
     /// Queues a control frame or a head, waiting if the queue is full.
     pub(crate) async fn urgent(&self, msg: Message) -> Result<(), Closed> {
-        self.urgent.send(msg).await.map_err(|_| Closed)
+        self.urgent.send(msg.into()).await.map_err(|_| Closed)
     }
 
     /// Queues a body chunk, waiting if the queue is full.
     pub(crate) async fn bulk(&self, msg: Message) -> Result<(), Closed> {
-        self.bulk.send(msg).await.map_err(|_| Closed)
+        self.bulk.send(msg.into()).await.map_err(|_| Closed)
     }
 
     /// Queues a control frame if there is room, else drops it: for error
     /// reports, which are advice, never for credits or cancels.
     pub(crate) fn try_control(&self, msg: Message) {
-        let _ = self.urgent.try_send(msg);
+        let _ = self.urgent.try_send(msg.into());
     }
 
     /// Queues a control frame from code that cannot wait (a `Drop`, the
     /// reader). If the queue is full, a task waits for room; the writer's
     /// stall bound ends that wait if the peer has stopped reading.
     pub(crate) fn control(&self, msg: Message) {
+        self.queue_urgent(msg.into());
+    }
+
+    /// Like [`Outbox::control`], and the returned receiver completes once
+    /// the frame has been written to the socket (an error: it never was).
+    pub(crate) fn control_written(&self, msg: Message) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.queue_urgent(Outgoing {
+            msg,
+            written: Some(tx),
+        });
+        rx
+    }
+
+    fn queue_urgent(&self, msg: Outgoing) {
         if let Err(mpsc::error::TrySendError::Full(msg)) = self.urgent.try_send(msg) {
             let urgent = self.urgent.clone();
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -128,7 +157,7 @@ impl Outbox {
 
 impl Inbox {
     /// The next frame, urgent ones first; `None` once both queues are closed.
-    pub(crate) async fn recv(&mut self) -> Option<Message> {
+    pub(crate) async fn recv(&mut self) -> Option<Outgoing> {
         tokio::select! {
             biased;
             Some(m) = self.urgent.recv() => Some(m),
@@ -137,7 +166,7 @@ impl Inbox {
         }
     }
 
-    fn try_recv(&mut self) -> Option<Message> {
+    fn try_recv(&mut self) -> Option<Outgoing> {
         self.urgent
             .try_recv()
             .or_else(|_| self.bulk.try_recv())
@@ -149,23 +178,32 @@ impl Inbox {
 /// frames first), then flushes.
 pub(crate) async fn write_batch<S>(
     sink: &mut S,
-    first: Message,
+    first: Outgoing,
     inbox: &mut Inbox,
     stall: Duration,
 ) -> Result<(), WriteError>
 where
     S: Sink<Message, Error = tungstenite::Error> + Unpin,
 {
-    let mut bytes = size(&first);
-    step(stall, sink.feed(first)).await?;
-    let mut frames = 1;
-    while frames < BATCH_FRAMES && bytes < BATCH_BYTES {
-        let Some(msg) = inbox.try_recv() else { break };
+    let mut waiting = Vec::new();
+    let mut next = Some(first);
+    let (mut bytes, mut frames) = (0, 0);
+    while let Some(Outgoing { msg, written }) = next {
         bytes += size(&msg);
         frames += 1;
+        waiting.extend(written);
         step(stall, sink.feed(msg)).await?;
+        next = if frames < BATCH_FRAMES && bytes < BATCH_BYTES {
+            inbox.try_recv()
+        } else {
+            None
+        };
     }
-    step(stall, sink.flush()).await
+    step(stall, sink.flush()).await?;
+    for tx in waiting {
+        let _ = tx.send(());
+    }
+    Ok(())
 }
 
 /// Default socket send buffer for worker connections. Bytes in the

@@ -39,6 +39,7 @@ fn hello(compression: &[&str]) -> Hello {
         services: vec!["default".into()],
         max_inflight: 4,
         flow_control: false,
+        accepted: false,
         compression: compression.iter().map(|c| c.to_string()).collect(),
     }
 }

@@ -30,7 +30,7 @@ use tracing::{debug, info, warn};
 use super::{
     registry::{AcquireError, Lease},
     send_timeout::SendTimeout,
-    session::{CallGuard, Failure, Session},
+    session::{CallGuard, Failure, Session, Started},
     Shared,
 };
 use crate::{
@@ -42,6 +42,28 @@ use crate::{
 
 /// The header carrying the request id both ways.
 pub(crate) static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// On every response that reached a worker: how many workers the call was
+/// sent to (more than 1 when a worker vanished and the call was retried).
+pub(crate) static ATTEMPTS: HeaderName = HeaderName::from_static("x-bridge-attempts");
+
+/// A caller's promise that repeating the request is safe.
+static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// Methods that RFC 9110 defines as idempotent: sending one twice has the
+/// effect of sending it once, so a call may go to a second worker.
+fn idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::PUT,
+        Method::DELETE,
+        Method::TRACE,
+    ]
+    .contains(method)
+}
 
 /// Longest caller-supplied request id we adopt; longer ones are replaced.
 const MAX_REQUEST_ID: usize = 128;
@@ -106,7 +128,8 @@ async fn handle(
     let started = Instant::now();
     let request_id = request_id(&req);
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-    let mut resp = match call(&shared, peer, &request_id, started, req).await {
+    let mut attempts = 0;
+    let mut resp = match call(&shared, peer, &request_id, started, req, &mut attempts).await {
         Ok(resp) => resp,
         Err(err) => {
             info!(%request_id, %method, %path, code = err.code(), error = %err, "call failed");
@@ -118,6 +141,10 @@ async fn handle(
     };
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert(REQUEST_ID.clone(), v);
+    }
+    if attempts > 0 {
+        resp.headers_mut()
+            .insert(ATTEMPTS.clone(), HeaderValue::from(attempts));
     }
     debug!(%request_id, %method, %path, status = resp.status().as_u16(), elapsed = ?started.elapsed(), "call done");
     Ok(resp)
@@ -142,6 +169,7 @@ async fn call(
     request_id: &str,
     started: Instant,
     req: Request<Incoming>,
+    attempts: &mut u32,
 ) -> Result<Response<CallBody>, CallError> {
     let target = shared
         .router
@@ -216,7 +244,7 @@ async fn call(
         .path_and_query()
         .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
 
-    let head_too_large = CallError::HeadersTooLarge {
+    let head_too_large = || CallError::HeadersTooLarge {
         limit: protocol::MAX_HEADER_LEN,
     };
     if !head_fits(
@@ -226,96 +254,139 @@ async fn call(
         &path,
         &wire_headers,
     ) {
-        return Err(head_too_large);
+        return Err(head_too_large());
     }
+    // Built once; each attempt sets its own id.
+    let mut head = DataHead::Request(RequestHead {
+        id: 0,
+        request_id: request_id.to_owned(),
+        service: service.clone(),
+        method: parts.method.as_str().to_owned(),
+        path,
+        headers: wire_headers,
+        end: true,
+    });
 
     let http = &shared.config.http;
-    let queued_at = Instant::now();
-    let queue_deadline = queued_at
-        .checked_add(http.queue_timeout)
-        .map_or(deadline, |t| t.min(deadline));
-    let (lease, mut guard, reply, window) = loop {
-        let wait = queue_deadline.saturating_duration_since(Instant::now());
-        let lease = shared
-            .registry
-            .acquire(&service, wait, http.queue_limit)
-            .await
-            .map_err(|e| match e {
-                AcquireError::QueueFull => CallError::QueueFull {
-                    service: service.clone(),
-                    limit: http.queue_limit,
-                },
-                // The call's own deadline ran out while queueing: a timeout.
-                AcquireError::NoWorker { .. } if Instant::now() >= deadline => timeout(),
-                AcquireError::NoWorker { connected } => CallError::NoWorker {
-                    service: service.clone(),
-                    waited: queued_at.elapsed(),
-                    connected,
-                },
-            })?;
-        // A connection that closed after handing out this lease never saw
-        // the call, so choosing another worker is safe.
-        if let Ok(started) = lease.session().start_call() {
-            break (lease, started.guard, started.reply, started.window);
-        }
-    };
-    let session = lease.session().clone();
-    let failed = |f: Failure| match f {
-        Failure::Lost(cause) => CallError::WorkerLost {
-            service: service.clone(),
-            worker: session.worker_id.clone(),
-            cause,
-        },
-        Failure::Bad(reason) => CallError::BadResponse {
-            service: service.clone(),
-            worker: session.worker_id.clone(),
-            reason,
-        },
-    };
-    let id = guard.id();
-    let head = |end| {
-        DataHead::Request(RequestHead {
-            id,
-            request_id: request_id.to_owned(),
-            service: service.clone(),
-            method: parts.method.as_str().to_owned(),
-            path,
-            headers: wire_headers,
-            end,
-        })
-    };
     // Only a body that fits one chunk skips the upload path: anything longer
     // goes through it even when already read whole, so that it respects the
     // worker's flow-control window.
     let single = complete && start.len() <= protocol::CHUNK_SIZE;
-    // A body that is already compressed (Content-Encoding) is sent as it is.
-    let codec = if parts.headers.contains_key(header::CONTENT_ENCODING) {
-        Compression::None
-    } else {
-        session.compression()
+    // A call whose worker vanishes before replying may go to another worker
+    // when it can be sent again (its body is whole in memory) and doing so
+    // cannot do anything twice: the worker never accepted it, or the method
+    // is idempotent, or the caller sent an Idempotency-Key.
+    let replayable = idempotent(&parts.method) || parts.headers.contains_key(&IDEMPOTENCY_KEY);
+    let may_retry = |f: &Failure, attempt: u32| {
+        single
+            && attempt <= http.max_retries
+            && Instant::now() < deadline
+            && match f {
+                Failure::Unsent(_) => true,
+                Failure::Lost(_) => replayable,
+                Failure::Bad(_) => false,
+            }
     };
-    // head_fits() checked this before a worker was chosen; this is the backstop.
-    let head_frame = if single {
-        protocol::encode_head(&head(true), &start, codec)
-    } else {
+    let failure = |worker: &str, f: Failure| match f {
+        Failure::Lost(cause) | Failure::Unsent(cause) => CallError::WorkerLost {
+            service: service.clone(),
+            worker: worker.to_owned(),
+            cause,
+        },
+        Failure::Bad(reason) => CallError::BadResponse {
+            service: service.clone(),
+            worker: worker.to_owned(),
+            reason,
+        },
+    };
+    let mut attempt = 0;
+    // The failure that made the last attempt end, while a retry looks for a
+    // worker: if none can be had, that failure is the answer.
+    let mut lost: Option<CallError> = None;
+    let (lease, mut guard, outcome) = loop {
+        attempt += 1;
+        let queued_at = Instant::now();
+        let queue_deadline = queued_at
+            .checked_add(http.queue_timeout)
+            .map_or(deadline, |t| t.min(deadline));
+        let (lease, started) = loop {
+            let wait = queue_deadline.saturating_duration_since(Instant::now());
+            let acquired = shared
+                .registry
+                .acquire(&service, wait, http.queue_limit)
+                .await;
+            let lease = acquired.map_err(|e| {
+                if let Some(lost) = lost.take() {
+                    return lost;
+                }
+                match e {
+                    AcquireError::QueueFull => CallError::QueueFull {
+                        service: service.clone(),
+                        limit: http.queue_limit,
+                    },
+                    // The call's own deadline ran out while queueing: a timeout.
+                    AcquireError::NoWorker { .. } if Instant::now() >= deadline => timeout(),
+                    AcquireError::NoWorker { connected } => CallError::NoWorker {
+                        service: service.clone(),
+                        waited: queued_at.elapsed(),
+                        connected,
+                    },
+                }
+            })?;
+            // A connection that closed after handing out this lease never saw
+            // the call, so choosing another worker is safe.
+            if let Ok(started) = lease.session().start_call() {
+                break (lease, started);
+            }
+        };
+        let Started {
+            guard,
+            reply,
+            window,
+        } = started;
+        *attempts = attempt;
+        let session = lease.session().clone();
+        let failed = |f: Failure| failure(&session.worker_id, f);
+        let id = guard.id();
+        if let DataHead::Request(r) = &mut head {
+            r.id = id;
+            r.end = single;
+        }
+        // A body that is already compressed (Content-Encoding) is sent as it is.
+        let codec = if parts.headers.contains_key(header::CONTENT_ENCODING) {
+            Compression::None
+        } else {
+            session.compression()
+        };
+        if single {
+            // head_fits() checked this before a worker was chosen; this is the backstop.
+            let frame =
+                protocol::encode_head(&head, &start, codec).map_err(|_| head_too_large())?;
+            let exchange = async {
+                session.send_whole(frame).await?;
+                reply
+                    .await
+                    .unwrap_or_else(|_| Err(Failure::Lost("connection closed".into())))
+            };
+            let outcome = match tokio::time::timeout_at(deadline, exchange).await {
+                Ok(Err(f)) if may_retry(&f, attempt) => {
+                    warn!(%request_id, worker = %session.worker_id, attempt, failure = ?f, "worker lost before replying; trying another");
+                    lost = Some(failed(f));
+                    continue;
+                }
+                Ok(result) => Ok(result.map(|resp| (resp, None)).map_err(failed)),
+                Err(elapsed) => Err(elapsed),
+            };
+            break (lease, guard, outcome);
+        }
         // The head carries the first chunk; the rest of what was read, and
         // everything after, follows as body chunks.
-        protocol::encode_head(
-            &head(false),
+        let head_frame = protocol::encode_head(
+            &head,
             &start[..protocol::CHUNK_SIZE.min(start.len())],
             codec,
         )
-    }
-    .map_err(|_| head_too_large)?;
-    let exchange = async {
-        if single {
-            session.send_whole(head_frame).await.map_err(failed)?;
-            let resp = reply
-                .await
-                .unwrap_or_else(|_| Err(Failure::Lost("connection closed".into())))
-                .map_err(failed)?;
-            return Ok((resp, None));
-        }
+        .map_err(|_| head_too_large())?;
         // The upload runs in its own task: it must go on after the reply
         // head arrives (an echo, say, answers while still reading), and it
         // stops when the call is dropped.
@@ -326,44 +397,48 @@ async fn call(
             codec,
             idle_limit: target.request_timeout,
         };
-
-        let mut pump = AbortOnDropHandle::new(tokio::spawn(upload.run(head_frame, start, body)));
-        let mut reply = reply;
-        loop {
-            tokio::select! {
-                r = &mut reply => {
-                    let resp = r
-                        .unwrap_or_else(|_| Err(Failure::Lost("connection closed".into())))
-                        .map_err(failed)?;
-                    // An upload still running goes on beside the reply; if
-                    // it fails now, the call is aborted both ways.
-                    let watcher = (!pump.is_finished()).then(|| {
-                        let session = session.clone();
-                        AbortOnDropHandle::new(tokio::spawn(async move {
-                            let reason = match pump.await {
-                                Ok(Err(UploadError::Caller(e))) if e.is::<LengthLimitError>() => {
-                                    "body_too_large"
-                                }
-                                Ok(Err(UploadError::Caller(_))) => "client_gone",
-                                Ok(Err(UploadError::Stalled)) => "timeout",
-                                _ => return,
-                            };
-                            session.abort_call(id, reason);
-                        }))
-                    });
-                    return Ok((resp, watcher));
-                }
-                done = &mut pump, if !pump.is_finished() => match done {
-                    Ok(Ok(())) => {}
-                    Ok(Err(UploadError::Worker(f))) => return Err(failed(f)),
-                    Ok(Err(UploadError::Caller(e))) => return Err(read_error(e)),
-                    Ok(Err(UploadError::Stalled)) => return Err(timeout()),
-                    Err(_) => return Err(failed(Failure::Lost("upload task failed".into()))),
+        let exchange = async {
+            let mut pump =
+                AbortOnDropHandle::new(tokio::spawn(upload.run(head_frame, start.clone(), body)));
+            let mut reply = reply;
+            loop {
+                tokio::select! {
+                    r = &mut reply => {
+                        let resp = r
+                            .unwrap_or_else(|_| Err(Failure::Lost("connection closed".into())))
+                            .map_err(failed)?;
+                        // An upload still running goes on beside the reply; if
+                        // it fails now, the call is aborted both ways.
+                        let watcher = (!pump.is_finished()).then(|| {
+                            let session = session.clone();
+                            AbortOnDropHandle::new(tokio::spawn(async move {
+                                let reason = match pump.await {
+                                    Ok(Err(UploadError::Caller(e))) if e.is::<LengthLimitError>() => {
+                                        "body_too_large"
+                                    }
+                                    Ok(Err(UploadError::Caller(_))) => "client_gone",
+                                    Ok(Err(UploadError::Stalled)) => "timeout",
+                                    _ => return,
+                                };
+                                session.abort_call(id, reason);
+                            }))
+                        });
+                        return Ok((resp, watcher));
+                    }
+                    done = &mut pump, if !pump.is_finished() => match done {
+                        Ok(Ok(())) => {}
+                        Ok(Err(UploadError::Worker(f))) => return Err(failed(f)),
+                        Ok(Err(UploadError::Caller(e))) => return Err(read_error(e)),
+                        Ok(Err(UploadError::Stalled)) => return Err(timeout()),
+                        Err(_) => return Err(failed(Failure::Lost("upload task failed".into()))),
+                    }
                 }
             }
-        }
+        };
+        let outcome = tokio::time::timeout_at(deadline, exchange).await;
+        break (lease, guard, outcome);
     };
-    match tokio::time::timeout_at(deadline, exchange).await {
+    match outcome {
         Ok(Err(e)) => {
             // A body cut off for its size tells the worker why.
             if matches!(e, CallError::BodyTooLarge { .. }) {
@@ -391,7 +466,7 @@ async fn call(
                     guard.reason = "timeout";
                     return Err(timeout());
                 };
-                drop((upload, guard, lease));
+                drop((upload, guard));
                 return match collected {
                     Ok(bytes) => Ok(Response::from_parts(
                         head,
@@ -400,7 +475,10 @@ async fn call(
                             _call: None,
                         },
                     )),
-                    Err(e) => Err(failed(Failure::Bad(e.to_string()))),
+                    Err(e) => Err(failure(
+                        &lease.session().worker_id,
+                        Failure::Bad(e.to_string()),
+                    )),
                 };
             }
             // A streamed reply keeps the call (its cancel-on-drop guard, its

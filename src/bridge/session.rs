@@ -53,6 +53,9 @@ pub(crate) type Reply = Result<Response<Body>, Failure>;
 pub(crate) enum Failure {
     /// The connection ended; the text says how.
     Lost(String),
+    /// The connection ended before the worker accepted the call: it never
+    /// started, so sending it to another worker is safe.
+    Unsent(String),
     /// The worker's reply was invalid, or the worker reported an error.
     Bad(String),
 }
@@ -85,6 +88,8 @@ pub(crate) struct Terms {
     pub(crate) window: Option<usize>,
     /// Body compression both sides may use.
     pub(crate) compression: Compression,
+    /// The worker sends `accepted` before it starts a call.
+    pub(crate) acks: bool,
     /// Largest message from the worker; also the most a compressed body may
     /// inflate to.
     pub(crate) max_frame: usize,
@@ -104,6 +109,9 @@ struct Pending {
     stream: Option<Stream>,
     /// With flow control: request body bytes the bridge may still send.
     window: Option<Arc<Semaphore>>,
+    /// The worker may have started the call (it said `accepted`, or it does
+    /// not send `accepted` frames at all).
+    accepted: bool,
 }
 
 /// A response body being relayed to the caller as it arrives.
@@ -120,7 +128,7 @@ impl Pending {
             let _ = head.send(Err(failure));
         } else if let Some(stream) = self.stream {
             let text = match failure {
-                Failure::Lost(c) => format!("worker lost mid-body: {c}"),
+                Failure::Lost(c) | Failure::Unsent(c) => format!("worker lost mid-body: {c}"),
                 Failure::Bad(r) => format!("invalid reply mid-body: {r}"),
             };
             stream.tx.abort(BodyError::new(text));
@@ -221,6 +229,7 @@ impl Session {
             max_response: usize::MAX,
             window: None,
             compression: Compression::None,
+            acks: false,
             max_frame: 0,
         };
         Arc::new(Self::new(worker_id.to_owned(), outbox, terms))
@@ -247,7 +256,7 @@ impl Session {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut calls = self.lock();
         if let Some(cause) = &calls.closed {
-            return Err(Failure::Lost(cause.clone()));
+            return Err(Failure::Unsent(cause.clone()));
         }
         let window = self.terms.window.map(|w| Arc::new(Semaphore::new(w)));
         calls.map.insert(
@@ -256,6 +265,8 @@ impl Session {
                 head: Some(tx),
                 stream: None,
                 window: window.clone(),
+                // Without `accepted` frames, a call sent may have started.
+                accepted: !self.terms.acks,
             },
         );
         drop(calls);
@@ -276,7 +287,7 @@ impl Session {
         self.outbox
             .urgent(Message::Binary(frame))
             .await
-            .map_err(|_| Failure::Lost("connection closed while sending".into()))
+            .map_err(|_| Failure::Unsent("connection closed before sending".into()))
     }
 
     /// Queues a body chunk for the worker, waiting while the queue is full.
@@ -315,7 +326,12 @@ impl Session {
             warn!(worker = %self.worker_id, calls = drained.len(), %cause, "failing calls of lost worker");
         }
         for pending in drained {
-            pending.fail(Failure::Lost(cause.to_owned()));
+            let failure = if pending.accepted {
+                Failure::Lost(cause.to_owned())
+            } else {
+                Failure::Unsent(cause.to_owned())
+            };
+            pending.fail(failure);
         }
     }
 
@@ -598,6 +614,7 @@ pub(crate) async fn serve<S>(
         max_response: shared.config.http.max_response_body.bytes(),
         window: hello.flow_control.then(|| cfg.flow_window.bytes()),
         compression: Compression::choose(&hello.compression, cfg.compression),
+        acks: hello.accepted,
         max_frame: cfg.max_frame.bytes(),
     };
     let session = Arc::new(Session::new(hello.worker_id.clone(), outbox, terms));
@@ -896,6 +913,13 @@ fn on_text(session: &Session, shared: &Shared, key: u64, text: &str) -> Problem 
         }
         Ok(Control::Credit { id, bytes }) => {
             session.credit(id, bytes);
+            None
+        }
+        Ok(Control::Accepted { id }) => {
+            // For a call that already ended this is late news: ignored.
+            if let Some(p) = session.lock().map.get_mut(&id) {
+                p.accepted = true;
+            }
             None
         }
         Ok(Control::Drain) => {

@@ -325,6 +325,7 @@ impl Worker {
                 services: self.config.services.clone(),
                 max_inflight: self.config.max_inflight,
                 flow_control: true,
+                accepted: true,
                 compression: if self.config.compression {
                     vec!["lz4".to_owned()]
                 } else {
@@ -694,10 +695,18 @@ impl CallCtx {
         let window = self.window.map(|w| Arc::new(Semaphore::new(w)));
         let send_window = window.clone();
         let codec = self.codec;
+        // `accepted` goes out before the handler starts: a call the bridge
+        // has no `accepted` for is one it may send to another worker if
+        // this connection dies, so the handler must not have run yet.
+        let accepted = Control::Accepted { id };
+        let written = outbox.control_written(Message::text(protocol::encode_control(&accepted)));
         // The map lock is held across the spawn so the task's own removal
         // (which takes the same lock) cannot run before the insert.
         let mut map = lock(&self.calls);
         let task = tokio::spawn(async move {
+            if written.await.is_err() {
+                return; // the connection is gone; the call never started
+            }
             let resp = match build_request(head, body) {
                 Ok(req) => match AssertUnwindSafe(handler.call(req)).catch_unwind().await {
                     Ok(resp) => resp,

@@ -439,6 +439,7 @@ impl RawWorker {
             services: services.iter().map(|s| s.to_string()).collect(),
             max_inflight,
             flow_control,
+            accepted: false,
             compression: Vec::new(),
         };
         Self::connect_hello(bridge, hello).await
