@@ -135,6 +135,26 @@ pub struct Hello {
     pub compression: Vec<String>,
 }
 
+impl Hello {
+    /// Checks the limits of section 3.1 of `docs/PROTOCOL.md`; the error is
+    /// the message the bridge sends back in a `bad_hello` error frame.
+    pub fn check(&self) -> Result<(), String> {
+        if self.services.is_empty() || self.services.len() > MAX_SERVICES {
+            return Err(format!("hello must name 1 to {MAX_SERVICES} services"));
+        }
+        if self.services.iter().any(|s| s.is_empty() || s.len() > 128) {
+            return Err("service names must be 1 to 128 bytes".into());
+        }
+        if self.max_inflight == 0 || self.max_inflight > MAX_INFLIGHT {
+            return Err(format!("max_inflight must be 1 to {MAX_INFLIGHT}"));
+        }
+        if self.worker_id.len() > 256 {
+            return Err("worker_id must be at most 256 bytes".into());
+        }
+        Ok(())
+    }
+}
+
 /// Per-frame body compression, chosen in `hello`/`welcome`.
 ///
 /// LZ4 because the bridge's links are loopback and LANs, where CPU is the

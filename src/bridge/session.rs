@@ -40,7 +40,7 @@ use crate::{
     body::{Body, BodyError, BodySender},
     headers,
     protocol::{
-        self, Compression, Control, DataHead, ResponseHead, Welcome, MAX_INFLIGHT, MAX_SERVICES,
+        self, Compression, Control, DataHead, ResponseHead, Welcome,
     },
     transport::{self, Inbox, Outbox},
 };
@@ -586,7 +586,7 @@ pub(crate) async fn serve<S>(
                 None => return Err("closed before hello".to_owned()),
             }
         };
-        if let Err(problem) = check_hello(&hello) {
+        if let Err(problem) = hello.check() {
             return Err(reject(&mut ws, &problem).await);
         }
         Ok((ws, hello))
@@ -673,22 +673,6 @@ pub(crate) async fn serve<S>(
     let _ = writer.await;
     let cause = session.end_cause().unwrap_or(cause);
     info!(%peer, worker = %hello.worker_id, session = %session_id, %cause, "worker disconnected");
-}
-
-fn check_hello(hello: &protocol::Hello) -> Result<(), String> {
-    if hello.services.is_empty() || hello.services.len() > MAX_SERVICES {
-        return Err(format!("hello must name 1 to {MAX_SERVICES} services"));
-    }
-    if hello.services.iter().any(|s| s.is_empty() || s.len() > 128) {
-        return Err("service names must be 1 to 128 bytes".into());
-    }
-    if hello.max_inflight == 0 || hello.max_inflight > MAX_INFLIGHT {
-        return Err(format!("max_inflight must be 1 to {MAX_INFLIGHT}"));
-    }
-    if hello.worker_id.len() > 256 {
-        return Err("worker_id must be at most 256 bytes".into());
-    }
-    Ok(())
 }
 
 /// Sends an error frame and a policy close; returns the reason for the log.
