@@ -88,8 +88,9 @@ pub struct WorkersConfig {
     /// Create a self-signed `tls_cert`/`tls_key` when the files are missing.
     #[serde(default)]
     pub auto_self_signed: bool,
-    /// Bearer tokens workers may present; any one of them is accepted.
-    pub tokens: Vec<Secret>,
+    /// Bearer tokens workers may present: a plain string may register for
+    /// any service, a `{ token, services }` table only for those services.
+    pub tokens: Vec<WorkerToken>,
     /// How often the bridge pings each worker.
     #[serde(default = "defaults::ping_interval", with = "humantime_serde")]
     pub ping_interval: Duration,
@@ -291,8 +292,24 @@ impl Config {
         if self.workers.tokens.is_empty() {
             return Err(invalid("workers.tokens", "must list at least one token"));
         }
-        if self.workers.tokens.iter().any(|t| t.expose().is_empty()) {
+        if self
+            .workers
+            .tokens
+            .iter()
+            .any(|t| t.secret().expose().is_empty())
+        {
             return Err(invalid("workers.tokens", "must not contain an empty token"));
+        }
+        if self
+            .workers
+            .tokens
+            .iter()
+            .any(|t| matches!(t, WorkerToken::Scoped { services, .. } if services.is_empty()))
+        {
+            return Err(invalid(
+                "workers.tokens",
+                "a token with `services` must list at least one service",
+            ));
         }
         if self.workers.tls && (self.workers.tls_cert.is_none() || self.workers.tls_key.is_none()) {
             return Err(invalid(
@@ -339,6 +356,38 @@ fn check_service(key: &str, name: &str) -> Result<(), ConfigError> {
         return Err(invalid(key, "must be 1 to 128 bytes"));
     }
     Ok(())
+}
+
+/// A token a worker may present, and what it may register for.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum WorkerToken {
+    /// `"secret"`: any service.
+    Any(Secret),
+    /// `{ token = "secret", services = ["orders"] }`: only these services.
+    Scoped {
+        /// The bearer token.
+        token: Secret,
+        /// The services a worker with this token may serve.
+        services: Vec<String>,
+    },
+}
+
+impl WorkerToken {
+    /// The bearer token itself.
+    pub fn secret(&self) -> &Secret {
+        match self {
+            WorkerToken::Any(token) | WorkerToken::Scoped { token, .. } => token,
+        }
+    }
+
+    /// The services this token is limited to; `None` for any service.
+    pub fn services(&self) -> Option<&[String]> {
+        match self {
+            WorkerToken::Any(_) => None,
+            WorkerToken::Scoped { services, .. } => Some(services),
+        }
+    }
 }
 
 /// A secret string whose `Debug` output never shows it.
@@ -451,7 +500,10 @@ mod tests {
         assert_eq!(c.http.queue_timeout, Duration::from_secs(5));
         assert_eq!(c.workers.listen.port(), 8443);
         assert!(c.workers.tls && c.workers.auto_self_signed);
-        assert_eq!(c.workers.tokens, vec![Secret::new("change-me")]);
+        assert_eq!(
+            c.workers.tokens,
+            vec![WorkerToken::Any(Secret::new("change-me"))]
+        );
         assert_eq!(c.routes.len(), 1);
         assert_eq!(
             (c.routes[0].prefix.as_str(), c.routes[0].service.as_str()),

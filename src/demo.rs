@@ -43,7 +43,7 @@ pub async fn run(
         .workers
         .tokens
         .first()
-        .map(|t| t.expose().to_owned())
+        .map(|t| t.secret().expose().to_owned())
         .unwrap_or_default();
     let mut wcfg = WorkerConfig::new(
         format!("wss://localhost:{}", workers_addr.port()),

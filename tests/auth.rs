@@ -7,7 +7,10 @@ use common::*;
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
 use tokio_tungstenite::tungstenite::{self, Message};
-use wsbridge::protocol::{self, Control};
+use wsbridge::{
+    config::{Secret, WorkerToken},
+    protocol::{self, Control},
+};
 
 fn refused_status(result: Result<impl Sized, tungstenite::Error>) -> (StatusCode, String) {
     match result {
@@ -56,7 +59,7 @@ async fn any_configured_token_is_accepted() {
     let bridge = TestBridge::start(|c| {
         c.workers
             .tokens
-            .insert(0, wsbridge::config::Secret::new("other-token"));
+            .insert(0, WorkerToken::Any(Secret::new("other-token")));
     })
     .await;
     let ws = raw_connect(&bridge, Some(TOKEN), Some("chat, wsbridge.v1")).await;
@@ -64,6 +67,57 @@ async fn any_configured_token_is_accepted() {
         ws.is_ok(),
         "the second token, offered among other subprotocols, is accepted"
     );
+    bridge.stop().await;
+}
+
+/// Connects with `token`, says hello for `services`; returns the first
+/// frame the bridge answers with.
+async fn hello_with(bridge: &TestBridge, token: &str, services: &[&str]) -> Control {
+    let mut ws = raw_connect(bridge, Some(token), Some(protocol::SUBPROTOCOL))
+        .await
+        .expect("upgrade");
+    let hello = protocol::Hello {
+        worker_id: "scoped".into(),
+        services: services.iter().map(|s| s.to_string()).collect(),
+        max_inflight: 1,
+        flow_control: false,
+        accepted: false,
+        compression: Vec::new(),
+    };
+    let hello = protocol::encode_control(&Control::Hello(hello));
+    ws.send(Message::text(hello)).await.expect("send");
+    match with_timeout(ws.next()).await {
+        Some(Ok(Message::Text(t))) => protocol::decode_control(&t).expect("control frame"),
+        other => panic!("expected a text frame, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_scoped_token_registers_only_for_its_services() {
+    let bridge = TestBridge::start(|c| {
+        c.workers.tokens.push(WorkerToken::Scoped {
+            token: Secret::new("orders-only"),
+            services: vec!["orders".into()],
+        });
+    })
+    .await;
+    assert!(matches!(
+        hello_with(&bridge, "orders-only", &["orders"]).await,
+        Control::Welcome(_)
+    ));
+    match hello_with(&bridge, "orders-only", &["orders", "default"]).await {
+        Control::Error { code, message, .. } => {
+            assert_eq!(code, "forbidden_service");
+            assert!(message.contains("default"), "{message}");
+        }
+        other => panic!("expected forbidden_service, got {other:?}"),
+    }
+    assert_eq!(bridge.handle.workers("default"), 0);
+    // The unscoped token may serve anything.
+    assert!(matches!(
+        hello_with(&bridge, TOKEN, &["orders", "default"]).await,
+        Control::Welcome(_)
+    ));
     bridge.stop().await;
 }
 

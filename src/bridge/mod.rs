@@ -169,7 +169,9 @@ impl Bridge {
             );
         }
         let tokens = &self.shared.config.workers.tokens;
-        if !workers_addr.ip().is_loopback() && tokens.iter().any(|t| t.expose() == "change-me") {
+        if !workers_addr.ip().is_loopback()
+            && tokens.iter().any(|t| t.secret().expose() == "change-me")
+        {
             warn!(
                 addr = %workers_addr,
                 "workers.tokens still holds the example token \"change-me\" on a non-loopback listener: anyone who can reach it can register a worker"

@@ -19,7 +19,7 @@ use std::{
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::{header, HeaderValue, Response, StatusCode};
-use subtle::ConstantTimeEq;
+use subtle::{ConditionallySelectable, ConstantTimeEq};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     sync::{oneshot, Semaphore},
@@ -39,9 +39,7 @@ use super::Shared;
 use crate::{
     body::{Body, BodyError, BodySender},
     headers,
-    protocol::{
-        self, Compression, Control, DataHead, ResponseHead, Welcome,
-    },
+    protocol::{self, Compression, Control, DataHead, ResponseHead, Welcome},
     transport::{self, Inbox, Outbox},
 };
 
@@ -501,6 +499,7 @@ fn check_upgrade(
     shared: &Shared,
     req: &WsRequest,
     mut resp: WsResponse,
+    token: &mut Option<usize>,
 ) -> Result<WsResponse, ErrorResponse> {
     let presented = req
         .headers()
@@ -509,16 +508,16 @@ fn check_upgrade(
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map_or("", |(_, token)| token.trim());
-    // Compare against every token without stopping early, so the time taken
-    // says nothing about which token (or how much of one) matched.
-    let ok = shared.config.workers.tokens.iter().fold(0u8, |acc, t| {
-        acc | t
-            .expose()
-            .as_bytes()
-            .ct_eq(presented.as_bytes())
-            .unwrap_u8()
-    });
-    if presented.is_empty() || ok == 0 {
+    // Compare against every token without stopping early or branching, so
+    // the time taken says nothing about which token (or how much of one)
+    // matched. `found` is the matching token's index + 1, or 0.
+    let mut found = 0u64;
+    for (i, t) in shared.config.workers.tokens.iter().enumerate() {
+        let eq = t.secret().expose().as_bytes().ct_eq(presented.as_bytes());
+        found.conditional_assign(&(i as u64 + 1), eq);
+    }
+    *token = usize::try_from(found).ok().and_then(|f| f.checked_sub(1));
+    if presented.is_empty() || token.is_none() {
         return Err(refuse(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -562,7 +561,9 @@ pub(crate) async fn serve<S>(
     let cfg = &shared.config.workers;
     #[allow(clippy::result_large_err)]
     let handshake = async {
-        let callback = |req: &WsRequest, resp: WsResponse| check_upgrade(&shared, req, resp);
+        let mut token = None;
+        let callback =
+            |req: &WsRequest, resp: WsResponse| check_upgrade(&shared, req, resp, &mut token);
         let mut ws = tokio_tungstenite::accept_hdr_async_with_config(
             stream,
             callback,
@@ -574,20 +575,33 @@ pub(crate) async fn serve<S>(
             match ws.next().await {
                 Some(Ok(Message::Text(text))) => match protocol::decode_control(&text) {
                     Ok(Control::Hello(h)) => break h,
-                    Ok(_) => return Err(reject(&mut ws, "first frame must be hello").await),
-                    Err(e) => return Err(reject(&mut ws, &e.to_string()).await),
+                    Ok(_) => {
+                        return Err(reject(&mut ws, "bad_hello", "first frame must be hello").await)
+                    }
+                    Err(e) => return Err(reject(&mut ws, "bad_hello", &e.to_string()).await),
                 },
                 // Some client libraries ping as soon as they connect.
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                 Some(Ok(_)) => {
-                    return Err(reject(&mut ws, "first frame must be a text hello").await)
+                    let problem = "first frame must be a text hello";
+                    return Err(reject(&mut ws, "bad_hello", problem).await);
                 }
                 Some(Err(e)) => return Err(format!("read failed: {e}")),
                 None => return Err("closed before hello".to_owned()),
             }
         };
         if let Err(problem) = hello.check() {
-            return Err(reject(&mut ws, &problem).await);
+            return Err(reject(&mut ws, "bad_hello", &problem).await);
+        }
+        // A scoped token registers only for its own services.
+        let allowed = token
+            .and_then(|i| cfg.tokens.get(i))
+            .and_then(|t| t.services());
+        if let Some(allowed) = allowed {
+            if let Some(other) = hello.services.iter().find(|s| !allowed.contains(s)) {
+                let problem = format!("this token may not serve {other:?}");
+                return Err(reject(&mut ws, "forbidden_service", &problem).await);
+            }
         }
         Ok((ws, hello))
     };
@@ -676,13 +690,13 @@ pub(crate) async fn serve<S>(
 }
 
 /// Sends an error frame and a policy close; returns the reason for the log.
-async fn reject<S>(ws: &mut WebSocketStream<S>, reason: &str) -> String
+async fn reject<S>(ws: &mut WebSocketStream<S>, code: &str, reason: &str) -> String
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let frame = Control::Error {
         id: None,
-        code: "bad_hello".into(),
+        code: code.to_owned(),
         message: reason.to_owned(),
     };
     let _ = ws
