@@ -64,6 +64,14 @@ pub struct HttpConfig {
     /// Time a caller has to send its request headers (slowloris guard).
     #[serde(default = "defaults::header_read_timeout", with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// Caller addresses (CIDR) the HTTP listener serves; others get 403.
+    /// Default: loopback only, since the listener is meant for local apps.
+    #[serde(default = "defaults::allow_from")]
+    pub allow_from: Vec<ipnet::IpNet>,
+    /// Most caller connections open at once; beyond it the listener stops
+    /// accepting until one closes (they wait in the kernel's backlog).
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
     /// Longest a response write may make no progress (a caller that stopped
     /// reading); then the connection is closed and its call cancelled.
     #[serde(default = "defaults::send_timeout", with = "humantime_serde")]
@@ -156,6 +164,15 @@ mod defaults {
     }
     pub(super) fn max_response_body() -> ByteSize {
         ByteSize(64 << 20)
+    }
+    pub(super) fn allow_from() -> Vec<ipnet::IpNet> {
+        ["127.0.0.0/8", "::1/128"]
+            .iter()
+            .filter_map(|n| n.parse().ok())
+            .collect()
+    }
+    pub(super) fn max_connections() -> usize {
+        10_000
     }
     pub(super) fn max_retries() -> u32 {
         2
@@ -269,6 +286,15 @@ impl Config {
         }
         if self.workers.ping_misses > 1000 {
             return Err(invalid("workers.ping_misses", "must be at most 1000"));
+        }
+        if self.http.max_connections == 0 {
+            return Err(invalid("http.max_connections", "must be at least 1"));
+        }
+        if self.http.allow_from.is_empty() {
+            return Err(invalid(
+                "http.allow_from",
+                "must list at least one network (e.g. \"0.0.0.0/0\" to allow everyone)",
+            ));
         }
         if self.http.queue_limit == 0 {
             return Err(invalid("http.queue_limit", "must be at least 1"));

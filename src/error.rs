@@ -85,6 +85,12 @@ pub enum CallError {
         /// What was wrong.
         reason: String,
     },
+    /// The caller's address is not in `http.allow_from`.
+    #[error("callers from {peer} are not allowed (http.allow_from)")]
+    Forbidden {
+        /// The caller's address.
+        peer: std::net::IpAddr,
+    },
 }
 
 impl CallError {
@@ -100,6 +106,7 @@ impl CallError {
             CallError::BodyTooLarge { .. } => "body_too_large",
             CallError::HeadersTooLarge { .. } => "headers_too_large",
             CallError::BadRequest { .. } => "bad_request",
+            CallError::Forbidden { .. } => "forbidden",
         }
     }
 
@@ -115,6 +122,7 @@ impl CallError {
             CallError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             CallError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             CallError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            CallError::Forbidden { .. } => StatusCode::FORBIDDEN,
         }
     }
 

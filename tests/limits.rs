@@ -148,3 +148,57 @@ async fn headers_too_large_for_a_frame_get_431() {
     );
     bridge.stop().await;
 }
+
+#[tokio::test]
+async fn callers_outside_allow_from_get_403() {
+    let bridge = TestBridge::start(|c| {
+        c.http.allow_from = vec!["10.0.0.0/8".parse().expect("cidr")];
+    })
+    .await;
+    let r = get(&http_client(), &bridge.at("/x")).await;
+    assert_eq!(r.head.status, StatusCode::FORBIDDEN);
+    assert_eq!(r.error_code(), "forbidden");
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("127.0.0.1")));
+    assert_eq!(r.json()["error"]["request_id"], r.header("x-request-id"));
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn beyond_max_connections_callers_wait_for_a_free_slot() {
+    let bridge = TestBridge::start(|c| c.http.max_connections = 2).await;
+    let _w = bridge
+        .worker(&["default"], 8, |_req: Request<Body>| async {
+            Response::new(Body::from("ok"))
+        })
+        .await;
+    // Two keep-alive connections hold both slots.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut tcp = tokio::net::TcpStream::connect(bridge.http)
+            .await
+            .expect("connect");
+        tcp.write_all(b"GET /hold HTTP/1.1\r\nhost: b\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = [0u8; 512];
+        let n = with_timeout(tcp.read(&mut buf)).await.expect("read");
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        held.push(tcp);
+    }
+    // A third caller is not served while they stay open...
+    let third = spawn_get(&bridge, "/third");
+    let early = tokio::time::timeout(std::time::Duration::from_millis(300), async {
+        while !third.is_finished() {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(early.is_err(), "served beyond max_connections");
+    // ...and is as soon as one closes.
+    drop(held.pop());
+    let r = with_timeout(third).await.expect("join");
+    assert_eq!((r.head.status, r.body.as_ref()), (StatusCode::OK, &b"ok"[..]));
+    bridge.stop().await;
+}

@@ -78,7 +78,17 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: 
         .timer(TokioTimer::new())
         .header_read_timeout(shared.config.http.header_read_timeout)
         .keep_alive(true);
+    let connections = Arc::new(Semaphore::new(shared.config.http.max_connections));
     loop {
+        // At the connection limit, stop accepting: callers wait in the
+        // kernel's backlog rather than being refused.
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = connections.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
         let (tcp, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -99,6 +109,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: 
             if let Err(e) = conn.await {
                 debug!(%peer, error = %e, "caller connection ended with an error");
             }
+            drop(permit);
         });
     }
     drop(listener);
@@ -171,6 +182,16 @@ async fn call(
     req: Request<Incoming>,
     attempts: &mut u32,
 ) -> Result<Response<CallBody>, CallError> {
+    let ip = peer.ip().to_canonical();
+    if !shared
+        .config
+        .http
+        .allow_from
+        .iter()
+        .any(|n| n.contains(&ip))
+    {
+        return Err(CallError::Forbidden { peer: ip });
+    }
     let target = shared
         .router
         .resolve(req.uri().path())

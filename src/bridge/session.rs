@@ -376,7 +376,13 @@ impl Session {
             }
             return Err(reason);
         };
-        let resp = match check_head(&head, body.len(), self.terms.max_response) {
+        // A streamed head's bytes count against the window like any chunk's
+        // (section 7.3); a whole reply may be up to max_response_body.
+        let limit = match self.terms.window {
+            Some(window) if !head.end => window,
+            _ => self.terms.max_response,
+        };
+        let resp = match check_head(&head, body.len(), limit) {
             Ok(resp) => resp,
             Err(reason) => {
                 calls.map.remove(&head.id);
