@@ -70,6 +70,8 @@ pub(crate) struct Shared {
     pub(crate) registry: Arc<Registry>,
     /// Frame limits for worker connections.
     pub(crate) ws_config: WebSocketConfig,
+    /// Protocol violations by workers since start.
+    pub(crate) violations: std::sync::atomic::AtomicU64,
 }
 
 /// Runs a bridge until `shutdown` is cancelled, then stops accepting, lets
@@ -103,6 +105,13 @@ impl Handle {
     /// Workers connected for `service` (draining ones included).
     pub fn workers(&self, service: &str) -> usize {
         self.shared.registry.connected(service)
+    }
+
+    /// Protocol violations by workers since the bridge started.
+    pub fn protocol_violations(&self) -> u64 {
+        self.shared
+            .violations
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Workers connected for `service` that take new calls (not draining).
@@ -144,6 +153,7 @@ impl Bridge {
             config,
             registry: Arc::new(Registry::default()),
             ws_config,
+            violations: Default::default(),
         });
         Ok(Bridge {
             shared,

@@ -58,6 +58,9 @@ pub(crate) enum Failure {
     Bad(String),
 }
 
+/// Protocol violations after which a worker's connection is closed (1008).
+const MAX_VIOLATIONS: u32 = 32;
+
 /// The bridge side of one worker connection.
 pub(crate) struct Session {
     /// The worker's self-declared id, for logs and error messages.
@@ -72,6 +75,8 @@ pub(crate) struct Session {
     next_id: AtomicU64,
     /// Pings sent since the last pong.
     unanswered: AtomicU32,
+    /// Protocol violations on this connection so far.
+    violations: AtomicU32,
     /// Cancelled when the worker has asked to drain and its last call has
     /// ended: the bridge then closes the connection.
     pub(crate) drained: CancellationToken,
@@ -210,6 +215,7 @@ impl Session {
             calls: Mutex::default(),
             next_id: AtomicU64::new(1),
             unanswered: AtomicU32::new(0),
+            violations: AtomicU32::new(0),
             drained: CancellationToken::new(),
         }
     }
@@ -775,6 +781,8 @@ async fn write_loop<S>(
     // `close()` then just flushes that echo.
     let (code, reason) = if live.session.drained.is_cancelled() {
         (CloseCode::Normal, "drained")
+    } else if live.session.violations.load(Ordering::Relaxed) >= MAX_VIOLATIONS {
+        (CloseCode::Policy, "too many protocol violations")
     } else if bridge_stopping.is_cancelled() {
         (CloseCode::Away, "bridge shutting down")
     } else {
@@ -837,7 +845,13 @@ where
             Message::Ping(_) | Message::Frame(_) => None,
         };
         if let Some((id, code, message)) = problem {
-            warn!(worker = %session.worker_id, ?id, code, %message, "protocol violation");
+            shared.violations.fetch_add(1, Ordering::Relaxed);
+            let n = session.violations.fetch_add(1, Ordering::Relaxed) + 1;
+            warn!(worker = %session.worker_id, ?id, code, %message, violations = n, "protocol violation");
+            if n >= MAX_VIOLATIONS {
+                // A worker this broken (or hostile) is not worth the log.
+                return format!("closed after {n} protocol violations");
+            }
             let frame = Control::Error {
                 id,
                 code: code.to_owned(),
@@ -872,6 +886,10 @@ fn on_binary(session: &Session, frame: Bytes) -> Problem {
         }
     };
     let id = head.id();
+    if let Some(id) = id.filter(|id| *id >= session.next_id.load(Ordering::Relaxed)) {
+        let reason = format!("call {id} was never sent on this connection");
+        return Some((Some(id), "unknown_call", reason));
+    }
     // A chunk is a slice of its frame: held for a slow caller, it would keep
     // the whole frame alive. A frame padded with large unknown fields must
     // not make the bridge hold more than the bytes it counts.
