@@ -93,6 +93,10 @@ pub struct WorkersConfig {
     /// PEM private key for the worker listener.
     #[serde(default)]
     pub tls_key: Option<PathBuf>,
+    /// PEM bundle of CAs; when set, workers must present a certificate
+    /// issued by one of them (mutual TLS), in addition to their token.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
     /// Create a self-signed `tls_cert`/`tls_key` when the files are missing.
     #[serde(default)]
     pub auto_self_signed: bool,

@@ -81,6 +81,12 @@ struct WorkerArgs {
     /// PEM file of the CA (or self-signed certificate) to trust; default: system roots.
     #[arg(long)]
     ca: Option<PathBuf>,
+    /// Client certificate (PEM chain) for a bridge that requires mutual TLS.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// Private key of --cert.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
     /// Calls this worker accepts at once.
     #[arg(long, default_value_t = 64)]
     max_inflight: u32,
@@ -141,9 +147,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if let Some(id) = args.id {
                 cfg.worker_id = id;
             }
-            if let Some(ca) = &args.ca {
-                cfg.tls = Some(wsbridge::tls::client_config(Some(ca))?);
-            }
+            cfg.tls = match (&args.cert, &args.key) {
+                (Some(cert), Some(key)) => Some(wsbridge::tls::client_config_with_identity(
+                    args.ca.as_deref(),
+                    cert,
+                    key,
+                )?),
+                _ => match &args.ca {
+                    Some(ca) => Some(wsbridge::tls::client_config(Some(ca))?),
+                    None => None,
+                },
+            };
             let shutdown = shutdown_on_signal();
             match args.upstream {
                 Some(url) => {

@@ -73,35 +73,75 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| file_error("private key file", path, e))
 }
 
-/// A server config for the worker listener (TLS 1.2 and 1.3 only).
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
-    server_config_from(load_certs(cert)?, load_key(key)?)
+/// A server config for the worker listener (TLS 1.2 and 1.3 only). With
+/// `client_ca`, every worker must present a certificate issued by one of
+/// the CAs in that PEM bundle (mutual TLS).
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let client_roots = client_ca.map(load_roots).transpose()?;
+    server_config_from(load_certs(cert)?, load_key(key)?, client_roots)
 }
 
-/// A server config from certificates and a key already in memory.
+/// A server config from certificates and a key already in memory; with
+/// `client_roots`, workers must present a certificate issued by one of them.
 pub fn server_config_from(
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    client_roots: Option<RootCertStore>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let config = ServerConfig::builder_with_provider(Arc::new(default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
-    Ok(Arc::new(config))
+    let provider = Arc::new(default_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match client_roots {
+        None => builder.with_no_client_auth(),
+        Some(roots) => {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    Ok(Arc::new(builder.with_single_cert(certs, key)?))
+}
+
+/// The certificates of a PEM bundle as a root store.
+fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots
+            .add(cert)
+            .map_err(|e| file_error("CA file", path, e))?;
+    }
+    Ok(roots)
 }
 
 /// A client config that trusts `ca` (a PEM bundle) or, without it, the
 /// system's root certificates.
 pub fn client_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
+    client_config_from(trust(ca)?, None)
+}
+
+/// Like [`client_config`], presenting the certificate chain in `cert` with
+/// its `key` to a bridge that requires client certificates (mutual TLS).
+pub fn client_config_with_identity(
+    ca: Option<&Path>,
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    client_config_from(trust(ca)?, Some((load_certs(cert)?, load_key(key)?)))
+}
+
+/// `ca` as a root store, or the system's roots.
+fn trust(ca: Option<&Path>) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     match ca {
-        Some(path) => {
-            for cert in load_certs(path)? {
-                roots
-                    .add(cert)
-                    .map_err(|e| file_error("CA file", path, e))?;
-            }
-        }
+        Some(path) => roots = load_roots(path)?,
         None => {
             let found = rustls_native_certs::load_native_certs();
             for cert in found.certs {
@@ -118,15 +158,22 @@ pub fn client_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
             }
         }
     }
-    client_config_from(roots)
+    Ok(roots)
 }
 
-/// A client config trusting exactly the given roots.
-pub fn client_config_from(roots: RootCertStore) -> Result<Arc<ClientConfig>, TlsError> {
-    let config = ClientConfig::builder_with_provider(Arc::new(default_provider()))
+/// A client config trusting exactly the given roots, optionally presenting
+/// a client certificate chain and key.
+pub fn client_config_from(
+    roots: RootCertStore,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let builder = ClientConfig::builder_with_provider(Arc::new(default_provider()))
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((certs, key)) => builder.with_client_auth_cert(certs, key)?,
+    };
     Ok(Arc::new(config))
 }
 
@@ -164,7 +211,7 @@ impl SelfSigned {
             .map_err(|e| file_error("certificate", mem, e))?;
         let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
             .map_err(|e| file_error("private key", mem, e))?;
-        server_config_from(certs, key)
+        server_config_from(certs, key, None)
     }
 
     /// A client config that trusts only this certificate.
@@ -174,7 +221,7 @@ impl SelfSigned {
             let cert = cert.map_err(|e| file_error("certificate", Path::new("(generated)"), e))?;
             roots.add(cert)?;
         }
-        client_config_from(roots)
+        client_config_from(roots, None)
     }
 
     /// Writes the certificate and key; the key file is made owner-only.
@@ -218,6 +265,7 @@ mod tests {
         let err = server_config(
             Path::new("/nonexistent/x.crt"),
             Path::new("/nonexistent/x.key"),
+            None,
         )
         .expect_err("missing");
         assert!(err.to_string().contains("/nonexistent/x.crt"), "{err}");
@@ -229,7 +277,7 @@ mod tests {
         let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
         let ss = SelfSigned::generate(&["localhost".into(), "127.0.0.1".into()]).expect("gen");
         ss.write(&cert, &key).expect("write");
-        server_config(&cert, &key).expect("loads");
+        server_config(&cert, &key, None).expect("loads");
         client_config(Some(&cert)).expect("trusts");
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -288,5 +288,5 @@ pub fn server_tls(
         );
         crate::tls::SelfSigned::generate(&hosts)?.write(cert, key)?;
     }
-    crate::tls::server_config(cert, key).map(Some)
+    crate::tls::server_config(cert, key, workers.client_ca.as_deref()).map(Some)
 }
