@@ -55,6 +55,13 @@ pub struct HttpConfig {
     /// before replying (only calls that cannot take effect twice; see docs).
     #[serde(default = "defaults::max_retries")]
     pub max_retries: u32,
+    /// How long the response to a call with an `Idempotency-Key` is kept,
+    /// so that a retry with the same key gets it without a second call.
+    #[serde(default = "defaults::idempotency_ttl", with = "humantime_serde")]
+    pub idempotency_ttl: Duration,
+    /// Memory for stored responses; the oldest go first when it is full.
+    #[serde(default = "defaults::idempotency_capacity")]
+    pub idempotency_capacity: ByteSize,
     /// Largest request body; beyond it 413 `body_too_large`.
     #[serde(default = "defaults::max_body")]
     pub max_body: ByteSize,
@@ -177,6 +184,12 @@ mod defaults {
     }
     pub(super) fn max_connections() -> usize {
         10_000
+    }
+    pub(super) fn idempotency_ttl() -> Duration {
+        Duration::from_secs(3600)
+    }
+    pub(super) fn idempotency_capacity() -> ByteSize {
+        ByteSize(64 << 20)
     }
     pub(super) fn max_retries() -> u32 {
         2

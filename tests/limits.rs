@@ -199,6 +199,9 @@ async fn beyond_max_connections_callers_wait_for_a_free_slot() {
     // ...and is as soon as one closes.
     drop(held.pop());
     let r = with_timeout(third).await.expect("join");
-    assert_eq!((r.head.status, r.body.as_ref()), (StatusCode::OK, &b"ok"[..]));
+    assert_eq!(
+        (r.head.status, r.body.as_ref()),
+        (StatusCode::OK, &b"ok"[..])
+    );
     bridge.stop().await;
 }

@@ -28,6 +28,7 @@ use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 use tracing::{debug, info, warn};
 
 use super::{
+    idempotency::{Begin, Stored},
     registry::{AcquireError, Lease},
     send_timeout::SendTimeout,
     session::{CallGuard, Failure, Session, Started},
@@ -49,6 +50,9 @@ pub(crate) static ATTEMPTS: HeaderName = HeaderName::from_static("x-bridge-attem
 
 /// A caller's promise that repeating the request is safe.
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// On a response served from the idempotency store rather than a worker.
+static REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
 /// Methods that RFC 9110 defines as idempotent: sending one twice has the
 /// effect of sending it once, so a call may go to a second worker.
@@ -140,7 +144,11 @@ async fn handle(
     let request_id = request_id(&req);
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let mut attempts = 0;
-    let mut resp = match call(&shared, peer, &request_id, started, req, &mut attempts).await {
+    let outcome = match idempotency_key(&req) {
+        Some(key) => keyed(&shared, peer, &request_id, started, req, &mut attempts, key).await,
+        None => call(&shared, peer, &request_id, started, req, &mut attempts).await,
+    };
+    let mut resp = match outcome {
         Ok(resp) => resp,
         Err(err) => {
             info!(%request_id, %method, %path, code = err.code(), error = %err, "call failed");
@@ -159,6 +167,79 @@ async fn handle(
     }
     debug!(%request_id, %method, %path, status = resp.status().as_u16(), elapsed = ?started.elapsed(), "call done");
     Ok(resp)
+}
+
+/// The caller's `Idempotency-Key`, if it is a sane token (like request ids).
+fn idempotency_key(req: &Request<Incoming>) -> Option<String> {
+    req.headers()
+        .get(&IDEMPOTENCY_KEY)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty() && v.len() <= MAX_REQUEST_ID && v.bytes().all(|b| b.is_ascii_graphic())
+        })
+        .map(str::to_owned)
+}
+
+/// A call with an idempotency key: the stored response if there is one, the
+/// running first call's if there is one (after waiting for it), else the
+/// call itself, whose whole response is then stored.
+async fn keyed(
+    shared: &Shared,
+    peer: SocketAddr,
+    request_id: &str,
+    started: Instant,
+    req: Request<Incoming>,
+    attempts: &mut u32,
+    key: String,
+) -> Result<Response<CallBody>, CallError> {
+    // Keys are per service; a path without a route fails in `call`.
+    let Some(target) = shared.router.resolve(req.uri().path()).cloned() else {
+        return call(shared, peer, request_id, started, req, attempts).await;
+    };
+    let deadline = started
+        .checked_add(target.request_timeout)
+        .unwrap_or(started + Duration::from_secs(86_400));
+    loop {
+        match shared.idempotency.begin(&target.service, &key) {
+            Begin::Replay(stored) => {
+                debug!(%request_id, %key, "replaying the stored response");
+                let mut resp = Response::new(CallBody {
+                    body: Body::full(stored.body.clone()),
+                    _call: None,
+                });
+                *resp.status_mut() = stored.status;
+                *resp.headers_mut() = stored.headers.clone();
+                resp.headers_mut()
+                    .insert(REPLAYED.clone(), HeaderValue::from_static("true"));
+                return Ok(resp);
+            }
+            Begin::Wait(mut running) => {
+                // Wakes when the first call ends, either way; then look again.
+                if tokio::time::timeout_at(deadline, running.changed())
+                    .await
+                    .is_err()
+                {
+                    return Err(CallError::Timeout {
+                        service: target.service.to_string(),
+                        after: target.request_timeout,
+                    });
+                }
+            }
+            Begin::Lead(ticket) => {
+                let resp = call(shared, peer, request_id, started, req, attempts).await?;
+                // Only a whole response can be stored; a streamed one is
+                // passed on and the key freed (the ticket drops).
+                if let Some(body) = resp.body().body.as_full() {
+                    ticket.complete(Stored {
+                        status: resp.status(),
+                        headers: resp.headers().clone(),
+                        body: body.clone(),
+                    });
+                }
+                return Ok(resp);
+            }
+        }
+    }
 }
 
 /// The caller's `X-Request-Id` if it is a sane token, else a new UUID v7.

@@ -8,6 +8,7 @@
 //! * [`routes`] maps paths to services.
 
 mod http;
+mod idempotency;
 mod registry;
 mod routes;
 mod send_timeout;
@@ -72,6 +73,8 @@ pub(crate) struct Shared {
     pub(crate) ws_config: WebSocketConfig,
     /// Protocol violations by workers since start.
     pub(crate) violations: std::sync::atomic::AtomicU64,
+    /// Responses stored by idempotency key.
+    pub(crate) idempotency: Arc<idempotency::IdempotencyCache>,
 }
 
 /// Runs a bridge until `shutdown` is cancelled, then stops accepting, lets
@@ -148,12 +151,17 @@ impl Bridge {
         let ws_config = WebSocketConfig::default()
             .max_message_size(Some(config.workers.max_frame.bytes()))
             .max_frame_size(Some(config.workers.max_frame.bytes()));
+        let idempotency = Arc::new(idempotency::IdempotencyCache::new(
+            config.http.idempotency_ttl,
+            config.http.idempotency_capacity.bytes(),
+        ));
         let shared = Arc::new(Shared {
             router: Router::new(&config),
             config,
             registry: Arc::new(Registry::default()),
             ws_config,
             violations: Default::default(),
+            idempotency,
         });
         Ok(Bridge {
             shared,
