@@ -15,48 +15,36 @@ use tokio::{net::TcpListener, process::Child};
 
 /// A plain HTTP upstream that reports what it received.
 async fn upstream() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let svc = service_fn(|req: Request<Incoming>| async move {
-                    let (parts, body) = req.into_parts();
-                    let body = body
-                        .collect()
-                        .await
-                        .map(|b| b.to_bytes())
-                        .unwrap_or_default();
-                    let h = |n: &str| {
-                        parts
-                            .headers
-                            .get(n)
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("")
-                            .to_owned()
-                    };
-                    let resp = Response::builder()
-                        .status(if parts.uri.path() == "/missing" {
-                            404
-                        } else {
-                            200
-                        })
-                        .header("x-up-method", parts.method.as_str())
-                        .header("x-up-uri", parts.uri.to_string())
-                        .header("x-up-host", h("host"))
-                        .header("x-up-forwarded-host", h("x-forwarded-host"))
-                        .header("x-up-request-id", h("x-request-id"))
-                        .body(Full::new(body))
-                        .expect("response");
-                    Ok::<_, Infallible>(resp)
-                });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
-    addr
+    serve_http(|req: Request<Incoming>| async move {
+        let (parts, body) = req.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let h = |n: &str| {
+            parts
+                .headers
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned()
+        };
+        Response::builder()
+            .status(if parts.uri.path() == "/missing" {
+                404
+            } else {
+                200
+            })
+            .header("x-up-method", parts.method.as_str())
+            .header("x-up-uri", parts.uri.to_string())
+            .header("x-up-host", h("host"))
+            .header("x-up-forwarded-host", h("x-forwarded-host"))
+            .header("x-up-request-id", h("x-request-id"))
+            .body(Full::new(body))
+            .expect("response")
+    })
+    .await
 }
 
 /// Starts the agent against an in-process bridge.

@@ -36,22 +36,9 @@ fn block(base: &Bytes, i: usize) -> Bytes {
     Bytes::from(b)
 }
 
-fn base_block() -> Bytes {
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    (0..BLOCK)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect::<Vec<_>>()
-        .into()
-}
-
 /// A body of `total` bytes made of blocks; `hash` receives its SHA-256.
 fn generated(total: usize, hash: Arc<Mutex<Option<String>>>) -> Body {
-    let base = base_block();
+    let base = noise(BLOCK);
     let mut sha = Some(Sha256::new());
     let mut i = 0;
     let stream = futures_util::stream::poll_fn(move |_| {

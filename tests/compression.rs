@@ -20,19 +20,6 @@ fn text(len: usize) -> Bytes {
     line.iter().copied().cycle().take(len).collect()
 }
 
-/// Bytes LZ4 cannot shrink (xorshift noise).
-fn noise(len: usize) -> Bytes {
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn hello(compression: &[&str]) -> Hello {
     Hello {
         worker_id: "lz4".into(),

@@ -6,7 +6,6 @@
 mod common;
 
 use std::{
-    convert::Infallible,
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -19,9 +18,8 @@ use bytes::Bytes;
 use common::*;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
-use tokio::{net::TcpListener, sync::mpsc};
+use hyper::body::Incoming;
+use tokio::sync::mpsc;
 use wsbridge::{body::Body, protocol};
 
 /// Waits until the bridge has read the drain: no worker of `default` takes
@@ -131,31 +129,20 @@ async fn a_library_worker_drains_on_shutdown() {
 /// An upstream that answers after a short delay, so that calls are in
 /// flight whenever an agent is stopped.
 async fn slow_upstream() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let svc = service_fn(|req: Request<Incoming>| async move {
-                    let path = req.uri().path().to_owned();
-                    let body = req
-                        .into_body()
-                        .collect()
-                        .await
-                        .map(|b| b.to_bytes())
-                        .unwrap_or_default();
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    let mut out = path.into_bytes();
-                    out.extend_from_slice(&body);
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(out))))
-                });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
-    addr
+    serve_http(|req: Request<Incoming>| async move {
+        let path = req.uri().path().to_owned();
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut out = path.into_bytes();
+        out.extend_from_slice(&body);
+        Response::new(Full::new(Bytes::from(out)))
+    })
+    .await
 }
 
 fn sigterm(child: &tokio::process::Child) {

@@ -7,7 +7,6 @@ mod common;
 
 use std::{
     collections::HashMap,
-    convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
@@ -17,9 +16,8 @@ use bytes::Bytes;
 use common::*;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
-use tokio::{net::TcpListener, task::JoinHandle};
+use hyper::body::Incoming;
+use tokio::task::JoinHandle;
 use wsbridge::protocol::{self, Control, Hello};
 
 /// A raw worker that promises `accepted` frames.
@@ -165,38 +163,27 @@ async fn retries_stop_at_max_retries() {
 /// answers after a delay, so that calls are in flight when an agent dies.
 async fn counting_upstream() -> (SocketAddr, Arc<Mutex<HashMap<String, usize>>>) {
     let seen: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let counts = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let counts = counts.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<Incoming>| {
-                    let counts = counts.clone();
-                    async move {
-                        let id = req
-                            .headers()
-                            .get("x-request-id")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("")
-                            .to_owned();
-                        *counts
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .entry(id)
-                            .or_default() += 1;
-                        let _ = req.into_body().collect().await;
-                        tokio::time::sleep(Duration::from_millis(300)).await;
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"done"))))
-                    }
-                });
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            });
+    let addr = serve_http(move |req: Request<Incoming>| {
+        let counts = counts.clone();
+        async move {
+            let id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            *counts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(id)
+                .or_default() += 1;
+            let _ = req.into_body().collect().await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Response::new(Full::new(Bytes::from_static(b"done")))
         }
-    });
+    })
+    .await;
     (addr, seen)
 }
 

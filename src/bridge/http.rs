@@ -144,7 +144,7 @@ async fn handle(
     let request_id = request_id(&req);
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let mut attempts = 0;
-    let outcome = match idempotency_key(&req) {
+    let outcome = match token_header(&req, &IDEMPOTENCY_KEY) {
         Some(key) => keyed(&shared, peer, &request_id, started, req, &mut attempts, key).await,
         None => call(&shared, peer, &request_id, started, req, &mut attempts).await,
     };
@@ -169,10 +169,10 @@ async fn handle(
     Ok(resp)
 }
 
-/// The caller's `Idempotency-Key`, if it is a sane token (like request ids).
-fn idempotency_key(req: &Request<Incoming>) -> Option<String> {
+/// Header `name` if it is a sane token: 1 to 128 visible ASCII characters.
+fn token_header(req: &Request<Incoming>, name: &HeaderName) -> Option<String> {
     req.headers()
-        .get(&IDEMPOTENCY_KEY)
+        .get(name)
         .and_then(|v| v.to_str().ok())
         .filter(|v| {
             !v.is_empty() && v.len() <= MAX_REQUEST_ID && v.bytes().all(|b| b.is_ascii_graphic())
@@ -244,14 +244,7 @@ async fn keyed(
 
 /// The caller's `X-Request-Id` if it is a sane token, else a new UUID v7.
 fn request_id(req: &Request<Incoming>) -> String {
-    req.headers()
-        .get(&REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| {
-            !v.is_empty() && v.len() <= MAX_REQUEST_ID && v.bytes().all(|b| b.is_ascii_graphic())
-        })
-        .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+    token_header(req, &REQUEST_ID).unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
 }
 
 /// Routes, reads the body, dispatches to a worker and awaits the reply.
