@@ -125,6 +125,10 @@ pub struct WorkersConfig {
     /// Per-call flow-control window offered to workers that do flow control.
     #[serde(default = "defaults::flow_window")]
     pub flow_window: ByteSize,
+    /// How long the calls of a resumable worker whose connection dropped
+    /// are kept for it to come back (0: fail them at once).
+    #[serde(default = "defaults::resume_window", with = "humantime_serde")]
+    pub resume_window: Duration,
     /// Socket send buffer for worker connections (0: the OS's autotuning).
     #[serde(default = "defaults::send_buffer")]
     pub send_buffer: ByteSize,
@@ -214,6 +218,9 @@ mod defaults {
     }
     pub(super) fn flow_window() -> ByteSize {
         ByteSize(crate::protocol::WINDOW as u64)
+    }
+    pub(super) fn resume_window() -> Duration {
+        Duration::from_secs(5)
     }
     pub(super) fn send_buffer() -> ByteSize {
         ByteSize(256 * 1024)

@@ -51,6 +51,9 @@ pub const COMPRESS_MIN: usize = 16 * 1024;
 /// an LZ4 block preceded by its uncompressed length (u32 little-endian).
 const FLAG_LZ4: u32 = 1 << 24;
 
+/// Most call ids a `resume` may list (running and replied together).
+pub const MAX_RESUME_IDS: usize = 2 * MAX_INFLIGHT as usize;
+
 /// Most services a single worker may declare in `hello`.
 pub const MAX_SERVICES: usize = 64;
 
@@ -133,6 +136,28 @@ pub struct Hello {
     /// this version knows `"lz4"`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub compression: Vec<String>,
+    /// The worker keeps its calls running when its connection drops and
+    /// comes back with `resume` (section 8.5).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resumable: bool,
+    /// Coming back after a dropped connection: which session, and what the
+    /// worker knows of its calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<Resume>,
+}
+
+/// The `resume` part of a hello.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    /// The `session_id` of the welcome of the connection that dropped.
+    pub session_id: String,
+    /// Calls still running, or whose reply is still queued to be sent.
+    #[serde(default)]
+    pub running: Vec<u64>,
+    /// Calls whose reply was written to the dropped connection (it may not
+    /// have arrived) and which the worker can send again.
+    #[serde(default)]
+    pub replied: Vec<u64>,
 }
 
 impl Hello {
@@ -150,6 +175,13 @@ impl Hello {
         }
         if self.worker_id.len() > 256 {
             return Err("worker_id must be at most 256 bytes".into());
+        }
+        if let Some(r) = &self.resume {
+            if r.session_id.len() > 128 || r.running.len() + r.replied.len() > MAX_RESUME_IDS {
+                return Err(format!(
+                    "resume must name a session id of at most 128 bytes and at most {MAX_RESUME_IDS} calls"
+                ));
+            }
         }
         Ok(())
     }
@@ -216,6 +248,18 @@ pub struct Welcome {
     /// absent for none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<String>,
+    /// For a `resumable` worker: how long the bridge keeps its calls after
+    /// the connection drops, waiting for it to come back (0: it does not).
+    #[serde(default)]
+    pub resume_window_ms: u64,
+    /// The hello's `resume` was accepted: this connection continues the
+    /// dropped one (same `session_id`), and its calls still stand.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resumed: bool,
+    /// With `resumed`: the calls among the hello's `replied` whose reply
+    /// never arrived; the worker sends those replies again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resend: Vec<u64>,
 }
 
 /// The JSON header of a binary frame.

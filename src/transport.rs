@@ -114,6 +114,22 @@ impl Outbox {
         self.urgent.send(msg.into()).await.map_err(|_| Closed)
     }
 
+    /// Like [`Outbox::urgent`]; the receiver completes once the frame has
+    /// been written to the socket, and fails if it was taken by a writer
+    /// whose connection broke (the frame may not have arrived).
+    pub(crate) async fn urgent_written(
+        &self,
+        msg: Message,
+    ) -> Result<oneshot::Receiver<()>, Closed> {
+        let (tx, rx) = oneshot::channel();
+        let msg = Outgoing {
+            msg,
+            written: Some(tx),
+        };
+        self.urgent.send(msg).await.map_err(|_| Closed)?;
+        Ok(rx)
+    }
+
     /// Queues a body chunk, waiting if the queue is full.
     pub(crate) async fn bulk(&self, msg: Message) -> Result<(), Closed> {
         self.bulk.send(msg.into()).await.map_err(|_| Closed)
@@ -164,6 +180,11 @@ impl Inbox {
             Some(m) = self.bulk.recv() => Some(m),
             else => None,
         }
+    }
+
+    /// Drops every queued frame (their writers' receivers fail).
+    pub(crate) fn clear(&mut self) {
+        while self.try_recv().is_some() {}
     }
 
     fn try_recv(&mut self) -> Option<Outgoing> {

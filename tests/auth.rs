@@ -83,6 +83,8 @@ async fn hello_with(bridge: &TestBridge, token: &str, services: &[&str]) -> Cont
         flow_control: false,
         accepted: false,
         compression: Vec::new(),
+        resumable: false,
+        resume: None,
     };
     let hello = protocol::encode_control(&Control::Hello(hello));
     ws.send(Message::text(hello)).await.expect("send");

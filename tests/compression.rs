@@ -28,6 +28,8 @@ fn hello(compression: &[&str]) -> Hello {
         flow_control: false,
         accepted: false,
         compression: compression.iter().map(|c| c.to_string()).collect(),
+        resumable: false,
+        resume: None,
     }
 }
 

@@ -29,6 +29,8 @@ async fn acking(bridge: &TestBridge) -> RawWorker {
         flow_control: false,
         accepted: true,
         compression: Vec::new(),
+        resumable: false,
+        resume: None,
     };
     RawWorker::connect_hello(bridge, hello).await
 }
@@ -189,7 +191,13 @@ async fn counting_upstream() -> (SocketAddr, Arc<Mutex<HashMap<String, usize>>>)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_an_agent_loses_no_idempotent_call_and_repeats_no_post() {
-    let bridge = TestBridge::start(|c| c.http.queue_timeout = Duration::from_secs(20)).await;
+    // A killed worker looks like a dropped connection: its calls wait
+    // resume_window for it to come back before they fail or move on.
+    let bridge = TestBridge::start(|c| {
+        c.http.queue_timeout = Duration::from_secs(20);
+        c.workers.resume_window = Duration::from_millis(500);
+    })
+    .await;
     let dir = TempDir::new("kill9");
     let ca = dir.0.join("bridge.crt");
     std::fs::write(&ca, &bridge.cert.cert_pem).expect("write cert");

@@ -223,6 +223,9 @@ async fn the_worker_reconnects_when_the_bridge_goes_silent() {
                 max_response_body: 1 << 20,
                 window: 0,
                 compression: None,
+                resume_window_ms: 0,
+                resumed: false,
+                resend: Vec::new(),
             });
             ws.send(Message::text(protocol::encode_control(&welcome)))
                 .await

@@ -10,6 +10,7 @@
 mod http;
 mod idempotency;
 mod registry;
+mod resume;
 mod routes;
 mod send_timeout;
 mod session;
@@ -75,6 +76,8 @@ pub(crate) struct Shared {
     pub(crate) violations: std::sync::atomic::AtomicU64,
     /// Responses stored by idempotency key.
     pub(crate) idempotency: Arc<idempotency::IdempotencyCache>,
+    /// Sessions whose connection dropped, waiting for their worker.
+    pub(crate) detached: Arc<resume::Detached>,
 }
 
 /// Runs a bridge until `shutdown` is cancelled, then stops accepting, lets
@@ -162,6 +165,7 @@ impl Bridge {
             ws_config,
             violations: Default::default(),
             idempotency,
+            detached: Arc::default(),
         });
         Ok(Bridge {
             shared,
@@ -210,7 +214,9 @@ impl Bridge {
             )
             .instrument(tracing::info_span!("workers")),
         );
+        let detached = self.shared.detached.clone();
         http::serve(listeners.http, self.shared, shutdown).await;
+        detached.close_all("the bridge is shutting down");
         workers_stop.cancel();
         let _ = workers.await;
         Ok(())

@@ -7,10 +7,10 @@
 //! `cancel`), or the connection ending (every entry fails with the cause).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{
-        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, MutexGuard,
     },
     time::Duration,
@@ -65,8 +65,12 @@ const MAX_VIOLATIONS: u32 = 32;
 pub(crate) struct Session {
     /// The worker's self-declared id, for logs and error messages.
     pub(crate) worker_id: String,
-    /// Frames to the writer task.
-    outbox: Outbox,
+    /// This connection's id (the welcome's `session_id`); a resumed
+    /// connection keeps it.
+    pub(crate) session_id: String,
+    /// Frames to the writer task of the current connection (replaced when
+    /// the worker resumes).
+    outbox: Mutex<Outbox>,
     /// What the handshake settled.
     terms: Terms,
     /// Calls sent and not yet answered.
@@ -93,6 +97,8 @@ pub(crate) struct Terms {
     pub(crate) compression: Compression,
     /// The worker sends `accepted` before it starts a call.
     pub(crate) acks: bool,
+    /// The worker keeps its calls across a dropped connection (resume).
+    pub(crate) resumable: bool,
     /// Largest message from the worker; also the most a compressed body may
     /// inflate to.
     pub(crate) max_frame: usize,
@@ -168,7 +174,7 @@ impl Drop for CallGuard {
         // Urgent, so it overtakes any chunks of this call still queued
         // (the worker ignores chunks of calls it no longer knows).
         self.session
-            .outbox
+            .outbox()
             .control(Message::text(protocol::encode_control(&cancel)));
     }
 }
@@ -190,19 +196,36 @@ struct Live {
     shared: Arc<Shared>,
     key: u64,
     session: Arc<Session>,
+    /// Set by the first `end`.
+    ended: AtomicBool,
 }
 
 impl Live {
     /// Ends the connection's registration; idempotent, first cause wins.
-    fn end(&self, cause: &str) {
+    /// When the connection merely dropped (`may_resume`) and the worker can
+    /// resume, its calls are kept for `resume_window` instead of failed.
+    fn end(&self, cause: &str, may_resume: bool) {
+        if self.ended.swap(true, Ordering::SeqCst) {
+            return;
+        }
         self.shared.registry.unregister(self.key);
-        self.session.close(cause);
+        let session = &self.session;
+        let resumable = may_resume
+            && session.terms.resumable
+            && !session.drained.is_cancelled()
+            && session.violations.load(Ordering::Relaxed) < MAX_VIOLATIONS;
+        if resumable {
+            let window = self.shared.config.workers.resume_window;
+            self.shared.detached.hold(session.clone(), window, cause);
+        } else {
+            session.close(cause);
+        }
     }
 }
 
 impl Drop for Live {
     fn drop(&mut self) {
-        self.end("connection ended");
+        self.end("connection ended", false);
     }
 }
 
@@ -210,7 +233,8 @@ impl Session {
     fn new(worker_id: String, outbox: Outbox, terms: Terms) -> Self {
         Session {
             worker_id,
-            outbox,
+            session_id: uuid::Uuid::now_v7().to_string(),
+            outbox: Mutex::new(outbox),
             terms,
             calls: Mutex::default(),
             next_id: AtomicU64::new(1),
@@ -218,6 +242,14 @@ impl Session {
             violations: AtomicU32::new(0),
             drained: CancellationToken::new(),
         }
+    }
+
+    /// The current connection's outbox.
+    fn outbox(&self) -> Outbox {
+        self.outbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The body compression agreed with this worker.
@@ -234,6 +266,7 @@ impl Session {
             window: None,
             compression: Compression::None,
             acks: false,
+            resumable: false,
             max_frame: 0,
         };
         Arc::new(Self::new(worker_id.to_owned(), outbox, terms))
@@ -288,7 +321,7 @@ impl Session {
     /// Queues a whole message (one frame) for the worker, ahead of queued
     /// chunks of streamed ones.
     pub(crate) async fn send_whole(&self, frame: Bytes) -> Result<(), Failure> {
-        self.outbox
+        self.outbox()
             .urgent(Message::Binary(frame))
             .await
             .map_err(|_| Failure::Unsent("connection closed before sending".into()))
@@ -296,7 +329,7 @@ impl Session {
 
     /// Queues a body chunk for the worker, waiting while the queue is full.
     pub(crate) async fn send_chunk(&self, frame: Bytes) -> Result<(), Failure> {
-        self.outbox
+        self.outbox()
             .bulk(Message::Binary(frame))
             .await
             .map_err(|_| Failure::Lost("connection closed while sending".into()))
@@ -317,7 +350,7 @@ impl Session {
 
     /// Ends the session: every pending call fails with `cause`. Only the
     /// first cause is kept; it is the one that explains what happened.
-    fn close(&self, cause: &str) {
+    pub(crate) fn close(&self, cause: &str) {
         let drained: Vec<Pending> = {
             let mut calls = self.lock();
             if calls.closed.is_some() {
@@ -339,6 +372,75 @@ impl Session {
         }
     }
 
+    /// The connection dropped and the worker may come back (resume): calls
+    /// whose reply head has not arrived wait for it; bodies in flight
+    /// cannot be resumed, so streamed replies are cut off and uploads stop
+    /// (their windows close, which fails them).
+    pub(crate) fn hold_for_resume(&self) {
+        let streams: Vec<Pending> = {
+            let mut calls = self.lock();
+            for pending in calls.map.values() {
+                if let Some(window) = &pending.window {
+                    window.close();
+                }
+            }
+            let ids: Vec<u64> = calls
+                .map
+                .iter()
+                .filter(|(_, p)| p.stream.is_some())
+                .map(|(id, _)| *id)
+                .collect();
+            ids.iter().filter_map(|id| calls.map.remove(id)).collect()
+        };
+        for pending in streams {
+            pending.fail(Failure::Lost("connection lost mid-body".into()));
+        }
+    }
+
+    /// The worker is back on a new connection: frames go to `outbox` from
+    /// now on, and each call still waiting is matched against what the
+    /// worker says it knows. A call it is still running stands; one whose
+    /// reply it wrote to the dropped connection stands too, and is returned
+    /// so the worker is asked to send the reply again; one it never heard of
+    /// never started, so it may go to any worker.
+    pub(crate) fn resume(&self, outbox: Outbox, known: &protocol::Resume) -> Vec<u64> {
+        *self.outbox.lock().unwrap_or_else(|p| p.into_inner()) = outbox;
+        let running: HashSet<u64> = known.running.iter().copied().collect();
+        let replied: HashSet<u64> = known.replied.iter().copied().collect();
+        let (resend, gone): (Vec<u64>, Vec<(Pending, Failure)>) = {
+            let mut calls = self.lock();
+            let ids: Vec<u64> = calls
+                .map
+                .keys()
+                .copied()
+                .filter(|id| !running.contains(id))
+                .collect();
+            let resend = ids
+                .iter()
+                .copied()
+                .filter(|id| replied.contains(id))
+                .collect();
+            let gone = ids
+                .into_iter()
+                .filter(|id| !replied.contains(id))
+                .filter_map(|id| {
+                    let pending = calls.map.remove(&id)?;
+                    let failure = if pending.accepted && self.terms.acks {
+                        Failure::Lost("the worker no longer knows this call".into())
+                    } else {
+                        Failure::Unsent("the worker never received it".into())
+                    };
+                    Some((pending, failure))
+                })
+                .collect();
+            (resend, gone)
+        };
+        for (pending, failure) in gone {
+            pending.fail(failure);
+        }
+        resend
+    }
+
     /// Ends a call from the bridge's side: the caller's reply (or its body,
     /// if streaming) fails, and the worker is told to stop.
     pub(crate) fn abort_call(&self, id: u64, reason: &str) {
@@ -349,7 +451,7 @@ impl Session {
                 id,
                 reason: reason.to_owned(),
             };
-            self.outbox
+            self.outbox()
                 .control(Message::text(protocol::encode_control(&cancel)));
         }
     }
@@ -407,7 +509,7 @@ impl Session {
         let (sender, stream_body) = Body::channel();
         let buffered = Arc::new(AtomicUsize::new(body.len()));
         let taken = buffered.clone();
-        let credit = self.terms.window.map(|_| (self.outbox.clone(), head.id));
+        let credit = self.terms.window.map(|_| (self.outbox(), head.id));
         let stream_body = stream_body.on_read(move |n| {
             taken.fetch_sub(n, Ordering::Relaxed);
             // The caller took n bytes: the worker may send n more.
@@ -634,16 +736,36 @@ pub(crate) async fn serve<S>(
         }
     };
 
-    let session_id = uuid::Uuid::now_v7().to_string();
     let (outbox, inbox) = transport::outbox();
-    let terms = Terms {
-        max_response: shared.config.http.max_response_body.bytes(),
-        window: hello.flow_control.then(|| cfg.flow_window.bytes()),
-        compression: Compression::choose(&hello.compression, cfg.compression),
-        acks: hello.accepted,
-        max_frame: cfg.max_frame.bytes(),
+    // A worker coming back after a dropped connection continues its session:
+    // same id, same terms, and the calls it still runs stand.
+    let resumed = hello
+        .resume
+        .as_ref()
+        .and_then(|r| Some((shared.detached.take(&r.session_id)?, r)));
+    let mut resend = Vec::new();
+    let session = match resumed {
+        Some((session, known)) => {
+            resend = session.resume(outbox, known);
+            session
+        }
+        None => {
+            let terms = Terms {
+                max_response: shared.config.http.max_response_body.bytes(),
+                window: hello.flow_control.then(|| cfg.flow_window.bytes()),
+                compression: Compression::choose(&hello.compression, cfg.compression),
+                acks: hello.accepted,
+                resumable: hello.resumable && !cfg.resume_window.is_zero(),
+                max_frame: cfg.max_frame.bytes(),
+            };
+            Arc::new(Session::new(hello.worker_id.clone(), outbox, terms))
+        }
     };
-    let session = Arc::new(Session::new(hello.worker_id.clone(), outbox, terms));
+    let (terms, session_id) = (session.terms, session.session_id.clone());
+    let resumed = hello
+        .resume
+        .as_ref()
+        .is_some_and(|r| r.session_id == session_id);
     // Registered before the welcome goes out: a worker that has read its
     // welcome can count on being eligible for calls.
     let key = shared
@@ -655,6 +777,7 @@ pub(crate) async fn serve<S>(
         shared: shared.clone(),
         key,
         session: session.clone(),
+        ended: AtomicBool::new(false),
     });
     let welcome = Control::Welcome(Welcome {
         version: protocol::PROTOCOL_VERSION,
@@ -663,24 +786,27 @@ pub(crate) async fn serve<S>(
         ping_misses: cfg.ping_misses,
         max_frame: cfg.max_frame.0,
         max_response_body: shared.config.http.max_response_body.0,
-        window: if hello.flow_control {
-            cfg.flow_window.0
+        window: terms.window.map_or(0, |w| w as u64),
+        compression: terms.compression.name().map(str::to_owned),
+        resume_window_ms: if terms.resumable {
+            cfg.resume_window.as_millis() as u64
         } else {
             0
         },
-        compression: terms.compression.name().map(str::to_owned),
+        resumed,
+        resend,
     });
     if let Err(e) = ws
         .send(Message::text(protocol::encode_control(&welcome)))
         .await
     {
-        live.end("worker left during the handshake");
+        live.end("worker left during the handshake", true);
         info!(%peer, error = %e, "worker left during handshake");
         return;
     }
     info!(
         %peer, worker = %hello.worker_id, session = %session_id,
-        services = ?hello.services, max_inflight = hello.max_inflight,
+        services = ?hello.services, max_inflight = hello.max_inflight, resumed,
         "worker connected"
     );
 
@@ -693,8 +819,8 @@ pub(crate) async fn serve<S>(
         conn.clone(),
         shutdown.clone(),
     ));
-    let cause = read_loop(stream, &session, &shared, key, &conn).await;
-    live.end(&cause);
+    let (cause, may_resume) = read_loop(stream, &session, &shared, key, &conn).await;
+    live.end(&cause, may_resume);
     conn.cancel();
     let _ = writer.await;
     let cause = session.end_cause().unwrap_or(cause);
@@ -772,7 +898,7 @@ async fn write_loop<S>(
         }
     };
     if let Some(cause) = cause {
-        live.end(&cause);
+        live.end(&cause, true);
         conn.cancel();
         return;
     }
@@ -812,7 +938,7 @@ async fn read_loop<S>(
     shared: &Shared,
     key: u64,
     conn: &CancellationToken,
-) -> String
+) -> (String, bool)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -820,13 +946,13 @@ where
         let msg = tokio::select! {
             // Cancelled by the write loop (which recorded its own cause
             // first) or by the bridge shutting down.
-            _ = conn.cancelled() => return "the bridge is shutting down".to_owned(),
-            _ = session.drained.cancelled() => return "drained".to_owned(),
+            _ = conn.cancelled() => return ("the bridge is shutting down".to_owned(), false),
+            _ = session.drained.cancelled() => return ("drained".to_owned(), false),
             msg = stream.next() => msg,
         };
         let msg = match msg {
-            None => return "connection closed".to_owned(),
-            Some(Err(e)) => return format!("read failed: {e}"),
+            None => return ("connection closed".to_owned(), true),
+            Some(Err(e)) => return (format!("read failed: {e}"), true),
             Some(Ok(m)) => m,
         };
         let problem = match msg {
@@ -840,7 +966,7 @@ where
                 let why = frame
                     .map(|f| format!(" ({} {})", f.code, f.reason))
                     .unwrap_or_default();
-                return format!("worker closed the connection{why}");
+                return (format!("worker closed the connection{why}"), false);
             }
             Message::Ping(_) | Message::Frame(_) => None,
         };
@@ -850,7 +976,7 @@ where
             warn!(worker = %session.worker_id, ?id, code, %message, violations = n, "protocol violation");
             if n >= MAX_VIOLATIONS {
                 // A worker this broken (or hostile) is not worth the log.
-                return format!("closed after {n} protocol violations");
+                return (format!("closed after {n} protocol violations"), false);
             }
             let frame = Control::Error {
                 id,
@@ -860,7 +986,7 @@ where
             // Best effort: a worker flooding the bridge with junk while not
             // reading must not make it queue (or spawn) anything for that.
             session
-                .outbox
+                .outbox()
                 .try_control(Message::text(protocol::encode_control(&frame)));
         }
     }

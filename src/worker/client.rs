@@ -7,14 +7,18 @@
 //! so a connection cut without a FIN never leaves the worker waiting.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     future::Future,
     panic::AssertUnwindSafe,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
+use bytes::Bytes;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
@@ -39,10 +43,10 @@ use crate::{
     config::Secret,
     headers,
     protocol::{
-        self, BodyHead, Compression, Control, DataHead, Hello, RequestHead, ResponseHead, Welcome,
-        CHUNK_SIZE,
+        self, BodyHead, Compression, Control, DataHead, Hello, RequestHead, ResponseHead, Resume,
+        Welcome, CHUNK_SIZE,
     },
-    transport::{self, Outbox},
+    transport::{self, Inbox, Outbox},
 };
 
 /// Time allowed for TCP, TLS, upgrade and welcome together.
@@ -217,13 +221,20 @@ impl Worker {
             )),
         };
         let mut delay = self.config.backoff_initial;
+        let mut carry = Carry::new();
         loop {
             self.status.send_replace(Status::Connecting);
             let started = Instant::now();
             // Shutdown is handled inside: a connected worker drains first.
             let outcome = self
-                .connect_and_serve(&target, tls.as_ref(), &shutdown)
+                .connect_and_serve(&target, tls.as_ref(), &shutdown, &mut carry)
                 .await;
+            match &outcome {
+                // Calls survive a dropped connection if the bridge keeps
+                // them for a resume; bodies in flight cannot.
+                Err(_) if carry.session.is_some() => carry.drop_streams(),
+                _ => carry.abandon_all(),
+            }
             let reason = match outcome {
                 Ok(()) => return Ok(()),
                 Err(e) => e.to_string(),
@@ -250,6 +261,7 @@ impl Worker {
         target: &Target,
         tls: Option<&TlsConnector>,
         shutdown: &CancellationToken,
+        carry: &mut Carry,
     ) -> Result<(), WorkerError> {
         let connect = async {
             let tcp = TcpStream::connect((target.host.as_str(), target.port))
@@ -266,7 +278,7 @@ impl Worker {
             .await
             .map_err(within("connect"))??;
         match tls {
-            None => self.handshake_and_serve(tcp, target, shutdown).await,
+            None => self.handshake_and_serve(tcp, target, shutdown, carry).await,
             Some(connector) => {
                 let name = ServerName::try_from(target.host.clone())
                     .map_err(|e| WorkerError::Url(self.config.url.clone(), e.to_string()))?;
@@ -274,7 +286,8 @@ impl Worker {
                     .await
                     .map_err(within("TLS handshake"))?
                     .map_err(|e| WorkerError::Connect(format!("TLS: {e}")))?;
-                self.handshake_and_serve(stream, target, shutdown).await
+                self.handshake_and_serve(stream, target, shutdown, carry)
+                    .await
             }
         }
     }
@@ -284,6 +297,7 @@ impl Worker {
         stream: S,
         target: &Target,
         shutdown: &CancellationToken,
+        carry: &mut Carry,
     ) -> Result<(), WorkerError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -331,6 +345,8 @@ impl Worker {
                 } else {
                     Vec::new()
                 },
+                resumable: true,
+                resume: carry.resume(),
             });
             ws.send(Message::text(protocol::encode_control(&hello)))
                 .await
@@ -370,7 +386,13 @@ impl Worker {
                 r.map_err(|_| WorkerError::Connect("handshake timed out".into()))??
             }
         };
-        info!(url = %self.config.url, session = %welcome.session_id, services = ?self.config.services, "connected to bridge");
+        info!(url = %self.config.url, session = %welcome.session_id, resumed = welcome.resumed, services = ?self.config.services, "connected to bridge");
+        if !welcome.resumed {
+            // A new session: whatever the old one had is void.
+            carry.abandon_all();
+        }
+        carry.resend(&welcome.resend);
+        carry.session = (welcome.resume_window_ms > 0).then(|| welcome.session_id.clone());
         self.status.send_replace(Status::Connected {
             session_id: welcome.session_id.clone(),
         });
@@ -383,7 +405,7 @@ impl Worker {
             max_frame: self.config.max_frame,
             drain_timeout: self.config.drain_timeout,
         };
-        serve(ws, &welcome, terms, self.handler.clone(), shutdown).await
+        serve(ws, &welcome, terms, self.handler.clone(), shutdown, carry).await
     }
 }
 
@@ -441,6 +463,8 @@ struct CallEntry {
     abort: AbortHandle,
     /// With flow control: response body bytes this call may still send.
     window: Option<Arc<Semaphore>>,
+    /// Its reply is being streamed (cannot survive a dropped connection).
+    streaming: Arc<AtomicBool>,
 }
 
 type Calls = Arc<Mutex<HashMap<u64, CallEntry>>>;
@@ -460,6 +484,7 @@ async fn serve<S>(
     terms: Terms,
     handler: Arc<dyn Handler>,
     shutdown: &CancellationToken,
+    carry: &Carry,
 ) -> Result<(), WorkerError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -475,11 +500,15 @@ where
             .clamp(CHUNK_SIZE, 64 << 20)
     });
     let (mut sink, mut stream) = ws.split();
-    let (outbox, mut inbox) = transport::outbox();
+    // The queue outlives the connection: what is still in it when the
+    // connection drops goes out on the resumed one.
+    let outbox = carry.outbox.clone();
+    let inbox = carry.inbox.clone();
     let conn = CancellationToken::new();
     let _stop_writer = conn.clone().drop_guard();
     let writer_conn = conn.clone();
     tokio::spawn(async move {
+        let mut inbox = inbox.lock_owned().await;
         loop {
             let msg = tokio::select! {
                 _ = writer_conn.cancelled() => break,
@@ -497,20 +526,17 @@ where
             }
         }
         writer_conn.cancel();
+        drop(inbox); // free for the next connection's writer at once
         let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
     });
 
-    let calls: Calls = Arc::default();
-    // Aborts every handler still running when the connection ends: their
-    // replies could not be delivered anyway.
-    let _abort_all = AbortOnDrop(calls.clone());
-    // Request bodies still arriving, by call id.
-    let partial: Partials = Arc::default();
+    let (calls, partial) = (carry.calls.clone(), carry.partial.clone());
     let ctx = CallCtx {
         handler,
         outbox: outbox.clone(),
         calls: calls.clone(),
         partial: partial.clone(),
+        replied: carry.replied.clone(),
         window,
         codec: terms.codec,
     };
@@ -659,13 +685,124 @@ fn send_error(outbox: &Outbox, id: Option<u64>, code: &str, message: &str) {
     outbox.try_control(Message::text(protocol::encode_control(&frame)));
 }
 
-struct AbortOnDrop(Calls);
+/// Replies written to the current connection are kept (up to this many, and
+/// [`REPLIED_BYTES`]) so that after a drop the ones that never arrived can
+/// be sent again on the resumed connection.
+const REPLIED_KEPT: usize = 4096;
 
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        for (_, entry) in lock(&self.0).drain() {
+/// Most bytes of replies kept for a resend.
+const REPLIED_BYTES: usize = 16 << 20;
+
+/// Recently written whole replies, oldest first.
+#[derive(Default)]
+struct Replied {
+    frames: VecDeque<(u64, Bytes)>,
+    bytes: usize,
+}
+
+impl Replied {
+    fn push(&mut self, id: u64, frame: Bytes) {
+        self.bytes += frame.len();
+        self.frames.push_back((id, frame));
+        while self.frames.len() > REPLIED_KEPT || self.bytes > REPLIED_BYTES {
+            match self.frames.pop_front() {
+                Some((_, old)) => self.bytes -= old.len(),
+                None => break,
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.frames.clear();
+        self.bytes = 0;
+    }
+}
+
+/// What outlives one connection of a [`Worker`]: the queue to the bridge
+/// and the calls still running, so that a resumed connection delivers
+/// their replies.
+struct Carry {
+    outbox: Outbox,
+    inbox: Arc<tokio::sync::Mutex<Inbox>>,
+    calls: Calls,
+    partial: Partials,
+    replied: Arc<Mutex<Replied>>,
+    /// The session to resume after a drop, if the bridge keeps sessions.
+    session: Option<String>,
+}
+
+impl Carry {
+    fn new() -> Carry {
+        let (outbox, inbox) = transport::outbox();
+        Carry {
+            outbox,
+            inbox: Arc::new(tokio::sync::Mutex::new(inbox)),
+            calls: Arc::default(),
+            partial: Arc::default(),
+            replied: Arc::default(),
+            session: None,
+        }
+    }
+
+    /// The hello's `resume`, after a dropped connection of a resumable session.
+    fn resume(&self) -> Option<Resume> {
+        let session_id = self.session.clone()?;
+        Some(Resume {
+            session_id,
+            running: lock(&self.calls).keys().copied().collect(),
+            replied: lock(&self.replied)
+                .frames
+                .iter()
+                .map(|(id, _)| *id)
+                .collect(),
+        })
+    }
+
+    /// After a resume: the replies the bridge never got go out again; the
+    /// rest are known to have arrived.
+    fn resend(&self, ids: &[u64]) {
+        let mut replied = lock(&self.replied);
+        for (id, frame) in replied.frames.iter() {
+            if ids.contains(id) {
+                self.outbox.control(Message::Binary(frame.clone()));
+            }
+        }
+        replied.clear();
+    }
+
+    /// The connection dropped: calls with a body on the move cannot be
+    /// resumed (the bridge fails them), so they stop here too.
+    fn drop_streams(&self) {
+        let uploading: Vec<u64> = lock(&self.partial).keys().copied().collect();
+        let streaming: Vec<u64> = lock(&self.calls)
+            .iter()
+            .filter(|(_, c)| c.streaming.load(Ordering::Relaxed))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in uploading.into_iter().chain(streaming) {
+            abandon(&self.calls, &self.partial, id, "connection lost mid-body");
+        }
+    }
+
+    /// Every call stops and everything queued for the bridge is dropped.
+    fn abandon_all(&mut self) {
+        for (_, body) in lock(&self.partial).drain() {
+            body.abort(BodyError::new("connection to the bridge lost"));
+        }
+        for (_, entry) in lock(&self.calls).drain() {
             entry.abort.abort();
         }
+        if let Ok(mut inbox) = self.inbox.try_lock() {
+            inbox.clear();
+        }
+        lock(&self.replied).clear();
+        self.session = None;
+    }
+}
+
+impl Drop for Carry {
+    fn drop(&mut self) {
+        self.abandon_all();
     }
 }
 
@@ -675,6 +812,8 @@ struct CallCtx {
     outbox: Outbox,
     calls: Calls,
     partial: Partials,
+    /// Where replies written to the connection are recorded.
+    replied: Arc<Mutex<Replied>>,
     /// The per-call flow-control window, when the bridge grants one.
     window: Option<usize>,
     /// How reply bodies are compressed.
@@ -695,6 +834,9 @@ impl CallCtx {
         let window = self.window.map(|w| Arc::new(Semaphore::new(w)));
         let send_window = window.clone();
         let codec = self.codec;
+        let replied = self.replied.clone();
+        let streaming = Arc::new(AtomicBool::new(false));
+        let streaming_flag = streaming.clone();
         // `accepted` goes out before the handler starts: a call the bridge
         // has no `accepted` for is one it may send to another worker if
         // this connection dies, so the handler must not have run yet.
@@ -705,7 +847,12 @@ impl CallCtx {
         let mut map = lock(&self.calls);
         let task = tokio::spawn(async move {
             if written.await.is_err() {
-                return; // the connection is gone; the call never started
+                // The connection broke before `accepted` was surely out: the
+                // call never starts here, and the bridge, not hearing of it
+                // on a resume, may send it elsewhere.
+                lock(&calls).remove(&id);
+                lock(&partial).remove(&id);
+                return;
             }
             let resp = match build_request(head, body) {
                 Ok(req) => match AssertUnwindSafe(handler.call(req)).catch_unwind().await {
@@ -722,6 +869,8 @@ impl CallCtx {
                 outbox: &outbox,
                 window: send_window.as_deref(),
                 codec,
+                replied: &replied,
+                streaming: &streaming_flag,
             };
             if let Err(reason) = sender.send(resp).await {
                 warn!(id, %reason, "cannot send the handler's response");
@@ -745,6 +894,7 @@ impl CallCtx {
             CallEntry {
                 abort: task.abort_handle(),
                 window,
+                streaming,
             },
         );
     }
@@ -756,6 +906,10 @@ struct ReplySender<'a> {
     outbox: &'a Outbox,
     window: Option<&'a Semaphore>,
     codec: Compression,
+    /// Replies written to the connection, for a resume.
+    replied: &'a Mutex<Replied>,
+    /// Set once a streamed reply starts.
+    streaming: &'a AtomicBool,
 }
 
 impl ReplySender<'_> {
@@ -804,13 +958,21 @@ impl ReplySender<'_> {
         let frame = protocol::encode_head(&head, &first, self.codec).map_err(|e| e.to_string())?;
         self.reserve(first.len()).await?;
         if full.is_some() {
-            // A whole small reply overtakes queued chunks of other calls.
-            return self
+            // A whole small reply overtakes queued chunks of other calls. The
+            // call counts as running until the frame is written: if the
+            // connection drops first, it goes out on the resumed one.
+            let written = self
                 .outbox
-                .urgent(Message::Binary(frame))
+                .urgent_written(Message::Binary(frame.clone()))
                 .await
-                .map_err(|_| "connection closed".to_owned());
+                .map_err(|_| "connection closed".to_owned())?;
+            // Written, or lost with a broken connection: either way it is
+            // kept, so a resume can send it again if it never arrived.
+            let _ = written.await;
+            lock(self.replied).push(self.id, frame);
+            return Ok(());
         }
+        self.streaming.store(true, Ordering::Relaxed);
         // A streamed head stays in order with its own chunks.
         self.outbox
             .bulk(Message::Binary(frame))

@@ -441,6 +441,8 @@ impl RawWorker {
             flow_control,
             accepted: false,
             compression: Vec::new(),
+            resumable: false,
+            resume: None,
         };
         Self::connect_hello(bridge, hello).await
     }
@@ -465,6 +467,9 @@ impl RawWorker {
                 max_response_body: 0,
                 window: 0,
                 compression: None,
+                resume_window_ms: 0,
+                resumed: false,
+                resend: Vec::new(),
             },
             wire_bytes: 0,
         };
@@ -809,4 +814,45 @@ where
         }
     });
     addr
+}
+
+/// A TCP proxy in front of the bridge's worker port whose open connections
+/// can be cut at once (both sockets closed, as when a NAT or a proxy drops
+/// them), while new connections still go through.
+pub struct CutProxy {
+    /// Where workers connect instead of the bridge.
+    pub addr: std::net::SocketAddr,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl CutProxy {
+    /// Starts a proxy to `target`.
+    pub async fn start(target: std::net::SocketAddr) -> CutProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let cuts = cut.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut cut = cuts.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        CutProxy { addr, cut }
+    }
+
+    /// Drops every connection open now.
+    pub fn cut(&self) {
+        self.cut.send_modify(|n| *n += 1);
+    }
 }

@@ -1,0 +1,67 @@
+//! Sessions whose connection dropped, kept for `resume_window` so that a
+//! resumable worker can come back and deliver the replies it finished
+//! meanwhile (PROTOCOL.md 8.5). A session that is not resumed in time is
+//! closed: its calls fail (or are retried) as for any lost worker.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use tokio_util::task::AbortOnDropHandle;
+use tracing::info;
+
+use super::session::Session;
+
+/// A detached session and the timer that ends it.
+type Held = (Arc<Session>, AbortOnDropHandle<()>);
+
+/// Detached sessions by session id.
+#[derive(Default)]
+pub(crate) struct Detached {
+    sessions: Mutex<HashMap<String, Held>>,
+}
+
+impl Detached {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Held>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps `session` (already out of the registry) for `window`, then
+    /// closes it with `cause` unless it was taken back by then.
+    pub(crate) fn hold(self: &Arc<Self>, session: Arc<Session>, window: Duration, cause: &str) {
+        session.hold_for_resume();
+        let id = session.session_id.clone();
+        let expire = {
+            let (detached, id, cause) = (self.clone(), id.clone(), cause.to_owned());
+            tokio::spawn(async move {
+                tokio::time::sleep(window).await;
+                // Removing the entry drops this task's own abort handle;
+                // the abort only takes effect at the next await, and there
+                // is none after this.
+                let taken = detached.lock().remove(&id);
+                if let Some((session, _timer)) = taken {
+                    info!(worker = %session.worker_id, session = %id, ?window, "worker did not resume in time");
+                    session.close(&format!("{cause}; not resumed within {window:?}"));
+                }
+            })
+        };
+        info!(worker = %session.worker_id, session = %id, %cause, ?window, "worker connection lost; keeping its calls for a resume");
+        self.lock()
+            .insert(id, (session, AbortOnDropHandle::new(expire)));
+    }
+
+    /// The session `id`, if it is waiting for its worker; its timer stops.
+    pub(crate) fn take(&self, id: &str) -> Option<Arc<Session>> {
+        self.lock().remove(id).map(|(session, _timer)| session)
+    }
+
+    /// Closes every waiting session (the bridge is shutting down).
+    pub(crate) fn close_all(&self, cause: &str) {
+        let all: Vec<_> = self.lock().drain().collect();
+        for (_, (session, _timer)) in all {
+            session.close(cause);
+        }
+    }
+}
