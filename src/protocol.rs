@@ -77,7 +77,7 @@ pub enum Control {
     Cancel {
         /// The call to abandon.
         id: u64,
-        /// Why: `timeout` or `client_gone`.
+        /// Why: `timeout`, `client_gone` or `body_too_large`.
         reason: String,
     },
     /// Either direction: something went wrong. With an `id` it concerns one
@@ -367,17 +367,24 @@ pub fn encode_data(head: &DataHead, body: &[u8]) -> Bytes {
 /// Encodes a binary frame, compressing a body of at least [`COMPRESS_MIN`]
 /// bytes with `codec` when that saves at least an eighth of it.
 pub fn encode_frame(head: &DataHead, body: &[u8], codec: Compression) -> Bytes {
-    // Serialising a derived struct into a Vec cannot fail: every map key is a
-    // string and there are no non-finite floats.
-    let json = serde_json::to_vec(head).unwrap_or_default();
+    frame_from_json(&head_json(head), body, codec)
+}
+
+/// The JSON of a head. Serialising a derived struct into a Vec cannot fail:
+/// every map key is a string and there are no non-finite floats.
+fn head_json(head: &DataHead) -> Vec<u8> {
+    serde_json::to_vec(head).unwrap_or_default()
+}
+
+fn frame_from_json(json: &[u8], body: &[u8], codec: Compression) -> Bytes {
     if codec == Compression::Lz4 && body.len() >= COMPRESS_MIN {
-        if let Some(frame) = lz4_frame(&json, body) {
+        if let Some(frame) = lz4_frame(json, body) {
             return frame;
         }
     }
     let mut buf = BytesMut::with_capacity(4 + json.len() + body.len());
     buf.put_u32(json.len() as u32);
-    buf.put_slice(&json);
+    buf.put_slice(json);
     buf.put_slice(body);
     buf.freeze()
 }
@@ -462,12 +469,13 @@ pub fn decode_control(text: &str) -> Result<Control, FrameError> {
 
 /// Encodes a head frame, refusing a JSON header the receiver would refuse.
 pub fn encode_head(head: &DataHead, body: &[u8], codec: Compression) -> Result<Bytes, FrameError> {
-    let frame = encode_frame(head, body, codec);
-    let head_len = prefix(&frame).map_or(0, |(_, len)| len);
-    if head_len > MAX_HEADER_LEN {
-        return Err(FrameError::HeaderTooLarge(head_len));
+    // Checked before the frame is built: the length prefix holds only 24
+    // bits, so a header of 16 MiB or more would wrap into the flag byte.
+    let json = head_json(head);
+    if json.len() > MAX_HEADER_LEN {
+        return Err(FrameError::HeaderTooLarge(json.len()));
     }
-    Ok(frame)
+    Ok(frame_from_json(&json, body, codec))
 }
 
 /// The `id` of a binary frame whose header is valid JSON with a numeric
@@ -562,6 +570,17 @@ mod tests {
         assert!(matches!(
             encode_head(&huge, &[], Compression::None),
             Err(FrameError::HeaderTooLarge(_))
+        ));
+        // Past 16 MiB the 24-bit length would wrap into the flag byte.
+        let wraps = DataHead::Response(ResponseHead {
+            id: 9,
+            status: 200,
+            headers: vec![("x-big".into(), "v".repeat((1 << 24) + 5))],
+            end: true,
+        });
+        assert!(matches!(
+            encode_head(&wraps, &[], Compression::None),
+            Err(FrameError::HeaderTooLarge(n)) if n > 1 << 24
         ));
     }
 
