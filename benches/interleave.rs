@@ -93,28 +93,6 @@ async fn handler(req: Request<Body>) -> Response<Body> {
     }
 }
 
-/// A plain hyper server answering "ok" on its own runtime: the control.
-async fn direct_server() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let _ = tcp.set_nodelay(true);
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req| async {
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
 /// Starts the transfers (half downloads, half uploads) on `rt`; each task
 /// returns the bytes it moved.
 fn start_transfers(
@@ -247,8 +225,11 @@ async fn main() {
     } else {
         None
     };
+    // The control: a plain hyper server answering "ok", on the worker's runtime.
     let direct = worker_rt
-        .spawn(direct_server())
+        .spawn(common::serve_http(|_req| async {
+            Response::new(Full::new(Bytes::from_static(b"ok")))
+        }))
         .await
         .expect("direct server");
     let base = format!("http://{}", bridge.http);
