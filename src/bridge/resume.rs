@@ -9,10 +9,14 @@ use std::{
     time::Duration,
 };
 
+use tokio::sync::Notify;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::info;
 
-use super::session::Session;
+use super::{registry::Registry, session::Session};
+
+/// How long a resume waits for the connection it replaces to let go.
+const SUPERSEDE_WAIT: Duration = Duration::from_secs(2);
 
 /// A detached session and the timer that ends it.
 type Held = (Arc<Session>, AbortOnDropHandle<()>);
@@ -21,6 +25,8 @@ type Held = (Arc<Session>, AbortOnDropHandle<()>);
 #[derive(Default)]
 pub(crate) struct Detached {
     sessions: Mutex<HashMap<String, Held>>,
+    /// Woken whenever a session is detached.
+    held: Notify,
 }
 
 impl Detached {
@@ -50,11 +56,44 @@ impl Detached {
         info!(worker = %session.worker_id, session = %id, %cause, ?window, "worker connection lost; keeping its calls for a resume");
         self.lock()
             .insert(id, (session, AbortOnDropHandle::new(expire)));
+        self.held.notify_waiters();
     }
 
     /// The session `id`, if it is waiting for its worker; its timer stops.
     pub(crate) fn take(&self, id: &str) -> Option<Arc<Session>> {
         self.lock().remove(id).map(|(session, _timer)| session)
+    }
+
+    /// The session `id` for a worker that resumes it. If its old connection
+    /// still looks alive here (the worker noticed the dead link first), that
+    /// connection is ended as dropped and the session taken once detached.
+    pub(crate) async fn take_for_resume(
+        &self,
+        id: &str,
+        registry: &Registry,
+    ) -> Option<Arc<Session>> {
+        if let Some(session) = self.take(id) {
+            return Some(session);
+        }
+        let live = registry
+            .sessions()
+            .into_iter()
+            .find(|s| s.session_id == id)?;
+        let detached = self.held.notified();
+        tokio::pin!(detached);
+        detached.as_mut().enable();
+        live.supersede();
+        let wait = async {
+            loop {
+                if let Some(session) = self.take(id) {
+                    return session;
+                }
+                detached.as_mut().await;
+                detached.set(self.held.notified());
+                detached.as_mut().enable();
+            }
+        };
+        tokio::time::timeout(SUPERSEDE_WAIT, wait).await.ok()
     }
 
     /// Closes every waiting session (the bridge is shutting down).

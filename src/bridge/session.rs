@@ -84,6 +84,9 @@ pub(crate) struct Session {
     /// Cancelled when the worker has asked to drain and its last call has
     /// ended: the bridge then closes the connection.
     pub(crate) drained: CancellationToken,
+    /// Cancelled to end the current connection as dropped, because the
+    /// worker has come back on a new one (a resume); replaced per connection.
+    superseded: Mutex<CancellationToken>,
 }
 
 /// The parameters of one worker connection, settled by hello and welcome.
@@ -241,7 +244,23 @@ impl Session {
             unanswered: AtomicU32::new(0),
             violations: AtomicU32::new(0),
             drained: CancellationToken::new(),
+            superseded: Mutex::default(),
         }
+    }
+
+    /// Ends the current connection as if it had dropped.
+    pub(crate) fn supersede(&self) {
+        self.superseded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .cancel();
+    }
+
+    /// A fresh supersede token for a new connection of this session.
+    fn new_connection(&self) -> CancellationToken {
+        let token = CancellationToken::new();
+        *self.superseded.lock().unwrap_or_else(|p| p.into_inner()) = token.clone();
+        token
     }
 
     /// The current connection's outbox.
@@ -405,6 +424,8 @@ impl Session {
     /// never started, so it may go to any worker.
     pub(crate) fn resume(&self, outbox: Outbox, known: &protocol::Resume) -> Vec<u64> {
         *self.outbox.lock().unwrap_or_else(|p| p.into_inner()) = outbox;
+        // The pongs the dropped connection missed say nothing about this one.
+        self.unanswered.store(0, Ordering::Relaxed);
         let running: HashSet<u64> = known.running.iter().copied().collect();
         let replied: HashSet<u64> = known.replied.iter().copied().collect();
         let (resend, gone): (Vec<u64>, Vec<(Pending, Failure)>) = {
@@ -739,10 +760,14 @@ pub(crate) async fn serve<S>(
     let (outbox, inbox) = transport::outbox();
     // A worker coming back after a dropped connection continues its session:
     // same id, same terms, and the calls it still runs stand.
-    let resumed = hello
-        .resume
-        .as_ref()
-        .and_then(|r| Some((shared.detached.take(&r.session_id)?, r)));
+    let resumed = match &hello.resume {
+        Some(r) => shared
+            .detached
+            .take_for_resume(&r.session_id, &shared.registry)
+            .await
+            .map(|session| (session, r)),
+        None => None,
+    };
     let mut resend = Vec::new();
     let session = match resumed {
         Some((session, known)) => {
@@ -762,6 +787,7 @@ pub(crate) async fn serve<S>(
         }
     };
     let (terms, session_id) = (session.terms, session.session_id.clone());
+    let superseded = session.new_connection();
     let resumed = hello
         .resume
         .as_ref()
@@ -819,7 +845,7 @@ pub(crate) async fn serve<S>(
         conn.clone(),
         shutdown.clone(),
     ));
-    let (cause, may_resume) = read_loop(stream, &session, &shared, key, &conn).await;
+    let (cause, may_resume) = read_loop(stream, &session, &shared, key, &conn, &superseded).await;
     live.end(&cause, may_resume);
     conn.cancel();
     let _ = writer.await;
@@ -938,6 +964,7 @@ async fn read_loop<S>(
     shared: &Shared,
     key: u64,
     conn: &CancellationToken,
+    superseded: &CancellationToken,
 ) -> (String, bool)
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -948,6 +975,7 @@ where
             // first) or by the bridge shutting down.
             _ = conn.cancelled() => return ("the bridge is shutting down".to_owned(), false),
             _ = session.drained.cancelled() => return ("drained".to_owned(), false),
+            _ = superseded.cancelled() => return ("the worker resumed on a new connection".to_owned(), true),
             msg = stream.next() => msg,
         };
         let msg = match msg {
@@ -1011,7 +1039,16 @@ fn on_binary(session: &Session, frame: Bytes) -> Problem {
             return Some((id, "malformed_frame", e.to_string()));
         }
     };
-    let id = head.id();
+    let id = match head {
+        DataHead::Response(_) | DataHead::Body(_) => head.id(),
+        DataHead::Request(_) => {
+            let reason = "workers may not send request frames".into();
+            return Some((None, "unexpected_frame", reason));
+        }
+        DataHead::Unknown => {
+            return Some((None, "unknown_frame", "unknown binary frame type".into()))
+        }
+    };
     if let Some(id) = id.filter(|id| *id >= session.next_id.load(Ordering::Relaxed)) {
         let reason = format!("call {id} was never sent on this connection");
         return Some((Some(id), "unknown_call", reason));
@@ -1027,13 +1064,7 @@ fn on_binary(session: &Session, frame: Bytes) -> Problem {
     let result = match head {
         DataHead::Response(head) => session.on_response(head, body),
         DataHead::Body(b) => session.on_body(b.id, b.end, body),
-        DataHead::Request(_) => {
-            let reason = "workers may not send request frames".into();
-            return Some((None, "unexpected_frame", reason));
-        }
-        DataHead::Unknown => {
-            return Some((None, "unknown_frame", "unknown binary frame type".into()))
-        }
+        DataHead::Request(_) | DataHead::Unknown => return None, // answered above
     };
     result.err().map(|reason| (id, "bad_response", reason))
 }
