@@ -162,6 +162,13 @@ async fn callers_outside_allow_from_get_403() {
         .as_str()
         .is_some_and(|m| m.contains("127.0.0.1")));
     assert_eq!(r.json()["error"]["request_id"], r.header("x-request-id"));
+    // Also with an Idempotency-Key: stored responses are not a way around it.
+    let keyed = Request::post(bridge.at("/x"))
+        .header("idempotency-key", "k")
+        .body(http_body_util::Full::new(Bytes::from_static(b"x")))
+        .expect("request");
+    let r = send(&http_client(), keyed).await;
+    assert_eq!(r.error_code(), "forbidden");
     bridge.stop().await;
 }
 

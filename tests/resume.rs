@@ -158,6 +158,44 @@ async fn a_reply_lost_with_the_connection_is_asked_for_again() {
 }
 
 #[tokio::test]
+async fn a_resumed_worker_that_drains_still_finishes_its_resumed_calls() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let mut raw = RawWorker::connect_hello(&bridge, resumable_hello(None)).await;
+    let session_id = raw.welcome.session_id.clone();
+    let call = spawn_post(&bridge, "/long", "x");
+    let (req, _) = raw.next_request().await;
+    raw.send_text(&protocol::encode_control(&Control::Accepted { id: req.id }))
+        .await;
+    drop(raw);
+    let resume = Resume {
+        session_id,
+        running: vec![req.id],
+        replied: vec![],
+    };
+    let mut back = RawWorker::connect_hello(&bridge, resumable_hello(Some(resume))).await;
+    assert!(back.welcome.resumed);
+    // Shutting down: the call carried over is still in flight, so the
+    // bridge must not close the connection yet.
+    back.send_text(&protocol::encode_control(&Control::Drain))
+        .await;
+    with_timeout(async {
+        while bridge.handle.accepting("default") > 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    back.reply(req.id, 200, &[], b"finished").await;
+    let r = with_timeout(call).await.expect("join");
+    assert_eq!(
+        (r.head.status, r.body.as_ref()),
+        (StatusCode::OK, &b"finished"[..])
+    );
+    // Now it is drained.
+    assert!(matches!(back.next().await, Frame::Closed));
+    bridge.stop().await;
+}
+
+#[tokio::test]
 async fn a_worker_that_does_not_come_back_in_time_loses_its_calls() {
     let window = Duration::from_millis(300);
     let bridge = TestBridge::start(|c| c.workers.resume_window = window).await;

@@ -144,7 +144,16 @@ async fn handle(
     let request_id = request_id(&req);
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let mut attempts = 0;
+    let ip = peer.ip().to_canonical();
+    let allowed = shared
+        .config
+        .http
+        .allow_from
+        .iter()
+        .any(|n| n.contains(&ip));
     let outcome = match token_header(&req, &IDEMPOTENCY_KEY) {
+        // Before anything else, stored responses included.
+        _ if !allowed => Err(CallError::Forbidden { peer: ip }),
         Some(key) => keyed(&shared, peer, &request_id, started, req, &mut attempts, key).await,
         None => call(&shared, peer, &request_id, started, req, &mut attempts).await,
     };
@@ -256,16 +265,6 @@ async fn call(
     req: Request<Incoming>,
     attempts: &mut u32,
 ) -> Result<Response<CallBody>, CallError> {
-    let ip = peer.ip().to_canonical();
-    if !shared
-        .config
-        .http
-        .allow_from
-        .iter()
-        .any(|n| n.contains(&ip))
-    {
-        return Err(CallError::Forbidden { peer: ip });
-    }
     let target = shared
         .router
         .resolve(req.uri().path())

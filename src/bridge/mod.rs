@@ -214,9 +214,11 @@ impl Bridge {
             )
             .instrument(tracing::info_span!("workers")),
         );
-        let detached = self.shared.detached.clone();
+        let shared = self.shared.clone();
         http::serve(listeners.http, self.shared, shutdown).await;
-        detached.close_all("the bridge is shutting down");
+        shared
+            .detached
+            .close_all("the bridge is shutting down", &shared.registry);
         workers_stop.cancel();
         let _ = workers.await;
         Ok(())

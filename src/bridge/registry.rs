@@ -137,6 +137,36 @@ impl Registry {
         key
     }
 
+    /// Takes a worker out of dispatch but keeps its slot (and the count of
+    /// its calls in flight) while it may resume.
+    pub(crate) fn suspend(&self, key: u64) {
+        let mut state = self.lock();
+        let Some(services) = state.workers.get(&key).map(|s| s.services.clone()) else {
+            return;
+        };
+        for name in services.iter() {
+            if let Some(service) = state.services.get_mut(name) {
+                service.workers.retain(|k| *k != key);
+            }
+        }
+    }
+
+    /// Puts a suspended worker back into dispatch; false if it is gone.
+    pub(crate) fn reinstate(self: &Arc<Self>, key: u64) -> bool {
+        let mut state = self.lock();
+        let Some(services) = state.workers.get(&key).map(|s| s.services.clone()) else {
+            return false;
+        };
+        for name in services.iter() {
+            let workers = &mut state.services.entry(name.clone()).or_default().workers;
+            if !workers.contains(&key) {
+                workers.push(key);
+            }
+        }
+        state.pump_all(self, &services);
+        true
+    }
+
     /// Removes a worker; its outstanding leases become no-ops.
     pub(crate) fn unregister(&self, key: u64) {
         let mut state = self.lock();

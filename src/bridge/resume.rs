@@ -18,8 +18,9 @@ use super::{registry::Registry, session::Session};
 /// How long a resume waits for the connection it replaces to let go.
 const SUPERSEDE_WAIT: Duration = Duration::from_secs(2);
 
-/// A detached session and the timer that ends it.
-type Held = (Arc<Session>, AbortOnDropHandle<()>);
+/// A detached session, its (suspended) registry key, and the timer that
+/// ends it.
+type Held = (Arc<Session>, u64, AbortOnDropHandle<()>);
 
 /// Detached sessions by session id.
 #[derive(Default)]
@@ -34,9 +35,17 @@ impl Detached {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Keeps `session` (already out of the registry) for `window`, then
-    /// closes it with `cause` unless it was taken back by then.
-    pub(crate) fn hold(self: &Arc<Self>, session: Arc<Session>, window: Duration, cause: &str) {
+    /// Keeps `session` (suspended in the registry under `key`) for
+    /// `window`, then unregisters and closes it with `cause` unless it was
+    /// taken back by then.
+    pub(crate) fn hold(
+        self: &Arc<Self>,
+        session: Arc<Session>,
+        key: u64,
+        registry: Arc<Registry>,
+        window: Duration,
+        cause: &str,
+    ) {
         session.hold_for_resume();
         let id = session.session_id.clone();
         let expire = {
@@ -47,21 +56,25 @@ impl Detached {
                 // the abort only takes effect at the next await, and there
                 // is none after this.
                 let taken = detached.lock().remove(&id);
-                if let Some((session, _timer)) = taken {
+                if let Some((session, key, _timer)) = taken {
                     info!(worker = %session.worker_id, session = %id, ?window, "worker did not resume in time");
+                    registry.unregister(key);
                     session.close(&format!("{cause}; not resumed within {window:?}"));
                 }
             })
         };
         info!(worker = %session.worker_id, session = %id, %cause, ?window, "worker connection lost; keeping its calls for a resume");
         self.lock()
-            .insert(id, (session, AbortOnDropHandle::new(expire)));
+            .insert(id, (session, key, AbortOnDropHandle::new(expire)));
         self.held.notify_waiters();
     }
 
-    /// The session `id`, if it is waiting for its worker; its timer stops.
-    pub(crate) fn take(&self, id: &str) -> Option<Arc<Session>> {
-        self.lock().remove(id).map(|(session, _timer)| session)
+    /// The session `id` and its registry key, if it is waiting for its
+    /// worker; its timer stops.
+    pub(crate) fn take(&self, id: &str) -> Option<(Arc<Session>, u64)> {
+        self.lock()
+            .remove(id)
+            .map(|(session, key, _timer)| (session, key))
     }
 
     /// The session `id` for a worker that resumes it. If its old connection
@@ -71,9 +84,9 @@ impl Detached {
         &self,
         id: &str,
         registry: &Registry,
-    ) -> Option<Arc<Session>> {
-        if let Some(session) = self.take(id) {
-            return Some(session);
+    ) -> Option<(Arc<Session>, u64)> {
+        if let Some(taken) = self.take(id) {
+            return Some(taken);
         }
         let live = registry
             .sessions()
@@ -85,8 +98,8 @@ impl Detached {
         live.supersede();
         let wait = async {
             loop {
-                if let Some(session) = self.take(id) {
-                    return session;
+                if let Some(taken) = self.take(id) {
+                    return taken;
                 }
                 detached.as_mut().await;
                 detached.set(self.held.notified());
@@ -97,9 +110,10 @@ impl Detached {
     }
 
     /// Closes every waiting session (the bridge is shutting down).
-    pub(crate) fn close_all(&self, cause: &str) {
+    pub(crate) fn close_all(&self, cause: &str, registry: &Registry) {
         let all: Vec<_> = self.lock().drain().collect();
-        for (_, (session, _timer)) in all {
+        for (_, (session, key, _timer)) in all {
+            registry.unregister(key);
             session.close(cause);
         }
     }

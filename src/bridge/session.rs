@@ -211,16 +211,22 @@ impl Live {
         if self.ended.swap(true, Ordering::SeqCst) {
             return;
         }
-        self.shared.registry.unregister(self.key);
-        let session = &self.session;
+        let (shared, session) = (&self.shared, &self.session);
         let resumable = may_resume
             && session.terms.resumable
             && !session.drained.is_cancelled()
             && session.violations.load(Ordering::Relaxed) < MAX_VIOLATIONS;
         if resumable {
-            let window = self.shared.config.workers.resume_window;
-            self.shared.detached.hold(session.clone(), window, cause);
+            // Out of dispatch, but the slot keeps counting the calls that
+            // wait for the worker to come back.
+            shared.registry.suspend(self.key);
+            let window = shared.config.workers.resume_window;
+            let registry = shared.registry.clone();
+            shared
+                .detached
+                .hold(session.clone(), self.key, registry, window, cause);
         } else {
+            shared.registry.unregister(self.key);
             session.close(cause);
         }
     }
@@ -769,9 +775,11 @@ pub(crate) async fn serve<S>(
         None => None,
     };
     let mut resend = Vec::new();
+    let mut resumed_key = None;
     let session = match resumed {
-        Some((session, known)) => {
+        Some(((session, key), known)) => {
             resend = session.resume(outbox, known);
+            resumed_key = Some(key);
             session
         }
         None => {
@@ -794,9 +802,14 @@ pub(crate) async fn serve<S>(
         .is_some_and(|r| r.session_id == session_id);
     // Registered before the welcome goes out: a worker that has read its
     // welcome can count on being eligible for calls.
-    let key = shared
-        .registry
-        .register(session.clone(), &hello.services, hello.max_inflight);
+    // A resumed session gets its old slot back (its calls' leases count
+    // there); anything else a new one.
+    let key = match resumed_key.filter(|key| shared.registry.reinstate(*key)) {
+        Some(key) => key,
+        None => shared
+            .registry
+            .register(session.clone(), &hello.services, hello.max_inflight),
+    };
     // From here on, every way out (including a panic) unregisters the worker
     // and fails its pending calls, in that order.
     let live = Arc::new(Live {
