@@ -112,6 +112,13 @@ pub enum Control {
         /// The call.
         id: u64,
     },
+    /// Bridge -> worker, the answer to `accepted`: the bridge has recorded
+    /// that call `id` may start, so it will never send it elsewhere; the
+    /// worker starts the call only now.
+    Start {
+        /// The call.
+        id: u64,
+    },
     /// Any `type` this version does not know; answered with an error frame.
     #[serde(other)]
     Unknown,

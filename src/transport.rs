@@ -148,17 +148,6 @@ impl Outbox {
         self.queue_urgent(msg.into());
     }
 
-    /// Like [`Outbox::control`], and the returned receiver completes once
-    /// the frame has been written to the socket (an error: it never was).
-    pub(crate) fn control_written(&self, msg: Message) -> oneshot::Receiver<()> {
-        let (tx, rx) = oneshot::channel();
-        self.queue_urgent(Outgoing {
-            msg,
-            written: Some(tx),
-        });
-        rx
-    }
-
     fn queue_urgent(&self, msg: Outgoing) {
         if let Err(mpsc::error::TrySendError::Full(msg)) = self.urgent.try_send(msg) {
             let urgent = self.urgent.clone();

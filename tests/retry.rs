@@ -272,3 +272,38 @@ async fn kill_9_of_an_agent_loses_no_idempotent_call_and_repeats_no_post() {
     assert!(retried > 0 && posts_failed > 0);
     bridge.stop().await;
 }
+
+#[tokio::test]
+async fn a_call_whose_handler_started_is_never_sent_elsewhere() {
+    // The worker's handler runs only after the bridge has recorded
+    // `accepted` (and said `start`), so a link cut right after the handler
+    // started can only end the POST with 502, never run it twice.
+    let bridge = TestBridge::start(|c| c.workers.resume_window = Duration::ZERO).await;
+    let proxy = CutProxy::start(bridge.workers).await;
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+    let handler = |name: &'static str| {
+        let (runs, started_tx) = (runs.clone(), started_tx.clone());
+        move |_req: Request<wsbridge::body::Body>| {
+            let (runs, started_tx) = (runs.clone(), started_tx.clone());
+            async move {
+                runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = started_tx.send(name);
+                std::future::pending::<()>().await;
+                Response::new(wsbridge::body::Body::from(name))
+            }
+        }
+    };
+    let mut cfg = bridge.worker_config(&["default"], 8);
+    cfg.url = format!("wss://localhost:{}", proxy.addr.port());
+    let _a = TestWorker::start(cfg, handler("a")).await;
+    let call = spawn_post(&bridge, "/order", "x");
+    assert_eq!(with_timeout(started.recv()).await, Some("a"));
+    proxy.cut();
+    let _b = TestWorker::start(bridge.worker_config(&["default"], 8), handler("b")).await;
+    let r = with_timeout(call).await.expect("join");
+    assert_eq!(r.error_code(), "worker_lost");
+    assert_eq!(r.header("x-bridge-attempts"), "1");
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    bridge.stop().await;
+}

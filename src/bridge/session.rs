@@ -436,6 +436,16 @@ impl Session {
         let replied: HashSet<u64> = known.replied.iter().copied().collect();
         let (resend, gone): (Vec<u64>, Vec<(Pending, Failure)>) = {
             let mut calls = self.lock();
+            // The calls the worker holds may start now (a `start` may have
+            // been lost with the old connection; a repeat is ignored).
+            for id in running.iter().filter(|_| self.terms.acks) {
+                if let Some(p) = calls.map.get_mut(id) {
+                    p.accepted = true;
+                    let start = Control::Start { id: *id };
+                    self.outbox()
+                        .control(Message::text(protocol::encode_control(&start)));
+                }
+            }
             let ids: Vec<u64> = calls
                 .map
                 .keys()
@@ -1108,9 +1118,21 @@ fn on_text(session: &Session, shared: &Shared, key: u64, text: &str) -> Problem 
             None
         }
         Ok(Control::Accepted { id }) => {
-            // For a call that already ended this is late news: ignored.
-            if let Some(p) = session.lock().map.get_mut(&id) {
-                p.accepted = true;
+            // Recorded first, then the worker is told it may start: from
+            // here on the call is never sent elsewhere. For a call that
+            // already ended this is late news: ignored.
+            let recorded = match session.lock().map.get_mut(&id) {
+                Some(p) => {
+                    p.accepted = true;
+                    true
+                }
+                None => false,
+            };
+            if recorded {
+                let start = Control::Start { id };
+                session
+                    .outbox()
+                    .control(Message::text(protocol::encode_control(&start)));
             }
             None
         }

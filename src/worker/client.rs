@@ -26,7 +26,7 @@ use rustls::pki_types::ServerName;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
-    sync::{watch, Semaphore},
+    sync::{oneshot, watch, Semaphore},
     task::AbortHandle,
     time::Instant,
 };
@@ -469,6 +469,9 @@ struct CallEntry {
 
 type Calls = Arc<Mutex<HashMap<u64, CallEntry>>>;
 
+/// Calls that said `accepted` and wait for the bridge's `start`, by id.
+type Starts = Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>;
+
 /// Request bodies still arriving, by call id. Shared with the call tasks:
 /// a handler that answers before its body has ended drops the rest.
 type Partials = Arc<Mutex<HashMap<u64, BodySender>>>;
@@ -531,11 +534,13 @@ where
     });
 
     let (calls, partial) = (carry.calls.clone(), carry.partial.clone());
+    let starts = carry.starts.clone();
     let ctx = CallCtx {
         handler,
         outbox: outbox.clone(),
         calls: calls.clone(),
         partial: partial.clone(),
+        starts: starts.clone(),
         replied: carry.replied.clone(),
         window,
         codec: terms.codec,
@@ -619,6 +624,7 @@ where
             Message::Text(text) => match protocol::decode_control(&text) {
                 Ok(Control::Cancel { id, reason }) => {
                     debug!(id, %reason, "call cancelled by the bridge");
+                    lock(&starts).remove(&id);
                     abandon(&calls, &partial, id, &reason);
                 }
                 Ok(Control::Credit { id, bytes }) => {
@@ -635,7 +641,13 @@ where
                     warn!(?id, %code, %message, "bridge reported an error");
                     // An error about one call ends that call on the bridge.
                     if let Some(id) = id {
+                        lock(&starts).remove(&id);
                         abandon(&calls, &partial, id, &code);
+                    }
+                }
+                Ok(Control::Start { id }) => {
+                    if let Some(go) = lock(&starts).remove(&id) {
+                        let _ = go.send(());
                     }
                 }
                 Ok(Control::Drain) => {
@@ -726,6 +738,7 @@ struct Carry {
     inbox: Arc<tokio::sync::Mutex<Inbox>>,
     calls: Calls,
     partial: Partials,
+    starts: Starts,
     replied: Arc<Mutex<Replied>>,
     /// The session to resume after a drop, if the bridge keeps sessions.
     session: Option<String>,
@@ -739,6 +752,7 @@ impl Carry {
             inbox: Arc::new(tokio::sync::Mutex::new(inbox)),
             calls: Arc::default(),
             partial: Arc::default(),
+            starts: Arc::default(),
             replied: Arc::default(),
             session: None,
         }
@@ -792,6 +806,7 @@ impl Carry {
         for (_, entry) in lock(&self.calls).drain() {
             entry.abort.abort();
         }
+        lock(&self.starts).clear();
         if let Ok(mut inbox) = self.inbox.try_lock() {
             inbox.clear();
         }
@@ -812,6 +827,7 @@ struct CallCtx {
     outbox: Outbox,
     calls: Calls,
     partial: Partials,
+    starts: Starts,
     /// Where replies written to the connection are recorded.
     replied: Arc<Mutex<Replied>>,
     /// The per-call flow-control window, when the bridge grants one.
@@ -837,19 +853,20 @@ impl CallCtx {
         let replied = self.replied.clone();
         let streaming = Arc::new(AtomicBool::new(false));
         let streaming_flag = streaming.clone();
-        // `accepted` goes out before the handler starts: a call the bridge
-        // has no `accepted` for is one it may send to another worker if
-        // this connection dies, so the handler must not have run yet.
+        // The handler runs only once the bridge has recorded `accepted` and
+        // answered `start`: a call the bridge has no `accepted` for is one
+        // it may send to another worker if this connection dies.
+        let (go, start) = oneshot::channel();
+        lock(&self.starts).insert(id, go);
         let accepted = Control::Accepted { id };
-        let written = outbox.control_written(Message::text(protocol::encode_control(&accepted)));
+        outbox.control(Message::text(protocol::encode_control(&accepted)));
         // The map lock is held across the spawn so the task's own removal
         // (which takes the same lock) cannot run before the insert.
         let mut map = lock(&self.calls);
         let task = tokio::spawn(async move {
-            if written.await.is_err() {
-                // The connection broke before `accepted` was surely out: the
-                // call never starts here, and the bridge, not hearing of it
-                // on a resume, may send it elsewhere.
+            if start.await.is_err() {
+                // Abandoned before the bridge said start (a new session, or
+                // the worker stopping): the call never runs here.
                 lock(&calls).remove(&id);
                 lock(&partial).remove(&id);
                 return;

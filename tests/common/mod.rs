@@ -375,6 +375,8 @@ pub struct RawWorker {
     pub welcome: Welcome,
     /// Bytes of binary frames received, as they travelled (compressed).
     pub wire_bytes: usize,
+    /// The ids of the `start` frames received (answers to `accepted`).
+    pub started: Vec<u64>,
 }
 
 /// Opens a TLS WebSocket to the bridge with the given headers; returns the
@@ -472,6 +474,7 @@ impl RawWorker {
                 resend: Vec::new(),
             },
             wire_bytes: 0,
+            started: Vec::new(),
         };
         match raw.next().await {
             Frame::Control(Control::Welcome(w)) => raw.welcome = w,
@@ -491,9 +494,11 @@ impl RawWorker {
             match self.ws.next().await {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Frame::Closed,
                 Some(Ok(Message::Text(t))) => {
-                    return Frame::Control(
-                        protocol::decode_control(&t).expect("valid control frame"),
-                    )
+                    match protocol::decode_control(&t).expect("valid control frame") {
+                        // The answers to `accepted` are recorded, not returned.
+                        Control::Start { id } => self.started.push(id),
+                        other => return Frame::Control(other),
+                    }
                 }
                 Some(Ok(Message::Binary(b))) => {
                     self.wire_bytes += b.len();
