@@ -166,6 +166,7 @@ fn control() -> impl Strategy<Value = Control> {
         Just(Control::Drain),
         (any::<u64>(), any::<u64>()).prop_map(|(id, bytes)| Control::Credit { id, bytes }),
         any::<u64>().prop_map(|id| Control::Accepted { id }),
+        any::<u64>().prop_map(|id| Control::Start { id }),
         Just(Control::Unknown),
     ]
 }
