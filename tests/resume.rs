@@ -28,6 +28,27 @@ fn resumable_hello(resume: Option<Resume>) -> Hello {
     }
 }
 
+/// A resumable raw worker takes a POST to `path` and accepts it; then its
+/// link dies without a close frame. Returns the caller's task, the call,
+/// and the session id to resume.
+async fn accepted_then_dropped(
+    bridge: &TestBridge,
+    path: &str,
+) -> (
+    tokio::task::JoinHandle<Reply>,
+    protocol::RequestHead,
+    String,
+) {
+    let mut raw = RawWorker::connect_hello(bridge, resumable_hello(None)).await;
+    let session_id = raw.welcome.session_id.clone();
+    let call = spawn_post(bridge, path, "x");
+    let (req, _) = raw.next_request().await;
+    raw.send_text(&protocol::encode_control(&Control::Accepted { id: req.id }))
+        .await;
+    drop(raw);
+    (call, req, session_id)
+}
+
 #[tokio::test]
 async fn a_call_survives_its_workers_connection_dropping() {
     let bridge = TestBridge::start(|_| {}).await;
@@ -132,15 +153,9 @@ async fn on_resume_calls_the_worker_never_saw_are_sent_again_and_running_ones_st
 #[tokio::test]
 async fn a_reply_lost_with_the_connection_is_asked_for_again() {
     let bridge = TestBridge::start(|_| {}).await;
-    let mut raw = RawWorker::connect_hello(&bridge, resumable_hello(None)).await;
-    let session_id = raw.welcome.session_id.clone();
-    let call = spawn_post(&bridge, "/paid", "x");
-    let (req, _) = raw.next_request().await;
-    raw.send_text(&protocol::encode_control(&Control::Accepted { id: req.id }))
-        .await;
     // The worker wrote its reply, but the link was already dead: it never
     // arrived. The worker says so when it comes back...
-    drop(raw);
+    let (call, req, session_id) = accepted_then_dropped(&bridge, "/paid").await;
     let resume = Resume {
         session_id,
         running: vec![],
@@ -160,13 +175,7 @@ async fn a_reply_lost_with_the_connection_is_asked_for_again() {
 #[tokio::test]
 async fn a_resumed_worker_that_drains_still_finishes_its_resumed_calls() {
     let bridge = TestBridge::start(|_| {}).await;
-    let mut raw = RawWorker::connect_hello(&bridge, resumable_hello(None)).await;
-    let session_id = raw.welcome.session_id.clone();
-    let call = spawn_post(&bridge, "/long", "x");
-    let (req, _) = raw.next_request().await;
-    raw.send_text(&protocol::encode_control(&Control::Accepted { id: req.id }))
-        .await;
-    drop(raw);
+    let (call, req, session_id) = accepted_then_dropped(&bridge, "/long").await;
     let resume = Resume {
         session_id,
         running: vec![req.id],
