@@ -3,8 +3,9 @@
 //! Everything a worker in another language needs is also written down in
 //! `docs/PROTOCOL.md`; this module is the reference implementation of it.
 //!
-//! * Control frames (`hello`, `welcome`, `cancel`, `error`, `drain`) are JSON
-//!   objects in WebSocket **text** frames, tagged by a `"type"` field.
+//! * Control frames (`hello`, `welcome`, `cancel`, `error`, `drain`, `credit`,
+//!   `accepted`, `start`) are JSON objects in WebSocket **text** frames,
+//!   tagged by a `"type"` field.
 //! * Calls travel in WebSocket **binary** frames laid out as
 //!   `u32 big-endian header length | JSON header | raw body bytes`, so bodies
 //!   are never base64-encoded. A message is a head (`request` or `response`)
