@@ -143,7 +143,12 @@ async fn handle(
     let started = Instant::now();
     let request_id = request_id(&req);
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-    let mut attempts = 0;
+    let mut trace = Trace::default();
+    let bytes_in = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     let ip = peer.ip().to_canonical();
     let allowed = shared
         .config
@@ -154,27 +159,41 @@ async fn handle(
     let outcome = match token_header(&req, &IDEMPOTENCY_KEY) {
         // Before anything else, stored responses included.
         _ if !allowed => Err(CallError::Forbidden { peer: ip }),
-        Some(key) => keyed(&shared, peer, &request_id, started, req, &mut attempts, key).await,
-        None => call(&shared, peer, &request_id, started, req, &mut attempts).await,
+        Some(key) => keyed(&shared, peer, &request_id, started, req, &mut trace, key).await,
+        None => call(&shared, peer, &request_id, started, req, &mut trace).await,
     };
+    let mut error = None;
     let mut resp = match outcome {
         Ok(resp) => resp,
         Err(err) => {
             info!(%request_id, %method, %path, code = err.code(), error = %err, "call failed");
+            error = Some(err.code());
             err.into_response(&request_id).map(|full| CallBody {
                 body: Body::full(full),
                 _call: None,
+                log: None,
             })
         }
     };
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert(REQUEST_ID.clone(), v);
     }
-    if attempts > 0 {
+    if trace.attempts > 0 {
         resp.headers_mut()
-            .insert(ATTEMPTS.clone(), HeaderValue::from(attempts));
+            .insert(ATTEMPTS.clone(), HeaderValue::from(trace.attempts));
     }
-    debug!(%request_id, %method, %path, status = resp.status().as_u16(), elapsed = ?started.elapsed(), "call done");
+    let status = resp.status().as_u16();
+    resp.body_mut().log = Some(Box::new(AccessLog {
+        request_id,
+        method,
+        path,
+        trace,
+        status,
+        error,
+        bytes_in,
+        bytes_out: 0,
+        started,
+    }));
     Ok(resp)
 }
 
@@ -198,12 +217,12 @@ async fn keyed(
     request_id: &str,
     started: Instant,
     req: Request<Incoming>,
-    attempts: &mut u32,
+    trace: &mut Trace,
     key: String,
 ) -> Result<Response<CallBody>, CallError> {
     // Keys are per service; a path without a route fails in `call`.
     let Some(target) = shared.router.resolve(req.uri().path()).cloned() else {
-        return call(shared, peer, request_id, started, req, attempts).await;
+        return call(shared, peer, request_id, started, req, trace).await;
     };
     let deadline = started
         .checked_add(target.request_timeout)
@@ -212,9 +231,11 @@ async fn keyed(
         match shared.idempotency.begin(&target.service, &key) {
             Begin::Replay(stored) => {
                 debug!(%request_id, %key, "replaying the stored response");
+                trace.service = Some(target.service.to_string());
                 let mut resp = Response::new(CallBody {
                     body: Body::full(stored.body.clone()),
                     _call: None,
+                    log: None,
                 });
                 *resp.status_mut() = stored.status;
                 *resp.headers_mut() = stored.headers.clone();
@@ -235,7 +256,7 @@ async fn keyed(
                 }
             }
             Begin::Lead(ticket) => {
-                let resp = call(shared, peer, request_id, started, req, attempts).await?;
+                let resp = call(shared, peer, request_id, started, req, trace).await?;
                 // Only a whole response can be stored; a streamed one is
                 // passed on and the key freed (the ticket drops).
                 if let Some(body) = resp.body().body.as_full() {
@@ -263,7 +284,7 @@ async fn call(
     request_id: &str,
     started: Instant,
     req: Request<Incoming>,
-    attempts: &mut u32,
+    trace: &mut Trace,
 ) -> Result<Response<CallBody>, CallError> {
     let target = shared
         .router
@@ -273,6 +294,7 @@ async fn call(
         })?
         .clone();
     let service = target.service.to_string();
+    trace.service = Some(service.clone());
     // Durations are capped by config validation; the fallback only guards
     // the arithmetic.
     let deadline = started
@@ -438,7 +460,8 @@ async fn call(
             reply,
             window,
         } = started;
-        *attempts = attempt;
+        trace.attempts = attempt;
+        trace.worker = Some(lease.session().worker_id.clone());
         let session = lease.session().clone();
         let failed = |f: Failure| failure(&session.worker_id, f);
         let id = guard.id();
@@ -567,6 +590,7 @@ async fn call(
                         CallBody {
                             body: Body::full(bytes),
                             _call: None,
+                            log: None,
                         },
                     )),
                     Err(e) => Err(failure(
@@ -585,7 +609,11 @@ async fn call(
                 idle_limit: target.request_timeout,
                 idle: Box::pin(tokio::time::sleep(target.request_timeout)),
             });
-            Ok(resp.map(|body| CallBody { body, _call: call }))
+            Ok(resp.map(|body| CallBody {
+                body,
+                _call: call,
+                log: None,
+            }))
         }
         Err(_) => {
             guard.reason = "timeout";
@@ -730,6 +758,56 @@ fn head_fits(
 pub(crate) struct CallBody {
     body: Body,
     _call: Option<Held>,
+    /// Written as the access line when the body is done with.
+    log: Option<Box<AccessLog>>,
+}
+
+/// Who served a call, filled in as it proceeds, for its access line.
+#[derive(Default)]
+pub(crate) struct Trace {
+    /// Workers the call was sent to.
+    attempts: u32,
+    service: Option<String>,
+    worker: Option<String>,
+}
+
+/// One call's access line, logged (target `wsbridge::access`, level info)
+/// when its response body has been sent or abandoned.
+struct AccessLog {
+    request_id: String,
+    method: http::Method,
+    path: String,
+    trace: Trace,
+    status: u16,
+    /// The error code, for failures the bridge produced.
+    error: Option<&'static str>,
+    /// From Content-Length, when the caller sent one.
+    bytes_in: Option<u64>,
+    bytes_out: u64,
+    started: Instant,
+}
+
+impl Drop for CallBody {
+    fn drop(&mut self) {
+        let Some(log) = self.log.take() else { return };
+        let complete = self.body.is_end_stream();
+        info!(
+            target: "wsbridge::access",
+            request_id = %log.request_id,
+            method = %log.method,
+            path = %log.path,
+            service = log.trace.service.as_deref().unwrap_or("-"),
+            worker = log.trace.worker.as_deref().unwrap_or("-"),
+            status = log.status,
+            error = log.error.unwrap_or("-"),
+            attempts = log.trace.attempts,
+            bytes_in = log.bytes_in,
+            bytes_out = log.bytes_out,
+            duration_ms = log.started.elapsed().as_secs_f64() * 1e3,
+            complete,
+            "access"
+        );
+    }
 }
 
 /// What a streamed reply holds on to; dropped in field order, so the upload
@@ -755,6 +833,9 @@ impl HttpBody for CallBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let (Poll::Ready(Some(Ok(frame))), Some(log)) = (&polled, this.log.as_mut()) {
+            log.bytes_out += frame.data_ref().map_or(0, |d| d.len() as u64);
+        }
         let Some(held) = this._call.as_mut() else {
             return polled;
         };
