@@ -8,14 +8,16 @@ use std::process::Stdio;
 use common::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-#[tokio::test]
-async fn the_demo_serves_the_curl_line_it_prints() {
+/// Starts `wsbridge demo` on free ports with `extra` arguments and
+/// `RUST_LOG`; returns it (stderr piped) and the URL of its curl line.
+async fn demo(extra: &[&str], rust_log: &str) -> (tokio::process::Child, String) {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsbridge"))
         .args(["demo", "--port", "0", "--workers-port", "0"])
-        .env("RUST_LOG", "warn")
+        .args(extra)
+        .env("RUST_LOG", rust_log)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("spawn wsbridge demo");
@@ -30,40 +32,20 @@ async fn the_demo_serves_the_curl_line_it_prints() {
         }
     };
     let url = curl.split_whitespace().last().expect("url").to_owned();
+    (child, url)
+}
+
+#[tokio::test]
+async fn the_demo_serves_the_curl_line_it_prints() {
+    let (mut child, url) = demo(&[], "warn").await;
     let r = post(&http_client(), &url, "hi").await;
-    assert_eq!(r.body, "hi", "{curl}");
+    assert_eq!(r.body, "hi", "{url}");
     let _ = child.kill().await;
 }
 
 #[tokio::test]
 async fn every_call_gets_one_json_access_line() {
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsbridge"))
-        .args([
-            "demo",
-            "--port",
-            "0",
-            "--workers-port",
-            "0",
-            "--log-format",
-            "json",
-        ])
-        .env("RUST_LOG", "warn,wsbridge::access=info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn wsbridge demo");
-    let mut out = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let url = loop {
-        let line = with_timeout(out.next_line())
-            .await
-            .expect("read")
-            .expect("the demo exited before printing its curl line");
-        if line.trim_start().starts_with("curl -s -d hi ") {
-            break line.split_whitespace().last().expect("url").to_owned();
-        }
-    };
+    let (mut child, url) = demo(&["--log-format", "json"], "warn,wsbridge::access=info").await;
     let r = post(&http_client(), &url, "hello").await;
     assert_eq!(r.body, "hello");
     let mut logs = BufReader::new(child.stderr.take().expect("stderr")).lines();

@@ -546,17 +546,7 @@ async fn a_link_cut_without_fin_is_resumed_and_its_calls_complete() {
 #[tokio::test]
 async fn a_session_resumed_after_missed_pongs_survives_its_first_pings() {
     let bridge = heartbeat_bridge(Duration::from_secs(5)).await;
-    let hello = |resume| protocol::Hello {
-        worker_id: "resumer".into(),
-        services: vec!["default".into()],
-        max_inflight: 4,
-        flow_control: false,
-        accepted: true,
-        compression: Vec::new(),
-        resumable: true,
-        resume,
-    };
-    let mut old = RawWorker::connect_hello(&bridge, hello(None)).await;
+    let mut old = RawWorker::connect_hello(&bridge, resumable_hello(None)).await;
     let session_id = old.welcome.session_id.clone();
     let call = spawn_post(&bridge, "/order", "x");
     let (req, _) = old.next_request().await;
@@ -579,7 +569,7 @@ async fn a_session_resumed_after_missed_pongs_survives_its_first_pings() {
         running: vec![req.id],
         replied: vec![],
     };
-    let mut back = RawWorker::connect_hello(&bridge, hello(Some(resume))).await;
+    let mut back = RawWorker::connect_hello(&bridge, resumable_hello(Some(resume))).await;
     assert!(back.welcome.resumed);
     // Reading (so answering every ping) for two ping intervals: the resumed
     // connection must stay up.
@@ -607,17 +597,7 @@ async fn a_resume_that_beats_the_heartbeat_still_takes_the_session_back() {
     // the dead link during this test. The worker, with a shorter fuse or on
     // a less busy machine, has already given up on it and comes back.
     let bridge = TestBridge::start(|c| c.workers.resume_window = Duration::from_secs(5)).await;
-    let hello = |resume| protocol::Hello {
-        worker_id: "quick".into(),
-        services: vec!["default".into()],
-        max_inflight: 4,
-        flow_control: false,
-        accepted: true,
-        compression: Vec::new(),
-        resumable: true,
-        resume,
-    };
-    let mut old = RawWorker::connect_hello(&bridge, hello(None)).await;
+    let mut old = RawWorker::connect_hello(&bridge, resumable_hello(None)).await;
     let session_id = old.welcome.session_id.clone();
     let call = spawn_post(&bridge, "/order", "x");
     let (req, _) = old.next_request().await;
@@ -629,7 +609,7 @@ async fn a_resume_that_beats_the_heartbeat_still_takes_the_session_back() {
         running: vec![req.id],
         replied: vec![],
     };
-    let mut back = RawWorker::connect_hello(&bridge, hello(Some(resume))).await;
+    let mut back = RawWorker::connect_hello(&bridge, resumable_hello(Some(resume))).await;
     assert!(back.welcome.resumed, "the session was not resumed");
     assert_eq!(back.welcome.session_id, session_id);
     back.reply(req.id, 201, &[], b"done").await;

@@ -11,22 +11,9 @@ use http::{Request, Response, StatusCode};
 use tokio::sync::{mpsc, Mutex};
 use wsbridge::{
     body::Body,
-    protocol::{self, Control, Hello, Resume},
+    protocol::{self, Control, Resume},
     worker::Status,
 };
-
-fn resumable_hello(resume: Option<Resume>) -> Hello {
-    Hello {
-        worker_id: "resumer".into(),
-        services: vec!["default".into()],
-        max_inflight: 8,
-        flow_control: false,
-        accepted: true,
-        compression: Vec::new(),
-        resumable: true,
-        resume,
-    }
-}
 
 /// A resumable raw worker takes a POST to `path` and accepts it; then its
 /// link dies without a close frame. Returns the caller's task, the call,

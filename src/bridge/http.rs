@@ -197,6 +197,14 @@ async fn handle(
     Ok(resp)
 }
 
+/// `started + timeout`. Durations are capped by config validation; the
+/// fallback only guards the arithmetic.
+fn deadline_of(started: Instant, timeout: Duration) -> Instant {
+    started
+        .checked_add(timeout)
+        .unwrap_or(started + Duration::from_secs(86_400))
+}
+
 /// Header `name` if it is a sane token: 1 to 128 visible ASCII characters.
 fn token_header(req: &Request<Incoming>, name: &HeaderName) -> Option<String> {
     req.headers()
@@ -224,9 +232,7 @@ async fn keyed(
     let Some(target) = shared.router.resolve(req.uri().path()).cloned() else {
         return call(shared, peer, request_id, started, req, trace).await;
     };
-    let deadline = started
-        .checked_add(target.request_timeout)
-        .unwrap_or(started + Duration::from_secs(86_400));
+    let deadline = deadline_of(started, target.request_timeout);
     loop {
         match shared.idempotency.begin(&target.service, &key) {
             Begin::Replay(stored) => {
@@ -295,11 +301,7 @@ async fn call(
         .clone();
     let service = target.service.to_string();
     trace.service = Some(service.clone());
-    // Durations are capped by config validation; the fallback only guards
-    // the arithmetic.
-    let deadline = started
-        .checked_add(target.request_timeout)
-        .unwrap_or(started + Duration::from_secs(86_400));
+    let deadline = deadline_of(started, target.request_timeout);
     let timeout = || CallError::Timeout {
         service: service.clone(),
         after: target.request_timeout,

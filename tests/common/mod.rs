@@ -861,3 +861,18 @@ impl CutProxy {
         self.cut.send_modify(|n| *n += 1);
     }
 }
+
+/// A hello for a raw worker of `default` that sends `accepted` and may
+/// resume (with `resume`, it comes back to a session).
+pub fn resumable_hello(resume: Option<protocol::Resume>) -> Hello {
+    Hello {
+        worker_id: "resumer".into(),
+        services: vec!["default".into()],
+        max_inflight: 8,
+        flow_control: false,
+        accepted: true,
+        compression: Vec::new(),
+        resumable: true,
+        resume,
+    }
+}
