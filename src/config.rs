@@ -34,6 +34,35 @@ pub struct Config {
     /// Path prefix -> service routes; the longest matching prefix wins.
     #[serde(default)]
     pub routes: Vec<Route>,
+    /// The operator's listener: metrics, status, dashboard, reload.
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// `[admin]`: Prometheus `/metrics`, `/status` JSON, the dashboard at `/`
+/// and `POST /reload`, on a listener of their own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Serve the admin listener at all.
+    #[serde(default = "defaults::yes")]
+    pub enabled: bool,
+    /// Its address; keep it on loopback (it can reload the config).
+    #[serde(default = "defaults::admin_listen")]
+    pub listen: SocketAddr,
+    /// Networks allowed to use it; others get 403.
+    #[serde(default = "defaults::allow_from")]
+    pub allow_from: Vec<ipnet::IpNet>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            listen: defaults::admin_listen(),
+            allow_from: defaults::allow_from(),
+        }
+    }
 }
 
 /// `[http]`: where callers connect and how long they may wait.
@@ -186,6 +215,9 @@ mod defaults {
             .filter_map(|n| n.parse().ok())
             .collect()
     }
+    pub(super) fn admin_listen() -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], 9090))
+    }
     pub(super) fn max_connections() -> usize {
         10_000
     }
@@ -318,6 +350,12 @@ impl Config {
             return Err(invalid(
                 "http.allow_from",
                 "must list at least one network (e.g. \"0.0.0.0/0\" to allow everyone)",
+            ));
+        }
+        if self.admin.enabled && self.admin.allow_from.is_empty() {
+            return Err(invalid(
+                "admin.allow_from",
+                "must list at least one network (or set `admin.enabled = false`)",
             ));
         }
         if self.http.queue_limit == 0 {

@@ -17,13 +17,25 @@ use crate::{
 /// The example configuration, compiled in.
 pub const EXAMPLE_CONFIG: &str = include_str!("../config/wsbridge.toml");
 
-/// Runs the demo until `shutdown`. The ports override the example's 8080
-/// and 8443 (0 picks free ones; the printed lines show which).
-pub async fn run(
-    http_port: Option<u16>,
-    workers_port: Option<u16>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+/// The ports a demo listens on; `None` keeps the example config's (8080,
+/// 8443, 9090), 0 picks a free one (the printed lines show which).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ports {
+    /// Callers' HTTP port.
+    pub http: Option<u16>,
+    /// The worker listener's port (bound to loopback in the demo).
+    pub workers: Option<u16>,
+    /// The admin listener's port (metrics, status, dashboard).
+    pub admin: Option<u16>,
+}
+
+/// Runs the demo until `shutdown`.
+pub async fn run(ports: Ports, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let Ports {
+        http: http_port,
+        workers: workers_port,
+        admin: admin_port,
+    } = ports;
     let mut config = Config::parse(EXAMPLE_CONFIG).context("the embedded example config")?;
     if let Some(port) = http_port {
         config.http.listen.set_port(port);
@@ -31,11 +43,18 @@ pub async fn run(
     // The demo's worker is in-process: keep its listener private.
     let port = workers_port.unwrap_or(config.workers.listen.port());
     config.workers.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    if let Some(port) = admin_port {
+        config.admin.listen.set_port(port);
+    }
     let cert = SelfSigned::generate(&["localhost".into(), "127.0.0.1".into()])?;
     let listeners = Listeners::bind(&config)
         .context("binding the demo's ports (is another wsbridge running?)")?;
     let http_addr = listeners.http.local_addr()?;
     let workers_addr = listeners.workers.local_addr()?;
+    let admin_addr = match &listeners.admin {
+        Some(admin) => Some(admin.local_addr()?),
+        None => None,
+    };
 
     let mut services: Vec<String> = config.routes.iter().map(|r| r.service.clone()).collect();
     services.extend(config.default_service.clone());
@@ -73,9 +92,14 @@ pub async fn run(
                  an echo worker is connected for services: {}\n\n\
                  Try:\n  \
                  curl -s -d hi http://{http_addr}/x\n  \
-                 curl -si 'http://{http_addr}/orders/42?q=1'\n\n\
+                 curl -si 'http://{http_addr}/orders/42?q=1'\n{}\n\
                  Press Ctrl-C to stop.",
-                services.join(", ")
+                services.join(", "),
+                admin_addr.map_or_else(String::new, |a| format!(
+                    "\nWatch it:\n  dashboard: http://{a}/\n  \
+                     wsbridge status --admin http://{a}\n  \
+                     curl -s http://{a}/metrics\n"
+                )),
             );
         }
     }

@@ -54,6 +54,22 @@ enum Command {
         #[arg(long = "host", default_values = ["localhost", "127.0.0.1"])]
         hosts: Vec<String>,
     },
+    /// Print a running bridge's workers and services (from its admin listener).
+    Status {
+        /// The bridge's admin listener.
+        #[arg(long, default_value = "http://127.0.0.1:9090")]
+        admin: String,
+        /// Print the raw JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a running bridge re-read its config file (as SIGHUP does), and
+    /// print what changed or why the new file was rejected.
+    Reload {
+        /// The bridge's admin listener.
+        #[arg(long, default_value = "http://127.0.0.1:9090")]
+        admin: String,
+    },
     /// Validate a config file and print the effective configuration (secrets masked).
     CheckConfig {
         /// The TOML config file.
@@ -67,6 +83,9 @@ enum Command {
         /// Port of the worker listener (0: any free port).
         #[arg(long, default_value_t = 8443)]
         workers_port: u16,
+        /// Port of the admin listener: dashboard, /status, /metrics (0: any free port).
+        #[arg(long, default_value_t = 9090)]
+        admin_port: u16,
     },
 }
 
@@ -144,11 +163,40 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve { config } => {
-            let config = Config::from_file(&config)?;
+        Command::Serve { config: path } => {
+            let config = Config::from_file(&path)?;
             let tls = bridge::server_tls(&config.workers)?;
             let listeners = bridge::Listeners::bind(&config)?;
-            bridge::run(config, listeners, tls, shutdown_on_signal()).await?;
+            let bridge = bridge::Bridge::new(config, tls)?.with_config_file(path);
+            reload_on_sighup(bridge.handle());
+            bridge.serve(listeners, shutdown_on_signal()).await?;
+        }
+        Command::Status { admin, json } => {
+            let (code, body) = admin_call(&admin, http::Method::GET, "/status").await?;
+            if !code.is_success() {
+                anyhow::bail!(
+                    "{admin}/status answered {code}: {}",
+                    String::from_utf8_lossy(&body)
+                );
+            }
+            if json {
+                println!("{}", String::from_utf8_lossy(&body));
+            } else {
+                let status: bridge::status::Status = serde_json::from_slice(&body)
+                    .with_context(|| format!("{admin}/status did not return a wsbridge status"))?;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                print!("{}", status.table(now));
+            }
+        }
+        Command::Reload { admin } => {
+            let (code, body) = admin_call(&admin, http::Method::POST, "/reload").await?;
+            let text = String::from_utf8_lossy(&body);
+            if !code.is_success() {
+                anyhow::bail!("reload rejected ({code}): {text}");
+            }
+            println!("{text}");
         }
         Command::Worker(args) => {
             let mut cfg = WorkerConfig::new(args.connect, args.token, args.services);
@@ -194,13 +242,73 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let parsed = Config::from_file(&config)?;
             println!("{} is valid:\n{parsed:#?}", config.display());
         }
-        Command::Demo { port, workers_port } => {
-            wsbridge::demo::run(Some(port), Some(workers_port), shutdown_on_signal())
+        Command::Demo {
+            port,
+            workers_port,
+            admin_port,
+        } => {
+            let ports = wsbridge::demo::Ports {
+                http: Some(port),
+                workers: Some(workers_port),
+                admin: Some(admin_port),
+            };
+            wsbridge::demo::run(ports, shutdown_on_signal())
                 .await
                 .context("demo")?
         }
     }
     Ok(())
+}
+
+/// One request to a bridge's admin listener: its status and body.
+async fn admin_call(
+    admin: &str,
+    method: http::Method,
+    path: &str,
+) -> anyhow::Result<(http::StatusCode, bytes::Bytes)> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+    let url = format!("{}{path}", admin.trim_end_matches('/'));
+    let uri: http::Uri = url
+        .parse()
+        .with_context(|| format!("bad --admin URL {admin:?}"))?;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
+    let req = http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(Empty::new())
+        .context("building the request")?;
+    let call = async {
+        let resp = client.request(req).await?;
+        let code = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        anyhow::Ok((code, body))
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), call)
+        .await
+        .with_context(|| format!("{url} did not answer within 30s"))?
+        .with_context(|| format!("cannot reach the admin listener at {url} (is the bridge running, with [admin] enabled?)"))
+}
+
+/// Reloads the config on every SIGHUP; a rejected file is logged and the
+/// running config stays.
+fn reload_on_sighup(handle: bridge::Handle) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; use `wsbridge reload` instead");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            info!("SIGHUP: reloading the config");
+            let handle = handle.clone();
+            // The outcome is logged by the reload itself.
+            let _ = tokio::task::spawn_blocking(move || handle.reload()).await;
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = handle;
 }
 
 /// A token cancelled on SIGINT or SIGTERM.

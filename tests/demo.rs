@@ -12,7 +12,15 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 /// `RUST_LOG`; returns it (stderr piped) and the URL of its curl line.
 async fn demo(extra: &[&str], rust_log: &str) -> (tokio::process::Child, String) {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsbridge"))
-        .args(["demo", "--port", "0", "--workers-port", "0"])
+        .args([
+            "demo",
+            "--port",
+            "0",
+            "--workers-port",
+            "0",
+            "--admin-port",
+            "0",
+        ])
         .args(extra)
         .env("RUST_LOG", rust_log)
         .stdin(Stdio::null())

@@ -32,12 +32,14 @@ use super::{
     registry::{AcquireError, Lease},
     send_timeout::SendTimeout,
     session::{CallGuard, Failure, Session, Started},
-    Shared,
+    Settings, Shared,
 };
 use crate::{
     body::{Body, BodyError},
+    config::Config,
     error::CallError,
     headers,
+    metrics::Active,
     protocol::{self, BodyHead, Compression, DataHead, RequestHead},
 };
 
@@ -76,13 +78,10 @@ const MAX_REQUEST_ID: usize = 128;
 /// `shutdown_timeout`.
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
     let graceful = GracefulShutdown::new();
-    let mut builder = http1::Builder::new();
-    // Without a timer hyper silently ignores header_read_timeout.
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(shared.config.http.header_read_timeout)
-        .keep_alive(true);
-    let connections = Arc::new(Semaphore::new(shared.config.http.max_connections));
+    // Rebuilt when a reload changes the settings.
+    let mut current = shared.settings.load_full();
+    let mut builder = http_builder(&current.config);
+    let connections = Arc::new(Semaphore::new(current.config.http.max_connections));
     loop {
         // At the connection limit, stop accepting: callers wait in the
         // kernel's backlog rather than being refused.
@@ -105,7 +104,12 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: 
             },
         };
         let _ = tcp.set_nodelay(true);
-        let io = TokioIo::new(SendTimeout::new(tcp, shared.config.http.send_timeout));
+        let settings = shared.settings.load();
+        if !Arc::ptr_eq(&settings, &current) {
+            current = Arc::clone(&settings);
+            builder = http_builder(&current.config);
+        }
+        let io = TokioIo::new(SendTimeout::new(tcp, current.config.http.send_timeout));
         let shared = shared.clone();
         let service = service_fn(move |req| handle(shared.clone(), peer, req));
         let conn = graceful.watch(builder.serve_connection(io, service));
@@ -117,7 +121,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: 
         });
     }
     drop(listener);
-    let deadline = shared.config.shutdown_timeout;
+    let deadline = shared.settings.load().config.shutdown_timeout;
     info!(
         open = graceful.count(),
         ?deadline,
@@ -134,6 +138,17 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: 
     }
 }
 
+/// The caller connections' HTTP/1 settings.
+fn http_builder(config: &Config) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    // Without a timer hyper silently ignores header_read_timeout.
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.http.header_read_timeout)
+        .keep_alive(true);
+    builder
+}
+
 /// Answers one request; never fails at the hyper level.
 async fn handle(
     shared: Arc<Shared>,
@@ -141,6 +156,8 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<CallBody>, Infallible> {
     let started = Instant::now();
+    // The call keeps the settings it started with, whatever a reload does.
+    let settings = shared.settings.load_full();
     let request_id = request_id(&req);
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let mut trace = Trace::default();
@@ -150,17 +167,24 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let ip = peer.ip().to_canonical();
-    let allowed = shared
+    let allowed = settings
         .config
         .http
         .allow_from
         .iter()
         .any(|n| n.contains(&ip));
+    let ctx = Ctx {
+        shared: &shared,
+        settings: &settings,
+        peer,
+        request_id: &request_id,
+        started,
+    };
     let outcome = match token_header(&req, &IDEMPOTENCY_KEY) {
         // Before anything else, stored responses included.
         _ if !allowed => Err(CallError::Forbidden { peer: ip }),
-        Some(key) => keyed(&shared, peer, &request_id, started, req, &mut trace, key).await,
-        None => call(&shared, peer, &request_id, started, req, &mut trace).await,
+        Some(key) => keyed(&ctx, req, &mut trace, key).await,
+        None => call(&ctx, req, &mut trace).await,
     };
     let mut error = None;
     let mut resp = match outcome {
@@ -184,6 +208,7 @@ async fn handle(
     }
     let status = resp.status().as_u16();
     resp.body_mut().log = Some(Box::new(AccessLog {
+        shared: shared.clone(),
         request_id,
         method,
         path,
@@ -220,24 +245,22 @@ fn token_header(req: &Request<Incoming>, name: &HeaderName) -> Option<String> {
 /// running first call's if there is one (after waiting for it), else the
 /// call itself, whose whole response is then stored.
 async fn keyed(
-    shared: &Shared,
-    peer: SocketAddr,
-    request_id: &str,
-    started: Instant,
+    ctx: &Ctx<'_>,
     req: Request<Incoming>,
     trace: &mut Trace,
     key: String,
 ) -> Result<Response<CallBody>, CallError> {
+    let (shared, request_id) = (ctx.shared, ctx.request_id);
     // Keys are per service; a path without a route fails in `call`.
-    let Some(target) = shared.router.resolve(req.uri().path()).cloned() else {
-        return call(shared, peer, request_id, started, req, trace).await;
+    let Some(target) = ctx.settings.router.resolve(req.uri().path()).cloned() else {
+        return call(ctx, req, trace).await;
     };
-    let deadline = deadline_of(started, target.request_timeout);
+    let deadline = deadline_of(ctx.started, target.request_timeout);
     loop {
         match shared.idempotency.begin(&target.service, &key) {
             Begin::Replay(stored) => {
                 debug!(%request_id, %key, "replaying the stored response");
-                trace.service = Some(target.service.to_string());
+                trace.route(shared, &target.service);
                 let mut resp = Response::new(CallBody {
                     body: Body::full(stored.body.clone()),
                     _call: None,
@@ -262,7 +285,7 @@ async fn keyed(
                 }
             }
             Begin::Lead(ticket) => {
-                let resp = call(shared, peer, request_id, started, req, trace).await?;
+                let resp = call(ctx, req, trace).await?;
                 // Only a whole response can be stored; a streamed one is
                 // passed on and the key freed (the ticket drops).
                 if let Some(body) = resp.body().body.as_full() {
@@ -283,16 +306,30 @@ fn request_id(req: &Request<Incoming>) -> String {
     token_header(req, &REQUEST_ID).unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
 }
 
+/// What every step of one call needs to know.
+struct Ctx<'a> {
+    shared: &'a Shared,
+    /// The settings the call started with.
+    settings: &'a Settings,
+    peer: SocketAddr,
+    request_id: &'a str,
+    started: Instant,
+}
+
 /// Routes, reads the body, dispatches to a worker and awaits the reply.
 async fn call(
-    shared: &Shared,
-    peer: SocketAddr,
-    request_id: &str,
-    started: Instant,
+    ctx: &Ctx<'_>,
     req: Request<Incoming>,
     trace: &mut Trace,
 ) -> Result<Response<CallBody>, CallError> {
-    let target = shared
+    let Ctx {
+        shared,
+        settings,
+        peer,
+        request_id,
+        started,
+    } = *ctx;
+    let target = settings
         .router
         .resolve(req.uri().path())
         .ok_or_else(|| CallError::NoRoute {
@@ -300,7 +337,7 @@ async fn call(
         })?
         .clone();
     let service = target.service.to_string();
-    trace.service = Some(service.clone());
+    trace.route(shared, &service);
     let deadline = deadline_of(started, target.request_timeout);
     let timeout = || CallError::Timeout {
         service: service.clone(),
@@ -354,6 +391,9 @@ async fn call(
         }
     };
     let start = start.freeze();
+    if complete {
+        trace.bytes_in = Some(start.len() as u64);
+    }
 
     let mut wire_headers = headers::to_wire(&parts.headers);
     forwarded_headers(&mut wire_headers, &parts.headers, peer, request_id);
@@ -385,7 +425,7 @@ async fn call(
         end: true,
     });
 
-    let http = &shared.config.http;
+    let http = &settings.config.http;
     // Only a body that fits one chunk skips the upload path: anything longer
     // goes through it even when already read whole, so that it respects the
     // worker's flow-control window.
@@ -463,7 +503,7 @@ async fn call(
             window,
         } = started;
         trace.attempts = attempt;
-        trace.worker = Some(lease.session().worker_id.clone());
+        trace.session = Some(lease.session().clone());
         let session = lease.session().clone();
         let failed = |f: Failure| failure(&session.worker_id, f);
         let id = guard.id();
@@ -576,7 +616,7 @@ async fn call(
                 // whether it is complete or cut off. Collect it (the call
                 // stays alive meanwhile) so a cut-off becomes a 502.
                 let (head, body) = resp.into_parts();
-                let limit = shared.config.http.max_response_body.bytes();
+                let limit = http.max_response_body.bytes();
                 let collected =
                     tokio::time::timeout(target.request_timeout, body.collect(limit)).await;
                 let Ok(collected) = collected else {
@@ -764,18 +804,34 @@ pub(crate) struct CallBody {
     log: Option<Box<AccessLog>>,
 }
 
-/// Who served a call, filled in as it proceeds, for its access line.
+/// Who served a call, filled in as it proceeds, for its access line and
+/// the metrics.
 #[derive(Default)]
 pub(crate) struct Trace {
     /// Workers the call was sent to.
     attempts: u32,
     service: Option<String>,
-    worker: Option<String>,
+    /// Counts the call as in flight for its service until it is logged.
+    active: Option<Active>,
+    /// The worker connection of the last attempt.
+    session: Option<Arc<Session>>,
+    /// The request body's size, when it was read whole.
+    bytes_in: Option<u64>,
+}
+
+impl Trace {
+    /// The call was routed to `service`.
+    fn route(&mut self, shared: &Shared, service: &str) {
+        self.service = Some(service.to_owned());
+        self.active = Some(shared.metrics.begin(service));
+    }
 }
 
 /// One call's access line, logged (target `wsbridge::access`, level info)
 /// when its response body has been sent or abandoned.
 struct AccessLog {
+    /// Where the call is counted.
+    shared: Arc<Shared>,
     request_id: String,
     method: http::Method,
     path: String,
@@ -793,19 +849,36 @@ impl Drop for CallBody {
     fn drop(&mut self) {
         let Some(log) = self.log.take() else { return };
         let complete = self.body.is_end_stream();
+        let elapsed = log.started.elapsed();
+        let bytes_in = log.bytes_in.or(log.trace.bytes_in);
+        let status = log.status;
+        let metrics = &log.shared.metrics;
+        let finished = crate::metrics::Finished {
+            status,
+            elapsed,
+            bytes_in: bytes_in.unwrap_or(0),
+            bytes_out: log.bytes_out,
+        };
+        match &log.trace.active {
+            Some(active) => metrics.record(active.stats(), &finished),
+            None => metrics.record(&metrics.service("-"), &finished),
+        }
+        if let Some(session) = &log.trace.session {
+            session.stats.finished(status >= 500);
+        }
         info!(
             target: "wsbridge::access",
             request_id = %log.request_id,
             method = %log.method,
             path = %log.path,
             service = log.trace.service.as_deref().unwrap_or("-"),
-            worker = log.trace.worker.as_deref().unwrap_or("-"),
+            worker = log.trace.session.as_ref().map_or("-", |s| s.worker_id.as_str()),
             status = log.status,
             error = log.error.unwrap_or("-"),
             attempts = log.trace.attempts,
-            bytes_in = log.bytes_in,
+            bytes_in,
             bytes_out = log.bytes_out,
-            duration_ms = log.started.elapsed().as_secs_f64() * 1e3,
+            duration_ms = elapsed.as_secs_f64() * 1e3,
             complete,
             "access"
         );

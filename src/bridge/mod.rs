@@ -6,16 +6,25 @@
 //!   and queues calls when none is free.
 //! * [`session`] runs one worker connection and its pending map.
 //! * [`routes`] maps paths to services.
+//! * [`admin`] serves `/metrics`, `/status`, the dashboard and `/reload`;
+//!   [`reload`] swaps in a re-read config without dropping anything.
 
+mod admin;
 mod http;
 mod idempotency;
 mod registry;
+mod reload;
 mod resume;
 mod routes;
 mod send_timeout;
 mod session;
+pub mod status;
 
-use std::{io, net::SocketAddr, sync::Arc};
+pub use reload::{ReloadError, Reloaded};
+
+use std::{io, net::SocketAddr, path::PathBuf, sync::Arc};
+
+use arc_swap::ArcSwap;
 
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_rustls::TlsAcceptor;
@@ -35,14 +44,18 @@ pub struct Listeners {
     pub http: TcpListener,
     /// WebSocket listener for workers.
     pub workers: TcpListener,
+    /// The admin listener (metrics, status, dashboard, reload), if enabled.
+    pub admin: Option<TcpListener>,
 }
 
 impl Listeners {
     /// Binds both addresses of a config.
     pub fn bind(config: &Config) -> io::Result<Listeners> {
+        let admin = &config.admin;
         Ok(Listeners {
             http: bind(config.http.listen)?,
             workers: bind(config.workers.listen)?,
+            admin: admin.enabled.then(|| bind(admin.listen)).transpose()?,
         })
     }
 }
@@ -62,16 +75,49 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(4096)
 }
 
-/// State shared by every connection of one bridge.
-pub(crate) struct Shared {
+/// What a reload replaces as one: the configuration and everything built
+/// from it. Each connection takes the current one when it starts (a call,
+/// when it is routed) and keeps it, so a reload never changes the rules
+/// halfway through.
+pub(crate) struct Settings {
     /// The validated configuration.
     pub(crate) config: Config,
     /// Path -> service.
     pub(crate) router: Router,
-    /// Connected workers and waiting calls.
-    pub(crate) registry: Arc<Registry>,
     /// Frame limits for worker connections.
     pub(crate) ws_config: WebSocketConfig,
+    /// The worker listener's TLS; `None` serves plain ws.
+    pub(crate) tls: Option<TlsAcceptor>,
+}
+
+impl Settings {
+    fn new(config: Config, tls: Option<Arc<rustls::ServerConfig>>) -> Settings {
+        let ws_config = WebSocketConfig::default()
+            .max_message_size(Some(config.workers.max_frame.bytes()))
+            .max_frame_size(Some(config.workers.max_frame.bytes()));
+        Settings {
+            router: Router::new(&config),
+            config,
+            ws_config,
+            tls: tls.map(TlsAcceptor::from),
+        }
+    }
+}
+
+/// State shared by every connection of one bridge.
+pub(crate) struct Shared {
+    /// The current settings; replaced whole by a reload.
+    pub(crate) settings: ArcSwap<Settings>,
+    /// The file the settings came from, for reloads.
+    pub(crate) config_file: Option<PathBuf>,
+    /// Connected workers and waiting calls.
+    pub(crate) registry: Arc<Registry>,
+    /// Calls, latencies and worker churn, for `/metrics` and `/status`.
+    pub(crate) metrics: crate::metrics::Metrics,
+    /// Held while a reload reads and swaps the settings.
+    pub(crate) reloading: std::sync::Mutex<()>,
+    /// Successful reloads since start.
+    pub(crate) reloads: std::sync::atomic::AtomicU64,
     /// Protocol violations by workers since start.
     pub(crate) violations: std::sync::atomic::AtomicU64,
     /// Responses stored by idempotency key.
@@ -98,7 +144,6 @@ pub async fn run(
 /// to look at its state while it runs.
 pub struct Bridge {
     shared: Arc<Shared>,
-    tls: Option<TlsAcceptor>,
 }
 
 /// A read-only view of a running bridge, for status displays and tests.
@@ -140,6 +185,18 @@ impl Handle {
     pub fn queued(&self, service: &str) -> usize {
         self.shared.registry.queued(service)
     }
+
+    /// Every worker and service as `/status` shows them.
+    pub fn status(&self) -> status::Status {
+        status::collect(&self.shared)
+    }
+
+    /// Re-reads the config file and swaps in what may change while running
+    /// (see [`Reloaded`]); an invalid file changes nothing. Blocking: file
+    /// reads and certificate parsing.
+    pub fn reload(&self) -> Result<Reloaded, ReloadError> {
+        reload::reload(&self.shared)
+    }
 }
 
 impl Bridge {
@@ -151,26 +208,31 @@ impl Bridge {
                 "workers.tls is on but no TLS config was given",
             ));
         }
-        let ws_config = WebSocketConfig::default()
-            .max_message_size(Some(config.workers.max_frame.bytes()))
-            .max_frame_size(Some(config.workers.max_frame.bytes()));
         let idempotency = Arc::new(idempotency::IdempotencyCache::new(
             config.http.idempotency_ttl,
             config.http.idempotency_capacity.bytes(),
         ));
         let shared = Arc::new(Shared {
-            router: Router::new(&config),
-            config,
+            settings: ArcSwap::from_pointee(Settings::new(config, tls)),
+            config_file: None,
             registry: Arc::new(Registry::default()),
-            ws_config,
+            metrics: Default::default(),
+            reloading: Default::default(),
+            reloads: Default::default(),
             violations: Default::default(),
             idempotency,
             detached: Arc::default(),
         });
-        Ok(Bridge {
-            shared,
-            tls: tls.map(TlsAcceptor::from),
-        })
+        Ok(Bridge { shared })
+    }
+
+    /// Names the file the config came from, so that SIGHUP, `POST /reload`
+    /// and [`Handle::reload`] can read it again.
+    pub fn with_config_file(mut self, path: impl Into<PathBuf>) -> Bridge {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.config_file = Some(path.into());
+        }
+        self
     }
 
     /// A view of the bridge's state that stays valid while it runs.
@@ -184,13 +246,15 @@ impl Bridge {
     pub async fn serve(self, listeners: Listeners, shutdown: CancellationToken) -> io::Result<()> {
         let workers_addr = listeners.workers.local_addr()?;
         let http_addr = listeners.http.local_addr()?;
-        if self.tls.is_none() && !workers_addr.ip().is_loopback() {
+        let settings = self.shared.settings.load_full();
+        let tls_on = settings.tls.is_some();
+        if !tls_on && !workers_addr.ip().is_loopback() {
             warn!(
                 addr = %workers_addr,
                 "worker listener serves PLAIN ws on a non-loopback address: tokens and calls cross the network unencrypted"
             );
         }
-        let tokens = &self.shared.config.workers.tokens;
+        let tokens = &settings.config.workers.tokens;
         if !workers_addr.ip().is_loopback()
             && tokens.iter().any(|t| t.secret().expose() == "change-me")
         {
@@ -200,19 +264,20 @@ impl Bridge {
             );
         }
         info!(addr = %http_addr, "http listener ready");
-        info!(addr = %workers_addr, tls = self.tls.is_some(), "worker listener ready");
+        info!(addr = %workers_addr, tls = tls_on, "worker listener ready");
+        let admin = listeners.admin.map(|listener| {
+            let (shared, stop) = (self.shared.clone(), shutdown.clone());
+            tokio::spawn(
+                admin::serve(listener, shared, stop).instrument(tracing::info_span!("admin")),
+            )
+        });
 
         // Worker connections outlive the HTTP drain: the calls being drained
         // need their workers to answer them.
         let workers_stop = CancellationToken::new();
         let workers = tokio::spawn(
-            accept_workers(
-                listeners.workers,
-                self.tls,
-                self.shared.clone(),
-                workers_stop.clone(),
-            )
-            .instrument(tracing::info_span!("workers")),
+            accept_workers(listeners.workers, self.shared.clone(), workers_stop.clone())
+                .instrument(tracing::info_span!("workers")),
         );
         let shared = self.shared.clone();
         http::serve(listeners.http, self.shared, shutdown).await;
@@ -221,17 +286,15 @@ impl Bridge {
             .close_all("the bridge is shutting down", &shared.registry);
         workers_stop.cancel();
         let _ = workers.await;
+        if let Some(admin) = admin {
+            let _ = admin.await;
+        }
         Ok(())
     }
 }
 
 /// Accepts worker connections until shutdown; each runs in its own task.
-async fn accept_workers(
-    listener: TcpListener,
-    tls: Option<TlsAcceptor>,
-    shared: Arc<Shared>,
-    shutdown: CancellationToken,
-) {
+async fn accept_workers(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
     let tasks = TaskTracker::new();
     loop {
         let (tcp, peer) = tokio::select! {
@@ -246,21 +309,25 @@ async fn accept_workers(
                 }
             },
         };
-        crate::transport::tune(&tcp, shared.config.workers.send_buffer.bytes());
-        let (shared, shutdown, tls) = (shared.clone(), shutdown.clone(), tls.clone());
+        // A connection keeps the settings it started with, reloads or not.
+        let settings = shared.settings.load_full();
+        crate::transport::tune(&tcp, settings.config.workers.send_buffer.bytes());
+        let (shared, shutdown) = (shared.clone(), shutdown.clone());
         tasks.spawn(
             async move {
-                match tls {
-                    None => session::serve(tcp, peer, shared, shutdown).await,
+                match settings.tls.clone() {
+                    None => session::serve(tcp, peer, shared, settings, shutdown).await,
                     Some(acceptor) => {
-                        let timeout = shared.config.workers.handshake_timeout;
+                        let timeout = settings.config.workers.handshake_timeout;
                         let accept = tokio::time::timeout(timeout, acceptor.accept(tcp));
                         let accepted = tokio::select! {
                             _ = shutdown.cancelled() => return,
                             accepted = accept => accepted,
                         };
                         match accepted {
-                            Ok(Ok(stream)) => session::serve(stream, peer, shared, shutdown).await,
+                            Ok(Ok(stream)) => {
+                                session::serve(stream, peer, shared, settings, shutdown).await
+                            }
                             Ok(Err(e)) => info!(%peer, error = %e, "worker TLS handshake failed"),
                             Err(_) => info!(%peer, "worker TLS handshake timed out"),
                         }

@@ -69,6 +69,34 @@ struct Service {
     cursor: usize,
 }
 
+/// The registry at one moment.
+pub(crate) struct Snapshot {
+    pub(crate) workers: Vec<WorkerView>,
+    pub(crate) services: Vec<ServiceView>,
+}
+
+/// One worker connection in a [`Snapshot`].
+pub(crate) struct WorkerView {
+    pub(crate) session: Arc<Session>,
+    pub(crate) services: Arc<[String]>,
+    pub(crate) inflight: u32,
+    pub(crate) max_inflight: u32,
+    pub(crate) draining: bool,
+    /// Its connection dropped; it may still resume.
+    pub(crate) detached: bool,
+}
+
+/// One service in a [`Snapshot`].
+pub(crate) struct ServiceView {
+    pub(crate) name: String,
+    /// Connected workers, draining ones included.
+    pub(crate) workers: usize,
+    /// Workers taking new calls.
+    pub(crate) accepting: usize,
+    /// Calls waiting for a worker.
+    pub(crate) queued: usize,
+}
+
 /// The right to send one call to one worker. Dropping it frees the slot.
 pub(crate) struct Lease {
     registry: Arc<Registry>,
@@ -218,6 +246,45 @@ impl Registry {
             .values()
             .map(|s| s.session.clone())
             .collect()
+    }
+
+    /// Every worker and every service as they are now, for `/status`.
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        let state = self.lock();
+        let mut workers: Vec<WorkerView> = state
+            .workers
+            .iter()
+            .map(|(key, slot)| WorkerView {
+                session: slot.session.clone(),
+                services: slot.services.clone(),
+                inflight: slot.inflight,
+                max_inflight: slot.max_inflight,
+                draining: slot.draining,
+                // A suspended slot is out of every service's list.
+                detached: !slot.services.iter().any(|name| {
+                    state
+                        .services
+                        .get(name)
+                        .is_some_and(|s| s.workers.contains(key))
+                }),
+            })
+            .collect();
+        workers.sort_by_key(|w| w.session.stats.since);
+        let services = state
+            .services
+            .iter()
+            .map(|(name, s)| ServiceView {
+                name: name.clone(),
+                workers: s.workers.len(),
+                accepting: s
+                    .workers
+                    .iter()
+                    .filter(|k| state.workers.get(k).is_some_and(|w| !w.draining))
+                    .count(),
+                queued: s.waiters.iter().filter(|w| !w.is_closed()).count(),
+            })
+            .collect();
+        Snapshot { workers, services }
     }
 
     /// Calls of a service waiting for a worker.

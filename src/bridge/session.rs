@@ -13,7 +13,7 @@ use std::{
         atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, MutexGuard,
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use bytes::Bytes;
@@ -35,7 +35,7 @@ use tokio_tungstenite::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::Shared;
+use super::{Settings, Shared};
 use crate::{
     body::{Body, BodyError, BodySender},
     headers,
@@ -87,6 +87,78 @@ pub(crate) struct Session {
     /// Cancelled to end the current connection as dropped, because the
     /// worker has come back on a new one (a resume); replaced per connection.
     superseded: Mutex<CancellationToken>,
+    /// What `/status` shows about this worker.
+    pub(crate) stats: WorkerStats,
+}
+
+/// A worker's figures for `/status`.
+pub(crate) struct WorkerStats {
+    /// Where its current connection comes from.
+    peer: Mutex<SocketAddr>,
+    /// When the session began (a resume keeps it).
+    pub(crate) since: SystemTime,
+    /// The clock pings are stamped with.
+    born: std::time::Instant,
+    /// Calls it answered.
+    pub(crate) served: AtomicU64,
+    /// Of those, answered with a 5xx (its own or the bridge's).
+    pub(crate) errors: AtomicU64,
+    /// The last ping's round trip in microseconds; `u64::MAX` before the
+    /// first pong.
+    rtt_micros: AtomicU64,
+}
+
+impl WorkerStats {
+    fn new(peer: SocketAddr) -> Self {
+        WorkerStats {
+            peer: Mutex::new(peer),
+            since: SystemTime::now(),
+            born: std::time::Instant::now(),
+            served: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            rtt_micros: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// A call this worker answered has ended.
+    pub(crate) fn finished(&self, error: bool) {
+        self.served.fetch_add(1, Ordering::Relaxed);
+        if error {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The current connection's peer address.
+    pub(crate) fn peer(&self) -> SocketAddr {
+        *self.peer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The last ping round trip, once a pong has come back.
+    pub(crate) fn rtt(&self) -> Option<std::time::Duration> {
+        match self.rtt_micros.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            micros => Some(std::time::Duration::from_micros(micros)),
+        }
+    }
+
+    /// A ping's payload: when it was sent, in microseconds since `born`.
+    fn ping_payload(&self) -> Bytes {
+        let micros = u64::try_from(self.born.elapsed().as_micros()).unwrap_or(u64::MAX - 1);
+        Bytes::copy_from_slice(&micros.to_be_bytes())
+    }
+
+    /// A pong echoes its ping's payload (RFC 6455 5.5.3); one of ours gives
+    /// the round trip. Unsolicited pongs carry anything and are ignored.
+    fn pong(&self, payload: &[u8]) {
+        let Ok(stamp) = <[u8; 8]>::try_from(payload) else {
+            return;
+        };
+        let sent = u64::from_be_bytes(stamp);
+        let now = u64::try_from(self.born.elapsed().as_micros()).unwrap_or(u64::MAX - 1);
+        if let Some(rtt) = now.checked_sub(sent).filter(|r| *r < 3_600_000_000) {
+            self.rtt_micros.store(rtt, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The parameters of one worker connection, settled by hello and welcome.
@@ -197,6 +269,8 @@ pub(crate) struct Started {
 /// failures free is never handed to a call bound for the dead connection.
 struct Live {
     shared: Arc<Shared>,
+    /// The settings the connection started with.
+    settings: Arc<Settings>,
     key: u64,
     session: Arc<Session>,
     /// Set by the first `end`.
@@ -211,6 +285,8 @@ impl Live {
         if self.ended.swap(true, Ordering::SeqCst) {
             return;
         }
+        let metrics = &self.shared.metrics;
+        metrics.worker_disconnects.fetch_add(1, Ordering::Relaxed);
         let (shared, session) = (&self.shared, &self.session);
         let resumable = may_resume
             && session.terms.resumable
@@ -220,7 +296,7 @@ impl Live {
             // Out of dispatch, but the slot keeps counting the calls that
             // wait for the worker to come back.
             shared.registry.suspend(self.key);
-            let window = shared.config.workers.resume_window;
+            let window = self.settings.config.workers.resume_window;
             let registry = shared.registry.clone();
             shared
                 .detached
@@ -239,7 +315,7 @@ impl Drop for Live {
 }
 
 impl Session {
-    fn new(worker_id: String, outbox: Outbox, terms: Terms) -> Self {
+    fn new(worker_id: String, outbox: Outbox, terms: Terms, peer: SocketAddr) -> Self {
         Session {
             worker_id,
             session_id: uuid::Uuid::now_v7().to_string(),
@@ -251,6 +327,7 @@ impl Session {
             violations: AtomicU32::new(0),
             drained: CancellationToken::new(),
             superseded: Mutex::default(),
+            stats: WorkerStats::new(peer),
         }
     }
 
@@ -294,7 +371,12 @@ impl Session {
             resumable: false,
             max_frame: 0,
         };
-        Arc::new(Self::new(worker_id.to_owned(), outbox, terms))
+        Arc::new(Self::new(
+            worker_id.to_owned(),
+            outbox,
+            terms,
+            ([127, 0, 0, 1], 0).into(),
+        ))
     }
 
     /// Calls sent to this worker and not finished (streams included).
@@ -647,7 +729,7 @@ fn refuse(status: StatusCode, code: &str, message: &str) -> ErrorResponse {
 // once per refused connection, so its size does not matter.
 #[allow(clippy::result_large_err)]
 fn check_upgrade(
-    shared: &Shared,
+    settings: &Settings,
     req: &WsRequest,
     mut resp: WsResponse,
     token: &mut Option<usize>,
@@ -663,7 +745,7 @@ fn check_upgrade(
     // the time taken says nothing about which token (or how much of one)
     // matched. `found` is the matching token's index + 1, or 0.
     let mut found = 0u64;
-    for (i, t) in shared.config.workers.tokens.iter().enumerate() {
+    for (i, t) in settings.config.workers.tokens.iter().enumerate() {
         let eq = t.secret().expose().as_bytes().ct_eq(presented.as_bytes());
         found.conditional_assign(&(i as u64 + 1), eq);
     }
@@ -705,20 +787,21 @@ pub(crate) async fn serve<S>(
     stream: S,
     peer: SocketAddr,
     shared: Arc<Shared>,
+    settings: Arc<Settings>,
     shutdown: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let cfg = &shared.config.workers;
+    let cfg = &settings.config.workers;
     #[allow(clippy::result_large_err)]
     let handshake = async {
         let mut token = None;
         let callback =
-            |req: &WsRequest, resp: WsResponse| check_upgrade(&shared, req, resp, &mut token);
+            |req: &WsRequest, resp: WsResponse| check_upgrade(&settings, req, resp, &mut token);
         let mut ws = tokio_tungstenite::accept_hdr_async_with_config(
             stream,
             callback,
-            Some(shared.ws_config),
+            Some(settings.ws_config),
         )
         .await
         .map_err(|e| format!("upgrade failed: {e}"))?;
@@ -789,19 +872,20 @@ pub(crate) async fn serve<S>(
     let session = match resumed {
         Some(((session, key), known)) => {
             resend = session.resume(outbox, known);
+            *session.stats.peer.lock().unwrap_or_else(|p| p.into_inner()) = peer;
             resumed_key = Some(key);
             session
         }
         None => {
             let terms = Terms {
-                max_response: shared.config.http.max_response_body.bytes(),
+                max_response: settings.config.http.max_response_body.bytes(),
                 window: hello.flow_control.then(|| cfg.flow_window.bytes()),
                 compression: Compression::choose(&hello.compression, cfg.compression),
                 acks: hello.accepted,
                 resumable: hello.resumable && !cfg.resume_window.is_zero(),
                 max_frame: cfg.max_frame.bytes(),
             };
-            Arc::new(Session::new(hello.worker_id.clone(), outbox, terms))
+            Arc::new(Session::new(hello.worker_id.clone(), outbox, terms, peer))
         }
     };
     let (terms, session_id) = (session.terms, session.session_id.clone());
@@ -822,8 +906,13 @@ pub(crate) async fn serve<S>(
     };
     // From here on, every way out (including a panic) unregisters the worker
     // and fails its pending calls, in that order.
+    shared
+        .metrics
+        .worker_connects
+        .fetch_add(1, Ordering::Relaxed);
     let live = Arc::new(Live {
         shared: shared.clone(),
+        settings: settings.clone(),
         key,
         session: session.clone(),
         ended: AtomicBool::new(false),
@@ -834,7 +923,7 @@ pub(crate) async fn serve<S>(
         ping_interval_ms: cfg.ping_interval.as_millis() as u64,
         ping_misses: cfg.ping_misses,
         max_frame: cfg.max_frame.0,
-        max_response_body: shared.config.http.max_response_body.0,
+        max_response_body: settings.config.http.max_response_body.0,
         window: terms.window.map_or(0, |w| w as u64),
         compression: terms.compression.name().map(str::to_owned),
         resume_window_ms: if terms.resumable {
@@ -912,7 +1001,7 @@ async fn write_loop<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let cfg = &live.shared.config.workers;
+    let cfg = &live.settings.config.workers;
     // A write step that cannot complete for as long as a heartbeat would
     // take to fail means the worker stopped reading: treat it as gone.
     let stall = transport::dead_after(cfg.ping_interval, cfg.ping_misses);
@@ -931,7 +1020,7 @@ async fn write_loop<S>(
                 }
                 tokio::select! {
                     _ = conn.cancelled() => break None,
-                    r = transport::step(stall, sink.send(Message::Ping(Bytes::new()))) => r,
+                    r = transport::step(stall, sink.send(Message::Ping(live.session.stats.ping_payload()))) => r,
                 }
             }
             msg = inbox.recv() => {
@@ -1009,8 +1098,9 @@ where
         let problem = match msg {
             Message::Binary(frame) => on_binary(session, frame),
             Message::Text(text) => on_text(session, shared, key, &text),
-            Message::Pong(_) => {
+            Message::Pong(payload) => {
                 session.unanswered.store(0, Ordering::Relaxed);
+                session.stats.pong(&payload);
                 None
             }
             Message::Close(frame) => {

@@ -61,6 +61,8 @@ pub fn test_config() -> Config {
         listen = "127.0.0.1:0"
         request_timeout = "10s"
         queue_timeout = "2s"
+        [admin]
+        listen = "127.0.0.1:0"
         [workers]
         listen = "127.0.0.1:0"
         tls_cert = "unused.crt"
@@ -91,6 +93,8 @@ pub struct TestBridge {
     pub http: SocketAddr,
     /// Where workers connect.
     pub workers: SocketAddr,
+    /// The admin listener, unless the tweak disabled it.
+    pub admin: Option<SocketAddr>,
     /// The bridge's certificate (workers trust it).
     pub cert: SelfSigned,
     /// The config it runs with.
@@ -117,6 +121,10 @@ impl TestBridge {
         let listeners = Listeners::bind(&config).expect("bind");
         let http = listeners.http.local_addr().expect("addr");
         let workers = listeners.workers.local_addr().expect("addr");
+        let admin = listeners
+            .admin
+            .as_ref()
+            .map(|l| l.local_addr().expect("addr"));
         let shutdown = CancellationToken::new();
         let tls = Some(cert.server_config().expect("server tls"));
         let bridge = bridge::Bridge::new(config.clone(), tls).expect("bridge");
@@ -125,6 +133,7 @@ impl TestBridge {
         TestBridge {
             http,
             workers,
+            admin,
             cert,
             config,
             handle,
@@ -595,6 +604,10 @@ pub struct BridgeProcess {
     pub http: SocketAddr,
     /// Where workers connect.
     pub workers: SocketAddr,
+    /// The admin listener.
+    pub admin: SocketAddr,
+    /// Its config file (rewrite it, then reload).
+    pub config_path: PathBuf,
     /// The self-signed certificate it generated.
     pub cert_path: PathBuf,
     child: tokio::process::Child,
@@ -619,6 +632,8 @@ impl BridgeProcess {
             [http]
             listen = "127.0.0.1:0"
             {http_extra}
+            [admin]
+            listen = "127.0.0.1:0"
             [workers]
             listen = "127.0.0.1:0"
             tls_cert = "{}"
@@ -644,8 +659,8 @@ impl BridgeProcess {
             .expect("spawn wsbridge serve");
         let stderr = child.stderr.take().expect("stderr");
         let mut lines = BufReader::new(stderr).lines();
-        let (mut http, mut workers) = (None, None);
-        while http.is_none() || workers.is_none() {
+        let (mut http, mut workers, mut admin) = (None, None, None);
+        while http.is_none() || workers.is_none() || admin.is_none() {
             let line = with_timeout(lines.next_line())
                 .await
                 .expect("read stderr")
@@ -659,6 +674,8 @@ impl BridgeProcess {
                 http = addr;
             } else if line.contains("worker listener ready") {
                 workers = addr;
+            } else if line.contains("admin listener ready") {
+                admin = addr;
             }
         }
         // Keep draining the log so the child never blocks on a full pipe.
@@ -666,6 +683,8 @@ impl BridgeProcess {
         BridgeProcess {
             http: http.expect("http addr"),
             workers: workers.expect("workers addr"),
+            admin: admin.expect("admin addr"),
+            config_path,
             cert_path,
             child,
             _dir: dir,

@@ -1,0 +1,587 @@
+//! What a running bridge counts: calls by service and status, latency,
+//! bytes, worker churn; the Prometheus text exposition of it all; and a
+//! sliding one-minute window per service for the status page's rates and
+//! percentiles.
+//!
+//! Recording a call costs a few relaxed atomic adds and one uncontended
+//! lock (the window); no allocation once a service has been seen.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    sync::{
+        atomic::{AtomicI64, AtomicU64, Ordering::Relaxed},
+        Arc, Mutex, RwLock,
+    },
+    time::{Duration, Instant},
+};
+
+/// Upper bounds of the latency histogram's buckets, in seconds.
+const LATENCY_BOUNDS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+/// Status codes are counted in a flat array indexed by `code - 100`.
+const CODES: usize = 500;
+
+/// Seconds the status window covers.
+const WINDOW_SECS: u64 = 60;
+
+/// Everything the bridge counts, shared by all its connections.
+pub(crate) struct Metrics {
+    started: Instant,
+    services: RwLock<BTreeMap<String, Arc<ServiceStats>>>,
+    /// Worker connections that completed the handshake (resumes included).
+    pub(crate) worker_connects: AtomicU64,
+    /// Worker connections that ended.
+    pub(crate) worker_disconnects: AtomicU64,
+}
+
+/// The counters of one service (`-` for calls that matched no route).
+pub(crate) struct ServiceStats {
+    codes: Box<[AtomicU64]>,
+    /// Calls of this service between the routing decision and the end of
+    /// the response body.
+    active: AtomicI64,
+    latency: Histogram,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    recent: Mutex<Window>,
+}
+
+/// A cumulative Prometheus histogram over [`LATENCY_BOUNDS`].
+struct Histogram {
+    /// Per bucket, not cumulative; the last one is `+Inf`.
+    buckets: [AtomicU64; LATENCY_BOUNDS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+/// One finished call, as [`Metrics::record`] takes it.
+pub(crate) struct Finished {
+    pub(crate) status: u16,
+    pub(crate) elapsed: Duration,
+    pub(crate) bytes_in: u64,
+    pub(crate) bytes_out: u64,
+}
+
+/// A service's figures over the last minute.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Recent {
+    pub(crate) calls: u64,
+    pub(crate) errors: u64,
+    /// Calls per second over the window (or since start, if shorter).
+    pub(crate) rate: f64,
+    pub(crate) p50: Option<Duration>,
+    pub(crate) p99: Option<Duration>,
+}
+
+/// Marks a call as active for its service until dropped.
+pub(crate) struct Active(Arc<ServiceStats>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Active {
+    /// The service's counters.
+    pub(crate) fn stats(&self) -> &Arc<ServiceStats> {
+        &self.0
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            started: Instant::now(),
+            services: RwLock::default(),
+            worker_connects: AtomicU64::new(0),
+            worker_disconnects: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Metrics {
+    /// How long the bridge has been up.
+    pub(crate) fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The counters of `service`, created on first use.
+    pub(crate) fn service(&self, service: &str) -> Arc<ServiceStats> {
+        let read = self.services.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(stats) = read.get(service) {
+            return stats.clone();
+        }
+        drop(read);
+        self.services
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(service.to_owned())
+            .or_insert_with(|| Arc::new(ServiceStats::new()))
+            .clone()
+    }
+
+    /// Counts a call of `service` as active until the guard drops.
+    pub(crate) fn begin(&self, service: &str) -> Active {
+        let stats = self.service(service);
+        stats.active.fetch_add(1, Relaxed);
+        Active(stats)
+    }
+
+    /// Every service seen so far, by name.
+    pub(crate) fn services(&self) -> Vec<(String, Arc<ServiceStats>)> {
+        self.services
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+impl ServiceStats {
+    fn new() -> Self {
+        ServiceStats {
+            codes: (0..CODES).map(|_| AtomicU64::new(0)).collect(),
+            active: AtomicI64::new(0),
+            latency: Histogram {
+                buckets: Default::default(),
+                sum_micros: AtomicU64::new(0),
+            },
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            recent: Mutex::new(Window::default()),
+        }
+    }
+
+    /// Counts one finished call.
+    pub(crate) fn record(&self, call: &Finished, now: Instant, since: Instant) {
+        let index = usize::from(call.status.clamp(100, 599) - 100);
+        self.codes[index].fetch_add(1, Relaxed);
+        let secs = call.elapsed.as_secs_f64();
+        let bucket = LATENCY_BOUNDS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENCY_BOUNDS.len());
+        self.latency.buckets[bucket].fetch_add(1, Relaxed);
+        let micros = u64::try_from(call.elapsed.as_micros()).unwrap_or(u64::MAX);
+        self.latency.sum_micros.fetch_add(micros, Relaxed);
+        self.bytes_in.fetch_add(call.bytes_in, Relaxed);
+        self.bytes_out.fetch_add(call.bytes_out, Relaxed);
+        let second = now.saturating_duration_since(since).as_secs();
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(second, micros, call.status >= 500);
+    }
+
+    /// Calls finished since start.
+    pub(crate) fn calls(&self) -> u64 {
+        self.codes.iter().map(|c| c.load(Relaxed)).sum()
+    }
+
+    /// Calls in progress right now.
+    pub(crate) fn active(&self) -> u64 {
+        u64::try_from(self.active.load(Relaxed)).unwrap_or(0)
+    }
+
+    /// Calls that ended with a 5xx since start.
+    pub(crate) fn errors(&self) -> u64 {
+        self.codes[400..].iter().map(|c| c.load(Relaxed)).sum()
+    }
+
+    /// The last minute, as seen at `now`.
+    pub(crate) fn recent(&self, now: Instant, since: Instant) -> Recent {
+        let up = now.saturating_duration_since(since);
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .summary(up)
+    }
+}
+
+impl Metrics {
+    /// Records a finished call of `stats`' service.
+    pub(crate) fn record(&self, stats: &ServiceStats, call: &Finished) {
+        stats.record(call, Instant::now(), self.started);
+    }
+
+    /// The last minute of `stats`' service.
+    pub(crate) fn recent(&self, stats: &ServiceStats) -> Recent {
+        stats.recent(Instant::now(), self.started)
+    }
+}
+
+/// Gauges read from the live bridge when metrics are rendered.
+pub(crate) struct Gauges {
+    /// Per service: workers connected, calls waiting for a worker.
+    pub(crate) services: Vec<ServiceGauges>,
+    /// Calls sent to workers and not finished (what the pending maps hold).
+    pub(crate) pending: usize,
+    pub(crate) protocol_violations: u64,
+}
+
+/// One service's live gauges.
+pub(crate) struct ServiceGauges {
+    pub(crate) name: String,
+    pub(crate) workers: usize,
+    pub(crate) queued: usize,
+}
+
+impl Metrics {
+    /// The Prometheus text exposition (format 0.0.4).
+    pub(crate) fn render(&self, gauges: &Gauges) -> String {
+        let services = self.services();
+        let mut out = String::with_capacity(4096 + services.len() * 2048);
+        let o = &mut out;
+
+        header(
+            o,
+            "wsbridge_requests_total",
+            "counter",
+            "Calls answered, by service and HTTP status code.",
+        );
+        for (name, s) in &services {
+            for (i, count) in s.codes.iter().enumerate() {
+                let n = count.load(Relaxed);
+                if n > 0 {
+                    let code = i + 100;
+                    let _ = writeln!(
+                        o,
+                        "wsbridge_requests_total{{service=\"{}\",code=\"{code}\"}} {n}",
+                        escape(name)
+                    );
+                }
+            }
+        }
+
+        header(
+            o,
+            "wsbridge_request_duration_seconds",
+            "histogram",
+            "Time from the request's arrival to the end of its response body, by service.",
+        );
+        for (name, s) in &services {
+            let name = escape(name);
+            let mut cumulative = 0;
+            for (i, bucket) in s.latency.buckets.iter().enumerate() {
+                cumulative += bucket.load(Relaxed);
+                let le = LATENCY_BOUNDS
+                    .get(i)
+                    .map_or_else(|| "+Inf".to_owned(), |b| b.to_string());
+                let _ = writeln!(o, "wsbridge_request_duration_seconds_bucket{{service=\"{name}\",le=\"{le}\"}} {cumulative}");
+            }
+            let sum = s.latency.sum_micros.load(Relaxed) as f64 / 1e6;
+            let _ = writeln!(
+                o,
+                "wsbridge_request_duration_seconds_sum{{service=\"{name}\"}} {sum}"
+            );
+            let _ = writeln!(
+                o,
+                "wsbridge_request_duration_seconds_count{{service=\"{name}\"}} {cumulative}"
+            );
+        }
+
+        header(
+            o,
+            "wsbridge_requests_in_flight",
+            "gauge",
+            "Calls being handled, from routing to the end of the response body, by service.",
+        );
+        for (name, s) in &services {
+            let _ = writeln!(
+                o,
+                "wsbridge_requests_in_flight{{service=\"{}\"}} {}",
+                escape(name),
+                s.active()
+            );
+        }
+
+        header(
+            o,
+            "wsbridge_request_bytes_total",
+            "counter",
+            "Request body bytes received from callers, by service.",
+        );
+        for (name, s) in &services {
+            let _ = writeln!(
+                o,
+                "wsbridge_request_bytes_total{{service=\"{}\"}} {}",
+                escape(name),
+                s.bytes_in.load(Relaxed)
+            );
+        }
+        header(
+            o,
+            "wsbridge_response_bytes_total",
+            "counter",
+            "Response body bytes sent to callers, by service.",
+        );
+        for (name, s) in &services {
+            let _ = writeln!(
+                o,
+                "wsbridge_response_bytes_total{{service=\"{}\"}} {}",
+                escape(name),
+                s.bytes_out.load(Relaxed)
+            );
+        }
+
+        header(
+            o,
+            "wsbridge_queue_depth",
+            "gauge",
+            "Calls waiting for a free worker, by service.",
+        );
+        for g in &gauges.services {
+            let _ = writeln!(
+                o,
+                "wsbridge_queue_depth{{service=\"{}\"}} {}",
+                escape(&g.name),
+                g.queued
+            );
+        }
+        header(
+            o,
+            "wsbridge_workers_connected",
+            "gauge",
+            "Worker connections serving each service.",
+        );
+        for g in &gauges.services {
+            let _ = writeln!(
+                o,
+                "wsbridge_workers_connected{{service=\"{}\"}} {}",
+                escape(&g.name),
+                g.workers
+            );
+        }
+
+        header(
+            o,
+            "wsbridge_worker_calls_pending",
+            "gauge",
+            "Calls sent to workers and not yet finished.",
+        );
+        let _ = writeln!(o, "wsbridge_worker_calls_pending {}", gauges.pending);
+        header(
+            o,
+            "wsbridge_worker_connects_total",
+            "counter",
+            "Worker connections accepted (handshake done, resumes included).",
+        );
+        let _ = writeln!(
+            o,
+            "wsbridge_worker_connects_total {}",
+            self.worker_connects.load(Relaxed)
+        );
+        header(
+            o,
+            "wsbridge_worker_disconnects_total",
+            "counter",
+            "Worker connections that ended.",
+        );
+        let _ = writeln!(
+            o,
+            "wsbridge_worker_disconnects_total {}",
+            self.worker_disconnects.load(Relaxed)
+        );
+        header(
+            o,
+            "wsbridge_protocol_violations_total",
+            "counter",
+            "Frames from workers that broke the protocol.",
+        );
+        let _ = writeln!(
+            o,
+            "wsbridge_protocol_violations_total {}",
+            gauges.protocol_violations
+        );
+        header(
+            o,
+            "wsbridge_uptime_seconds",
+            "gauge",
+            "Seconds since the bridge started.",
+        );
+        let _ = writeln!(o, "wsbridge_uptime_seconds {}", self.uptime().as_secs_f64());
+        out
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// A label value as the text format wants it: `\`, `"` and newlines escaped.
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Sub-buckets per power of two in the window's latency buckets: values
+/// are kept within 1/16 (about 6%) of their true size.
+const SUB: u64 = 8;
+/// Buckets cover 0 to 2^36 microseconds (19 hours); longer calls land in
+/// the last.
+const SLOTS: usize = ((36 - 2) * SUB) as usize;
+
+/// One second of a service's calls.
+#[derive(Clone)]
+struct Second {
+    /// Which second since start this slot holds.
+    at: u64,
+    calls: u64,
+    errors: u64,
+    latency: Box<[u32; SLOTS]>,
+}
+
+/// The last [`WINDOW_SECS`] seconds, one slot each, reused round-robin.
+struct Window {
+    seconds: Vec<Second>,
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        let empty = Second {
+            at: u64::MAX,
+            calls: 0,
+            errors: 0,
+            latency: Box::new([0; SLOTS]),
+        };
+        Window {
+            seconds: vec![empty; WINDOW_SECS as usize],
+        }
+    }
+}
+
+/// The bucket of a latency in microseconds: exact below 8, then
+/// [`SUB`] buckets per power of two.
+fn bucket(micros: u64) -> usize {
+    if micros < SUB {
+        return micros as usize;
+    }
+    let exp = 63 - u64::from(micros.leading_zeros());
+    let sub = (micros >> (exp - 3)) & (SUB - 1);
+    usize::try_from((exp - 2) * SUB + sub).map_or(SLOTS - 1, |b| b.min(SLOTS - 1))
+}
+
+/// The middle of a bucket, in microseconds.
+fn bucket_value(index: usize) -> u64 {
+    let index = index as u64;
+    if index < SUB {
+        return index;
+    }
+    let exp = index / SUB + 2;
+    let sub = index % SUB;
+    let low = (SUB + sub) << (exp - 3);
+    let width = 1u64 << (exp - 3);
+    low + width / 2
+}
+
+impl Window {
+    fn record(&mut self, second: u64, micros: u64, error: bool) {
+        let slot = &mut self.seconds[(second % WINDOW_SECS) as usize];
+        if slot.at != second {
+            slot.at = second;
+            slot.calls = 0;
+            slot.errors = 0;
+            slot.latency.fill(0);
+        }
+        slot.calls += 1;
+        slot.errors += u64::from(error);
+        let b = bucket(micros);
+        slot.latency[b] = slot.latency[b].saturating_add(1);
+    }
+
+    /// The calls of the last [`WINDOW_SECS`] seconds before `up` (the
+    /// current, partial second included).
+    fn summary(&self, up: Duration) -> Recent {
+        let now = up.as_secs();
+        let live = |s: &&Second| s.at != u64::MAX && s.at <= now && now - s.at < WINDOW_SECS;
+        let mut merged = [0u64; SLOTS];
+        let mut recent = Recent::default();
+        for s in self.seconds.iter().filter(live) {
+            recent.calls += s.calls;
+            recent.errors += s.errors;
+            for (m, c) in merged.iter_mut().zip(s.latency.iter()) {
+                *m += u64::from(*c);
+            }
+        }
+        let span = up.as_secs_f64().clamp(1.0, WINDOW_SECS as f64);
+        recent.rate = recent.calls as f64 / span;
+        let quantile = |q: f64| {
+            let rank = ((recent.calls as f64) * q).ceil().max(1.0) as u64;
+            let mut seen = 0;
+            merged.iter().enumerate().find_map(|(i, c)| {
+                seen += c;
+                (seen >= rank).then(|| Duration::from_micros(bucket_value(i)))
+            })
+        };
+        if recent.calls > 0 {
+            recent.p50 = quantile(0.50);
+            recent.p99 = quantile(0.99);
+        }
+        recent
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_monotonic_and_close() {
+        let mut last = 0;
+        for v in (0..100_000u64).chain([1 << 20, 1 << 30, (1 << 35) + 7]) {
+            let b = bucket(v);
+            assert!(b >= last || v == 0, "bucket({v}) went backwards");
+            last = b;
+            let mid = bucket_value(b) as f64;
+            if v >= SUB {
+                let err = (mid - v as f64).abs() / v as f64;
+                assert!(
+                    err <= 1.0 / 16.0 + 1e-9,
+                    "bucket({v}) mid {mid}: error {err}"
+                );
+            } else {
+                assert_eq!(mid as u64, v);
+            }
+        }
+    }
+
+    #[test]
+    fn window_percentiles_and_expiry() {
+        let mut w = Window::default();
+        for i in 0..100 {
+            // 99 fast calls of 1 ms and one of 100 ms.
+            let micros = if i == 0 { 100_000 } else { 1_000 };
+            w.record(5, micros, i == 0);
+        }
+        let r = w.summary(Duration::from_secs(5));
+        assert_eq!((r.calls, r.errors), (100, 1));
+        let p50 = r.p50.map(|d| d.as_micros()).unwrap_or_default();
+        assert!((940..=1060).contains(&p50), "p50 {p50}");
+        let p99 = r.p99.map(|d| d.as_micros()).unwrap_or_default();
+        assert!(
+            (940..=1060).contains(&p99),
+            "p99 {p99}: 99 of 100 calls took 1 ms"
+        );
+        assert!((r.rate - 20.0).abs() < 1e-9, "100 calls in the first 5 s");
+        // A minute later they have left the window.
+        let later = w.summary(Duration::from_secs(65));
+        assert_eq!(later.calls, 0);
+        assert!(later.p50.is_none());
+        // A slot reused for a new second forgets the old one.
+        w.record(65, 2_000, false);
+        let r = w.summary(Duration::from_secs(65));
+        assert_eq!(r.calls, 1);
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}
