@@ -222,6 +222,8 @@ pub(crate) struct Gauges {
     /// Calls sent to workers and not finished (what the pending maps hold).
     pub(crate) pending: usize,
     pub(crate) protocol_violations: u64,
+    /// Config reloads applied and rejected.
+    pub(crate) reloads: (u64, u64),
 }
 
 /// One service's live gauges.
@@ -397,6 +399,21 @@ impl Metrics {
             o,
             "wsbridge_protocol_violations_total {}",
             gauges.protocol_violations
+        );
+        header(
+            o,
+            "wsbridge_config_reloads_total",
+            "counter",
+            "Config reloads, by result (success, failure).",
+        );
+        let (done, rejected) = gauges.reloads;
+        let _ = writeln!(
+            o,
+            "wsbridge_config_reloads_total{{result=\"success\"}} {done}"
+        );
+        let _ = writeln!(
+            o,
+            "wsbridge_config_reloads_total{{result=\"failure\"}} {rejected}"
         );
         header(
             o,

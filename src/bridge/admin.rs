@@ -10,7 +10,12 @@
 //! | `POST /reload` | re-read the config file; JSON of what changed |
 //! | `GET /healthz` | `{"status":"ok"}` |
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{atomic::Ordering::Relaxed, Arc},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -151,7 +156,11 @@ fn gauges(shared: &Shared) -> Gauges {
             })
             .collect(),
         pending: snapshot.workers.iter().map(|w| w.session.pending()).sum(),
-        protocol_violations: shared.violations.load(std::sync::atomic::Ordering::Relaxed),
+        protocol_violations: shared.violations.load(Relaxed),
+        reloads: (
+            shared.reloads.load(Relaxed),
+            shared.reload_failures.load(Relaxed),
+        ),
     }
 }
 

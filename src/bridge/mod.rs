@@ -118,6 +118,8 @@ pub(crate) struct Shared {
     pub(crate) reloading: std::sync::Mutex<()>,
     /// Successful reloads since start.
     pub(crate) reloads: std::sync::atomic::AtomicU64,
+    /// Rejected reloads since start.
+    pub(crate) reload_failures: std::sync::atomic::AtomicU64,
     /// Protocol violations by workers since start.
     pub(crate) violations: std::sync::atomic::AtomicU64,
     /// Responses stored by idempotency key.
@@ -219,6 +221,7 @@ impl Bridge {
             metrics: Default::default(),
             reloading: Default::default(),
             reloads: Default::default(),
+            reload_failures: Default::default(),
             violations: Default::default(),
             idempotency,
             detached: Arc::default(),

@@ -62,7 +62,10 @@ pub(crate) fn reload(shared: &Shared) -> Result<Reloaded, ReloadError> {
     let outcome = try_reload(shared);
     match &outcome {
         Ok(r) => info!(changed = ?r.changed, needs_restart = ?r.needs_restart, "config reloaded"),
-        Err(e) => warn!(error = %e, "config reload rejected; the running config stays"),
+        Err(e) => {
+            shared.reload_failures.fetch_add(1, Ordering::Relaxed);
+            warn!(error = %e, "config reload rejected; the running config stays")
+        }
     }
     outcome
 }

@@ -19,6 +19,8 @@ pub struct Status {
     pub config_file: Option<String>,
     /// Successful reloads since start.
     pub reloads: u64,
+    /// Rejected reloads (invalid file or certificate) since start.
+    pub reload_failures: u64,
     /// Calls being handled, from routing to the end of the response body.
     pub in_flight: u64,
     /// Calls sent to workers and not finished (the pending maps).
@@ -177,6 +179,7 @@ pub(crate) fn collect(shared: &Shared) -> Status {
         uptime_s: metrics.uptime().as_secs_f64(),
         config_file: shared.config_file.as_ref().map(|p| p.display().to_string()),
         reloads: shared.reloads.load(Relaxed),
+        reload_failures: shared.reload_failures.load(Relaxed),
         in_flight: services.iter().map(|s| s.in_flight).sum(),
         pending: snapshot.workers.iter().map(|w| w.session.pending()).sum(),
         requests: services.iter().map(|s| s.requests).sum(),

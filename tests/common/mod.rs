@@ -282,6 +282,34 @@ impl Drop for TestWorker {
     }
 }
 
+/// `GET /status` from an admin listener, parsed.
+pub async fn admin_status(admin: SocketAddr) -> bridge::status::Status {
+    let reply = get(&http_client(), &format!("http://{admin}/status")).await;
+    assert_eq!(reply.head.status, 200, "GET /status: {:?}", reply.body);
+    serde_json::from_slice(&reply.body).expect("/status is a wsbridge status")
+}
+
+/// Polls `/status` (every 20 ms, up to [`LIMIT`]) until `ready` holds;
+/// returns that status. For states the bridge only shows through it.
+pub async fn until_status(
+    admin: SocketAddr,
+    what: &str,
+    ready: impl Fn(&bridge::status::Status) -> bool,
+) -> bridge::status::Status {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let status = admin_status(admin).await;
+        if ready(&status) {
+            return status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited {LIMIT:?} for {what}; last status: {status:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A pooled keep-alive HTTP client.
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -701,6 +729,26 @@ impl BridgeProcess {
         cfg.max_inflight = max_inflight;
         cfg.tls = Some(wsbridge::tls::client_config(Some(&self.cert_path)).expect("trust"));
         cfg
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("bridge process is running")
+    }
+
+    /// Sends `signal` (e.g. "HUP") with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// The bridge's `/status`, parsed.
+    pub async fn status(&self) -> bridge::status::Status {
+        admin_status(self.admin).await
     }
 
     /// The peak resident memory of the process so far (VmHWM), in bytes.
