@@ -9,7 +9,8 @@
 // backoff and jitter. No flow control, no compression, no resume: the simple
 // worker of PROTOCOL.md section 11.2, which is complete on its own.
 //
-// Handlers (matched after the route prefix, so /orders/add and /node/add both
+// Handlers, picked by the last segment of the path (the bridge forwards the
+// path unchanged, route prefix included, so /orders/add and /node/add both
 // reach `add`):
 //
 //     POST /<service>/add   {"a": 2, "b": 3}  -> {"sum": 5, "worker": ...}
@@ -233,10 +234,8 @@ function connect() {
   }
 
   async function handle(call) {
-    let path = call.head.path.split("?")[0];
-    const prefix = `/${call.head.service}`;
-    if (path === prefix || path.startsWith(prefix + "/")) path = path.slice(prefix.length) || "/";
-    const handler = handlers[path];
+    const path = call.head.path.split("?")[0];
+    const handler = handlers["/" + path.slice(path.lastIndexOf("/") + 1)];
     let status, headers, out;
     try {
       [status, headers, out] = handler

@@ -10,8 +10,9 @@ It dials out to the bridge, says hello, answers calls concurrently (at most
 backoff and jitter. No flow control, no compression, no resume: the simple
 worker of PROTOCOL.md section 11.2, which is complete on its own.
 
-Handlers (the path is matched after the route prefix, so /orders/add and
-/py/add both reach `add`):
+Handlers, picked by the last segment of the path (the bridge forwards the
+path unchanged, route prefix included, so /orders/add and /py/add both reach
+`add`):
 
     POST /<service>/add   {"a": 2, "b": 3}  -> {"sum": 5, "worker": ...}
     POST /<service>/echo  any body          -> the same body and content-type
@@ -280,10 +281,7 @@ class Worker:
 
     async def handle(self, call, calls, outbox):
         path = call.head["path"].split("?", 1)[0]
-        prefix = "/" + call.head["service"]
-        if path == prefix or path.startswith(prefix + "/"):
-            path = path[len(prefix) :] or "/"
-        handler = HANDLERS.get(path)
+        handler = HANDLERS.get("/" + path.rsplit("/", 1)[-1])
         try:
             if handler is None:
                 status, headers, out = json_reply(
