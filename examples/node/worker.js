@@ -132,6 +132,7 @@ function connect() {
   });
   const calls = new Map(); // id -> Call
   let welcomed = false;
+  let refused = false; // the upgrade got an HTTP error, already logged
   let silenceTimer = null;
   let silenceMs = 0;
 
@@ -152,6 +153,7 @@ function connect() {
   }, 20000);
 
   ws.on("unexpected-response", (req, res) => {
+    refused = true;
     let body = "";
     res.on("data", (d) => (body += d));
     res.on("end", () => {
@@ -256,7 +258,7 @@ function connect() {
     }
   }
 
-  ws.on("error", (e) => log("WARN", `connection failed: ${e.message}`));
+  ws.on("error", (e) => refused || log("WARN", `connection failed: ${e.message}`));
 
   ws.on("close", (code, reason) => {
     clearTimeout(helloTimer);

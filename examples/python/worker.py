@@ -167,6 +167,8 @@ class Worker:
                 log.warning("bridge refused the hello: %s", e)
             except (OSError, asyncio.TimeoutError, WebSocketException) as e:
                 log.warning("connection failed: %s", e or type(e).__name__)
+            except (ValueError, KeyError, TypeError) as e:  # e.g. a welcome that is not JSON
+                log.warning("unexpected reply from the bridge: %r", e)
             if self.term.is_set():
                 if self.drain_failed:
                     return 1
