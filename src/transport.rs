@@ -9,6 +9,13 @@ use futures_util::{Sink, SinkExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::{self, Message};
 
+/// WebSocket read buffer per connection, both sides. tungstenite allocates it
+/// up front and zero-fills it before *every* read, including reads that find
+/// nothing: at its 128 KiB default that was a fifth of the bridge's
+/// instructions per call (`scripts/profile`) and 128 KiB of RSS per worker.
+/// TLS hands over at most one 16 KiB record per read anyway.
+pub(crate) const READ_BUFFER: usize = 16 * 1024;
+
 /// Most frames written before one flush: a burst becomes a few TLS records
 /// and syscalls, while a lone frame still goes out at once.
 pub(crate) const BATCH_FRAMES: usize = 64;

@@ -93,6 +93,7 @@ pub(crate) struct Settings {
 impl Settings {
     fn new(config: Config, tls: Option<Arc<rustls::ServerConfig>>) -> Settings {
         let ws_config = WebSocketConfig::default()
+            .read_buffer_size(crate::transport::READ_BUFFER)
             .max_message_size(Some(config.workers.max_frame.bytes()))
             .max_frame_size(Some(config.workers.max_frame.bytes()));
         Settings {

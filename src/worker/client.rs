@@ -317,6 +317,7 @@ impl Worker {
             HeaderValue::from_static(protocol::SUBPROTOCOL),
         );
         let ws_config = WebSocketConfig::default()
+            .read_buffer_size(crate::transport::READ_BUFFER)
             .max_message_size(Some(self.config.max_frame))
             .max_frame_size(Some(self.config.max_frame));
         let handshake = async {
