@@ -207,10 +207,11 @@ async fn main() -> Result<(), Error> {
     let added = |q: f64| pct(q) - ms(delay);
     let opt = |v: Option<usize>| v.map_or_else(|| "na".to_owned(), |v| v.to_string());
     println!(
-        "RESULT n={} ok={} errors={} non200={} held={} connect_ms={:.1} dispatch_ms={:.1} \
+        "RESULT n={} delay_ms={} ok={} errors={} non200={} held={} connect_ms={:.1} dispatch_ms={:.1} \
          p50_ms={:.3} p99_ms={:.3} max_ms={:.3} added_p50_ms={:.3} added_p99_ms={:.3} \
          rss_before_kib={} rss_connected_kib={} rss_held_kib={}",
         args.n,
+        args.delay_ms,
         latencies.len(),
         errors,
         bad_status,
