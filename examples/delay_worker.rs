@@ -9,6 +9,8 @@
 //! instead of guessing with sleeps:
 //!
 //! * `ready`  -> `ready <connections>` once every connection is welcomed;
+//! Calls to paths under `/probe` are answered at once and not counted.
+//!
 //! * `wait N` -> `held <H> started <S>` as soon as `N` calls are held at
 //!   once, or `N` calls have started (then `H` says how many were still held
 //!   when the last one arrived, should the first ones have finished already).
@@ -114,10 +116,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         config.max_inflight = args.max_inflight;
         config.tls = tls.clone();
         let handler_counts = counts.clone();
-        let worker = Worker::new(config, move |_req: Request<Body>| {
-            let holding = Holding::new(handler_counts.clone());
+        let worker = Worker::new(config, move |req: Request<Body>| {
+            // Probes (paths under /probe) are answered at once and not
+            // counted: they measure the bridge while the others are held.
+            let holding = (!req.uri().path().starts_with("/probe"))
+                .then(|| Holding::new(handler_counts.clone()));
             async move {
-                tokio::time::sleep(delay).await;
+                if holding.is_some() {
+                    tokio::time::sleep(delay).await;
+                }
                 drop(holding);
                 Response::new(Body::from("ok"))
             }

@@ -67,6 +67,11 @@ struct Args {
     /// Connection attempts at once.
     #[arg(long, default_value_t = 512)]
     connect_concurrency: usize,
+    /// Sequential probe calls (to `/probe`, answered at once) made on one
+    /// more connection while all `--n` calls are held: the latency of a call
+    /// through a bridge that holds `--n` others.
+    #[arg(long, default_value_t = 300)]
+    probes: usize,
     /// Give up on any phase after this many seconds.
     #[arg(long, default_value_t = 180)]
     timeout_s: u64,
@@ -163,6 +168,20 @@ async fn main() -> Result<(), Error> {
         .and_then(|h| h.parse().ok())
         .unwrap_or(0);
 
+    // Phase 3b: probes while everything is held. The worker's delay must
+    // outlast them; the level's delay is chosen for that.
+    let probe = within(limit, "the probes", probes(&args)).await??;
+    let probe_pct = |q: f64| {
+        let rank = ((q * probe.len() as f64).ceil() as usize).clamp(1, probe.len().max(1));
+        probe.get(rank - 1).map_or(f64::NAN, |d| ms(*d))
+    };
+    eprintln!(
+        "hold_load: {} probes while {held_n} held: p50 {:.3} ms, p99 {:.3} ms",
+        probe.len(),
+        probe_pct(0.5),
+        probe_pct(0.99)
+    );
+
     // Phase 4: every reply.
     let mut latencies = Vec::with_capacity(args.n);
     let (mut errors, mut bad_status, mut first_error) = (0usize, 0usize, None);
@@ -209,7 +228,7 @@ async fn main() -> Result<(), Error> {
     println!(
         "RESULT n={} delay_ms={} ok={} errors={} non200={} held={} connect_ms={:.1} dispatch_ms={:.1} \
          p50_ms={:.3} p99_ms={:.3} max_ms={:.3} added_p50_ms={:.3} added_p99_ms={:.3} \
-         rss_before_kib={} rss_connected_kib={} rss_held_kib={}",
+         rss_before_kib={} rss_connected_kib={} rss_held_kib={} probe_p50_ms={:.3} probe_p99_ms={:.3}",
         args.n,
         args.delay_ms,
         latencies.len(),
@@ -226,8 +245,32 @@ async fn main() -> Result<(), Error> {
         opt(rss_before),
         opt(rss_connected),
         opt(rss_held),
+        probe_pct(0.50),
+        probe_pct(0.99),
     );
     Ok(())
+}
+
+/// `--probes` sequential keep-alive calls to `/probe`; their latencies, sorted.
+async fn probes(args: &Args) -> Result<Vec<Duration>, Error> {
+    let mut stream = TcpStream::connect(args.target).await?;
+    stream.set_nodelay(true)?;
+    let request = format!(
+        "POST /probe HTTP/1.1\r\nHost: {}\r\nContent-Length: 2\r\n\r\nhi",
+        args.target
+    );
+    let mut latencies = Vec::with_capacity(args.probes);
+    for _ in 0..args.probes {
+        let t0 = Instant::now();
+        stream.write_all(request.as_bytes()).await?;
+        let status = read_response(&mut stream).await?;
+        if status != 200 {
+            return Err(format!("probe answered {status}").into());
+        }
+        latencies.push(t0.elapsed());
+    }
+    latencies.sort_unstable();
+    Ok(latencies)
 }
 
 fn ms(d: Duration) -> f64 {

@@ -183,8 +183,10 @@ async fn handle(
     let outcome = match token_header(&req, &IDEMPOTENCY_KEY) {
         // Before anything else, stored responses included.
         _ if !allowed => Err(CallError::Forbidden { peer: ip }),
-        Some(key) => keyed(&ctx, req, &mut trace, key).await,
-        None => call(&ctx, req, &mut trace).await,
+        // Boxed: hyper keeps room for this future in every connection, idle
+        // or not, and these two are most of its size.
+        Some(key) => Box::pin(keyed(&ctx, req, &mut trace, key)).await,
+        None => Box::pin(call(&ctx, req, &mut trace)).await,
     };
     let mut error = None;
     let mut resp = match outcome {
@@ -493,7 +495,7 @@ async fn call(
             })?;
             // A connection that closed after handing out this lease never saw
             // the call, so choosing another worker is safe.
-            if let Ok(started) = lease.session().start_call() {
+            if let Ok(started) = lease.session().start_call(!single) {
                 break (lease, started);
             }
         };

@@ -323,7 +323,9 @@ async fn accept_workers(listener: TcpListener, shared: Arc<Shared>, shutdown: Ca
                     None => session::serve(tcp, peer, shared, settings, shutdown).await,
                     Some(acceptor) => {
                         let timeout = settings.config.workers.handshake_timeout;
-                        let accept = tokio::time::timeout(timeout, acceptor.accept(tcp));
+                        // Boxed: the TLS handshake's state is not kept for the
+                        // connection's lifetime.
+                        let accept = tokio::time::timeout(timeout, Box::pin(acceptor.accept(tcp)));
                         let accepted = tokio::select! {
                             _ = shutdown.cancelled() => return,
                             accepted = accept => accepted,

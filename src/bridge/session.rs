@@ -395,14 +395,20 @@ impl Session {
 
     /// Registers a new call and returns its guard, the reply receiver and,
     /// with flow control, the window its request body must wait on.
-    pub(crate) fn start_call(self: &Arc<Self>) -> Result<Started, Failure> {
+    pub(crate) fn start_call(self: &Arc<Self>, upload: bool) -> Result<Started, Failure> {
         let (tx, rx) = oneshot::channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut calls = self.lock();
         if let Some(cause) = &calls.closed {
             return Err(Failure::Unsent(cause.clone()));
         }
-        let window = self.terms.window.map(|w| Arc::new(Semaphore::new(w)));
+        // Only a body streamed after the head spends window; a whole one
+        // travels in the request frame.
+        let window = self
+            .terms
+            .window
+            .filter(|_| upload)
+            .map(|w| Arc::new(Semaphore::new(w)));
         calls.map.insert(
             id,
             Pending {
@@ -839,7 +845,9 @@ pub(crate) async fn serve<S>(
         }
         Ok((ws, hello))
     };
-    let handshake = tokio::time::timeout(cfg.handshake_timeout, handshake);
+    // Boxed, so that its state (most of this task's size) is freed once the
+    // handshake is over instead of living as long as the connection.
+    let handshake = tokio::time::timeout(cfg.handshake_timeout, Box::pin(handshake));
     let outcome = tokio::select! {
         _ = shutdown.cancelled() => return,
         outcome = handshake => outcome,
