@@ -9,11 +9,11 @@
 //! instead of guessing with sleeps:
 //!
 //! * `ready`  -> `ready <connections>` once every connection is welcomed;
-//! Calls to paths under `/probe` are answered at once and not counted.
-//!
 //! * `wait N` -> `held <H> started <S>` as soon as `N` calls are held at
 //!   once, or `N` calls have started (then `H` says how many were still held
 //!   when the last one arrived, should the first ones have finished already).
+//!
+//! Calls to paths under `/probe` are answered at once and not counted.
 //!
 //! ```text
 //! cargo run --release --example delay_worker -- --url wss://127.0.0.1:8443 \
