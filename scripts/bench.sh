@@ -85,7 +85,10 @@ fi
 has rathole || ! want e || die "rathole not found after install"
 
 log "building wsbridge (release) and examples/bench_echo.rs"
-CARGO_TARGET_DIR=$TARGET_DIR cargo build --release --locked --bin wsbridge --example bench_echo >&2
+# Two invocations: building an example turns on the dev-dependencies' features
+# (tokio "full", "test-util"), which must not leak into the measured binary.
+CARGO_TARGET_DIR=$TARGET_DIR cargo build --release --locked --bin wsbridge >&2
+CARGO_TARGET_DIR=$TARGET_DIR cargo build --release --locked --example bench_echo >&2
 WSB=$TARGET_DIR/release/wsbridge
 ECHO_BIN=$TARGET_DIR/release/examples/bench_echo
 
@@ -139,11 +142,14 @@ start() {
     eval "PID_${name//-/_}=$!"
 }
 
-# wait_http NAME PID URL: bounded wait until a POST to URL answers 200.
+# wait_http NAME "PID..." URL: bounded wait until a POST to URL answers 200;
+# fails at once if one of the processes exits.
 wait_http() {
-    local name=$1 pid=$2 url=$3 deadline=$((SECONDS + START_TIMEOUT))
+    local name=$1 pids=$2 url=$3 deadline=$((SECONDS + START_TIMEOUT)) pid
     while ((SECONDS < deadline)); do
-        kill -0 "$pid" 2>/dev/null || { tail -n 20 "$TMP/$name.log" >&2; die "$name exited during start-up"; }
+        for pid in $pids; do
+            kill -0 "$pid" 2>/dev/null || { tail -n 20 "$TMP"/*.log >&2; die "a process of $name exited during start-up"; }
+        done
         if [[ $(curl -s -o /dev/null -m 5 -w '%{http_code}' -d probe "$url" || true) == 200 ]]; then
             return 0
         fi
@@ -268,9 +274,9 @@ start_bridge() { # LETTER HTTP-PORT WORKER-PORT WORKER-MODE...
     RUST_LOG=warn start "bridge-$x" "$WSB" serve --config "$TMP/bridge-$x.toml"
     RUST_LOG=warn start "worker-$x" "$WSB" worker --connect "wss://127.0.0.1:$wport" \
         --ca "$TMP/certs/server.crt" --service default --max-inflight "$WORKER_INFLIGHT" \
-        --name "bench-$x" "$@"
-    local pid_var="PID_bridge_$x"
-    wait_http "bridge-$x" "${!pid_var}" "http://127.0.0.1:$http/"
+        --id "bench-$x" "$@"
+    local pid_var="PID_bridge_$x" wpid_var="PID_worker_$x"
+    wait_http "bridge-$x" "${!pid_var} ${!wpid_var}" "http://127.0.0.1:$http/"
 }
 want c && start_bridge c "$P_BR_C" "$P_BRW_C" --echo
 want d && start_bridge d "$P_BR_D" "$P_BRW_D" --upstream "http://127.0.0.1:$P_ORIGIN"
@@ -296,7 +302,7 @@ local_addr = "127.0.0.1:$P_ORIGIN"
 EOF
     RUST_LOG=warn start rathole-server rathole --server "$TMP/rathole-server.toml"
     RUST_LOG=warn start rathole-client rathole --client "$TMP/rathole-client.toml"
-    wait_http rathole-server "$PID_rathole_server" "http://127.0.0.1:$P_RH_PUB/"
+    wait_http rathole "$PID_rathole_server $PID_rathole_client" "http://127.0.0.1:$P_RH_PUB/"
 fi
 
 # Sanity: the echo paths really echo.
