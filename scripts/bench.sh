@@ -342,6 +342,22 @@ run_wrk() { # URL CONC SIZE DURATION -> wrk output
         -s "$ROOT/scripts/bench_post.lua" "$1"
 }
 
+# Connections in TIME_WAIT. Every run closes C connections, and a path that
+# opens a connection per call (a pool too small for C) leaves thousands more;
+# on loopback they pin ephemeral ports for 60 s, and once a destination runs
+# out, connects fail (wrk counts them as connect errors). So a run does not
+# start while more than half of the port range is pinned.
+read -r PORT_LO PORT_HI </proc/sys/net/ipv4/ip_local_port_range
+TW_LIMIT=$(((PORT_HI - PORT_LO) / 2))
+tw_count() { if has ss; then ss -Htan state time-wait | wc -l; else echo 0; fi; }
+wait_tw() {
+    local deadline=$((SECONDS + 70)) n
+    while n=$(tw_count) && ((n > TW_LIMIT && SECONDS < deadline)); do
+        log "$n connections in TIME_WAIT (limit $TW_LIMIT): waiting for them to expire"
+        sleep 5
+    done
+}
+
 i=0
 for conc in $CONCS; do
     for size in $SIZES; do
@@ -355,6 +371,7 @@ for conc in $CONCS; do
                     run_wrk "${URL[$s]}" "$conc" "$size" "$WARMUP" >/dev/null
                 fi
                 i=$((i + 1))
+                wait_tw
                 hop0=$(cpu_ticks ${HOP[$s]})
                 org0=$(cpu_ticks ${ORIGIN[$s]})
                 out=$(run_wrk "${URL[$s]}" "$conc" "$size" "$DURATION")
