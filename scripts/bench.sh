@@ -394,6 +394,6 @@ mkdir -p "$(dirname "$OUT")"
 export BENCH_DURATION=$DURATION BENCH_ROUNDS=$ROUNDS BENCH_WARMUP=$WARMUP BENCH_QUICK=$QUICK
 export BENCH_RATHOLE_NOTE=$RATHOLE_NOTE BENCH_WORKER_INFLIGHT=$WORKER_INFLIGHT
 export BENCH_NGINX_VERSION="$(nginx -v 2>&1)" BENCH_WRK_VERSION="$(wrk -v 2>&1 | head -n 1)"
-export BENCH_RATHOLE_VERSION="$(has rathole && rathole --version 2>&1 | head -n 1 || true)"
+export BENCH_RATHOLE_VERSION="$(has rathole && rathole -V 2>&1 | head -n 1 || true)"
 export BENCH_GIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- src 2>/dev/null || echo ' (src modified)')"
 python3 "$ROOT/scripts/bench_report.py" "$RUNS" "$OUT"

@@ -182,6 +182,9 @@ def print_report(res):
     print(f"each point: median of {m['rounds']} rounds of {m['duration']} "
           f"(scenarios interleaved), wrk + scripts/bench_post.lua"
           + (" [QUICK smoke run: numbers are not meaningful]" if m.get("quick") == "1" else ""))
+    wrk = " ".join((m.get("wrk") or "wrk ?").split()[:2])
+    print(f"versions: {m.get('nginx')}; {wrk}; {m.get('rathole') or 'rathole ?'} "
+          f"({m.get('rathole_install')})")
     print("logging: nginx access_log off; wsbridge bridge and worker RUST_LOG=warn "
           "(no access lines); TLS on between bridge and worker")
     print()
