@@ -158,10 +158,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+    // Spawned rather than run by block_on: a future polled by block_on runs
+    // on the main thread, outside the scheduler, so every frame the worker
+    // loop reads would wake another thread to handle it.
+    let outcome = runtime.block_on(async { tokio::spawn(run(cli.command)).await });
+    match outcome {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
             eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }
