@@ -18,6 +18,10 @@
 #   CONCS="1 64 1024"  SIZES="64 16384"  SCENARIOS="a-nginx a-echo b c d e"
 #   OUT=bench/results.json   (relative to the repository root)
 #   KEEP_TMP=1     keep the temp directory (configs, logs) after the run
+#   WSB_THREADS=1  tokio worker threads of each wsbridge process (default 1:
+#                  on two cores shared with wrk and the origin, one thread per
+#                  process beats two - fewer cross-thread wake-ups - see
+#                  docs/PERFORMANCE.md; empty = tokio's default, one per core)
 #   CARGO_TARGET_DIR  where wsbridge is built (default: target/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +39,7 @@ WARMUP=${WARMUP:-2s}
 CONCS=${CONCS:-"1 64 1024"}
 SIZES=${SIZES:-"64 16384"}
 SCENARIOS=${SCENARIOS:-"a-nginx a-echo b c d e"}
+WSB_THREADS=${WSB_THREADS-1}
 OUT=${OUT:-bench/results.json}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 # Calls the worker takes at once, and bridge limits: well above the highest
@@ -271,8 +276,8 @@ start_bridge() { # LETTER HTTP-PORT WORKER-PORT WORKER-MODE...
     local x=$1 http=$2 wport=$3
     shift 3
     bridge_conf "$TMP/bridge-$x.toml" "$http" "$wport"
-    RUST_LOG=warn start "bridge-$x" "$WSB" serve --config "$TMP/bridge-$x.toml"
-    RUST_LOG=warn start "worker-$x" "$WSB" worker --connect "wss://127.0.0.1:$wport" \
+    RUST_LOG=warn TOKIO_WORKER_THREADS=${WSB_THREADS:-$(nproc)} start "bridge-$x" "$WSB" serve --config "$TMP/bridge-$x.toml"
+    RUST_LOG=warn TOKIO_WORKER_THREADS=${WSB_THREADS:-$(nproc)} start "worker-$x" "$WSB" worker --connect "wss://127.0.0.1:$wport" \
         --ca "$TMP/certs/server.crt" --service default --max-inflight "$WORKER_INFLIGHT" \
         --id "bench-$x" "$@"
     local pid_var="PID_bridge_$x" wpid_var="PID_worker_$x"
@@ -333,6 +338,7 @@ RUNS=$TMP/runs.jsonl
 n_scen=$(wc -w <<<"$SCENARIOS")
 n_runs=$((n_scen * $(wc -w <<<"$CONCS") * $(wc -w <<<"$SIZES") * ROUNDS))
 log "logging: nginx access_log off; wsbridge bridge and worker RUST_LOG=warn (no access lines)"
+log "threads: nginx worker_processes auto ($(nproc)) per instance; wsbridge TOKIO_WORKER_THREADS=${WSB_THREADS:-default (one per core)} per process"
 log "$n_runs measured runs of $DURATION (ROUNDS=$ROUNDS, WARMUP=$WARMUP), scenarios interleaved per point"
 
 run_wrk() { # URL CONC SIZE DURATION -> wrk output
@@ -391,7 +397,7 @@ done
 
 # ----------------------------------------------------------------- report ----
 mkdir -p "$(dirname "$OUT")"
-export BENCH_DURATION=$DURATION BENCH_ROUNDS=$ROUNDS BENCH_WARMUP=$WARMUP BENCH_QUICK=$QUICK
+export BENCH_DURATION=$DURATION BENCH_ROUNDS=$ROUNDS BENCH_WARMUP=$WARMUP BENCH_QUICK=$QUICK BENCH_WSB_THREADS=$WSB_THREADS
 export BENCH_RATHOLE_NOTE=$RATHOLE_NOTE BENCH_WORKER_INFLIGHT=$WORKER_INFLIGHT
 export BENCH_NGINX_VERSION="$(nginx -v 2>&1)" BENCH_WRK_VERSION="$(wrk -v 2>&1 | head -n 1)"
 export BENCH_RATHOLE_VERSION="$(has rathole && rathole -V 2>&1 | head -n 1 || true)"

@@ -187,6 +187,8 @@ def print_report(res):
           f"({m.get('rathole_install')})")
     print("logging: nginx access_log off; wsbridge bridge and worker RUST_LOG=warn "
           "(no access lines); TLS on between bridge and worker")
+    print(f"threads: nginx worker_processes auto (one per core) per instance; wsbridge "
+          f"{m.get('wsbridge_threads') or 'default (one per core)'} tokio worker thread(s) per process")
     print()
     for s, desc in SCENARIOS.items():
         print(f"  {s:8} {desc}")
@@ -248,6 +250,7 @@ def main():
             "rounds": int(env("BENCH_ROUNDS", "0")),
             "warmup": env("BENCH_WARMUP"),
             "quick": env("BENCH_QUICK", "0"),
+            "wsbridge_threads": env("BENCH_WSB_THREADS", ""),
             "worker_max_inflight": env("BENCH_WORKER_INFLIGHT"),
             "nginx": env("BENCH_NGINX_VERSION"),
             "wrk": env("BENCH_WRK_VERSION"),
