@@ -140,6 +140,9 @@ request_timeout = "300s"
 header_read_timeout = "300s"
 send_timeout = "60s"
 
+# One bridge per scenario: no admin listener (its default port would clash).
+[admin]
+enabled = false
 [workers]
 listen = "127.0.0.1:$WORKER_PORT"
 tls_cert = "$TMP/certs/server.crt"

@@ -259,6 +259,9 @@ max_connections = 65536
 queue_limit = 65536
 queue_timeout = "30s"
 request_timeout = "60s"
+# One bridge per scenario: no admin listener (its default port would clash).
+[admin]
+enabled = false
 [workers]
 listen = "127.0.0.1:$wport"
 tls = true
