@@ -24,7 +24,7 @@ use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::{reload, status, Shared};
 use crate::metrics::{Gauges, ServiceGauges};
@@ -42,16 +42,8 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: 
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10));
     loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    warn!(error = %e, "accepting an admin connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((tcp, peer)) = super::accept(&listener, &shutdown, "admin").await else {
+            break;
         };
         let shared = shared.clone();
         let service = service_fn(move |req| answer(shared.clone(), peer, req));

@@ -92,16 +92,8 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: 
                 Err(_) => break,
             },
         };
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    warn!(error = %e, "accepting a caller connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((tcp, peer)) = super::accept(&listener, &shutdown, "caller").await else {
+            break;
         };
         let _ = tcp.set_nodelay(true);
         let settings = shared.settings.load();

@@ -297,21 +297,34 @@ impl Bridge {
     }
 }
 
+/// The next connection on `listener` (`what` names it in logs), or `None`
+/// once `shutdown` is cancelled. Accept errors (EMFILE and friends) are
+/// transient: logged, then retried after 50 ms, keeping the listener.
+pub(crate) async fn accept(
+    listener: &TcpListener,
+    shutdown: &CancellationToken,
+    what: &str,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => return Some(a),
+                Err(e) => {
+                    warn!(error = %e, "accepting a {what} connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
 /// Accepts worker connections until shutdown; each runs in its own task.
 async fn accept_workers(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
     let tasks = TaskTracker::new();
     loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends are transient; keep the listener.
-                    warn!(error = %e, "accepting a worker connection failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((tcp, peer)) = accept(&listener, &shutdown, "worker").await else {
+            break;
         };
         // A connection keeps the settings it started with, reloads or not.
         let settings = shared.settings.load_full();
