@@ -315,7 +315,7 @@ impl Config {
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: None,
-            message: e.to_string(),
+            message: without_source(&e.to_string()),
         })?;
         config.validate()?;
         Ok(config)
@@ -433,6 +433,29 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A TOML error without the quoted source line: that line may hold a token,
+/// and these messages reach logs and the admin API. Line and column stay,
+/// and the key of the quoted line (what is left of its `=`) is named.
+fn without_source(message: &str) -> String {
+    let mut out = Vec::new();
+    for line in message.lines() {
+        let t = line.trim_start();
+        if t.starts_with('|') {
+            continue;
+        }
+        if let Some((n, source)) = t.split_once(" |") {
+            if n.parse::<u32>().is_ok() {
+                if let Some((key, _)) = source.split_once('=') {
+                    out.push(format!("(key `{}`)", key.trim()));
+                }
+                continue;
+            }
+        }
+        out.push(line.to_owned());
+    }
+    out.join(" ")
 }
 
 /// Longest timeout or interval accepted; longer ones are almost certainly a
@@ -569,6 +592,16 @@ impl<'de> Deserialize<'de> for ByteSize {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn parse_errors_do_not_quote_the_line_that_may_hold_a_secret() {
+        let text = "[http]\nlisten = \"127.0.0.1:1\"\n[workers]\nlisten = \"127.0.0.1:2\"\ntokens = [\"s3cret\n";
+        let err = super::Config::parse(text)
+            .expect_err("unclosed array")
+            .to_string();
+        assert!(!err.contains("s3cret"), "{err}");
+        assert!(err.contains("line 5"), "{err}");
+    }
+
     use super::*;
 
     const MINIMAL: &str = r#"

@@ -85,7 +85,7 @@ pub async fn run(ports: Ports, shutdown: CancellationToken) -> anyhow::Result<()
         _ = shutdown.cancelled() => {}
         ready = status.wait_for(|s| matches!(s, worker::Status::Connected { .. })) => {
             ready.context("the echo worker stopped")?;
-            println!(
+            let text = format!(
                 "\nwsbridge demo is running\n  \
                  callers: http://{http_addr}\n  \
                  workers: wss://{workers_addr} (self-signed certificate, in memory)\n  \
@@ -101,6 +101,12 @@ pub async fn run(ports: Ports, shutdown: CancellationToken) -> anyhow::Result<()
                      curl -s http://{a}/metrics\n"
                 )),
             );
+            // Written whole and errors ignored: `println!` writes line by line
+            // and panics when stdout has been closed (a reader that took the
+            // curl line and left).
+            let mut out = std::io::stdout().lock();
+            let _ = std::io::Write::write_all(&mut out, format!("{text}\n").as_bytes());
+            let _ = std::io::Write::flush(&mut out);
         }
     }
     bridge.await.context("bridge task")??;

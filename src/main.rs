@@ -290,6 +290,7 @@ async fn admin_call(
     let req = http::Request::builder()
         .method(method)
         .uri(uri)
+        .header(bridge::admin::ADMIN_HEADER, "1")
         .body(Empty::new())
         .context("building the request")?;
     let call = async {

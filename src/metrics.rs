@@ -60,6 +60,9 @@ struct Histogram {
 /// One finished call, as [`Metrics::record`] takes it.
 pub(crate) struct Finished {
     pub(crate) status: u16,
+    /// The response body ended short (cut off mid-stream): a failure in the
+    /// window whatever the status said.
+    pub(crate) truncated: bool,
     pub(crate) elapsed: Duration,
     pub(crate) bytes_in: u64,
     pub(crate) bytes_out: u64,
@@ -175,7 +178,7 @@ impl ServiceStats {
         self.recent
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .record(second, micros, call.status >= 500);
+            .record(second, micros, call.status >= 500 || call.truncated);
     }
 
     /// Calls finished since start.

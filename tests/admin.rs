@@ -244,8 +244,16 @@ async fn admin_errors_are_json_and_allow_from_is_enforced() {
     assert_eq!(reply.json()["error"], "not_found");
     let reply = get(&client, &format!("http://{admin}/reload")).await;
     assert_eq!(reply.head.status, 405, "reload needs POST");
-    // An in-process bridge has no file to reload from.
+    // Without the admin header (what a cross-origin page could send): refused.
     let reply = post(&client, &format!("http://{admin}/reload"), "").await;
+    assert_eq!(reply.head.status, 403);
+    assert_eq!(reply.json()["error"], "missing_admin_header");
+    // An in-process bridge has no file to reload from.
+    let req = Request::post(format!("http://{admin}/reload"))
+        .header("x-wsbridge-admin", "1")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let reply = send(&client, req).await;
     assert_eq!(reply.head.status, 422);
     assert_eq!(reply.json()["error"], "no_config_file");
     let reply = get(&client, &format!("http://{admin}/")).await;
@@ -473,4 +481,46 @@ async fn an_invalid_config_is_rejected_and_the_old_one_stays() {
     )
     .await;
     assert_eq!(reply.body, "still");
+}
+
+#[tokio::test]
+async fn a_reload_cannot_turn_the_worker_listeners_tls_off() {
+    let bridge =
+        BridgeProcess::start_with("", "[[routes]]\nprefix = \"/orders\"\nservice = \"orders\"")
+            .await;
+    let original = std::fs::read_to_string(&bridge.config_path).expect("read config");
+    // TLS off and the certificate lines gone: what a careless edit looks like.
+    let plain: String = original
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("tls_") && !l.contains("auto_self_signed"))
+        .map(|l| {
+            if l.trim() == "[workers]" {
+                format!("{l}\ntls = false")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        plain.contains("tls = false") && !plain.contains("tls_cert"),
+        "{plain}"
+    );
+    std::fs::write(&bridge.config_path, plain).expect("write");
+    let (ok, out, err) = cli(&["reload", "--admin", &format!("http://{}", bridge.admin)]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("workers.tls"),
+        "reported as needing a restart: {out}"
+    );
+    // New worker connections still get TLS with the same certificate.
+    let worker = TestWorker::start(bridge.worker_config(&["orders"], 1), echo).await;
+    let reply = post(
+        &http_client(),
+        &format!("http://{}/orders/1", bridge.http),
+        "tls",
+    )
+    .await;
+    assert_eq!(reply.body, "tls");
+    drop(worker);
 }

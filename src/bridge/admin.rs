@@ -7,7 +7,7 @@
 //! | `GET /metrics` | Prometheus text exposition (format 0.0.4) |
 //! | `GET /status` | [`Status`](super::status::Status) as JSON |
 //! | `GET /` | the dashboard: one HTML page, no external assets |
-//! | `POST /reload` | re-read the config file; JSON of what changed |
+//! | `POST /reload` | re-read the config file; JSON of what changed (needs the header `X-Wsbridge-Admin`) |
 //! | `GET /healthz` | `{"status":"ok"}` |
 
 use std::{
@@ -28,6 +28,9 @@ use tracing::{debug, info};
 
 use super::{reload, status, Shared};
 use crate::metrics::{Gauges, ServiceGauges};
+
+/// The header `POST /reload` requires.
+pub const ADMIN_HEADER: &str = "x-wsbridge-admin";
 
 /// The dashboard page, compiled in.
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -101,6 +104,14 @@ async fn answer(
         (&Method::GET | &Method::HEAD, "/healthz") => {
             json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))
         }
+        // A custom header cannot be sent cross-origin without a CORS
+        // preflight (which this listener never approves), so a web page in
+        // a browser on this host cannot trigger a reload.
+        (&Method::POST, "/reload") if !req.headers().contains_key(ADMIN_HEADER) => error(
+            StatusCode::FORBIDDEN,
+            "missing_admin_header",
+            &format!("POST /reload needs the header {ADMIN_HEADER}: 1 (wsbridge reload sends it)"),
+        ),
         (&Method::POST, "/reload") => {
             let worker = shared.clone();
             match tokio::task::spawn_blocking(move || reload::reload(&worker)).await {

@@ -6,7 +6,10 @@ use std::{
     future::Future,
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -153,11 +156,6 @@ async fn handle(
     let request_id = request_id(&req);
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let mut trace = Trace::default();
-    let bytes_in = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
     let ip = peer.ip().to_canonical();
     let allowed = settings
         .config
@@ -209,7 +207,6 @@ async fn handle(
         trace,
         status,
         error,
-        bytes_in,
         bytes_out: 0,
         started,
     }));
@@ -250,11 +247,12 @@ async fn keyed(
         return call(ctx, req, trace).await;
     };
     let deadline = deadline_of(ctx.started, target.request_timeout);
+    // Counted under its service even when it only waits or replays.
+    trace.route(shared, &target.service);
     loop {
         match shared.idempotency.begin(&target.service, &key) {
             Begin::Replay(stored) => {
                 debug!(%request_id, %key, "replaying the stored response");
-                trace.route(shared, &target.service);
                 let mut resp = Response::new(CallBody {
                     body: Body::full(stored.body.clone()),
                     _call: None,
@@ -549,6 +547,7 @@ async fn call(
             window,
             codec,
             idle_limit: target.request_timeout,
+            sent: trace.uploaded.clone(),
         };
         let exchange = async {
             let mut pump =
@@ -680,6 +679,8 @@ struct Upload {
     codec: Compression,
     /// Longest silence from the caller mid-body.
     idle_limit: Duration,
+    /// Body bytes sent so far (the call's `Trace` reads it).
+    sent: Arc<AtomicU64>,
 }
 
 impl Upload {
@@ -710,7 +711,9 @@ impl Upload {
         self.session
             .send_chunk(frame)
             .await
-            .map_err(UploadError::Worker)
+            .map_err(UploadError::Worker)?;
+        self.sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Sends the head (carrying the first chunk of `start`), the rest of
@@ -729,6 +732,7 @@ impl Upload {
             .send_chunk(head)
             .await
             .map_err(UploadError::Worker)?;
+        self.sent.fetch_add(first as u64, Ordering::Relaxed);
         for piece in start[first..].chunks(protocol::CHUNK_SIZE) {
             self.chunk(piece, false).await?;
         }
@@ -811,6 +815,8 @@ pub(crate) struct Trace {
     session: Option<Arc<Session>>,
     /// The request body's size, when it was read whole.
     bytes_in: Option<u64>,
+    /// Body bytes a streamed upload has sent so far.
+    uploaded: Arc<AtomicU64>,
 }
 
 impl Trace {
@@ -833,8 +839,6 @@ struct AccessLog {
     status: u16,
     /// The error code, for failures the bridge produced.
     error: Option<&'static str>,
-    /// From Content-Length, when the caller sent one.
-    bytes_in: Option<u64>,
     bytes_out: u64,
     started: Instant,
 }
@@ -844,13 +848,18 @@ impl Drop for CallBody {
         let Some(log) = self.log.take() else { return };
         let complete = self.body.is_end_stream();
         let elapsed = log.started.elapsed();
-        let bytes_in = log.bytes_in.or(log.trace.bytes_in);
+        // Bytes actually read, never a Content-Length the caller claimed.
+        let bytes_in = log
+            .trace
+            .bytes_in
+            .unwrap_or_else(|| log.trace.uploaded.load(Ordering::Relaxed));
         let status = log.status;
         let metrics = &log.shared.metrics;
         let finished = crate::metrics::Finished {
             status,
+            truncated: !complete,
             elapsed,
-            bytes_in: bytes_in.unwrap_or(0),
+            bytes_in,
             bytes_out: log.bytes_out,
         };
         match &log.trace.active {
@@ -858,7 +867,7 @@ impl Drop for CallBody {
             None => metrics.record(&metrics.service("-"), &finished),
         }
         if let Some(session) = &log.trace.session {
-            session.stats.finished(status >= 500);
+            session.stats.finished(status >= 500 || !complete);
         }
         info!(
             target: "wsbridge::access",

@@ -9,7 +9,7 @@
 //! * [`admin`] serves `/metrics`, `/status`, the dashboard and `/reload`;
 //!   [`reload`] swaps in a re-read config without dropping anything.
 
-mod admin;
+pub mod admin;
 mod http;
 mod idempotency;
 mod registry;
@@ -110,7 +110,7 @@ pub(crate) struct Shared {
     /// The current settings; replaced whole by a reload.
     pub(crate) settings: ArcSwap<Settings>,
     /// The file the settings came from, for reloads.
-    pub(crate) config_file: Option<PathBuf>,
+    pub(crate) config_file: std::sync::OnceLock<PathBuf>,
     /// Connected workers and waiting calls.
     pub(crate) registry: Arc<Registry>,
     /// Calls, latencies and worker churn, for `/metrics` and `/status`.
@@ -217,7 +217,7 @@ impl Bridge {
         ));
         let shared = Arc::new(Shared {
             settings: ArcSwap::from_pointee(Settings::new(config, tls)),
-            config_file: None,
+            config_file: std::sync::OnceLock::new(),
             registry: Arc::new(Registry::default()),
             metrics: Default::default(),
             reloading: Default::default(),
@@ -231,11 +231,9 @@ impl Bridge {
     }
 
     /// Names the file the config came from, so that SIGHUP, `POST /reload`
-    /// and [`Handle::reload`] can read it again.
-    pub fn with_config_file(mut self, path: impl Into<PathBuf>) -> Bridge {
-        if let Some(shared) = Arc::get_mut(&mut self.shared) {
-            shared.config_file = Some(path.into());
-        }
+    /// and [`Handle::reload`] can read it again. Only the first call counts.
+    pub fn with_config_file(self, path: impl Into<PathBuf>) -> Bridge {
+        let _ = self.shared.config_file.set(path.into());
         self
     }
 

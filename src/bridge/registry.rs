@@ -9,7 +9,7 @@
 //! across an `.await`.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
@@ -251,7 +251,13 @@ impl Registry {
     /// Every worker and every service as they are now, for `/status`.
     pub(crate) fn snapshot(&self) -> Snapshot {
         let state = self.lock();
-        let mut workers: Vec<WorkerView> = state
+        // A suspended slot is in no service's list.
+        let dispatched: HashSet<u64> = state
+            .services
+            .values()
+            .flat_map(|s| s.workers.iter().copied())
+            .collect();
+        let workers: Vec<WorkerView> = state
             .workers
             .iter()
             .map(|(key, slot)| WorkerView {
@@ -260,16 +266,9 @@ impl Registry {
                 inflight: slot.inflight,
                 max_inflight: slot.max_inflight,
                 draining: slot.draining,
-                // A suspended slot is out of every service's list.
-                detached: !slot.services.iter().any(|name| {
-                    state
-                        .services
-                        .get(name)
-                        .is_some_and(|s| s.workers.contains(key))
-                }),
+                detached: !dispatched.contains(key),
             })
             .collect();
-        workers.sort_by_key(|w| w.session.stats.since);
         let services = state
             .services
             .iter()
@@ -284,6 +283,9 @@ impl Registry {
                 queued: s.waiters.iter().filter(|w| !w.is_closed()).count(),
             })
             .collect();
+        drop(state);
+        let mut workers = workers;
+        workers.sort_by_key(|w| w.session.stats.since);
         Snapshot { workers, services }
     }
 

@@ -71,10 +71,11 @@ pub(crate) fn reload(shared: &Shared) -> Result<Reloaded, ReloadError> {
 }
 
 fn try_reload(shared: &Shared) -> Result<Reloaded, ReloadError> {
-    let path = shared.config_file.as_ref().ok_or(ReloadError::NoFile)?;
-    let mut new = Config::from_file(path)?;
-    // One reload at a time, so two cannot interleave their read and swap.
+    let path = shared.config_file.get().ok_or(ReloadError::NoFile)?;
+    // One reload at a time, held from the read to the swap: otherwise an
+    // older read could be swapped in after a newer one.
     let _serial = shared.reloading.lock().unwrap_or_else(|p| p.into_inner());
+    let mut new = Config::from_file(path)?;
     let old = shared.settings.load_full();
     let old = &old.config;
 
@@ -92,11 +93,25 @@ fn try_reload(shared: &Shared) -> Result<Reloaded, ReloadError> {
     keep!(http.idempotency_ttl);
     keep!(http.idempotency_capacity);
     keep!(workers.listen);
-    keep!(workers.tls);
+    if new.workers.tls != old.workers.tls {
+        // Turning TLS on or off needs a restart. Everything TLS-related is
+        // kept with it, so a file that drops TLS (and its certificate
+        // lines) can never make new worker connections plain ws.
+        needs_restart.push("workers.tls".to_owned());
+        let w = &mut new.workers;
+        w.tls = old.workers.tls;
+        w.tls_cert.clone_from(&old.workers.tls_cert);
+        w.tls_key.clone_from(&old.workers.tls_key);
+        w.client_ca.clone_from(&old.workers.client_ca);
+        w.auto_self_signed = old.workers.auto_self_signed;
+    }
     if format!("{:?}", new.admin) != format!("{:?}", old.admin) {
         needs_restart.push("admin".to_owned());
         new.admin = old.admin.clone();
     }
+    // What was put back must still make a valid whole (with TLS on, the
+    // certificate and key are required, so `server_tls` cannot return None).
+    new.validate()?;
     let tls = server_tls(&new.workers)?;
 
     let mut changed = Vec::new();

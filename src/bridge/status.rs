@@ -177,7 +177,7 @@ pub(crate) fn collect(shared: &Shared) -> Status {
     Status {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime_s: metrics.uptime().as_secs_f64(),
-        config_file: shared.config_file.as_ref().map(|p| p.display().to_string()),
+        config_file: shared.config_file.get().map(|p| p.display().to_string()),
         reloads: shared.reloads.load(Relaxed),
         reload_failures: shared.reload_failures.load(Relaxed),
         in_flight: services.iter().map(|s| s.in_flight).sum(),
@@ -222,7 +222,7 @@ impl Status {
         .to_vec()];
         for s in &self.services {
             services.push(vec![
-                s.name.clone(),
+                printable(&s.name),
                 format!("{}/{}", s.accepting, s.workers),
                 s.in_flight.to_string(),
                 s.queued.to_string(),
@@ -254,9 +254,9 @@ impl Status {
         .to_vec()];
         for w in &self.workers {
             workers.push(vec![
-                w.id.clone(),
+                printable(&w.id),
                 w.address.clone(),
-                w.services.join(","),
+                printable(&w.services.join(",")),
                 format!("{} ago", age(now_unix.saturating_sub(w.connected_unix))),
                 w.state.clone(),
                 format!("{}/{}", w.in_flight, w.max_inflight),
@@ -268,6 +268,14 @@ impl Status {
         out += &columns(&workers);
         out
     }
+}
+
+/// Names chosen by workers, safe for a terminal: control characters (which
+/// could carry escape sequences) become `?`.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 /// `3d4h`, `2h5m`, `4m12s`, `9s`.
@@ -309,6 +317,11 @@ fn columns(rows: &[Vec<String>]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn worker_names_cannot_send_escape_sequences() {
+        assert_eq!(printable("w\u{1b}[2Jx"), "w?[2Jx");
+    }
 
     #[test]
     fn ages_read_naturally() {
