@@ -106,7 +106,12 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: 
         }
         let io = TokioIo::new(SendTimeout::new(tcp, current.config.http.send_timeout));
         let shared = shared.clone();
-        let service = service_fn(move |req| handle(shared.clone(), peer, req));
+        // Formatted once per connection, not per request.
+        let caller = Arc::new(Caller {
+            addr: peer,
+            ip: peer.ip().to_string().into(),
+        });
+        let service = service_fn(move |req| handle(shared.clone(), caller.clone(), req));
         let conn = graceful.watch(builder.serve_connection(io, service));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -147,7 +152,7 @@ fn http_builder(config: &Config) -> http1::Builder {
 /// Answers one request; never fails at the hyper level.
 async fn handle(
     shared: Arc<Shared>,
-    peer: SocketAddr,
+    caller: Arc<Caller>,
     req: Request<Incoming>,
 ) -> Result<Response<CallBody>, Infallible> {
     let started = Instant::now();
@@ -156,7 +161,7 @@ async fn handle(
     let request_id = request_id(&req);
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let mut trace = Trace::default();
-    let ip = peer.ip().to_canonical();
+    let ip = caller.addr.ip().to_canonical();
     let allowed = settings
         .config
         .http
@@ -166,7 +171,7 @@ async fn handle(
     let ctx = Ctx {
         shared: &shared,
         settings: &settings,
-        peer,
+        caller: &caller,
         request_id: &request_id,
         started,
     };
@@ -298,12 +303,19 @@ fn request_id(req: &Request<Incoming>) -> String {
     token_header(req, &REQUEST_ID).unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
 }
 
+/// The peer of one caller connection.
+pub(crate) struct Caller {
+    addr: SocketAddr,
+    /// Its IP as text, for `X-Forwarded-For`.
+    ip: Box<str>,
+}
+
 /// What every step of one call needs to know.
 struct Ctx<'a> {
     shared: &'a Shared,
     /// The settings the call started with.
     settings: &'a Settings,
-    peer: SocketAddr,
+    caller: &'a Caller,
     request_id: &'a str,
     started: Instant,
 }
@@ -317,7 +329,7 @@ async fn call(
     let Ctx {
         shared,
         settings,
-        peer,
+        caller,
         request_id,
         started,
     } = *ctx;
@@ -388,7 +400,7 @@ async fn call(
     }
 
     let mut wire_headers = headers::to_wire(&parts.headers);
-    forwarded_headers(&mut wire_headers, &parts.headers, peer, request_id);
+    forwarded_headers(&mut wire_headers, &parts.headers, &caller.ip, request_id);
     let path = parts
         .uri
         .path_and_query()
@@ -950,7 +962,7 @@ impl HttpBody for CallBody {
 fn forwarded_headers(
     wire: &mut Vec<protocol::Header>,
     original: &http::HeaderMap,
-    peer: SocketAddr,
+    peer_ip: &str,
     request_id: &str,
 ) {
     let prior: Vec<&str> = original
@@ -963,7 +975,7 @@ fn forwarded_headers(
     if !xff.is_empty() {
         xff.push_str(", ");
     }
-    xff.push_str(&peer.ip().to_string());
+    xff.push_str(peer_ip);
     wire.push(("x-forwarded-for".into(), xff));
     wire.push(("x-forwarded-proto".into(), "http".into()));
     wire.push(("x-request-id".into(), request_id.to_owned()));
