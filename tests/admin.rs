@@ -16,6 +16,9 @@ use prometheus_parse::{Scrape, Value};
 use tokio::sync::Semaphore;
 use wsbridge::{body::Body, tls::SelfSigned, worker::Status as WorkerState};
 
+/// The route the process-level tests add: `/orders` -> `orders`.
+const ORDERS_ROUTE: &str = "[[routes]]\nprefix = \"/orders\"\nservice = \"orders\"";
+
 /// Scrapes `/metrics` and parses it with a Prometheus text parser.
 async fn scrape(bridge: &TestBridge) -> Scrape {
     let admin = bridge.admin.expect("admin listener");
@@ -285,9 +288,7 @@ async fn cli(args: &[&str]) -> (bool, String, String) {
 
 #[tokio::test]
 async fn wsbridge_status_prints_the_worker_and_service_tables() {
-    let bridge =
-        BridgeProcess::start_with("", "[[routes]]\nprefix = \"/orders\"\nservice = \"orders\"")
-            .await;
+    let bridge = BridgeProcess::start_with("", ORDERS_ROUTE).await;
     let mut cfg = bridge.worker_config(&["orders"], 3);
     cfg.worker_id = "table-worker".into();
     let _worker = TestWorker::start(cfg, echo).await;
@@ -341,9 +342,7 @@ fn held(release: Arc<Semaphore>) -> impl wsbridge::worker::Handler {
 
 #[tokio::test]
 async fn reload_swaps_routes_tokens_and_certificates_without_dropping_anything() {
-    let bridge =
-        BridgeProcess::start_with("", "[[routes]]\nprefix = \"/orders\"\nservice = \"orders\"")
-            .await;
+    let bridge = BridgeProcess::start_with("", ORDERS_ROUTE).await;
     let release = Arc::new(Semaphore::new(0));
     let mut worker =
         TestWorker::start(bridge.worker_config(&["orders"], 8), held(release.clone())).await;
@@ -424,9 +423,7 @@ async fn reload_swaps_routes_tokens_and_certificates_without_dropping_anything()
 
 #[tokio::test]
 async fn an_invalid_config_is_rejected_and_the_old_one_stays() {
-    let bridge =
-        BridgeProcess::start_with("", "[[routes]]\nprefix = \"/orders\"\nservice = \"orders\"")
-            .await;
+    let bridge = BridgeProcess::start_with("", ORDERS_ROUTE).await;
     let _worker = TestWorker::start(bridge.worker_config(&["orders"], 8), echo).await;
     let original = std::fs::read_to_string(&bridge.config_path).expect("read config");
     let admin = format!("http://{}", bridge.admin);
@@ -485,9 +482,7 @@ async fn an_invalid_config_is_rejected_and_the_old_one_stays() {
 
 #[tokio::test]
 async fn a_reload_cannot_turn_the_worker_listeners_tls_off() {
-    let bridge =
-        BridgeProcess::start_with("", "[[routes]]\nprefix = \"/orders\"\nservice = \"orders\"")
-            .await;
+    let bridge = BridgeProcess::start_with("", ORDERS_ROUTE).await;
     let original = std::fs::read_to_string(&bridge.config_path).expect("read config");
     // TLS off and the certificate lines gone: what a careless edit looks like.
     let plain: String = original
