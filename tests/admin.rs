@@ -519,3 +519,27 @@ async fn a_reload_cannot_turn_the_worker_listeners_tls_off() {
     assert_eq!(reply.body, "tls");
     drop(worker);
 }
+
+#[tokio::test]
+async fn a_caller_that_hangs_up_before_the_reply_is_counted_as_499() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 1).await;
+    let call = spawn_get(&bridge, "/slow");
+    let (req, _) = raw.next_request().await;
+    // The caller gives up while the worker still holds the call.
+    call.abort();
+    match raw.next().await {
+        Frame::Control(wsbridge::protocol::Control::Cancel { id, reason }) => {
+            assert_eq!((id, reason.as_str()), (req.id, "client_gone"));
+        }
+        other => panic!("expected a cancel, got {other:?}"),
+    }
+    // The cancel is sent while the call is dropped, so it is counted by now.
+    let m = scrape(&bridge).await;
+    let gone = [("service", "default"), ("code", "499")];
+    assert_eq!(value(&m, "wsbridge_requests_total", &gone), 1.0);
+    assert_eq!(
+        value(&m, "wsbridge_requests_in_flight", &[("service", "default")]),
+        0.0
+    );
+}

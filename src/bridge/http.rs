@@ -158,9 +158,27 @@ async fn handle(
     let started = Instant::now();
     // The call keeps the settings it started with, whatever a reload does.
     let settings = shared.settings.load_full();
-    let request_id = request_id(&req);
-    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-    let mut trace = Trace::default();
+    // Made first, so that a call hyper drops before answering (the caller
+    // hung up) is still logged and counted: as 499, like nginx.
+    let mut log = Box::new(AccessLog {
+        shared: shared.clone(),
+        request_id: request_id(&req),
+        method: req.method().clone(),
+        path: req.uri().path().to_owned(),
+        trace: Trace::default(),
+        status: 499,
+        error: Some("client_gone"),
+        bytes_out: 0,
+        started,
+        complete: false,
+    });
+    let AccessLog {
+        request_id,
+        method,
+        path,
+        trace,
+        ..
+    } = &mut *log;
     let ip = caller.addr.ip().to_canonical();
     let allowed = settings
         .config
@@ -172,7 +190,7 @@ async fn handle(
         shared: &shared,
         settings: &settings,
         caller: &caller,
-        request_id: &request_id,
+        request_id,
         started,
     };
     let outcome = match token_header(&req, &IDEMPOTENCY_KEY) {
@@ -180,8 +198,8 @@ async fn handle(
         _ if !allowed => Err(CallError::Forbidden { peer: ip }),
         // Boxed: hyper keeps room for this future in every connection, idle
         // or not, and these two are most of its size.
-        Some(key) => Box::pin(keyed(&ctx, req, &mut trace, key)).await,
-        None => Box::pin(call(&ctx, req, &mut trace)).await,
+        Some(key) => Box::pin(keyed(&ctx, req, trace, key)).await,
+        None => Box::pin(call(&ctx, req, trace)).await,
     };
     let mut error = None;
     let mut resp = match outcome {
@@ -189,32 +207,23 @@ async fn handle(
         Err(err) => {
             info!(%request_id, %method, %path, code = err.code(), error = %err, "call failed");
             error = Some(err.code());
-            err.into_response(&request_id).map(|full| CallBody {
+            err.into_response(request_id).map(|full| CallBody {
                 body: Body::full(full),
                 _call: None,
                 log: None,
             })
         }
     };
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
+    if let Ok(v) = HeaderValue::from_str(request_id) {
         resp.headers_mut().insert(REQUEST_ID.clone(), v);
     }
     if trace.attempts > 0 {
         resp.headers_mut()
             .insert(ATTEMPTS.clone(), HeaderValue::from(trace.attempts));
     }
-    let status = resp.status().as_u16();
-    resp.body_mut().log = Some(Box::new(AccessLog {
-        shared: shared.clone(),
-        request_id,
-        method,
-        path,
-        trace,
-        status,
-        error,
-        bytes_out: 0,
-        started,
-    }));
+    log.status = resp.status().as_u16();
+    log.error = error;
+    resp.body_mut().log = Some(log);
     Ok(resp)
 }
 
@@ -853,12 +862,23 @@ struct AccessLog {
     error: Option<&'static str>,
     bytes_out: u64,
     started: Instant,
+    /// The response body was sent to its end.
+    complete: bool,
 }
 
 impl Drop for CallBody {
     fn drop(&mut self) {
-        let Some(log) = self.log.take() else { return };
-        let complete = self.body.is_end_stream();
+        if let Some(log) = self.log.as_mut() {
+            log.complete = self.body.is_end_stream();
+        }
+        // The access line and the metrics are written as `log` drops.
+    }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        let log = self;
+        let complete = log.complete;
         let elapsed = log.started.elapsed();
         // Bytes actually read, never a Content-Length the caller claimed.
         let bytes_in = log
@@ -867,9 +887,12 @@ impl Drop for CallBody {
             .unwrap_or_else(|| log.trace.uploaded.load(Ordering::Relaxed));
         let status = log.status;
         let metrics = &log.shared.metrics;
+        // A caller that hung up (499) cut its own call short; only a body
+        // that ended short otherwise is a failure.
+        let truncated = !complete && status != 499;
         let finished = crate::metrics::Finished {
             status,
-            truncated: !complete,
+            truncated,
             elapsed,
             bytes_in,
             bytes_out: log.bytes_out,
@@ -879,7 +902,7 @@ impl Drop for CallBody {
             None => metrics.record(&metrics.service("-"), &finished),
         }
         if let Some(session) = &log.trace.session {
-            session.stats.finished(status >= 500 || !complete);
+            session.stats.finished(status >= 500 || truncated);
         }
         info!(
             target: "wsbridge::access",
