@@ -23,6 +23,9 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use clap::Parser;
+
+#[path = "support/mod.rs"]
+mod support;
 use http::{Request, Response};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -31,7 +34,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 use wsbridge::body::Body;
-use wsbridge::worker::{Status, Worker, WorkerConfig};
+use wsbridge::worker::{Worker, WorkerConfig};
 
 #[derive(Parser, Debug)]
 #[command(about = "A worker that answers every call after a fixed delay")]
@@ -129,31 +132,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Response::new(Body::from("ok"))
             }
         });
-        let mut status = worker.subscribe();
-        let connected_tx = connected_tx.clone();
-        // Counts connections that are up (a reconnect counts again once it
-        // is welcomed).
-        tokio::spawn(async move {
-            let mut up = false;
-            loop {
-                let now = matches!(*status.borrow_and_update(), Status::Connected { .. });
-                if now != up {
-                    up = now;
-                    connected_tx.send_modify(|n| {
-                        *n = if up { *n + 1 } else { n.saturating_sub(1) };
-                    });
-                }
-                if status.changed().await.is_err() {
-                    break;
-                }
-            }
-        });
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            if let Err(e) = worker.run(stop).await {
-                eprintln!("worker {i}: {e}");
-            }
-        });
+        support::spawn_counted(worker, i, connected_tx.clone(), shutdown.clone());
     }
 
     let expected = args.connections;

@@ -27,6 +27,9 @@ use std::{
 };
 
 use clap::Parser;
+
+#[path = "support/mod.rs"]
+mod support;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{TcpSocket, TcpStream},
@@ -35,7 +38,7 @@ use tokio::{
     time::Instant,
 };
 
-type Error = Box<dyn std::error::Error + Send + Sync>;
+use support::{rss_kib, Error};
 
 #[derive(Parser, Debug)]
 #[command(about = "Hold N concurrent calls through the bridge and measure them")]
@@ -381,16 +384,6 @@ async fn read_response(stream: &mut TcpStream) -> Result<u16, String> {
             return Ok(status);
         }
     }
-}
-
-/// `VmRSS` of a process, in KiB.
-fn rss_kib(pid: u32) -> Result<usize, Error> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| format!("no VmRSS in /proc/{pid}/status").into())
 }
 
 /// Open file descriptors of a process.

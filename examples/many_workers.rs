@@ -11,13 +11,16 @@
 use std::{sync::Arc, time::Duration};
 
 use clap::Parser;
+
+#[path = "support/mod.rs"]
+mod support;
 use http::{Request, Response};
 use tokio::{io::AsyncReadExt, sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 use wsbridge::body::Body;
-use wsbridge::worker::{Status, Worker, WorkerConfig};
+use wsbridge::worker::{Worker, WorkerConfig};
 
-type Error = Box<dyn std::error::Error + Send + Sync>;
+use support::{rss_kib, Error};
 
 #[derive(Parser, Debug)]
 #[command(about = "Open many worker connections and measure the bridge")]
@@ -74,27 +77,7 @@ async fn main() -> Result<(), Error> {
         let worker = Worker::new(config, |req: Request<Body>| async move {
             Response::new(req.into_body())
         });
-        let mut status = worker.subscribe();
-        let up_tx = up_tx.clone();
-        tokio::spawn(async move {
-            let mut was_up = false;
-            loop {
-                let now = matches!(*status.borrow_and_update(), Status::Connected { .. });
-                if now != was_up {
-                    was_up = now;
-                    up_tx.send_modify(|n| *n = if now { *n + 1 } else { n.saturating_sub(1) });
-                }
-                if status.changed().await.is_err() {
-                    break;
-                }
-            }
-        });
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            if let Err(e) = worker.run(stop).await {
-                eprintln!("worker {i}: {e}");
-            }
-        });
+        support::spawn_counted(worker, i, up_tx.clone(), shutdown.clone());
     }
     let m = args.m;
     let waited = tokio::time::timeout(
@@ -138,14 +121,4 @@ async fn main() -> Result<(), Error> {
     }
     shutdown.cancel();
     Ok(())
-}
-
-/// `VmRSS` of a process, in KiB.
-fn rss_kib(pid: u32) -> Result<usize, Error> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| format!("no VmRSS in /proc/{pid}/status").into())
 }
