@@ -8,6 +8,7 @@
 #   b        wrk -> nginx proxy_pass, upstream keepalive -> nginx `return 200`
 #   c        wrk -> wsbridge ==wss==> `wsbridge worker --echo`
 #   d        wrk -> wsbridge ==wss==> `wsbridge worker --upstream` -> nginx `return 200`
+#   c-ng, d-ng   c and d with `--no-start-gate` workers (no accepted/start round trip)
 #   e        wrk -> rathole server <-tcp- rathole client -> nginx `return 200`
 #
 # Env knobs:
@@ -15,7 +16,7 @@
 #   ROUNDS=3       runs per scenario and point, interleaved A/B/A/B; medians reported
 #   WARMUP=2s      unmeasured run before the first round of each scenario and point (0: none)
 #   QUICK=1        smoke run: DURATION=2s ROUNDS=1 WARMUP=0 unless set explicitly
-#   CONCS="1 64 1024"  SIZES="64 16384"  SCENARIOS="a-nginx a-echo b c d e"
+#   CONCS="1 64 1024"  SIZES="64 16384"  SCENARIOS="a-nginx a-echo b c c-ng d d-ng e"
 #   OUT=bench/results.json   (relative to the repository root)
 #   KEEP_TMP=1     keep the temp directory (configs, logs) after the run
 #   WSB_THREADS=1  tokio worker threads of each wsbridge process (default 1:
@@ -38,7 +39,7 @@ ROUNDS=${ROUNDS:-3}
 WARMUP=${WARMUP:-2s}
 CONCS=${CONCS:-"1 64 1024"}
 SIZES=${SIZES:-"64 16384"}
-SCENARIOS=${SCENARIOS:-"a-nginx a-echo b c d e"}
+SCENARIOS=${SCENARIOS:-"a-nginx a-echo b c c-ng d d-ng e"}
 WSB_THREADS=${WSB_THREADS-1}
 OUT=${OUT:-bench/results.json}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
@@ -127,10 +128,11 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # Free loopback ports, all picked at once so they differ from each other.
-read -r P_ORIGIN P_PROXY P_ECHO P_BR_C P_BRW_C P_BR_D P_BRW_D P_RH_CTL P_RH_PUB < <(python3 - <<'EOF'
+read -r P_ORIGIN P_PROXY P_ECHO P_BR_C P_BRW_C P_BR_D P_BRW_D P_RH_CTL P_RH_PUB \
+    P_BR_CN P_BRW_CN P_BR_DN P_BRW_DN < <(python3 - <<'EOF'
 import socket
 socks = []
-for _ in range(9):
+for _ in range(13):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     socks.append(s)
@@ -288,6 +290,11 @@ start_bridge() { # LETTER HTTP-PORT WORKER-PORT WORKER-MODE...
 }
 want c && start_bridge c "$P_BR_C" "$P_BRW_C" --echo
 want d && start_bridge d "$P_BR_D" "$P_BRW_D" --upstream "http://127.0.0.1:$P_ORIGIN"
+# The same two paths with workers that start every call at once: no
+# `accepted`/`start` round trip, and so no retry of a started POST if the
+# worker dies (nginx's guarantee; the default one is stronger).
+want c-ng && start_bridge cn "$P_BR_CN" "$P_BRW_CN" --echo --no-start-gate
+want d-ng && start_bridge dn "$P_BR_DN" "$P_BRW_DN" --upstream "http://127.0.0.1:$P_ORIGIN" --no-start-gate
 
 if want e; then
     cat >"$TMP/rathole-server.toml" <<EOF
@@ -314,7 +321,8 @@ EOF
 fi
 
 # Sanity: the echo paths really echo.
-for url in ${PID_echo:+http://127.0.0.1:$P_ECHO/} ${PID_bridge_c:+http://127.0.0.1:$P_BR_C/}; do
+for url in ${PID_echo:+http://127.0.0.1:$P_ECHO/} ${PID_bridge_c:+http://127.0.0.1:$P_BR_C/} \
+    ${PID_bridge_cn:+http://127.0.0.1:$P_BR_CN/}; do
     [[ $(curl -s -m 5 -d sanity-check "$url") == sanity-check ]] || die "$url does not echo"
 done
 
@@ -327,12 +335,16 @@ URL[a-echo]=http://127.0.0.1:$P_ECHO/
 URL[b]=http://127.0.0.1:$P_PROXY/
 URL[c]=http://127.0.0.1:$P_BR_C/
 URL[d]=http://127.0.0.1:$P_BR_D/
+URL[c-ng]=http://127.0.0.1:$P_BR_CN/
+URL[d-ng]=http://127.0.0.1:$P_BR_DN/
 URL[e]=http://127.0.0.1:$P_RH_PUB/
 want a-nginx && { HOP[a-nginx]=""; ORIGIN[a-nginx]=$(origin_pids); }
 want a-echo && { HOP[a-echo]=""; ORIGIN[a-echo]=$PID_echo; }
 want b && { HOP[b]=$(with_children "$PID_nginx_proxy"); ORIGIN[b]=$(origin_pids); }
 want c && { HOP[c]="$PID_bridge_c $PID_worker_c"; ORIGIN[c]=""; }
 want d && { HOP[d]="$PID_bridge_d $PID_worker_d"; ORIGIN[d]=$(origin_pids); }
+want c-ng && { HOP[c-ng]="$PID_bridge_cn $PID_worker_cn"; ORIGIN[c-ng]=""; }
+want d-ng && { HOP[d-ng]="$PID_bridge_dn $PID_worker_dn"; ORIGIN[d-ng]=$(origin_pids); }
 want e && { HOP[e]="$PID_rathole_server $PID_rathole_client"; ORIGIN[e]=$(origin_pids); }
 
 # ------------------------------------------------------------------- runs ----

@@ -20,13 +20,15 @@ SCENARIOS = {
     "a-echo": "direct: wrk -> hyper echo (examples/bench_echo.rs)",
     "b": "nginx proxy_pass (upstream keepalive) -> nginx `return 200`",
     "c": "wsbridge ==wss==> wsbridge worker --echo",
+    "c-ng": "as c, worker with --no-start-gate (no accepted/start round trip)",
     "d": "wsbridge ==wss==> wsbridge worker --upstream -> nginx `return 200`",
+    "d-ng": "as d, agent with --no-start-gate (no accepted/start round trip)",
     "e": "rathole (tcp) server <- client -> nginx `return 200`",
 }
 ORDER = list(SCENARIOS)
 # Which direct scenario is "(a)" for each wsbridge scenario: the one with the
 # same end server (the echo worker echoes; the agent forwards to nginx).
-BASELINE_A = {"c": "a-echo", "d": "a-nginx"}
+BASELINE_A = {"c": "a-echo", "c-ng": "a-echo", "d": "a-nginx", "d-ng": "a-nginx"}
 
 
 def machine():
@@ -98,7 +100,7 @@ def ratios(rows):
     out = []
     points = sorted({(r["conc"], r["size"]) for r in rows})
     for conc, size in points:
-        for x in ("c", "d"):
+        for x in ("c", "c-ng", "d", "d-ng"):
             rx = find(rows, x, conc, size)
             if not rx:
                 continue
@@ -126,32 +128,34 @@ def targets(rows):
         out.append({"target": name, "result": "SKIP" if ok is None else ("PASS" if ok else "FAIL"),
                     "detail": detail})
 
-    c, b = find(rows, "c", 64, 64), find(rows, "b", 64, 64)
-    name = "(c) at c=64 64B: >= 1.1x (b) req/s and p99 <= (b)'s"
-    if c and b:
-        ok = c["rps"] >= 1.1 * b["rps"] and c["p99_us"] <= b["p99_us"]
-        add(name, ok, f"{c['rps'] / b['rps']:.2f}x req/s ({c['rps']:.0f} vs {b['rps']:.0f}), "
-                      f"p99 {us(c['p99_us'])} vs {us(b['p99_us'])}")
-    else:
-        add(name, None, "needs scenarios c and b at CONCS 64, SIZES 64")
+    for cx in ("c", "c-ng"):
+        c, b = find(rows, cx, 64, 64), find(rows, "b", 64, 64)
+        name = f"({cx}) at c=64 64B: >= 1.1x (b) req/s and p99 <= (b)'s"
+        if c and b:
+            ok = c["rps"] >= 1.1 * b["rps"] and c["p99_us"] <= b["p99_us"]
+            add(name, ok, f"{c['rps'] / b['rps']:.2f}x req/s ({c['rps']:.0f} vs {b['rps']:.0f}), "
+                          f"p99 {us(c['p99_us'])} vs {us(b['p99_us'])}")
+        else:
+            add(name, None, f"needs scenarios {cx} and b at CONCS 64, SIZES 64")
 
-    c, a = find(rows, "c", 1, 64), find(rows, "a-echo", 1, 64)
-    name = "(c) at c=1 64B: added p50 over (a-echo) < 100us"
-    if c and a:
-        added = c["p50_us"] - a["p50_us"]
-        add(name, added < 100, f"+{added:.0f}us (p50 {us(c['p50_us'])} vs {us(a['p50_us'])})")
-    else:
-        add(name, None, "needs scenarios c and a-echo at CONCS 1, SIZES 64")
+        c, a = find(rows, cx, 1, 64), find(rows, "a-echo", 1, 64)
+        name = f"({cx}) at c=1 64B: added p50 over (a-echo) < 100us"
+        if c and a:
+            added = c["p50_us"] - a["p50_us"]
+            add(name, added < 100, f"+{added:.0f}us (p50 {us(c['p50_us'])} vs {us(a['p50_us'])})")
+        else:
+            add(name, None, f"needs scenarios {cx} and a-echo at CONCS 1, SIZES 64")
 
     sizes = sorted({r["size"] for r in rows if r["conc"] == 64})
-    for size in sizes or [64]:
-        d, e = find(rows, "d", 64, size), find(rows, "e", 64, size)
-        name = f"(d) at c=64 {size}B: >= 1.2x (e) req/s"
-        if d and e:
-            add(name, d["rps"] >= 1.2 * e["rps"],
-                f"{d['rps'] / e['rps']:.2f}x ({d['rps']:.0f} vs {e['rps']:.0f})")
-        else:
-            add(name, None, "needs scenarios d and e at CONCS 64")
+    for dx in ("d", "d-ng"):
+        for size in sizes or [64]:
+            d, e = find(rows, dx, 64, size), find(rows, "e", 64, size)
+            name = f"({dx}) at c=64 {size}B: >= 1.2x (e) req/s"
+            if d and e:
+                add(name, d["rps"] >= 1.2 * e["rps"],
+                    f"{d['rps'] / e['rps']:.2f}x ({d['rps']:.0f} vs {e['rps']:.0f})")
+            else:
+                add(name, None, f"needs scenarios {dx} and e at CONCS 64")
     return out
 
 

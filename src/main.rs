@@ -131,6 +131,12 @@ struct WorkerArgs {
     /// and JSON over links slower than the CPU; not worth it on loopback).
     #[arg(long)]
     compress: bool,
+    /// Start each call at once instead of waiting for the bridge's `start`
+    /// (saves a round trip per call; a POST in flight when this worker
+    /// crashes then fails with 502 worker_lost rather than moving to another
+    /// worker, see PROTOCOL.md 3.7).
+    #[arg(long)]
+    no_start_gate: bool,
     /// On SIGTERM/Ctrl-C, the longest wait for the calls in flight (e.g. 30s, 2m).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     drain_timeout: std::time::Duration,
@@ -216,6 +222,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let mut cfg = WorkerConfig::new(args.connect, args.token, args.services);
             cfg.max_inflight = args.max_inflight;
             cfg.compression = args.compress;
+            cfg.start_gate = !args.no_start_gate;
             cfg.drain_timeout = args.drain_timeout;
             if let Some(id) = args.id {
                 cfg.worker_id = id;

@@ -307,6 +307,12 @@ pub struct RequestHead {
     /// `true` when this frame carries the whole body.
     #[serde(default = "yes")]
     pub end: bool,
+    /// `false`: this call skips the start gate (3.7) even though the hello
+    /// asked for it: start at once and send no `accepted`. The bridge says
+    /// so when the gate would buy nothing (the call is retried after a
+    /// worker loss anyway, or can't be); absent means `true`.
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub gate: bool,
 }
 
 /// A reply as the worker sends it.
@@ -334,6 +340,10 @@ pub struct BodyHead {
     pub end: bool,
 }
 
+fn is_yes(v: &bool) -> bool {
+    *v
+}
+
 fn yes() -> bool {
     true
 }
@@ -351,6 +361,7 @@ struct FlatHead {
     headers: Option<Vec<Header>>,
     status: Option<u16>,
     end: Option<bool>,
+    gate: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -380,6 +391,7 @@ impl TryFrom<FlatHead> for DataHead {
                 path: need(f.path, "path")?,
                 headers: need(f.headers, "headers")?,
                 end,
+                gate: f.gate.unwrap_or(true),
             }),
             HeadKind::Response => DataHead::Response(ResponseHead {
                 id: need(f.id, "id")?,

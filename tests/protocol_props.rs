@@ -32,19 +32,23 @@ fn data_head() -> impl Strategy<Value = DataHead> {
             text(),
             text(),
             headers(),
+            any::<bool>(),
             any::<bool>()
         )
-            .prop_map(|(id, request_id, service, method, path, headers, end)| {
-                DataHead::Request(RequestHead {
-                    id,
-                    request_id,
-                    service,
-                    method,
-                    path,
-                    headers,
-                    end,
-                })
-            }),
+            .prop_map(
+                |(id, request_id, service, method, path, headers, end, gate)| {
+                    DataHead::Request(RequestHead {
+                        id,
+                        request_id,
+                        service,
+                        method,
+                        path,
+                        headers,
+                        end,
+                        gate,
+                    })
+                }
+            ),
         (any::<u64>(), any::<u16>(), headers(), any::<bool>()).prop_map(
             |(id, status, headers, end)| DataHead::Response(ResponseHead {
                 id,

@@ -1110,6 +1110,7 @@ fn request_frame(id: u64) -> Bytes {
             path: "/".into(),
             headers: vec![],
             end: true,
+            gate: true,
         }),
         b"",
     )

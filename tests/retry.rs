@@ -169,6 +169,70 @@ async fn retries_stop_at_max_retries() {
     bridge.stop().await;
 }
 
+#[tokio::test]
+async fn the_start_gate_is_asked_for_only_where_it_decides_a_retry() {
+    // Gated: a POST that could go to another worker only because it never
+    // started. Not gated: calls retried anyway (idempotent, keyed) and the
+    // last attempt, which nothing would retry.
+    let bridge = TestBridge::start(|c| c.http.max_retries = 1).await;
+    let mut worker = acking(&bridge).await;
+    let mut gated = Vec::new();
+    for (method, headers, gate) in [
+        ("POST", &[][..], true),
+        ("PATCH", &[][..], true),
+        ("GET", &[][..], false),
+        ("PUT", &[][..], false),
+        ("POST", &[("idempotency-key", "k-1")][..], false),
+    ] {
+        let caller = call(&bridge, method, headers);
+        let (req, _) = worker.next_request().await;
+        assert_eq!(
+            (req.method.as_str(), req.gate),
+            (method, gate),
+            "{headers:?}"
+        );
+        if gate {
+            accept(&mut worker, req.id).await;
+            gated.push(req.id);
+        }
+        worker.reply(req.id, 200, &[], b"ok").await;
+        assert_eq!(with_timeout(caller).await.expect("join").body, "ok");
+    }
+    // Each `accepted` was answered with `start` (read while waiting for the
+    // next request, which the bridge sent after it).
+    assert_eq!(worker.started, gated);
+    // The retry of a POST that was never accepted is its last attempt
+    // (max_retries = 1): it goes ungated, and a loss now would be final.
+    let caller = call(&bridge, "POST", &[]);
+    let (first, _) = worker.next_request().await;
+    assert!(first.gate);
+    let mut second = acking(&bridge).await;
+    vanish(worker);
+    let (again, _) = second.next_request().await;
+    assert!(!again.gate, "the last attempt is not gated");
+    second.reply(again.id, 201, &[], b"created").await;
+    let r = with_timeout(caller).await.expect("join");
+    assert_eq!(r.header("x-bridge-attempts"), "2");
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn an_ungated_post_is_never_sent_twice() {
+    // With no retries configured, a POST goes without the gate and no
+    // `accepted`: the bridge must count it as started when the worker goes.
+    let bridge = TestBridge::start(|c| c.http.max_retries = 0).await;
+    let mut first = acking(&bridge).await;
+    let caller = call(&bridge, "POST", &[]);
+    let (req, _) = first.next_request().await;
+    assert!(!req.gate);
+    let _second = acking(&bridge).await;
+    vanish(first);
+    let r = with_timeout(caller).await.expect("join");
+    assert_eq!(r.error_code(), "worker_lost");
+    assert_eq!(r.header("x-bridge-attempts"), "1");
+    bridge.stop().await;
+}
+
 /// An upstream that counts the requests it receives by `x-request-id` and
 /// answers after a delay, so that calls are in flight when an agent dies.
 async fn counting_upstream() -> (SocketAddr, Arc<Mutex<HashMap<String, usize>>>) {
@@ -289,6 +353,18 @@ async fn a_call_whose_handler_started_is_never_sent_elsewhere() {
     // The worker's handler runs only after the bridge has recorded
     // `accepted` (and said `start`), so a link cut right after the handler
     // started can only end the POST with 502, never run it twice.
+    started_post_is_never_sent_elsewhere(true).await;
+}
+
+#[tokio::test]
+async fn without_the_start_gate_a_started_call_is_never_sent_elsewhere_either() {
+    // `start_gate: false`: no `accepted`, the handler runs on arrival. The
+    // bridge then cannot tell a call in a dead socket from a running one,
+    // so it must treat every call as started: 502, never a second run.
+    started_post_is_never_sent_elsewhere(false).await;
+}
+
+async fn started_post_is_never_sent_elsewhere(start_gate: bool) {
     let bridge = TestBridge::start(|c| c.workers.resume_window = Duration::ZERO).await;
     let proxy = CutProxy::start(bridge.workers).await;
     let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -307,6 +383,7 @@ async fn a_call_whose_handler_started_is_never_sent_elsewhere() {
     };
     let mut cfg = bridge.worker_config(&["default"], 8);
     cfg.url = format!("wss://localhost:{}", proxy.addr.port());
+    cfg.start_gate = start_gate;
     let _a = TestWorker::start(cfg, handler("a")).await;
     let call = spawn_post(&bridge, "/order", "x");
     assert_eq!(with_timeout(started.recv()).await, Some("a"));

@@ -436,6 +436,7 @@ async fn call(
         path,
         headers: wire_headers,
         end: true,
+        gate: true,
     });
 
     let http = &settings.config.http;
@@ -480,6 +481,11 @@ async fn call(
         let queue_deadline = queued_at
             .checked_add(http.queue_timeout)
             .map_or(deadline, |t| t.min(deadline));
+        // The start gate (PROTOCOL 3.7) costs a round trip to the worker and
+        // only pays when it is what makes a retry allowed: a call that would
+        // be retried anyway (idempotent, keyed) or can't be (body not whole
+        // in memory, no retries left) starts at once.
+        let gated = single && !replayable && attempt <= http.max_retries;
         let (lease, started) = loop {
             let wait = queue_deadline.saturating_duration_since(Instant::now());
             let acquired = shared
@@ -506,7 +512,7 @@ async fn call(
             })?;
             // A connection that closed after handing out this lease never saw
             // the call, so choosing another worker is safe.
-            if let Ok(started) = lease.session().start_call(!single) {
+            if let Ok(started) = lease.session().start_call(!single, gated) {
                 break (lease, started);
             }
         };
@@ -523,6 +529,7 @@ async fn call(
         if let DataHead::Request(r) = &mut head {
             r.id = id;
             r.end = single;
+            r.gate = gated;
         }
         // A body that is already compressed (Content-Encoding) is sent as it is.
         let codec = if parts.headers.contains_key(header::CONTENT_ENCODING) {
@@ -810,6 +817,7 @@ fn head_fits(
         path: path.to_owned(),
         headers: headers.to_vec(),
         end: false,
+        gate: true,
     });
     serde_json::to_vec(&probe).is_ok_and(|json| json.len() <= protocol::MAX_HEADER_LEN)
 }

@@ -395,7 +395,13 @@ impl Session {
 
     /// Registers a new call and returns its guard, the reply receiver and,
     /// with flow control, the window its request body must wait on.
-    pub(crate) fn start_call(self: &Arc<Self>, upload: bool) -> Result<Started, Failure> {
+    /// `gated`: the call waits for `accepted`/`start`; otherwise the worker
+    /// may start it on arrival.
+    pub(crate) fn start_call(
+        self: &Arc<Self>,
+        upload: bool,
+        gated: bool,
+    ) -> Result<Started, Failure> {
         let (tx, rx) = oneshot::channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut calls = self.lock();
@@ -415,8 +421,9 @@ impl Session {
                 head: Some(tx),
                 stream: None,
                 window: window.clone(),
-                // Without `accepted` frames, a call sent may have started.
-                accepted: !self.terms.acks,
+                // Without an `accepted` frame to come, a call sent may
+                // have started.
+                accepted: !(self.terms.acks && gated),
             },
         );
         drop(calls);

@@ -86,6 +86,13 @@ pub struct WorkerConfig {
     /// Offer LZ4 compression of large body frames (the bridge may agree).
     /// Off by default: on loopback it costs CPU and saves nothing.
     pub compression: bool,
+    /// Ask for the start gate (`"accepted": true`, PROTOCOL 3.7): each call
+    /// waits one round trip for the bridge's `start`, and in exchange the
+    /// bridge can resend a call this worker never started to another worker
+    /// if the connection dies, whatever its method. On by default; turn it
+    /// off when that round trip costs more than a `502 worker_lost` on a
+    /// crash (far-away workers, latency-bound calls).
+    pub start_gate: bool,
 }
 
 impl WorkerConfig {
@@ -108,6 +115,7 @@ impl WorkerConfig {
             max_frame: 64 << 20,
             send_buffer: transport::SEND_BUFFER,
             compression: false,
+            start_gate: true,
             drain_timeout: Duration::from_secs(30),
         }
     }
@@ -340,7 +348,7 @@ impl Worker {
                 services: self.config.services.clone(),
                 max_inflight: self.config.max_inflight,
                 flow_control: true,
-                accepted: true,
+                accepted: self.config.start_gate,
                 compression: if self.config.compression {
                     vec!["lz4".to_owned()]
                 } else {
@@ -405,6 +413,7 @@ impl Worker {
             codec,
             max_frame: self.config.max_frame,
             drain_timeout: self.config.drain_timeout,
+            start_gate: self.config.start_gate,
         };
         serve(ws, &welcome, terms, self.handler.clone(), shutdown, carry).await
     }
@@ -456,6 +465,8 @@ struct Terms {
     max_frame: usize,
     /// Longest wait, after shutdown was asked for, for the calls in flight.
     drain_timeout: Duration,
+    /// Calls wait for `start` (the hello said `"accepted": true`).
+    start_gate: bool,
 }
 
 /// One call in flight on the worker side.
@@ -545,6 +556,7 @@ where
         replied: carry.replied.clone(),
         window,
         codec: terms.codec,
+        gate: terms.start_gate,
     };
     let inflate_limit = match terms.codec {
         Compression::None => 0,
@@ -835,6 +847,8 @@ struct CallCtx {
     window: Option<usize>,
     /// How reply bodies are compressed.
     codec: Compression,
+    /// Whether calls wait for the bridge's `start` (the hello asked for it).
+    gate: bool,
 }
 
 impl CallCtx {
@@ -842,6 +856,7 @@ impl CallCtx {
     /// still arriving.
     fn start(&self, head: RequestHead, body: Body) {
         let id = head.id;
+        let gated = self.gate && head.gate;
         let (handler, outbox, calls, partial) = (
             self.handler.clone(),
             self.outbox.clone(),
@@ -857,10 +872,15 @@ impl CallCtx {
         // The handler runs only once the bridge has recorded `accepted` and
         // answered `start`: a call the bridge has no `accepted` for is one
         // it may send to another worker if this connection dies.
+        // Without the gate the call is free to start at once.
         let (go, start) = oneshot::channel();
-        lock(&self.starts).insert(id, go);
-        let accepted = Control::Accepted { id };
-        outbox.control(Message::text(protocol::encode_control(&accepted)));
+        if gated {
+            lock(&self.starts).insert(id, go);
+            let accepted = Control::Accepted { id };
+            outbox.control(Message::text(protocol::encode_control(&accepted)));
+        } else {
+            let _ = go.send(());
+        }
         // The map lock is held across the spawn so the task's own removal
         // (which takes the same lock) cannot run before the insert.
         let mut map = lock(&self.calls);
