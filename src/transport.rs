@@ -24,6 +24,10 @@ pub(crate) const BATCH_FRAMES: usize = 64;
 /// sit in a buffer while small calls wait behind it.
 pub(crate) const BATCH_BYTES: usize = 512 * 1024;
 
+/// A batch smaller than this waits one scheduler pass for more frames
+/// before it is flushed (see `write_batch`).
+const COALESCE_BELOW: usize = 8 * 1024;
+
 /// Why a write did not complete.
 #[derive(Debug)]
 pub(crate) enum WriteError {
@@ -205,16 +209,35 @@ where
     let mut waiting = Vec::new();
     let mut next = Some(first);
     let (mut bytes, mut frames) = (0, 0);
-    while let Some(Outgoing { msg, written }) = next {
-        bytes += size(&msg);
-        frames += 1;
-        waiting.extend(written);
-        step(stall, sink.feed(msg)).await?;
-        next = if frames < BATCH_FRAMES && bytes < BATCH_BYTES {
-            inbox.try_recv()
-        } else {
-            None
-        };
+    let mut yielded = false;
+    loop {
+        while let Some(Outgoing { msg, written }) = next {
+            bytes += size(&msg);
+            frames += 1;
+            waiting.extend(written);
+            step(stall, sink.feed(msg)).await?;
+            next = if frames < BATCH_FRAMES && bytes < BATCH_BYTES {
+                inbox.try_recv()
+            } else {
+                None
+            };
+        }
+        // Before flushing small frames, let the tasks that are ready right
+        // now run once: tokio wakes this writer straight after the first
+        // task that queued a frame (its LIFO slot), so without this every
+        // small call under load went out in its own write and TLS record.
+        // When nothing else is ready, the yield costs one scheduler pass.
+        // Large frames are not held back: their cost is per byte, and a
+        // bigger batch only delays the peer's start on them.
+        if yielded || frames >= BATCH_FRAMES || bytes >= COALESCE_BELOW {
+            break;
+        }
+        yielded = true;
+        tokio::task::yield_now().await;
+        next = inbox.try_recv();
+        if next.is_none() {
+            break;
+        }
     }
     step(stall, sink.flush()).await?;
     for tx in waiting {
