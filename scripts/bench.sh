@@ -228,7 +228,7 @@ cpu_ticks() {
 # ---------------------------------------------------------------- servers ----
 log "starting servers on 127.0.0.1 (temp dir $TMP)"
 NEED_ORIGIN=0
-for s in a-nginx b d e; do want "$s" && NEED_ORIGIN=1; done
+for s in a-nginx b d d-ng e; do want "$s" && NEED_ORIGIN=1; done
 
 if ((NEED_ORIGIN)); then
     nginx_conf "$TMP/nginx-origin" "$P_ORIGIN" 'return 200 "ok\n";'
@@ -273,7 +273,7 @@ tokens = ["bench-token"]
 EOF
     "$WSB" check-config "$file" >/dev/null
 }
-if want c || want d; then
+if want c || want d || want c-ng || want d-ng; then
     "$WSB" gen-cert --out "$TMP/certs" >/dev/null 2>&1
     export WSBRIDGE_TOKEN=bench-token
 fi

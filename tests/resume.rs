@@ -11,7 +11,7 @@ use http::{Request, Response, StatusCode};
 use tokio::sync::{mpsc, Mutex};
 use wsbridge::{
     body::Body,
-    protocol::{self, Control, Resume},
+    protocol::{self, Control, Hello, Resume},
     worker::Status,
 };
 
@@ -242,5 +242,81 @@ async fn a_clean_close_is_not_resumed() {
         started.elapsed() < Duration::from_secs(2),
         "a clean close fails calls at once, not after resume_window"
     );
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn on_resume_an_unlisted_call_of_a_worker_without_accepted_is_not_sent_again() {
+    // A worker that does not send `accepted` (e.g. `--no-start-gate`) may
+    // have run a call it no longer lists (a streamed reply cut with the
+    // link, a reply pushed out of its replay ring): "not listed" proves
+    // nothing, so a POST fails rather than run a second time.
+    let bridge = TestBridge::start(|_| {}).await;
+    let hello = Hello {
+        accepted: false,
+        ..resumable_hello(None)
+    };
+    let mut raw = RawWorker::connect_hello(&bridge, hello.clone()).await;
+    let session_id = raw.welcome.session_id.clone();
+    let call = spawn_post(&bridge, "/order", "x");
+    let (req, _) = raw.next_request().await;
+    drop(raw);
+    let resume = Resume {
+        session_id,
+        running: vec![],
+        replied: vec![],
+    };
+    let mut back = RawWorker::connect_hello(
+        &bridge,
+        Hello {
+            resume: Some(resume),
+            ..hello
+        },
+    )
+    .await;
+    assert!(back.welcome.resumed);
+    let r = with_timeout(call).await.expect("join");
+    assert_eq!(
+        (r.head.status, r.error_code().as_str()),
+        (StatusCode::BAD_GATEWAY, "worker_lost")
+    );
+    assert_eq!(r.header("x-bridge-attempts"), "1");
+    // The POST never came back to the worker: the next request it sees is
+    // a new call.
+    let next = spawn_get(&bridge, "/next");
+    let (got, _) = back.next_request().await;
+    assert_eq!(got.path, "/next");
+    assert_ne!(got.request_id, req.request_id);
+    back.reply(got.id, 200, &[], b"ok").await;
+    with_timeout(next).await.expect("join");
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn a_call_that_ended_while_its_worker_was_away_is_cancelled_on_resume() {
+    // The caller's timeout passes while the worker is away; the `cancel`
+    // went down with the old connection, so the resume brings one.
+    let bridge = TestBridge::start(|c| {
+        c.http.request_timeout = Duration::from_millis(300);
+        c.workers.resume_window = Duration::from_secs(30);
+    })
+    .await;
+    let (call, req, session_id) = accepted_then_dropped(&bridge, "/slow").await;
+    let r = with_timeout(call).await.expect("join");
+    assert_eq!(r.error_code(), "timeout");
+    let resume = Resume {
+        session_id,
+        running: vec![req.id],
+        replied: vec![],
+    };
+    let mut back = RawWorker::connect_hello(&bridge, resumable_hello(Some(resume))).await;
+    assert!(back.welcome.resumed);
+    match back.next().await {
+        Frame::Control(Control::Cancel { id, reason }) => {
+            assert_eq!((id, reason.as_str()), (req.id, "gone"));
+        }
+        other => panic!("expected a cancel, got {other:?}"),
+    }
+    assert!(back.started.is_empty(), "no start for a call that ended");
     bridge.stop().await;
 }

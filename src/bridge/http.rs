@@ -817,7 +817,8 @@ fn head_fits(
         path: path.to_owned(),
         headers: headers.to_vec(),
         end: false,
-        gate: true,
+        // The longer form (`true` is not written).
+        gate: false,
     });
     serde_json::to_vec(&probe).is_ok_and(|json| json.len() <= protocol::MAX_HEADER_LEN)
 }

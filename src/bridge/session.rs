@@ -193,9 +193,12 @@ struct Pending {
     stream: Option<Stream>,
     /// With flow control: request body bytes the bridge may still send.
     window: Option<Arc<Semaphore>>,
-    /// The worker may have started the call (it said `accepted`, or it does
-    /// not send `accepted` frames at all).
+    /// The worker may have started the call (it said `accepted`, it does
+    /// not send `accepted` frames at all, or the call went without the gate).
     accepted: bool,
+    /// The call waits for `start` (the worker sends `accepted` and the call
+    /// was sent without `"gate": false`).
+    gated: bool,
 }
 
 /// A response body being relayed to the caller as it arrives.
@@ -424,6 +427,7 @@ impl Session {
                 // Without an `accepted` frame to come, a call sent may
                 // have started.
                 accepted: !(self.terms.acks && gated),
+                gated: self.terms.acks && gated,
             },
         );
         drop(calls);
@@ -531,14 +535,28 @@ impl Session {
         let replied: HashSet<u64> = known.replied.iter().copied().collect();
         let (resend, gone): (Vec<u64>, Vec<(Pending, Failure)>) = {
             let mut calls = self.lock();
-            // The calls the worker holds may start now (a `start` may have
-            // been lost with the old connection; a repeat is ignored).
-            for id in running.iter().filter(|_| self.terms.acks) {
-                if let Some(p) = calls.map.get_mut(id) {
-                    p.accepted = true;
-                    let start = Control::Start { id: *id };
-                    self.outbox()
-                        .control(Message::text(protocol::encode_control(&start)));
+            // The gated calls the worker holds may start now (a `start` may
+            // have been lost with the old connection; a repeat is ignored).
+            // A call it holds that is no longer pending here ended while it
+            // was away (timeout, caller gone): the `cancel` went down with
+            // the old connection, so it is sent again.
+            for id in &running {
+                match calls.map.get_mut(id) {
+                    Some(p) if p.gated => {
+                        p.accepted = true;
+                        let start = Control::Start { id: *id };
+                        self.outbox()
+                            .control(Message::text(protocol::encode_control(&start)));
+                    }
+                    Some(_) => {}
+                    None => {
+                        let cancel = Control::Cancel {
+                            id: *id,
+                            reason: "gone".into(),
+                        };
+                        self.outbox()
+                            .control(Message::text(protocol::encode_control(&cancel)));
+                    }
                 }
             }
             let ids: Vec<u64> = calls
@@ -557,7 +575,11 @@ impl Session {
                 .filter(|id| !replied.contains(id))
                 .filter_map(|id| {
                     let pending = calls.map.remove(&id)?;
-                    let failure = if pending.accepted && self.terms.acks {
+                    // Only a call that cannot have started may go elsewhere:
+                    // the worker's lists miss calls it ran and forgot (a
+                    // streamed reply cut with the link, a reply pushed out of
+                    // its replay ring), so "not listed" alone proves nothing.
+                    let failure = if pending.accepted {
                         Failure::Lost("the worker no longer knows this call".into())
                     } else {
                         Failure::Unsent("the worker never received it".into())
