@@ -36,6 +36,19 @@ async fn accepted_then_dropped(
     (call, req, session_id)
 }
 
+/// The worker of `session_id` comes back holding `running`; the session
+/// must resume.
+async fn come_back(bridge: &TestBridge, session_id: String, running: Vec<u64>) -> RawWorker {
+    let resume = Resume {
+        session_id,
+        running,
+        replied: vec![],
+    };
+    let back = RawWorker::connect_hello(bridge, resumable_hello(Some(resume))).await;
+    assert!(back.welcome.resumed);
+    back
+}
+
 #[tokio::test]
 async fn a_call_survives_its_workers_connection_dropping() {
     let bridge = TestBridge::start(|_| {}).await;
@@ -163,13 +176,7 @@ async fn a_reply_lost_with_the_connection_is_asked_for_again() {
 async fn a_resumed_worker_that_drains_still_finishes_its_resumed_calls() {
     let bridge = TestBridge::start(|_| {}).await;
     let (call, req, session_id) = accepted_then_dropped(&bridge, "/long").await;
-    let resume = Resume {
-        session_id,
-        running: vec![req.id],
-        replied: vec![],
-    };
-    let mut back = RawWorker::connect_hello(&bridge, resumable_hello(Some(resume))).await;
-    assert!(back.welcome.resumed);
+    let mut back = come_back(&bridge, session_id, vec![req.id]).await;
     // Shutting down: the call carried over is still in flight, so the
     // bridge must not close the connection yet.
     back.send_text(&protocol::encode_control(&Control::Drain))
@@ -304,13 +311,7 @@ async fn a_call_that_ended_while_its_worker_was_away_is_cancelled_on_resume() {
     let (call, req, session_id) = accepted_then_dropped(&bridge, "/slow").await;
     let r = with_timeout(call).await.expect("join");
     assert_eq!(r.error_code(), "timeout");
-    let resume = Resume {
-        session_id,
-        running: vec![req.id],
-        replied: vec![],
-    };
-    let mut back = RawWorker::connect_hello(&bridge, resumable_hello(Some(resume))).await;
-    assert!(back.welcome.resumed);
+    let mut back = come_back(&bridge, session_id, vec![req.id]).await;
     match back.next().await {
         Frame::Control(Control::Cancel { id, reason }) => {
             assert_eq!((id, reason.as_str()), (req.id, "gone"));
