@@ -406,6 +406,7 @@ impl Session {
         gated: bool,
     ) -> Result<Started, Failure> {
         let (tx, rx) = oneshot::channel();
+        let gated = gated && self.terms.acks;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut calls = self.lock();
         if let Some(cause) = &calls.closed {
@@ -426,8 +427,8 @@ impl Session {
                 window: window.clone(),
                 // Without an `accepted` frame to come, a call sent may
                 // have started.
-                accepted: !(self.terms.acks && gated),
-                gated: self.terms.acks && gated,
+                accepted: !gated,
+                gated,
             },
         );
         drop(calls);
