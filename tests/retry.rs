@@ -217,9 +217,11 @@ async fn the_start_gate_is_asked_for_only_where_it_decides_a_retry() {
 }
 
 #[tokio::test]
-async fn an_ungated_post_is_never_sent_twice() {
-    // With no retries configured, a POST goes without the gate and no
-    // `accepted`: the bridge must count it as started when the worker goes.
+async fn with_no_retries_a_post_skips_the_gate_and_its_loss_is_final() {
+    // With no retries configured the gate would decide nothing, so a POST
+    // goes without it (no `accepted`), and losing its worker ends the call
+    // with 502 after one attempt. (Whether an ungated call counts as
+    // started on a resume is checked in tests/resume.rs.)
     let bridge = TestBridge::start(|c| c.http.max_retries = 0).await;
     let mut first = acking(&bridge).await;
     let caller = call(&bridge, "POST", &[]);
