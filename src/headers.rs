@@ -2,6 +2,8 @@
 //! stripping (RFC 9110 section 7.6.1) and conversion to and from the wire's
 //! `[name, value]` pairs.
 
+use std::borrow::Cow;
+
 use http::{header, HeaderMap, HeaderName, HeaderValue};
 
 use crate::protocol::Header;
@@ -53,17 +55,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Converts headers to wire pairs, dropping hop-by-hop ones. A value that is
 /// not UTF-8 (legal but rare) is carried with invalid bytes replaced.
 pub fn to_wire(headers: &HeaderMap) -> Vec<Header> {
-    let listed = connection_listed(headers);
-    headers
-        .iter()
-        .filter(|(n, _)| !is_hop_by_hop(n, &listed))
-        .map(|(n, v)| {
-            (
-                n.as_str().to_owned(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
+    to_wire_ref(headers)
+        .into_iter()
+        .map(|(n, v)| (n.to_owned(), v.into_owned()))
         .collect()
+}
+
+/// [`to_wire`], borrowing from `headers`: no copy unless a value is not UTF-8.
+pub fn to_wire_ref(headers: &HeaderMap) -> Vec<(&str, Cow<'_, str>)> {
+    let listed = connection_listed(headers);
+    let mut out = Vec::with_capacity(headers.len() + 3);
+    for (n, v) in headers {
+        if !is_hop_by_hop(n, &listed) {
+            out.push((n.as_str(), String::from_utf8_lossy(v.as_bytes())));
+        }
+    }
+    out
 }
 
 /// Converts wire pairs back to a header map, dropping hop-by-hop headers.

@@ -1,5 +1,8 @@
-//! Property tests of the wire protocol (src/protocol.rs): every head and body
-//! survives encode -> decode with both codecs, every control frame survives
+//! Property tests of the wire protocol (src/protocol/): every head and body
+//! survives encode -> decode with both codecs, the hand-written head JSON
+//! (src/protocol/json.rs) writes what serde writes and reads what serde
+//! reads (in the layouts Python's and PHP's encoders produce too, and never
+//! differently on damaged input), every control frame survives
 //! encode -> decode, and `Hello::check` accepts exactly the hellos within the
 //! limits of docs/PROTOCOL.md section 3.1. The cargo-fuzz targets in fuzz/
 //! (docs/FUZZING.md) attack the same functions with hostile bytes.
@@ -7,6 +10,7 @@
 use bytes::Bytes;
 use proptest::collection::vec;
 use proptest::prelude::*;
+use wsbridge::protocol::json::{read_head, write_head};
 use wsbridge::protocol::{
     decode_control, decode_data, encode_control, encode_data, encode_frame, BodyHead, Compression,
     Control, DataHead, Hello, RequestHead, ResponseHead, Resume, Welcome, COMPRESS_MIN,
@@ -284,6 +288,124 @@ proptest! {
     #[test]
     fn any_hello_check_agrees_with_the_limits(hello in hello_any()) {
         prop_assert_eq!(hello.check().is_ok(), within_limits(&hello));
+    }
+}
+
+/// JSON as other languages' encoders write it: ASCII only (`\uXXXX`, with
+/// surrogate pairs), optionally with `/` escaped (PHP's `json_encode`) and
+/// with a space after `:` and `,` (Python's `json.dumps`).
+fn foreign(v: &serde_json::Value, spaced: bool, escape_slash: bool, out: &mut String) {
+    use serde_json::Value;
+    let (colon, comma) = if spaced { (": ", ", ") } else { (":", ",") };
+    match v {
+        Value::String(s) => {
+            out.push('"');
+            for c in s.chars() {
+                match c {
+                    '"' => out.push_str("\\\""),
+                    '\\' => out.push_str("\\\\"),
+                    '/' if escape_slash => out.push_str("\\/"),
+                    '\n' => out.push_str("\\n"),
+                    ' '..='~' => out.push(c),
+                    _ => {
+                        let mut units = [0u16; 2];
+                        for u in c.encode_utf16(&mut units) {
+                            out.push_str(&format!("\\u{u:04x}"));
+                        }
+                    }
+                }
+            }
+            out.push('"');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(comma);
+                }
+                foreign(item, spaced, escape_slash, out);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            out.push('{');
+            for (i, (k, item)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(comma);
+                }
+                foreign(&Value::String(k.clone()), spaced, escape_slash, out);
+                out.push_str(colon);
+                foreign(item, spaced, escape_slash, out);
+            }
+            out.push('}');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// One of several ways to damage a head's JSON.
+fn damage(json: &[u8], kind: u8, at: usize, byte: u8) -> Vec<u8> {
+    let mut v = json.to_vec();
+    let at = at % (v.len() + 1);
+    match kind % 4 {
+        0 if at < v.len() => v[at] = byte,
+        1 => v.insert(at, byte),
+        2 if at < v.len() => {
+            v.remove(at);
+        }
+        _ => v.truncate(at),
+    }
+    v
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn hand_written_head_json_is_what_serde_writes(head in data_head()) {
+        let mut ours = Vec::new();
+        write_head(&head, &mut ours);
+        let serde = serde_json::to_vec(&head).expect("serialises");
+        prop_assert_eq!(String::from_utf8_lossy(&ours), String::from_utf8_lossy(&serde));
+    }
+
+    #[test]
+    fn the_fast_reader_reads_every_layout_as_serde_does(
+        head in data_head(),
+        spaced in any::<bool>(),
+        escape_slash in any::<bool>(),
+    ) {
+        let compact = serde_json::to_vec(&head).expect("serialises");
+        let pretty = serde_json::to_vec_pretty(&head).expect("serialises");
+        // Through a Value: the keys come out sorted, another order.
+        let value = serde_json::to_value(&head).expect("serialises");
+        let mut other = String::new();
+        foreign(&value, spaced, escape_slash, &mut other);
+        for json in [compact, pretty, other.into_bytes()] {
+            let serde: DataHead = serde_json::from_slice(&json).expect("serde reads its own");
+            prop_assert_eq!(&serde, &head);
+            let fast = read_head(&json);
+            if head == DataHead::Unknown {
+                // Unknown types are left to serde.
+                prop_assert_eq!(fast, None);
+            } else {
+                prop_assert_eq!(fast, Some(serde), "{}", String::from_utf8_lossy(&json));
+            }
+        }
+    }
+
+    #[test]
+    fn the_fast_reader_never_disagrees_with_serde_on_damaged_input(
+        head in data_head(),
+        kind in any::<u8>(),
+        at in any::<usize>(),
+        byte in prop_oneof![Just(b'"'), Just(b'\\'), Just(b','), Just(b'0'), Just(b'}'), any::<u8>()],
+    ) {
+        let json = damage(&serde_json::to_vec(&head).expect("serialises"), kind, at, byte);
+        if let Some(fast) = read_head(&json) {
+            let serde = serde_json::from_slice::<DataHead>(&json);
+            prop_assert_eq!(serde.as_ref().ok(), Some(&fast), "{}", String::from_utf8_lossy(&json));
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! call frame, wait (event-driven) for the reply with the same id, and answer.
 
 use std::{
+    borrow::Cow,
     convert::Infallible,
     future::Future,
     net::SocketAddr,
@@ -43,7 +44,7 @@ use crate::{
     error::CallError,
     headers,
     metrics::Active,
-    protocol::{self, BodyHead, Compression, DataHead, RequestHead},
+    protocol::{self, json, json::RequestFields, BodyHead, Compression, DataHead},
 };
 
 /// The header carrying the request id both ways.
@@ -408,36 +409,26 @@ async fn call(
         trace.bytes_in = Some(start.len() as u64);
     }
 
-    let mut wire_headers = headers::to_wire(&parts.headers);
-    forwarded_headers(&mut wire_headers, &parts.headers, &caller.ip, request_id);
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
-
+    let xff = forwarded_for(&parts.headers, &caller.ip);
+    let mut wire_headers = headers::to_wire_ref(&parts.headers);
+    forwarded_headers(&mut wire_headers, &xff, request_id);
+    // Written straight into each attempt's frame; each attempt sets its own
+    // id, `end` and `gate`.
+    let mut fields = RequestFields {
+        id: 0,
+        request_id,
+        service: &service,
+        method: parts.method.as_str(),
+        path: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+        end: true,
+        gate: true,
+    };
     let head_too_large = || CallError::HeadersTooLarge {
         limit: protocol::MAX_HEADER_LEN,
     };
-    if !head_fits(
-        request_id,
-        &service,
-        parts.method.as_str(),
-        &path,
-        &wire_headers,
-    ) {
+    if !head_fits(&fields, &wire_headers) {
         return Err(head_too_large());
     }
-    // Built once; each attempt sets its own id.
-    let mut head = DataHead::Request(RequestHead {
-        id: 0,
-        request_id: request_id.to_owned(),
-        service: service.clone(),
-        method: parts.method.as_str().to_owned(),
-        path,
-        headers: wire_headers,
-        end: true,
-        gate: true,
-    });
 
     let http = &settings.config.http;
     // Only a body that fits one chunk skips the upload path: anything longer
@@ -526,11 +517,9 @@ async fn call(
         let session = lease.session().clone();
         let failed = |f: Failure| failure(&session.worker_id, f);
         let id = guard.id();
-        if let DataHead::Request(r) = &mut head {
-            r.id = id;
-            r.end = single;
-            r.gate = gated;
-        }
+        fields.id = id;
+        fields.end = single;
+        fields.gate = gated;
         // A body that is already compressed (Content-Encoding) is sent as it is.
         let codec = if parts.headers.contains_key(header::CONTENT_ENCODING) {
             Compression::None
@@ -539,8 +528,8 @@ async fn call(
         };
         if single {
             // head_fits() checked this before a worker was chosen; this is the backstop.
-            let frame =
-                protocol::encode_head(&head, &start, codec).map_err(|_| head_too_large())?;
+            let frame = protocol::encode_request(&fields, &wire_headers, &start, codec)
+                .map_err(|_| head_too_large())?;
             let exchange = async {
                 session.send_whole(frame).await?;
                 reply
@@ -560,8 +549,9 @@ async fn call(
         }
         // The head carries the first chunk; the rest of what was read, and
         // everything after, follows as body chunks.
-        let head_frame = protocol::encode_head(
-            &head,
+        let head_frame = protocol::encode_request(
+            &fields,
+            &wire_headers,
             &start[..protocol::CHUNK_SIZE.min(start.len())],
             codec,
         )
@@ -790,37 +780,22 @@ impl Upload {
 /// True when a request head with these fields fits in [`protocol::MAX_HEADER_LEN`].
 /// JSON escaping can grow a byte to six (`\u00XX`), so heads that might be
 /// near the limit are measured exactly, and the common small head is not
-/// serialised twice.
-fn head_fits(
-    request_id: &str,
-    service: &str,
-    method: &str,
-    path: &str,
-    headers: &[protocol::Header],
-) -> bool {
-    let raw = request_id.len()
-        + service.len()
-        + method.len()
-        + path.len()
-        + headers
-            .iter()
-            .map(|(n, v)| n.len() + v.len() + 8)
-            .sum::<usize>();
-    if raw * 6 + 256 <= protocol::MAX_HEADER_LEN {
+/// written twice.
+fn head_fits(fields: &RequestFields<'_>, headers: &[(&str, Cow<'_, str>)]) -> bool {
+    if fields.size_hint(headers) * 6 <= protocol::MAX_HEADER_LEN {
         return true;
     }
-    let probe = DataHead::Request(RequestHead {
+    // The longest form: the largest id, and `end` and `gate` both false
+    // (`"gate":true` is not written).
+    let longest = RequestFields {
         id: u64::MAX,
-        request_id: request_id.to_owned(),
-        service: service.to_owned(),
-        method: method.to_owned(),
-        path: path.to_owned(),
-        headers: headers.to_vec(),
         end: false,
-        // The longer form (`true` is not written).
         gate: false,
-    });
-    serde_json::to_vec(&probe).is_ok_and(|json| json.len() <= protocol::MAX_HEADER_LEN)
+        ..*fields
+    };
+    let mut json = Vec::new();
+    json::write_request(&longest, headers, &mut json);
+    json.len() <= protocol::MAX_HEADER_LEN
 }
 
 /// What the caller receives: the reply's body, holding the call's guard
@@ -989,26 +964,31 @@ impl HttpBody for CallBody {
     }
 }
 
-/// Adds `X-Forwarded-For`, `X-Forwarded-Proto` and `X-Request-Id` (replacing
-/// any the caller sent), so the worker sees what a reverse proxy would show.
-fn forwarded_headers(
-    wire: &mut Vec<protocol::Header>,
-    original: &http::HeaderMap,
-    peer_ip: &str,
-    request_id: &str,
-) {
-    let prior: Vec<&str> = original
+/// The `X-Forwarded-For` to send: what the caller sent, plus its address.
+fn forwarded_for(original: &http::HeaderMap, peer_ip: &str) -> String {
+    let mut xff = String::new();
+    for prior in original
         .get_all("x-forwarded-for")
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .collect();
-    wire.retain(|(n, _)| n != "x-forwarded-for" && n != "x-forwarded-proto" && n != "x-request-id");
-    let mut xff = prior.join(", ");
-    if !xff.is_empty() {
+    {
+        xff.push_str(prior);
         xff.push_str(", ");
     }
     xff.push_str(peer_ip);
-    wire.push(("x-forwarded-for".into(), xff));
-    wire.push(("x-forwarded-proto".into(), "http".into()));
-    wire.push(("x-request-id".into(), request_id.to_owned()));
+    xff
+}
+
+/// Adds `X-Forwarded-For` (made by [`forwarded_for`]), `X-Forwarded-Proto`
+/// and `X-Request-Id` (replacing any the caller sent), so the worker sees
+/// what a reverse proxy would show.
+fn forwarded_headers<'a>(
+    wire: &mut Vec<(&'a str, Cow<'a, str>)>,
+    xff: &'a str,
+    request_id: &'a str,
+) {
+    wire.retain(|(n, _)| !matches!(*n, "x-forwarded-for" | "x-forwarded-proto" | "x-request-id"));
+    wire.push(("x-forwarded-for", Cow::Borrowed(xff)));
+    wire.push(("x-forwarded-proto", Cow::Borrowed("http")));
+    wire.push(("x-request-id", Cow::Borrowed(request_id)));
 }

@@ -14,8 +14,10 @@
 //!
 //! Unknown JSON fields are ignored everywhere so that both sides can grow.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+
+pub mod json;
 
 /// The WebSocket subprotocol that names this protocol version. A worker must
 /// offer it in `Sec-WebSocket-Protocol`; a future v2 gets a new name.
@@ -449,26 +451,33 @@ pub fn encode_data(head: &DataHead, body: &[u8]) -> Bytes {
 /// Encodes a binary frame, compressing a body of at least [`COMPRESS_MIN`]
 /// bytes with `codec` when that saves at least an eighth of it.
 pub fn encode_frame(head: &DataHead, body: &[u8], codec: Compression) -> Bytes {
-    frame_from_json(&head_json(head), body, codec)
+    let write = |out: &mut Vec<u8>| json::write_head(head, out);
+    frame_with(json::size_hint(head), write, body, codec).0
 }
 
-/// The JSON of a head. Serialising a derived struct into a Vec cannot fail:
-/// every map key is a string and there are no non-finite floats.
-fn head_json(head: &DataHead) -> Vec<u8> {
-    serde_json::to_vec(head).unwrap_or_default()
-}
-
-fn frame_from_json(json: &[u8], body: &[u8], codec: Compression) -> Bytes {
-    if codec == Compression::Lz4 && body.len() >= COMPRESS_MIN {
-        if let Some(frame) = lz4_frame(json, body) {
-            return frame;
+/// Builds a frame in one buffer: the prefix, the head written in place by
+/// `write` (about `hint` bytes) and the body after it. Also returns the
+/// head's length, which the caller checks against [`MAX_HEADER_LEN`].
+fn frame_with(
+    hint: usize,
+    write: impl FnOnce(&mut Vec<u8>),
+    body: &[u8],
+    codec: Compression,
+) -> (Bytes, usize) {
+    let compress = codec == Compression::Lz4 && body.len() >= COMPRESS_MIN;
+    let tail = if compress { 0 } else { body.len() };
+    let mut buf = Vec::with_capacity(4 + hint + tail);
+    buf.extend_from_slice(&[0; 4]);
+    write(&mut buf);
+    let len = buf.len() - 4;
+    if compress {
+        if let Some(frame) = lz4_frame(&buf[4..], body) {
+            return (frame, len);
         }
     }
-    let mut buf = BytesMut::with_capacity(4 + json.len() + body.len());
-    buf.put_u32(json.len() as u32);
-    buf.put_slice(json);
-    buf.put_slice(body);
-    buf.freeze()
+    buf[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    buf.extend_from_slice(body);
+    (Bytes::from(buf), len)
 }
 
 /// The frame with an LZ4 body, if compressing pays.
@@ -510,8 +519,11 @@ pub fn decode_data(frame: &Bytes, inflate_limit: usize) -> Result<(DataHead, Byt
     if frame.len() < end {
         return Err(FrameError::Truncated("header length exceeds frame"));
     }
-    let head =
-        serde_json::from_slice(&frame[4..end]).map_err(|e| FrameError::Json(e.to_string()))?;
+    let json = &frame[4..end];
+    let head = match json::read_head(json) {
+        Some(head) => head,
+        None => serde_json::from_slice(json).map_err(|e| FrameError::Json(e.to_string()))?,
+    };
     let body = frame.slice(end..);
     if flags & FLAG_LZ4 == 0 {
         return Ok((head, body));
@@ -571,13 +583,31 @@ pub fn decode_control(text: &str) -> Result<Control, FrameError> {
 
 /// Encodes a head frame, refusing a JSON header the receiver would refuse.
 pub fn encode_head(head: &DataHead, body: &[u8], codec: Compression) -> Result<Bytes, FrameError> {
-    // Checked before the frame is built: the length prefix holds only 24
-    // bits, so a header of 16 MiB or more would wrap into the flag byte.
-    let json = head_json(head);
-    if json.len() > MAX_HEADER_LEN {
-        return Err(FrameError::HeaderTooLarge(json.len()));
+    let write = |out: &mut Vec<u8>| json::write_head(head, out);
+    checked(frame_with(json::size_hint(head), write, body, codec))
+}
+
+/// Encodes a request head frame from borrowed parts: the frame
+/// [`encode_head`] builds for the [`RequestHead`] they describe, without
+/// building one (the bridge's hot path).
+pub fn encode_request<N: AsRef<str>, V: AsRef<str>>(
+    fields: &json::RequestFields<'_>,
+    headers: &[(N, V)],
+    body: &[u8],
+    codec: Compression,
+) -> Result<Bytes, FrameError> {
+    let write = |out: &mut Vec<u8>| json::write_request(fields, headers, out);
+    checked(frame_with(fields.size_hint(headers), write, body, codec))
+}
+
+/// The frame, unless its head is longer than [`MAX_HEADER_LEN`]. The length
+/// prefix holds only 24 bits, so a header of 16 MiB or more would wrap into
+/// the flag byte: checked before the frame leaves.
+fn checked((frame, head_len): (Bytes, usize)) -> Result<Bytes, FrameError> {
+    if head_len > MAX_HEADER_LEN {
+        return Err(FrameError::HeaderTooLarge(head_len));
     }
-    Ok(frame_from_json(&json, body, codec))
+    Ok(frame)
 }
 
 /// The `id` of a binary frame whose header is valid JSON with a numeric

@@ -1,0 +1,502 @@
+//! The JSON of binary frame heads, written and read by hand.
+//!
+//! Every call crosses the bridge as a request head and a response head, so
+//! their JSON is on the hot path: through serde it cost the bridge about 11k
+//! instructions per call (`scripts/profile`), a fifth of all it did.
+//!
+//! * [`write_head`] produces exactly the bytes `serde_json::to_vec` produces
+//!   for a [`DataHead`] (same field order, same escapes), so the wire does
+//!   not change and the two can be compared in tests.
+//! * [`read_head`] is a fast path for the heads real workers send: the
+//!   known fields, in any order, with any JSON whitespace and escapes. It
+//!   returns `None` for anything else (an unknown field, `null`, a number
+//!   with a fraction, a duplicate key, a missing field, ...), and the caller
+//!   falls back to serde, which decides and words the error. Whenever it
+//!   returns `Some`, the head is the one serde would have decoded.
+
+use std::borrow::Cow;
+
+use super::{BodyHead, DataHead, Header, RequestHead, ResponseHead};
+
+/// Appends the JSON of `head` to `out`.
+pub fn write_head(head: &DataHead, out: &mut Vec<u8>) {
+    match head {
+        DataHead::Request(r) => write_request(&RequestFields::of(r), &r.headers, out),
+        DataHead::Response(r) => {
+            out.extend_from_slice(br#"{"type":"response","id":"#);
+            write_u64(r.id, out);
+            out.extend_from_slice(br#","status":"#);
+            write_u64(u64::from(r.status), out);
+            write_headers(&r.headers, out);
+            write_end(r.end, out);
+            out.push(b'}');
+        }
+        DataHead::Body(b) => {
+            out.extend_from_slice(br#"{"type":"body","id":"#);
+            write_u64(b.id, out);
+            write_end(b.end, out);
+            out.push(b'}');
+        }
+        DataHead::Unknown => out.extend_from_slice(br#"{"type":"unknown"}"#),
+    }
+}
+
+/// A request head's fields other than its headers, borrowed, so the bridge
+/// can write a head straight from the caller's request (see
+/// [`super::encode_request`]) without building a [`RequestHead`] first.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFields<'a> {
+    /// See [`RequestHead::id`].
+    pub id: u64,
+    /// See [`RequestHead::request_id`].
+    pub request_id: &'a str,
+    /// See [`RequestHead::service`].
+    pub service: &'a str,
+    /// See [`RequestHead::method`].
+    pub method: &'a str,
+    /// See [`RequestHead::path`].
+    pub path: &'a str,
+    /// See [`RequestHead::end`].
+    pub end: bool,
+    /// See [`RequestHead::gate`].
+    pub gate: bool,
+}
+
+impl<'a> RequestFields<'a> {
+    fn of(r: &'a RequestHead) -> Self {
+        RequestFields {
+            id: r.id,
+            request_id: &r.request_id,
+            service: &r.service,
+            method: &r.method,
+            path: &r.path,
+            end: r.end,
+            gate: r.gate,
+        }
+    }
+
+    /// An upper bound on the head's JSON before escaping, to size buffers.
+    pub fn size_hint<N: AsRef<str>, V: AsRef<str>>(&self, headers: &[(N, V)]) -> usize {
+        160 + self.request_id.len()
+            + self.service.len()
+            + self.method.len()
+            + self.path.len()
+            + headers_len(headers)
+    }
+}
+
+/// Appends the JSON of a request head; the same bytes as [`write_head`]
+/// writes for the [`RequestHead`] with these fields and headers.
+pub fn write_request<N: AsRef<str>, V: AsRef<str>>(
+    r: &RequestFields<'_>,
+    headers: &[(N, V)],
+    out: &mut Vec<u8>,
+) {
+    out.extend_from_slice(br#"{"type":"request","id":"#);
+    write_u64(r.id, out);
+    out.extend_from_slice(br#","request_id":"#);
+    write_str(r.request_id, out);
+    out.extend_from_slice(br#","service":"#);
+    write_str(r.service, out);
+    out.extend_from_slice(br#","method":"#);
+    write_str(r.method, out);
+    out.extend_from_slice(br#","path":"#);
+    write_str(r.path, out);
+    write_headers(headers, out);
+    write_end(r.end, out);
+    if !r.gate {
+        out.extend_from_slice(br#","gate":false"#);
+    }
+    out.push(b'}');
+}
+
+/// An upper bound on the JSON bytes of a head before escaping, to size the
+/// buffer it is written into.
+pub fn size_hint(head: &DataHead) -> usize {
+    match head {
+        DataHead::Request(r) => RequestFields::of(r).size_hint(&r.headers),
+        DataHead::Response(r) => 96 + headers_len(&r.headers),
+        DataHead::Body(_) => 64,
+        DataHead::Unknown => 24,
+    }
+}
+
+fn headers_len<N: AsRef<str>, V: AsRef<str>>(headers: &[(N, V)]) -> usize {
+    headers
+        .iter()
+        .map(|(n, v)| n.as_ref().len() + v.as_ref().len() + 6)
+        .sum()
+}
+
+fn write_headers<N: AsRef<str>, V: AsRef<str>>(headers: &[(N, V)], out: &mut Vec<u8>) {
+    out.extend_from_slice(br#","headers":["#);
+    for (i, (name, value)) in headers.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.push(b'[');
+        write_str(name.as_ref(), out);
+        out.push(b',');
+        write_str(value.as_ref(), out);
+        out.push(b']');
+    }
+    out.push(b']');
+}
+
+fn write_end(end: bool, out: &mut Vec<u8>) {
+    out.extend_from_slice(if end {
+        br#","end":true"#
+    } else {
+        br#","end":false"#
+    });
+}
+
+fn write_u64(mut n: u64, out: &mut Vec<u8>) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// A JSON string, escaped as serde_json escapes: `"` and `\` with a
+/// backslash, control characters as `\b \t \n \f \r` or `\u00xx`, and
+/// everything else (`/`, DEL, non-ASCII) as it is.
+fn write_str(s: &str, out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut rest = s.as_bytes();
+    out.reserve(rest.len() + 2);
+    out.push(b'"');
+    loop {
+        let plain = plain_prefix(rest);
+        out.extend_from_slice(&rest[..plain]);
+        let Some(&b) = rest.get(plain) else { break };
+        let hex;
+        out.extend_from_slice(match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            0x08 => b"\\b",
+            b'\t' => b"\\t",
+            b'\n' => b"\\n",
+            0x0c => b"\\f",
+            b'\r' => b"\\r",
+            _ => {
+                hex = [
+                    b'\\',
+                    b'u',
+                    b'0',
+                    b'0',
+                    HEX[(b >> 4) as usize],
+                    HEX[(b & 0xf) as usize],
+                ];
+                &hex
+            }
+        });
+        rest = &rest[plain + 1..];
+    }
+    out.push(b'"');
+}
+
+/// How many leading bytes of `s` can stand in a JSON string as they are:
+/// the index of the first `"`, `\` or control character, or `s.len()`.
+/// Eight bytes at a time (SWAR): heads are mostly such plain runs.
+fn plain_prefix(s: &[u8]) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // Flags bytes equal to zero; exact for the lowest flagged byte.
+    let zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    let mut at = 0;
+    for chunk in s.chunks_exact(8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(word);
+        let flagged = (x.wrapping_sub(ONES * 0x20) & !x & HIGH)
+            | zero(x ^ (ONES * u64::from(b'"')))
+            | zero(x ^ (ONES * u64::from(b'\\')));
+        if flagged != 0 {
+            return at + (flagged.trailing_zeros() / 8) as usize;
+        }
+        at += 8;
+    }
+    at + s[at..]
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+        .unwrap_or(s.len() - at)
+}
+
+/// Reads the common heads; `None` means "ask serde" (see the module doc).
+pub fn read_head(json: &[u8]) -> Option<DataHead> {
+    let mut r = Reader { b: json, at: 0 };
+    let mut f = Fields::default();
+    r.ws();
+    r.eat(b'{')?;
+    r.ws();
+    if r.peek()? == b'}' {
+        return None;
+    }
+    loop {
+        let key = r.string()?;
+        r.ws();
+        r.eat(b':')?;
+        r.ws();
+        match &*key {
+            "type" => set(&mut f.kind, r.string()?)?,
+            "id" => set(&mut f.id, r.number()?)?,
+            "request_id" => set(&mut f.request_id, r.string()?)?,
+            "service" => set(&mut f.service, r.string()?)?,
+            "method" => set(&mut f.method, r.string()?)?,
+            "path" => set(&mut f.path, r.string()?)?,
+            "headers" => set(&mut f.headers, r.headers()?)?,
+            "status" => set(&mut f.status, u16::try_from(r.number()?).ok()?)?,
+            "end" => set(&mut f.end, r.boolean()?)?,
+            "gate" => set(&mut f.gate, r.boolean()?)?,
+            _ => return None,
+        }
+        r.ws();
+        match r.next()? {
+            b',' => r.ws(),
+            b'}' => break,
+            _ => return None,
+        }
+    }
+    r.ws();
+    if r.at != r.b.len() {
+        return None;
+    }
+    let end = f.end.unwrap_or(true);
+    Some(match &*f.kind? {
+        "request" => DataHead::Request(RequestHead {
+            id: f.id?,
+            request_id: f.request_id?.into_owned(),
+            service: f.service?.into_owned(),
+            method: f.method?.into_owned(),
+            path: f.path?.into_owned(),
+            headers: f.headers?,
+            end,
+            gate: f.gate.unwrap_or(true),
+        }),
+        "response" => DataHead::Response(ResponseHead {
+            id: f.id?,
+            status: f.status?,
+            headers: f.headers.unwrap_or_default(),
+            end,
+        }),
+        "body" => DataHead::Body(BodyHead { id: f.id?, end }),
+        _ => return None,
+    })
+}
+
+/// Sets a field seen for the first time; a repeated key is left to serde
+/// (which refuses it).
+fn set<T>(slot: &mut Option<T>, value: T) -> Option<()> {
+    if slot.is_some() {
+        return None;
+    }
+    *slot = Some(value);
+    Some(())
+}
+
+#[derive(Default)]
+struct Fields<'a> {
+    kind: Option<Cow<'a, str>>,
+    id: Option<u64>,
+    request_id: Option<Cow<'a, str>>,
+    service: Option<Cow<'a, str>>,
+    method: Option<Cow<'a, str>>,
+    path: Option<Cow<'a, str>>,
+    headers: Option<Vec<Header>>,
+    status: Option<u16>,
+    end: Option<bool>,
+    gate: Option<bool>,
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.at).copied()
+    }
+
+    fn next(&mut self) -> Option<u8> {
+        let c = self.peek()?;
+        self.at += 1;
+        Some(c)
+    }
+
+    fn eat(&mut self, c: u8) -> Option<()> {
+        (self.next()? == c).then_some(())
+    }
+
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
+            self.at += 1;
+        }
+    }
+
+    fn boolean(&mut self) -> Option<bool> {
+        let rest = self.b.get(self.at..)?;
+        if rest.starts_with(b"true") {
+            self.at += 4;
+            Some(true)
+        } else if rest.starts_with(b"false") {
+            self.at += 5;
+            Some(false)
+        } else {
+            None
+        }
+    }
+
+    /// A non-negative integer without fraction or exponent that fits a u64.
+    fn number(&mut self) -> Option<u64> {
+        let start = self.at;
+        let mut n: u64 = 0;
+        while let Some(c @ b'0'..=b'9') = self.peek() {
+            n = n.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+            self.at += 1;
+        }
+        let digits = self.at - start;
+        // No digits, or a leading zero (not JSON), or a fraction/exponent
+        // next: not ours.
+        if digits == 0 || (digits > 1 && self.b[start] == b'0') {
+            return None;
+        }
+        match self.peek() {
+            Some(b'.' | b'e' | b'E') => None,
+            _ => Some(n),
+        }
+    }
+
+    /// `[["name","value"], ...]`.
+    fn headers(&mut self) -> Option<Vec<Header>> {
+        self.eat(b'[')?;
+        self.ws();
+        let mut out = Vec::new();
+        if self.peek()? == b']' {
+            self.at += 1;
+            return Some(out);
+        }
+        loop {
+            self.eat(b'[')?;
+            self.ws();
+            let name = self.string()?.into_owned();
+            self.ws();
+            self.eat(b',')?;
+            self.ws();
+            let value = self.string()?.into_owned();
+            self.ws();
+            self.eat(b']')?;
+            out.push((name, value));
+            self.ws();
+            match self.next()? {
+                b',' => self.ws(),
+                b']' => return Some(out),
+                _ => return None,
+            }
+        }
+    }
+
+    /// A JSON string, borrowed when it has no escapes.
+    fn string(&mut self) -> Option<Cow<'a, str>> {
+        self.eat(b'"')?;
+        let start = self.at;
+        self.at += plain_prefix(self.b.get(start..)?);
+        if self.next()? == b'"' {
+            let raw = &self.b[start..self.at - 1];
+            return std::str::from_utf8(raw).ok().map(Cow::Borrowed);
+        }
+        // An escape or a control character: decode from here, the slow way.
+        self.at -= 1;
+        let mut out = self.b[start..self.at].to_vec();
+        loop {
+            match self.next()? {
+                b'"' => return String::from_utf8(out).ok().map(Cow::Owned),
+                b'\\' => {
+                    let c = match self.next()? {
+                        b'"' => '"',
+                        b'\\' => '\\',
+                        b'/' => '/',
+                        b'b' => '\u{8}',
+                        b'f' => '\u{c}',
+                        b'n' => '\n',
+                        b'r' => '\r',
+                        b't' => '\t',
+                        b'u' => self.unicode_escape()?,
+                        _ => return None,
+                    };
+                    let mut utf8 = [0u8; 4];
+                    out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+                }
+                0x00..=0x1f => return None,
+                c => out.push(c),
+            }
+        }
+    }
+
+    /// The character of a `\uXXXX` escape (after the `u`), joining a
+    /// surrogate pair; a lone surrogate is left to serde.
+    fn unicode_escape(&mut self) -> Option<char> {
+        let hi = self.hex4()?;
+        if !(0xd800..0xe000).contains(&hi) {
+            return char::from_u32(hi);
+        }
+        if hi >= 0xdc00 || self.next()? != b'\\' || self.next()? != b'u' {
+            return None;
+        }
+        let lo = self.hex4()?;
+        if !(0xdc00..0xe000).contains(&lo) {
+            return None;
+        }
+        char::from_u32(0x10000 + ((hi - 0xd800) << 10) + (lo - 0xdc00))
+    }
+
+    fn hex4(&mut self) -> Option<u32> {
+        let digits = self.b.get(self.at..self.at + 4)?;
+        self.at += 4;
+        let s = std::str::from_utf8(digits).ok()?;
+        if !s.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return None;
+        }
+        u32::from_str_radix(s, 16).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_prefix_finds_the_first_byte_to_escape_at_any_offset() {
+        let naive = |s: &[u8]| {
+            s.iter()
+                .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+                .unwrap_or(s.len())
+        };
+        for len in 0..20 {
+            for at in 0..len {
+                for special in [b'"', b'\\', 0x00, 0x1f, b'\n'] {
+                    // Bytes that sit next to the specials in value, and
+                    // non-ASCII, must not be flagged.
+                    for filler in [b' ', b'!', b'#', b'[', b']', 0x7f, 0x80, 0xff] {
+                        let mut s = vec![filler; len];
+                        s[at] = special;
+                        if at + 1 < len {
+                            s[at + 1] = special;
+                        }
+                        assert_eq!(plain_prefix(&s), naive(&s), "{s:?}");
+                        assert_eq!(plain_prefix(&s), at);
+                    }
+                }
+            }
+            assert_eq!(plain_prefix(&vec![b'a'; len]), len);
+        }
+    }
+}
