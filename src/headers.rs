@@ -4,6 +4,7 @@
 
 use std::borrow::Cow;
 
+use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue};
 
 use crate::protocol::Header;
@@ -79,12 +80,44 @@ pub fn to_wire_ref(headers: &HeaderMap) -> Vec<(&str, Cow<'_, str>)> {
 /// complete body is framed from its own length. Fails on the first name or
 /// value that is not valid HTTP.
 pub fn from_wire(pairs: &[Header], streamed: bool) -> Result<HeaderMap, String> {
-    let mut map = HeaderMap::with_capacity(pairs.len());
+    let values = pairs
+        .iter()
+        .map(|(n, v)| (n.as_str(), HeaderValue::from_str(v).ok()));
+    build(values, pairs.len(), streamed)
+}
+
+/// [`from_wire`] for pairs that may borrow `frame`: a borrowed value
+/// becomes a slice of it instead of a copy. With `frame` `None`, values are
+/// copied (a frame padded with junk must not be kept alive by its headers).
+pub fn from_wire_ref(
+    pairs: &[(Cow<'_, str>, Cow<'_, str>)],
+    streamed: bool,
+    frame: Option<&Bytes>,
+) -> Result<HeaderMap, String> {
+    let values = pairs.iter().map(|(n, v)| {
+        let value = match (v, frame) {
+            (Cow::Borrowed(v), Some(frame)) => {
+                HeaderValue::from_maybe_shared(frame.slice_ref(v.as_bytes()))
+            }
+            _ => HeaderValue::from_str(v),
+        };
+        (n.as_ref(), value.ok())
+    });
+    build(values, pairs.len(), streamed)
+}
+
+/// The map of names and values (`None`: not a valid value), as
+/// [`from_wire`] describes.
+fn build<'a>(
+    pairs: impl Iterator<Item = (&'a str, Option<HeaderValue>)>,
+    len: usize,
+    streamed: bool,
+) -> Result<HeaderMap, String> {
+    let mut map = HeaderMap::with_capacity(len);
     for (name, value) in pairs {
         let name = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| format!("invalid header name {name:?}"))?;
-        let value =
-            HeaderValue::from_str(value).map_err(|_| format!("invalid value for header {name}"))?;
+        let value = value.ok_or_else(|| format!("invalid value for header {name}"))?;
         map.append(name, value);
     }
     strip_hop_by_hop(&mut map);

@@ -39,7 +39,11 @@ use super::{Settings, Shared};
 use crate::{
     body::{Body, BodyError, BodySender},
     headers,
-    protocol::{self, Compression, Control, DataHead, ResponseHead, Welcome},
+    protocol::{
+        self,
+        json::{HeadRef, ResponseRef},
+        Compression, Control, DataHead, Welcome,
+    },
     transport::{self, Inbox, Outbox},
 };
 
@@ -622,7 +626,13 @@ impl Session {
     /// Handles a `response` head: a complete reply goes to the caller at
     /// once; a head with `end: false` goes to the caller with a body that
     /// the following chunks feed as they arrive.
-    fn on_response(&self, head: ResponseHead, body: Bytes) -> Result<(), String> {
+    /// Header values may be slices of `frame` (see [`headers::from_wire_ref`]).
+    fn on_response(
+        &self,
+        head: ResponseRef<'_>,
+        body: Bytes,
+        frame: Option<&Bytes>,
+    ) -> Result<(), String> {
         let mut calls = self.lock();
         let Some(pending) = calls.map.get_mut(&head.id) else {
             // Late replies to calls that timed out or were cancelled are
@@ -645,7 +655,7 @@ impl Session {
             Some(window) if !head.end => window,
             _ => self.terms.max_response,
         };
-        let resp = match check_head(&head, body.len(), limit) {
+        let resp = match check_head(&head, body.len(), limit, frame) {
             Ok(resp) => resp,
             Err(reason) => {
                 calls.map.remove(&head.id);
@@ -729,7 +739,12 @@ impl Session {
 }
 
 /// Validates a response head and converts it to an HTTP response.
-fn check_head(head: &ResponseHead, body_len: usize, max: usize) -> Result<Response<()>, String> {
+fn check_head(
+    head: &ResponseRef<'_>,
+    body_len: usize,
+    max: usize,
+    frame: Option<&Bytes>,
+) -> Result<Response<()>, String> {
     let status = StatusCode::from_u16(head.status)
         .ok()
         .filter(|s| (200..=599).contains(&s.as_u16()))
@@ -737,7 +752,7 @@ fn check_head(head: &ResponseHead, body_len: usize, max: usize) -> Result<Respon
     if body_len > max {
         return Err(format!("response body exceeds {max} bytes"));
     }
-    let headers = headers::from_wire(&head.headers, !head.end)?;
+    let headers = headers::from_wire_ref(&head.headers, !head.end, frame)?;
     let mut resp = Response::new(());
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
@@ -1178,7 +1193,7 @@ fn on_binary(session: &Session, frame: Bytes) -> Problem {
         Compression::None => 0,
         Compression::Lz4 => session.terms.max_frame,
     };
-    let (head, body) = match protocol::decode_data(&frame, inflate_limit) {
+    let (head, body) = match protocol::decode_data_ref(&frame, inflate_limit) {
         Ok(decoded) => decoded,
         Err(e) => {
             // If the header names a call, fail that call now rather than
@@ -1190,13 +1205,19 @@ fn on_binary(session: &Session, frame: Bytes) -> Problem {
             return Some((id, "malformed_frame", e.to_string()));
         }
     };
-    let id = match head {
-        DataHead::Response(_) | DataHead::Body(_) => head.id(),
-        DataHead::Request(_) => {
+    let head = match head {
+        // decode_data_ref returns every response as HeadRef::Response.
+        HeadRef::Other(DataHead::Response(r)) => HeadRef::Response(r.into()),
+        head => head,
+    };
+    let id = match &head {
+        HeadRef::Response(r) => Some(r.id),
+        HeadRef::Other(DataHead::Body(b)) => Some(b.id),
+        HeadRef::Other(DataHead::Request(_) | DataHead::Response(_)) => {
             let reason = "workers may not send request frames".into();
             return Some((None, "unexpected_frame", reason));
         }
-        DataHead::Unknown => {
+        HeadRef::Other(DataHead::Unknown) => {
             return Some((None, "unknown_frame", "unknown binary frame type".into()))
         }
     };
@@ -1206,16 +1227,19 @@ fn on_binary(session: &Session, frame: Bytes) -> Problem {
     }
     // A chunk is a slice of its frame: held for a slow caller, it would keep
     // the whole frame alive. A frame padded with large unknown fields must
-    // not make the bridge hold more than the bytes it counts.
-    let body = if frame.len().saturating_sub(body.len()) > 4096 {
+    // not make the bridge hold more than the bytes it counts, so its body
+    // and header values are copied out.
+    let padded = frame.len().saturating_sub(body.len()) > 4096;
+    let body = if padded {
         Bytes::copy_from_slice(&body)
     } else {
         body
     };
+    let shared = (!padded).then_some(&frame);
     let result = match head {
-        DataHead::Response(head) => session.on_response(head, body),
-        DataHead::Body(b) => session.on_body(b.id, b.end, body),
-        DataHead::Request(_) | DataHead::Unknown => return None, // answered above
+        HeadRef::Response(head) => session.on_response(head, body, shared),
+        HeadRef::Other(DataHead::Body(b)) => session.on_body(b.id, b.end, body),
+        HeadRef::Other(_) => return None, // answered above
     };
     result.err().map(|reason| (id, "bad_response", reason))
 }

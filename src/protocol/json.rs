@@ -232,6 +232,72 @@ fn plain_prefix(s: &[u8]) -> usize {
 
 /// Reads the common heads; `None` means "ask serde" (see the module doc).
 pub fn read_head(json: &[u8]) -> Option<DataHead> {
+    read_head_ref(json).map(HeadRef::into_owned)
+}
+
+/// A head as [`read_head_ref`] reads it: a response's header names and
+/// values borrow the JSON unless they were escaped, so the bridge can turn
+/// them into HTTP headers without copying them twice.
+#[derive(Debug, PartialEq)]
+pub enum HeadRef<'a> {
+    /// A response head, borrowed.
+    Response(ResponseRef<'a>),
+    /// Any other head.
+    Other(DataHead),
+}
+
+/// A [`ResponseHead`] whose header strings may borrow the frame.
+#[derive(Debug, PartialEq)]
+pub struct ResponseRef<'a> {
+    /// See [`ResponseHead::id`].
+    pub id: u64,
+    /// See [`ResponseHead::status`].
+    pub status: u16,
+    /// See [`ResponseHead::headers`].
+    pub headers: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    /// See [`ResponseHead::end`].
+    pub end: bool,
+}
+
+impl From<ResponseHead> for ResponseRef<'_> {
+    fn from(h: ResponseHead) -> Self {
+        ResponseRef {
+            id: h.id,
+            status: h.status,
+            headers: h
+                .headers
+                .into_iter()
+                .map(|(n, v)| (Cow::Owned(n), Cow::Owned(v)))
+                .collect(),
+            end: h.end,
+        }
+    }
+}
+
+impl HeadRef<'_> {
+    /// The owned head.
+    pub fn into_owned(self) -> DataHead {
+        match self {
+            HeadRef::Response(r) => DataHead::Response(ResponseHead {
+                id: r.id,
+                status: r.status,
+                headers: owned(r.headers),
+                end: r.end,
+            }),
+            HeadRef::Other(head) => head,
+        }
+    }
+}
+
+fn owned(pairs: Vec<(Cow<'_, str>, Cow<'_, str>)>) -> Vec<Header> {
+    pairs
+        .into_iter()
+        .map(|(n, v)| (n.into_owned(), v.into_owned()))
+        .collect()
+}
+
+/// [`read_head`] without copying a response's header strings.
+pub fn read_head_ref(json: &[u8]) -> Option<HeadRef<'_>> {
     let mut r = Reader { b: json, at: 0 };
     let mut f = Fields::default();
     r.ws();
@@ -271,23 +337,23 @@ pub fn read_head(json: &[u8]) -> Option<DataHead> {
     }
     let end = f.end.unwrap_or(true);
     Some(match &*f.kind? {
-        "request" => DataHead::Request(RequestHead {
+        "request" => HeadRef::Other(DataHead::Request(RequestHead {
             id: f.id?,
             request_id: f.request_id?.into_owned(),
             service: f.service?.into_owned(),
             method: f.method?.into_owned(),
             path: f.path?.into_owned(),
-            headers: f.headers?,
+            headers: owned(f.headers?),
             end,
             gate: f.gate.unwrap_or(true),
-        }),
-        "response" => DataHead::Response(ResponseHead {
+        })),
+        "response" => HeadRef::Response(ResponseRef {
             id: f.id?,
             status: f.status?,
             headers: f.headers.unwrap_or_default(),
             end,
         }),
-        "body" => DataHead::Body(BodyHead { id: f.id?, end }),
+        "body" => HeadRef::Other(DataHead::Body(BodyHead { id: f.id?, end })),
         _ => return None,
     })
 }
@@ -310,7 +376,7 @@ struct Fields<'a> {
     service: Option<Cow<'a, str>>,
     method: Option<Cow<'a, str>>,
     path: Option<Cow<'a, str>>,
-    headers: Option<Vec<Header>>,
+    headers: Option<Vec<(Cow<'a, str>, Cow<'a, str>)>>,
     status: Option<u16>,
     end: Option<bool>,
     gate: Option<bool>,
@@ -376,7 +442,7 @@ impl<'a> Reader<'a> {
     }
 
     /// `[["name","value"], ...]`.
-    fn headers(&mut self) -> Option<Vec<Header>> {
+    fn headers(&mut self) -> Option<Vec<(Cow<'a, str>, Cow<'a, str>)>> {
         self.eat(b'[')?;
         self.ws();
         let mut out = Vec::new();
@@ -387,11 +453,11 @@ impl<'a> Reader<'a> {
         loop {
             self.eat(b'[')?;
             self.ws();
-            let name = self.string()?.into_owned();
+            let name = self.string()?;
             self.ws();
             self.eat(b',')?;
             self.ws();
-            let value = self.string()?.into_owned();
+            let value = self.string()?;
             self.ws();
             self.eat(b']')?;
             out.push((name, value));

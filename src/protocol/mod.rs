@@ -506,6 +506,15 @@ fn prefix(frame: &[u8]) -> Option<(u32, usize)> {
 /// the frame unless the body was compressed). A compressed body may inflate
 /// to at most `inflate_limit` bytes; 0 means compression was not agreed.
 pub fn decode_data(frame: &Bytes, inflate_limit: usize) -> Result<(DataHead, Bytes), FrameError> {
+    decode_data_ref(frame, inflate_limit).map(|(head, body)| (head.into_owned(), body))
+}
+
+/// [`decode_data`], with a response head's header strings borrowing the
+/// frame (see [`json::HeadRef`]).
+pub fn decode_data_ref(
+    frame: &Bytes,
+    inflate_limit: usize,
+) -> Result<(json::HeadRef<'_>, Bytes), FrameError> {
     let Some((flags, len)) = prefix(frame) else {
         return Err(FrameError::Truncated("no 4-byte length prefix"));
     };
@@ -520,9 +529,13 @@ pub fn decode_data(frame: &Bytes, inflate_limit: usize) -> Result<(DataHead, Byt
         return Err(FrameError::Truncated("header length exceeds frame"));
     }
     let json = &frame[4..end];
-    let head = match json::read_head(json) {
+    let head = match json::read_head_ref(json) {
         Some(head) => head,
-        None => serde_json::from_slice(json).map_err(|e| FrameError::Json(e.to_string()))?,
+        None => match serde_json::from_slice(json) {
+            Ok(DataHead::Response(r)) => json::HeadRef::Response(r.into()),
+            Ok(other) => json::HeadRef::Other(other),
+            Err(e) => return Err(FrameError::Json(e.to_string())),
+        },
     };
     let body = frame.slice(end..);
     if flags & FLAG_LZ4 == 0 {
