@@ -107,27 +107,40 @@ pub fn from_wire_ref(
 }
 
 /// The map of names and values (`None`: not a valid value), as
-/// [`from_wire`] describes.
+/// [`from_wire`] describes. Hop-by-hop headers and `Content-Length` are
+/// sorted out as the pairs go in, so the common case takes no second pass
+/// over the map; only a `Connection` header (which may name more headers to
+/// drop) sends it through [`strip_hop_by_hop`].
 fn build<'a>(
     pairs: impl Iterator<Item = (&'a str, Option<HeaderValue>)>,
     len: usize,
     streamed: bool,
 ) -> Result<HeaderMap, String> {
     let mut map = HeaderMap::with_capacity(len);
+    let mut connection = false;
+    let (mut length, mut lengths) = (None, 0);
     for (name, value) in pairs {
         let name = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| format!("invalid header name {name:?}"))?;
         let value = value.ok_or_else(|| format!("invalid value for header {name}"))?;
+        if name == header::CONTENT_LENGTH {
+            lengths += 1;
+            length = Some(value);
+            continue;
+        }
+        if name == header::CONNECTION {
+            connection = true;
+        } else if is_hop_by_hop(&name, &[]) {
+            continue;
+        }
         map.append(name, value);
     }
-    strip_hop_by_hop(&mut map);
-    let lengths = map.get_all(header::CONTENT_LENGTH).iter().count();
-    let valid = map
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.parse::<u64>().is_ok());
-    if !(streamed && lengths == 1 && valid) {
-        map.remove(header::CONTENT_LENGTH);
+    if connection {
+        strip_hop_by_hop(&mut map);
+    }
+    let valid = |v: &HeaderValue| v.to_str().is_ok_and(|v| v.parse::<u64>().is_ok());
+    if let Some(length) = length.filter(|v| streamed && lengths == 1 && valid(v)) {
+        map.insert(header::CONTENT_LENGTH, length);
     }
     Ok(map)
 }
@@ -181,5 +194,39 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(map.len(), 1);
+    }
+
+    #[test]
+    fn from_wire_drops_connection_listed_headers_and_doubtful_lengths() {
+        let pair = |n: &str, v: &str| (n.to_owned(), v.to_owned());
+        let map = from_wire(
+            &[
+                pair("x-secret", "1"),
+                pair("Connection", "x-secret, close"),
+                pair("proxy-authenticate", "Basic"),
+                pair("x-keep", "a"),
+                pair("X-Keep", "b"),
+            ],
+            false,
+        )
+        .expect("valid");
+        let keep: Vec<_> = map.get_all("x-keep").iter().collect();
+        assert_eq!(keep, ["a", "b"]);
+        assert_eq!(map.len(), 2, "{map:?}");
+        // A streamed body keeps one valid Content-Length, and only that.
+        let one = from_wire(&[pair("content-length", "5"), pair("x", "1")], true);
+        assert_eq!(
+            one.expect("valid")
+                .get("content-length")
+                .map(|v| v.as_bytes()),
+            Some(&b"5"[..])
+        );
+        for doubtful in [
+            vec![pair("content-length", "5"), pair("content-length", "5")],
+            vec![pair("content-length", "five")],
+        ] {
+            let map = from_wire(&doubtful, true).expect("valid");
+            assert!(map.get("content-length").is_none(), "{doubtful:?}");
+        }
     }
 }

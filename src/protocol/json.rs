@@ -298,7 +298,13 @@ fn owned(pairs: Vec<(Cow<'_, str>, Cow<'_, str>)>) -> Vec<Header> {
 
 /// [`read_head`] without copying a response's header strings.
 pub fn read_head_ref(json: &[u8]) -> Option<HeadRef<'_>> {
-    let mut r = Reader { b: json, at: 0 };
+    // Valid JSON is UTF-8 throughout; a head that is not goes to serde.
+    let s = std::str::from_utf8(json).ok()?;
+    let mut r = Reader {
+        s,
+        b: s.as_bytes(),
+        at: 0,
+    };
     let mut f = Fields::default();
     r.ws();
     r.eat(b'{')?;
@@ -383,6 +389,9 @@ struct Fields<'a> {
 }
 
 struct Reader<'a> {
+    /// The whole head, checked to be UTF-8 once, so that a string between
+    /// two quotes is a slice of it rather than a validation of its own.
+    s: &'a str,
     b: &'a [u8],
     at: usize,
 }
@@ -476,8 +485,8 @@ impl<'a> Reader<'a> {
         let start = self.at;
         self.at += plain_prefix(self.b.get(start..)?);
         if self.next()? == b'"' {
-            let raw = &self.b[start..self.at - 1];
-            return std::str::from_utf8(raw).ok().map(Cow::Borrowed);
+            // Both ends are ASCII quotes, so both are char boundaries.
+            return self.s.get(start..self.at - 1).map(Cow::Borrowed);
         }
         // An escape or a control character: decode from here, the slow way.
         self.at -= 1;
