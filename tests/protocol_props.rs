@@ -10,12 +10,13 @@
 use bytes::Bytes;
 use proptest::collection::vec;
 use proptest::prelude::*;
-use wsbridge::protocol::json::{read_head, write_head};
+use wsbridge::protocol::json::{read_head, write_head, RequestFields};
 use wsbridge::protocol::{
     decode_control, decode_data, encode_control, encode_data, encode_frame, BodyHead, Compression,
     Control, DataHead, Hello, RequestHead, ResponseHead, Resume, Welcome, COMPRESS_MIN,
     MAX_INFLIGHT, MAX_RESUME_IDS, MAX_SERVICES,
 };
+use wsbridge::protocol::{encode_head, encode_request, encode_response};
 
 /// Strings of any characters, control characters, quotes, backslashes and
 /// astral-plane characters included (all need care in JSON).
@@ -367,6 +368,35 @@ proptest! {
         write_head(&head, &mut ours);
         let serde = serde_json::to_vec(&head).expect("serialises");
         prop_assert_eq!(String::from_utf8_lossy(&ours), String::from_utf8_lossy(&serde));
+    }
+
+    #[test]
+    fn the_borrowing_encoders_build_what_encode_head_builds(
+        head in data_head(),
+        body in body(),
+        lz4 in any::<bool>(),
+    ) {
+        let codec = if lz4 { Compression::Lz4 } else { Compression::None };
+        let expected = encode_head(&head, &body, codec);
+        match &head {
+            DataHead::Request(r) => {
+                let fields = RequestFields {
+                    id: r.id,
+                    request_id: &r.request_id,
+                    service: &r.service,
+                    method: &r.method,
+                    path: &r.path,
+                    end: r.end,
+                    gate: r.gate,
+                };
+                prop_assert_eq!(encode_request(&fields, &r.headers, &body, codec), expected);
+            }
+            DataHead::Response(r) => {
+                let got = encode_response((r.id, r.status), &r.headers, r.end, &body, codec);
+                prop_assert_eq!(got, expected);
+            }
+            DataHead::Body(_) | DataHead::Unknown => {}
+        }
     }
 
     #[test]

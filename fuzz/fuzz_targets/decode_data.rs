@@ -1,12 +1,14 @@
 //! Binary (data) frames from a hostile peer: `decode_data` and `peek_id` must
-//! never panic, and whatever decodes must survive `encode_data` -> `decode_data`
-//! unchanged.
+//! never panic, whatever decodes must survive `encode_data` -> `decode_data`
+//! unchanged, and the hand-written head reader (`json::read_head`) must
+//! read a head exactly as serde does whenever it reads one at all.
 #![no_main]
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use wsbridge::protocol::{
-    decode_data, encode_data, encode_frame, peek_id, Compression, FrameError, MAX_HEADER_LEN,
+    decode_data, encode_data, encode_frame, json, peek_id, Compression, DataHead, FrameError,
+    MAX_HEADER_LEN,
 };
 
 /// Inflate limits: compression not agreed, a small receiver, the default
@@ -19,6 +21,16 @@ fuzz_target!(|data: &[u8]| {
     // fuzzer learns to steer it).
     let limit = LIMITS[data.last().map_or(0, |b| *b as usize % LIMITS.len())];
     let peeked = peek_id(&frame);
+    // The fast path answers only for what it fully understands, and then
+    // exactly as serde would.
+    if let Some(json_head) = data.get(4..) {
+        for candidate in [json_head, data] {
+            if let Some(fast) = json::read_head(candidate) {
+                let slow = serde_json::from_slice::<DataHead>(candidate);
+                assert_eq!(slow.ok(), Some(fast), "read_head and serde disagree");
+            }
+        }
+    }
     let Ok((head, body)) = decode_data(&frame, limit) else {
         return;
     };

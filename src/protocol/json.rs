@@ -22,15 +22,7 @@ use super::{BodyHead, DataHead, Header, RequestHead, ResponseHead};
 pub fn write_head(head: &DataHead, out: &mut Vec<u8>) {
     match head {
         DataHead::Request(r) => write_request(&RequestFields::of(r), &r.headers, out),
-        DataHead::Response(r) => {
-            out.extend_from_slice(br#"{"type":"response","id":"#);
-            write_u64(r.id, out);
-            out.extend_from_slice(br#","status":"#);
-            write_u64(u64::from(r.status), out);
-            write_headers(&r.headers, out);
-            write_end(r.end, out);
-            out.push(b'}');
-        }
+        DataHead::Response(r) => write_response(r.id, r.status, &r.headers, r.end, out),
         DataHead::Body(b) => {
             out.extend_from_slice(br#"{"type":"body","id":"#);
             write_u64(b.id, out);
@@ -110,12 +102,35 @@ pub fn write_request<N: AsRef<str>, V: AsRef<str>>(
     out.push(b'}');
 }
 
+/// Appends the JSON of a response head; the same bytes as [`write_head`]
+/// writes for the [`ResponseHead`] with these fields.
+pub fn write_response<N: AsRef<str>, V: AsRef<str>>(
+    id: u64,
+    status: u16,
+    headers: &[(N, V)],
+    end: bool,
+    out: &mut Vec<u8>,
+) {
+    out.extend_from_slice(br#"{"type":"response","id":"#);
+    write_u64(id, out);
+    out.extend_from_slice(br#","status":"#);
+    write_u64(u64::from(status), out);
+    write_headers(headers, out);
+    write_end(end, out);
+    out.push(b'}');
+}
+
+/// The size hint of a response head with these headers.
+pub fn response_size_hint<N: AsRef<str>, V: AsRef<str>>(headers: &[(N, V)]) -> usize {
+    96 + headers_len(headers)
+}
+
 /// An upper bound on the JSON bytes of a head before escaping, to size the
 /// buffer it is written into.
 pub fn size_hint(head: &DataHead) -> usize {
     match head {
         DataHead::Request(r) => RequestFields::of(r).size_hint(&r.headers),
-        DataHead::Response(r) => 96 + headers_len(&r.headers),
+        DataHead::Response(r) => response_size_hint(&r.headers),
         DataHead::Body(_) => 64,
         DataHead::Unknown => 24,
     }

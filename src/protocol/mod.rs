@@ -613,6 +613,25 @@ pub fn encode_request<N: AsRef<str>, V: AsRef<str>>(
     checked(frame_with(fields.size_hint(headers), write, body, codec))
 }
 
+/// Encodes a response head frame from borrowed headers: the frame
+/// [`encode_head`] builds for the [`ResponseHead`] they describe (the
+/// worker's hot path).
+pub fn encode_response<N: AsRef<str>, V: AsRef<str>>(
+    (id, status): (u64, u16),
+    headers: &[(N, V)],
+    end: bool,
+    body: &[u8],
+    codec: Compression,
+) -> Result<Bytes, FrameError> {
+    let write = |out: &mut Vec<u8>| json::write_response(id, status, headers, end, out);
+    checked(frame_with(
+        json::response_size_hint(headers),
+        write,
+        body,
+        codec,
+    ))
+}
+
 /// The frame, unless its head is longer than [`MAX_HEADER_LEN`]. The length
 /// prefix holds only 24 bits, so a header of 16 MiB or more would wrap into
 /// the flag byte: checked before the frame leaves.

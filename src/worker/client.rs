@@ -19,7 +19,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{future::OptionFuture, FutureExt, SinkExt, StreamExt};
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use rustls::pki_types::ServerName;
@@ -43,8 +43,8 @@ use crate::{
     config::Secret,
     headers,
     protocol::{
-        self, BodyHead, Compression, Control, DataHead, Hello, RequestHead, ResponseHead, Resume,
-        Welcome, CHUNK_SIZE,
+        self, BodyHead, Compression, Control, DataHead, Hello, RequestHead, Resume, Welcome,
+        CHUNK_SIZE,
     },
     transport::{self, Inbox, Outbox},
 };
@@ -873,19 +873,18 @@ impl CallCtx {
         // answered `start`: a call the bridge has no `accepted` for is one
         // it may send to another worker if this connection dies.
         // Without the gate the call is free to start at once.
-        let (go, start) = oneshot::channel();
-        if gated {
+        let start = gated.then(|| {
+            let (go, start) = oneshot::channel();
             lock(&self.starts).insert(id, go);
             let accepted = Control::Accepted { id };
             outbox.control(Message::text(protocol::encode_control(&accepted)));
-        } else {
-            let _ = go.send(());
-        }
+            start
+        });
         // The map lock is held across the spawn so the task's own removal
         // (which takes the same lock) cannot run before the insert.
         let mut map = lock(&self.calls);
         let task = tokio::spawn(async move {
-            if start.await.is_err() {
+            if let Some(Err(_)) = OptionFuture::from(start).await {
                 // Abandoned before the bridge said start (a new session, or
                 // the worker stopping): the call never runs here.
                 lock(&calls).remove(&id);
@@ -986,14 +985,15 @@ impl ReplySender<'_> {
             self.codec = Compression::None;
         }
         let full = body.as_full().filter(|b| b.len() <= CHUNK_SIZE);
-        let head = DataHead::Response(ResponseHead {
-            id: self.id,
-            status: parts.status.as_u16(),
-            headers: headers::to_wire(&parts.headers),
-            end: full.is_some(),
-        });
         let first = full.clone().unwrap_or_default();
-        let frame = protocol::encode_head(&head, &first, self.codec).map_err(|e| e.to_string())?;
+        let frame = protocol::encode_response(
+            (self.id, parts.status.as_u16()),
+            &headers::to_wire_ref(&parts.headers),
+            full.is_some(),
+            &first,
+            self.codec,
+        )
+        .map_err(|e| e.to_string())?;
         self.reserve(first.len()).await?;
         if full.is_some() {
             // A whole small reply overtakes queued chunks of other calls. The
