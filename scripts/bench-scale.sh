@@ -172,6 +172,20 @@ IDLE_KIB=$(rss_kib "$BRIDGE")
 stop "$BRIDGE"
 
 # --- in-flight scale ----------------------------------------------------------
+# Connections in TIME_WAIT pin their local ports for 60 s: a level started
+# right after a run that closed tens of thousands of connections (a previous
+# run of this script, say) fails to bind. So a level waits (at most 70 s)
+# until no more remain than one level of this script leaves (the 10,000
+# level; the next one has room for that many, measured).
+wait_time_wait() {
+    command -v ss >/dev/null || return 0
+    local deadline=$((SECONDS + 70)) n
+    while n=$(ss -Htan state time-wait | wc -l) && ((n > 12000 && SECONDS < deadline)); do
+        say "$n connections in TIME_WAIT: waiting for them to expire"
+        sleep 5
+    done
+}
+
 # Runs one level on a fresh bridge and worker; sets LEVEL_RESULT. (Not
 # called in $(...): the processes must be known to this shell's cleanup.)
 LEVEL_RESULT=
@@ -182,6 +196,7 @@ run_level() {
     # 64 more slots for the probe calls made while all n are held.
     conns=$(((n + 64 + 65535) / 65536))
     max_inflight=$(((n + conns - 1) / conns + 64))
+    wait_time_wait
     say "in-flight: $n calls ($conns worker connection(s) x max_inflight $max_inflight, delay $delay ms)"
     start_bridge "n$n"
     "$EX/delay_worker" --url "wss://127.0.0.1:$WORKER_PORT" --token bench-token \
