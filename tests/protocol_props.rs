@@ -380,15 +380,7 @@ proptest! {
         let expected = encode_head(&head, &body, codec);
         match &head {
             DataHead::Request(r) => {
-                let fields = RequestFields {
-                    id: r.id,
-                    request_id: &r.request_id,
-                    service: &r.service,
-                    method: &r.method,
-                    path: &r.path,
-                    end: r.end,
-                    gate: r.gate,
-                };
+                let fields = RequestFields::from(r);
                 prop_assert_eq!(encode_request(&fields, &r.headers, &body, codec), expected);
             }
             DataHead::Response(r) => {

@@ -21,7 +21,7 @@ use super::{BodyHead, DataHead, Header, RequestHead, ResponseHead};
 /// Appends the JSON of `head` to `out`.
 pub fn write_head(head: &DataHead, out: &mut Vec<u8>) {
     match head {
-        DataHead::Request(r) => write_request(&RequestFields::of(r), &r.headers, out),
+        DataHead::Request(r) => write_request(&RequestFields::from(r), &r.headers, out),
         DataHead::Response(r) => write_response(r.id, r.status, &r.headers, r.end, out),
         DataHead::Body(b) => {
             out.extend_from_slice(br#"{"type":"body","id":"#);
@@ -54,8 +54,8 @@ pub struct RequestFields<'a> {
     pub gate: bool,
 }
 
-impl<'a> RequestFields<'a> {
-    fn of(r: &'a RequestHead) -> Self {
+impl<'a> From<&'a RequestHead> for RequestFields<'a> {
+    fn from(r: &'a RequestHead) -> Self {
         RequestFields {
             id: r.id,
             request_id: &r.request_id,
@@ -66,7 +66,9 @@ impl<'a> RequestFields<'a> {
             gate: r.gate,
         }
     }
+}
 
+impl RequestFields<'_> {
     /// An upper bound on the head's JSON before escaping, to size buffers.
     pub fn size_hint<N: AsRef<str>, V: AsRef<str>>(&self, headers: &[(N, V)]) -> usize {
         160 + self.request_id.len()
@@ -129,7 +131,7 @@ pub fn response_size_hint<N: AsRef<str>, V: AsRef<str>>(headers: &[(N, V)]) -> u
 /// buffer it is written into.
 pub fn size_hint(head: &DataHead) -> usize {
     match head {
-        DataHead::Request(r) => RequestFields::of(r).size_hint(&r.headers),
+        DataHead::Request(r) => RequestFields::from(r).size_hint(&r.headers),
         DataHead::Response(r) => response_size_hint(&r.headers),
         DataHead::Body(_) => 64,
         DataHead::Unknown => 24,
