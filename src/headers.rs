@@ -136,6 +136,13 @@ fn build<'a>(
         map.append(name, value);
     }
     if connection {
+        // Content-Length is held aside: if Connection names it, it goes too.
+        if connection_listed(&map)
+            .iter()
+            .any(|l| l == "content-length")
+        {
+            length = None;
+        }
         strip_hop_by_hop(&mut map);
     }
     let valid = |v: &HeaderValue| v.to_str().is_ok_and(|v| v.parse::<u64>().is_ok());
@@ -213,6 +220,15 @@ mod tests {
         let keep: Vec<_> = map.get_all("x-keep").iter().collect();
         assert_eq!(keep, ["a", "b"]);
         assert_eq!(map.len(), 2, "{map:?}");
+        // Content-Length named in Connection is hop-by-hop like any other.
+        let listed = from_wire(
+            &[
+                pair("connection", "content-length"),
+                pair("content-length", "3"),
+            ],
+            true,
+        );
+        assert!(listed.expect("valid").is_empty());
         // A streamed body keeps one valid Content-Length, and only that.
         let one = from_wire(&[pair("content-length", "5"), pair("x", "1")], true);
         assert_eq!(

@@ -92,6 +92,31 @@ async fn request_and_reply_arrive_intact() {
 }
 
 #[tokio::test]
+async fn forwarded_headers_extend_the_callers_chain_and_replace_the_rest() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let _w = bridge.worker(&["orders"], 8, mirror).await;
+    let client = http_client();
+    let cases: [(&[&str], &str); 4] = [
+        (&[], "127.0.0.1"),
+        (&["10.0.0.1"], "10.0.0.1, 127.0.0.1"),
+        (&["10.0.0.1", "10.0.0.2"], "10.0.0.1, 10.0.0.2, 127.0.0.1"),
+        // An empty value adds nothing, not a dangling separator.
+        (&[""], "127.0.0.1"),
+    ];
+    for (sent, expected) in cases {
+        let mut req = Request::post(bridge.at("/orders/1")).header("x-forwarded-proto", "https");
+        for value in sent {
+            req = req.header("x-forwarded-for", *value);
+        }
+        let r = send(&client, req.body(Full::new(Bytes::new())).expect("request")).await;
+        assert_eq!(r.head.status, StatusCode::CREATED, "{sent:?}");
+        assert_eq!(r.header("x-seen-x-forwarded-for"), expected, "{sent:?}");
+        assert_eq!(r.header("x-seen-x-forwarded-proto"), "http", "{sent:?}");
+    }
+    bridge.stop().await;
+}
+
+#[tokio::test]
 async fn bodies_larger_than_a_chunk_travel_both_ways() {
     let bridge = TestBridge::start(|_| {}).await;
     let _w = bridge.worker(&["default"], 8, worker::echo).await;

@@ -967,12 +967,18 @@ impl HttpBody for CallBody {
 /// The `X-Forwarded-For` to send: what the caller sent, plus its address.
 fn forwarded_for(original: &http::HeaderMap, peer_ip: &str) -> String {
     let mut xff = String::new();
-    for prior in original
+    let prior = original
         .get_all("x-forwarded-for")
         .iter()
-        .filter_map(|v| v.to_str().ok())
-    {
-        xff.push_str(prior);
+        .filter_map(|v| v.to_str().ok());
+    for (i, value) in prior.enumerate() {
+        if i > 0 {
+            xff.push_str(", ");
+        }
+        xff.push_str(value);
+    }
+    // An empty list (or only empty values) gets no separator.
+    if !xff.is_empty() {
         xff.push_str(", ");
     }
     xff.push_str(peer_ip);

@@ -1235,7 +1235,9 @@ fn on_binary(session: &Session, frame: Bytes) -> Problem {
     } else {
         body
     };
-    let shared = (!padded).then_some(&frame);
+    // A compressed body is already a copy: header values that were slices
+    // would be all that keeps the frame alive, so they are copied too.
+    let shared = (!padded && !protocol::is_compressed(&frame)).then_some(&frame);
     let result = match head {
         HeadRef::Response(head) => session.on_response(head, body, shared),
         HeadRef::Other(DataHead::Body(b)) => session.on_body(b.id, b.end, body),

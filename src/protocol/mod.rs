@@ -544,6 +544,11 @@ pub fn decode_data_ref(
     Ok((head, inflate(&body, inflate_limit)?))
 }
 
+/// True when a binary frame's prefix says its body is LZ4-compressed.
+pub fn is_compressed(frame: &[u8]) -> bool {
+    prefix(frame).is_some_and(|(flags, _)| flags & FLAG_LZ4 != 0)
+}
+
 /// Decompresses an LZ4 body (`u32 LE size | block`) of at most `limit` bytes.
 fn inflate(data: &[u8], limit: usize) -> Result<Bytes, FrameError> {
     let bad = |m: String| FrameError::Compressed(m);
