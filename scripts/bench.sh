@@ -22,7 +22,10 @@
 #   WSB_THREADS=1  tokio worker threads of each wsbridge process (default 1:
 #                  on two cores shared with wrk and the origin, one thread per
 #                  process beats two - fewer cross-thread wake-ups - see
-#                  docs/PERFORMANCE.md; empty = tokio's default, one per core)
+#                  docs/PERFORMANCE.md; empty = tokio's default, one per core).
+#                  This is a multi-thread runtime with one worker, as in every
+#                  run so far; `wsbridge --threads 1` (a current-thread runtime)
+#                  trades some peak req/s at c=1024 for a lower p99, see there)
 #   CARGO_TARGET_DIR  where wsbridge is built (default: target/)
 set -euo pipefail
 cd "$(dirname "$0")/.."

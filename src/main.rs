@@ -33,6 +33,29 @@ struct Cli {
     /// Log lines as text, or as one JSON object per line (for log shippers).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Threads that run connections: default one per core; 1 runs everything
+    /// on one thread, which costs the least CPU per call and gives the lowest
+    /// tail latency (at the price of some peak throughput with a thousand
+    /// connections), for a sidecar sharing a small machine.
+    #[arg(long, global = true, env = "WSBRIDGE_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
+}
+
+/// The tokio runtime for `--threads`.
+fn runtime(threads: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
+    match threads {
+        // Not a multi-thread runtime with one worker: that one still pays for
+        // its shared queues and a parked main thread, about 5% more CPU per
+        // call at c=64 (docs/PERFORMANCE.md).
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(n))
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Runtime::new(),
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -157,7 +180,7 @@ fn main() -> ExitCode {
         LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => logs.json().init(),
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime(cli.threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

@@ -81,3 +81,102 @@ async fn every_call_gets_one_json_access_line() {
     assert!(fields["duration_ms"].as_f64().is_some_and(|d| d > 0.0));
     let _ = child.kill().await;
 }
+
+/// CPU ticks (user + system) of each thread of process `pid`, by thread
+/// id (Linux: `/proc/PID/task/TID/stat`).
+fn thread_ticks(pid: u32) -> Vec<(u32, u64)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("read /proc") {
+        let path = task.expect("task").path();
+        let tid = path.file_name().and_then(|n| n.to_str()?.parse().ok());
+        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
+            continue; // the thread ended meanwhile
+        };
+        // After the name in parentheses: state is field 3, utime 14, stime 15.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .expect("stat")
+            .1
+            .split_whitespace()
+            .collect();
+        let ticks =
+            fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+        out.push((tid.expect("tid"), ticks));
+    }
+    out
+}
+
+#[tokio::test]
+async fn threads_1_serves_every_call_on_the_main_thread() {
+    for threads in ["1", "2"] {
+        let (mut child, url) = demo(&["--threads", threads], "warn").await;
+        let pid = child.id().expect("pid");
+        let before = thread_ticks(pid);
+        let client = http_client();
+        // Calls until the process has spent enough CPU (ticks of 10 ms) to
+        // tell where it went.
+        let mut round = 0;
+        let (main, total) = loop {
+            let replies = join_all(100, |i| {
+                let (client, url) = (client.clone(), url.clone());
+                async move { post(&client, &url, format!("call {i}")).await }
+            })
+            .await;
+            for (i, r) in replies.iter().enumerate() {
+                assert_eq!(
+                    r.body,
+                    format!("call {i}"),
+                    "--threads {threads}, round {round}"
+                );
+            }
+            let after = thread_ticks(pid);
+            let spent = |tid: u32| {
+                let was = before
+                    .iter()
+                    .find(|(t, _)| *t == tid)
+                    .map_or(0, |(_, n)| *n);
+                after
+                    .iter()
+                    .find(|(t, _)| *t == tid)
+                    .map_or(0, |(_, n)| *n)
+                    .saturating_sub(was)
+            };
+            let total: u64 = after.iter().map(|(tid, _)| spent(*tid)).sum();
+            round += 1;
+            if total >= 10 || round == 100 {
+                // The main thread's id is the process id.
+                break (spent(pid), total);
+            }
+        };
+        assert!(
+            total >= 10,
+            "--threads {threads}: too little CPU to judge ({total} ticks)"
+        );
+        if threads == "1" {
+            assert!(
+                main * 10 >= total * 9,
+                "--threads 1: main thread {main} of {total} ticks"
+            );
+        } else {
+            // A multi-thread runtime runs connections on its workers; the
+            // main thread only waits for the end.
+            assert!(
+                main * 10 <= total,
+                "--threads 2: main thread {main} of {total} ticks"
+            );
+        }
+        let _ = child.kill().await;
+    }
+}
+
+#[tokio::test]
+async fn threads_zero_is_refused_with_a_clear_error() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsbridge"))
+        .args(["--threads", "0", "demo"])
+        .output()
+        .await
+        .expect("run wsbridge");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--threads"), "{stderr}");
+}
