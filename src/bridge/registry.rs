@@ -14,6 +14,7 @@ use std::{
     time::Duration,
 };
 
+use foldhash::fast::RandomState;
 use tokio::sync::oneshot;
 
 use super::session::Session;
@@ -39,9 +40,9 @@ pub(crate) struct Registry {
 #[derive(Default)]
 struct State {
     /// Connected workers by registry key.
-    workers: HashMap<u64, Slot>,
+    workers: HashMap<u64, Slot, RandomState>,
     /// Per service: its workers and the calls waiting for one.
-    services: HashMap<String, Service>,
+    services: HashMap<String, Service, RandomState>,
     /// Next registry key; keys are never reused, so a stale lease cannot
     /// touch a newer worker's counters.
     next_key: u64,

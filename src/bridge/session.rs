@@ -187,7 +187,8 @@ pub(crate) struct Terms {
 struct Calls {
     /// Set once the connection is gone; no new calls may start.
     closed: Option<String>,
-    map: HashMap<u64, Pending>,
+    /// By call id; foldhash, not SipHash: the ids are the bridge's own.
+    map: HashMap<u64, Pending, foldhash::fast::RandomState>,
 }
 
 struct Pending {

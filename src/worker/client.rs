@@ -19,6 +19,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use foldhash::fast::RandomState;
 use futures_util::{future::OptionFuture, FutureExt, SinkExt, StreamExt};
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
@@ -479,14 +480,14 @@ struct CallEntry {
     streaming: Arc<AtomicBool>,
 }
 
-type Calls = Arc<Mutex<HashMap<u64, CallEntry>>>;
+type Calls = Arc<Mutex<HashMap<u64, CallEntry, RandomState>>>;
 
 /// Calls that said `accepted` and wait for the bridge's `start`, by id.
-type Starts = Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>;
+type Starts = Arc<Mutex<HashMap<u64, oneshot::Sender<()>, RandomState>>>;
 
 /// Request bodies still arriving, by call id. Shared with the call tasks:
 /// a handler that answers before its body has ended drops the rest.
-type Partials = Arc<Mutex<HashMap<u64, BodySender>>>;
+type Partials = Arc<Mutex<HashMap<u64, BodySender, RandomState>>>;
 
 fn lock<T>(map: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     map.lock().unwrap_or_else(|p| p.into_inner())
