@@ -194,14 +194,18 @@ async fn handle(
         request_id,
         started,
     };
-    let outcome = match token_header(&req, &IDEMPOTENCY_KEY) {
-        // Before anything else, stored responses included.
-        _ if !allowed => Err(CallError::Forbidden { peer: ip }),
-        // Boxed: hyper keeps room for this future in every connection, idle
-        // or not, and these two are most of its size.
-        Some(key) => Box::pin(keyed(&ctx, req, trace, key)).await,
-        None => Box::pin(call(&ctx, req, trace)).await,
-    };
+    // Boxed: hyper keeps room for this future in every connection, idle or
+    // not, and moves it in per request; these two would be most of its size.
+    // Boxed in a statement of its own: a temporary of the statement that
+    // awaits keeps its room in this future even once moved into the box.
+    let exchange: Pin<Box<dyn Future<Output = _> + Send + '_>> =
+        match token_header(&req, &IDEMPOTENCY_KEY) {
+            // Before anything else, stored responses included.
+            _ if !allowed => Box::pin(std::future::ready(Err(CallError::Forbidden { peer: ip }))),
+            Some(key) => Box::pin(keyed(&ctx, req, trace, key)),
+            None => Box::pin(call(&ctx, req, trace)),
+        };
+    let outcome = exchange.await;
     let mut error = None;
     let mut resp = match outcome {
         Ok(resp) => resp,
@@ -628,8 +632,13 @@ async fn call(
                 // stays alive meanwhile) so a cut-off becomes a 502.
                 let (head, body) = resp.into_parts();
                 let limit = http.max_response_body.bytes();
-                let collected =
-                    tokio::time::timeout(target.request_timeout, body.collect(limit)).await;
+                // Boxed: a rare path that would otherwise be the largest
+                // state of this future, which every call makes room for.
+                let collected = Box::pin(tokio::time::timeout(
+                    target.request_timeout,
+                    body.collect(limit),
+                ));
+                let collected = collected.await;
                 let Ok(collected) = collected else {
                     // A worker that stalls mid-body is cancelled, as for
                     // HTTP/1.1 callers.
