@@ -207,9 +207,9 @@ impl ServiceStats {
 }
 
 impl Metrics {
-    /// Records a finished call of `stats`' service.
-    pub(crate) fn record(&self, stats: &ServiceStats, call: &Finished) {
-        stats.record(call, Instant::now(), self.started);
+    /// Records a call of `stats`' service that finished at `now`.
+    pub(crate) fn record(&self, stats: &ServiceStats, call: &Finished, now: Instant) {
+        stats.record(call, now, self.started);
     }
 
     /// The last minute of `stats`' service.

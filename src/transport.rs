@@ -3,7 +3,13 @@
 //! each, and a stall bound that applies to every step rather than to the
 //! whole batch (a slow but live reader is fine; a reader that stopped is not).
 
-use std::{fmt, time::Duration};
+use std::{
+    fmt,
+    future::{poll_fn, Future},
+    pin::pin,
+    task::Poll,
+    time::Duration,
+};
 
 use futures_util::{Sink, SinkExt};
 use tokio::sync::{mpsc, oneshot};
@@ -46,15 +52,32 @@ impl fmt::Display for WriteError {
     }
 }
 
-/// Runs one write step under the stall bound.
+/// Runs one write step under the stall bound. The bound's timer is made only
+/// once the step has to wait: most steps complete on their first poll (the
+/// buffer has room), and arming a timeout reads the clock, once per frame.
 pub(crate) async fn step<F>(stall: Duration, fut: F) -> Result<(), WriteError>
 where
-    F: std::future::Future<Output = Result<(), tungstenite::Error>>,
+    F: Future<Output = Result<(), tungstenite::Error>>,
 {
-    match tokio::time::timeout(stall, fut).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(WriteError::Failed(e)),
-        Err(_) => Err(WriteError::Stalled(stall)),
+    let mut fut = pin!(fut);
+    let mut timer = pin!(None::<tokio::time::Sleep>);
+    let done = poll_fn(|cx| {
+        if let Poll::Ready(r) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(r));
+        }
+        if timer.is_none() {
+            timer.set(Some(tokio::time::sleep(stall)));
+        }
+        match timer.as_mut().as_pin_mut().map(|t| t.poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(None),
+            _ => Poll::Pending,
+        }
+    })
+    .await;
+    match done {
+        Some(Ok(())) => Ok(()),
+        Some(Err(e)) => Err(WriteError::Failed(e)),
+        None => Err(WriteError::Stalled(stall)),
     }
 }
 

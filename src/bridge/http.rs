@@ -476,13 +476,16 @@ async fn call(
         let queue_deadline = queued_at
             .checked_add(http.queue_timeout)
             .map_or(deadline, |t| t.min(deadline));
+        // The clock is read again only if a worker connection closes under
+        // the lease and another must be found.
+        let mut now = queued_at;
         // The start gate (PROTOCOL 3.7) costs a round trip to the worker and
         // only pays when it is what makes a retry allowed: a call that would
         // be retried anyway (idempotent, keyed) or can't be (body not whole
         // in memory, no retries left) starts at once.
         let gated = single && !replayable && attempt <= http.max_retries;
         let (lease, started) = loop {
-            let wait = queue_deadline.saturating_duration_since(Instant::now());
+            let wait = queue_deadline.saturating_duration_since(now);
             let acquired = shared
                 .registry
                 .acquire(&service, wait, http.queue_limit)
@@ -510,6 +513,7 @@ async fn call(
             if let Ok(started) = lease.session().start_call(!single, gated) {
                 break (lease, started);
             }
+            now = Instant::now();
         };
         let Started {
             guard,
@@ -872,7 +876,9 @@ impl Drop for AccessLog {
     fn drop(&mut self) {
         let log = self;
         let complete = log.complete;
-        let elapsed = log.started.elapsed();
+        // One clock read for both the duration and the metrics' window.
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(log.started);
         // Bytes actually read, never a Content-Length the caller claimed.
         let bytes_in = log
             .trace
@@ -891,8 +897,8 @@ impl Drop for AccessLog {
             bytes_out: log.bytes_out,
         };
         match &log.trace.active {
-            Some(active) => metrics.record(active.stats(), &finished),
-            None => metrics.record(&metrics.service("-"), &finished),
+            Some(active) => metrics.record(active.stats(), &finished, now.into_std()),
+            None => metrics.record(&metrics.service("-"), &finished, now.into_std()),
         }
         if let Some(session) = &log.trace.session {
             session.stats.finished(status >= 500 || truncated);
