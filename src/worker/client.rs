@@ -1039,11 +1039,15 @@ fn plain(status: StatusCode, text: &str) -> Response<Body> {
 /// Turns a request frame into an `http::Request`.
 fn build_request(head: RequestHead, body: Body) -> Result<Request<Body>, String> {
     let headers = headers::from_wire(&head.headers, body.as_full().is_none())?;
-    let mut req = Request::builder()
-        .method(head.method.as_str())
-        .uri(head.path.as_str())
-        .body(body)
-        .map_err(|e| format!("invalid request frame: {e}"))?;
+    let invalid = |e: &dyn std::fmt::Display| format!("invalid request frame: {e}");
+    let method = http::Method::from_bytes(head.method.as_bytes()).map_err(|e| invalid(&e))?;
+    // The path's own buffer becomes the URI's: no copy.
+    let uri = Uri::try_from(head.path).map_err(|e| invalid(&e))?;
+    // Set in place rather than through `Request::builder()`, whose every
+    // step moves the whole request head.
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
     *req.headers_mut() = headers;
     req.extensions_mut().insert(CallInfo {
         request_id: head.request_id,
@@ -1055,6 +1059,44 @@ fn build_request(head: RequestHead, body: Body) -> Result<Request<Body>, String>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn head(method: &str, path: &str) -> RequestHead {
+        RequestHead {
+            id: 7,
+            request_id: "r-1".into(),
+            service: "orders".into(),
+            method: method.into(),
+            path: path.into(),
+            headers: vec![("x-a".into(), "1".into())],
+            end: true,
+            gate: true,
+        }
+    }
+
+    #[test]
+    fn request_frames_become_requests_and_bad_ones_say_why() {
+        let req = build_request(
+            head("PATCH", "/a/b?c=1"),
+            Body::full(Bytes::from_static(b"x")),
+        )
+        .expect("valid");
+        assert_eq!(req.method(), http::Method::PATCH);
+        assert_eq!(req.uri().path(), "/a/b");
+        assert_eq!(req.uri().query(), Some("c=1"));
+        assert_eq!(req.headers()["x-a"], "1");
+        let info = req.extensions().get::<CallInfo>().expect("call info");
+        assert_eq!(
+            (info.request_id.as_str(), info.service.as_str()),
+            ("r-1", "orders")
+        );
+        for (method, path) in [("GE T", "/"), ("GET", "/a b"), ("GET", "")] {
+            let err = build_request(head(method, path), Body::empty()).expect_err(path);
+            assert!(
+                err.starts_with("invalid request frame: "),
+                "{method} {path}: {err}"
+            );
+        }
+    }
 
     #[test]
     fn urls_parse_with_default_ports() {
