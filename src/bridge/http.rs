@@ -314,7 +314,15 @@ async fn keyed(
 
 /// The caller's `X-Request-Id` if it is a sane token, else a new UUID v7.
 fn request_id(req: &Request<Incoming>) -> String {
-    token_header(req, &REQUEST_ID).unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+    token_header(req, &REQUEST_ID).unwrap_or_else(|| {
+        // Encoded straight into a buffer: `to_string()` goes through the
+        // formatter and grows its `String` twice.
+        let mut text = uuid::Uuid::encode_buffer();
+        uuid::Uuid::now_v7()
+            .hyphenated()
+            .encode_lower(&mut text)
+            .to_owned()
+    })
 }
 
 /// The peer of one caller connection.
@@ -354,11 +362,11 @@ async fn call(
             path: req.uri().path().to_owned(),
         })?
         .clone();
-    let service = target.service.to_string();
-    trace.route(shared, &service);
+    trace.route(shared, &target.service);
+    let service: &str = &target.service;
     let deadline = deadline_of(started, target.request_timeout);
     let timeout = || CallError::Timeout {
-        service: service.clone(),
+        service: service.to_owned(),
         after: target.request_timeout,
     };
 
@@ -421,7 +429,7 @@ async fn call(
     let mut fields = RequestFields {
         id: 0,
         request_id,
-        service: &service,
+        service,
         method: parts.method.as_str(),
         path: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
         end: true,
@@ -456,12 +464,12 @@ async fn call(
     };
     let failure = |worker: &str, f: Failure| match f {
         Failure::Lost(cause) | Failure::Unsent(cause) => CallError::WorkerLost {
-            service: service.clone(),
+            service: service.to_owned(),
             worker: worker.to_owned(),
             cause,
         },
         Failure::Bad(reason) => CallError::BadResponse {
-            service: service.clone(),
+            service: service.to_owned(),
             worker: worker.to_owned(),
             reason,
         },
@@ -488,7 +496,7 @@ async fn call(
             let wait = queue_deadline.saturating_duration_since(now);
             let acquired = shared
                 .registry
-                .acquire(&service, wait, http.queue_limit)
+                .acquire(service, wait, http.queue_limit)
                 .await;
             let lease = acquired.map_err(|e| {
                 if let Some(lost) = lost.take() {
@@ -496,13 +504,13 @@ async fn call(
                 }
                 match e {
                     AcquireError::QueueFull => CallError::QueueFull {
-                        service: service.clone(),
+                        service: service.to_owned(),
                         limit: http.queue_limit,
                     },
                     // The call's own deadline ran out while queueing: a timeout.
                     AcquireError::NoWorker { .. } if Instant::now() >= deadline => timeout(),
                     AcquireError::NoWorker { connected } => CallError::NoWorker {
-                        service: service.clone(),
+                        service: service.to_owned(),
                         waited: queued_at.elapsed(),
                         connected,
                     },
@@ -826,7 +834,8 @@ pub(crate) struct CallBody {
 pub(crate) struct Trace {
     /// Workers the call was sent to.
     attempts: u32,
-    service: Option<String>,
+    /// Shared with the route table: no copy per call.
+    service: Option<Arc<str>>,
     /// Counts the call as in flight for its service until it is logged.
     active: Option<Active>,
     /// The worker connection of the last attempt.
@@ -839,8 +848,8 @@ pub(crate) struct Trace {
 
 impl Trace {
     /// The call was routed to `service`.
-    fn route(&mut self, shared: &Shared, service: &str) {
-        self.service = Some(service.to_owned());
+    fn route(&mut self, shared: &Shared, service: &Arc<str>) {
+        self.service = Some(service.clone());
         self.active = Some(shared.metrics.begin(service));
     }
 }
