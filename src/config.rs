@@ -112,6 +112,14 @@ pub struct HttpConfig {
     /// reading); then the connection is closed and its call cancelled.
     #[serde(default = "defaults::send_timeout", with = "humantime_serde")]
     pub send_timeout: Duration,
+    /// Also serve HTTP/2 with prior knowledge (h2c) on the listener, told
+    /// apart from HTTP/1 by a connection's first bytes.
+    #[serde(default = "defaults::yes")]
+    pub http2: bool,
+    /// Calls one HTTP/2 connection may have open at once (its
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`).
+    #[serde(default = "defaults::http2_max_streams")]
+    pub http2_max_streams: u32,
 }
 
 /// `[workers]`: where workers dial in and how they are kept honest.
@@ -230,6 +238,9 @@ mod defaults {
     pub(super) fn max_retries() -> u32 {
         2
     }
+    pub(super) fn http2_max_streams() -> u32 {
+        256
+    }
     pub(super) fn send_timeout() -> Duration {
         Duration::from_secs(60)
     }
@@ -342,6 +353,9 @@ impl Config {
         }
         if self.workers.ping_misses > 1000 {
             return Err(invalid("workers.ping_misses", "must be at most 1000"));
+        }
+        if self.http.http2_max_streams == 0 {
+            return Err(invalid("http.http2_max_streams", "must be at least 1"));
         }
         if self.http.max_connections == 0 {
             return Err(invalid("http.max_connections", "must be at least 1"));

@@ -1,5 +1,6 @@
-//! The caller side: accept HTTP/1.1 connections, turn each request into a
-//! call frame, wait (event-driven) for the reply with the same id, and answer.
+//! The caller side: accept HTTP/1.1 and HTTP/2 (h2c) connections, turn each
+//! request into a call frame, wait (event-driven) for the reply with the
+//! same id, and answer.
 
 use std::{
     borrow::Cow,
@@ -20,15 +21,22 @@ use http::{header, HeaderName, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::{
     body::{Body as HttpBody, Frame, Incoming, SizeHint},
-    server::conn::http1,
+    server::conn::{http1, http2},
     service::service_fn,
 };
 use hyper_util::{
-    rt::{TokioIo, TokioTimer},
-    server::graceful::GracefulShutdown,
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::graceful::GracefulConnection,
 };
-use tokio::{net::TcpListener, sync::Semaphore, time::Instant};
-use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
+use tokio::{
+    net::TcpListener,
+    sync::{watch, Semaphore},
+    time::Instant,
+};
+use tokio_util::{
+    sync::CancellationToken,
+    task::{AbortOnDropHandle, TaskTracker},
+};
 use tracing::{debug, info, warn};
 
 use super::{
@@ -81,10 +89,10 @@ const MAX_REQUEST_ID: usize = 128;
 /// Accepts caller connections until `shutdown`, then drains them for up to
 /// `shutdown_timeout`.
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
-    let graceful = GracefulShutdown::new();
+    let connections_open = TaskTracker::new();
     // Rebuilt when a reload changes the settings.
     let mut current = shared.settings.load_full();
-    let mut builder = http_builder(&current.config);
+    let mut builders = Arc::new(Builders::new(&current.config));
     let connections = Arc::new(Semaphore::new(current.config.http.max_connections));
     loop {
         // At the connection limit, stop accepting: callers wait in the
@@ -103,32 +111,29 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: 
         let settings = shared.settings.load();
         if !Arc::ptr_eq(&settings, &current) {
             current = Arc::clone(&settings);
-            builder = http_builder(&current.config);
+            builders = Arc::new(Builders::new(&current.config));
         }
-        let io = TokioIo::new(SendTimeout::new(tcp, current.config.http.send_timeout));
-        let shared = shared.clone();
-        // Formatted once per connection, not per request.
-        let caller = Arc::new(Caller {
-            addr: peer,
-            ip: peer.ip().to_string().into(),
-        });
-        let service = service_fn(move |req| handle(shared.clone(), caller.clone(), req));
-        let conn = graceful.watch(builder.serve_connection(io, service));
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(%peer, error = %e, "caller connection ended with an error");
-            }
+        let connection = connection(
+            tcp,
+            peer,
+            builders.clone(),
+            shared.clone(),
+            shutdown.clone(),
+        );
+        connections_open.spawn(async move {
+            connection.await;
             drop(permit);
         });
     }
     drop(listener);
+    connections_open.close();
     let deadline = shared.settings.load().config.shutdown_timeout;
     info!(
-        open = graceful.count(),
+        open = connections_open.len(),
         ?deadline,
         "stopped accepting calls; draining"
     );
-    if tokio::time::timeout(deadline, graceful.shutdown())
+    if tokio::time::timeout(deadline, connections_open.wait())
         .await
         .is_err()
     {
@@ -139,15 +144,165 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: 
     }
 }
 
-/// The caller connections' HTTP/1 settings.
-fn http_builder(config: &Config) -> http1::Builder {
-    let mut builder = http1::Builder::new();
-    // Without a timer hyper silently ignores header_read_timeout.
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.http.header_read_timeout)
-        .keep_alive(true);
-    builder
+/// Serves one caller connection to its end: HTTP/1 or, if its first bytes
+/// say so, HTTP/2. At `shutdown` the connection is asked to finish
+/// gracefully (calls in flight complete; HTTP/1 stops keep-alive, HTTP/2
+/// sends GOAWAY); so is an HTTP/2 connection with no call open for
+/// `header_read_timeout`, as HTTP/1 closes an idle keep-alive connection.
+async fn connection(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    builders: Arc<Builders>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let h2 = match &builders.h2 {
+        None => None,
+        Some(h2) => {
+            let sniffed = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = tokio::time::timeout(builders.idle, speaks_h2(&tcp)) => r,
+            };
+            match sniffed {
+                Ok(Ok(yes)) => yes.then_some(h2),
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "caller connection failed before its first bytes");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "caller connection sent nothing; closed");
+                    return;
+                }
+            }
+        }
+    };
+    let io = TokioIo::new(SendTimeout::new(tcp, builders.send_timeout));
+    let (calls, idle) = match h2 {
+        Some(_) => {
+            let (tx, rx) = watch::channel(0);
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
+    };
+    // Formatted once per connection, not per request.
+    let caller = Arc::new(Caller {
+        addr: peer,
+        ip: peer.ip().to_string().into(),
+        calls,
+    });
+    let service = service_fn(move |req| handle(shared.clone(), caller.clone(), req));
+    let ended = match h2 {
+        Some(h2) => {
+            let idle = idle.map(|rx| (rx, builders.idle));
+            drive(h2.serve_connection(io, service), &shutdown, idle).await
+        }
+        None => drive(builders.h1.serve_connection(io, service), &shutdown, None).await,
+    };
+    if let Err(e) = ended {
+        debug!(%peer, error = %e, "caller connection ended with an error");
+    }
+}
+
+/// Drives `conn` to its end, asking it to finish gracefully at `shutdown`
+/// or once `idle` says no call has been open for its duration.
+async fn drive<C: GracefulConnection>(
+    conn: C,
+    shutdown: &CancellationToken,
+    idle: Option<(watch::Receiver<usize>, Duration)>,
+) -> Result<(), C::Error> {
+    let mut conn = std::pin::pin!(conn);
+    let quiet = async {
+        match idle {
+            Some((calls, limit)) => until_idle(calls, limit).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        ended = conn.as_mut() => return ended,
+        _ = shutdown.cancelled() => {}
+        _ = quiet => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    conn.await
+}
+
+/// Returns once `calls` (the calls open on a connection) has stayed at zero
+/// for `limit`.
+async fn until_idle(mut calls: watch::Receiver<usize>, limit: Duration) {
+    loop {
+        if calls.wait_for(|open| *open == 0).await.is_err() {
+            return std::future::pending().await;
+        }
+        match tokio::time::timeout(limit, calls.changed()).await {
+            Err(_) => return,
+            Ok(Ok(())) => continue,
+            Ok(Err(_)) => return std::future::pending().await,
+        }
+    }
+}
+
+/// How caller connections are served, made from the config (and remade
+/// when a reload changes it).
+struct Builders {
+    h1: http1::Builder,
+    /// `None` when `http.http2` is off: every connection is HTTP/1.
+    h2: Option<http2::Builder<TokioExecutor>>,
+    /// `header_read_timeout`: how long a new connection may take to send
+    /// its first bytes (which tell HTTP/2 from HTTP/1), and how long an
+    /// HTTP/2 connection may stay open with no call.
+    idle: Duration,
+    send_timeout: Duration,
+}
+
+impl Builders {
+    fn new(config: &Config) -> Builders {
+        let http = &config.http;
+        let mut h1 = http1::Builder::new();
+        // Without a timer hyper silently ignores header_read_timeout.
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(http.header_read_timeout)
+            .keep_alive(true);
+        let h2 = http.http2.then(|| {
+            let mut h2 = http2::Builder::new(TokioExecutor::new());
+            h2.timer(TokioTimer::new())
+                .max_concurrent_streams(http.http2_max_streams)
+                // The frame protocol's own bound on a request head.
+                .max_header_list_size(protocol::MAX_HEADER_LEN as u32);
+            h2
+        });
+        Builders {
+            h1,
+            h2,
+            idle: http.header_read_timeout,
+            send_timeout: http.send_timeout,
+        }
+    }
+}
+
+/// The first bytes of the HTTP/2 connection preface (RFC 9113 section 3.4).
+/// No HTTP/1 method starts with them (`PRI` is reserved for this), so three
+/// bytes tell the two apart.
+const H2_PREFACE: &[u8] = b"PRI";
+
+/// Whether a new connection speaks HTTP/2 with prior knowledge, from its
+/// first bytes, which are peeked, not consumed: HTTP/1 connections are
+/// served straight from the socket, as without HTTP/2.
+async fn speaks_h2(tcp: &tokio::net::TcpStream) -> std::io::Result<bool> {
+    let mut first = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = tcp.peek(&mut first).await?;
+        if n == 0 || first[..n] != H2_PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == first.len() {
+            return Ok(true);
+        }
+        // "P" or "PR" so far, which POST, PUT, PATCH and PROPFIND share:
+        // peeking again at once would return the same bytes, and readiness
+        // stays set while they are unread. Only a caller that splits its
+        // first three bytes gets here.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// Answers one request; never fails at the hyper level.
@@ -172,6 +327,7 @@ async fn handle(
         bytes_out: 0,
         started,
         complete: false,
+        _open: OpenCall::begin(&caller),
     });
     let AccessLog {
         request_id,
@@ -330,6 +486,28 @@ pub(crate) struct Caller {
     addr: SocketAddr,
     /// Its IP as text, for `X-Forwarded-For`.
     ip: Box<str>,
+    /// HTTP/2 only: how many of its calls are open (their responses not yet
+    /// sent to their end), for the idle timeout.
+    calls: Option<watch::Sender<usize>>,
+}
+
+/// Counts an HTTP/2 call as open until its response ends or is dropped.
+struct OpenCall(Arc<Caller>);
+
+impl OpenCall {
+    fn begin(caller: &Arc<Caller>) -> Option<OpenCall> {
+        let calls = caller.calls.as_ref()?;
+        calls.send_modify(|open| *open += 1);
+        Some(OpenCall(caller.clone()))
+    }
+}
+
+impl Drop for OpenCall {
+    fn drop(&mut self) {
+        if let Some(calls) = &self.0.calls {
+            calls.send_modify(|open| *open = open.saturating_sub(1));
+        }
+    }
 }
 
 /// What every step of one call needs to know.
@@ -423,6 +601,13 @@ async fn call(
 
     let xff = forwarded_for(&parts.headers, &caller.ip);
     let mut wire_headers = headers::to_wire_ref(&parts.headers);
+    // HTTP/2 carries the host in the URI (`:authority`), not in a header:
+    // workers get it as `host`, as from an HTTP/1.1 caller.
+    if !parts.headers.contains_key(header::HOST) {
+        if let Some(authority) = parts.uri.authority() {
+            wire_headers.insert(0, ("host", Cow::Borrowed(authority.as_str())));
+        }
+    }
     forwarded_headers(&mut wire_headers, &xff, request_id);
     // Written straight into each attempt's frame; each attempt sets its own
     // id, `end` and `gate`.
@@ -870,6 +1055,8 @@ struct AccessLog {
     started: Instant,
     /// The response body was sent to its end.
     complete: bool,
+    /// Keeps an HTTP/2 connection from being idle until the response ends.
+    _open: Option<OpenCall>,
 }
 
 impl Drop for CallBody {
