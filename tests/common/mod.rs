@@ -318,6 +318,32 @@ pub fn http_client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build(HttpConnector::new())
 }
 
+/// An HTTP/2 client: prior knowledge (no upgrade), as an app talks to an
+/// h2c server; requests to one address share one connection.
+pub fn h2_client() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(HttpConnector::new())
+}
+
+/// Exactly one HTTP/2 connection to `addr` (prior knowledge), driven by the
+/// returned task, which ends when the connection does.
+pub async fn h2_connection(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    JoinHandle<hyper::Result<()>>,
+) {
+    let tcp = with_timeout(TcpStream::connect(addr)).await.expect("tcp");
+    let (sender, conn) = with_timeout(hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    ))
+    .await
+    .expect("h2 handshake");
+    (sender, tokio::spawn(conn))
+}
+
 /// A response with its body read.
 pub struct Reply {
     /// Status, headers.

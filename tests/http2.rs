@@ -1,0 +1,281 @@
+//! Callers speaking HTTP/2 with prior knowledge (h2c) on the same listener
+//! as HTTP/1.1: many calls multiplexed on one connection, each answered with
+//! its own reply; a reset stream cancels only its own call; errors are the
+//! same JSON; the stream limit, the idle timeout and `http.http2 = false`.
+
+mod common;
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::Barrier,
+};
+use wsbridge::{body::Body, protocol::Control, worker};
+
+/// Sends `req` on an HTTP/2 connection and reads the whole response.
+async fn h2_send(
+    sender: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> Reply {
+    with_timeout(sender.ready())
+        .await
+        .expect("connection ready");
+    let resp = with_timeout(sender.send_request(req))
+        .await
+        .expect("h2 request");
+    let (head, body) = resp.into_parts();
+    let body = with_timeout(body.collect()).await.expect("body").to_bytes();
+    Reply { head, body }
+}
+
+#[tokio::test]
+async fn many_calls_share_one_connection_and_each_gets_its_own_reply() {
+    const CALLS: usize = 64;
+    let bridge = TestBridge::start(|_| {}).await;
+    // Every call waits until all of them have reached the worker: they can
+    // only complete if the one connection carries them all at once.
+    let all_in = Arc::new(Barrier::new(CALLS));
+    let _w = bridge
+        .worker(&["default"], CALLS as u32, move |req: Request<Body>| {
+            let all_in = all_in.clone();
+            async move {
+                all_in.wait().await;
+                let seen = |name: &str| {
+                    req.headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned()
+                };
+                let (host, xff) = (seen("host"), seen("x-forwarded-for"));
+                Response::builder()
+                    .header("x-seen-host", host)
+                    .header("x-seen-x-forwarded-for", xff)
+                    .body(req.into_body())
+                    .expect("response")
+            }
+        })
+        .await;
+    let (sender, conn) = h2_connection(bridge.http).await;
+    let calls: Vec<_> = (0..CALLS)
+        .map(|i| {
+            let mut sender = sender.clone();
+            let url = bridge.at(&format!("/calls/{i}"));
+            tokio::spawn(async move {
+                let req = Request::post(url)
+                    .body(Full::new(Bytes::from(format!("call {i}"))))
+                    .expect("request");
+                h2_send(&mut sender, req).await
+            })
+        })
+        .collect();
+    let mut ids = std::collections::HashSet::new();
+    for (i, call) in calls.into_iter().enumerate() {
+        let r = with_timeout(call).await.expect("join");
+        assert_eq!(r.head.status, StatusCode::OK, "call {i}: {:?}", r.body);
+        assert_eq!(r.head.version, http::Version::HTTP_2);
+        assert_eq!(r.body, format!("call {i}"), "call {i} got another's reply");
+        assert_eq!(
+            r.header("x-seen-host"),
+            bridge.http.to_string(),
+            "the :authority reaches the worker as host"
+        );
+        assert_eq!(r.header("x-seen-x-forwarded-for"), "127.0.0.1");
+        assert!(
+            ids.insert(r.header("x-request-id").to_owned()),
+            "ids are unique"
+        );
+    }
+    assert!(!conn.is_finished(), "the connection is still open");
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn a_reset_stream_cancels_only_its_own_call() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
+    let (sender, _conn) = h2_connection(bridge.http).await;
+    let call = |path: &str| {
+        let mut sender = sender.clone();
+        let req = Request::get(bridge.at(path))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        tokio::spawn(async move { h2_send(&mut sender, req).await })
+    };
+    let kept = call("/kept");
+    let (first, _) = raw.next_request().await;
+    let abandoned = call("/abandoned");
+    let (second, _) = raw.next_request().await;
+    assert_eq!(
+        (first.path.as_str(), second.path.as_str()),
+        ("/kept", "/abandoned")
+    );
+    // Dropping the response future resets the stream (RST_STREAM CANCEL).
+    abandoned.abort();
+    match raw.next().await {
+        Frame::Control(Control::Cancel { id, reason }) => {
+            assert_eq!((id, reason.as_str()), (second.id, "client_gone"));
+        }
+        other => panic!("expected the abandoned call's cancel, got {other:?}"),
+    }
+    raw.reply(first.id, 200, &[], b"still here").await;
+    let r = with_timeout(kept).await.expect("join");
+    assert_eq!(
+        (r.head.status, &r.body[..]),
+        (StatusCode::OK, &b"still here"[..])
+    );
+    // The connection carries new calls after the reset.
+    let again = call("/again");
+    let (third, _) = raw.next_request().await;
+    raw.reply(third.id, 201, &[], b"new").await;
+    let r = with_timeout(again).await.expect("join");
+    assert_eq!(r.head.status, StatusCode::CREATED);
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn errors_over_http2_are_the_same_json_with_the_request_id() {
+    let bridge = TestBridge::start(|c| {
+        c.http.queue_timeout = Duration::from_millis(100);
+        c.http.max_body = wsbridge::config::ByteSize(1000);
+    })
+    .await;
+    let client = h2_client();
+    // No worker for the service.
+    let r = post(&client, &bridge.at("/orders/1"), "x").await;
+    assert_eq!(r.head.version, http::Version::HTTP_2);
+    assert_eq!(r.head.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.error_code(), "no_worker");
+    assert_eq!(r.json()["error"]["request_id"], r.header("x-request-id"));
+    // A body over the limit, declared or not.
+    let _w = bridge.worker(&["default"], 4, worker::echo).await;
+    let r = post(&client, &bridge.at("/big"), vec![7u8; 5000]).await;
+    assert_eq!(r.head.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(r.error_code(), "body_too_large");
+    assert!(!r.header("x-request-id").is_empty());
+    // The same connection still serves calls.
+    let r = post(&client, &bridge.at("/small"), "fits").await;
+    assert_eq!((r.head.status, &r.body[..]), (StatusCode::OK, &b"fits"[..]));
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_is_offered_http2_max_streams() {
+    let bridge = TestBridge::start(|c| c.http.http2_max_streams = 3).await;
+    let _w = bridge.worker(&["default"], 4, worker::echo).await;
+    let tcp = with_timeout(TcpStream::connect(bridge.http))
+        .await
+        .expect("tcp");
+    let (sender, conn) = with_timeout(h2::client::handshake(tcp))
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut sender = with_timeout(sender.ready()).await.expect("ready");
+    let (resp, _) = sender
+        .send_request(
+            Request::get(bridge.at("/x")).body(()).expect("request"),
+            true,
+        )
+        .expect("send");
+    let resp = with_timeout(resp).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    // The server's SETTINGS have arrived by the time its response has.
+    assert_eq!(sender.current_max_send_streams(), 3);
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_but_a_long_call_is_not() {
+    let idle = Duration::from_millis(300);
+    let bridge = TestBridge::start(|c| c.http.header_read_timeout = idle).await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
+    let (sender, conn) = h2_connection(bridge.http).await;
+    let req = Request::get(bridge.at("/slow"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    // The client closes a connection it has no handle to; this one stays.
+    let mut call_sender = sender.clone();
+    let call = tokio::spawn(async move { h2_send(&mut call_sender, req).await });
+    let (head, _) = raw.next_request().await;
+    // The call stays open for three idle timeouts: an open call keeps its
+    // connection busy however long it takes.
+    tokio::time::sleep(idle * 3).await;
+    assert!(!conn.is_finished(), "closed while a call was open");
+    raw.reply(head.id, 200, &[], b"late but whole").await;
+    let r = with_timeout(call).await.expect("join");
+    assert_eq!(&r.body[..], b"late but whole");
+    // Then, with no call open, the bridge ends the connection (GOAWAY).
+    let started = tokio::time::Instant::now();
+    with_timeout(conn)
+        .await
+        .expect("join")
+        .expect("a graceful end, not an error");
+    assert!(started.elapsed() >= idle - Duration::from_millis(50));
+    drop(sender);
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn http2_off_leaves_the_listener_http1_only() {
+    let bridge = TestBridge::start(|c| c.http.http2 = false).await;
+    let _w = bridge.worker(&["default"], 4, worker::echo).await;
+    let h2 = with_timeout(
+        h2_client().request(
+            Request::post(bridge.at("/x"))
+                .body(Full::new(Bytes::from("h2")))
+                .expect("request"),
+        ),
+    )
+    .await;
+    assert!(h2.is_err(), "HTTP/2 is refused: {h2:?}");
+    let r = post(&http_client(), &bridge.at("/x"), "h1").await;
+    assert_eq!(&r.body[..], b"h1");
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn a_caller_that_splits_its_first_bytes_is_still_served() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let _w = bridge.worker(&["default"], 4, worker::echo).await;
+    let mut tcp = with_timeout(TcpStream::connect(bridge.http))
+        .await
+        .expect("tcp");
+    tcp.set_nodelay(true).expect("nodelay");
+    // "PO" is also how the HTTP/2 preface ("PRI") would start.
+    tcp.write_all(b"PO").await.expect("write");
+    // A slow caller, which this test is about: not a synchronisation.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    tcp.write_all(
+        b"ST /split HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nsplit",
+    )
+    .await
+    .expect("write");
+    let mut got = Vec::new();
+    with_timeout(tcp.read_to_end(&mut got)).await.expect("read");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("split"), "{text}");
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed_after_header_read_timeout() {
+    let limit = Duration::from_millis(300);
+    let bridge = TestBridge::start(|c| c.http.header_read_timeout = limit).await;
+    let mut tcp = with_timeout(TcpStream::connect(bridge.http))
+        .await
+        .expect("tcp");
+    let started = tokio::time::Instant::now();
+    let mut got = Vec::new();
+    // EOF or a reset: either way the bridge let go.
+    let _ = with_timeout(tcp.read_to_end(&mut got)).await;
+    assert!(got.is_empty());
+    assert!(started.elapsed() >= limit - Duration::from_millis(50));
+    bridge.stop().await;
+}
