@@ -1,6 +1,8 @@
 //! Load generator for `scripts/bench-scale.sh`: opens `--n` plain HTTP/1.1
 //! connections to the bridge, sends one small request on each at the same
-//! moment, and records each call's latency. Meant for a worker that holds
+//! moment, and records each call's latency. With `--h2-streams K` the calls
+//! are HTTP/2 streams instead (prior knowledge), K per connection, so `--n`
+//! is not bounded by the open-files limit. Meant for a worker that holds
 //! every call for a fixed delay (`examples/delay_worker.rs`), so that all
 //! `--n` calls are in flight at once.
 //!
@@ -8,8 +10,8 @@
 //! on an event rather than after a guessed sleep:
 //!
 //! 1. before connecting;
-//! 2. once the bridge holds all `--n` caller sockets (its fd count in
-//!    `/proc/<pid>/fd` has grown by `--n`), before any request is sent;
+//! 2. once the bridge holds every caller socket (its fd count in
+//!    `/proc/<pid>/fd` has grown by their number), before any request is sent;
 //! 3. once the worker reports, on its control connection (`wait N`), that it
 //!    holds all `--n` calls.
 //!
@@ -26,7 +28,11 @@ use std::{
     time::Duration,
 };
 
+use bytes::Bytes;
 use clap::Parser;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 
 #[path = "support/mod.rs"]
 mod support;
@@ -39,6 +45,8 @@ use tokio::{
 };
 
 use support::{rss_kib, Error};
+
+type H2Sender = http2::SendRequest<Full<Bytes>>;
 
 #[derive(Parser, Debug)]
 #[command(about = "Hold N concurrent calls through the bridge and measure them")]
@@ -75,6 +83,11 @@ struct Args {
     /// through a bridge that holds `--n` others.
     #[arg(long, default_value_t = 300)]
     probes: usize,
+    /// HTTP/2 with prior knowledge, this many calls per connection (the
+    /// bridge's `http2_max_streams` must allow them); 0: HTTP/1.1, one
+    /// connection per call.
+    #[arg(long, default_value_t = 0)]
+    h2_streams: usize,
     /// Give up on any phase after this many seconds.
     #[arg(long, default_value_t = 180)]
     timeout_s: u64,
@@ -108,12 +121,23 @@ async fn main() -> Result<(), Error> {
     let fds_before = pid.map(fd_count).transpose()?;
 
     // Phase 1: all connections, no request yet.
+    let connections = match args.h2_streams {
+        0 => args.n,
+        k => args.n.div_ceil(k),
+    };
     let t_connect = Instant::now();
-    let streams = within(limit, "connecting", connect_all(&args)).await??;
+    let streams = within(limit, "connecting", connect_all(&args, connections)).await??;
+    let (streams, senders) = match args.h2_streams {
+        0 => (streams, Vec::new()),
+        _ => {
+            let senders = within(limit, "HTTP/2 handshakes", h2_handshakes(streams)).await??;
+            (Vec::new(), senders)
+        }
+    };
     let connect_ms = ms(t_connect.elapsed());
     let rss_connected = match (pid, fds_before) {
         (Some(pid), Some(before)) => {
-            let want = before + args.n;
+            let want = before + connections;
             within(limit, "the bridge to accept every connection", async {
                 while fd_count(pid)? < want {
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -125,18 +149,46 @@ async fn main() -> Result<(), Error> {
         }
         _ => None,
     };
-    eprintln!(
-        "hold_load: {} connections open in {connect_ms:.0} ms",
-        streams.len()
-    );
+    eprintln!("hold_load: {connections} connections open in {connect_ms:.0} ms");
 
-    // Phase 2: one request on every connection at the same moment.
+    // Phase 2: every call at the same moment.
+    let (go_tx, go) = watch::channel(false);
+    let mut calls = JoinSet::new();
+    let url = format!("http://{}{}", args.target, args.path);
+    // HTTP/2: the calls spread over the connections, round robin.
+    for (sender, _) in senders.iter().cycle().zip(0..args.n) {
+        let (mut sender, mut go) = (sender.clone(), go.clone());
+        let url = url.clone();
+        calls.spawn(async move {
+            if go.wait_for(|g| *g).await.is_err() {
+                return Err("never started".to_owned());
+            }
+            let req = http::Request::post(url)
+                .header("content-type", "text/plain")
+                .body(Full::new(Bytes::from_static(b"hi")))
+                .map_err(|e| e.to_string())?;
+            let t0 = Instant::now();
+            sender
+                .ready()
+                .await
+                .map_err(|e| format!("connection: {e}"))?;
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| format!("request: {e}"))?;
+            let status = resp.status().as_u16();
+            resp.into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("body: {e}"))?;
+            Ok((t0.elapsed(), status))
+        });
+    }
     let request = Arc::new(format!(
         "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nhi",
         args.path, args.target
     ));
-    let (go_tx, go) = watch::channel(false);
-    let mut calls = JoinSet::new();
+    // HTTP/1.1: one request on every connection (none with HTTP/2).
     for mut stream in streams {
         let (request, mut go) = (request.clone(), go.clone());
         calls.spawn(async move {
@@ -317,12 +369,12 @@ async fn command(control: &mut BufReader<TcpStream>, cmd: &str) -> Result<String
     Ok(line.trim().to_owned())
 }
 
-/// Opens `--n` connections, spread over source addresses.
-async fn connect_all(args: &Args) -> Result<Vec<TcpStream>, Error> {
+/// Opens `count` connections, spread over source addresses.
+async fn connect_all(args: &Args, count: usize) -> Result<Vec<TcpStream>, Error> {
     let gate = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
     let mut tasks = JoinSet::new();
     let first = u32::from(args.first_source);
-    for i in 0..args.n {
+    for i in 0..count {
         let offset = u32::try_from(i / args.per_source)?;
         let source = Ipv4Addr::from(first.checked_add(offset).ok_or("out of source addresses")?);
         if !source.is_loopback() {
@@ -341,11 +393,23 @@ async fn connect_all(args: &Args) -> Result<Vec<TcpStream>, Error> {
             Ok::<_, Error>(stream)
         });
     }
-    let mut streams = Vec::with_capacity(args.n);
+    let mut streams = Vec::with_capacity(count);
     while let Some(joined) = tasks.join_next().await {
         streams.push(joined??);
     }
     Ok(streams)
+}
+
+/// An HTTP/2 client connection (prior knowledge) on each stream, driven by
+/// its own task.
+async fn h2_handshakes(streams: Vec<TcpStream>) -> Result<Vec<H2Sender>, Error> {
+    let mut senders = Vec::with_capacity(streams.len());
+    for stream in streams {
+        let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        senders.push(sender);
+    }
+    Ok(senders)
 }
 
 /// Reads one HTTP/1.1 response (Content-Length or chunked); returns its status.

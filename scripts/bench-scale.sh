@@ -12,6 +12,10 @@
 #    call: (VmRSS while all N are held - VmRSS just before) / N, sampled on
 #    events (the bridge's fd count, the worker's held-call count), never
 #    after a guessed sleep;
+#  * the same over HTTP/2 (levels in $H2_LEVELS): the calls are streams,
+#    $H2_STREAMS per caller connection, so the open-files limit does not
+#    bound them and RSS per call is the call's own, the connection's share
+#    being a thousandth;
 #  * worker scale: $WORKERS worker connections from one process
 #    (examples/many_workers.rs), RSS per connection once all are welcomed;
 #  * idle RSS of `wsbridge serve` with no traffic.
@@ -29,13 +33,16 @@
 # takes time (about 1.9 s for 10,000 on 2 shared cores), and all N must be
 # held at once when memory is sampled (and the probes made).
 #
-# Environment: LEVELS ("10 1000 10000 100000"), WORKERS (1000), DELAY_MS
+# Environment: LEVELS ("10 1000 10000 100000"), H2_LEVELS (the same; "" to
+# skip), H2_STREAMS (1000), WORKERS (1000), DELAY_MS
 # (2000), HTTP_PORT (18080), WORKER_PORT (18443), CONTROL_PORT (19901),
 # OUT (bench/scale.json), CARGO_TARGET_DIR (target).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-LEVELS=${LEVELS:-"10 1000 10000 100000"}
+LEVELS=${LEVELS-"10 1000 10000 100000"}
+H2_LEVELS=${H2_LEVELS-"10 1000 10000 100000"}
+H2_STREAMS=${H2_STREAMS:-1000}
 WORKERS=${WORKERS:-1000}
 DELAY_MS=${DELAY_MS:-2000}
 HTTP_PORT=${HTTP_PORT:-18080}
@@ -139,6 +146,8 @@ request_timeout = "300s"
 # Connections are all opened before any request is sent.
 header_read_timeout = "300s"
 send_timeout = "60s"
+# HTTP/2 levels carry this many calls per connection.
+http2_max_streams = $H2_STREAMS
 
 # One bridge per scenario: no admin listener (its default port would clash).
 [admin]
@@ -186,33 +195,35 @@ wait_time_wait() {
     done
 }
 
-# Runs one level on a fresh bridge and worker; sets LEVEL_RESULT. (Not
-# called in $(...): the processes must be known to this shell's cleanup.)
+# Runs one level of $1 calls on a fresh bridge and worker, over HTTP/1.1
+# or, with $2 = h2, HTTP/2; sets LEVEL_RESULT. (Not called in $(...): the
+# processes must be known to this shell's cleanup.)
 LEVEL_RESULT=
 run_level() {
-    local n=$1 conns max_inflight worker out delay
+    local n=$1 mode=${2:-h1} conns max_inflight worker out delay h2=()
+    [[ $mode == h2 ]] && h2=(--h2-streams "$H2_STREAMS")
     delay=$((n / 2 > DELAY_MS ? n / 2 : DELAY_MS))
     # The protocol caps one connection at 65,536 calls in flight.
     # 64 more slots for the probe calls made while all n are held.
     conns=$(((n + 64 + 65535) / 65536))
     max_inflight=$(((n + conns - 1) / conns + 64))
     wait_time_wait
-    say "in-flight: $n calls ($conns worker connection(s) x max_inflight $max_inflight, delay $delay ms)"
-    start_bridge "n$n"
+    say "in-flight: $n calls over $mode ($conns worker connection(s) x max_inflight $max_inflight, delay $delay ms)"
+    start_bridge "$mode-n$n"
     "$EX/delay_worker" --url "wss://127.0.0.1:$WORKER_PORT" --token bench-token \
         --ca "$TMP/certs/server.crt" --delay-ms "$delay" --connections "$conns" \
         --max-inflight "$max_inflight" --control "127.0.0.1:$CONTROL_PORT" \
         >"$TMP/worker-$n.log" 2>&1 &
     worker=$!
     PIDS+=("$worker")
-    out=$TMP/load-$n.out
+    out=$TMP/load-$mode-$n.out
     if ! timeout 600 "$EX/hold_load" --target "127.0.0.1:$HTTP_PORT" --n "$n" \
         --delay-ms "$delay" --control "127.0.0.1:$CONTROL_PORT" --bridge-pid "$BRIDGE" \
-        --per-source "$PER_SOURCE" >"$out" 2>"$TMP/load-$n.err"; then
-        cat "$TMP/load-$n.err" >&2
-        die "hold_load failed at $n"
+        --per-source "$PER_SOURCE" "${h2[@]}" >"$out" 2>"$TMP/load-$mode-$n.err"; then
+        cat "$TMP/load-$mode-$n.err" >&2
+        die "hold_load failed at $n over $mode"
     fi
-    cat "$TMP/load-$n.err" >&2
+    cat "$TMP/load-$mode-$n.err" >&2
     LEVEL_RESULT=$(grep '^RESULT ' "$out" | sed 's/^RESULT //')
     stop "$worker"
     stop "$BRIDGE"
@@ -241,6 +252,11 @@ if ((largest_wanted > largest_run)); then
         largest_run=$max
     fi
 fi
+# HTTP/2: n / H2_STREAMS connections, far below the open-files limit.
+for n in $H2_LEVELS; do
+    run_level "$n" h2
+    RESULTS+=("h2:$n $LEVEL_RESULT")
+done
 
 # --- worker scale -------------------------------------------------------------
 say "worker scale: $WORKERS worker connections"
@@ -262,11 +278,13 @@ row() { ROWS+=("$(printf '%-46s %20s %12s  %s' "$1" "$2" "$3" "$4")"); }
 
 row "idle RSS (no traffic)" "$((IDLE_KIB)) KiB" "< $MAX_IDLE_KIB KiB" "$(verdict "$IDLE_KIB < $MAX_IDLE_KIB")"
 
-base_p50='' base_p99='' last_p50='' last_p99='' last_label=''
+# Per protocol: the first level's probe latencies and the last one's.
+declare -A base_p50 base_p99 base_label last_p50 last_p99 last_label
 LEVEL_JSON=()
 for entry in "${RESULTS[@]}"; do
     label=${entry%% *}
     r=${entry#* }
+    mode=$([[ $label == h2:* ]] && echo h2 || echo h1)
     n=$(field "$r" n)
     before=$(field "$r" rss_before_kib)
     conn=$(field "$r" rss_connected_kib)
@@ -293,27 +311,32 @@ for entry in "${RESULTS[@]}"; do
     row "[$label] probe call while all held, p50 / p99" "$p50 / $p99 ms" "" "info"
     row "[$label] burst: added latency p50 / p99" "$(field "$r" added_p50_ms) / $(field "$r" added_p99_ms) ms" "" "info"
     row "[$label] dispatch: go -> all held" "$(field "$r" dispatch_ms) ms" "" "info"
-    if [[ -z $base_p50 ]]; then base_p50=$p50 base_p99=$p99; fi
-    last_p50=$p50 last_p99=$p99 last_label=$label
-    LEVEL_JSON+=("$(printf '{"label":"%s","n":%s,"ok":%s,"errors":%s,"held_at_once":%s,"delay_ms":%s,"connect_ms":%s,"dispatch_ms":%s,"latency_p50_ms":%s,"latency_p99_ms":%s,"latency_max_ms":%s,"added_p50_ms":%s,"added_p99_ms":%s,"probe_p50_ms":%s,"probe_p99_ms":%s,"rss_before_kib":%s,"rss_connected_kib":%s,"rss_held_kib":%s,"rss_per_call_bytes":%s,"rss_per_idle_connection_bytes":%s,"rss_per_call_beyond_connection_bytes":%s,"rss_per_call_target_bytes":%s}' \
-        "$label" "$n" "$ok" "$errs" "$held_n" "$(field "$r" delay_ms)" "$(field "$r" connect_ms)" "$(field "$r" dispatch_ms)" \
+    if [[ -z ${base_p50[$mode]:-} ]]; then
+        base_p50[$mode]=$p50 base_p99[$mode]=$p99 base_label[$mode]=$label
+    fi
+    last_p50[$mode]=$p50 last_p99[$mode]=$p99 last_label[$mode]=$label
+    LEVEL_JSON+=("$(printf '{"label":"%s","protocol":"%s","n":%s,"ok":%s,"errors":%s,"held_at_once":%s,"delay_ms":%s,"connect_ms":%s,"dispatch_ms":%s,"latency_p50_ms":%s,"latency_p99_ms":%s,"latency_max_ms":%s,"added_p50_ms":%s,"added_p99_ms":%s,"probe_p50_ms":%s,"probe_p99_ms":%s,"rss_before_kib":%s,"rss_connected_kib":%s,"rss_held_kib":%s,"rss_per_call_bytes":%s,"rss_per_idle_connection_bytes":%s,"rss_per_call_beyond_connection_bytes":%s,"rss_per_call_target_bytes":%s}' \
+        "$label" "$mode" "$n" "$ok" "$errs" "$held_n" "$(field "$r" delay_ms)" "$(field "$r" connect_ms)" "$(field "$r" dispatch_ms)" \
         "$(field "$r" p50_ms)" "$(field "$r" p99_ms)" "$(field "$r" max_ms)" "$(field "$r" added_p50_ms)" "$(field "$r" added_p99_ms)" "$p50" "$p99" \
         "$before" "$conn" "$held" "$per_call" "$per_conn" "$per_call_only" "$MAX_CALL_BYTES")")
 done
 for s in "${SKIPPED[@]}"; do
     row "[${s%% *}] in-flight level" "skipped" "" "SKIP (${s#* })"
 done
-ratio_json=null
-if [[ -n $base_p50 && $last_label != "${RESULTS[0]%% *}" ]]; then
+RATIOS=()
+for mode in h1 h2; do
+    [[ -n ${base_p50[$mode]:-} && ${last_label[$mode]} != "${base_label[$mode]}" ]] || continue
     # The latency a call sees through a bridge holding n others, against the
     # same with 10 held: flat if correlation is O(1).
-    r50=$(awk -v a="$last_p50" -v b="$base_p50" 'BEGIN { printf "%.2f", a / b }')
-    r99=$(awk -v a="$last_p99" -v b="$base_p99" 'BEGIN { printf "%.2f", a / b }')
-    row "probe p50 at [$last_label] / at [${RESULTS[0]%% *}]" "${r50}x" "<= ${MAX_LATENCY_RATIO}x" "$(verdict "$r50 <= $MAX_LATENCY_RATIO")"
-    row "probe p99 at [$last_label] / at [${RESULTS[0]%% *}]" "${r99}x" "<= ${MAX_LATENCY_RATIO}x" "$(verdict "$r99 <= $MAX_LATENCY_RATIO")"
-    ratio_json=$(printf '{"from":"%s","to":"%s","p50":%s,"p99":%s,"target":%s}' \
-        "${RESULTS[0]%% *}" "$last_label" "$r50" "$r99" "$MAX_LATENCY_RATIO")
-fi
+    from=${base_label[$mode]} to=${last_label[$mode]}
+    r50=$(awk -v a="${last_p50[$mode]}" -v b="${base_p50[$mode]}" 'BEGIN { printf "%.2f", a / b }')
+    r99=$(awk -v a="${last_p99[$mode]}" -v b="${base_p99[$mode]}" 'BEGIN { printf "%.2f", a / b }')
+    row "probe p50 at [$to] / at [$from]" "${r50}x" "<= ${MAX_LATENCY_RATIO}x" "$(verdict "$r50 <= $MAX_LATENCY_RATIO")"
+    row "probe p99 at [$to] / at [$from]" "${r99}x" "<= ${MAX_LATENCY_RATIO}x" "$(verdict "$r99 <= $MAX_LATENCY_RATIO")"
+    RATIOS+=("$(printf '{"protocol":"%s","from":"%s","to":"%s","p50":%s,"p99":%s,"target":%s}' \
+        "$mode" "$from" "$to" "$r50" "$r99" "$MAX_LATENCY_RATIO")")
+done
+ratio_json="[$(IFS=,; echo "${RATIOS[*]}")]"
 
 m=$(field "$WRES" m)
 per_worker=$(field "$WRES" per_worker_kib)
@@ -339,6 +362,7 @@ cat >"$OUT" <<EOF
   "idle": {"rss_kib": $IDLE_KIB, "target_kib": $MAX_IDLE_KIB},
   "inflight": [$levels_json],
   "inflight_skipped": [${skipped_json%,}],
+  "h2_streams_per_connection": $H2_STREAMS,
   "added_latency_ratio": $ratio_json,
   "workers": {"m": $m, "registered": $REGISTERED, "connect_ms": $(field "$WRES" connect_ms), "rss_before_kib": $(field "$WRES" rss_before_kib), "rss_after_kib": $(field "$WRES" rss_after_kib), "rss_per_worker_kib": $per_worker, "target_kib": $MAX_WORKER_KIB, "worker_process_rss_per_connection_kib": $(field "$WRES" own_per_worker_kib)},
   "rows": [$(for r in "${ROWS[@]}"; do printf '"%s",' "$(sed 's/  */ /g; s/"/\\"/g' <<<"$r")"; done | sed 's/,$//')]
