@@ -65,7 +65,9 @@ pub fn to_wire(headers: &HeaderMap) -> Vec<Header> {
 /// [`to_wire`], borrowing from `headers`: no copy unless a value is not UTF-8.
 pub fn to_wire_ref(headers: &HeaderMap) -> Vec<(&str, Cow<'_, str>)> {
     let listed = connection_listed(headers);
-    let mut out = Vec::with_capacity(headers.len() + 3);
+    // Room for what the bridge adds: `host` (from an HTTP/2 `:authority`)
+    // and the three `X-Forwarded-*`/`X-Request-Id`.
+    let mut out = Vec::with_capacity(headers.len() + 4);
     for (n, v) in headers {
         if !is_hop_by_hop(n, &listed) {
             out.push((n.as_str(), String::from_utf8_lossy(v.as_bytes())));

@@ -145,7 +145,16 @@ pub(crate) fn outbox() -> (Outbox, Inbox) {
 impl Outbox {
     /// Queues a control frame or a head, waiting if the queue is full.
     pub(crate) async fn urgent(&self, msg: Message) -> Result<(), Closed> {
-        self.urgent.send(msg.into()).await.map_err(|_| Closed)
+        // Queued at once when there is room, as nearly always; the wait for
+        // room is boxed, so that the futures of the bridge's calls, which
+        // await this, keep no room for it while they wait for their replies.
+        match self.urgent.try_send(msg.into()) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Closed),
+            Err(mpsc::error::TrySendError::Full(msg)) => {
+                Box::pin(self.urgent.send(msg)).await.map_err(|_| Closed)
+            }
+        }
     }
 
     /// Like [`Outbox::urgent`]; the receiver completes once the frame has

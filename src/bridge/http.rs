@@ -17,7 +17,7 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use http::{header, HeaderName, HeaderValue, Request, Response};
+use http::{header, request::Parts, HeaderName, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::{
     body::{Body as HttpBody, Frame, Incoming, SizeHint},
@@ -190,7 +190,13 @@ async fn connection(
         ip: peer.ip().to_string().into(),
         calls,
     });
-    let service = service_fn(move |req| handle(shared.clone(), caller.clone(), req));
+    let service = service_fn(move |req: Request<Incoming>| {
+        // The head is boxed: the request and call futures would otherwise
+        // each keep two copies of its 224 bytes (an async fn's argument and
+        // the local it is moved to), for as long as the call is in flight.
+        let (head, body) = req.into_parts();
+        handle(shared.clone(), caller.clone(), Box::new(head), body)
+    });
     let ended = match h2 {
         Some(h2) => {
             let idle = idle.map(|rx| (rx, builders.idle));
@@ -309,7 +315,8 @@ async fn speaks_h2(tcp: &tokio::net::TcpStream) -> std::io::Result<bool> {
 async fn handle(
     shared: Arc<Shared>,
     caller: Arc<Caller>,
-    req: Request<Incoming>,
+    head: Box<Parts>,
+    body: Incoming,
 ) -> Result<Response<CallBody>, Infallible> {
     let started = Instant::now();
     // The call keeps the settings it started with, whatever a reload does.
@@ -318,9 +325,9 @@ async fn handle(
     // hung up) is still logged and counted: as 499, like nginx.
     let mut log = Box::new(AccessLog {
         shared: shared.clone(),
-        request_id: request_id(&req),
-        method: req.method().clone(),
-        path: req.uri().path().to_owned(),
+        request_id: request_id(&head.headers),
+        method: head.method.clone(),
+        path: head.uri.path().to_owned(),
         trace: Trace::default(),
         status: 499,
         error: Some("client_gone"),
@@ -355,11 +362,11 @@ async fn handle(
     // Boxed in a statement of its own: a temporary of the statement that
     // awaits keeps its room in this future even once moved into the box.
     let exchange: Pin<Box<dyn Future<Output = _> + Send + '_>> =
-        match token_header(&req, &IDEMPOTENCY_KEY) {
+        match token_header(&head.headers, &IDEMPOTENCY_KEY) {
             // Before anything else, stored responses included.
             _ if !allowed => Box::pin(std::future::ready(Err(CallError::Forbidden { peer: ip }))),
-            Some(key) => Box::pin(keyed(&ctx, req, trace, key)),
-            None => Box::pin(call(&ctx, req, trace)),
+            Some(key) => Box::pin(keyed(&ctx, head, body, trace, key)),
+            None => Box::pin(call(&ctx, head, body, trace)),
         };
     let outcome = exchange.await;
     let mut error = None;
@@ -388,6 +395,27 @@ async fn handle(
     Ok(resp)
 }
 
+/// A streamed reply read whole (at most `limit` bytes, within `time`), for
+/// an HTTP/1.0 caller.
+async fn collect_whole(
+    resp: Response<Body>,
+    limit: usize,
+    time: Duration,
+) -> Result<Result<Response<CallBody>, BodyError>, tokio::time::error::Elapsed> {
+    let (head, body) = resp.into_parts();
+    let bytes = tokio::time::timeout(time, body.collect(limit)).await?;
+    Ok(bytes.map(|bytes| {
+        Response::from_parts(
+            head,
+            CallBody {
+                body: Body::full(bytes),
+                _call: None,
+                log: None,
+            },
+        )
+    }))
+}
+
 /// `started + timeout`. Durations are capped by config validation; the
 /// fallback only guards the arithmetic.
 fn deadline_of(started: Instant, timeout: Duration) -> Instant {
@@ -397,8 +425,8 @@ fn deadline_of(started: Instant, timeout: Duration) -> Instant {
 }
 
 /// Header `name` if it is a sane token: 1 to 128 visible ASCII characters.
-fn token_header(req: &Request<Incoming>, name: &HeaderName) -> Option<String> {
-    req.headers()
+fn token_header(headers: &http::HeaderMap, name: &HeaderName) -> Option<String> {
+    headers
         .get(name)
         .and_then(|v| v.to_str().ok())
         .filter(|v| {
@@ -412,14 +440,15 @@ fn token_header(req: &Request<Incoming>, name: &HeaderName) -> Option<String> {
 /// call itself, whose whole response is then stored.
 async fn keyed(
     ctx: &Ctx<'_>,
-    req: Request<Incoming>,
+    head: Box<Parts>,
+    body: Incoming,
     trace: &mut Trace,
     key: String,
 ) -> Result<Response<CallBody>, CallError> {
     let (shared, request_id) = (ctx.shared, ctx.request_id);
     // Keys are per service; a path without a route fails in `call`.
-    let Some(target) = ctx.settings.router.resolve(req.uri().path()).cloned() else {
-        return call(ctx, req, trace).await;
+    let Some(target) = ctx.settings.router.resolve(head.uri.path()).cloned() else {
+        return call(ctx, head, body, trace).await;
     };
     let deadline = deadline_of(ctx.started, target.request_timeout);
     // Counted under its service even when it only waits or replays.
@@ -452,7 +481,7 @@ async fn keyed(
                 }
             }
             Begin::Lead(ticket) => {
-                let resp = call(ctx, req, trace).await?;
+                let resp = call(ctx, head, body, trace).await?;
                 // Only a whole response can be stored; a streamed one is
                 // passed on and the key freed (the ticket drops).
                 if let Some(body) = resp.body().body.as_full() {
@@ -469,8 +498,8 @@ async fn keyed(
 }
 
 /// The caller's `X-Request-Id` if it is a sane token, else a new UUID v7.
-fn request_id(req: &Request<Incoming>) -> String {
-    token_header(req, &REQUEST_ID).unwrap_or_else(|| {
+fn request_id(headers: &http::HeaderMap) -> String {
+    token_header(headers, &REQUEST_ID).unwrap_or_else(|| {
         // Encoded straight into a buffer: `to_string()` goes through the
         // formatter and grows its `String` twice.
         let mut text = uuid::Uuid::encode_buffer();
@@ -523,7 +552,8 @@ struct Ctx<'a> {
 /// Routes, reads the body, dispatches to a worker and awaits the reply.
 async fn call(
     ctx: &Ctx<'_>,
-    req: Request<Incoming>,
+    parts: Box<Parts>,
+    body: Incoming,
     trace: &mut Trace,
 ) -> Result<Response<CallBody>, CallError> {
     let Ctx {
@@ -535,9 +565,9 @@ async fn call(
     } = *ctx;
     let target = settings
         .router
-        .resolve(req.uri().path())
+        .resolve(parts.uri.path())
         .ok_or_else(|| CallError::NoRoute {
-            path: req.uri().path().to_owned(),
+            path: parts.uri.path().to_owned(),
         })?
         .clone();
     trace.route(shared, &target.service);
@@ -548,18 +578,16 @@ async fn call(
         after: target.request_timeout,
     };
 
-    let (parts, body) = req.into_parts();
     let caller_version = parts.version;
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let too_large = CallError::BodyTooLarge {
-        limit: target.max_body,
-    };
     if declared.is_some_and(|n| n > target.max_body as u64) {
-        return Err(too_large);
+        return Err(CallError::BodyTooLarge {
+            limit: target.max_body,
+        });
     }
     // Read the start of the body: a body that ends within one chunk travels
     // in the request frame itself; a longer one streams after it.
@@ -662,7 +690,7 @@ async fn call(
     let mut attempt = 0;
     // The failure that made the last attempt end, while a retry looks for a
     // worker: if none can be had, that failure is the answer.
-    let mut lost: Option<CallError> = None;
+    let mut lost: Option<Box<CallError>> = None;
     let (lease, mut guard, outcome) = loop {
         attempt += 1;
         let queued_at = Instant::now();
@@ -685,7 +713,7 @@ async fn call(
                 .await;
             let lease = acquired.map_err(|e| {
                 if let Some(lost) = lost.take() {
-                    return lost;
+                    return *lost;
                 }
                 match e {
                     AcquireError::QueueFull => CallError::QueueFull {
@@ -731,16 +759,21 @@ async fn call(
             // head_fits() checked this before a worker was chosen; this is the backstop.
             let frame = protocol::encode_request(&fields, &wire_headers, &start, codec)
                 .map_err(|_| head_too_large())?;
-            let exchange = async {
-                session.send_whole(frame).await?;
-                reply
+            // Two awaits, not one over an async block: the call waits for
+            // its reply far longer than for the queue, and this way that
+            // wait keeps no room for the send's future.
+            let exchange = match tokio::time::timeout_at(deadline, session.send_whole(frame)).await
+            {
+                Ok(Ok(())) => tokio::time::timeout_at(deadline, reply)
                     .await
-                    .unwrap_or_else(|_| Err(Failure::Lost("connection closed".into())))
+                    .map(|r| r.unwrap_or_else(|_| Err(Failure::Lost("connection closed".into())))),
+                Ok(Err(f)) => Ok(Err(f)),
+                Err(elapsed) => Err(elapsed),
             };
-            let outcome = match tokio::time::timeout_at(deadline, exchange).await {
+            let outcome = match exchange {
                 Ok(Err(f)) if may_retry(&f, attempt) => {
                     warn!(%request_id, worker = %session.worker_id, attempt, failure = ?f, "worker lost before replying; trying another");
-                    lost = Some(failed(f));
+                    lost = Some(Box::new(failed(f)));
                     continue;
                 }
                 Ok(result) => Ok(result.map(|resp| (resp, None)).map_err(failed)),
@@ -806,7 +839,9 @@ async fn call(
                 }
             }
         };
-        let outcome = tokio::time::timeout_at(deadline, exchange).await;
+        // Boxed: only calls with a long body come here, and unboxed it
+        // would make every call's future larger.
+        let outcome = Box::pin(tokio::time::timeout_at(deadline, exchange)).await;
         break (lease, guard, outcome);
     };
     match outcome {
@@ -827,15 +862,11 @@ async fn call(
                 // ends by closing the connection, which looks the same
                 // whether it is complete or cut off. Collect it (the call
                 // stays alive meanwhile) so a cut-off becomes a 502.
-                let (head, body) = resp.into_parts();
                 let limit = http.max_response_body.bytes();
-                // Boxed: a rare path that would otherwise be the largest
-                // state of this future, which every call makes room for.
-                let collected = Box::pin(tokio::time::timeout(
-                    target.request_timeout,
-                    body.collect(limit),
-                ));
-                let collected = collected.await;
+                // Boxed, with the response moved in: a rare path that would
+                // otherwise be the largest state of this future, which
+                // every call makes room for.
+                let collected = Box::pin(collect_whole(resp, limit, target.request_timeout)).await;
                 let Ok(collected) = collected else {
                     // A worker that stalls mid-body is cancelled, as for
                     // HTTP/1.1 callers.
@@ -844,14 +875,7 @@ async fn call(
                 };
                 drop((upload, guard));
                 return match collected {
-                    Ok(bytes) => Ok(Response::from_parts(
-                        head,
-                        CallBody {
-                            body: Body::full(bytes),
-                            _call: None,
-                            log: None,
-                        },
-                    )),
+                    Ok(resp) => Ok(resp),
                     Err(e) => Err(failure(
                         &lease.session().worker_id,
                         Failure::Bad(e.to_string()),
