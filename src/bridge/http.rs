@@ -30,7 +30,7 @@ use hyper_util::{
 };
 use tokio::{
     net::TcpListener,
-    sync::{watch, Semaphore},
+    sync::{watch, OwnedSemaphorePermit, Semaphore},
     time::Instant,
 };
 use tokio_util::{
@@ -113,17 +113,16 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, shutdown: 
             current = Arc::clone(&settings);
             builders = Arc::new(Builders::new(&current.config));
         }
-        let connection = connection(
+        // Spawned as it is: wrapped in an async block, its future would be
+        // kept twice in the task (captured, then awaited).
+        connections_open.spawn(connection(
             tcp,
             peer,
             builders.clone(),
             shared.clone(),
             shutdown.clone(),
-        );
-        connections_open.spawn(async move {
-            connection.await;
-            drop(permit);
-        });
+            permit,
+        ));
     }
     drop(listener);
     connections_open.close();
@@ -155,6 +154,8 @@ async fn connection(
     builders: Arc<Builders>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
+    // Held until the connection ends: `max_connections`.
+    _permit: OwnedSemaphorePermit,
 ) {
     let h2 = match &builders.h2 {
         None => None,
@@ -200,9 +201,16 @@ async fn connection(
     let ended = match h2 {
         Some(h2) => {
             let idle = idle.map(|rx| (rx, builders.idle));
-            drive(h2.serve_connection(io, service), &shutdown, idle).await
+            // Boxed: an HTTP/2 connection's state is about twice an
+            // HTTP/1 one's, and every connection's task would make room
+            // for it.
+            let mut conn = Box::pin(h2.serve_connection(io, service));
+            drive(conn.as_mut(), &shutdown, idle).await
         }
-        None => drive(builders.h1.serve_connection(io, service), &shutdown, None).await,
+        None => {
+            let conn = std::pin::pin!(builders.h1.serve_connection(io, service));
+            drive(conn, &shutdown, None).await
+        }
     };
     if let Err(e) = ended {
         debug!(%peer, error = %e, "caller connection ended with an error");
@@ -211,12 +219,13 @@ async fn connection(
 
 /// Drives `conn` to its end, asking it to finish gracefully at `shutdown`
 /// or once `idle` says no call has been open for its duration.
+/// (`conn` is pinned by the caller: an async fn keeps a by-value argument
+/// twice, and a connection is a few hundred bytes to a few kilobytes.)
 async fn drive<C: GracefulConnection>(
-    conn: C,
+    mut conn: Pin<&mut C>,
     shutdown: &CancellationToken,
     idle: Option<(watch::Receiver<usize>, Duration)>,
 ) -> Result<(), C::Error> {
-    let mut conn = std::pin::pin!(conn);
     let quiet = async {
         match idle {
             Some((calls, limit)) => until_idle(calls, limit).await,
