@@ -1,7 +1,9 @@
 //! Callers speaking HTTP/2 with prior knowledge (h2c) on the same listener
 //! as HTTP/1.1: many calls multiplexed on one connection, each answered with
 //! its own reply; a reset stream cancels only its own call; errors are the
-//! same JSON; the stream limit, the idle timeout and `http.http2 = false`.
+//! same JSON; the stream limit, the idle timeout and `http.http2 = false`;
+//! peers that stall (mid-preface, mute, or not reading one stream) are cut
+//! off; shutdown drains open calls.
 
 mod common;
 
@@ -240,19 +242,14 @@ async fn http2_off_leaves_the_listener_http1_only() {
 }
 
 #[tokio::test]
-async fn a_caller_that_splits_its_first_bytes_is_still_served() {
+async fn callers_that_split_their_first_bytes_are_served() {
     let bridge = TestBridge::start(|_| {}).await;
     let _w = bridge.worker(&["default"], 4, worker::echo).await;
-    let mut tcp = with_timeout(TcpStream::connect(bridge.http))
-        .await
-        .expect("tcp");
-    tcp.set_nodelay(true).expect("nodelay");
-    // "PO" is also how the HTTP/2 preface ("PRI") would start.
-    tcp.write_all(b"PO").await.expect("write");
-    // A slow caller, which this test is about: not a synchronisation.
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    // HTTP/1: "P" could still become the HTTP/2 preface.
+    let mut tcp = connect(&bridge).await;
+    tcp.write_all(b"P").await.expect("write");
     tcp.write_all(
-        b"ST /split HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nsplit",
+        b"OST /split HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nsplit",
     )
     .await
     .expect("write");
@@ -261,6 +258,156 @@ async fn a_caller_that_splits_its_first_bytes_is_still_served() {
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.ends_with("split"), "{text}");
+    // HTTP/2: the preface split after "PR"; the bridge answers with its own
+    // SETTINGS frame (type 4), which only an HTTP/2 server sends.
+    let mut tcp = connect(&bridge).await;
+    tcp.write_all(b"PR").await.expect("write");
+    tcp.write_all(b"I * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .expect("write");
+    tcp.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+        .await
+        .expect("empty SETTINGS");
+    let mut frame_header = [0u8; 9];
+    with_timeout(tcp.read_exact(&mut frame_header))
+        .await
+        .expect("read");
+    assert_eq!(
+        frame_header[3], 4,
+        "the first frame is SETTINGS: {frame_header:?}"
+    );
+    // A peer that answers nothing would hold a shutdown for the idle limit.
+    drop(tcp);
+    bridge.stop().await;
+}
+
+async fn connect(bridge: &TestBridge) -> TcpStream {
+    let tcp = with_timeout(TcpStream::connect(bridge.http))
+        .await
+        .expect("tcp");
+    tcp.set_nodelay(true).expect("nodelay");
+    tcp
+}
+
+/// Reads until the bridge closes `tcp` (EOF or reset); how long that took.
+async fn until_closed(tcp: &mut TcpStream) -> Duration {
+    let started = tokio::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    with_timeout(async {
+        while let Ok(n) = tcp.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn http2_peers_that_stall_before_or_after_the_preface_are_closed() {
+    let idle = Duration::from_millis(300);
+    let bridge = TestBridge::start(|c| c.http.header_read_timeout = idle).await;
+    // "PRI", then nothing: hyper waits for the rest of the preface forever.
+    let mut stalled_preface = connect(&bridge).await;
+    stalled_preface.write_all(b"PRI").await.expect("write");
+    // The preface and SETTINGS, then no answer to anything (the graceful
+    // close's PING included).
+    let mut mute = connect(&bridge).await;
+    mute.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .expect("write");
+    mute.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+        .await
+        .expect("write");
+    for (what, tcp) in [("mid-preface", &mut stalled_preface), ("mute", &mut mute)] {
+        let open = until_closed(tcp).await;
+        // GOAWAY after one idle period, dropped after the next.
+        assert!(
+            open < idle * 2 + Duration::from_secs(2),
+            "{what}: open {open:?}"
+        );
+    }
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_the_caller_stops_reading_is_ended_after_send_timeout() {
+    let send_timeout = Duration::from_millis(300);
+    let bridge = TestBridge::start(|c| c.http.send_timeout = send_timeout).await;
+    // One slot: the second call below can only start once it is freed.
+    let mut raw = RawWorker::connect(&bridge, &["default"], 1).await;
+    let tcp = connect(&bridge).await;
+    // A window of 0: the caller reads nothing of any reply, while its
+    // connection stays perfectly alive (it answers pings).
+    let (sender, conn) = with_timeout(
+        h2::client::Builder::new()
+            .initial_window_size(0)
+            .handshake::<_, Bytes>(tcp),
+    )
+    .await
+    .expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let mut sender = with_timeout(sender.ready()).await.expect("ready");
+    let (resp, _) = sender
+        .send_request(
+            Request::get(bridge.at("/stall")).body(()).expect("request"),
+            true,
+        )
+        .expect("send");
+    let (req, _) = raw.next_request().await;
+    raw.send_binary(wsbridge::protocol::encode_data(
+        &response_head(req.id, 200, false),
+        b"first part",
+    ))
+    .await;
+    let resp = with_timeout(resp).await.expect("response head");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let started = tokio::time::Instant::now();
+    match raw.next().await {
+        Frame::Control(Control::Cancel { id, reason }) => {
+            assert_eq!((id, reason.as_str()), (req.id, "timeout"));
+        }
+        other => panic!("expected the stalled call's cancel, got {other:?}"),
+    }
+    assert!(started.elapsed() >= send_timeout, "{:?}", started.elapsed());
+    // Its worker slot is free again: another call reaches the worker.
+    let next = spawn_get(&bridge, "/next");
+    let (second, _) = raw.next_request().await;
+    assert_eq!(second.path, "/next");
+    raw.reply(second.id, 200, &[], b"ok").await;
+    assert_eq!(with_timeout(next).await.expect("join").head.status, 200);
+    // The stalled stream itself stays until its caller goes (a shutdown
+    // would wait for it up to shutdown_timeout).
+    drop(resp);
+    conn.abort();
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_an_open_http2_call_finish() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
+    let (mut sender, _conn) = h2_connection(bridge.http).await;
+    let req = Request::get(bridge.at("/drain"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let call = tokio::spawn(async move { h2_send(&mut sender, req).await });
+    let (head, _) = raw.next_request().await;
+    bridge.begin_stop();
+    // The listener closes first; the open call is drained, not cut.
+    with_timeout(async {
+        while TcpStream::connect(bridge.http).await.is_ok() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    raw.reply(head.id, 200, &[], b"drained").await;
+    let r = with_timeout(call).await.expect("join");
+    assert_eq!(
+        (r.head.status, &r.body[..]),
+        (StatusCode::OK, &b"drained"[..])
+    );
     bridge.stop().await;
 }
 
@@ -276,6 +423,10 @@ async fn a_connection_that_sends_nothing_is_closed_after_header_read_timeout() {
     // EOF or a reset: either way the bridge let go.
     let _ = with_timeout(tcp.read_to_end(&mut got)).await;
     assert!(got.is_empty());
-    assert!(started.elapsed() >= limit - Duration::from_millis(50));
+    let open = started.elapsed();
+    assert!(
+        open >= limit - Duration::from_millis(50) && open < limit + Duration::from_secs(2),
+        "open {open:?}"
+    );
     bridge.stop().await;
 }

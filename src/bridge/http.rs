@@ -10,7 +10,7 @@ use std::{
     pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex, MutexGuard,
     },
     task::{Context, Poll},
     time::Duration,
@@ -44,6 +44,8 @@ use super::{
     registry::{AcquireError, Lease},
     send_timeout::SendTimeout,
     session::{CallGuard, Failure, Session, Started},
+    sniff::{sniff, Replay},
+    stall::StallWatch,
     Settings, Shared,
 };
 use crate::{
@@ -157,15 +159,15 @@ async fn connection(
     // Held until the connection ends: `max_connections`.
     _permit: OwnedSemaphorePermit,
 ) {
-    let h2 = match &builders.h2 {
-        None => None,
+    let (h2, tcp) = match &builders.h2 {
+        None => (None, Replay::plain(tcp)),
         Some(h2) => {
             let sniffed = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = tokio::time::timeout(builders.idle, speaks_h2(&tcp)) => r,
+                r = tokio::time::timeout(builders.idle, sniff(tcp)) => r,
             };
             match sniffed {
-                Ok(Ok(yes)) => yes.then_some(h2),
+                Ok(Ok((yes, tcp))) => (yes.then_some(h2), tcp),
                 Ok(Err(e)) => {
                     debug!(%peer, error = %e, "caller connection failed before its first bytes");
                     return;
@@ -226,19 +228,26 @@ async fn drive<C: GracefulConnection>(
     shutdown: &CancellationToken,
     idle: Option<(watch::Receiver<usize>, Duration)>,
 ) -> Result<(), C::Error> {
-    let quiet = async {
-        match idle {
-            Some((calls, limit)) => until_idle(calls, limit).await,
+    let quiet = || async {
+        match &idle {
+            Some((calls, limit)) => until_idle(calls.clone(), *limit).await,
             None => std::future::pending().await,
         }
     };
     tokio::select! {
         ended = conn.as_mut() => return ended,
         _ = shutdown.cancelled() => {}
-        _ = quiet => {}
+        _ = quiet() => {}
     }
     conn.as_mut().graceful_shutdown();
-    conn.await
+    // An HTTP/2 peer may never complete the graceful close (GOAWAY waits
+    // for its answer to a PING; a peer that stopped mid-preface never gets
+    // that far). Once no call has been open for the idle limit again, the
+    // connection is dropped: no call can be lost by that.
+    tokio::select! {
+        ended = conn.as_mut() => ended,
+        _ = quiet() => Ok(()),
+    }
 }
 
 /// Returns once `calls` (the calls open on a connection) has stayed at zero
@@ -291,32 +300,6 @@ impl Builders {
             idle: http.header_read_timeout,
             send_timeout: http.send_timeout,
         }
-    }
-}
-
-/// The first bytes of the HTTP/2 connection preface (RFC 9113 section 3.4).
-/// No HTTP/1 method starts with them (`PRI` is reserved for this), so three
-/// bytes tell the two apart.
-const H2_PREFACE: &[u8] = b"PRI";
-
-/// Whether a new connection speaks HTTP/2 with prior knowledge, from its
-/// first bytes, which are peeked, not consumed: HTTP/1 connections are
-/// served straight from the socket, as without HTTP/2.
-async fn speaks_h2(tcp: &tokio::net::TcpStream) -> std::io::Result<bool> {
-    let mut first = [0u8; H2_PREFACE.len()];
-    loop {
-        let n = tcp.peek(&mut first).await?;
-        if n == 0 || first[..n] != H2_PREFACE[..n] {
-            return Ok(false);
-        }
-        if n == first.len() {
-            return Ok(true);
-        }
-        // "P" or "PR" so far, which POST, PUT, PATCH and PROPFIND share:
-        // peeking again at once would return the same bytes, and readiness
-        // stays set while they are unread. Only a caller that splits its
-        // first three bytes gets here.
-        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -894,12 +877,34 @@ async fn call(
             // A streamed reply keeps the call (its cancel-on-drop guard, its
             // worker slot and any upload still running) alive until the
             // caller has read it all or hung up; a complete one is done.
-            let call = streamed.then_some(Held {
-                _upload: upload,
-                guard,
-                _lease: lease,
-                idle_limit: target.request_timeout,
-                idle: Box::pin(tokio::time::sleep(target.request_timeout)),
+            let call = streamed.then(|| {
+                let call = Arc::new(Mutex::new(Some(HeldCall {
+                    _upload: upload,
+                    guard,
+                    _lease: lease,
+                })));
+                // HTTP/2: the socket's send timeout cannot see one stalled
+                // stream; the stall watch can.
+                let stall = (caller_version == http::Version::HTTP_2).then(|| {
+                    let call = Arc::downgrade(&call);
+                    StallWatch::spawn(http.send_timeout, move || {
+                        if let Some(call) = call.upgrade() {
+                            if let Some(mut held) = lock(&call).take() {
+                                debug!(
+                                    call = held.guard.id(),
+                                    "HTTP/2 caller stopped reading this reply for send_timeout; call ended"
+                                );
+                                held.guard.reason = "timeout";
+                            }
+                        }
+                    })
+                });
+                Held {
+                    call,
+                    idle_limit: target.request_timeout,
+                    idle: Box::pin(tokio::time::sleep(target.request_timeout)),
+                    stall,
+                }
             });
             Ok(resp.map(|body| CallBody {
                 body,
@@ -1151,17 +1156,30 @@ impl Drop for AccessLog {
     }
 }
 
-/// What a streamed reply holds on to; dropped in field order, so the upload
-/// stops, then the call is removed (and cancelled if unfinished), then the
-/// worker's slot is freed.
+/// What a streamed reply holds on to.
 struct Held {
-    _upload: Option<AbortOnDropHandle<()>>,
-    guard: CallGuard,
-    _lease: Lease,
+    /// The call; taken (ended) early by the stall watch.
+    call: Arc<Mutex<Option<HeldCall>>>,
     /// A streamed reply that goes quiet for the route's `request_timeout`
     /// is cut off (and the worker told `timeout`), like a proxy read timeout.
     idle_limit: Duration,
     idle: Pin<Box<tokio::time::Sleep>>,
+    /// HTTP/2 callers only: see [`StallWatch`].
+    stall: Option<StallWatch>,
+}
+
+/// A streamed reply's call, dropped in field order: the upload stops, then
+/// the call is removed (and cancelled if unfinished), then the worker's slot
+/// is freed.
+struct HeldCall {
+    _upload: Option<AbortOnDropHandle<()>>,
+    guard: CallGuard,
+    _lease: Lease,
+}
+
+fn lock(call: &Mutex<Option<HeldCall>>) -> MutexGuard<'_, Option<HeldCall>> {
+    // Nothing is left half-done under this lock: a poisoned one is usable.
+    call.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl HttpBody for CallBody {
@@ -1180,10 +1198,15 @@ impl HttpBody for CallBody {
         let Some(held) = this._call.as_mut() else {
             return polled;
         };
+        if let Some(stall) = &held.stall {
+            stall.polled(polled.is_pending());
+        }
         match polled {
             Poll::Pending => {
                 if held.idle.as_mut().poll(cx).is_ready() {
-                    held.guard.reason = "timeout";
+                    if let Some(call) = lock(&held.call).as_mut() {
+                        call.guard.reason = "timeout";
+                    }
                     let limit = held.idle_limit;
                     return Poll::Ready(Some(Err(BodyError::new(format!(
                         "the worker sent nothing for {limit:?}"

@@ -18,6 +18,8 @@ mod resume;
 mod routes;
 mod send_timeout;
 mod session;
+mod sniff;
+mod stall;
 pub mod status;
 
 pub use reload::{ReloadError, Reloaded};
