@@ -75,6 +75,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for Replay<T> {
             let n = (this.len - this.at).min(buf.remaining());
             buf.put_slice(&this.first[this.at..this.at + n]);
             this.at += n;
+            // Read on into the same buffer: handed only these bytes, hyper
+            // would reserve a whole read's room again for the rest, doubling
+            // its 8 KiB buffer. What the socket has not got yet (pending)
+            // waits for the next read; so does an error (a reset surfaces
+            // then as the error or as an early end).
+            if this.at == this.len && buf.remaining() > 0 {
+                let _ = Pin::new(&mut this.inner).poll_read(cx, buf);
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.inner).poll_read(cx, buf)
@@ -144,6 +152,24 @@ mod tests {
         assert_eq!(
             sniffed(&[b"P", b"R", &preface[2..]]).await,
             (true, preface.to_vec())
+        );
+    }
+
+    #[tokio::test]
+    async fn the_first_read_returns_the_replayed_bytes_with_what_followed() {
+        let (mut client, server) = tokio::io::duplex(64);
+        client
+            .write_all(b"GET / HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        let (h2, mut replay) = sniff(server).await.expect("sniff");
+        assert!(!h2);
+        let mut buf = [0u8; 64];
+        let n = replay.read(&mut buf).await.expect("read");
+        assert_eq!(
+            &buf[..n],
+            b"GET / HTTP/1.1\r\n\r\n",
+            "one read, not three bytes"
         );
     }
 
