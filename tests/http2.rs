@@ -171,21 +171,10 @@ async fn errors_over_http2_are_the_same_json_with_the_request_id() {
 async fn a_connection_is_offered_http2_max_streams() {
     let bridge = TestBridge::start(|c| c.http.http2_max_streams = 3).await;
     let _w = bridge.worker(&["default"], 4, worker::echo).await;
-    let tcp = with_timeout(TcpStream::connect(bridge.http))
+    let (mut sender, _conn) = raw_h2(&bridge, h2::client::Builder::new()).await;
+    let resp = with_timeout(raw_h2_get(&mut sender, &bridge, "/x"))
         .await
-        .expect("tcp");
-    let (sender, conn) = with_timeout(h2::client::handshake(tcp))
-        .await
-        .expect("h2 handshake");
-    tokio::spawn(conn);
-    let mut sender = with_timeout(sender.ready()).await.expect("ready");
-    let (resp, _) = sender
-        .send_request(
-            Request::get(bridge.at("/x")).body(()).expect("request"),
-            true,
-        )
-        .expect("send");
-    let resp = with_timeout(resp).await.expect("response");
+        .expect("response");
     assert_eq!(resp.status(), StatusCode::OK);
     // The server's SETTINGS have arrived by the time its response has.
     assert_eq!(sender.current_max_send_streams(), 3);
@@ -281,6 +270,33 @@ async fn callers_that_split_their_first_bytes_are_served() {
     bridge.stop().await;
 }
 
+/// An HTTP/2 connection through the h2 crate (which, unlike hyper, exposes
+/// the peer's settings and every client setting), driven by the returned task.
+async fn raw_h2(
+    bridge: &TestBridge,
+    builder: h2::client::Builder,
+) -> (h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<()>) {
+    let tcp = connect(bridge).await;
+    let (sender, conn) = with_timeout(builder.handshake::<_, Bytes>(tcp))
+        .await
+        .expect("h2 handshake");
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let sender = with_timeout(sender.ready()).await.expect("ready");
+    (sender, conn)
+}
+
+/// `GET path` on a raw HTTP/2 connection: the response head.
+fn raw_h2_get(
+    sender: &mut h2::client::SendRequest<Bytes>,
+    bridge: &TestBridge,
+    path: &str,
+) -> h2::client::ResponseFuture {
+    let req = Request::get(bridge.at(path)).body(()).expect("request");
+    sender.send_request(req, true).expect("send").0
+}
+
 async fn connect(bridge: &TestBridge) -> TcpStream {
     let tcp = with_timeout(TcpStream::connect(bridge.http))
         .await
@@ -337,24 +353,12 @@ async fn a_stream_the_caller_stops_reading_is_ended_after_send_timeout() {
     let bridge = TestBridge::start(|c| c.http.send_timeout = send_timeout).await;
     // One slot: the second call below can only start once it is freed.
     let mut raw = RawWorker::connect(&bridge, &["default"], 1).await;
-    let tcp = connect(&bridge).await;
     // A window of 0: the caller reads nothing of any reply, while its
     // connection stays perfectly alive (it answers pings).
-    let (sender, conn) = with_timeout(
-        h2::client::Builder::new()
-            .initial_window_size(0)
-            .handshake::<_, Bytes>(tcp),
-    )
-    .await
-    .expect("h2 handshake");
-    let conn = tokio::spawn(conn);
-    let mut sender = with_timeout(sender.ready()).await.expect("ready");
-    let (resp, _) = sender
-        .send_request(
-            Request::get(bridge.at("/stall")).body(()).expect("request"),
-            true,
-        )
-        .expect("send");
+    let mut window_shut = h2::client::Builder::new();
+    window_shut.initial_window_size(0);
+    let (mut sender, conn) = raw_h2(&bridge, window_shut).await;
+    let resp = raw_h2_get(&mut sender, &bridge, "/stall");
     let (req, _) = raw.next_request().await;
     raw.send_binary(wsbridge::protocol::encode_data(
         &response_head(req.id, 200, false),
