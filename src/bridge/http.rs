@@ -180,10 +180,11 @@ async fn connection(
         }
     };
     let io = TokioIo::new(SendTimeout::new(tcp, builders.send_timeout));
+    // HTTP/2: the calls open on the connection, for its idle timeout.
     let (calls, idle) = match h2 {
         Some(_) => {
             let (tx, rx) = watch::channel(0);
-            (Some(tx), Some(rx))
+            (Some(tx), Some((rx, builders.idle)))
         }
         None => (None, None),
     };
@@ -202,7 +203,6 @@ async fn connection(
     });
     let ended = match h2 {
         Some(h2) => {
-            let idle = idle.map(|rx| (rx, builders.idle));
             // Boxed: an HTTP/2 connection's state is about twice an
             // HTTP/1 one's, and every connection's task would make room
             // for it.
