@@ -92,7 +92,8 @@ pub async fn run(ports: Ports, shutdown: CancellationToken) -> anyhow::Result<()
                  an echo worker is connected for services: {}\n\n\
                  Try:\n  \
                  curl -s -d hi http://{http_addr}/x\n  \
-                 curl -si 'http://{http_addr}/orders/42?q=1'\n{}\n\
+                 curl -si 'http://{http_addr}/orders/42?q=1'\n  \
+                 curl -s --http2-prior-knowledge -d hi http://{http_addr}/x\n{}\n\
                  Press Ctrl-C to stop.",
                 services.join(", "),
                 admin_addr.map_or_else(String::new, |a| format!(
