@@ -50,7 +50,10 @@ async fn the_demo_serves_the_curl_line_it_prints() {
     assert_eq!(r.body, "hi", "{url}");
     // The same over HTTP/2, as the demo's third line shows.
     let r = post(&h2_client(), &url, "hi").await;
-    assert_eq!((r.head.version, &r.body[..]), (http::Version::HTTP_2, &b"hi"[..]));
+    assert_eq!(
+        (r.head.version, &r.body[..]),
+        (http::Version::HTTP_2, &b"hi"[..])
+    );
     let _ = child.kill().await;
 }
 
