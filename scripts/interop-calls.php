@@ -9,6 +9,7 @@
  *     php scripts/interop-calls.php add    /orders/add
  *     php scripts/interop-calls.php slow   /py/slow 1500
  *     php scripts/interop-calls.php error  /ghost/echo no_worker ['{"ms":5000}']
+ *     php scripts/interop-calls.php parallel /py/slow 8 300   (bridge_call_all)
  *     php scripts/interop-calls.php probe  /py/echo          (quiet, for waiting)
  */
 require __DIR__ . '/../examples/php/bridge_call.php';
@@ -102,7 +103,36 @@ switch ($cmd) {
         }
         fail("error from $path", "BridgeException $code", 'a reply: ' . json_encode($res));
 
+    case 'parallel':
+        // N slow calls at once through bridge_call_all(): one HTTP/2
+        // connection, all answered, in about one call's time.
+        $n = (int) $argv[3];
+        $ms = (int) $argv[4];
+        $calls = array_fill(0, $n, [$path, ['ms' => $ms]]);
+        $started = microtime(true);
+        $results = bridge_call_all($calls, 35.0, $stats);
+        $took = (int) ((microtime(true) - $started) * 1000);
+        foreach ($results as $i => $res) {
+            if (!is_array($res) || !isset($res['slept_ms']) || $res['slept_ms'] != $ms) {
+                $got = $res instanceof BridgeException ? get_class($res) . ' ' . $res->getMessage() : json_encode($res);
+                fail("parallel call $i of $n to $path", "{\"slept_ms\":$ms,...}", $got);
+            }
+        }
+        // HTTP/2 on one connection where libcurl can (8.0 and later),
+        // else HTTP/1.1 on a connection each (see bridge_call_all()).
+        $h2 = bridge_can_multiplex();
+        if ($h2 ? [$stats['http2'], $stats['connections']] !== [$n, 1] : $stats['http2'] !== 0) {
+            $want = $h2 ? "$n over HTTP/2 on 1 connection" : 'HTTP/1.1';
+            fail("$n parallel calls (libcurl " . curl_version()['version'] . ')', $want, "{$stats['http2']} over HTTP/2 on {$stats['connections']} connection(s)");
+        }
+        if ($took >= $n * $ms / 2) {
+            fail("$n parallel calls of {$ms}ms", 'well under ' . ($n * $ms) . 'ms in all', "{$took}ms");
+        }
+        $how = $h2 ? 'over 1 HTTP/2 connection' : "over HTTP/1.1 (libcurl " . curl_version()['version'] . ' < 8.0)';
+        echo "ok: $n calls of {$ms}ms to $path at once $how, all answered in {$took}ms\n";
+        exit(0);
+
     default:
-        fwrite(STDERR, "usage: php interop-calls.php probe|text|binary|add|slow|error PATH [...]\n");
+        fwrite(STDERR, "usage: php interop-calls.php probe|text|binary|add|slow|error|parallel PATH [...]\n");
         exit(2);
 }
