@@ -350,7 +350,12 @@ async fn http2_peers_that_stall_before_or_after_the_preface_are_closed() {
 #[tokio::test]
 async fn a_stream_the_caller_stops_reading_is_ended_after_send_timeout() {
     let send_timeout = Duration::from_millis(300);
-    let bridge = TestBridge::start(|c| c.http.send_timeout = send_timeout).await;
+    let idle = Duration::from_millis(300);
+    let bridge = TestBridge::start(|c| {
+        c.http.send_timeout = send_timeout;
+        c.http.header_read_timeout = idle;
+    })
+    .await;
     // One slot: the second call below can only start once it is freed.
     let mut raw = RawWorker::connect(&bridge, &["default"], 1).await;
     // A window of 0: the caller reads nothing of any reply, while its
@@ -381,10 +386,13 @@ async fn a_stream_the_caller_stops_reading_is_ended_after_send_timeout() {
     assert_eq!(second.path, "/next");
     raw.reply(second.id, 200, &[], b"ok").await;
     assert_eq!(with_timeout(next).await.expect("join").head.status, 200);
-    // The stalled stream itself stays until its caller goes (a shutdown
-    // would wait for it up to shutdown_timeout).
+    // The ended call no longer counts as open: the connection, with nothing
+    // else on it, goes idle and is closed (GOAWAY, then dropped, since this
+    // caller will never read the stalled stream).
+    let closing = tokio::time::Instant::now();
+    with_timeout(conn).await.expect("join");
+    assert!(closing.elapsed() < idle * 2 + Duration::from_secs(2));
     drop(resp);
-    conn.abort();
     bridge.stop().await;
 }
 

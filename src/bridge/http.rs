@@ -383,6 +383,13 @@ async fn handle(
     }
     log.status = resp.status().as_u16();
     log.error = error;
+    // A streamed reply's call may be ended early (the stall watch): from
+    // then on it no longer keeps its HTTP/2 connection from going idle.
+    if let Some(held) = &resp.body()._call {
+        if let Some(call) = lock(&held.call).as_mut() {
+            call._open = log._open.take();
+        }
+    }
     resp.body_mut().log = Some(log);
     Ok(resp)
 }
@@ -882,6 +889,7 @@ async fn call(
                     _upload: upload,
                     guard,
                     _lease: lease,
+                    _open: None,
                 })));
                 // HTTP/2: the socket's send timeout cannot see one stalled
                 // stream; the stall watch can.
@@ -1175,6 +1183,9 @@ struct HeldCall {
     _upload: Option<AbortOnDropHandle<()>>,
     guard: CallGuard,
     _lease: Lease,
+    /// HTTP/2: counts the call as open on its connection (moved here from
+    /// the access log once the reply is streamed).
+    _open: Option<OpenCall>,
 }
 
 fn lock(call: &Mutex<Option<HeldCall>>) -> MutexGuard<'_, Option<HeldCall>> {
