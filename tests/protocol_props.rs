@@ -10,13 +10,13 @@
 use bytes::Bytes;
 use proptest::collection::vec;
 use proptest::prelude::*;
-use wsbridge::protocol::json::{read_head, write_head, RequestFields};
+use wsbridge::protocol::json::{read_head, write_head, EncodedHeaders, RequestFields};
 use wsbridge::protocol::{
     decode_control, decode_data, encode_control, encode_data, encode_frame, BodyHead, Compression,
     Control, DataHead, Hello, RequestHead, ResponseHead, Resume, Welcome, COMPRESS_MIN,
     MAX_INFLIGHT, MAX_RESUME_IDS, MAX_SERVICES,
 };
-use wsbridge::protocol::{encode_head, encode_request, encode_response};
+use wsbridge::protocol::{encode_head, encode_request, encode_request_encoded, encode_response};
 
 /// Strings of any characters, control characters, quotes, backslashes and
 /// astral-plane characters included (all need care in JSON).
@@ -381,6 +381,10 @@ proptest! {
         match &head {
             DataHead::Request(r) => {
                 let fields = RequestFields::from(r);
+                // Headers encoded once, as a held call keeps them for retries.
+                let encoded = EncodedHeaders::new(&r.headers);
+                let once = encode_request_encoded(&fields, &encoded, &body, codec);
+                prop_assert_eq!(once.as_ref().ok(), expected.as_ref().ok());
                 prop_assert_eq!(encode_request(&fields, &r.headers, &body, codec), expected);
             }
             DataHead::Response(r) => {

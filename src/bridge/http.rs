@@ -551,7 +551,7 @@ struct Ctx<'a> {
 /// Routes, reads the body, dispatches to a worker and awaits the reply.
 async fn call(
     ctx: &Ctx<'_>,
-    parts: Box<Parts>,
+    mut parts: Box<Parts>,
     body: Incoming,
     trace: &mut Trace,
 ) -> Result<Response<CallBody>, CallError> {
@@ -664,6 +664,14 @@ async fn call(
     // cannot do anything twice: the worker never accepted it, or the method
     // is idempotent, or the caller sent an Idempotency-Key.
     let replayable = idempotent(&parts.method) || parts.headers.contains_key(&IDEMPOTENCY_KEY);
+    // A body that is already compressed (Content-Encoding) is sent as it is.
+    let precompressed = parts.headers.contains_key(header::CONTENT_ENCODING);
+    // From here on the call keeps its headers as the JSON every attempt's
+    // frame carries, not as the caller's header map (about 900 bytes of a
+    // held call with a few headers, for the map and the list made from it).
+    let wire_headers = json::EncodedHeaders::new(&wire_headers);
+    drop(xff);
+    parts.headers = http::HeaderMap::new();
     let may_retry = |f: &Failure, attempt: u32| {
         single
             && attempt <= http.max_retries
@@ -748,15 +756,14 @@ async fn call(
         fields.id = id;
         fields.end = single;
         fields.gate = gated;
-        // A body that is already compressed (Content-Encoding) is sent as it is.
-        let codec = if parts.headers.contains_key(header::CONTENT_ENCODING) {
+        let codec = if precompressed {
             Compression::None
         } else {
             session.compression()
         };
         if single {
             // head_fits() checked this before a worker was chosen; this is the backstop.
-            let frame = protocol::encode_request(&fields, &wire_headers, &start, codec)
+            let frame = protocol::encode_request_encoded(&fields, &wire_headers, &start, codec)
                 .map_err(|_| head_too_large())?;
             // Two awaits, not one over an async block: the call waits for
             // its reply far longer than for the queue, and this way that
@@ -782,7 +789,7 @@ async fn call(
         }
         // The head carries the first chunk; the rest of what was read, and
         // everything after, follows as body chunks.
-        let head_frame = protocol::encode_request(
+        let head_frame = protocol::encode_request_encoded(
             &fields,
             &wire_headers,
             &start[..protocol::CHUNK_SIZE.min(start.len())],

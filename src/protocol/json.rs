@@ -71,11 +71,30 @@ impl<'a> From<&'a RequestHead> for RequestFields<'a> {
 impl RequestFields<'_> {
     /// An upper bound on the head's JSON before escaping, to size buffers.
     pub fn size_hint<N: AsRef<str>, V: AsRef<str>>(&self, headers: &[(N, V)]) -> usize {
-        160 + self.request_id.len()
-            + self.service.len()
-            + self.method.len()
-            + self.path.len()
-            + headers_len(headers)
+        self.fields_hint() + headers_len(headers)
+    }
+
+    /// [`RequestFields::size_hint`] with headers already encoded.
+    pub fn size_hint_encoded(&self, headers: &EncodedHeaders) -> usize {
+        self.fields_hint() + headers.0.len()
+    }
+
+    fn fields_hint(&self) -> usize {
+        160 + self.request_id.len() + self.service.len() + self.method.len() + self.path.len()
+    }
+}
+
+/// A request's header list written as JSON once (`,"headers":[...]`): a
+/// call keeps this instead of the caller's header map, which it can then
+/// drop, and still writes its frame again for a retry.
+pub struct EncodedHeaders(Box<[u8]>);
+
+impl EncodedHeaders {
+    /// The JSON [`write_request`] writes for `headers`.
+    pub fn new<N: AsRef<str>, V: AsRef<str>>(headers: &[(N, V)]) -> EncodedHeaders {
+        let mut out = Vec::with_capacity(headers_len(headers) + 16);
+        write_headers(headers, &mut out);
+        EncodedHeaders(out.into_boxed_slice())
     }
 }
 
@@ -85,6 +104,19 @@ pub fn write_request<N: AsRef<str>, V: AsRef<str>>(
     r: &RequestFields<'_>,
     headers: &[(N, V)],
     out: &mut Vec<u8>,
+) {
+    write_request_with(r, out, |out| write_headers(headers, out));
+}
+
+/// [`write_request`] with the headers already encoded: the same bytes.
+pub fn write_request_encoded(r: &RequestFields<'_>, headers: &EncodedHeaders, out: &mut Vec<u8>) {
+    write_request_with(r, out, |out| out.extend_from_slice(&headers.0));
+}
+
+fn write_request_with(
+    r: &RequestFields<'_>,
+    out: &mut Vec<u8>,
+    write_headers: impl FnOnce(&mut Vec<u8>),
 ) {
     out.extend_from_slice(br#"{"type":"request","id":"#);
     write_u64(r.id, out);
@@ -96,7 +128,7 @@ pub fn write_request<N: AsRef<str>, V: AsRef<str>>(
     write_str(r.method, out);
     out.extend_from_slice(br#","path":"#);
     write_str(r.path, out);
-    write_headers(headers, out);
+    write_headers(out);
     write_end(r.end, out);
     if !r.gate {
         out.extend_from_slice(br#","gate":false"#);

@@ -618,6 +618,22 @@ pub fn encode_request<N: AsRef<str>, V: AsRef<str>>(
     checked(frame_with(fields.size_hint(headers), write, body, codec))
 }
 
+/// [`encode_request`] with the headers already encoded: the same frame.
+pub fn encode_request_encoded(
+    fields: &json::RequestFields<'_>,
+    headers: &json::EncodedHeaders,
+    body: &[u8],
+    codec: Compression,
+) -> Result<Bytes, FrameError> {
+    let write = |out: &mut Vec<u8>| json::write_request_encoded(fields, headers, out);
+    checked(frame_with(
+        fields.size_hint_encoded(headers),
+        write,
+        body,
+        codec,
+    ))
+}
+
 /// Encodes a response head frame from borrowed headers: the frame
 /// [`encode_head`] builds for the [`ResponseHead`] they describe (the
 /// worker's hot path).
