@@ -669,8 +669,12 @@ async fn call(
     // From here on the call keeps its headers as the JSON every attempt's
     // frame carries, not as the caller's header map (about 900 bytes of a
     // held call with a few headers, for the map and the list made from it).
-    let wire_headers = json::EncodedHeaders::new(&wire_headers);
+    // (Dropped explicitly: a shadowed local would keep its heap until the
+    // call ends.)
+    let encoded = json::EncodedHeaders::new(&wire_headers);
+    drop(wire_headers);
     drop(xff);
+    let wire_headers = encoded;
     parts.headers = http::HeaderMap::new();
     let may_retry = |f: &Failure, attempt: u32| {
         single
