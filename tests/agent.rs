@@ -3,7 +3,15 @@
 
 mod common;
 
-use std::{convert::Infallible, net::SocketAddr, time::Duration};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use common::*;
@@ -11,7 +19,16 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
-use tokio::{net::TcpListener, process::Child};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::TcpListener,
+    process::Child,
+    sync::Semaphore,
+};
+use wsbridge::{
+    protocol::DataHead,
+    worker::{Upstream, WorkerConfig},
+};
 
 /// A plain HTTP upstream that reports what it received.
 async fn upstream() -> SocketAddr {
@@ -183,5 +200,218 @@ async fn a_caller_hanging_up_aborts_the_agents_upstream_request() {
     with_timeout(dropped_rx.recv())
         .await
         .expect("the upstream request was aborted");
+    bridge.stop().await;
+}
+
+/// An upstream written by hand, to control its connections and the pace of
+/// its replies. It reads request heads (GETs: no bodies) and writes
+/// `answer(path)`: the first piece at once, each further one only when the
+/// test adds a permit to `gate`.
+struct RawUpstream {
+    url: String,
+    /// Connections accepted so far.
+    connections: Arc<AtomicUsize>,
+    gate: Arc<Semaphore>,
+}
+
+impl RawUpstream {
+    /// `close_after_reply`: close each connection after one reply, without
+    /// saying so (no `Connection: close`), as an upstream whose idle timeout
+    /// fires does.
+    async fn start(close_after_reply: bool, answer: fn(&str) -> Vec<Vec<u8>>) -> RawUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(Semaphore::new(0));
+        let (count, pace) = (connections.clone(), gate.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let pace = pace.clone();
+                tokio::spawn(async move {
+                    let mut tcp = BufReader::new(tcp);
+                    loop {
+                        let mut line = String::new();
+                        if tcp.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let path = line.split(' ').nth(1).unwrap_or("/").to_owned();
+                        while line != "\r\n" {
+                            line.clear();
+                            if tcp.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                        }
+                        for (i, piece) in answer(&path).iter().enumerate() {
+                            if i > 0 {
+                                pace.acquire().await.expect("gate").forget();
+                            }
+                            if tcp.get_mut().write_all(piece).await.is_err() {
+                                return;
+                            }
+                        }
+                        if close_after_reply {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        RawUpstream {
+            url,
+            connections,
+            gate,
+        }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+fn ok_reply(body: &str) -> Vec<Vec<u8>> {
+    vec![format!(
+        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()]
+}
+
+/// Reads a streamed reply's body frames to the end.
+async fn rest_of_body(link: &mut FakeLink, id: u64) -> Vec<u8> {
+    let mut body = Vec::new();
+    loop {
+        match link.next_data().await {
+            (DataHead::Body(b), chunk) if b.id == id => {
+                body.extend_from_slice(&chunk);
+                if b.end {
+                    return body;
+                }
+            }
+            other => panic!("expected body frames of call {id}, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn known_small_replies_go_back_in_one_frame_and_others_stream() {
+    const BIG: usize = 100 << 10; // over the 64 KiB read whole
+    let up = RawUpstream::start(false, |path| match path {
+        "/small" => ok_reply("hello"),
+        "/big" => {
+            let mut whole =
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\n\r\n").into_bytes();
+            whole.extend_from_slice(&noise(BIG));
+            vec![whole]
+        }
+        // No length known: the rest waits for the test.
+        _ => vec![
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n".to_vec(),
+            b"4\r\nlast\r\n0\r\n\r\n".to_vec(),
+        ],
+    })
+    .await;
+    let bridge = FakeBridge::bind().await;
+    let url = bridge.url.clone();
+    let accepted = tokio::spawn(async move { bridge.accept(welcome(15_000, 2)).await });
+    let upstream = Upstream::new(&up.url).expect("upstream");
+    let worker = TestWorker::start(WorkerConfig::new(url, TOKEN, ["default"]), move |req| {
+        upstream.forward(req)
+    })
+    .await;
+    let mut link = with_timeout(accepted).await.expect("fake bridge");
+
+    link.get(1, "/small").await;
+    match link.next_data().await {
+        (DataHead::Response(h), body) => {
+            assert_eq!((h.id, h.status, h.end), (1, 200, true), "{h:?}");
+            assert_eq!(body, "hello");
+        }
+        other => panic!("expected the whole reply, got {other:?}"),
+    }
+
+    link.get(2, "/big").await;
+    match link.next_data().await {
+        (DataHead::Response(h), body) => {
+            assert_eq!((h.id, h.end), (2, false), "{h:?}");
+            assert!(body.is_empty());
+        }
+        other => panic!("expected a streamed head, got {other:?}"),
+    }
+    assert_eq!(rest_of_body(&mut link, 2).await, noise(BIG));
+
+    // The head and the first bytes arrive while the upstream holds the rest.
+    link.get(3, "/stream").await;
+    match link.next_data().await {
+        (DataHead::Response(h), _) => assert_eq!((h.id, h.end), (3, false), "{h:?}"),
+        other => panic!("expected a streamed head, got {other:?}"),
+    }
+    match link.next_data().await {
+        (DataHead::Body(b), chunk) => {
+            assert_eq!((b.id, b.end), (3, false));
+            assert_eq!(chunk, "first");
+        }
+        other => panic!("expected the first chunk, got {other:?}"),
+    }
+    up.gate.add_permits(1);
+    assert_eq!(rest_of_body(&mut link, 3).await, b"last");
+    // All three went over one upstream connection.
+    assert_eq!(up.connections(), 1);
+    // A worker stopping waits for its bridge to close the connection.
+    drop(link);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_connections_are_kept_and_closed_ones_replaced() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let client = http_client();
+    // Through a base path, so the prefix is checked on the way.
+    let kept = RawUpstream::start(false, ok_reply).await;
+    let upstream = Upstream::new(&format!("{}/base/", kept.url)).expect("upstream");
+    let worker = bridge
+        .worker(&["default"], 64, move |req| upstream.forward(req))
+        .await;
+    for i in 0..20 {
+        let r = get(&client, &bridge.at(&format!("/one/{i}?q=1"))).await;
+        assert_eq!(r.head.status, StatusCode::OK, "{:?}", r.body);
+        assert_eq!(r.body, format!("/base/one/{i}?q=1"));
+    }
+    assert_eq!(
+        kept.connections(),
+        1,
+        "one call at a time needs one connection"
+    );
+    for _ in 0..3 {
+        let replies = join_all(8, |i| {
+            let (client, url) = (client.clone(), bridge.at(&format!("/many/{i}")));
+            async move { get(&client, &url).await }
+        })
+        .await;
+        for (i, r) in replies.iter().enumerate() {
+            assert_eq!(r.body, format!("/base/many/{i}"));
+        }
+    }
+    assert!(
+        kept.connections() <= 8,
+        "{} connections",
+        kept.connections()
+    );
+    worker.stop().await;
+
+    // An upstream that drops every connection after its reply: each call
+    // finds the connection it left closed, and dials a new one.
+    let dropped = RawUpstream::start(true, |_| ok_reply("fresh")).await;
+    let upstream = Upstream::new(&dropped.url).expect("upstream");
+    let worker = bridge
+        .worker(&["default"], 64, move |req| upstream.forward(req))
+        .await;
+    for _ in 0..20 {
+        let r = get(&client, &bridge.at("/")).await;
+        assert_eq!(r.head.status, StatusCode::OK, "{:?}", r.body);
+        assert_eq!(r.body, "fresh");
+    }
+    assert_eq!(dropped.connections(), 20);
+    worker.stop().await;
     bridge.stop().await;
 }

@@ -10,10 +10,9 @@ use bytes::Bytes;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
-use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 use wsbridge::{
-    protocol::{self, Control, DataHead, Welcome},
+    protocol::{self, Control, DataHead},
     worker::{self, Status, WorkerConfig},
 };
 
@@ -195,50 +194,17 @@ async fn a_worker_that_stops_answering_pings_is_dropped() {
 async fn the_worker_reconnects_when_the_bridge_goes_silent() {
     // A fake bridge that welcomes the worker with a 100 ms ping interval and
     // then says nothing at all, like a peer behind a dead NAT mapping.
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
+    let bridge = FakeBridge::bind().await;
+    let url = bridge.url.clone();
     let fake = tokio::spawn(async move {
         let mut held = Vec::new();
         for _ in 0..2 {
-            let (tcp, _) = listener.accept().await.expect("accept");
-            #[allow(clippy::result_large_err)]
-            let cb = |_: &tokio_tungstenite::tungstenite::handshake::server::Request,
-                      mut resp: tokio_tungstenite::tungstenite::handshake::server::Response| {
-                resp.headers_mut().insert(
-                    "sec-websocket-protocol",
-                    http::HeaderValue::from_static(protocol::SUBPROTOCOL),
-                );
-                Ok(resp)
-            };
-            let mut ws = tokio_tungstenite::accept_hdr_async(tcp, cb)
-                .await
-                .expect("upgrade");
-            let _hello = ws.next().await;
-            let welcome = Control::Welcome(Welcome {
-                version: 1,
-                session_id: "silent".into(),
-                ping_interval_ms: 100,
-                ping_misses: 1,
-                max_frame: 1 << 20,
-                max_response_body: 1 << 20,
-                window: 0,
-                compression: None,
-                resume_window_ms: 0,
-                resumed: false,
-                resend: Vec::new(),
-            });
-            ws.send(Message::text(protocol::encode_control(&welcome)))
-                .await
-                .expect("welcome");
-            held.push(ws); // keep the socket open, never write again
+            // Keep the socket open, never write again.
+            held.push(bridge.accept(welcome(100, 1)).await);
         }
         held
     });
-    let mut cfg = WorkerConfig::new(
-        format!("ws://127.0.0.1:{}", addr.port()),
-        TOKEN,
-        ["default"],
-    );
+    let mut cfg = WorkerConfig::new(url, TOKEN, ["default"]);
     cfg.backoff_initial = Duration::from_millis(10);
     let w = TestWorker::start(cfg, worker::echo).await;
     let mut status = w.status.clone();

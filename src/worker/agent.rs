@@ -2,13 +2,12 @@
 //! upstream HTTP server, or echo it back.
 
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
-use hyper_util::{
-    client::legacy::{connect::HttpConnector, Client},
-    rt::TokioExecutor,
-};
 use tracing::warn;
 
-use super::client::{CallInfo, HandlerFuture};
+use super::{
+    client::{CallInfo, HandlerFuture},
+    pool::Pool,
+};
 use crate::body::Body;
 
 /// Forwards calls to an upstream HTTP/1.1 server over pooled keep-alive
@@ -16,8 +15,10 @@ use crate::body::Body;
 #[derive(Clone)]
 pub struct Upstream {
     base: Uri,
+    /// The base URL's path without its trailing `/`, put before each call's.
+    prefix: String,
     authority: HeaderValue,
-    client: Client<HttpConnector, Body>,
+    pool: Pool,
 }
 
 impl Upstream {
@@ -34,15 +35,15 @@ impl Upstream {
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
             .ok_or_else(|| format!("upstream {base} has no host"))?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(256)
-            .build(connector);
+        let addr = match base.port_u16() {
+            Some(_) => authority.to_str().unwrap_or_default().to_owned(),
+            None => format!("{}:80", base.host().unwrap_or_default()),
+        };
         Ok(Upstream {
+            prefix: base.path().trim_end_matches('/').to_owned(),
             base,
             authority,
-            client,
+            pool: Pool::new(addr),
         })
     }
 
@@ -81,15 +82,22 @@ impl Upstream {
     /// and the upstream's answer goes back as the upstream produces it.
     async fn try_forward(&self, req: Request<Body>) -> Result<Response<Body>, String> {
         let (mut parts, body) = req.into_parts();
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let base = self.base.path().trim_end_matches('/');
-        let uri = format!(
-            "http://{}{base}{path}",
-            self.authority.to_str().unwrap_or_default()
-        );
-        parts.uri = uri
-            .parse()
-            .map_err(|e| format!("cannot build upstream URI: {e}"))?;
+        // Origin form: the connection is to the upstream already.
+        parts.uri = if self.prefix.is_empty() {
+            let mut origin = http::uri::Parts::default();
+            origin.path_and_query = Some(
+                parts
+                    .uri
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+            );
+            Uri::from_parts(origin).map_err(|e| format!("cannot build upstream URI: {e}"))?
+        } else {
+            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            Uri::try_from(format!("{}{path}", self.prefix))
+                .map_err(|e| format!("cannot build upstream URI: {e}"))?
+        };
         // No hop-by-hop stripping here: the wire carries none inbound, and the
         // reply is stripped again when it is encoded for the bridge.
         // Like nginx's default: the upstream sees its own name as Host and
@@ -98,14 +106,10 @@ impl Upstream {
             parts.headers.insert("x-forwarded-host", original);
         }
         parts.headers.insert(header::HOST, self.authority.clone());
-        let resp = self
-            .client
-            .request(Request::from_parts(parts, body))
+        self.pool
+            .send(Request::from_parts(parts, body))
             .await
-            .map_err(|e| format!("upstream {}: {e}", self.base))?;
-        let (parts, body) = resp.into_parts();
-        let body = Body::wrap(body);
-        Ok(Response::from_parts(parts, body))
+            .map_err(|e| format!("upstream {}: {e}", self.base))
     }
 }
 

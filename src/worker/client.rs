@@ -716,6 +716,12 @@ fn send_error(outbox: &Outbox, id: Option<u64>, code: &str, message: &str) {
 /// be sent again on the resumed connection.
 const REPLIED_KEPT: usize = 4096;
 
+/// A reply body of a known length up to this size is read whole before the
+/// reply is sent, so it goes out as one frame rather than a head, a chunk
+/// and an end (a proxied upstream's small answer, typically; nginx buffers
+/// an upstream's reply the same way).
+const BUFFER_KNOWN_UP_TO: u64 = 64 << 10;
+
 /// Most bytes of replies kept for a resend.
 const REPLIED_BYTES: usize = 16 << 20;
 
@@ -984,6 +990,18 @@ impl ReplySender<'_> {
         // A body that is already compressed (Content-Encoding) is sent as it is.
         if parts.headers.contains_key(header::CONTENT_ENCODING) {
             self.codec = Compression::None;
+        }
+        if body.as_full().is_none() {
+            if let Some(n) = hyper::body::Body::size_hint(&body)
+                .exact()
+                .filter(|&n| n <= BUFFER_KNOWN_UP_TO)
+            {
+                let whole = body
+                    .collect(usize::try_from(n).unwrap_or(usize::MAX))
+                    .await
+                    .map_err(|e| format!("the response body failed: {e}"))?;
+                body = Body::full(whole);
+            }
         }
         let full = body.as_full().filter(|b| b.len() <= CHUNK_SIZE);
         let first = full.clone().unwrap_or_default();

@@ -16,6 +16,7 @@
 
 mod agent;
 mod client;
+mod pool;
 
 pub use agent::{echo, Upstream};
 pub use client::{CallInfo, Handler, HandlerFuture, Status, Worker, WorkerConfig, WorkerError};

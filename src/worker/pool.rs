@@ -1,0 +1,193 @@
+//! Keep-alive HTTP/1.1 connections from the agent to its one upstream.
+//!
+//! A stack of idle connections, newest on top. A call takes one (or dials a
+//! new one), and its connection goes back on the stack when the upstream's
+//! reply body has been read to the end. There is one upstream, so there is
+//! no per-host map, and no task per call: only one per connection.
+
+use std::{
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{ready, Context, Poll},
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::{
+    body::{Body as HttpBody, Frame, Incoming, SizeHint},
+    client::conn::http1::{self, SendRequest},
+};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use crate::body::Body;
+
+/// Idle connections kept at most; more are closed when their call ends.
+const MAX_IDLE: usize = 256;
+
+/// Connections to one upstream address.
+#[derive(Clone)]
+pub(crate) struct Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// `host:port` to dial.
+    addr: String,
+    idle: Mutex<Vec<SendRequest<Body>>>,
+}
+
+impl Pool {
+    pub(crate) fn new(addr: String) -> Pool {
+        Pool {
+            inner: Arc::new(Inner {
+                addr,
+                idle: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// Sends `req` (origin-form URI, `Host` set) and returns the response;
+    /// its connection is reused once the body has been read to the end.
+    pub(crate) async fn send(&self, mut req: Request<Body>) -> Result<Response<Body>, String> {
+        loop {
+            let (mut sender, reused) = match self.checkout().await {
+                Some(sender) => (sender, true),
+                None => (self.connect().await?, false),
+            };
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(self.give_back_after(resp, sender)),
+                Err(mut e) => match e.take_message() {
+                    // The upstream closed an idle connection before the
+                    // request went out (none of it was written): try again,
+                    // as the next idle connection or a new one.
+                    Some(back) if reused => req = back,
+                    _ => return Err(e.into_error().to_string()),
+                },
+            }
+        }
+    }
+
+    /// The newest idle connection that is still open, if any.
+    async fn checkout(&self) -> Option<SendRequest<Body>> {
+        loop {
+            let mut sender = self.inner.lock().pop()?;
+            // Ready at once unless closed: a connection goes back on the
+            // stack only when its previous exchange is over.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Body>, String> {
+        let addr = &self.inner.addr;
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        // Calls are small request-reply exchanges: no Nagle delay.
+        let _ = tcp.set_nodelay(true);
+        let (sender, conn) = http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| format!("cannot start HTTP/1.1 with {addr}: {e}"))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "upstream connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Wraps the response body so that reading it to the end returns the
+    /// connection to the stack. A body dropped before its end takes the
+    /// connection with it (hyper closes it).
+    fn give_back_after(
+        &self,
+        resp: Response<Incoming>,
+        sender: SendRequest<Body>,
+    ) -> Response<Body> {
+        let (parts, body) = resp.into_parts();
+        let mut body = Returning {
+            body,
+            back: Some((sender, self.clone())),
+        };
+        if body.body.is_end_stream() {
+            body.give_back();
+        }
+        Response::from_parts(parts, Body::wrap(body))
+    }
+
+    fn put(&self, mut sender: SendRequest<Body>) {
+        if sender.is_closed() {
+            return;
+        }
+        if sender.is_ready() {
+            self.inner.push(sender);
+            return;
+        }
+        // Still finishing the exchange (an upload the upstream answered
+        // before reading it all, say): back on the stack once it is over.
+        let pool = self.clone();
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                pool.inner.push(sender);
+            }
+        });
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<SendRequest<Body>>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, sender: SendRequest<Body>) {
+        let mut idle = self.lock();
+        if idle.len() < MAX_IDLE {
+            idle.push(sender);
+        }
+    }
+}
+
+/// An upstream response body that returns its connection at its end.
+struct Returning {
+    body: Incoming,
+    back: Option<(SendRequest<Body>, Pool)>,
+}
+
+impl Returning {
+    fn give_back(&mut self) {
+        if let Some((sender, pool)) = self.back.take() {
+            pool.put(sender);
+        }
+    }
+}
+
+impl HttpBody for Returning {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
+        match &frame {
+            None => self.give_back(),
+            Some(Ok(_)) if self.body.is_end_stream() => self.give_back(),
+            // An error leaves the connection unusable: it is dropped.
+            Some(Err(_)) => self.back = None,
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
