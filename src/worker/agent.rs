@@ -11,7 +11,7 @@ use super::{
 use crate::body::Body;
 
 /// Forwards calls to an upstream HTTP/1.1 server over pooled keep-alive
-/// connections, the way a reverse proxy would.
+/// connections, the way a reverse proxy would (`pool.rs`).
 #[derive(Clone)]
 pub struct Upstream {
     base: Uri,
@@ -79,7 +79,8 @@ impl Upstream {
     }
 
     /// Both bodies stream: the upload goes up as it arrives from the bridge,
-    /// and the upstream's answer goes back as the upstream produces it.
+    /// and the upstream's answer goes back as the upstream produces it (the
+    /// worker library reads a small one of known length whole first).
     async fn try_forward(&self, req: Request<Body>) -> Result<Response<Body>, String> {
         let (mut parts, body) = req.into_parts();
         // Origin form: the connection is to the upstream already.
