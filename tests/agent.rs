@@ -304,6 +304,11 @@ async fn known_small_replies_go_back_in_one_frame_and_others_stream() {
             whole.extend_from_slice(&noise(BIG));
             vec![whole]
         }
+        // Known length, but the rest waits for the test.
+        "/slow" => vec![
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nfirst".to_vec(),
+            b"last!".to_vec(),
+        ],
         // No length known: the rest waits for the test.
         _ => vec![
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n".to_vec(),
@@ -355,7 +360,24 @@ async fn known_small_replies_go_back_in_one_frame_and_others_stream() {
     }
     up.gate.add_permits(1);
     assert_eq!(rest_of_body(&mut link, 3).await, b"last");
-    // All three went over one upstream connection.
+
+    // A small reply of known length is not held back when its body is slow:
+    // the head and what has come go out, the rest follows.
+    link.get(4, "/slow").await;
+    match link.next_data().await {
+        (DataHead::Response(h), _) => assert_eq!((h.id, h.end), (4, false), "{h:?}"),
+        other => panic!("expected a streamed head, got {other:?}"),
+    }
+    match link.next_data().await {
+        (DataHead::Body(b), chunk) => {
+            assert_eq!((b.id, b.end), (4, false));
+            assert_eq!(chunk, "first");
+        }
+        other => panic!("expected the bytes read so far, got {other:?}"),
+    }
+    up.gate.add_permits(1);
+    assert_eq!(rest_of_body(&mut link, 4).await, b"last!");
+    // All four went over one upstream connection.
     assert_eq!(up.connections(), 1);
     // A worker stopping waits for its bridge to close the connection.
     drop(link);

@@ -35,10 +35,12 @@ impl Upstream {
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
             .ok_or_else(|| format!("upstream {base} has no host"))?;
-        let addr = match base.port_u16() {
-            Some(_) => authority.to_str().unwrap_or_default().to_owned(),
-            None => format!("{}:80", base.host().unwrap_or_default()),
-        };
+        // Host and port only: the authority may carry user info.
+        let addr = format!(
+            "{}:{}",
+            base.host().unwrap_or_default(),
+            base.port_u16().unwrap_or(80)
+        );
         Ok(Upstream {
             prefix: base.path().trim_end_matches('/').to_owned(),
             base,

@@ -718,9 +718,12 @@ const REPLIED_KEPT: usize = 4096;
 
 /// A reply body of a known length up to this size is read whole before the
 /// reply is sent, so it goes out as one frame rather than a head, a chunk
-/// and an end (a proxied upstream's small answer, typically; nginx buffers
-/// an upstream's reply the same way).
+/// and an end (a proxied upstream's small answer, typically)...
 const BUFFER_KNOWN_UP_TO: u64 = 64 << 10;
+
+/// ...if it arrives within this time. A slower one is not held back: its
+/// head and what has come go out, and the rest streams.
+const WHOLE_WAIT: Duration = Duration::from_millis(10);
 
 /// Most bytes of replies kept for a resend.
 const REPLIED_BYTES: usize = 16 << 20;
@@ -991,16 +994,17 @@ impl ReplySender<'_> {
         if parts.headers.contains_key(header::CONTENT_ENCODING) {
             self.codec = Compression::None;
         }
-        if body.as_full().is_none() {
-            if let Some(n) = hyper::body::Body::size_hint(&body)
-                .exact()
-                .filter(|&n| n <= BUFFER_KNOWN_UP_TO)
-            {
-                let whole = body
-                    .collect(usize::try_from(n).unwrap_or(usize::MAX))
-                    .await
-                    .map_err(|e| format!("the response body failed: {e}"))?;
-                body = Body::full(whole);
+        // Bytes already read from a body that then streams.
+        let mut early = Bytes::new();
+        let known_small = hyper::body::Body::size_hint(&body)
+            .exact()
+            .is_some_and(|n| n <= BUFFER_KNOWN_UP_TO);
+        if known_small && body.as_full().is_none() {
+            let (read, ended) = read_soon(&mut body).await?;
+            if ended {
+                body = Body::full(read);
+            } else {
+                early = read;
             }
         }
         let full = body.as_full().filter(|b| b.len() <= CHUNK_SIZE);
@@ -1035,6 +1039,9 @@ impl ReplySender<'_> {
             .bulk(Message::Binary(frame))
             .await
             .map_err(|_| "connection closed".to_owned())?;
+        for piece in early.chunks(CHUNK_SIZE) {
+            self.chunk(piece, false).await?;
+        }
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| format!("the response body failed: {e}"))?;
             let Ok(data) = frame.into_data() else {
@@ -1046,6 +1053,45 @@ impl ReplySender<'_> {
         }
         self.chunk(&[], true).await
     }
+}
+
+/// Reads a reply body for as long as it keeps coming within `WHOLE_WAIT`
+/// (and `BUFFER_KNOWN_UP_TO`): the bytes read, and whether the body ended.
+/// The clock is read only if the body is not already there.
+async fn read_soon(body: &mut Body) -> Result<(Bytes, bool), String> {
+    let mut read: Vec<Bytes> = Vec::new();
+    let mut len = 0;
+    let mut deadline = None;
+    let ended = loop {
+        let next = match body.frame().now_or_never() {
+            Some(next) => next,
+            None => {
+                let until = *deadline.get_or_insert_with(|| Instant::now() + WHOLE_WAIT);
+                match tokio::time::timeout_at(until, body.frame()).await {
+                    Ok(next) => next,
+                    Err(_) => break false,
+                }
+            }
+        };
+        let Some(frame) = next else {
+            break true;
+        };
+        let frame = frame.map_err(|e| format!("the response body failed: {e}"))?;
+        if let Ok(data) = frame.into_data() {
+            len += data.len();
+            read.push(data);
+        }
+        if len as u64 > BUFFER_KNOWN_UP_TO {
+            // More than it said: streamed from here.
+            break false;
+        }
+    };
+    let read = match read.len() {
+        0 => Bytes::new(),
+        1 => read.swap_remove(0),
+        _ => read.concat().into(),
+    };
+    Ok((read, ended))
 }
 
 fn plain(status: StatusCode, text: &str) -> Response<Body> {

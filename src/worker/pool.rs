@@ -4,11 +4,15 @@
 //! new one), and its connection goes back on the stack when the upstream's
 //! reply body has been read to the end. There is one upstream, so there is
 //! no per-host map, and no task per call: only one per connection.
+//! Connections idle for `IDLE_TIMEOUT` are closed, as hyper-util's pool
+//! does, so an upstream that never closes them is not left holding them.
 
 use std::{
+    collections::VecDeque,
     pin::Pin,
     sync::{Arc, Mutex},
     task::{ready, Context, Poll},
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -26,6 +30,9 @@ use crate::body::Body;
 /// Idle connections kept at most; more are closed when their call ends.
 const MAX_IDLE: usize = 256;
 
+/// An idle connection older than this is closed rather than used.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
 /// Connections to one upstream address.
 #[derive(Clone)]
 pub(crate) struct Pool {
@@ -35,7 +42,8 @@ pub(crate) struct Pool {
 struct Inner {
     /// `host:port` to dial.
     addr: String,
-    idle: Mutex<Vec<SendRequest<Body>>>,
+    /// Newest at the back, each with the time it went idle.
+    idle: Mutex<VecDeque<(SendRequest<Body>, Instant)>>,
 }
 
 impl Pool {
@@ -43,7 +51,7 @@ impl Pool {
         Pool {
             inner: Arc::new(Inner {
                 addr,
-                idle: Mutex::new(Vec::new()),
+                idle: Mutex::new(VecDeque::new()),
             }),
         }
     }
@@ -72,7 +80,12 @@ impl Pool {
     /// The newest idle connection that is still open, if any.
     async fn checkout(&self) -> Option<SendRequest<Body>> {
         loop {
-            let mut sender = self.inner.lock().pop()?;
+            let (mut sender, since) = self.inner.lock().pop_back()?;
+            if since.elapsed() > IDLE_TIMEOUT {
+                // Every older one has expired too.
+                self.inner.lock().clear();
+                return None;
+            }
             // Ready at once unless closed: a connection goes back on the
             // stack only when its previous exchange is over.
             if sender.ready().await.is_ok() {
@@ -138,14 +151,23 @@ impl Pool {
 }
 
 impl Inner {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<SendRequest<Body>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(SendRequest<Body>, Instant)>> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn push(&self, sender: SendRequest<Body>) {
+        let now = Instant::now();
         let mut idle = self.lock();
+        // The oldest are at the front: those past their time go now, not
+        // only when a burst reaches down to them.
+        while idle
+            .front()
+            .is_some_and(|(_, since)| now.duration_since(*since) > IDLE_TIMEOUT)
+        {
+            idle.pop_front();
+        }
         if idle.len() < MAX_IDLE {
-            idle.push(sender);
+            idle.push_back((sender, now));
         }
     }
 }
