@@ -293,6 +293,32 @@ async fn rest_of_body(link: &mut FakeLink, id: u64) -> Vec<u8> {
     }
 }
 
+/// Asks for `path`, whose upstream sends `first` and then waits: the head
+/// and `first` must reach the bridge before the test lets the upstream send
+/// the rest, which must then follow.
+async fn arrives_before_the_rest(
+    link: &mut FakeLink,
+    up: &RawUpstream,
+    id: u64,
+    path: &str,
+    rest: &[u8],
+) {
+    link.get(id, path).await;
+    match link.next_data().await {
+        (DataHead::Response(h), _) => assert_eq!((h.id, h.end), (id, false), "{h:?}"),
+        other => panic!("expected a streamed head, got {other:?}"),
+    }
+    match link.next_data().await {
+        (DataHead::Body(b), chunk) => {
+            assert_eq!((b.id, b.end), (id, false));
+            assert_eq!(chunk, "first");
+        }
+        other => panic!("expected the bytes sent so far, got {other:?}"),
+    }
+    up.gate.add_permits(1);
+    assert_eq!(rest_of_body(link, id).await, rest);
+}
+
 #[tokio::test]
 async fn known_small_replies_go_back_in_one_frame_and_others_stream() {
     const BIG: usize = 100 << 10; // over the 64 KiB read whole
@@ -345,38 +371,11 @@ async fn known_small_replies_go_back_in_one_frame_and_others_stream() {
     }
     assert_eq!(rest_of_body(&mut link, 2).await, noise(BIG));
 
-    // The head and the first bytes arrive while the upstream holds the rest.
-    link.get(3, "/stream").await;
-    match link.next_data().await {
-        (DataHead::Response(h), _) => assert_eq!((h.id, h.end), (3, false), "{h:?}"),
-        other => panic!("expected a streamed head, got {other:?}"),
-    }
-    match link.next_data().await {
-        (DataHead::Body(b), chunk) => {
-            assert_eq!((b.id, b.end), (3, false));
-            assert_eq!(chunk, "first");
-        }
-        other => panic!("expected the first chunk, got {other:?}"),
-    }
-    up.gate.add_permits(1);
-    assert_eq!(rest_of_body(&mut link, 3).await, b"last");
-
-    // A small reply of known length is not held back when its body is slow:
-    // the head and what has come go out, the rest follows.
-    link.get(4, "/slow").await;
-    match link.next_data().await {
-        (DataHead::Response(h), _) => assert_eq!((h.id, h.end), (4, false), "{h:?}"),
-        other => panic!("expected a streamed head, got {other:?}"),
-    }
-    match link.next_data().await {
-        (DataHead::Body(b), chunk) => {
-            assert_eq!((b.id, b.end), (4, false));
-            assert_eq!(chunk, "first");
-        }
-        other => panic!("expected the bytes read so far, got {other:?}"),
-    }
-    up.gate.add_permits(1);
-    assert_eq!(rest_of_body(&mut link, 4).await, b"last!");
+    // No length: the head and the first bytes arrive while the upstream
+    // holds the rest.
+    arrives_before_the_rest(&mut link, &up, 3, "/stream", b"last").await;
+    // A small reply of known length is not held back when its body is slow.
+    arrives_before_the_rest(&mut link, &up, 4, "/slow", b"last!").await;
     // All four went over one upstream connection.
     assert_eq!(up.connections(), 1);
     // A worker stopping waits for its bridge to close the connection.
