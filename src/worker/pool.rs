@@ -42,15 +42,22 @@ pub(crate) struct Pool {
 struct Inner {
     /// `host:port` to dial.
     addr: String,
+    /// `IDLE_TIMEOUT`, shorter in tests.
+    idle_timeout: Duration,
     /// Newest at the back, each with the time it went idle.
     idle: Mutex<VecDeque<(SendRequest<Body>, Instant)>>,
 }
 
 impl Pool {
     pub(crate) fn new(addr: String) -> Pool {
+        Pool::with_idle_timeout(addr, IDLE_TIMEOUT)
+    }
+
+    fn with_idle_timeout(addr: String, idle_timeout: Duration) -> Pool {
         Pool {
             inner: Arc::new(Inner {
                 addr,
+                idle_timeout,
                 idle: Mutex::new(VecDeque::new()),
             }),
         }
@@ -81,7 +88,7 @@ impl Pool {
     async fn checkout(&self) -> Option<SendRequest<Body>> {
         loop {
             let (mut sender, since) = self.inner.lock().pop_back()?;
-            if since.elapsed() > IDLE_TIMEOUT {
+            if since.elapsed() > self.inner.idle_timeout {
                 // Every older one has expired too.
                 self.inner.lock().clear();
                 return None;
@@ -162,7 +169,7 @@ impl Inner {
         // only when a burst reaches down to them.
         while idle
             .front()
-            .is_some_and(|(_, since)| now.duration_since(*since) > IDLE_TIMEOUT)
+            .is_some_and(|(_, since)| now.duration_since(*since) > self.idle_timeout)
         {
             idle.pop_front();
         }
@@ -211,5 +218,95 @@ impl HttpBody for Returning {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
+
+    use super::*;
+
+    /// An upstream answering every request head with "ok", keeping its
+    /// connections open; counts the connections.
+    async fn upstream() -> (String, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0; 4096];
+                    let mut seen = Vec::new();
+                    while let Ok(n @ 1..) = tcp.read(&mut buf).await {
+                        seen.extend_from_slice(&buf[..n]);
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            seen.drain(..end + 4);
+                            let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if tcp.write_all(reply).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    async fn get(pool: &Pool, addr: &str) -> Bytes {
+        let req = Request::get("/")
+            .header(http::header::HOST, addr)
+            .body(Body::empty())
+            .expect("request");
+        let resp = pool.send(req).await.expect("response");
+        // Read to the end: that is what returns the connection.
+        resp.into_body().collect(1024).await.expect("body")
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_reused_until_it_has_been_idle_too_long() {
+        let (addr, accepted) = upstream().await;
+        let idle_timeout = Duration::from_millis(200);
+        let pool = Pool::with_idle_timeout(addr.clone(), idle_timeout);
+        for _ in 0..3 {
+            assert_eq!(get(&pool, &addr).await, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        // Time passing is what is tested here: nothing else can be awaited.
+        tokio::time::sleep(idle_timeout * 2).await;
+        assert_eq!(get(&pool, &addr).await, "ok");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "the expired one is not used"
+        );
+        assert_eq!(pool.inner.lock().len(), 1, "only the new one is kept");
+    }
+
+    #[tokio::test]
+    async fn a_connection_left_idle_under_a_busy_one_is_closed_in_time() {
+        let (addr, accepted) = upstream().await;
+        let idle_timeout = Duration::from_millis(200);
+        let pool = Pool::with_idle_timeout(addr.clone(), idle_timeout);
+        // Two at once: two connections, both then idle.
+        let (a, b) = tokio::join!(get(&pool, &addr), get(&pool, &addr));
+        assert_eq!((a, b), (Bytes::from("ok"), Bytes::from("ok")));
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // One call at a time takes the newest each time; the other one
+        // stays at the bottom of the stack until its time is up.
+        let start = Instant::now();
+        while start.elapsed() < idle_timeout * 2 {
+            assert_eq!(get(&pool, &addr).await, "ok");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(pool.inner.lock().len(), 1, "the unused one is gone");
     }
 }
