@@ -263,7 +263,7 @@ mod defaults {
         ByteSize(crate::protocol::WINDOW as u64)
     }
     pub(super) fn resume_window() -> Duration {
-        Duration::from_secs(5)
+        Duration::from_secs(2)
     }
     pub(super) fn send_buffer() -> ByteSize {
         ByteSize(256 * 1024)

@@ -716,6 +716,9 @@ async fn call(
         // be retried anyway (idempotent, keyed) or can't be (body not whole
         // in memory, no retries left) starts at once.
         let gated = single && !replayable && attempt <= http.max_retries;
+        // A call that would be retried even after it started: if its worker's
+        // connection drops, it moves on at once instead of waiting for a resume.
+        let movable = single && replayable && attempt <= http.max_retries;
         let (lease, started) = loop {
             let wait = queue_deadline.saturating_duration_since(now);
             let acquired = shared
@@ -742,7 +745,7 @@ async fn call(
             })?;
             // A connection that closed after handing out this lease never saw
             // the call, so choosing another worker is safe.
-            if let Ok(started) = lease.session().start_call(!single, gated) {
+            if let Ok(started) = lease.session().start_call(!single, gated, movable) {
                 break (lease, started);
             }
             now = Instant::now();
@@ -759,7 +762,8 @@ async fn call(
         let id = guard.id();
         fields.id = id;
         fields.end = single;
-        fields.gate = gated;
+        // `"gate": false` is written only to a worker that gates its calls.
+        fields.gate = gated || !session.gates();
         let codec = if precompressed {
             Compression::None
         } else {

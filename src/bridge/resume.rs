@@ -46,7 +46,7 @@ impl Detached {
         window: Duration,
         cause: &str,
     ) {
-        session.hold_for_resume();
+        session.hold_for_resume(cause);
         let id = session.session_id.clone();
         let expire = {
             let (detached, id, cause) = (self.clone(), id.clone(), cause.to_owned());

@@ -10,8 +10,8 @@ use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{
-        atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
-        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, MutexGuard, OnceLock,
     },
     time::{Duration, SystemTime},
 };
@@ -204,6 +204,11 @@ struct Pending {
     /// The call waits for `start` (the worker sends `accepted` and the call
     /// was sent without `"gate": false`).
     gated: bool,
+    /// The caller would send the call to another worker if this one were
+    /// lost, even after it started (an idempotent or keyed call with its
+    /// body whole in memory and retries left): when the connection drops,
+    /// it moves at once rather than wait for a resume.
+    replayable: bool,
 }
 
 /// A response body being relayed to the caller as it arrives.
@@ -281,8 +286,9 @@ struct Live {
     settings: Arc<Settings>,
     key: u64,
     session: Arc<Session>,
-    /// Set by the first `end`.
-    ended: AtomicBool,
+    /// The first `end`'s cause: what happened to the connection, whatever
+    /// the other half of it reports afterwards.
+    ended: OnceLock<String>,
 }
 
 impl Live {
@@ -290,7 +296,7 @@ impl Live {
     /// When the connection merely dropped (`may_resume`) and the worker can
     /// resume, its calls are kept for `resume_window` instead of failed.
     fn end(&self, cause: &str, may_resume: bool) {
-        if self.ended.swap(true, Ordering::SeqCst) {
+        if self.ended.set(cause.to_owned()).is_err() {
             return;
         }
         let metrics = &self.shared.metrics;
@@ -362,6 +368,11 @@ impl Session {
             .clone()
     }
 
+    /// The worker sends `accepted` and waits for `start` (3.7).
+    pub(crate) fn gates(&self) -> bool {
+        self.terms.acks
+    }
+
     /// The body compression agreed with this worker.
     pub(crate) fn compression(&self) -> Compression {
         self.terms.compression
@@ -404,11 +415,13 @@ impl Session {
     /// Registers a new call and returns its guard, the reply receiver and,
     /// with flow control, the window its request body must wait on.
     /// `gated`: the call waits for `accepted`/`start`; otherwise the worker
-    /// may start it on arrival.
+    /// may start it on arrival. `replayable`: the caller retries the call
+    /// elsewhere after a loss even if it started (see [`Session::hold_for_resume`]).
     pub(crate) fn start_call(
         self: &Arc<Self>,
         upload: bool,
         gated: bool,
+        replayable: bool,
     ) -> Result<Started, Failure> {
         let (tx, rx) = oneshot::channel();
         let gated = gated && self.terms.acks;
@@ -434,6 +447,7 @@ impl Session {
                 // have started.
                 accepted: !gated,
                 gated,
+                replayable,
             },
         );
         drop(calls);
@@ -502,12 +516,17 @@ impl Session {
         }
     }
 
-    /// The connection dropped and the worker may come back (resume): calls
-    /// whose reply head has not arrived wait for it; bodies in flight
+    /// The connection dropped and the worker may come back (resume). Only
+    /// the calls nothing else can save wait for it: a call that never
+    /// started (gated, no `accepted` recorded) or that may safely run twice
+    /// (`replayable`) fails at once, so that its caller sends it to another
+    /// worker now rather than after `resume_window`. It leaves the map: if
+    /// the worker resumes still holding it, it gets a `cancel` and its reply
+    /// is ignored, so a moved call is never answered twice. Bodies in flight
     /// cannot be resumed, so streamed replies are cut off and uploads stop
     /// (their windows close, which fails them).
-    pub(crate) fn hold_for_resume(&self) {
-        let streams: Vec<Pending> = {
+    pub(crate) fn hold_for_resume(&self, cause: &str) {
+        let gone: Vec<(Pending, Failure)> = {
             let mut calls = self.lock();
             for pending in calls.map.values() {
                 if let Some(window) = &pending.window {
@@ -517,13 +536,25 @@ impl Session {
             let ids: Vec<u64> = calls
                 .map
                 .iter()
-                .filter(|(_, p)| p.stream.is_some())
+                .filter(|(_, p)| p.stream.is_some() || p.replayable || !p.accepted)
                 .map(|(id, _)| *id)
                 .collect();
-            ids.iter().filter_map(|id| calls.map.remove(id)).collect()
+            ids.iter()
+                .filter_map(|id| calls.map.remove(id))
+                .map(|pending| {
+                    let failure = if pending.stream.is_some() {
+                        Failure::Lost("connection lost mid-body".into())
+                    } else if pending.accepted {
+                        Failure::Lost(cause.to_owned())
+                    } else {
+                        Failure::Unsent(cause.to_owned())
+                    };
+                    (pending, failure)
+                })
+                .collect()
         };
-        for pending in streams {
-            pending.fail(Failure::Lost("connection lost mid-body".into()));
+        for (pending, failure) in gone {
+            pending.fail(failure);
         }
     }
 
@@ -969,7 +1000,7 @@ pub(crate) async fn serve<S>(
         settings: settings.clone(),
         key,
         session: session.clone(),
-        ended: AtomicBool::new(false),
+        ended: OnceLock::new(),
     });
     let welcome = Control::Welcome(Welcome {
         version: protocol::PROTOCOL_VERSION,
@@ -1015,7 +1046,13 @@ pub(crate) async fn serve<S>(
     live.end(&cause, may_resume);
     conn.cancel();
     let _ = writer.await;
-    let cause = session.end_cause().unwrap_or(cause);
+    // The session's cause if it closed, else the connection's own (a session
+    // held for a resume has none yet): the first one recorded, not the read
+    // loop's view of a connection the write loop ended.
+    let cause = session
+        .end_cause()
+        .or_else(|| live.ended.get().cloned())
+        .unwrap_or(cause);
     info!(%peer, worker = %hello.worker_id, session = %session_id, %cause, "worker disconnected");
 }
 

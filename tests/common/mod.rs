@@ -920,6 +920,13 @@ impl FakeBridge {
         FakeBridge { listener, url }
     }
 
+    /// Accepts the next connection and drops it at once (a dial that fails
+    /// before the welcome).
+    pub async fn refuse_next(&self) {
+        let (tcp, _) = with_timeout(self.listener.accept()).await.expect("accept");
+        drop(tcp);
+    }
+
     /// Accepts the next worker, reads its hello and sends `welcome`.
     pub async fn accept(&self, welcome: Welcome) -> FakeLink {
         let (tcp, _) = with_timeout(self.listener.accept()).await.expect("accept");
