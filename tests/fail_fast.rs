@@ -148,6 +148,31 @@ async fn a_call_that_may_move_waits_for_the_resumed_worker_when_no_other_is_free
 }
 
 #[tokio::test]
+async fn a_call_stays_with_a_worker_that_resumes_before_the_bridge_noticed_the_drop() {
+    // The worker saw the link die first and is already back: nothing is
+    // moved, the GET's reply comes on the new connection.
+    let bridge = TestBridge::start(long_window).await;
+    let mut old = RawWorker::connect_hello(&bridge, resumable_hello(None)).await;
+    let session_id = old.welcome.session_id.clone();
+    let call = spawn_get(&bridge, "/report");
+    let (req, _) = old.next_request().await;
+    let resume = Resume {
+        session_id,
+        running: vec![req.id],
+        replied: vec![],
+    };
+    // `old` is still open as far as the bridge knows.
+    let mut back = RawWorker::connect_hello(&bridge, resumable_hello(Some(resume))).await;
+    assert!(back.welcome.resumed);
+    back.reply(req.id, 200, &[], b"same worker").await;
+    let r = with_timeout(call).await.expect("join");
+    assert_eq!(r.body, "same worker");
+    assert_eq!(r.header("x-bridge-attempts"), "1");
+    drop(old);
+    bridge.stop().await;
+}
+
+#[tokio::test]
 async fn an_accepted_post_of_a_killed_worker_fails_well_before_the_request_timeout() {
     // The default resume window, and a request timeout far beyond it.
     let bridge = TestBridge::start(|c| c.http.request_timeout = Duration::from_secs(30)).await;

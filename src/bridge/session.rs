@@ -522,10 +522,17 @@ impl Session {
     /// (`replayable`) fails at once, so that its caller sends it to another
     /// worker now rather than after `resume_window`. It leaves the map: if
     /// the worker resumes still holding it, it gets a `cancel` and its reply
-    /// is ignored, so a moved call is never answered twice. Bodies in flight
-    /// cannot be resumed, so streamed replies are cut off and uploads stop
-    /// (their windows close, which fails them).
+    /// is ignored, so a moved call is never answered twice. When the worker
+    /// is already back (its resume superseded this connection), every call
+    /// stays for it. Bodies in flight cannot be resumed, so streamed replies
+    /// are cut off and uploads stop (their windows close, which fails them).
     pub(crate) fn hold_for_resume(&self, cause: &str) {
+        let back = self
+            .superseded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_cancelled();
+        let movable = |p: &Pending| !back && (p.replayable || !p.accepted);
         let gone: Vec<(Pending, Failure)> = {
             let mut calls = self.lock();
             for pending in calls.map.values() {
@@ -536,7 +543,7 @@ impl Session {
             let ids: Vec<u64> = calls
                 .map
                 .iter()
-                .filter(|(_, p)| p.stream.is_some() || p.replayable || !p.accepted)
+                .filter(|(_, p)| p.stream.is_some() || movable(p))
                 .map(|(id, _)| *id)
                 .collect();
             ids.iter()
