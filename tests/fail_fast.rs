@@ -378,3 +378,108 @@ async fn a_worker_whose_silence_limit_fires_drops_the_link_without_a_close_frame
     );
     stop.cancel();
 }
+
+/// An upstream whose first request for each path never gets an answer
+/// (the agent holding it is killed meanwhile); a repeat gets `done`.
+/// Returns its address and the paths it has seen, with a wake-up per visit.
+async fn hanging_upstream() -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>, Arc<Notify>) {
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let visited = Arc::new(Notify::new());
+    let (log, wake) = (seen.clone(), visited.clone());
+    let addr = serve_http(move |req: http::Request<hyper::body::Incoming>| {
+        let (log, wake) = (log.clone(), wake.clone());
+        async move {
+            let path = req.uri().path().to_owned();
+            let first = {
+                let mut seen = log.lock().unwrap_or_else(|p| p.into_inner());
+                let first = !seen.contains(&path);
+                seen.push(path);
+                first
+            };
+            wake.notify_waiters();
+            if first {
+                std::future::pending::<()>().await;
+            }
+            http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"done",
+            )))
+        }
+    })
+    .await;
+    (addr, seen, visited)
+}
+
+async fn until_workers(bridge: &TestBridge, n: usize) {
+    with_timeout(async {
+        while bridge.handle.workers("default") != n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_an_agent_moves_its_get_at_once_and_fails_its_post_after_the_window() {
+    // The outside check: a killed agent's calls waited the whole
+    // resume window (5 s then) on top of everything.
+    let window = Duration::from_secs(4);
+    let bridge = TestBridge::start(|c| {
+        c.http.request_timeout = Duration::from_secs(30);
+        c.http.queue_timeout = Duration::from_secs(20);
+        c.workers.resume_window = window;
+    })
+    .await;
+    let dir = TempDir::new("failfast");
+    let ca = dir.0.join("bridge.crt");
+    std::fs::write(&ca, &bridge.cert.cert_pem).expect("write cert");
+    let (up, seen, visited) = hanging_upstream().await;
+    let upstream = format!("http://{up}");
+    let mut victim = spawn_agent(&bridge.url(), &ca, &["--upstream", &upstream]);
+    until_workers(&bridge, 1).await;
+    let get = spawn_get(&bridge, "/get");
+    let post = spawn_post(&bridge, "/post", "x");
+    // Both reach the upstream through the victim (the POST once `start`
+    // allowed it: from then on it may have run).
+    with_timeout(async {
+        loop {
+            let visit = visited.notified();
+            tokio::pin!(visit);
+            visit.as_mut().enable();
+            if seen.lock().unwrap_or_else(|p| p.into_inner()).len() == 2 {
+                break;
+            }
+            visit.await;
+        }
+    })
+    .await;
+    let _survivor = spawn_agent(&bridge.url(), &ca, &["--upstream", &upstream]);
+    until_workers(&bridge, 2).await;
+    let killed = Instant::now();
+    victim.start_kill().expect("kill -9");
+    let r = with_timeout(get).await.expect("join");
+    let moved = killed.elapsed();
+    assert_eq!(
+        (r.head.status, r.body.as_ref()),
+        (StatusCode::OK, &b"done"[..])
+    );
+    assert_eq!(r.header("x-bridge-attempts"), "2");
+    assert!(moved < window / 2, "the GET waited {moved:?}");
+    let r = with_timeout(post).await.expect("join");
+    let failed = killed.elapsed();
+    assert_eq!(
+        (r.head.status, r.error_code().as_str()),
+        (StatusCode::BAD_GATEWAY, "worker_lost")
+    );
+    assert!(
+        failed >= window && failed < window + Duration::from_secs(2),
+        "the POST failed {failed:?} after the kill, window {window:?}"
+    );
+    let posts = seen
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter(|p| *p == "/post")
+        .count();
+    assert_eq!(posts, 1, "the POST ran once");
+    bridge.stop().await;
+}
