@@ -40,7 +40,7 @@ use tokio_util::{
 use tracing::{debug, info, warn};
 
 use super::{
-    idempotency::{Begin, Stored},
+    idempotency::{Begin, BodyDigest, BodyHasher, BodySeal, Stored},
     registry::{AcquireError, Lease},
     send_timeout::SendTimeout,
     session::{CallGuard, Failure, Session, Started},
@@ -358,7 +358,7 @@ async fn handle(
             // Before anything else, stored responses included.
             _ if !allowed => Box::pin(std::future::ready(Err(CallError::Forbidden { peer: ip }))),
             Some(key) => Box::pin(keyed(&ctx, head, body, trace, key)),
-            None => Box::pin(call(&ctx, head, body, trace)),
+            None => Box::pin(call(&ctx, head, RequestBody::plain(body), trace)),
         };
     let outcome = exchange.await;
     let mut error = None;
@@ -436,7 +436,9 @@ fn token_header(headers: &http::HeaderMap, name: &HeaderName) -> Option<String> 
 
 /// A call with an idempotency key: the stored response if there is one, the
 /// running first call's if there is one (after waiting for it), else the
-/// call itself, whose whole response is then stored.
+/// call itself, whose whole response is then stored. A key used before for
+/// another request (method, path with query, or body) is refused with 422;
+/// one whose first call ran but could not be stored, with 409.
 async fn keyed(
     ctx: &Ctx<'_>,
     head: Box<Parts>,
@@ -447,14 +449,38 @@ async fn keyed(
     let (shared, request_id) = (ctx.shared, ctx.request_id);
     // Keys are per service; a path without a route fails in `call`.
     let Some(target) = ctx.settings.router.resolve(head.uri.path()).cloned() else {
-        return call(ctx, head, body, trace).await;
+        return call(ctx, head, RequestBody::plain(body), trace).await;
     };
     let deadline = deadline_of(ctx.started, target.request_timeout);
+    let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mismatch = |differs| CallError::IdempotencyKeyMismatch {
+        key: key.clone(),
+        differs,
+    };
     // Counted under its service even when it only waits or replays.
     trace.route(shared, &target.service);
     loop {
-        match shared.idempotency.begin(&target.service, &key) {
-            Begin::Replay(stored) => {
+        match shared
+            .idempotency
+            .begin(&target.service, &key, &head.method, path)
+        {
+            Begin::Mismatch => return Err(mismatch("method or path")),
+            Begin::Kept(kept) => {
+                // The body is read (and hashed, not kept) only to compare it.
+                if let Some(first) = kept.fingerprint.body {
+                    if body_digest(body, target.max_body, deadline, || CallError::Timeout {
+                        service: target.service.to_string(),
+                        after: target.request_timeout,
+                    })
+                    .await?
+                        != first
+                    {
+                        return Err(mismatch("body"));
+                    }
+                }
+                let Some(stored) = &kept.response else {
+                    return Err(CallError::IdempotencyKeyNotReplayable { key });
+                };
                 debug!(%request_id, %key, "replaying the stored response");
                 let mut resp = Response::new(CallBody {
                     body: Body::full(stored.body.clone()),
@@ -480,19 +506,131 @@ async fn keyed(
                 }
             }
             Begin::Lead(ticket) => {
+                let seal = BodySeal::default();
+                let body = RequestBody::hashed(body, &seal);
+                // A failure of the bridge's own returns here: the ticket
+                // drops and frees the key.
                 let resp = call(ctx, head, body, trace).await?;
                 // Only a whole response can be stored; a streamed one is
-                // passed on and the key freed (the ticket drops).
-                if let Some(body) = resp.body().body.as_full() {
-                    ticket.complete(Stored {
-                        status: resp.status(),
-                        headers: resp.headers().clone(),
-                        body: body.clone(),
-                    });
-                }
+                // passed on and the key keeps a tombstone.
+                let whole = resp.body().body.as_full().map(|body| Stored {
+                    status: resp.status(),
+                    headers: resp.headers().clone(),
+                    body: body.clone(),
+                });
+                ticket.complete(whole, seal.digest());
                 return Ok(resp);
             }
         }
+    }
+}
+
+/// Reads a repeat's body to its end (at most `limit` bytes, by `deadline`)
+/// for its digest; the bytes themselves are dropped as they come.
+async fn body_digest(
+    body: Incoming,
+    limit: usize,
+    deadline: Instant,
+    timeout: impl Fn() -> CallError,
+) -> Result<BodyDigest, CallError> {
+    let seal = BodySeal::default();
+    let mut body = Limited::new(RequestBody::hashed(body, &seal), limit);
+    loop {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(timeout()),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(read_error(e, limit)),
+            Ok(Some(Ok(_))) => {}
+        }
+    }
+    seal.digest().ok_or_else(|| CallError::BadRequest {
+        reason: "the request body ended early".into(),
+    })
+}
+
+/// What reading a caller's body failed with, as the caller is told.
+fn read_error(e: Box<dyn std::error::Error + Send + Sync>, limit: usize) -> CallError {
+    if e.is::<LengthLimitError>() {
+        CallError::BodyTooLarge { limit }
+    } else {
+        CallError::BadRequest {
+            reason: format!("cannot read the request body: {e}"),
+        }
+    }
+}
+
+/// The caller's request body; for a call with an idempotency key, hashed as
+/// it is read (whether whole, before dispatch, or streamed by the upload),
+/// so that the key can be bound to it without the body being kept.
+struct RequestBody {
+    inner: Incoming,
+    /// Set for a keyed call until the body has ended.
+    hasher: Option<Box<BodyHasher>>,
+}
+
+impl RequestBody {
+    fn plain(inner: Incoming) -> Self {
+        RequestBody {
+            inner,
+            hasher: None,
+        }
+    }
+
+    fn hashed(inner: Incoming, seal: &BodySeal) -> Self {
+        let mut body = RequestBody {
+            inner,
+            hasher: Some(Box::new(seal.hasher())),
+        };
+        // An empty body may never be polled.
+        body.ended();
+        body
+    }
+
+    /// Publishes the digest once the body is at its end.
+    fn ended(&mut self) {
+        if self.inner.is_end_stream() {
+            if let Some(hasher) = self.hasher.take() {
+                hasher.finish();
+            }
+        }
+    }
+}
+
+impl HttpBody for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Some(hasher) = this.hasher.as_mut() {
+            match &polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        hasher.update(data);
+                    }
+                    this.ended();
+                }
+                Poll::Ready(None) => {
+                    if let Some(hasher) = this.hasher.take() {
+                        hasher.finish();
+                    }
+                }
+                _ => {}
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -552,7 +690,7 @@ struct Ctx<'a> {
 async fn call(
     ctx: &Ctx<'_>,
     mut parts: Box<Parts>,
-    body: Incoming,
+    body: RequestBody,
     trace: &mut Trace,
 ) -> Result<Response<CallBody>, CallError> {
     let Ctx {
@@ -591,17 +729,7 @@ async fn call(
     // Read the start of the body: a body that ends within one chunk travels
     // in the request frame itself; a longer one streams after it.
     let mut body = Limited::new(body, target.max_body);
-    let read_error = |e: Box<dyn std::error::Error + Send + Sync>| {
-        if e.is::<LengthLimitError>() {
-            CallError::BodyTooLarge {
-                limit: target.max_body,
-            }
-        } else {
-            CallError::BadRequest {
-                reason: format!("cannot read the request body: {e}"),
-            }
-        }
-    };
+    let read_error = |e| read_error(e, target.max_body);
     let mut start = BytesMut::new();
     let complete = loop {
         if body.is_end_stream() {
@@ -1003,7 +1131,7 @@ impl Upload {
         self,
         head: Bytes,
         start: Bytes,
-        mut body: Limited<Incoming>,
+        mut body: Limited<RequestBody>,
     ) -> Result<(), UploadError> {
         let first = protocol::CHUNK_SIZE.min(start.len());
         self.reserve(first).await?;
