@@ -839,17 +839,27 @@ async fn call(
         // The clock is read again only if a worker connection closes under
         // the lease and another must be found.
         let mut now = queued_at;
+        // Set when a connection closed under a lease: the next lease is
+        // asked for only while the queue deadline has not passed, so that
+        // no order of events can make this loop spin.
+        let mut closed_under_lease = false;
         // The start gate (PROTOCOL 3.7) costs a round trip to the worker and
         // only pays when it is what makes a retry allowed: a call that would
         // be retried anyway (idempotent, keyed) or can't be (body not whole
         // in memory, no retries left) starts at once.
         let gated = single && !replayable && attempt <= http.max_retries;
         let (lease, started) = loop {
-            let wait = queue_deadline.saturating_duration_since(now);
-            let acquired = shared
-                .registry
-                .acquire(service, wait, http.queue_limit)
-                .await;
+            let acquired = if closed_under_lease && now >= queue_deadline {
+                Err(AcquireError::NoWorker {
+                    connected: shared.registry.connected(service),
+                })
+            } else {
+                let wait = queue_deadline.saturating_duration_since(now);
+                shared
+                    .registry
+                    .acquire(service, wait, http.queue_limit)
+                    .await
+            };
             let lease = acquired.map_err(|e| {
                 if let Some(lost) = lost.take() {
                     return *lost;
@@ -874,6 +884,7 @@ async fn call(
                 break (lease, started);
             }
             now = Instant::now();
+            closed_under_lease = true;
         };
         let Started {
             guard,
