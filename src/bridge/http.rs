@@ -30,7 +30,8 @@ use hyper_util::{
 };
 use tokio::{
     net::TcpListener,
-    sync::{watch, OwnedSemaphorePermit, Semaphore},
+    sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore},
+    task::JoinError,
     time::Instant,
 };
 use tokio_util::{
@@ -43,7 +44,7 @@ use super::{
     idempotency::{Begin, BodyDigest, BodyHasher, BodySeal, Stored},
     registry::{AcquireError, Lease},
     send_timeout::SendTimeout,
-    session::{CallGuard, Failure, Session, Started},
+    session::{CallGuard, Failure, Reply, Session, Started},
     sniff::{sniff, Replay},
     stall::StallWatch,
     Settings, Shared,
@@ -954,39 +955,36 @@ async fn call(
             let mut pump =
                 AbortOnDropHandle::new(tokio::spawn(upload.run(head_frame, start.clone(), body)));
             let mut reply = reply;
-            loop {
-                tokio::select! {
-                    r = &mut reply => {
-                        let resp = r
-                            .unwrap_or_else(|_| Err(Failure::Lost("connection closed".into())))
-                            .map_err(failed)?;
-                        // An upload still running goes on beside the reply; if
-                        // it fails now, the call is aborted both ways.
-                        let watcher = (!pump.is_finished()).then(|| {
-                            let session = session.clone();
-                            AbortOnDropHandle::new(tokio::spawn(async move {
-                                let reason = match pump.await {
-                                    Ok(Err(UploadError::Caller(e))) if e.is::<LengthLimitError>() => {
-                                        "body_too_large"
-                                    }
-                                    Ok(Err(UploadError::Caller(_))) => "client_gone",
-                                    Ok(Err(UploadError::Stalled)) => "timeout",
-                                    _ => return,
-                                };
-                                session.abort_call(id, reason);
-                            }))
-                        });
-                        return Ok((resp, watcher));
-                    }
-                    done = &mut pump, if !pump.is_finished() => match done {
-                        Ok(Ok(())) => {}
-                        Ok(Err(UploadError::Worker(f))) => return Err(failed(f)),
-                        Ok(Err(UploadError::Caller(e))) => return Err(read_error(e)),
-                        Ok(Err(UploadError::Stalled)) => return Err(timeout()),
-                        Err(_) => return Err(failed(Failure::Lost("upload task failed".into()))),
-                    }
+            let resp = match reply_or_upload_failure(&mut reply, &mut pump).await {
+                Settled::UploadFailed(done) => {
+                    return Err(match done {
+                        Ok(UploadError::Worker(f)) => failed(f),
+                        Ok(UploadError::Caller(e)) => read_error(e),
+                        Ok(UploadError::Stalled) => timeout(),
+                        Err(_) => failed(Failure::Lost("upload task failed".into())),
+                    })
                 }
-            }
+                Settled::Reply(r) => r
+                    .unwrap_or_else(|_| Err(Failure::Lost("connection closed".into())))
+                    .map_err(failed)?,
+            };
+            // An upload still running goes on beside the reply; if
+            // it fails now, the call is aborted both ways.
+            let watcher = (!pump.is_finished()).then(|| {
+                let session = session.clone();
+                AbortOnDropHandle::new(tokio::spawn(async move {
+                    let reason = match pump.await {
+                        Ok(Err(UploadError::Caller(e))) if e.is::<LengthLimitError>() => {
+                            "body_too_large"
+                        }
+                        Ok(Err(UploadError::Caller(_))) => "client_gone",
+                        Ok(Err(UploadError::Stalled)) => "timeout",
+                        _ => return,
+                    };
+                    session.abort_call(id, reason);
+                }))
+            });
+            Ok((resp, watcher))
         };
         // Boxed: only calls with a long body come here, and unboxed it
         // would make every call's future larger.
@@ -1077,6 +1075,58 @@ async fn call(
     }
     // Otherwise `guard` drops here: a call still pending is removed and
     // cancelled; `lease` drops after it and frees the worker's slot.
+}
+
+/// How the wait for a reply beside a running upload ended.
+enum Settled {
+    /// The reply head came (or its channel closed); the upload may still run.
+    Reply(Result<Reply, oneshot::error::RecvError>),
+    /// The upload failed (or its task did) before the reply was taken, or
+    /// as it was.
+    UploadFailed(Result<UploadError, JoinError>),
+}
+
+/// The failure of a finished upload, if it did not send the whole body.
+fn upload_failure(done: Result<Result<(), UploadError>, JoinError>) -> Option<Settled> {
+    match done {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(Settled::UploadFailed(Ok(e))),
+        Err(e) => Some(Settled::UploadFailed(Err(e))),
+    }
+}
+
+/// Waits for the reply head to a call whose body is still being uploaded,
+/// or for the upload to fail. An upload that has failed by the time the
+/// reply is taken wins, whether both were in at the same poll (`biased`,
+/// the upload first) or it finished while the reply was being taken: the
+/// caller never gets a reply to a body that was cut short without the
+/// failure, and the call's guard then tells the worker `cancel`. (An upload
+/// that fails after the reply has gone to the caller cuts the reply off:
+/// the watcher in `call`.)
+async fn reply_or_upload_failure(
+    reply: &mut oneshot::Receiver<Reply>,
+    pump: &mut AbortOnDropHandle<Result<(), UploadError>>,
+) -> Settled {
+    // Set once the upload's outcome has been taken: a finished task's
+    // handle is not polled again.
+    let mut uploaded = false;
+    loop {
+        tokio::select! {
+            biased;
+            done = &mut *pump, if !uploaded => match upload_failure(done) {
+                None => uploaded = true,
+                Some(failed) => return failed,
+            },
+            r = &mut *reply => {
+                if !uploaded && pump.is_finished() {
+                    if let Some(failed) = upload_failure((&mut *pump).await) {
+                        return failed;
+                    }
+                }
+                return Settled::Reply(r);
+            }
+        }
+    }
 }
 
 /// Why an upload stopped.
@@ -1425,4 +1475,44 @@ fn forwarded_headers<'a>(
     wire.push(("x-forwarded-for", Cow::Borrowed(xff)));
     wire.push(("x-forwarded-proto", Cow::Borrowed("http")));
     wire.push(("x-request-id", Cow::Borrowed(request_id)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_upload_failure_beats_a_reply_that_came_with_it() {
+        // Unbiased, each round would go either way.
+        for round in 0..64 {
+            let (tx, mut reply) = oneshot::channel::<Reply>();
+            let _ = tx.send(Ok(Response::new(Body::empty())));
+            let mut pump =
+                AbortOnDropHandle::new(tokio::spawn(async { Err::<(), _>(UploadError::Stalled) }));
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while !pump.is_finished() {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+            .expect("the upload task ends");
+            let settled = reply_or_upload_failure(&mut reply, &mut pump).await;
+            assert!(
+                matches!(settled, Settled::UploadFailed(Ok(UploadError::Stalled))),
+                "round {round}: the reply won"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reply_beside_a_whole_upload_is_taken() {
+        let (tx, mut reply) = oneshot::channel::<Reply>();
+        let mut pump = AbortOnDropHandle::new(tokio::spawn(async { Ok(()) }));
+        let settled = tokio::spawn(async move {
+            let settled = reply_or_upload_failure(&mut reply, &mut pump).await;
+            matches!(settled, Settled::Reply(Ok(Ok(_))))
+        });
+        let _ = tx.send(Ok(Response::new(Body::empty())));
+        assert!(settled.await.expect("join"));
+    }
 }
