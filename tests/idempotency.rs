@@ -325,3 +325,43 @@ async fn a_2_mib_reply_streamed_by_the_agent_runs_its_upstream_once() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     bridge.stop().await;
 }
+
+#[tokio::test]
+async fn x_bridge_attempts_is_on_every_response_including_the_bridges_own() {
+    let bridge = TestBridge::start(|c| c.http.queue_timeout = Duration::from_millis(100)).await;
+    // Refused before dispatch: no worker was sent the call.
+    let r = with_timeout(keyed(&bridge, "/x", "a-1"))
+        .await
+        .expect("join");
+    assert_eq!(
+        (r.error_code().as_str(), r.header("x-bridge-attempts")),
+        ("no_worker", "0")
+    );
+    let (_w, _calls) = counting(&bridge, &["default"]).await;
+    let r = with_timeout(keyed(&bridge, "/x", "a-1"))
+        .await
+        .expect("join");
+    assert_eq!(
+        (r.head.status, r.header("x-bridge-attempts")),
+        (StatusCode::CREATED, "1")
+    );
+    // Replayed, and refused for another body: no worker this time.
+    let r = with_timeout(keyed(&bridge, "/x", "a-1"))
+        .await
+        .expect("join");
+    assert_eq!(
+        (
+            r.header("idempotent-replayed"),
+            r.header("x-bridge-attempts")
+        ),
+        ("true", "0")
+    );
+    let r = with_timeout(keyed_body(&bridge, "/x", "a-1", "other"))
+        .await
+        .expect("join");
+    assert_eq!(
+        (r.error_code().as_str(), r.header("x-bridge-attempts")),
+        ("idempotency_key_mismatch", "0")
+    );
+    bridge.stop().await;
+}

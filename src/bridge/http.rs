@@ -61,8 +61,9 @@ use crate::{
 /// The header carrying the request id both ways.
 pub(crate) static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// On every response that reached a worker: how many workers the call was
-/// sent to (more than 1 when a worker vanished and the call was retried).
+/// On every response: how many workers the call was sent to (0 when none
+/// was, as for a refusal before dispatch or a replay; more than 1 when a
+/// worker vanished and the call was retried).
 pub(crate) static ATTEMPTS: HeaderName = HeaderName::from_static("x-bridge-attempts");
 
 /// A caller's promise that repeating the request is safe.
@@ -378,10 +379,10 @@ async fn handle(
     if let Ok(v) = HeaderValue::from_str(request_id) {
         resp.headers_mut().insert(REQUEST_ID.clone(), v);
     }
-    if trace.attempts > 0 {
-        resp.headers_mut()
-            .insert(ATTEMPTS.clone(), HeaderValue::from(trace.attempts));
-    }
+    // On every response, the bridge's own errors and replays included: 0
+    // says no worker was sent the call this time.
+    resp.headers_mut()
+        .insert(ATTEMPTS.clone(), HeaderValue::from(trace.attempts));
     log.status = resp.status().as_u16();
     log.error = error;
     // A streamed reply's call may be ended early (the stall watch): from
