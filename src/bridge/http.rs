@@ -470,13 +470,14 @@ async fn keyed(
             Begin::Kept(kept) => {
                 // The body is read (and hashed, not kept) only to compare it.
                 if let Some(first) = kept.fingerprint.body {
-                    if body_digest(body, target.max_body, deadline, || CallError::Timeout {
-                        service: target.service.to_string(),
-                        after: target.request_timeout,
-                    })
-                    .await?
-                        != first
-                    {
+                    let (digest, read) =
+                        body_digest(body, target.max_body, deadline, || CallError::Timeout {
+                            service: target.service.to_string(),
+                            after: target.request_timeout,
+                        })
+                        .await?;
+                    trace.bytes_in = Some(read);
+                    if digest != first {
                         return Err(mismatch("body"));
                     }
                 }
@@ -528,26 +529,30 @@ async fn keyed(
 }
 
 /// Reads a repeat's body to its end (at most `limit` bytes, by `deadline`)
-/// for its digest; the bytes themselves are dropped as they come.
+/// for its digest and length; the bytes themselves are dropped as they come.
 async fn body_digest(
     body: Incoming,
     limit: usize,
     deadline: Instant,
     timeout: impl Fn() -> CallError,
-) -> Result<BodyDigest, CallError> {
+) -> Result<(BodyDigest, u64), CallError> {
     let seal = BodySeal::default();
     let mut body = Limited::new(RequestBody::hashed(body, &seal), limit);
+    let mut read = 0;
     loop {
         match tokio::time::timeout_at(deadline, body.frame()).await {
             Err(_) => return Err(timeout()),
             Ok(None) => break,
             Ok(Some(Err(e))) => return Err(read_error(e, limit)),
-            Ok(Some(Ok(_))) => {}
+            Ok(Some(Ok(frame))) => {
+                read += frame.data_ref().map_or(0, |d| d.len() as u64);
+            }
         }
     }
-    seal.digest().ok_or_else(|| CallError::BadRequest {
+    let digest = seal.digest().ok_or_else(|| CallError::BadRequest {
         reason: "the request body ended early".into(),
-    })
+    })?;
+    Ok((digest, read))
 }
 
 /// What reading a caller's body failed with, as the caller is told.
