@@ -79,6 +79,9 @@ pub(crate) struct Session {
     terms: Terms,
     /// Calls sent and not yet answered.
     calls: Mutex<Calls>,
+    /// Set by [`Session::close`], so that the registry can skip a closed
+    /// session without taking `calls`' lock.
+    closed: AtomicBool,
     /// Next call id on this connection.
     next_id: AtomicU64,
     /// Pings sent since the last pong.
@@ -336,6 +339,7 @@ impl Session {
             outbox: Mutex::new(outbox),
             terms,
             calls: Mutex::default(),
+            closed: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             unanswered: AtomicU32::new(0),
             violations: AtomicU32::new(0),
@@ -401,6 +405,11 @@ impl Session {
     /// Calls sent to this worker and not finished (streams included).
     pub(crate) fn pending(&self) -> usize {
         self.lock().map.len()
+    }
+
+    /// True once the session has ended: no call can start on it.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
     /// Why the session ended, once it has.
@@ -501,6 +510,7 @@ impl Session {
                 return;
             }
             calls.closed = Some(cause.to_owned());
+            self.closed.store(true, Ordering::Release);
             calls.map.drain().map(|(_, p)| p).collect()
         };
         if !drained.is_empty() {
