@@ -35,7 +35,10 @@ use tokio_tungstenite::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Settings, Shared};
+use super::{
+    credentials::{session_tag, Credentials},
+    Settings, Shared,
+};
 use crate::{
     body::{Body, BodyError, BodySender},
     headers,
@@ -70,8 +73,13 @@ pub(crate) struct Session {
     /// The worker's self-declared id, for logs and error messages.
     pub(crate) worker_id: String,
     /// This connection's id (the welcome's `session_id`); a resumed
-    /// connection keeps it.
+    /// connection keeps it. Only its worker is shown it: everyone else
+    /// sees `tag`.
     pub(crate) session_id: String,
+    /// The session as logs and `/status` show it (see [`session_tag`]).
+    pub(crate) tag: String,
+    /// What the worker authenticated with: a resume must present the same.
+    credentials: Credentials,
     /// Frames to the writer task of the current connection (replaced when
     /// the worker resumes).
     outbox: Mutex<Outbox>,
@@ -323,10 +331,19 @@ impl Drop for Live {
 }
 
 impl Session {
-    fn new(worker_id: String, outbox: Outbox, terms: Terms, peer: SocketAddr) -> Self {
+    fn new(
+        worker_id: String,
+        credentials: Credentials,
+        outbox: Outbox,
+        terms: Terms,
+        peer: SocketAddr,
+    ) -> Self {
+        let session_id = uuid::Uuid::now_v7().to_string();
         Session {
             worker_id,
-            session_id: uuid::Uuid::now_v7().to_string(),
+            tag: session_tag(&session_id),
+            session_id,
+            credentials,
             outbox: Mutex::new(outbox),
             terms,
             calls: Mutex::default(),
@@ -362,6 +379,12 @@ impl Session {
             .clone()
     }
 
+    /// Whether a worker that says `worker_id` and authenticated with
+    /// `credentials` may resume this session: only the one that opened it.
+    pub(crate) fn belongs_to(&self, worker_id: &str, credentials: &Credentials) -> bool {
+        self.worker_id == worker_id && self.credentials == *credentials
+    }
+
     /// The body compression agreed with this worker.
     pub(crate) fn compression(&self) -> Compression {
         self.terms.compression
@@ -381,6 +404,7 @@ impl Session {
         };
         Arc::new(Self::new(
             worker_id.to_owned(),
+            Credentials::new("", None),
             outbox,
             terms,
             ([127, 0, 0, 1], 0).into(),
@@ -834,10 +858,12 @@ fn check_upgrade(
 }
 
 /// Serves one worker connection (already TLS-terminated when TLS is on)
-/// until it ends or the bridge shuts down.
+/// until it ends or the bridge shuts down. `cert`: the SHA-256 of the
+/// client certificate's DER, with mutual TLS.
 pub(crate) async fn serve<S>(
     stream: S,
     peer: SocketAddr,
+    cert: Option<[u8; 32]>,
     shared: Arc<Shared>,
     settings: Arc<Settings>,
     shutdown: CancellationToken,
@@ -889,7 +915,11 @@ pub(crate) async fn serve<S>(
                 return Err(reject(&mut ws, "forbidden_service", &problem).await);
             }
         }
-        Ok((ws, hello))
+        // check_upgrade refuses a connection without a token.
+        let token = token
+            .and_then(|i| cfg.tokens.get(i))
+            .map_or("", |t| t.secret().expose());
+        Ok((ws, hello, Credentials::new(token, cert)))
     };
     // Boxed, so that its state (most of this task's size) is freed once the
     // handshake is over instead of living as long as the connection.
@@ -898,7 +928,7 @@ pub(crate) async fn serve<S>(
         _ = shutdown.cancelled() => return,
         outcome = handshake => outcome,
     };
-    let (mut ws, hello) = match outcome {
+    let (mut ws, hello, credentials) = match outcome {
         Ok(Ok(done)) => done,
         Ok(Err(reason)) => {
             info!(%peer, %reason, "worker handshake refused");
@@ -913,10 +943,9 @@ pub(crate) async fn serve<S>(
     let (outbox, inbox) = transport::outbox();
     // A worker coming back after a dropped connection continues its session:
     // same id, same terms, and the calls it still runs stand.
+    // Only the worker that opened it may: see `resume_lookup`.
     let resumed = match &hello.resume {
-        Some(r) => shared
-            .detached
-            .take_for_resume(&r.session_id, &shared.registry)
+        Some(r) => resume_lookup(&shared, &hello, &credentials, r, peer)
             .await
             .map(|session| (session, r)),
         None => None,
@@ -939,10 +968,20 @@ pub(crate) async fn serve<S>(
                 resumable: hello.resumable && !cfg.resume_window.is_zero(),
                 max_frame: cfg.max_frame.bytes(),
             };
-            Arc::new(Session::new(hello.worker_id.clone(), outbox, terms, peer))
+            Arc::new(Session::new(
+                hello.worker_id.clone(),
+                credentials,
+                outbox,
+                terms,
+                peer,
+            ))
         }
     };
-    let (terms, session_id) = (session.terms, session.session_id.clone());
+    let (terms, session_id, tag) = (
+        session.terms,
+        session.session_id.clone(),
+        session.tag.clone(),
+    );
     let superseded = session.new_connection();
     let resumed = hello
         .resume
@@ -997,7 +1036,7 @@ pub(crate) async fn serve<S>(
         return;
     }
     info!(
-        %peer, worker = %hello.worker_id, session = %session_id,
+        %peer, worker = %hello.worker_id, session = %tag,
         services = ?hello.services, max_inflight = hello.max_inflight, resumed,
         "worker connected"
     );
@@ -1016,7 +1055,33 @@ pub(crate) async fn serve<S>(
     conn.cancel();
     let _ = writer.await;
     let cause = session.end_cause().unwrap_or(cause);
-    info!(%peer, worker = %hello.worker_id, session = %session_id, %cause, "worker disconnected");
+    info!(%peer, worker = %hello.worker_id, session = %tag, %cause, "worker disconnected");
+}
+
+/// The session `resume` names, taken for this connection if the worker
+/// that opened it is the one asking: same `worker_id`, same token, same
+/// client certificate. Anyone else gets a new session, exactly as for an
+/// id that does not exist (no error frame: telling the two apart would
+/// confirm to a stranger that the id is live); the bridge logs a warning.
+async fn resume_lookup(
+    shared: &Shared,
+    hello: &protocol::Hello,
+    credentials: &Credentials,
+    resume: &protocol::Resume,
+    peer: SocketAddr,
+) -> Option<(Arc<Session>, u64)> {
+    let owned = |s: &Session| s.belongs_to(&hello.worker_id, credentials);
+    let taken = shared
+        .detached
+        .take_for_resume(&resume.session_id, &shared.registry, owned)
+        .await;
+    if let Err(Some(tag)) = &taken {
+        warn!(
+            %peer, worker = %hello.worker_id, session = %tag,
+            "a resume presented other credentials or another worker_id than the session's: treated as a new session"
+        );
+    }
+    taken.ok()
 }
 
 /// Sends an error frame and a policy close; returns the reason for the log.
