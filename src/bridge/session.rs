@@ -68,6 +68,17 @@ pub(crate) enum Failure {
 /// Protocol violations after which a worker's connection is closed (1008).
 const MAX_VIOLATIONS: u32 = 32;
 
+/// Control frames that may wait behind a full urgent queue before the
+/// worker counts as not reading and its connection is dropped
+/// (`transport::bounded_outbox`). A live worker's backlog is bounded by its
+/// calls: a `start` and a `cancel` each, a `start` again after a resume,
+/// `credit`s as its callers read. Four per call it may hold, and never
+/// fewer than 16384, leaves room for bursts (every caller of a busy worker
+/// timing out at once) and cuts a hostile worker off at a few MB.
+fn overflow_limit(max_inflight: u32) -> usize {
+    (4 * max_inflight as usize).max(16 * 1024)
+}
+
 /// The bridge side of one worker connection.
 pub(crate) struct Session {
     /// The worker's self-declared id, for logs and error messages.
@@ -212,6 +223,9 @@ struct Pending {
     /// The call waits for `start` (the worker sends `accepted` and the call
     /// was sent without `"gate": false`).
     gated: bool,
+    /// A `start` went out for this call: only the first `accepted` is
+    /// answered, so repeating it cannot make the bridge write anything.
+    answered: bool,
 }
 
 /// A response body being relayed to the caller as it arrives.
@@ -458,6 +472,7 @@ impl Session {
                 // have started.
                 accepted: !gated,
                 gated,
+                answered: false,
             },
         );
         drop(calls);
@@ -570,10 +585,15 @@ impl Session {
             // A call it holds that is no longer pending here ended while it
             // was away (timeout, caller gone): the `cancel` went down with
             // the old connection, so it is sent again.
-            for id in &running {
+            // Ids this session never issued are ignored: answering them
+            // would let a `resume` of 131072 made-up ids queue as many
+            // cancels.
+            let issued = 1..self.next_id.load(Ordering::Relaxed);
+            for id in running.iter().filter(|id| issued.contains(id)) {
                 match calls.map.get_mut(id) {
                     Some(p) if p.gated => {
                         p.accepted = true;
+                        p.answered = true;
                         let start = Control::Start { id: *id };
                         self.outbox()
                             .control(Message::text(protocol::encode_control(&start)));
@@ -940,7 +960,7 @@ pub(crate) async fn serve<S>(
         }
     };
 
-    let (outbox, inbox) = transport::outbox();
+    let (outbox, inbox) = transport::bounded_outbox(overflow_limit(hello.max_inflight));
     // A worker coming back after a dropped connection continues its session:
     // same id, same terms, and the calls it still runs stand.
     // Only the worker that opened it may: see `resume_lookup`.
@@ -1126,12 +1146,15 @@ async fn write_loop<S>(
     let stall = transport::dead_after(cfg.ping_interval, cfg.ping_misses);
     let mut ping = tokio::time::interval(cfg.ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let choked = inbox.choked();
+    let not_reading = "the worker stopped reading: too many control frames waiting for it";
     let cause = loop {
         // Pings come before data: a busy outbox must not starve the
         // heartbeat, or a dead peer would go unnoticed while calls pile up.
         let written = tokio::select! {
             biased;
             _ = conn.cancelled() => break None,
+            _ = choked.cancelled() => break Some(not_reading.to_owned()),
             _ = ping.tick() => {
                 let missed = live.session.unanswered.fetch_add(1, Ordering::Relaxed);
                 if missed >= cfg.ping_misses {
@@ -1146,6 +1169,7 @@ async fn write_loop<S>(
                 let Some(msg) = msg else { break None };
                 tokio::select! {
                     _ = conn.cancelled() => break None,
+                    _ = choked.cancelled() => break Some(not_reading.to_owned()),
                     r = transport::write_batch(&mut sink, msg, &mut inbox, stall) => r,
                 }
             }
@@ -1340,15 +1364,18 @@ fn on_text(session: &Session, shared: &Shared, key: u64, text: &str) -> Problem 
         Ok(Control::Accepted { id }) => {
             // Recorded first, then the worker is told it may start: from
             // here on the call is never sent elsewhere. For a call that
-            // already ended this is late news: ignored.
-            let recorded = match session.lock().map.get_mut(&id) {
-                Some(p) => {
+            // already ended this is late news: ignored; so is a repeat,
+            // which a worker that stopped reading could otherwise send by
+            // the million to make the bridge queue a `start` for each.
+            let first = match session.lock().map.get_mut(&id) {
+                Some(p) if !p.answered => {
                     p.accepted = true;
+                    p.answered = true;
                     true
                 }
-                None => false,
+                _ => false,
             };
-            if recorded {
+            if first {
                 let start = Control::Start { id };
                 session
                     .outbox()
