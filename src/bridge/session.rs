@@ -1389,10 +1389,18 @@ fn on_text(session: &Session, shared: &Shared, key: u64, text: &str) -> Problem 
             None
         }
         Ok(Control::Unknown) => Some((None, "unknown_frame", "unknown control frame type".into())),
+        Ok(Control::Hello(_)) => Some((
+            None,
+            "unexpected_frame",
+            "hello may only be the first frame of a connection".into(),
+        )),
         Ok(other) => Some((
             None,
             "unexpected_frame",
-            format!("a worker may not send {other:?}"),
+            format!(
+                "{} frames go from the bridge to workers, never back",
+                other.kind()
+            ),
         )),
         Err(e) => Some((None, "malformed_frame", e.to_string())),
     }

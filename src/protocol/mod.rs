@@ -127,6 +127,23 @@ pub enum Control {
     Unknown,
 }
 
+impl Control {
+    /// The frame's `type`, as on the wire (for messages about it).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Control::Hello(_) => "hello",
+            Control::Welcome(_) => "welcome",
+            Control::Cancel { .. } => "cancel",
+            Control::Error { .. } => "error",
+            Control::Drain => "drain",
+            Control::Credit { .. } => "credit",
+            Control::Accepted { .. } => "accepted",
+            Control::Start { .. } => "start",
+            Control::Unknown => "unknown",
+        }
+    }
+}
+
 /// The worker's introduction.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
@@ -434,6 +451,13 @@ pub enum FrameError {
     /// The header is not the JSON this version expects.
     #[error("malformed frame header: {0}")]
     Json(String),
+    /// A text frame that is not JSON at all.
+    #[error("invalid JSON in a text frame: {0}")]
+    TextJson(String),
+    /// A text frame that is JSON but not a control frame: no `type`, a
+    /// missing field, a field of the wrong type.
+    #[error("invalid control frame: {0}")]
+    Control(String),
     /// The length prefix sets flag bits this version does not know.
     #[error("unknown frame flags 0x{0:02x}")]
     Flags(u32),
@@ -596,7 +620,13 @@ pub fn decode_control(text: &str) -> Result<Control, FrameError> {
             _ => {}
         }
     }
-    serde_json::from_str(text).map_err(|e| FrameError::Json(e.to_string()))
+    serde_json::from_str(text).map_err(|e| {
+        if e.is_syntax() || e.is_eof() {
+            FrameError::TextJson(e.to_string())
+        } else {
+            FrameError::Control(e.to_string())
+        }
+    })
 }
 
 /// Encodes a head frame, refusing a JSON header the receiver would refuse.
@@ -742,6 +772,23 @@ mod tests {
             decode_data(&Bytes::from_static(&[0, 0, 0, 1, b'{']), 0),
             Err(FrameError::Json(_))
         ));
+    }
+
+    #[test]
+    fn text_frames_that_are_not_json_are_told_from_json_that_is_not_a_frame() {
+        assert!(matches!(
+            decode_control("{not json"),
+            Err(FrameError::TextJson(_))
+        ));
+        assert!(matches!(
+            decode_control(r#"{"type":"credit","id":1}"#),
+            Err(FrameError::Control(_))
+        ));
+        assert!(matches!(
+            decode_control(r#"{"id":1}"#),
+            Err(FrameError::Control(_))
+        ));
+        assert_eq!(Control::Start { id: 1 }.kind(), "start");
     }
 
     #[test]
