@@ -35,10 +35,7 @@ use tokio_tungstenite::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{
-    credentials::{session_tag, Credentials},
-    Settings, Shared,
-};
+use super::{credentials::Credentials, Settings, Shared};
 use crate::{
     body::{Body, BodyError, BodySender},
     headers,
@@ -87,7 +84,8 @@ pub(crate) struct Session {
     /// connection keeps it. Only its worker is shown it: everyone else
     /// sees `tag`.
     pub(crate) session_id: String,
-    /// The session as logs and `/status` show it (see [`session_tag`]).
+    /// The session as logs and `/status` show it (see
+    /// [`protocol::session_tag`]).
     pub(crate) tag: String,
     /// What the worker authenticated with: a resume must present the same.
     credentials: Credentials,
@@ -355,7 +353,7 @@ impl Session {
         let session_id = uuid::Uuid::now_v7().to_string();
         Session {
             worker_id,
-            tag: session_tag(&session_id),
+            tag: protocol::session_tag(&session_id),
             session_id,
             credentials,
             outbox: Mutex::new(outbox),

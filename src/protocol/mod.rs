@@ -127,6 +127,18 @@ pub enum Control {
     Unknown,
 }
 
+/// How a session is shown to anyone but its worker (the bridge's logs,
+/// `/status`, the dashboard; PROTOCOL.md 8.5): the first 8 hex digits of
+/// the SHA-256 of its id. Enough to tell sessions apart and to match a
+/// worker's log with the bridge's, useless to resume with.
+pub fn session_tag(session_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(session_id.as_bytes())[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 impl Control {
     /// The frame's `type`, as on the wire (for messages about it).
     pub fn kind(&self) -> &'static str {
@@ -772,6 +784,17 @@ mod tests {
             decode_data(&Bytes::from_static(&[0, 0, 0, 1, b'{']), 0),
             Err(FrameError::Json(_))
         ));
+    }
+
+    #[test]
+    fn a_session_tag_is_a_stable_short_hash_that_does_not_contain_the_id() {
+        let id = "0190f0c2-8a4e-7c3b-9d2f-1e5a6b7c8d9e";
+        let tag = session_tag(id);
+        assert_eq!(tag.len(), 8);
+        assert_eq!(tag, session_tag(id));
+        assert!(!id.replace('-', "").contains(&tag));
+        // The SHA-256 of "abc" starts with ba7816bf (FIPS 180-2, B.1).
+        assert_eq!(session_tag("abc"), "ba7816bf");
     }
 
     #[test]
