@@ -71,7 +71,8 @@ const MAX_VIOLATIONS: u32 = 32;
 /// calls: a `start` and a `cancel` each, a `start` again after a resume,
 /// `credit`s as its callers read. Four per call it may hold, and never
 /// fewer than 16384, leaves room for bursts (every caller of a busy worker
-/// timing out at once) and cuts a hostile worker off at a few MB.
+/// timing out at once) and cuts a hostile worker off at about 100 bytes a
+/// frame: under 2 MB up to 4096 calls, 26 MB at the 65536 maximum.
 fn overflow_limit(max_inflight: u32) -> usize {
     (4 * max_inflight as usize).max(16 * 1024)
 }
