@@ -402,7 +402,7 @@ impl Worker {
                 r.map_err(|_| WorkerError::Connect("handshake timed out".into()))??
             }
         };
-        info!(url = %self.config.url, session = %welcome.session_id, resumed = welcome.resumed, services = ?self.config.services, "connected to bridge");
+        info!(url = %self.config.url, session = %protocol::session_tag(&welcome.session_id), resumed = welcome.resumed, services = ?self.config.services, "connected to bridge");
         if !welcome.resumed {
             // A new session: whatever the old one had is void.
             carry.abandon_all();
