@@ -224,6 +224,10 @@ pub(crate) struct Gauges {
     pub(crate) services: Vec<ServiceGauges>,
     /// Calls sent to workers and not finished (what the pending maps hold).
     pub(crate) pending: usize,
+    /// Tasks alive on the bridge's tokio runtime (connections, sessions,
+    /// calls): the figure that shows a leak of spawned work, which neither
+    /// RSS nor the call gauges show early. `None` off a runtime.
+    pub(crate) tasks: Option<usize>,
     pub(crate) protocol_violations: u64,
     /// Config reloads applied and rejected.
     pub(crate) reloads: (u64, u64),
@@ -370,6 +374,15 @@ impl Metrics {
             "Calls sent to workers and not yet finished.",
         );
         let _ = writeln!(o, "wsbridge_worker_calls_pending {}", gauges.pending);
+        if let Some(tasks) = gauges.tasks {
+            header(
+                o,
+                "wsbridge_runtime_tasks",
+                "gauge",
+                "Tasks alive on the bridge's runtime (connections, worker sessions, calls).",
+            );
+            let _ = writeln!(o, "wsbridge_runtime_tasks {tasks}");
+        }
         header(
             o,
             "wsbridge_worker_connects_total",

@@ -543,3 +543,32 @@ async fn a_caller_that_hangs_up_before_the_reply_is_counted_as_499() {
         0.0
     );
 }
+
+/// `wsbridge_runtime_tasks` counts the tasks worker connections spawn and
+/// falls back once they are gone: the figure `scripts/soak` watches for
+/// leaked work under churn.
+#[tokio::test]
+async fn runtime_tasks_rise_with_worker_connections_and_fall_back() {
+    const WORKERS: usize = 16;
+    let bridge = TestBridge::start(|_| {}).await;
+    let tasks = |m: &Scrape| value(m, "wsbridge_runtime_tasks", &[]);
+    let before = tasks(&scrape(&bridge).await);
+    assert!(before > 0.0, "the gauge is exposed: {before}");
+    let mut workers = Vec::new();
+    for _ in 0..WORKERS {
+        workers.push(RawWorker::connect(&bridge, &["default"], 1).await);
+    }
+    let during = tasks(&scrape(&bridge).await);
+    assert!(
+        during >= before + WORKERS as f64,
+        "{WORKERS} connections add at least a task each: {before} -> {during}"
+    );
+    drop(workers);
+    // Each scrape has its own connection's tasks, hence the small slack.
+    with_timeout(async {
+        while tasks(&scrape(&bridge).await) > before + 4.0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}

@@ -202,6 +202,9 @@ class Worker:
             open_timeout=10,
             ping_interval=None,  # we ping on the bridge's schedule, from the welcome
             compression=None,  # the bridge negotiates no WebSocket extensions
+            # websockets 15+ follows https_proxy/wss_proxy from the environment;
+            # a worker dials its bridge directly (remove this to go through one).
+            proxy=None,
         ) as ws:
             hello = {"type": "hello", "worker_id": self.worker_id, "services": a.service, "max_inflight": a.max_inflight}
             await ws.send(json.dumps(hello))

@@ -159,6 +159,10 @@ fn gauges(shared: &Shared) -> Gauges {
             })
             .collect(),
         pending: snapshot.workers.iter().map(|w| w.session.pending()).sum(),
+        // One atomic load in tokio (stable since 1.39), read only on a scrape.
+        tasks: tokio::runtime::Handle::try_current()
+            .ok()
+            .map(|rt| rt.metrics().num_alive_tasks()),
         protocol_violations: shared.violations.load(Relaxed),
         reloads: (
             shared.reloads.load(Relaxed),
