@@ -672,7 +672,13 @@ impl Session {
             let _ = tx.send(Ok(Response::from_parts(parts, Body::full(body))));
             return Ok(());
         }
-        let (sender, stream_body) = Body::channel();
+        let (sender, mut stream_body) = Body::channel();
+        // A streamed reply may declare its length (from_wire_ref keeps one
+        // valid Content-Length): hold the body to it, so that a worker whose
+        // body disagrees cannot hand the caller a cut reply that looks whole.
+        if let Some(n) = content_length(&parts.headers) {
+            stream_body = stream_body.declared_length(n);
+        }
         let buffered = Arc::new(AtomicUsize::new(body.len()));
         let taken = buffered.clone();
         let credit = self.terms.window.map(|_| (self.outbox(), head.id));
@@ -758,6 +764,16 @@ fn check_head(
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     Ok(resp)
+}
+
+/// The `Content-Length` of a reply head, if it has a valid one.
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// A handshake refusal with a JSON reason.

@@ -5,6 +5,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod raw_http;
+
 use std::{
     future::Future, net::SocketAddr, path::PathBuf, process::Stdio, sync::Arc, time::Duration,
 };
