@@ -85,6 +85,15 @@ pub enum CallError {
         /// What was wrong.
         reason: String,
     },
+    /// A method the bridge does not forward: `CONNECT` asks for a tunnel,
+    /// which a request/reply frame cannot be.
+    #[error(
+        "method {method} is not supported: the bridge forwards requests, it does not open tunnels"
+    )]
+    MethodNotAllowed {
+        /// The method.
+        method: String,
+    },
     /// The caller's address is not in `http.allow_from`.
     #[error("callers from {peer} are not allowed (http.allow_from)")]
     Forbidden {
@@ -107,6 +116,7 @@ impl CallError {
             CallError::HeadersTooLarge { .. } => "headers_too_large",
             CallError::BadRequest { .. } => "bad_request",
             CallError::Forbidden { .. } => "forbidden",
+            CallError::MethodNotAllowed { .. } => "method_not_allowed",
         }
     }
 
@@ -123,6 +133,7 @@ impl CallError {
             CallError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             CallError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             CallError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            CallError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -152,6 +163,15 @@ impl CallError {
             CallError::QueueFull { .. } | CallError::NoWorker { .. }
         ) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if matches!(self, CallError::MethodNotAllowed { .. }) {
+            // RFC 9110 15.5.6: a 405 lists what is allowed. Every other
+            // method is forwarded; these are the ones registered in RFC 9110
+            // and 5789 (PATCH).
+            headers.insert(
+                header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH"),
+            );
         }
         resp
     }

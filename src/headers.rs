@@ -108,6 +108,18 @@ pub fn from_wire_ref(
     build(values, pairs.len(), streamed)
 }
 
+/// The length the pairs declare: their one `Content-Length`, if it is
+/// valid (none when there are several, as [`from_wire`] decides).
+pub fn declared_length<N: AsRef<str>, V: AsRef<str>>(pairs: &[(N, V)]) -> Option<u64> {
+    let mut lengths = pairs
+        .iter()
+        .filter(|(n, _)| n.as_ref().eq_ignore_ascii_case("content-length"));
+    match (lengths.next(), lengths.next()) {
+        (Some((_, v)), None) => v.as_ref().parse().ok(),
+        _ => None,
+    }
+}
+
 /// The map of names and values (`None`: not a valid value), as
 /// [`from_wire`] describes. Hop-by-hop headers and `Content-Length` are
 /// sorted out as the pairs go in, so the common case takes no second pass

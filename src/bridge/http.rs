@@ -40,10 +40,11 @@ use tokio_util::{
 use tracing::{debug, info, warn};
 
 use super::{
+    conformance,
     idempotency::{Begin, Stored},
     registry::{AcquireError, Lease},
     send_timeout::SendTimeout,
-    session::{CallGuard, Failure, Session, Started},
+    session::{CallGuard, EmptyReplyLength, Failure, Session, Started},
     sniff::{sniff, Replay},
     stall::StallWatch,
     Settings, Shared,
@@ -353,17 +354,27 @@ async fn handle(
     // not, and moves it in per request; these two would be most of its size.
     // Boxed in a statement of its own: a temporary of the statement that
     // awaits keeps its room in this future even once moved into the box.
+    // Before anything else, stored responses included.
+    let refused = match allowed {
+        false => Err(CallError::Forbidden { peer: ip }),
+        true => conformance::check(&head),
+    };
+    let is_head = head.method == http::Method::HEAD;
     let exchange: Pin<Box<dyn Future<Output = _> + Send + '_>> =
-        match token_header(&head.headers, &IDEMPOTENCY_KEY) {
-            // Before anything else, stored responses included.
-            _ if !allowed => Box::pin(std::future::ready(Err(CallError::Forbidden { peer: ip }))),
-            Some(key) => Box::pin(keyed(&ctx, head, body, trace, key)),
-            None => Box::pin(call(&ctx, head, body, trace)),
+        match (refused, token_header(&head.headers, &IDEMPOTENCY_KEY)) {
+            (Err(err), _) => Box::pin(std::future::ready(Err(err))),
+            (Ok(()), Some(key)) => Box::pin(keyed(&ctx, head, body, trace, key)),
+            (Ok(()), None) => Box::pin(call(&ctx, head, body, trace)),
         };
     let outcome = exchange.await;
     let mut error = None;
     let mut resp = match outcome {
-        Ok(resp) => resp,
+        Ok(mut resp) => {
+            if is_head {
+                head_length(&mut resp);
+            }
+            resp
+        }
         Err(err) => {
             info!(%request_id, %method, %path, code = err.code(), error = %err, "call failed");
             error = Some(err.code());
@@ -392,6 +403,18 @@ async fn handle(
     }
     resp.body_mut().log = Some(log);
     Ok(resp)
+}
+
+/// A reply to `HEAD` has no body but tells the length a `GET` would get
+/// (RFC 9110 9.3.2), and callers use it to learn a size. A whole reply's
+/// `Content-Length` is dropped on the way in (the body is framed by its own
+/// length); for an empty one the session keeps it aside, and it is put back
+/// here, where the method is known.
+fn head_length(resp: &mut Response<CallBody>) {
+    if let Some(EmptyReplyLength(n)) = resp.extensions_mut().remove() {
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
 }
 
 /// A streamed reply read whole (at most `limit` bytes, within `time`), for

@@ -763,8 +763,18 @@ fn check_head(
     let mut resp = Response::new(());
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
+    if head.end && body_len == 0 {
+        if let Some(n) = headers::declared_length(&head.headers) {
+            resp.extensions_mut().insert(EmptyReplyLength(n));
+        }
+    }
     Ok(resp)
 }
+
+/// The `Content-Length` an empty whole reply declared, which its headers
+/// no longer carry: the answer to a `HEAD` passes it on (http.rs).
+#[derive(Clone, Copy)]
+pub(crate) struct EmptyReplyLength(pub(crate) u64);
 
 /// The `Content-Length` of a reply head, if it has a valid one.
 fn content_length(headers: &http::HeaderMap) -> Option<u64> {
