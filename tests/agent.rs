@@ -476,3 +476,28 @@ async fn a_chunked_upstream_reply_with_a_content_length_arrives_whole() {
     worker.stop().await;
     bridge.stop().await;
 }
+
+/// An upstream header value that is not UTF-8 (Latin-1 `caf\xe9`) reaches
+/// the caller byte for byte through the agent, as through nginx; it used
+/// to arrive with U+FFFD in place of the byte.
+#[tokio::test]
+async fn an_upstream_header_that_is_not_utf8_reaches_the_caller_unchanged() {
+    let up = RawUpstream::start(false, |_| {
+        vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-obs: caf\xe9\r\n\r\nok".to_vec()]
+    })
+    .await;
+    let bridge = TestBridge::start(|_| {}).await;
+    let upstream = Upstream::new(&up.url).expect("upstream");
+    let worker = bridge
+        .worker(&["default"], 64, move |req| upstream.forward(req))
+        .await;
+    let r = raw_http::exchange(
+        bridge.http,
+        b"GET /obs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]), "{r:?}");
+    assert_eq!(r.header_bytes("x-obs"), Some(&b"caf\xe9"[..]));
+    worker.stop().await;
+    bridge.stop().await;
+}

@@ -181,3 +181,157 @@ async fn connect_over_http2_is_refused_with_a_json_405() {
     worker.stop().await;
     bridge.stop().await;
 }
+
+/// A worker (the Rust library) that sends back the raw bytes of the
+/// caller's `x-obs` both as its body and as its own `x-back` header.
+async fn mirroring_worker(bridge: &TestBridge) -> TestWorker {
+    bridge
+        .worker(&["default"], 16, |req: Request<Body>| async move {
+            let seen = req.headers().get("x-obs").cloned();
+            let body = seen
+                .as_ref()
+                .map(|v| v.as_bytes().to_vec())
+                .unwrap_or_default();
+            let mut resp = Response::new(Body::from(body));
+            if let Some(v) = seen {
+                resp.headers_mut().insert("x-back", v);
+            }
+            resp
+        })
+        .await
+}
+
+/// `caf\xe9` (Latin-1 "café") is legal in a header and not UTF-8: it used to
+/// arrive as `caf\xef\xbf\xbd` (U+FFFD) both ways.
+const LATIN1: &[u8] = b"caf\xe9 \xff\x80 ok";
+
+#[tokio::test]
+async fn header_bytes_that_are_not_utf8_travel_unchanged_over_http1() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let worker = mirroring_worker(&bridge).await;
+    let mut request = b"GET /obs HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Obs: ".to_vec();
+    request.extend_from_slice(LATIN1);
+    request.extend_from_slice(b"\r\n\r\n");
+    let r = raw_http::exchange(bridge.http, &request).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, LATIN1, "what the worker saw");
+    assert_eq!(
+        r.header_bytes("x-back"),
+        Some(LATIN1),
+        "what the caller got"
+    );
+    worker.stop().await;
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn header_bytes_that_are_not_utf8_travel_unchanged_over_http2() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let worker = mirroring_worker(&bridge).await;
+    let (mut sender, _conn) = h2_connection(bridge.http).await;
+    with_timeout(sender.ready()).await.expect("ready");
+    let req = Request::get(bridge.at("/obs"))
+        .header(
+            "x-obs",
+            http::HeaderValue::from_bytes(LATIN1).expect("obs-text"),
+        )
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = with_timeout(sender.send_request(req))
+        .await
+        .expect("h2 response");
+    let back = resp.headers().get("x-back").map(|v| v.as_bytes().to_vec());
+    let body = with_timeout(http_body_util::BodyExt::collect(resp.into_body()))
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(body, LATIN1, "what the worker saw");
+    assert_eq!(back.as_deref(), Some(LATIN1), "what the caller got");
+    worker.stop().await;
+    bridge.stop().await;
+}
+
+/// The wire form (PROTOCOL 5.1), as a worker in another language sees and
+/// writes it: the value as the string of its bytes read as Latin-1, and its
+/// index in `"latin1"`; UTF-8 values are untouched and unlisted.
+#[tokio::test]
+async fn a_value_that_is_not_utf8_is_a_latin1_string_listed_by_index() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
+    let addr = bridge.http;
+    let caller = tokio::spawn(async move {
+        let request =
+            b"GET /wire HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Utf8: caf\xc3\xa9\r\nX-Obs: caf\xe9\r\n\r\n".to_vec();
+        raw_http::exchange(addr, &request).await
+    });
+    let (req, _) = raw.next_request().await;
+    let at = |name: &str| {
+        req.headers
+            .iter()
+            .position(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no {name} in {:?}", req.headers))
+    };
+    assert_eq!(req.headers[at("x-obs")].1, "caf\u{e9}");
+    assert_eq!(req.headers[at("x-utf8")].1, "caf\u{e9}");
+    assert_eq!(
+        req.latin1,
+        vec![at("x-obs")],
+        "only the value that is not UTF-8"
+    );
+    // The reply: one Latin-1 value among UTF-8 ones.
+    let head = wsbridge::protocol::DataHead::Response(wsbridge::protocol::ResponseHead {
+        id: req.id,
+        status: 200,
+        headers: vec![
+            ("x-a".into(), "\u{e9}t\u{e9}".into()),
+            ("x-b".into(), "\u{e9}t\u{e9}".into()),
+        ],
+        latin1: vec![1],
+        end: true,
+    });
+    raw.send_binary(wsbridge::protocol::encode_data(&head, b"ok"))
+        .await;
+    let r = with_timeout(caller).await.expect("join");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header_bytes("x-a"), Some("\u{e9}t\u{e9}".as_bytes()));
+    assert_eq!(r.header_bytes("x-b"), Some(&b"\xe9t\xe9"[..]));
+    bridge.stop().await;
+}
+
+/// A Latin-1 value with a character that is no byte, or an index past the
+/// headers, is an invalid reply: 502 `bad_response`, never a guess.
+#[tokio::test]
+async fn a_latin1_list_that_does_not_fit_is_a_bad_response() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
+    for (value, latin1) in [("\u{20ac}", vec![0]), ("fine", vec![3])] {
+        let addr = bridge.http;
+        let caller = tokio::spawn(async move {
+            raw_http::exchange(
+                addr,
+                b"GET /bad HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+            .await
+        });
+        let (req, _) = raw.next_request().await;
+        let head = wsbridge::protocol::DataHead::Response(wsbridge::protocol::ResponseHead {
+            id: req.id,
+            status: 200,
+            headers: vec![("x-a".into(), value.into())],
+            latin1,
+            end: true,
+        });
+        raw.send_binary(wsbridge::protocol::encode_data(&head, b"no"))
+            .await;
+        let r = with_timeout(caller).await.expect("join");
+        r.assert_json_error(502, "bad_response");
+        // The worker is told why.
+        match raw.next().await {
+            Frame::Control(wsbridge::protocol::Control::Error { code, .. }) => {
+                assert_eq!(code, "bad_response");
+            }
+            other => panic!("expected an error frame, got {other:?}"),
+        }
+    }
+    bridge.stop().await;
+}

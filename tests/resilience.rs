@@ -1109,6 +1109,7 @@ fn request_frame(id: u64) -> Bytes {
             method: "GET".into(),
             path: "/".into(),
             headers: vec![],
+            latin1: vec![],
             end: true,
             gate: true,
         }),

@@ -129,6 +129,7 @@ async fn a_streamed_reply_that_breaks_its_content_length_never_looks_complete() 
             id: req.id,
             status: 200,
             headers: vec![("content-length".into(), declared.into())],
+            latin1: vec![],
             end: false,
         });
         raw.send_binary(protocol::encode_data(&head, b"hello"))

@@ -3,7 +3,6 @@
 //! same id, and answer.
 
 use std::{
-    borrow::Cow,
     convert::Infallible,
     future::Future,
     net::SocketAddr,
@@ -53,7 +52,7 @@ use crate::{
     body::{Body, BodyError},
     config::Config,
     error::CallError,
-    headers,
+    headers::{self, WireText},
     metrics::Active,
     protocol::{self, json, json::RequestFields, BodyHead, Compression, DataHead},
 };
@@ -655,7 +654,7 @@ async fn call(
     // workers get it as `host`, as from an HTTP/1.1 caller.
     if !parts.headers.contains_key(header::HOST) {
         if let Some(authority) = parts.uri.authority() {
-            wire_headers.insert(0, ("host", Cow::Borrowed(authority.as_str())));
+            wire_headers.insert(0, ("host", authority.as_str().into()));
         }
     }
     forwarded_headers(&mut wire_headers, &xff, request_id);
@@ -1067,7 +1066,7 @@ impl Upload {
 /// JSON escaping can grow a byte to six (`\u00XX`), so heads that might be
 /// near the limit are measured exactly, and the common small head is not
 /// written twice.
-fn head_fits(fields: &RequestFields<'_>, headers: &[(&str, Cow<'_, str>)]) -> bool {
+fn head_fits(fields: &RequestFields<'_>, headers: &[(&str, WireText<'_>)]) -> bool {
     if fields.size_hint(headers) * 6 <= protocol::MAX_HEADER_LEN {
         return true;
     }
@@ -1301,12 +1300,12 @@ fn forwarded_for(original: &http::HeaderMap, peer_ip: &str) -> String {
 /// and `X-Request-Id` (replacing any the caller sent), so the worker sees
 /// what a reverse proxy would show.
 fn forwarded_headers<'a>(
-    wire: &mut Vec<(&'a str, Cow<'a, str>)>,
+    wire: &mut Vec<(&'a str, WireText<'a>)>,
     xff: &'a str,
     request_id: &'a str,
 ) {
     wire.retain(|(n, _)| !matches!(*n, "x-forwarded-for" | "x-forwarded-proto" | "x-request-id"));
-    wire.push(("x-forwarded-for", Cow::Borrowed(xff)));
-    wire.push(("x-forwarded-proto", Cow::Borrowed("http")));
-    wire.push(("x-request-id", Cow::Borrowed(request_id)));
+    wire.push(("x-forwarded-for", xff.into()));
+    wire.push(("x-forwarded-proto", "http".into()));
+    wire.push(("x-request-id", request_id.into()));
 }

@@ -759,7 +759,7 @@ fn check_head(
     if body_len > max {
         return Err(format!("response body exceeds {max} bytes"));
     }
-    let headers = headers::from_wire_ref(&head.headers, !head.end, frame)?;
+    let headers = headers::from_wire_ref(&head.headers, &head.latin1, !head.end, frame)?;
     let mut resp = Response::new(());
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;

@@ -428,6 +428,7 @@ pub fn response_head(id: u64, status: u16, end: bool) -> DataHead {
         id,
         status,
         headers: vec![],
+        latin1: vec![],
         end,
     })
 }
@@ -648,6 +649,7 @@ impl RawWorker {
                 .iter()
                 .map(|(n, v)| (n.to_string(), v.to_string()))
                 .collect(),
+            latin1: vec![],
             end: true,
         });
         self.send_binary(protocol::encode_data(&head, body)).await;
@@ -964,6 +966,7 @@ impl FakeLink {
             method: "GET".into(),
             path: path.into(),
             headers: vec![],
+            latin1: vec![],
             end: true,
             gate: false,
         });
