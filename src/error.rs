@@ -79,6 +79,12 @@ pub enum CallError {
         /// The limit in bytes.
         limit: usize,
     },
+    /// The request has more header lines than the bridge takes.
+    #[error("more than {limit} request headers")]
+    TooManyHeaders {
+        /// The most header lines a request may have.
+        limit: usize,
+    },
     /// The caller's request could not be read.
     #[error("bad request: {reason}")]
     BadRequest {
@@ -113,7 +119,9 @@ impl CallError {
             CallError::WorkerLost { .. } => "worker_lost",
             CallError::BadResponse { .. } => "bad_response",
             CallError::BodyTooLarge { .. } => "body_too_large",
-            CallError::HeadersTooLarge { .. } => "headers_too_large",
+            CallError::HeadersTooLarge { .. } | CallError::TooManyHeaders { .. } => {
+                "headers_too_large"
+            }
             CallError::BadRequest { .. } => "bad_request",
             CallError::Forbidden { .. } => "forbidden",
             CallError::MethodNotAllowed { .. } => "method_not_allowed",
@@ -130,7 +138,9 @@ impl CallError {
             CallError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             CallError::WorkerLost { .. } | CallError::BadResponse { .. } => StatusCode::BAD_GATEWAY,
             CallError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            CallError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            CallError::HeadersTooLarge { .. } | CallError::TooManyHeaders { .. } => {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            }
             CallError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             CallError::Forbidden { .. } => StatusCode::FORBIDDEN,
             CallError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,

@@ -335,3 +335,35 @@ async fn a_latin1_list_that_does_not_fit_is_a_bad_response() {
     }
     bridge.stop().await;
 }
+
+/// More header lines than the bridge takes: a JSON 431 naming the request
+/// id, like every other refusal. Over 100 lines hyper used to answer a bare
+/// 431 itself; it now parses up to 1024 and the bridge refuses past 100.
+#[tokio::test]
+async fn too_many_headers_get_a_json_431_naming_the_request_id() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let (worker, calls) = counting_worker(&bridge).await;
+    for count in [101, 120, 1000] {
+        let mut request =
+            b"GET /many HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Request-Id: many-1\r\n"
+                .to_vec();
+        for i in 0..count {
+            request.extend_from_slice(format!("x-h{i}: v\r\n").as_bytes());
+        }
+        request.extend_from_slice(b"\r\n");
+        let r = raw_http::exchange(bridge.http, &request).await;
+        r.assert_json_error(431, "headers_too_large");
+        assert_eq!(r.header("x-request-id"), "many-1");
+    }
+    // 100 lines in all (the three above and 97 more) still go through.
+    let mut request = b"GET /fine HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".to_vec();
+    for i in 0..97 {
+        request.extend_from_slice(format!("x-h{i}: v\r\n").as_bytes());
+    }
+    request.extend_from_slice(b"X-Request-Id: fine-1\r\n\r\n");
+    let r = raw_http::exchange(bridge.http, &request).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    worker.stop().await;
+    bridge.stop().await;
+}
