@@ -367,3 +367,56 @@ async fn too_many_headers_get_a_json_431_naming_the_request_id() {
     worker.stop().await;
     bridge.stop().await;
 }
+
+/// A worker may answer `HEAD` with a streamed head (`end: false`) carrying
+/// the length, then end it with no bytes: the caller gets the length, and
+/// the connection stays usable (a length the body does not match is only
+/// an error when there is a body to send).
+#[tokio::test]
+async fn a_streamed_head_reply_keeps_its_length_and_its_connection() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
+    let addr = bridge.http;
+    let caller = tokio::spawn(async move {
+        // Two requests on one connection: the second is answered only if
+        // the first left it usable.
+        raw_http::exchange_bytes(
+            addr,
+            b"HEAD /file HTTP/1.1\r\nHost: x\r\n\r\nGET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+    });
+    let (req, _) = raw.next_request().await;
+    assert_eq!(req.method, "HEAD");
+    let head = wsbridge::protocol::DataHead::Response(wsbridge::protocol::ResponseHead {
+        id: req.id,
+        status: 200,
+        headers: vec![("content-length".into(), "452".into())],
+        latin1: vec![],
+        end: false,
+    });
+    raw.send_binary(wsbridge::protocol::encode_data(&head, b""))
+        .await;
+    let end = wsbridge::protocol::DataHead::Body(wsbridge::protocol::BodyHead {
+        id: req.id,
+        end: true,
+    });
+    raw.send_binary(wsbridge::protocol::encode_data(&end, b""))
+        .await;
+    // hyper drops a HEAD reply's body unread, which may reach the worker
+    // as a `cancel` of the call it has just ended: harmless, skipped here.
+    let after = loop {
+        match raw.next().await {
+            Frame::Data(wsbridge::protocol::DataHead::Request(h), _) => break h,
+            Frame::Control(wsbridge::protocol::Control::Cancel { id, .. }) if id == req.id => {}
+            other => panic!("expected the second request, got {other:?}"),
+        }
+    };
+    raw.reply(after.id, 200, &[], b"after").await;
+    let wire = with_timeout(caller).await.expect("join");
+    let text = String::from_utf8_lossy(&wire);
+    let first = raw_http::parse_response(&wire, true);
+    assert_eq!(first.header("content-length"), "452", "{text}");
+    assert!(text.ends_with("\r\n\r\nafter"), "{text}");
+    bridge.stop().await;
+}
