@@ -350,16 +350,16 @@ async fn handle(
         request_id,
         started,
     };
-    // Boxed: hyper keeps room for this future in every connection, idle or
-    // not, and moves it in per request; these two would be most of its size.
-    // Boxed in a statement of its own: a temporary of the statement that
-    // awaits keeps its room in this future even once moved into the box.
-    // Before anything else, stored responses included.
+    // Refusals come before anything else, stored responses included.
     let refused = match allowed {
         false => Err(CallError::Forbidden { peer: ip }),
         true => conformance::check(&head),
     };
     let is_head = head.method == http::Method::HEAD;
+    // Boxed: hyper keeps room for this future in every connection, idle or
+    // not, and moves it in per request; these two would be most of its size.
+    // Boxed in a statement of its own: a temporary of the statement that
+    // awaits keeps its room in this future even once moved into the box.
     let exchange: Pin<Box<dyn Future<Output = _> + Send + '_>> =
         match (refused, token_header(&head.headers, &IDEMPOTENCY_KEY)) {
             (Err(err), _) => Box::pin(std::future::ready(Err(err))),
