@@ -89,7 +89,8 @@ const handlers = {
     }
   },
   async "/echo"(call) {
-    return [200, [["content-type", call.header("content-type") || "application/octet-stream"]], call.body];
+    // As bytes: a content type that is not UTF-8 goes back byte for byte (PROTOCOL.md 5.1).
+    return [200, [["content-type", call.headerBytes("content-type") || "application/octet-stream"]], call.body];
   },
   async "/slow"(call) {
     const ms = Number(parseJson(call.body).ms ?? 5000);

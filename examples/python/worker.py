@@ -89,7 +89,8 @@ async def add(call):
 
 
 async def echo(call):
-    ctype = call.header("content-type") or "application/octet-stream"
+    # As bytes: a content type that is not UTF-8 goes back byte for byte (PROTOCOL 5.1).
+    ctype = call.header_bytes("content-type") or b"application/octet-stream"
     return 200, [["content-type", ctype]], call.body
 
 
