@@ -466,7 +466,12 @@ async fn a_chunked_upstream_reply_with_a_content_length_arrives_whole() {
     )
     .await;
     assert_eq!(r.status, 200, "{r:?}");
-    assert_eq!(r.body, noise(452), "{:?}", r.headers);
+    assert_eq!(
+        r.body,
+        noise(452),
+        "content-length {:?}",
+        r.header("content-length")
+    );
     let length = r.header("content-length");
     assert!(
         length.is_empty() || length == "452",
@@ -498,6 +503,31 @@ async fn an_upstream_header_that_is_not_utf8_reaches_the_caller_unchanged() {
     .await;
     assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]), "{r:?}");
     assert_eq!(r.header_bytes("x-obs"), Some(&b"caf\xe9"[..]));
+    worker.stop().await;
+    bridge.stop().await;
+}
+
+/// `HEAD` through the agent: the upstream's `Content-Length` (the size a
+/// `GET` would get) reaches the caller, with no body, as through nginx.
+#[tokio::test]
+async fn a_head_through_the_agent_keeps_the_upstreams_content_length() {
+    let up = RawUpstream::start(false, |_| {
+        vec![b"HTTP/1.1 200 OK\r\ncontent-length: 452\r\ncontent-type: text/plain\r\n\r\n".to_vec()]
+    })
+    .await;
+    let bridge = TestBridge::start(|_| {}).await;
+    let upstream = Upstream::new(&up.url).expect("upstream");
+    let worker = bridge
+        .worker(&["default"], 64, move |req| upstream.forward(req))
+        .await;
+    let r = raw_http::exchange_head(
+        bridge.http,
+        b"HEAD /file HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("content-length"), "452", "{r:?}");
+    assert!(r.body.is_empty(), "{r:?}");
     worker.stop().await;
     bridge.stop().await;
 }

@@ -12,7 +12,6 @@ use tokio::{
 use super::with_timeout;
 
 /// A response as it came off the wire.
-#[derive(Debug)]
 pub struct RawResponse {
     /// The status code.
     pub status: u16,
@@ -23,6 +22,27 @@ pub struct RawResponse {
     pub body: Vec<u8>,
     /// `Some(false)` for a chunked body cut off before its last chunk.
     pub chunked_complete: Option<bool>,
+}
+
+impl std::fmt::Debug for RawResponse {
+    /// Headers and body as text (bytes that are not UTF-8 escaped), so a
+    /// failing assertion is readable.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = |b: &[u8]| b.escape_ascii().to_string();
+        f.debug_struct("RawResponse")
+            .field("status", &self.status)
+            .field(
+                "headers",
+                &self
+                    .headers
+                    .iter()
+                    .map(|(n, v)| format!("{n}: {}", text(v)))
+                    .collect::<Vec<_>>(),
+            )
+            .field("body", &text(&self.body))
+            .field("chunked_complete", &self.chunked_complete)
+            .finish()
+    }
 }
 
 impl RawResponse {
