@@ -262,8 +262,11 @@ mod defaults {
     pub(super) fn flow_window() -> ByteSize {
         ByteSize(crate::protocol::WINDOW as u64)
     }
+    /// A live worker is back about 4 round trips after a reset (0.4 s at
+    /// 100 ms RTT, docs/PERFORMANCE.md): 2 s leaves room for a few attempts
+    /// and bounds how long a killed worker's accepted POST waits for its 502.
     pub(super) fn resume_window() -> Duration {
-        Duration::from_secs(5)
+        Duration::from_secs(2)
     }
     pub(super) fn send_buffer() -> ByteSize {
         ByteSize(256 * 1024)

@@ -100,6 +100,22 @@ pub enum CallError {
         /// The method.
         method: String,
     },
+    /// The `Idempotency-Key` was first used by a request with another
+    /// method, path or body.
+    #[error("Idempotency-Key {key:?} was used for a request with another {differs}")]
+    IdempotencyKeyMismatch {
+        /// The key.
+        key: String,
+        /// What differs: "method or path", "body".
+        differs: &'static str,
+    },
+    /// The `Idempotency-Key`'s first call ran, but its response could not be
+    /// stored (streamed, or too large): it is not run again.
+    #[error("the call with Idempotency-Key {key:?} already ran and its response cannot be replayed (it was streamed, too large to store, or sent before the request body ended)")]
+    IdempotencyKeyNotReplayable {
+        /// The key.
+        key: String,
+    },
     /// The caller's address is not in `http.allow_from`.
     #[error("callers from {peer} are not allowed (http.allow_from)")]
     Forbidden {
@@ -125,6 +141,8 @@ impl CallError {
             CallError::BadRequest { .. } => "bad_request",
             CallError::Forbidden { .. } => "forbidden",
             CallError::MethodNotAllowed { .. } => "method_not_allowed",
+            CallError::IdempotencyKeyMismatch { .. } => "idempotency_key_mismatch",
+            CallError::IdempotencyKeyNotReplayable { .. } => "idempotency_key_not_replayable",
         }
     }
 
@@ -144,6 +162,8 @@ impl CallError {
             CallError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             CallError::Forbidden { .. } => StatusCode::FORBIDDEN,
             CallError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            CallError::IdempotencyKeyMismatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            CallError::IdempotencyKeyNotReplayable { .. } => StatusCode::CONFLICT,
         }
     }
 

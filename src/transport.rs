@@ -4,9 +4,14 @@
 //! whole batch (a slow but live reader is fine; a reader that stopped is not).
 
 use std::{
+    collections::VecDeque,
     fmt,
     future::{poll_fn, Future},
     pin::pin,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
     task::Poll,
     time::Duration,
 };
@@ -14,6 +19,7 @@ use std::{
 use futures_util::{Sink, SinkExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_util::sync::CancellationToken;
 
 /// WebSocket read buffer per connection, both sides. tungstenite allocates it
 /// up front and zero-fills it before *every* read, including reads that find
@@ -117,29 +123,146 @@ impl From<Message> for Outgoing {
 pub(crate) struct Outbox {
     urgent: mpsc::Sender<Outgoing>,
     bulk: mpsc::Sender<Outgoing>,
+    /// Control frames from code that cannot wait, while `urgent` is full.
+    overflow: Arc<Overflow>,
 }
 
 /// The writer's end of an [`Outbox`].
 pub(crate) struct Inbox {
     urgent: mpsc::Receiver<Outgoing>,
     bulk: mpsc::Receiver<Outgoing>,
+    /// Cancelled once the overflow has passed its bound.
+    choked: CancellationToken,
 }
 
 /// The queues are gone: the connection has ended.
 #[derive(Debug)]
 pub(crate) struct Closed;
 
-/// A new pair of queues.
+/// A new pair of queues whose overflow never gives up (the worker's side:
+/// its peer is the bridge it chose to trust).
 pub(crate) fn outbox() -> (Outbox, Inbox) {
+    bounded_outbox(usize::MAX)
+}
+
+/// A new pair of queues for a peer that may be hostile: once more than
+/// `overflow` control frames wait behind a full urgent queue, the peer has
+/// stopped reading and the connection is choked (see [`Overflow`]).
+pub(crate) fn bounded_outbox(overflow: usize) -> (Outbox, Inbox) {
     let (urgent, urgent_rx) = mpsc::channel(URGENT);
     let (bulk, bulk_rx) = mpsc::channel(BULK);
+    let overflow = Arc::new(Overflow {
+        limit: overflow,
+        queued: AtomicBool::new(false),
+        frames: Mutex::default(),
+        choked: CancellationToken::new(),
+    });
+    let choked = overflow.choked.clone();
     (
-        Outbox { urgent, bulk },
+        Outbox {
+            urgent,
+            bulk,
+            overflow,
+        },
         Inbox {
             urgent: urgent_rx,
             bulk: bulk_rx,
+            choked,
         },
     )
+}
+
+/// Control frames queued by code that cannot wait (a `Drop`, the reader)
+/// while the urgent queue is full, in order, and one task at most that
+/// moves them into it as room appears.
+///
+/// It replaces a task per frame: a worker that stopped reading while it
+/// kept the bridge answering (a flood of `credit`-earning chunks, say)
+/// made the bridge spawn without bound until the write-stall bound fired,
+/// hundreds of MB later. Past `limit` frames the connection is *choked*:
+/// the queue is dropped and the writer ends the connection as a stalled
+/// one. Dropping the frames instead would be wrong: a lost `cancel`,
+/// `start` or `credit` leaves a call hanging on a connection that stays up.
+#[derive(Debug)]
+struct Overflow {
+    /// Most frames queued here before the connection is choked.
+    limit: usize,
+    /// Frames are queued here (or being moved): new control frames go
+    /// behind them, so that the frames of one call keep their order. Read
+    /// without the lock on the hot path, where it is nearly always false.
+    queued: AtomicBool,
+    frames: Mutex<OverflowFrames>,
+    /// Cancelled once `limit` is passed.
+    choked: CancellationToken,
+}
+
+#[derive(Debug, Default)]
+struct OverflowFrames {
+    queue: VecDeque<Outgoing>,
+    /// A task is moving the queue into the urgent channel.
+    draining: bool,
+}
+
+impl Overflow {
+    fn lock(&self) -> MutexGuard<'_, OverflowFrames> {
+        self.frames.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `msg` behind the frames already waiting; starts the task that
+    /// moves them if none runs.
+    fn push(self: &Arc<Self>, msg: Outgoing, urgent: &mpsc::Sender<Outgoing>) {
+        let mut frames = self.lock();
+        if self.choked.is_cancelled() {
+            return; // the connection is ending; the frame goes with it
+        }
+        if frames.queue.len() >= self.limit {
+            frames.queue = VecDeque::new();
+            drop(frames);
+            self.choked.cancel();
+            return;
+        }
+        frames.queue.push_back(msg);
+        self.queued.store(true, Ordering::Release);
+        if frames.draining {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            frames.queue.clear();
+            return;
+        };
+        frames.draining = true;
+        let (overflow, urgent) = (self.clone(), urgent.clone());
+        rt.spawn(async move { overflow.drain(urgent).await });
+    }
+
+    /// Moves the queued frames into the urgent channel, in order, as room
+    /// appears; ends when the queue is empty, the connection is choked or
+    /// the channel is closed.
+    async fn drain(&self, urgent: mpsc::Sender<Outgoing>) {
+        loop {
+            let next = {
+                let mut frames = self.lock();
+                match frames.queue.pop_front() {
+                    Some(next) => next,
+                    None => {
+                        frames.draining = false;
+                        self.queued.store(false, Ordering::Release);
+                        return;
+                    }
+                }
+            };
+            let sent = tokio::select! {
+                _ = self.choked.cancelled() => false,
+                sent = urgent.send(next) => sent.is_ok(),
+            };
+            if !sent {
+                let mut frames = self.lock();
+                frames.queue = VecDeque::new();
+                frames.draining = false;
+                return;
+            }
+        }
+    }
 }
 
 impl Outbox {
@@ -185,25 +308,28 @@ impl Outbox {
     }
 
     /// Queues a control frame from code that cannot wait (a `Drop`, the
-    /// reader). If the queue is full, a task waits for room; the writer's
-    /// stall bound ends that wait if the peer has stopped reading.
+    /// reader). If the queue is full, the frame waits in the bounded
+    /// overflow (see [`Overflow`]).
     pub(crate) fn control(&self, msg: Message) {
-        self.queue_urgent(msg.into());
-    }
-
-    fn queue_urgent(&self, msg: Outgoing) {
-        if let Err(mpsc::error::TrySendError::Full(msg)) = self.urgent.try_send(msg) {
-            let urgent = self.urgent.clone();
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move {
-                    let _ = urgent.send(msg).await;
-                });
+        let mut msg = Outgoing::from(msg);
+        if !self.overflow.queued.load(Ordering::Acquire) {
+            match self.urgent.try_send(msg) {
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
+                Err(mpsc::error::TrySendError::Full(m)) => msg = m,
             }
         }
+        self.overflow.push(msg, &self.urgent);
     }
 }
 
 impl Inbox {
+    /// Cancelled once the peer has let more control frames pile up than
+    /// the overflow allows ([`bounded_outbox`]): it stopped reading. The
+    /// writer ends the connection then.
+    pub(crate) fn choked(&self) -> CancellationToken {
+        self.choked.clone()
+    }
+
     /// The next frame, urgent ones first; `None` once both queues are closed.
     pub(crate) async fn recv(&mut self) -> Option<Outgoing> {
         tokio::select! {

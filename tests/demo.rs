@@ -88,6 +88,61 @@ async fn every_call_gets_one_json_access_line() {
     let _ = child.kill().await;
 }
 
+#[tokio::test]
+async fn the_text_access_line_quotes_what_the_caller_chose() {
+    let (mut child, url) = demo(&[], "warn,wsbridge::access=info").await;
+    // Visible ASCII, so adopted as the request id; but a quote and an `=`.
+    let forged = r#"a"b=c"#;
+    let req = http::Request::post(&url)
+        .header("x-request-id", forged)
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"hi")))
+        .expect("request");
+    let r = send(&http_client(), req).await;
+    assert_eq!(r.header("x-request-id"), forged);
+    let mut logs = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let line = loop {
+        let line = with_timeout(logs.next_line())
+            .await
+            .expect("read")
+            .expect("no access line before the demo exited");
+        if line.contains("wsbridge::access") {
+            break line;
+        }
+    };
+    // The text format may colour field names: compare without escapes.
+    let plain = strip_ansi(&line);
+    assert!(plain.contains(r#" request_id="a\"b=c" "#), "{plain}");
+    assert!(!plain.contains(" b=c"), "{plain}");
+    let duration = plain
+        .split(" duration_ms=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("a duration");
+    assert!(
+        duration.parse::<f64>().is_ok() && duration.split('.').nth(1).is_none_or(|d| d.len() <= 3),
+        "duration_ms={duration} in {plain}"
+    );
+    let _ = child.kill().await;
+}
+
+/// `text` without ANSI colour sequences (`ESC [ ... m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::new();
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// CPU ticks (user + system) of each thread of process `pid`, by thread
 /// id (Linux: `/proc/PID/task/TID/stat`).
 fn thread_ticks(pid: u32) -> Vec<(u32, u64)> {

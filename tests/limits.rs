@@ -212,3 +212,109 @@ async fn beyond_max_connections_callers_wait_for_a_free_slot() {
     );
     bridge.stop().await;
 }
+
+/// Writes a chunked `POST /x` whose body is `total` bytes (in 16 KiB
+/// chunks) on a new connection, and returns the whole response as it came
+/// until the bridge closed the connection.
+async fn chunked_post(bridge: &TestBridge, total: usize) -> Vec<u8> {
+    let mut tcp = with_timeout(tokio::net::TcpStream::connect(bridge.http))
+        .await
+        .expect("connect");
+    let mut req =
+        b"POST /x HTTP/1.1\r\nhost: t\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n"
+            .to_vec();
+    let chunk = vec![b'u'; 16 << 10];
+    for _ in 0..total / chunk.len() {
+        req.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        req.extend_from_slice(&chunk);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    let (mut rd, mut wr) = tcp.split();
+    // The bridge may answer (and stop reading) before the body is all in.
+    let write = async {
+        let _ = wr.write_all(&req).await;
+    };
+    let read = async {
+        let mut resp = Vec::new();
+        // A reset after the response is the bridge refusing the rest.
+        let _ = rd.read_to_end(&mut resp).await;
+        resp
+    };
+    let ((), resp) = with_timeout(async { tokio::join!(write, read) }).await;
+    resp
+}
+
+/// Runs a worker that answers every call with a streamed 200 head as soon
+/// as it sees the request head, and reports each `cancel` it gets as
+/// (call id, reason).
+fn answer_at_the_head(
+    mut worker: RawWorker,
+) -> tokio::sync::mpsc::UnboundedReceiver<(u64, String)> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match worker.next().await {
+                Frame::Data(wsbridge::protocol::DataHead::Request(h), _) => {
+                    worker
+                        .send_binary(wsbridge::protocol::encode_data(
+                            &response_head(h.id, 200, false),
+                            b"early",
+                        ))
+                        .await
+                }
+                Frame::Control(wsbridge::protocol::Control::Cancel { id, reason }) => {
+                    let _ = tx.send((id, reason));
+                }
+                Frame::Data(..) | Frame::Control(_) => {}
+                Frame::Closed => return,
+            }
+        }
+    });
+    rx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_over_max_body_is_never_lost_to_a_racing_reply() {
+    // Over one chunk, so that the body streams after the request head.
+    const LIMIT: usize = 320 << 10;
+    let bridge = TestBridge::start(|c| {
+        c.http.max_body = wsbridge::config::ByteSize(LIMIT as u64);
+        c.http.request_timeout = std::time::Duration::from_secs(3);
+    })
+    .await;
+    let worker = RawWorker::connect(&bridge, &["default"], 1).await;
+    let mut cancels = answer_at_the_head(worker);
+    // The whole body is written at once: the upload fails within the
+    // bridge about when the worker's reply comes back, and which the bridge
+    // sees first varies, so try many times. Calls are numbered from 1 on the
+    // worker's connection, one at a time.
+    let mut outcomes = std::collections::BTreeMap::<&str, usize>::new();
+    for id in 1..=200u64 {
+        let resp = chunked_post(&bridge, 2 * LIMIT).await;
+        let outcome = if resp.starts_with(b"HTTP/1.1 413 ") {
+            "413"
+        } else if resp.starts_with(b"HTTP/1.1 200 ") && !resp.ends_with(b"0\r\n\r\n") {
+            // The reply head had gone out before the upload failed.
+            "200 cut off"
+        } else if resp.is_empty() {
+            // The bridge closed with the caller's bytes unread; the reset
+            // can overtake the response (no 200 either way).
+            "reset"
+        } else {
+            "other"
+        };
+        *outcomes.entry(outcome).or_default() += 1;
+        // Whichever came first, the worker is told why (a failure lost to
+        // the reply would leave the call to its timeout).
+        let (cancelled, reason) = with_timeout(cancels.recv()).await.expect("a cancel");
+        assert_eq!(
+            (cancelled, reason.as_str()),
+            (id, "body_too_large"),
+            "{outcomes:?}"
+        );
+    }
+    assert_eq!(outcomes.get("other"), None, "{outcomes:?}");
+    assert!(outcomes.contains_key("413"), "{outcomes:?}");
+    bridge.stop().await;
+}

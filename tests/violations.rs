@@ -153,3 +153,38 @@ async fn a_streamed_reply_that_breaks_its_content_length_never_looks_complete() 
     }
     bridge.stop().await;
 }
+
+#[tokio::test]
+async fn frame_errors_name_the_frame_type_and_the_problem() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
+    let mut error_for = async |text: &str| {
+        raw.send_text(text).await;
+        match raw.next().await {
+            Frame::Control(Control::Error { code, message, .. }) => (code, message),
+            other => panic!("expected an error frame for {text}, got {other:?}"),
+        }
+    };
+    // A second hello: named, not dumped as a Rust value.
+    let hello = r#"{"type":"hello","worker_id":"again","services":["default"],"max_inflight":1}"#;
+    let (code, message) = error_for(hello).await;
+    assert_eq!(code, "unexpected_frame");
+    assert!(
+        message.contains("hello") && !message.contains('{'),
+        "{message}"
+    );
+    let (code, message) = error_for(r#"{"type":"start","id":1}"#).await;
+    assert_eq!(code, "unexpected_frame");
+    assert!(message.starts_with("start frames"), "{message}");
+    // Not JSON at all, and JSON that is not a control frame.
+    let (code, message) = error_for("{not json").await;
+    assert_eq!(code, "malformed_frame");
+    assert!(
+        message.contains("invalid JSON in a text frame"),
+        "{message}"
+    );
+    let (code, message) = error_for(r#"{"type":"credit","id":"one"}"#).await;
+    assert_eq!(code, "malformed_frame");
+    assert!(message.contains("invalid control frame"), "{message}");
+    bridge.stop().await;
+}

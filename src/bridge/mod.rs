@@ -11,6 +11,7 @@
 
 pub mod admin;
 mod conformance;
+mod credentials;
 mod http;
 mod idempotency;
 mod registry;
@@ -334,7 +335,7 @@ async fn accept_workers(listener: TcpListener, shared: Arc<Shared>, shutdown: Ca
         tasks.spawn(
             async move {
                 match settings.tls.clone() {
-                    None => session::serve(tcp, peer, shared, settings, shutdown).await,
+                    None => session::serve(tcp, peer, None, shared, settings, shutdown).await,
                     Some(acceptor) => {
                         let timeout = settings.config.workers.handshake_timeout;
                         // Boxed: the TLS handshake's state is not kept for the
@@ -346,7 +347,15 @@ async fn accept_workers(listener: TcpListener, shared: Arc<Shared>, shutdown: Ca
                         };
                         match accepted {
                             Ok(Ok(stream)) => {
-                                session::serve(stream, peer, shared, settings, shutdown).await
+                                // With mutual TLS, the session is bound to
+                                // the certificate too (PROTOCOL.md 8.5).
+                                let cert = stream
+                                    .get_ref()
+                                    .1
+                                    .peer_certificates()
+                                    .and_then(|chain| chain.first())
+                                    .map(|der| credentials::sha256(der));
+                                session::serve(stream, peer, cert, shared, settings, shutdown).await
                             }
                             Ok(Err(e)) => info!(%peer, error = %e, "worker TLS handshake failed"),
                             Err(_) => info!(%peer, "worker TLS handshake timed out"),

@@ -379,7 +379,10 @@ impl State {
             let Some(slot) = self.workers.get(&key) else {
                 continue;
             };
-            if slot.draining || slot.inflight >= slot.max_inflight {
+            // A closed session is normally unregistered first, but a lease
+            // on one would only fail `start_call` and be asked for again:
+            // it is never handed out, whatever the order of events.
+            if slot.draining || slot.inflight >= slot.max_inflight || slot.session.is_closed() {
                 continue;
             }
             if best.is_none_or(|(_, load)| slot.inflight < load) {
@@ -476,6 +479,40 @@ mod tests {
         drop((a, b, c, d));
         assert_eq!(reg.inflight(keys[0]), Some(0));
         assert_eq!(reg.inflight(keys[1]), Some(0));
+    }
+
+    #[tokio::test]
+    async fn a_closed_session_is_never_handed_out() {
+        let reg = Arc::new(Registry::default());
+        let session = Session::detached("closing");
+        reg.register(session.clone(), &["svc".to_owned()], 1);
+        let held = reg.acquire("svc", Duration::ZERO, 8).await.expect("lease");
+        // A call waits for the worker's one slot; the session closes while
+        // still registered (close before unregister), then the slot frees.
+        let r = reg.clone();
+        let waiting = tokio::spawn(async move {
+            r.acquire("svc", Duration::from_millis(200), 8)
+                .await
+                .map(|l| l.session().is_closed())
+        });
+        while reg.queued("svc") == 0 {
+            tokio::task::yield_now().await;
+        }
+        session.close("gone");
+        drop(held);
+        assert_eq!(
+            waiting.await.expect("join").err(),
+            Some(AcquireError::NoWorker { connected: 1 })
+        );
+        // Nor to a call arriving afterwards.
+        assert_eq!(
+            reg.acquire("svc", Duration::ZERO, 8).await.err(),
+            Some(AcquireError::NoWorker { connected: 1 })
+        );
+        // A live worker of the service still gets calls.
+        reg.register(Session::detached("live"), &["svc".to_owned()], 1);
+        let lease = reg.acquire("svc", Duration::ZERO, 8).await.expect("lease");
+        assert!(!lease.session().is_closed());
     }
 
     #[tokio::test]

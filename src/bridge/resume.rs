@@ -22,6 +22,10 @@ const SUPERSEDE_WAIT: Duration = Duration::from_secs(2);
 /// ends it.
 type Held = (Arc<Session>, u64, AbortOnDropHandle<()>);
 
+/// A session taken for a resume and its registry key; or why not: `None`,
+/// no such session; `Some(tag)`, it belongs to another worker.
+pub(crate) type Taken = Result<(Arc<Session>, u64), Option<String>>;
+
 /// Detached sessions by session id.
 #[derive(Default)]
 pub(crate) struct Detached {
@@ -46,7 +50,7 @@ impl Detached {
         window: Duration,
         cause: &str,
     ) {
-        session.hold_for_resume();
+        session.hold_for_resume(cause);
         let id = session.session_id.clone();
         let expire = {
             let (detached, id, cause) = (self.clone(), id.clone(), cause.to_owned());
@@ -57,48 +61,64 @@ impl Detached {
                 // is none after this.
                 let taken = detached.lock().remove(&id);
                 if let Some((session, key, _timer)) = taken {
-                    info!(worker = %session.worker_id, session = %id, ?window, "worker did not resume in time");
+                    info!(worker = %session.worker_id, session = %session.tag, ?window, "worker did not resume in time");
                     registry.unregister(key);
                     session.close(&format!("{cause}; not resumed within {window:?}"));
                 }
             })
         };
-        info!(worker = %session.worker_id, session = %id, %cause, ?window, "worker connection lost; keeping its calls for a resume");
+        info!(worker = %session.worker_id, session = %session.tag, %cause, ?window, "worker connection lost; keeping its calls for a resume");
         self.lock()
             .insert(id, (session, key, AbortOnDropHandle::new(expire)));
         self.held.notify_waiters();
     }
 
     /// The session `id` and its registry key, if it is waiting for its
-    /// worker; its timer stops.
-    pub(crate) fn take(&self, id: &str) -> Option<(Arc<Session>, u64)> {
-        self.lock()
+    /// worker and `owned` says the asker may have it; its timer stops.
+    fn take(&self, id: &str, owned: impl Fn(&Session) -> bool) -> Taken {
+        let mut sessions = self.lock();
+        match sessions.get(id) {
+            None => return Err(None),
+            Some((session, ..)) if !owned(session) => return Err(Some(session.tag.clone())),
+            Some(_) => {}
+        }
+        sessions
             .remove(id)
             .map(|(session, key, _timer)| (session, key))
+            .ok_or(None)
     }
 
-    /// The session `id` for a worker that resumes it. If its old connection
-    /// still looks alive here (the worker noticed the dead link first), that
-    /// connection is ended as dropped and the session taken once detached.
+    /// The session `id` for a worker that resumes it, if `owned` says the
+    /// worker is the one that opened it (PROTOCOL.md 8.5). If its old
+    /// connection still looks alive here (the worker noticed the dead link
+    /// first), that connection is ended as dropped and the session taken
+    /// once detached. A session that belongs to someone else is left alone,
+    /// live or detached: the error then carries its tag, for the log.
     pub(crate) async fn take_for_resume(
         &self,
         id: &str,
         registry: &Registry,
-    ) -> Option<(Arc<Session>, u64)> {
-        if let Some(taken) = self.take(id) {
-            return Some(taken);
+        owned: impl Fn(&Session) -> bool,
+    ) -> Taken {
+        match self.take(id, &owned) {
+            Err(None) => {}
+            done => return done,
         }
         let live = registry
             .sessions()
             .into_iter()
-            .find(|s| s.session_id == id)?;
+            .find(|s| s.session_id == id)
+            .ok_or(None)?;
+        if !owned(&live) {
+            return Err(Some(live.tag.clone()));
+        }
         let detached = self.held.notified();
         tokio::pin!(detached);
         detached.as_mut().enable();
         live.supersede();
         let wait = async {
             loop {
-                if let Some(taken) = self.take(id) {
+                if let Ok(taken) = self.take(id, &owned) {
                     return taken;
                 }
                 detached.as_mut().await;
@@ -106,7 +126,9 @@ impl Detached {
                 detached.as_mut().enable();
             }
         };
-        tokio::time::timeout(SUPERSEDE_WAIT, wait).await.ok()
+        tokio::time::timeout(SUPERSEDE_WAIT, wait)
+            .await
+            .map_err(|_| None)
     }
 
     /// Closes every waiting session (the bridge is shutting down).

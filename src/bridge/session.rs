@@ -11,7 +11,7 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex, MutexGuard, OnceLock,
     },
     time::{Duration, SystemTime},
 };
@@ -35,7 +35,7 @@ use tokio_tungstenite::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Settings, Shared};
+use super::{credentials::Credentials, Settings, Shared};
 use crate::{
     body::{Body, BodyError, BodySender},
     headers,
@@ -65,13 +65,31 @@ pub(crate) enum Failure {
 /// Protocol violations after which a worker's connection is closed (1008).
 const MAX_VIOLATIONS: u32 = 32;
 
+/// Control frames that may wait behind a full urgent queue before the
+/// worker counts as not reading and its connection is dropped
+/// (`transport::bounded_outbox`). A live worker's backlog is bounded by its
+/// calls: a `start` and a `cancel` each, a `start` again after a resume,
+/// `credit`s as its callers read. Four per call it may hold, and never
+/// fewer than 16384, leaves room for bursts (every caller of a busy worker
+/// timing out at once) and cuts a hostile worker off at about 100 bytes a
+/// frame: under 2 MB up to 4096 calls, 26 MB at the 65536 maximum.
+fn overflow_limit(max_inflight: u32) -> usize {
+    (4 * max_inflight as usize).max(16 * 1024)
+}
+
 /// The bridge side of one worker connection.
 pub(crate) struct Session {
     /// The worker's self-declared id, for logs and error messages.
     pub(crate) worker_id: String,
     /// This connection's id (the welcome's `session_id`); a resumed
-    /// connection keeps it.
+    /// connection keeps it. Only its worker is shown it: everyone else
+    /// sees `tag`.
     pub(crate) session_id: String,
+    /// The session as logs and `/status` show it (see
+    /// [`protocol::session_tag`]).
+    pub(crate) tag: String,
+    /// What the worker authenticated with: a resume must present the same.
+    credentials: Credentials,
     /// Frames to the writer task of the current connection (replaced when
     /// the worker resumes).
     outbox: Mutex<Outbox>,
@@ -79,6 +97,9 @@ pub(crate) struct Session {
     terms: Terms,
     /// Calls sent and not yet answered.
     calls: Mutex<Calls>,
+    /// Set by [`Session::close`], so that the registry can skip a closed
+    /// session without taking `calls`' lock.
+    closed: AtomicBool,
     /// Next call id on this connection.
     next_id: AtomicU64,
     /// Pings sent since the last pong.
@@ -204,6 +225,14 @@ struct Pending {
     /// The call waits for `start` (the worker sends `accepted` and the call
     /// was sent without `"gate": false`).
     gated: bool,
+    /// The caller would send the call to another worker if this one were
+    /// lost, even after it started (an idempotent or keyed call with its
+    /// body whole in memory and retries left): when the connection drops,
+    /// it moves at once rather than wait for a resume.
+    replayable: bool,
+    /// A `start` went out for this call: only the first `accepted` is
+    /// answered, so repeating it cannot make the bridge write anything.
+    answered: bool,
 }
 
 /// A response body being relayed to the caller as it arrives.
@@ -281,8 +310,9 @@ struct Live {
     settings: Arc<Settings>,
     key: u64,
     session: Arc<Session>,
-    /// Set by the first `end`.
-    ended: AtomicBool,
+    /// The first `end`'s cause: what happened to the connection, whatever
+    /// the other half of it reports afterwards.
+    ended: OnceLock<String>,
 }
 
 impl Live {
@@ -290,7 +320,7 @@ impl Live {
     /// When the connection merely dropped (`may_resume`) and the worker can
     /// resume, its calls are kept for `resume_window` instead of failed.
     fn end(&self, cause: &str, may_resume: bool) {
-        if self.ended.swap(true, Ordering::SeqCst) {
+        if self.ended.set(cause.to_owned()).is_err() {
             return;
         }
         let metrics = &self.shared.metrics;
@@ -323,13 +353,23 @@ impl Drop for Live {
 }
 
 impl Session {
-    fn new(worker_id: String, outbox: Outbox, terms: Terms, peer: SocketAddr) -> Self {
+    fn new(
+        worker_id: String,
+        credentials: Credentials,
+        outbox: Outbox,
+        terms: Terms,
+        peer: SocketAddr,
+    ) -> Self {
+        let session_id = uuid::Uuid::now_v7().to_string();
         Session {
             worker_id,
-            session_id: uuid::Uuid::now_v7().to_string(),
+            tag: protocol::session_tag(&session_id),
+            session_id,
+            credentials,
             outbox: Mutex::new(outbox),
             terms,
             calls: Mutex::default(),
+            closed: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             unanswered: AtomicU32::new(0),
             violations: AtomicU32::new(0),
@@ -362,6 +402,17 @@ impl Session {
             .clone()
     }
 
+    /// The worker sends `accepted` and waits for `start` (3.7).
+    pub(crate) fn gates(&self) -> bool {
+        self.terms.acks
+    }
+
+    /// Whether a worker that says `worker_id` and authenticated with
+    /// `credentials` may resume this session: only the one that opened it.
+    pub(crate) fn belongs_to(&self, worker_id: &str, credentials: &Credentials) -> bool {
+        self.worker_id == worker_id && self.credentials == *credentials
+    }
+
     /// The body compression agreed with this worker.
     pub(crate) fn compression(&self) -> Compression {
         self.terms.compression
@@ -381,6 +432,7 @@ impl Session {
         };
         Arc::new(Self::new(
             worker_id.to_owned(),
+            Credentials::new("", None),
             outbox,
             terms,
             ([127, 0, 0, 1], 0).into(),
@@ -390,6 +442,11 @@ impl Session {
     /// Calls sent to this worker and not finished (streams included).
     pub(crate) fn pending(&self) -> usize {
         self.lock().map.len()
+    }
+
+    /// True once the session has ended: no call can start on it.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
     /// Why the session ended, once it has.
@@ -404,11 +461,13 @@ impl Session {
     /// Registers a new call and returns its guard, the reply receiver and,
     /// with flow control, the window its request body must wait on.
     /// `gated`: the call waits for `accepted`/`start`; otherwise the worker
-    /// may start it on arrival.
+    /// may start it on arrival. `replayable`: the caller retries the call
+    /// elsewhere after a loss even if it started (see [`Session::hold_for_resume`]).
     pub(crate) fn start_call(
         self: &Arc<Self>,
         upload: bool,
         gated: bool,
+        replayable: bool,
     ) -> Result<Started, Failure> {
         let (tx, rx) = oneshot::channel();
         let gated = gated && self.terms.acks;
@@ -434,6 +493,8 @@ impl Session {
                 // have started.
                 accepted: !gated,
                 gated,
+                replayable,
+                answered: false,
             },
         );
         drop(calls);
@@ -487,6 +548,7 @@ impl Session {
                 return;
             }
             calls.closed = Some(cause.to_owned());
+            self.closed.store(true, Ordering::Release);
             calls.map.drain().map(|(_, p)| p).collect()
         };
         if !drained.is_empty() {
@@ -502,12 +564,24 @@ impl Session {
         }
     }
 
-    /// The connection dropped and the worker may come back (resume): calls
-    /// whose reply head has not arrived wait for it; bodies in flight
-    /// cannot be resumed, so streamed replies are cut off and uploads stop
-    /// (their windows close, which fails them).
-    pub(crate) fn hold_for_resume(&self) {
-        let streams: Vec<Pending> = {
+    /// The connection dropped and the worker may come back (resume). Only
+    /// the calls nothing else can save wait for it: a call that never
+    /// started (gated, no `accepted` recorded) or that may safely run twice
+    /// (`replayable`) fails at once, so that its caller sends it to another
+    /// worker now rather than after `resume_window`. It leaves the map: if
+    /// the worker resumes still holding it, it gets a `cancel` and its reply
+    /// is ignored, so a moved call is never answered twice. When the worker
+    /// is already back (its resume superseded this connection), every call
+    /// stays for it. Bodies in flight cannot be resumed, so streamed replies
+    /// are cut off and uploads stop (their windows close, which fails them).
+    pub(crate) fn hold_for_resume(&self, cause: &str) {
+        let back = self
+            .superseded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_cancelled();
+        let movable = |p: &Pending| !back && (p.replayable || !p.accepted);
+        let gone: Vec<(Pending, Failure)> = {
             let mut calls = self.lock();
             for pending in calls.map.values() {
                 if let Some(window) = &pending.window {
@@ -517,13 +591,25 @@ impl Session {
             let ids: Vec<u64> = calls
                 .map
                 .iter()
-                .filter(|(_, p)| p.stream.is_some())
+                .filter(|(_, p)| p.stream.is_some() || movable(p))
                 .map(|(id, _)| *id)
                 .collect();
-            ids.iter().filter_map(|id| calls.map.remove(id)).collect()
+            ids.iter()
+                .filter_map(|id| calls.map.remove(id))
+                .map(|pending| {
+                    let failure = if pending.stream.is_some() {
+                        Failure::Lost("connection lost mid-body".into())
+                    } else if pending.accepted {
+                        Failure::Lost(cause.to_owned())
+                    } else {
+                        Failure::Unsent(cause.to_owned())
+                    };
+                    (pending, failure)
+                })
+                .collect()
         };
-        for pending in streams {
-            pending.fail(Failure::Lost("connection lost mid-body".into()));
+        for (pending, failure) in gone {
+            pending.fail(failure);
         }
     }
 
@@ -546,10 +632,15 @@ impl Session {
             // A call it holds that is no longer pending here ended while it
             // was away (timeout, caller gone): the `cancel` went down with
             // the old connection, so it is sent again.
-            for id in &running {
+            // Ids this session never issued are ignored: answering them
+            // would let a `resume` of 131072 made-up ids queue as many
+            // cancels.
+            let issued = 1..self.next_id.load(Ordering::Relaxed);
+            for id in running.iter().filter(|id| issued.contains(id)) {
                 match calls.map.get_mut(id) {
                     Some(p) if p.gated => {
                         p.accepted = true;
+                        p.answered = true;
                         let start = Control::Start { id: *id };
                         self.outbox()
                             .control(Message::text(protocol::encode_control(&start)));
@@ -860,10 +951,12 @@ fn check_upgrade(
 }
 
 /// Serves one worker connection (already TLS-terminated when TLS is on)
-/// until it ends or the bridge shuts down.
+/// until it ends or the bridge shuts down. `cert`: the SHA-256 of the
+/// client certificate's DER, with mutual TLS.
 pub(crate) async fn serve<S>(
     stream: S,
     peer: SocketAddr,
+    cert: Option<[u8; 32]>,
     shared: Arc<Shared>,
     settings: Arc<Settings>,
     shutdown: CancellationToken,
@@ -915,7 +1008,11 @@ pub(crate) async fn serve<S>(
                 return Err(reject(&mut ws, "forbidden_service", &problem).await);
             }
         }
-        Ok((ws, hello))
+        // check_upgrade refuses a connection without a token.
+        let token = token
+            .and_then(|i| cfg.tokens.get(i))
+            .map_or("", |t| t.secret().expose());
+        Ok((ws, hello, Credentials::new(token, cert)))
     };
     // Boxed, so that its state (most of this task's size) is freed once the
     // handshake is over instead of living as long as the connection.
@@ -924,7 +1021,7 @@ pub(crate) async fn serve<S>(
         _ = shutdown.cancelled() => return,
         outcome = handshake => outcome,
     };
-    let (mut ws, hello) = match outcome {
+    let (mut ws, hello, credentials) = match outcome {
         Ok(Ok(done)) => done,
         Ok(Err(reason)) => {
             info!(%peer, %reason, "worker handshake refused");
@@ -936,13 +1033,12 @@ pub(crate) async fn serve<S>(
         }
     };
 
-    let (outbox, inbox) = transport::outbox();
+    let (outbox, inbox) = transport::bounded_outbox(overflow_limit(hello.max_inflight));
     // A worker coming back after a dropped connection continues its session:
     // same id, same terms, and the calls it still runs stand.
+    // Only the worker that opened it may: see `resume_lookup`.
     let resumed = match &hello.resume {
-        Some(r) => shared
-            .detached
-            .take_for_resume(&r.session_id, &shared.registry)
+        Some(r) => resume_lookup(&shared, &hello, &credentials, r, peer)
             .await
             .map(|session| (session, r)),
         None => None,
@@ -965,10 +1061,20 @@ pub(crate) async fn serve<S>(
                 resumable: hello.resumable && !cfg.resume_window.is_zero(),
                 max_frame: cfg.max_frame.bytes(),
             };
-            Arc::new(Session::new(hello.worker_id.clone(), outbox, terms, peer))
+            Arc::new(Session::new(
+                hello.worker_id.clone(),
+                credentials,
+                outbox,
+                terms,
+                peer,
+            ))
         }
     };
-    let (terms, session_id) = (session.terms, session.session_id.clone());
+    let (terms, session_id, tag) = (
+        session.terms,
+        session.session_id.clone(),
+        session.tag.clone(),
+    );
     let superseded = session.new_connection();
     let resumed = hello
         .resume
@@ -995,7 +1101,7 @@ pub(crate) async fn serve<S>(
         settings: settings.clone(),
         key,
         session: session.clone(),
-        ended: AtomicBool::new(false),
+        ended: OnceLock::new(),
     });
     let welcome = Control::Welcome(Welcome {
         version: protocol::PROTOCOL_VERSION,
@@ -1023,7 +1129,7 @@ pub(crate) async fn serve<S>(
         return;
     }
     info!(
-        %peer, worker = %hello.worker_id, session = %session_id,
+        %peer, worker = %hello.worker_id, session = %tag,
         services = ?hello.services, max_inflight = hello.max_inflight, resumed,
         "worker connected"
     );
@@ -1041,8 +1147,40 @@ pub(crate) async fn serve<S>(
     live.end(&cause, may_resume);
     conn.cancel();
     let _ = writer.await;
-    let cause = session.end_cause().unwrap_or(cause);
-    info!(%peer, worker = %hello.worker_id, session = %session_id, %cause, "worker disconnected");
+    // The session's cause if it closed, else the connection's own (a session
+    // held for a resume has none yet): the first one recorded, not the read
+    // loop's view of a connection the write loop ended.
+    let cause = session
+        .end_cause()
+        .or_else(|| live.ended.get().cloned())
+        .unwrap_or(cause);
+    info!(%peer, worker = %hello.worker_id, session = %tag, %cause, "worker disconnected");
+}
+
+/// The session `resume` names, taken for this connection if the worker
+/// that opened it is the one asking: same `worker_id`, same token, same
+/// client certificate. Anyone else gets a new session, exactly as for an
+/// id that does not exist (no error frame: telling the two apart would
+/// confirm to a stranger that the id is live); the bridge logs a warning.
+async fn resume_lookup(
+    shared: &Shared,
+    hello: &protocol::Hello,
+    credentials: &Credentials,
+    resume: &protocol::Resume,
+    peer: SocketAddr,
+) -> Option<(Arc<Session>, u64)> {
+    let owned = |s: &Session| s.belongs_to(&hello.worker_id, credentials);
+    let taken = shared
+        .detached
+        .take_for_resume(&resume.session_id, &shared.registry, owned)
+        .await;
+    if let Err(Some(tag)) = &taken {
+        warn!(
+            %peer, worker = %hello.worker_id, session = %tag,
+            "a resume presented other credentials or another worker_id than the session's: treated as a new session"
+        );
+    }
+    taken.ok()
 }
 
 /// Sends an error frame and a policy close; returns the reason for the log.
@@ -1087,12 +1225,15 @@ async fn write_loop<S>(
     let stall = transport::dead_after(cfg.ping_interval, cfg.ping_misses);
     let mut ping = tokio::time::interval(cfg.ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let choked = inbox.choked();
+    let not_reading = "the worker stopped reading: too many control frames waiting for it";
     let cause = loop {
         // Pings come before data: a busy outbox must not starve the
         // heartbeat, or a dead peer would go unnoticed while calls pile up.
         let written = tokio::select! {
             biased;
             _ = conn.cancelled() => break None,
+            _ = choked.cancelled() => break Some(not_reading.to_owned()),
             _ = ping.tick() => {
                 let missed = live.session.unanswered.fetch_add(1, Ordering::Relaxed);
                 if missed >= cfg.ping_misses {
@@ -1107,6 +1248,7 @@ async fn write_loop<S>(
                 let Some(msg) = msg else { break None };
                 tokio::select! {
                     _ = conn.cancelled() => break None,
+                    _ = choked.cancelled() => break Some(not_reading.to_owned()),
                     r = transport::write_batch(&mut sink, msg, &mut inbox, stall) => r,
                 }
             }
@@ -1301,15 +1443,18 @@ fn on_text(session: &Session, shared: &Shared, key: u64, text: &str) -> Problem 
         Ok(Control::Accepted { id }) => {
             // Recorded first, then the worker is told it may start: from
             // here on the call is never sent elsewhere. For a call that
-            // already ended this is late news: ignored.
-            let recorded = match session.lock().map.get_mut(&id) {
-                Some(p) => {
+            // already ended this is late news: ignored; so is a repeat,
+            // which a worker that stopped reading could otherwise send by
+            // the million to make the bridge queue a `start` for each.
+            let first = match session.lock().map.get_mut(&id) {
+                Some(p) if !p.answered => {
                     p.accepted = true;
+                    p.answered = true;
                     true
                 }
-                None => false,
+                _ => false,
             };
-            if recorded {
+            if first {
                 let start = Control::Start { id };
                 session
                     .outbox()
@@ -1323,10 +1468,18 @@ fn on_text(session: &Session, shared: &Shared, key: u64, text: &str) -> Problem 
             None
         }
         Ok(Control::Unknown) => Some((None, "unknown_frame", "unknown control frame type".into())),
+        Ok(Control::Hello(_)) => Some((
+            None,
+            "unexpected_frame",
+            "hello may only be the first frame of a connection".into(),
+        )),
         Ok(other) => Some((
             None,
             "unexpected_frame",
-            format!("a worker may not send {other:?}"),
+            format!(
+                "{} frames go from the bridge to workers, never back",
+                other.kind()
+            ),
         )),
         Err(e) => Some((None, "malformed_frame", e.to_string())),
     }

@@ -69,7 +69,8 @@ pub struct ServiceStatus {
 pub struct WorkerStatus {
     /// The id the worker gave in its hello.
     pub id: String,
-    /// The session id (kept across a resume).
+    /// The session's tag: the first 8 hex digits of the SHA-256 of its id
+    /// (kept across a resume). The id itself is shown to its worker only.
     pub session: String,
     /// Where its connection comes from.
     pub address: String,
@@ -150,7 +151,7 @@ pub(crate) fn collect(shared: &Shared) -> Status {
             let stats = &w.session.stats;
             WorkerStatus {
                 id: w.session.worker_id.clone(),
-                session: w.session.session_id.clone(),
+                session: w.session.tag.clone(),
                 address: stats.peer().to_string(),
                 services: w.services.to_vec(),
                 connected_unix: stats

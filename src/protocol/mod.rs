@@ -127,6 +127,35 @@ pub enum Control {
     Unknown,
 }
 
+/// How a session is shown to anyone but its worker (the bridge's logs,
+/// `/status`, the dashboard; PROTOCOL.md 8.5): the first 8 hex digits of
+/// the SHA-256 of its id. Enough to tell sessions apart and to match a
+/// worker's log with the bridge's, useless to resume with.
+pub fn session_tag(session_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(session_id.as_bytes())[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl Control {
+    /// The frame's `type`, as on the wire (for messages about it).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Control::Hello(_) => "hello",
+            Control::Welcome(_) => "welcome",
+            Control::Cancel { .. } => "cancel",
+            Control::Error { .. } => "error",
+            Control::Drain => "drain",
+            Control::Credit { .. } => "credit",
+            Control::Accepted { .. } => "accepted",
+            Control::Start { .. } => "start",
+            Control::Unknown => "unknown",
+        }
+    }
+}
+
 /// The worker's introduction.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
@@ -444,6 +473,13 @@ pub enum FrameError {
     /// The header is not the JSON this version expects.
     #[error("malformed frame header: {0}")]
     Json(String),
+    /// A text frame that is not JSON at all.
+    #[error("invalid JSON in a text frame: {0}")]
+    TextJson(String),
+    /// A text frame that is JSON but not a control frame: no `type`, a
+    /// missing field, a field of the wrong type.
+    #[error("invalid control frame: {0}")]
+    Control(String),
     /// The length prefix sets flag bits this version does not know.
     #[error("unknown frame flags 0x{0:02x}")]
     Flags(u32),
@@ -606,7 +642,13 @@ pub fn decode_control(text: &str) -> Result<Control, FrameError> {
             _ => {}
         }
     }
-    serde_json::from_str(text).map_err(|e| FrameError::Json(e.to_string()))
+    serde_json::from_str(text).map_err(|e| {
+        if e.is_syntax() || e.is_eof() {
+            FrameError::TextJson(e.to_string())
+        } else {
+            FrameError::Control(e.to_string())
+        }
+    })
 }
 
 /// Encodes a head frame, refusing a JSON header the receiver would refuse.
@@ -753,6 +795,34 @@ mod tests {
             decode_data(&Bytes::from_static(&[0, 0, 0, 1, b'{']), 0),
             Err(FrameError::Json(_))
         ));
+    }
+
+    #[test]
+    fn a_session_tag_is_a_stable_short_hash_that_does_not_contain_the_id() {
+        let id = "0190f0c2-8a4e-7c3b-9d2f-1e5a6b7c8d9e";
+        let tag = session_tag(id);
+        assert_eq!(tag.len(), 8);
+        assert_eq!(tag, session_tag(id));
+        assert!(!id.replace('-', "").contains(&tag));
+        // The SHA-256 of "abc" starts with ba7816bf (FIPS 180-2, B.1).
+        assert_eq!(session_tag("abc"), "ba7816bf");
+    }
+
+    #[test]
+    fn text_frames_that_are_not_json_are_told_from_json_that_is_not_a_frame() {
+        assert!(matches!(
+            decode_control("{not json"),
+            Err(FrameError::TextJson(_))
+        ));
+        assert!(matches!(
+            decode_control(r#"{"type":"credit","id":1}"#),
+            Err(FrameError::Control(_))
+        ));
+        assert!(matches!(
+            decode_control(r#"{"id":1}"#),
+            Err(FrameError::Control(_))
+        ));
+        assert_eq!(Control::Start { id: 1 }.kind(), "start");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! A worker connection: dial the bridge, say hello, serve calls with a
-//! handler, and reconnect with capped, jittered exponential backoff.
+//! handler, and reconnect: at once after a drop, then with capped, jittered
+//! exponential backoff (see [`super::backoff`]).
 //!
 //! Each call runs in its own task; a `cancel` frame aborts it, and so does
 //! the connection ending. A bridge that goes silent (no frame or ping within
@@ -50,11 +51,10 @@ use crate::{
     transport::{self, Inbox, Outbox},
 };
 
+use super::backoff::Backoff;
+
 /// Time allowed for TCP, TLS, upgrade and welcome together.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A connection that lasted this long resets the backoff to its start.
-const STABLE_AFTER: Duration = Duration::from_secs(30);
 
 /// Where and how a worker connects.
 #[derive(Debug, Clone)]
@@ -229,11 +229,12 @@ impl Worker {
                 crate::tls::client_config(None).map_err(|e| WorkerError::Connect(e.to_string()))?,
             )),
         };
-        let mut delay = self.config.backoff_initial;
+        let mut backoff = Backoff::new(self.config.backoff_initial, self.config.backoff_max);
         let mut carry = Carry::new();
+        // Until when the bridge keeps this worker's session after a drop.
+        let mut held_until: Option<Instant> = None;
         loop {
             self.status.send_replace(Status::Connecting);
-            let started = Instant::now();
             // Shutdown is handled inside: a connected worker drains first.
             let outcome = self
                 .connect_and_serve(&target, tls.as_ref(), &shutdown, &mut carry)
@@ -248,19 +249,24 @@ impl Worker {
                 Ok(()) => return Ok(()),
                 Err(e) => e.to_string(),
             };
-            if started.elapsed() >= STABLE_AFTER {
-                delay = self.config.backoff_initial;
+            let up = carry.connected_at.take().map(|at| at.elapsed());
+            if up.is_some() {
+                held_until = carry
+                    .session
+                    .as_ref()
+                    .map(|_| Instant::now() + carry.resume_window);
             }
-            // Full jitter: spread reconnects of many workers over the window
-            // so a restarted bridge is not hit by all of them at once.
-            let wait = delay.mul_f64(0.5 + fastrand::f64() * 0.5);
+            let held = held_until
+                .filter(|until| Instant::now() < *until)
+                .map(|_| carry.resume_window);
+            let dropped = !std::mem::take(&mut carry.closed_by_bridge);
+            let wait = backoff.next(up, dropped, held);
             warn!(url = %self.config.url, %reason, retry_in = ?wait, "worker disconnected");
             self.status.send_replace(Status::Disconnected { reason });
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(wait) => {}
             }
-            delay = delay.saturating_mul(2).min(self.config.backoff_max);
         }
     }
 
@@ -396,13 +402,15 @@ impl Worker {
                 r.map_err(|_| WorkerError::Connect("handshake timed out".into()))??
             }
         };
-        info!(url = %self.config.url, session = %welcome.session_id, resumed = welcome.resumed, services = ?self.config.services, "connected to bridge");
+        info!(url = %self.config.url, session = %protocol::session_tag(&welcome.session_id), resumed = welcome.resumed, services = ?self.config.services, "connected to bridge");
         if !welcome.resumed {
             // A new session: whatever the old one had is void.
             carry.abandon_all();
         }
         carry.resend(&welcome.resend);
         carry.session = (welcome.resume_window_ms > 0).then(|| welcome.session_id.clone());
+        carry.resume_window = Duration::from_millis(welcome.resume_window_ms.min(86_400_000));
+        carry.connected_at = Some(Instant::now());
         self.status.send_replace(Status::Connected {
             session_id: welcome.session_id.clone(),
         });
@@ -500,7 +508,7 @@ async fn serve<S>(
     terms: Terms,
     handler: Arc<dyn Handler>,
     shutdown: &CancellationToken,
-    carry: &Carry,
+    carry: &mut Carry,
 ) -> Result<(), WorkerError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -523,6 +531,12 @@ where
     let conn = CancellationToken::new();
     let _stop_writer = conn.clone().drop_guard();
     let writer_conn = conn.clone();
+    // Set when the silence limit fires: the link is presumed dead and the
+    // connection is dropped without a close frame, because a close frame
+    // that did get through would end the session instead of keeping it for
+    // a resume (PROTOCOL.md 8.3, 8.5).
+    let silent = Arc::new(AtomicBool::new(false));
+    let dropped = silent.clone();
     tokio::spawn(async move {
         let mut inbox = inbox.lock_owned().await;
         loop {
@@ -543,7 +557,9 @@ where
         }
         writer_conn.cancel();
         drop(inbox); // free for the next connection's writer at once
-        let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+        if !dropped.load(Ordering::Acquire) {
+            let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+        }
     });
 
     let (calls, partial) = (carry.calls.clone(), carry.partial.clone());
@@ -582,7 +598,10 @@ where
             m = tokio::time::timeout(silence, stream.next()) => m,
         };
         let msg = match msg {
-            Err(_) => return Err(WorkerError::Lost(format!("bridge silent for {silence:?}"))),
+            Err(_) => {
+                silent.store(true, Ordering::Release);
+                return Err(WorkerError::Lost(format!("bridge silent for {silence:?}")));
+            }
             // After a drain the bridge closes once the last reply is in.
             Ok(None) if drain_deadline.is_some() => return Ok(()),
             Ok(None) => return Err(WorkerError::Lost("connection closed".into())),
@@ -678,6 +697,7 @@ where
                 return Ok(());
             }
             Message::Close(frame) => {
+                carry.closed_by_bridge = true;
                 let why = frame
                     .map(|f| format!(" ({} {})", f.code, f.reason))
                     .unwrap_or_default();
@@ -765,6 +785,13 @@ struct Carry {
     replied: Arc<Mutex<Replied>>,
     /// The session to resume after a drop, if the bridge keeps sessions.
     session: Option<String>,
+    /// How long the bridge keeps the session after a drop (the welcome's).
+    resume_window: Duration,
+    /// When the current connection's welcome arrived.
+    connected_at: Option<Instant>,
+    /// The bridge ended the current connection with a close frame (it is
+    /// not a drop: no immediate redial).
+    closed_by_bridge: bool,
 }
 
 impl Carry {
@@ -778,6 +805,9 @@ impl Carry {
             starts: Arc::default(),
             replied: Arc::default(),
             session: None,
+            resume_window: Duration::ZERO,
+            connected_at: None,
+            closed_by_bridge: false,
         }
     }
 

@@ -15,6 +15,7 @@
 //! ```
 
 mod agent;
+mod backoff;
 mod client;
 mod pool;
 

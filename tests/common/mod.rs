@@ -517,9 +517,22 @@ impl RawWorker {
 
     /// Connects with the given hello and reads the welcome.
     pub async fn connect_hello(bridge: &TestBridge, hello: Hello) -> RawWorker {
-        let mut ws = raw_connect(bridge, Some(TOKEN), Some(protocol::SUBPROTOCOL))
+        Self::connect_as(bridge, TOKEN, hello).await
+    }
+
+    /// Like [`RawWorker::connect_hello`], presenting `token`.
+    pub async fn connect_as(bridge: &TestBridge, token: &str, hello: Hello) -> RawWorker {
+        let ws = raw_connect(bridge, Some(token), Some(protocol::SUBPROTOCOL))
             .await
             .expect("upgrade");
+        Self::hello_over(ws, hello).await
+    }
+
+    /// Says hello on an upgraded connection and reads the welcome.
+    pub async fn hello_over(
+        mut ws: WebSocketStream<TlsStream<TcpStream>>,
+        hello: Hello,
+    ) -> RawWorker {
         let hello = Control::Hello(hello);
         with_timeout(ws.send(Message::text(protocol::encode_control(&hello))))
             .await
@@ -922,6 +935,13 @@ impl FakeBridge {
             .expect("bind");
         let url = format!("ws://{}", listener.local_addr().expect("addr"));
         FakeBridge { listener, url }
+    }
+
+    /// Accepts the next connection and drops it at once (a dial that fails
+    /// before the welcome).
+    pub async fn refuse_next(&self) {
+        let (tcp, _) = with_timeout(self.listener.accept()).await.expect("accept");
+        drop(tcp);
     }
 
     /// Accepts the next worker, reads its hello and sends `welcome`.
