@@ -9,7 +9,7 @@
 use std::{
     fmt,
     pin::Pin,
-    task::{Context, Poll},
+    task::{ready, Context, Poll},
 };
 
 use bytes::{Bytes, BytesMut};
@@ -42,6 +42,8 @@ enum Kind {
     Chunks {
         rx: mpsc::UnboundedReceiver<Result<Bytes, BodyError>>,
         on_read: Option<OnRead>,
+        /// The length the body declared, if any, checked as it goes.
+        length: Option<Declared>,
     },
     Boxed(UnsyncBoxBody<Bytes, BodyError>),
 }
@@ -120,7 +122,11 @@ impl Body {
     pub fn channel() -> (BodySender, Body) {
         let (tx, rx) = mpsc::unbounded_channel();
         let body = Body {
-            kind: Kind::Chunks { rx, on_read: None },
+            kind: Kind::Chunks {
+                rx,
+                on_read: None,
+                length: None,
+            },
         };
         (
             BodySender {
@@ -147,6 +153,21 @@ impl Body {
     pub(crate) fn on_read(mut self, hook: impl FnMut(usize) + Send + 'static) -> Body {
         if let Kind::Chunks { on_read, .. } = &mut self.kind {
             *on_read = Some(Box::new(hook));
+        }
+        self
+    }
+
+    /// Holds a chunked body to the `Content-Length` its sender declared:
+    /// a body that turns out longer or shorter ends with an error instead.
+    /// Its last bytes are held back until the end is known, so that a body
+    /// that goes on past its length never delivers a length's worth of
+    /// bytes that the reader could take for a complete message.
+    pub(crate) fn declared_length(mut self, n: u64) -> Body {
+        if let Kind::Chunks { length, .. } = &mut self.kind {
+            *length = Some(Declared {
+                left: n,
+                held: None,
+            });
         }
         self
     }
@@ -180,6 +201,44 @@ impl Body {
             }
         }
         Ok(buf.freeze())
+    }
+}
+
+/// What is left of a chunked body's declared length.
+struct Declared {
+    /// Bytes still to come.
+    left: u64,
+    /// The chunk that brought `left` to zero, until the end is seen.
+    held: Option<Bytes>,
+}
+
+impl Declared {
+    /// A chunk that arrived: `Ok(Some)` to pass on now, `Ok(None)` if it is
+    /// held back (it completes the length).
+    fn check(&mut self, chunk: Bytes) -> Result<Option<Bytes>, BodyError> {
+        let len = chunk.len() as u64;
+        if self.held.is_some() || len > self.left {
+            self.held = None;
+            return Err(BodyError::new("the body is longer than its Content-Length"));
+        }
+        self.left -= len;
+        if self.left == 0 {
+            self.held = Some(chunk);
+            return Ok(None);
+        }
+        Ok(Some(chunk))
+    }
+
+    /// The sender finished: the held chunk, if any, then the end.
+    fn end(&mut self) -> Result<Option<Bytes>, BodyError> {
+        if self.left > 0 {
+            let left = self.left;
+            self.left = 0;
+            return Err(BodyError(format!(
+                "the body ended {left} bytes short of its Content-Length"
+            )));
+        }
+        Ok(self.held.take())
     }
 }
 
@@ -223,16 +282,34 @@ impl HttpBody for Body {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match &mut self.get_mut().kind {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Chunks { rx, on_read } => match rx.poll_recv(cx) {
-                Poll::Ready(Some(Ok(chunk))) => {
-                    if let Some(hook) = on_read {
-                        hook(chunk.len());
+            Kind::Chunks {
+                rx,
+                on_read,
+                length,
+            } => loop {
+                let next = match ready!(rx.poll_recv(cx)) {
+                    Some(Ok(chunk)) => match length {
+                        Some(declared) => declared.check(chunk),
+                        None => Ok(Some(chunk)),
+                    },
+                    Some(Err(e)) => Err(e),
+                    None => match length {
+                        Some(declared) => declared.end(),
+                        None => Ok(None),
+                    },
+                };
+                match next {
+                    Ok(Some(chunk)) => {
+                        if let Some(hook) = on_read {
+                            hook(chunk.len());
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(chunk))));
                     }
-                    Poll::Ready(Some(Ok(Frame::data(chunk))))
+                    // Held back until the end is known.
+                    Ok(None) if length.as_ref().is_some_and(|d| d.held.is_some()) => {}
+                    Ok(None) => return Poll::Ready(None),
+                    Err(e) => return Poll::Ready(Some(Err(e))),
                 }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
-                Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
             },
             Kind::Boxed(b) => Pin::new(b).poll_frame(cx),
         }
@@ -258,6 +335,7 @@ impl HttpBody for Body {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::FutureExt;
 
     #[tokio::test]
     async fn chunks_arrive_in_order_and_end_cleanly() {
@@ -287,6 +365,33 @@ mod tests {
             body.collect(100).await.is_err(),
             "a dropped sender is not a clean end"
         );
+    }
+
+    #[tokio::test]
+    async fn a_declared_length_is_held_to_both_ways() {
+        let chunks = |parts: &[&'static str], n: u64| {
+            let (tx, body) = Body::channel();
+            for p in parts {
+                tx.send(Bytes::from_static(p.as_bytes()));
+            }
+            tx.finish();
+            body.declared_length(n)
+        };
+        assert_eq!(
+            chunks(&["hel", "lo"], 5).collect(100).await,
+            Ok(Bytes::from_static(b"hello"))
+        );
+        assert!(chunks(&["hello", " world"], 5).collect(100).await.is_err());
+        assert!(chunks(&["hel", "lo world"], 5).collect(100).await.is_err());
+        assert!(chunks(&["hel"], 5).collect(100).await.is_err());
+        // The chunk that completes the length waits for the end.
+        let (tx, mut body) = Body::channel();
+        body = body.declared_length(5);
+        tx.send(Bytes::from_static(b"hello"));
+        assert!(body.frame().now_or_never().is_none(), "held back");
+        tx.send(Bytes::from_static(b"!"));
+        let next = body.frame().await.expect("a frame");
+        assert!(next.is_err(), "{next:?}");
     }
 
     #[tokio::test]

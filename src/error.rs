@@ -79,11 +79,26 @@ pub enum CallError {
         /// The limit in bytes.
         limit: usize,
     },
+    /// The request has more header lines than the bridge takes.
+    #[error("more than {limit} request headers")]
+    TooManyHeaders {
+        /// The most header lines a request may have.
+        limit: usize,
+    },
     /// The caller's request could not be read.
     #[error("bad request: {reason}")]
     BadRequest {
         /// What was wrong.
         reason: String,
+    },
+    /// A method the bridge does not forward: `CONNECT` asks for a tunnel,
+    /// which a request/reply frame cannot be.
+    #[error(
+        "method {method} is not supported: the bridge forwards requests, it does not open tunnels"
+    )]
+    MethodNotAllowed {
+        /// The method.
+        method: String,
     },
     /// The `Idempotency-Key` was first used by a request with another
     /// method, path or body.
@@ -120,9 +135,12 @@ impl CallError {
             CallError::WorkerLost { .. } => "worker_lost",
             CallError::BadResponse { .. } => "bad_response",
             CallError::BodyTooLarge { .. } => "body_too_large",
-            CallError::HeadersTooLarge { .. } => "headers_too_large",
+            CallError::HeadersTooLarge { .. } | CallError::TooManyHeaders { .. } => {
+                "headers_too_large"
+            }
             CallError::BadRequest { .. } => "bad_request",
             CallError::Forbidden { .. } => "forbidden",
+            CallError::MethodNotAllowed { .. } => "method_not_allowed",
             CallError::IdempotencyKeyMismatch { .. } => "idempotency_key_mismatch",
             CallError::IdempotencyKeyNotReplayable { .. } => "idempotency_key_not_replayable",
         }
@@ -138,9 +156,12 @@ impl CallError {
             CallError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             CallError::WorkerLost { .. } | CallError::BadResponse { .. } => StatusCode::BAD_GATEWAY,
             CallError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            CallError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            CallError::HeadersTooLarge { .. } | CallError::TooManyHeaders { .. } => {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            }
             CallError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             CallError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            CallError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             CallError::IdempotencyKeyMismatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             CallError::IdempotencyKeyNotReplayable { .. } => StatusCode::CONFLICT,
         }
@@ -172,6 +193,15 @@ impl CallError {
             CallError::QueueFull { .. } | CallError::NoWorker { .. }
         ) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if matches!(self, CallError::MethodNotAllowed { .. }) {
+            // RFC 9110 15.5.6: a 405 lists what is allowed. Every other
+            // method is forwarded; these are the ones registered in RFC 9110
+            // and 5789 (PATCH).
+            headers.insert(
+                header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH"),
+            );
         }
         resp
     }

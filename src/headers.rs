@@ -1,13 +1,20 @@
 //! HTTP header handling shared by the bridge and the agent: hop-by-hop
 //! stripping (RFC 9110 section 7.6.1) and conversion to and from the wire's
 //! `[name, value]` pairs.
+//!
+//! Values travel byte for byte. A value that is UTF-8 (nearly all) is a
+//! JSON string as it is; one that is not (legal in HTTP: Latin-1 filenames,
+//! cookies, signed values) goes as the string of its bytes read as Latin-1,
+//! and the head lists its index in `"latin1"` (PROTOCOL 5.1). A worker that
+//! ignores the list sees the Latin-1 reading, which is what such bytes
+//! usually mean; nothing is ever replaced.
 
 use std::borrow::Cow;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue};
 
-use crate::protocol::Header;
+use crate::protocol::{json::WireValue, Header};
 
 /// Headers that describe one connection, never the message, so a proxy must
 /// not forward them.
@@ -53,27 +60,89 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Converts headers to wire pairs, dropping hop-by-hop ones. A value that is
-/// not UTF-8 (legal but rare) is carried with invalid bytes replaced.
-pub fn to_wire(headers: &HeaderMap) -> Vec<Header> {
-    to_wire_ref(headers)
-        .into_iter()
-        .map(|(n, v)| (n.to_owned(), v.into_owned()))
-        .collect()
+/// A header value on its way to the wire.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WireText<'a> {
+    /// A UTF-8 value, as it is.
+    Utf8(Cow<'a, str>),
+    /// A value that is not UTF-8: each byte as the character of that code
+    /// point (U+0000 to U+00FF), listed in the head's `"latin1"`.
+    Latin1(String),
 }
 
-/// [`to_wire`], borrowing from `headers`: no copy unless a value is not UTF-8.
-pub fn to_wire_ref(headers: &HeaderMap) -> Vec<(&str, Cow<'_, str>)> {
+impl WireText<'_> {
+    /// The value for `bytes`: borrowed when they are UTF-8.
+    fn of(bytes: &[u8]) -> WireText<'_> {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => WireText::Utf8(Cow::Borrowed(text)),
+            Err(_) => WireText::Latin1(bytes.iter().map(|&b| char::from(b)).collect()),
+        }
+    }
+}
+
+impl AsRef<str> for WireText<'_> {
+    fn as_ref(&self) -> &str {
+        match self {
+            WireText::Utf8(text) => text,
+            WireText::Latin1(text) => text,
+        }
+    }
+}
+
+impl WireValue for WireText<'_> {
+    fn is_latin1(&self) -> bool {
+        matches!(self, WireText::Latin1(_))
+    }
+}
+
+impl<'a> From<&'a str> for WireText<'a> {
+    fn from(text: &'a str) -> Self {
+        WireText::Utf8(Cow::Borrowed(text))
+    }
+}
+
+/// Converts headers to wire pairs, dropping hop-by-hop ones, borrowing from
+/// `headers`: no copy unless a value is not UTF-8.
+pub fn to_wire_ref(headers: &HeaderMap) -> Vec<(&str, WireText<'_>)> {
     let listed = connection_listed(headers);
     // Room for what the bridge adds: `host` (from an HTTP/2 `:authority`)
     // and the three `X-Forwarded-*`/`X-Request-Id`.
     let mut out = Vec::with_capacity(headers.len() + 4);
     for (n, v) in headers {
         if !is_hop_by_hop(n, &listed) {
-            out.push((n.as_str(), String::from_utf8_lossy(v.as_bytes())));
+            out.push((n.as_str(), WireText::of(v.as_bytes())));
         }
     }
     out
+}
+
+/// The bytes a value listed in `"latin1"` stands for, or `None` if it has
+/// a character above U+00FF.
+fn latin1_bytes(text: &str) -> Option<Vec<u8>> {
+    text.chars().map(|c| u8::try_from(c).ok()).collect()
+}
+
+/// The value of pair `i`: the bytes it stands for if `latin1` lists it,
+/// else `text` as [`from_wire`]'s caller makes it. `None`: not a valid
+/// value (a Latin-1 one with a character above U+00FF is not).
+fn value_of(
+    i: usize,
+    text: &str,
+    latin1: &[usize],
+    as_text: impl FnOnce() -> Option<HeaderValue>,
+) -> Option<HeaderValue> {
+    if latin1.is_empty() || !latin1.contains(&i) {
+        return as_text();
+    }
+    HeaderValue::from_maybe_shared(Bytes::from(latin1_bytes(text)?)).ok()
+}
+
+/// Every index `latin1` lists must name a pair.
+fn check_latin1(latin1: &[usize], len: usize) -> Result<(), String> {
+    match latin1.iter().find(|&&i| i >= len) {
+        Some(i) => Err(format!("latin1 lists header {i}, past the {len} headers")),
+        None => Ok(()),
+    }
 }
 
 /// Converts wire pairs back to a header map, dropping hop-by-hop headers.
@@ -81,10 +150,13 @@ pub fn to_wire_ref(headers: &HeaderMap) -> Vec<(&str, Cow<'_, str>)> {
 /// tells the next hop the size and lets HTTP catch a body cut short; a
 /// complete body is framed from its own length. Fails on the first name or
 /// value that is not valid HTTP.
-pub fn from_wire(pairs: &[Header], streamed: bool) -> Result<HeaderMap, String> {
-    let values = pairs
-        .iter()
-        .map(|(n, v)| (n.as_str(), HeaderValue::from_str(v).ok()));
+/// Values whose index `latin1` lists are Latin-1 (see [`WireText`]).
+pub fn from_wire(pairs: &[Header], latin1: &[usize], streamed: bool) -> Result<HeaderMap, String> {
+    check_latin1(latin1, pairs.len())?;
+    let values = pairs.iter().enumerate().map(|(i, (n, v))| {
+        let value = value_of(i, v, latin1, || HeaderValue::from_str(v).ok());
+        (n.as_str(), value)
+    });
     build(values, pairs.len(), streamed)
 }
 
@@ -93,19 +165,33 @@ pub fn from_wire(pairs: &[Header], streamed: bool) -> Result<HeaderMap, String> 
 /// copied (a frame padded with junk must not be kept alive by its headers).
 pub fn from_wire_ref(
     pairs: &[(Cow<'_, str>, Cow<'_, str>)],
+    latin1: &[usize],
     streamed: bool,
     frame: Option<&Bytes>,
 ) -> Result<HeaderMap, String> {
-    let values = pairs.iter().map(|(n, v)| {
-        let value = match (v, frame) {
+    check_latin1(latin1, pairs.len())?;
+    let values = pairs.iter().enumerate().map(|(i, (n, v))| {
+        let value = value_of(i, v, latin1, || match (v, frame) {
             (Cow::Borrowed(v), Some(frame)) => {
-                HeaderValue::from_maybe_shared(frame.slice_ref(v.as_bytes()))
+                HeaderValue::from_maybe_shared(frame.slice_ref(v.as_bytes())).ok()
             }
-            _ => HeaderValue::from_str(v),
-        };
-        (n.as_ref(), value.ok())
+            _ => HeaderValue::from_str(v).ok(),
+        });
+        (n.as_ref(), value)
     });
     build(values, pairs.len(), streamed)
+}
+
+/// The length the pairs declare: their one `Content-Length`, if it is
+/// valid (none when there are several, as [`from_wire`] decides).
+pub fn declared_length<N: AsRef<str>, V: AsRef<str>>(pairs: &[(N, V)]) -> Option<u64> {
+    let mut lengths = pairs
+        .iter()
+        .filter(|(n, _)| n.as_ref().eq_ignore_ascii_case("content-length"));
+    match (lengths.next(), lengths.next()) {
+        (Some((_, v)), None) => v.as_ref().parse().ok(),
+        _ => None,
+    }
 }
 
 /// The map of names and values (`None`: not a valid value), as
@@ -174,21 +260,22 @@ mod tests {
         );
         h.append("x-keep", HeaderValue::from_static("a"));
         h.append("x-keep", HeaderValue::from_static("b"));
-        let wire = to_wire(&h);
+        let wire = to_wire_ref(&h);
         assert_eq!(
             wire,
             vec![
-                ("x-keep".to_owned(), "a".to_owned()),
-                ("x-keep".to_owned(), "b".to_owned())
+                ("x-keep", WireText::from("a")),
+                ("x-keep", WireText::from("b"))
             ]
         );
     }
 
     #[test]
     fn from_wire_rejects_invalid_names() {
-        assert!(from_wire(&[("bad name".into(), "v".into())], false).is_err());
-        assert!(from_wire(&[("x".into(), "line\nbreak".into())], false).is_err());
-        let streamed = from_wire(&[("content-length".into(), "99".into())], true).expect("valid");
+        assert!(from_wire(&[("bad name".into(), "v".into())], &[], false).is_err());
+        assert!(from_wire(&[("x".into(), "line\nbreak".into())], &[], false).is_err());
+        let streamed =
+            from_wire(&[("content-length".into(), "99".into())], &[], true).expect("valid");
         assert_eq!(
             streamed.get("content-length").map(|v| v.as_bytes()),
             Some(&b"99"[..])
@@ -199,6 +286,7 @@ mod tests {
                 ("upgrade".into(), "h2c".into()),
                 ("x-ok".into(), "1".into()),
             ],
+            &[],
             false,
         )
         .expect("valid");
@@ -216,6 +304,7 @@ mod tests {
                 pair("x-keep", "a"),
                 pair("X-Keep", "b"),
             ],
+            &[],
             false,
         )
         .expect("valid");
@@ -228,11 +317,12 @@ mod tests {
                 pair("connection", "content-length"),
                 pair("content-length", "3"),
             ],
+            &[],
             true,
         );
         assert!(listed.expect("valid").is_empty());
         // A streamed body keeps one valid Content-Length, and only that.
-        let one = from_wire(&[pair("content-length", "5"), pair("x", "1")], true);
+        let one = from_wire(&[pair("content-length", "5"), pair("x", "1")], &[], true);
         assert_eq!(
             one.expect("valid")
                 .get("content-length")
@@ -243,7 +333,7 @@ mod tests {
             vec![pair("content-length", "5"), pair("content-length", "5")],
             vec![pair("content-length", "five")],
         ] {
-            let map = from_wire(&doubtful, true).expect("valid");
+            let map = from_wire(&doubtful, &[], true).expect("valid");
             assert!(map.get("content-length").is_none(), "{doubtful:?}");
         }
     }

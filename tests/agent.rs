@@ -436,3 +436,98 @@ async fn upstream_connections_are_kept_and_closed_ones_replaced() {
     worker.stop().await;
     bridge.stop().await;
 }
+
+/// RFC 9112 6.3: a reply with both `Transfer-Encoding: chunked` and
+/// `Content-Length` is framed by the chunks; the length is a lie to drop.
+/// Passing it on told callers a 452-byte body was 5 bytes long: a
+/// truncated reply on a kept-alive connection that looked complete.
+#[tokio::test]
+async fn a_chunked_upstream_reply_with_a_content_length_arrives_whole() {
+    let up = RawUpstream::start(false, |_| {
+        let mut reply =
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for chunk in noise(452).chunks(100) {
+            reply.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+            reply.extend_from_slice(chunk);
+            reply.extend_from_slice(b"\r\n");
+        }
+        reply.extend_from_slice(b"0\r\n\r\n");
+        vec![reply]
+    })
+    .await;
+    let bridge = TestBridge::start(|_| {}).await;
+    let upstream = Upstream::new(&up.url).expect("upstream");
+    let worker = bridge
+        .worker(&["default"], 64, move |req| upstream.forward(req))
+        .await;
+    let r = raw_http::exchange(
+        bridge.http,
+        b"GET /both HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        r.body,
+        noise(452),
+        "content-length {:?}",
+        r.header("content-length")
+    );
+    let length = r.header("content-length");
+    assert!(
+        length.is_empty() || length == "452",
+        "content-length {length}"
+    );
+    assert_ne!(r.chunked_complete, Some(false));
+    worker.stop().await;
+    bridge.stop().await;
+}
+
+/// An upstream header value that is not UTF-8 (Latin-1 `caf\xe9`) reaches
+/// the caller byte for byte through the agent, as through nginx; it used
+/// to arrive with U+FFFD in place of the byte.
+#[tokio::test]
+async fn an_upstream_header_that_is_not_utf8_reaches_the_caller_unchanged() {
+    let up = RawUpstream::start(false, |_| {
+        vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-obs: caf\xe9\r\n\r\nok".to_vec()]
+    })
+    .await;
+    let bridge = TestBridge::start(|_| {}).await;
+    let upstream = Upstream::new(&up.url).expect("upstream");
+    let worker = bridge
+        .worker(&["default"], 64, move |req| upstream.forward(req))
+        .await;
+    let r = raw_http::exchange(
+        bridge.http,
+        b"GET /obs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]), "{r:?}");
+    assert_eq!(r.header_bytes("x-obs"), Some(&b"caf\xe9"[..]));
+    worker.stop().await;
+    bridge.stop().await;
+}
+
+/// `HEAD` through the agent: the upstream's `Content-Length` (the size a
+/// `GET` would get) reaches the caller, with no body, as through nginx.
+#[tokio::test]
+async fn a_head_through_the_agent_keeps_the_upstreams_content_length() {
+    let up = RawUpstream::start(false, |_| {
+        vec![b"HTTP/1.1 200 OK\r\ncontent-length: 452\r\ncontent-type: text/plain\r\n\r\n".to_vec()]
+    })
+    .await;
+    let bridge = TestBridge::start(|_| {}).await;
+    let upstream = Upstream::new(&up.url).expect("upstream");
+    let worker = bridge
+        .worker(&["default"], 64, move |req| upstream.forward(req))
+        .await;
+    let r = raw_http::exchange_head(
+        bridge.http,
+        b"HEAD /file HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("content-length"), "452", "{r:?}");
+    assert!(r.body.is_empty(), "{r:?}");
+    worker.stop().await;
+    bridge.stop().await;
+}

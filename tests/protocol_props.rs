@@ -10,6 +10,7 @@
 use bytes::Bytes;
 use proptest::collection::vec;
 use proptest::prelude::*;
+use wsbridge::headers::WireText;
 use wsbridge::protocol::json::{read_head, write_head, EncodedHeaders, RequestFields};
 use wsbridge::protocol::{
     decode_control, decode_data, encode_control, encode_data, encode_frame, BodyHead, Compression,
@@ -28,6 +29,41 @@ fn headers() -> impl Strategy<Value = Vec<(String, String)>> {
     vec((text(), text()), 0..6)
 }
 
+/// Indices of Latin-1 values (the codec does not check them against the
+/// headers: `headers::from_wire` does).
+fn latin1() -> impl Strategy<Value = Vec<usize>> {
+    prop_oneof![
+        3 => Just(vec![]),
+        2 => vec(0usize..6, 1..4),
+        1 => vec(0usize..100_000, 1..4),
+    ]
+}
+
+/// `headers` as the borrowing encoders take them, the values `latin1`
+/// lists marked; `None` when that list is not one they can write (indices
+/// in order, each naming a header).
+fn marked<'a>(
+    headers: &'a [(String, String)],
+    latin1: &[usize],
+) -> Option<Vec<(&'a str, WireText<'a>)>> {
+    let writable =
+        latin1.windows(2).all(|w| w[0] < w[1]) && latin1.iter().all(|&i| i < headers.len());
+    writable.then(|| {
+        headers
+            .iter()
+            .enumerate()
+            .map(|(i, (n, v))| {
+                let value = if latin1.contains(&i) {
+                    WireText::Latin1(v.clone())
+                } else {
+                    WireText::from(v.as_str())
+                };
+                (n.as_str(), value)
+            })
+            .collect()
+    })
+}
+
 fn data_head() -> impl Strategy<Value = DataHead> {
     prop_oneof![
         (
@@ -37,11 +73,12 @@ fn data_head() -> impl Strategy<Value = DataHead> {
             text(),
             text(),
             headers(),
+            latin1(),
             any::<bool>(),
             any::<bool>()
         )
             .prop_map(
-                |(id, request_id, service, method, path, headers, end, gate)| {
+                |(id, request_id, service, method, path, headers, latin1, end, gate)| {
                     DataHead::Request(RequestHead {
                         id,
                         request_id,
@@ -49,19 +86,28 @@ fn data_head() -> impl Strategy<Value = DataHead> {
                         method,
                         path,
                         headers,
+                        latin1,
                         end,
                         gate,
                     })
                 }
             ),
-        (any::<u64>(), any::<u16>(), headers(), any::<bool>()).prop_map(
-            |(id, status, headers, end)| DataHead::Response(ResponseHead {
-                id,
-                status,
-                headers,
-                end,
-            })
-        ),
+        (
+            any::<u64>(),
+            any::<u16>(),
+            headers(),
+            latin1(),
+            any::<bool>()
+        )
+            .prop_map(|(id, status, headers, latin1, end)| DataHead::Response(
+                ResponseHead {
+                    id,
+                    status,
+                    headers,
+                    latin1,
+                    end,
+                }
+            )),
         (any::<u64>(), any::<bool>()).prop_map(|(id, end)| DataHead::Body(BodyHead { id, end })),
         Just(DataHead::Unknown),
     ]
@@ -380,15 +426,21 @@ proptest! {
         let expected = encode_head(&head, &body, codec);
         match &head {
             DataHead::Request(r) => {
+                let Some(headers) = marked(&r.headers, &r.latin1) else {
+                    return Ok(());
+                };
                 let fields = RequestFields::from(r);
                 // Headers encoded once, as a held call keeps them for retries.
-                let encoded = EncodedHeaders::new(&r.headers);
+                let encoded = EncodedHeaders::new(&headers);
                 let once = encode_request_encoded(&fields, &encoded, &body, codec);
                 prop_assert_eq!(once.as_ref().ok(), expected.as_ref().ok());
-                prop_assert_eq!(encode_request(&fields, &r.headers, &body, codec), expected);
+                prop_assert_eq!(encode_request(&fields, &headers, &body, codec), expected);
             }
             DataHead::Response(r) => {
-                let got = encode_response((r.id, r.status), &r.headers, r.end, &body, codec);
+                let Some(headers) = marked(&r.headers, &r.latin1) else {
+                    return Ok(());
+                };
+                let got = encode_response((r.id, r.status), &headers, r.end, &body, codec);
                 prop_assert_eq!(got, expected);
             }
             DataHead::Body(_) | DataHead::Unknown => {}

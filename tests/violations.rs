@@ -8,7 +8,7 @@ use common::*;
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
 use tokio_tungstenite::tungstenite::{protocol::frame::coding::CloseCode, Message};
-use wsbridge::protocol::Control;
+use wsbridge::protocol::{self, BodyHead, Control, DataHead, ResponseHead};
 
 #[tokio::test]
 async fn a_reply_to_a_call_never_sent_is_a_counted_violation() {
@@ -100,6 +100,57 @@ async fn a_worker_that_keeps_sending_garbage_is_closed_with_1008() {
     let (req, _) = good.next_request().await;
     good.reply(req.id, 200, &[], b"ok").await;
     assert_eq!(with_timeout(call).await.expect("join").body, "ok");
+    bridge.stop().await;
+}
+
+/// A worker whose streamed reply declares a `Content-Length` and then sends
+/// more or fewer bytes: the caller must never get a reply that looks
+/// complete. Before, a longer body was cut to the declared length on a
+/// kept-alive connection, which is a whole, wrong reply.
+#[tokio::test]
+async fn a_streamed_reply_that_breaks_its_content_length_never_looks_complete() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
+    for (declared, rest, whole) in [
+        ("11", &b" world"[..], true),
+        ("5", &b" world"[..], false),
+        ("20", &b" world"[..], false),
+    ] {
+        let addr = bridge.http;
+        let caller = tokio::spawn(async move {
+            raw_http::exchange_bytes(
+                addr,
+                b"GET /cl HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+            .await
+        });
+        let (req, _) = raw.next_request().await;
+        let head = DataHead::Response(ResponseHead {
+            id: req.id,
+            status: 200,
+            headers: vec![("content-length".into(), declared.into())],
+            latin1: vec![],
+            end: false,
+        });
+        raw.send_binary(protocol::encode_data(&head, b"hello"))
+            .await;
+        let body = DataHead::Body(BodyHead {
+            id: req.id,
+            end: true,
+        });
+        raw.send_binary(protocol::encode_data(&body, rest)).await;
+        let wire = with_timeout(caller).await.expect("join");
+        // Cut off before the head was written is a failure the caller sees
+        // too: nothing at all.
+        let r = (!wire.is_empty()).then(|| raw_http::parse_response(&wire, false));
+        let complete = r.as_ref().is_some_and(|r| {
+            r.header("content-length") == declared && r.body.len().to_string() == declared
+        });
+        assert_eq!(complete, whole, "declared {declared}, got {r:?}");
+        if whole {
+            assert_eq!(r.map(|r| r.body), Some(b"hello world".to_vec()));
+        }
+    }
     bridge.stop().await;
 }
 

@@ -89,7 +89,8 @@ const handlers = {
     }
   },
   async "/echo"(call) {
-    return [200, [["content-type", call.header("content-type") || "application/octet-stream"]], call.body];
+    // As bytes: a content type that is not UTF-8 goes back byte for byte (PROTOCOL.md 5.1).
+    return [200, [["content-type", call.headerBytes("content-type") || "application/octet-stream"]], call.body];
   },
   async "/slow"(call) {
     const ms = Number(parseJson(call.body).ms ?? 5000);
@@ -115,6 +116,35 @@ class Call {
     const pair = (this.head.headers || []).find(([k]) => k === name);
     return pair ? pair[1] : undefined;
   }
+  // The first value of header `name` as the caller's exact bytes (a Buffer). A value
+  // that is not UTF-8 comes as Latin-1 text listed in "latin1" (PROTOCOL.md 5.1).
+  headerBytes(name) {
+    const headers = this.head.headers || [];
+    const i = headers.findIndex(([k]) => k === name);
+    if (i < 0) return undefined;
+    return Buffer.from(headers[i][1], (this.head.latin1 || []).includes(i) ? "latin1" : "utf8");
+  }
+}
+
+// Reply headers as the frame carries them: a value may be a string or a Buffer; a
+// Buffer that is not UTF-8 goes as Latin-1 text, its index listed in "latin1".
+function wireHeaders(headers) {
+  const pairs = [];
+  const latin1 = [];
+  for (const [name, value] of headers) {
+    if (Buffer.isBuffer(value)) {
+      const text = value.toString("utf8");
+      if (Buffer.from(text, "utf8").equals(value)) {
+        pairs.push([name, text]);
+      } else {
+        latin1.push(pairs.length);
+        pairs.push([name, value.toString("latin1")]);
+      }
+    } else {
+      pairs.push([name, value]);
+    }
+  }
+  return { pairs, latin1 };
 }
 
 let draining = false;
@@ -252,7 +282,10 @@ function connect() {
     calls.delete(call.id);
     // ws.send queues messages in order, so handlers never interleave a frame.
     const n = Math.max(1, Math.ceil(out.length / CHUNK));
-    ws.send(encodeFrame({ type: "response", id: call.id, status, headers, end: n === 1 }, out.subarray(0, CHUNK)));
+    const { pairs, latin1 } = wireHeaders(headers);
+    const head = { type: "response", id: call.id, status, headers: pairs, end: n === 1 };
+    if (latin1.length) head.latin1 = latin1;
+    ws.send(encodeFrame(head, out.subarray(0, CHUNK)));
     for (let i = 1; i < n; i++) {
       ws.send(encodeFrame({ type: "body", id: call.id, end: i === n - 1 }, out.subarray(i * CHUNK, (i + 1) * CHUNK)));
     }

@@ -89,7 +89,8 @@ async def add(call):
 
 
 async def echo(call):
-    ctype = call.header("content-type") or "application/octet-stream"
+    # As bytes: a content type that is not UTF-8 goes back byte for byte (PROTOCOL 5.1).
+    ctype = call.header_bytes("content-type") or b"application/octet-stream"
     return 200, [["content-type", ctype]], call.body
 
 
@@ -117,7 +118,33 @@ class Call:
         self.task = None  # set once the body is complete and the handler runs
 
     def header(self, name):
+        """The first value of header `name` as text, or None."""
         return next((v for k, v in self.head.get("headers", []) if k == name), None)
+
+    def header_bytes(self, name):
+        """The first value of header `name` as the caller's exact bytes, or None.
+        A value that is not UTF-8 comes as Latin-1 text listed in "latin1" (PROTOCOL 5.1)."""
+        latin1 = set(self.head.get("latin1", []))
+        for i, (k, v) in enumerate(self.head.get("headers", [])):
+            if k == name:
+                return v.encode("latin-1") if i in latin1 else v.encode("utf-8")
+        return None
+
+
+def wire_headers(headers):
+    """Reply headers as the frame carries them: [name, value] pairs, where a value
+    may be str or bytes; bytes that are not UTF-8 go as Latin-1 text, their index
+    listed in "latin1" (PROTOCOL 5.1). Returns (pairs, latin1)."""
+    pairs, latin1 = [], []
+    for name, value in headers:
+        if isinstance(value, (bytes, bytearray)):
+            try:
+                value = bytes(value).decode("utf-8")
+            except UnicodeDecodeError:
+                latin1.append(len(pairs))
+                value = bytes(value).decode("latin-1")
+        pairs.append([name, value])
+    return pairs, latin1
 
 
 class Refused(Exception):
@@ -303,7 +330,10 @@ class Worker:
             return  # cancelled meanwhile
         out = bytes(out)
         chunks = [out[i : i + CHUNK] for i in range(0, len(out), CHUNK)] or [b""]
-        head = {"type": "response", "id": call.id, "status": status, "headers": headers, "end": len(chunks) == 1}
+        pairs, latin1 = wire_headers(headers)
+        head = {"type": "response", "id": call.id, "status": status, "headers": pairs, "end": len(chunks) == 1}
+        if latin1:
+            head["latin1"] = latin1
         outbox.put_nowait(encode_frame(head, chunks[0]))
         for i, chunk in enumerate(chunks[1:], start=2):
             outbox.put_nowait(encode_frame({"type": "body", "id": call.id, "end": i == len(chunks)}, chunk))

@@ -3,7 +3,6 @@
 //! same id, and answer.
 
 use std::{
-    borrow::Cow,
     convert::Infallible,
     future::Future,
     net::SocketAddr,
@@ -41,10 +40,11 @@ use tokio_util::{
 use tracing::{debug, info, warn};
 
 use super::{
+    conformance,
     idempotency::{Begin, BodyDigest, BodyHasher, BodySeal, Stored},
     registry::{AcquireError, Lease},
     send_timeout::SendTimeout,
-    session::{CallGuard, Failure, Reply, Session, Started},
+    session::{CallGuard, EmptyReplyLength, Failure, Reply, Session, Started},
     sniff::{sniff, Replay},
     stall::StallWatch,
     Settings, Shared,
@@ -53,7 +53,7 @@ use crate::{
     body::{Body, BodyError},
     config::Config,
     error::CallError,
-    headers,
+    headers::{self, WireText},
     metrics::Active,
     protocol::{self, json, json::RequestFields, BodyHead, Compression, DataHead},
 };
@@ -287,6 +287,7 @@ impl Builders {
         // Without a timer hyper silently ignores header_read_timeout.
         h1.timer(TokioTimer::new())
             .header_read_timeout(http.header_read_timeout)
+            .max_headers(conformance::PARSER_MAX_HEADERS)
             .keep_alive(true);
         let h2 = http.http2.then(|| {
             let mut h2 = http2::Builder::new(TokioExecutor::new());
@@ -351,21 +352,31 @@ async fn handle(
         request_id,
         started,
     };
+    // Refusals come before anything else, stored responses included.
+    let refused = match allowed {
+        false => Err(CallError::Forbidden { peer: ip }),
+        true => conformance::check(&head),
+    };
+    let is_head = head.method == http::Method::HEAD;
     // Boxed: hyper keeps room for this future in every connection, idle or
     // not, and moves it in per request; these two would be most of its size.
     // Boxed in a statement of its own: a temporary of the statement that
     // awaits keeps its room in this future even once moved into the box.
     let exchange: Pin<Box<dyn Future<Output = _> + Send + '_>> =
-        match token_header(&head.headers, &IDEMPOTENCY_KEY) {
-            // Before anything else, stored responses included.
-            _ if !allowed => Box::pin(std::future::ready(Err(CallError::Forbidden { peer: ip }))),
-            Some(key) => Box::pin(keyed(&ctx, head, body, trace, key)),
-            None => Box::pin(call(&ctx, head, RequestBody::plain(body), trace)),
+        match (refused, token_header(&head.headers, &IDEMPOTENCY_KEY)) {
+            (Err(err), _) => Box::pin(std::future::ready(Err(err))),
+            (Ok(()), Some(key)) => Box::pin(keyed(&ctx, head, body, trace, key)),
+            (Ok(()), None) => Box::pin(call(&ctx, head, RequestBody::plain(body), trace)),
         };
     let outcome = exchange.await;
     let mut error = None;
     let mut resp = match outcome {
-        Ok(resp) => resp,
+        Ok(mut resp) => {
+            if is_head {
+                head_length(&mut resp);
+            }
+            resp
+        }
         Err(err) => {
             info!(request_id = request_id.as_str(), %method, path = path.as_str(), code = err.code(), error = %err, "call failed");
             error = Some(err.code());
@@ -394,6 +405,18 @@ async fn handle(
     }
     resp.body_mut().log = Some(log);
     Ok(resp)
+}
+
+/// A reply to `HEAD` has no body but tells the length a `GET` would get
+/// (RFC 9110 9.3.2), and callers use it to learn a size. A whole reply's
+/// `Content-Length` is dropped on the way in (the body is framed by its own
+/// length); for an empty one the session keeps it aside, and it is put back
+/// here, where the method is known.
+fn head_length(resp: &mut Response<CallBody>) {
+    if let Some(EmptyReplyLength(n)) = resp.extensions_mut().remove() {
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
 }
 
 /// A streamed reply read whole (at most `limit` bytes, within `time`), for
@@ -767,7 +790,7 @@ async fn call(
     // workers get it as `host`, as from an HTTP/1.1 caller.
     if !parts.headers.contains_key(header::HOST) {
         if let Some(authority) = parts.uri.authority() {
-            wire_headers.insert(0, ("host", Cow::Borrowed(authority.as_str())));
+            wire_headers.insert(0, ("host", authority.as_str().into()));
         }
     }
     forwarded_headers(&mut wire_headers, &xff, request_id);
@@ -1243,7 +1266,7 @@ impl Upload {
 /// JSON escaping can grow a byte to six (`\u00XX`), so heads that might be
 /// near the limit are measured exactly, and the common small head is not
 /// written twice.
-fn head_fits(fields: &RequestFields<'_>, headers: &[(&str, Cow<'_, str>)]) -> bool {
+fn head_fits(fields: &RequestFields<'_>, headers: &[(&str, WireText<'_>)]) -> bool {
     if fields.size_hint(headers) * 6 <= protocol::MAX_HEADER_LEN {
         return true;
     }
@@ -1482,14 +1505,14 @@ fn forwarded_for(original: &http::HeaderMap, peer_ip: &str) -> String {
 /// and `X-Request-Id` (replacing any the caller sent), so the worker sees
 /// what a reverse proxy would show.
 fn forwarded_headers<'a>(
-    wire: &mut Vec<(&'a str, Cow<'a, str>)>,
+    wire: &mut Vec<(&'a str, WireText<'a>)>,
     xff: &'a str,
     request_id: &'a str,
 ) {
     wire.retain(|(n, _)| !matches!(*n, "x-forwarded-for" | "x-forwarded-proto" | "x-request-id"));
-    wire.push(("x-forwarded-for", Cow::Borrowed(xff)));
-    wire.push(("x-forwarded-proto", Cow::Borrowed("http")));
-    wire.push(("x-request-id", Cow::Borrowed(request_id)));
+    wire.push(("x-forwarded-for", xff.into()));
+    wire.push(("x-forwarded-proto", "http".into()));
+    wire.push(("x-request-id", request_id.into()));
 }
 
 #[cfg(test)]

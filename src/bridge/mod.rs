@@ -10,6 +10,7 @@
 //!   [`reload`] swaps in a re-read config without dropping anything.
 
 pub mod admin;
+mod conformance;
 mod credentials;
 mod http;
 mod idempotency;

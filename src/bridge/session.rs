@@ -763,7 +763,13 @@ impl Session {
             let _ = tx.send(Ok(Response::from_parts(parts, Body::full(body))));
             return Ok(());
         }
-        let (sender, stream_body) = Body::channel();
+        let (sender, mut stream_body) = Body::channel();
+        // A streamed reply may declare its length (from_wire_ref keeps one
+        // valid Content-Length): hold the body to it, so that a worker whose
+        // body disagrees cannot hand the caller a cut reply that looks whole.
+        if let Some(n) = content_length(&parts.headers) {
+            stream_body = stream_body.declared_length(n);
+        }
         let buffered = Arc::new(AtomicUsize::new(body.len()));
         let taken = buffered.clone();
         let credit = self.terms.window.map(|_| (self.outbox(), head.id));
@@ -844,11 +850,31 @@ fn check_head(
     if body_len > max {
         return Err(format!("response body exceeds {max} bytes"));
     }
-    let headers = headers::from_wire_ref(&head.headers, !head.end, frame)?;
+    let headers = headers::from_wire_ref(&head.headers, &head.latin1, !head.end, frame)?;
     let mut resp = Response::new(());
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
+    if head.end && body_len == 0 {
+        if let Some(n) = headers::declared_length(&head.headers) {
+            resp.extensions_mut().insert(EmptyReplyLength(n));
+        }
+    }
     Ok(resp)
+}
+
+/// The `Content-Length` an empty whole reply declared, which its headers
+/// no longer carry: the answer to a `HEAD` passes it on (http.rs).
+#[derive(Clone, Copy)]
+pub(crate) struct EmptyReplyLength(pub(crate) u64);
+
+/// The `Content-Length` of a reply head, if it has a valid one.
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// A handshake refusal with a JSON reason.

@@ -18,11 +18,31 @@ use std::borrow::Cow;
 
 use super::{BodyHead, DataHead, Header, RequestHead, ResponseHead};
 
+/// A header value the writers take: text, or (`is_latin1`) a value that is
+/// not UTF-8, whose characters, all U+0000 to U+00FF, each stand for one
+/// byte (PROTOCOL 5.1). The head lists the latter in `"latin1"`.
+pub trait WireValue: AsRef<str> {
+    /// True for a value carried as Latin-1.
+    fn is_latin1(&self) -> bool {
+        false
+    }
+}
+
+impl WireValue for String {}
+impl WireValue for &str {}
+impl WireValue for Cow<'_, str> {}
+
 /// Appends the JSON of `head` to `out`.
 pub fn write_head(head: &DataHead, out: &mut Vec<u8>) {
     match head {
-        DataHead::Request(r) => write_request(&RequestFields::from(r), &r.headers, out),
-        DataHead::Response(r) => write_response(r.id, r.status, &r.headers, r.end, out),
+        DataHead::Request(r) => write_request_with(&RequestFields::from(r), out, |out| {
+            write_pairs(&r.headers, out);
+            write_latin1(r.latin1.iter().copied(), out);
+        }),
+        DataHead::Response(r) => write_response_with(r.id, r.status, r.end, out, |out| {
+            write_pairs(&r.headers, out);
+            write_latin1(r.latin1.iter().copied(), out);
+        }),
         DataHead::Body(b) => {
             out.extend_from_slice(br#"{"type":"body","id":"#);
             write_u64(b.id, out);
@@ -70,7 +90,7 @@ impl<'a> From<&'a RequestHead> for RequestFields<'a> {
 
 impl RequestFields<'_> {
     /// An upper bound on the head's JSON before escaping, to size buffers.
-    pub fn size_hint<N: AsRef<str>, V: AsRef<str>>(&self, headers: &[(N, V)]) -> usize {
+    pub fn size_hint<N: AsRef<str>, V: WireValue>(&self, headers: &[(N, V)]) -> usize {
         self.fields_hint() + headers_len(headers)
     }
 
@@ -91,7 +111,7 @@ pub struct EncodedHeaders(Box<[u8]>);
 
 impl EncodedHeaders {
     /// The JSON [`write_request`] writes for `headers`.
-    pub fn new<N: AsRef<str>, V: AsRef<str>>(headers: &[(N, V)]) -> EncodedHeaders {
+    pub fn new<N: AsRef<str>, V: WireValue>(headers: &[(N, V)]) -> EncodedHeaders {
         let mut out = Vec::with_capacity(headers_len(headers) + 16);
         write_headers(headers, &mut out);
         EncodedHeaders(out.into_boxed_slice())
@@ -100,7 +120,7 @@ impl EncodedHeaders {
 
 /// Appends the JSON of a request head; the same bytes as [`write_head`]
 /// writes for the [`RequestHead`] with these fields and headers.
-pub fn write_request<N: AsRef<str>, V: AsRef<str>>(
+pub fn write_request<N: AsRef<str>, V: WireValue>(
     r: &RequestFields<'_>,
     headers: &[(N, V)],
     out: &mut Vec<u8>,
@@ -138,24 +158,34 @@ fn write_request_with(
 
 /// Appends the JSON of a response head; the same bytes as [`write_head`]
 /// writes for the [`ResponseHead`] with these fields.
-pub fn write_response<N: AsRef<str>, V: AsRef<str>>(
+pub fn write_response<N: AsRef<str>, V: WireValue>(
     id: u64,
     status: u16,
     headers: &[(N, V)],
     end: bool,
     out: &mut Vec<u8>,
 ) {
+    write_response_with(id, status, end, out, |out| write_headers(headers, out));
+}
+
+fn write_response_with(
+    id: u64,
+    status: u16,
+    end: bool,
+    out: &mut Vec<u8>,
+    write_headers: impl FnOnce(&mut Vec<u8>),
+) {
     out.extend_from_slice(br#"{"type":"response","id":"#);
     write_u64(id, out);
     out.extend_from_slice(br#","status":"#);
     write_u64(u64::from(status), out);
-    write_headers(headers, out);
+    write_headers(out);
     write_end(end, out);
     out.push(b'}');
 }
 
 /// The size hint of a response head with these headers.
-pub fn response_size_hint<N: AsRef<str>, V: AsRef<str>>(headers: &[(N, V)]) -> usize {
+pub fn response_size_hint<N: AsRef<str>, V: WireValue>(headers: &[(N, V)]) -> usize {
     96 + headers_len(headers)
 }
 
@@ -163,21 +193,63 @@ pub fn response_size_hint<N: AsRef<str>, V: AsRef<str>>(headers: &[(N, V)]) -> u
 /// buffer it is written into.
 pub fn size_hint(head: &DataHead) -> usize {
     match head {
-        DataHead::Request(r) => RequestFields::from(r).size_hint(&r.headers),
-        DataHead::Response(r) => response_size_hint(&r.headers),
+        DataHead::Request(r) => {
+            RequestFields::from(r).size_hint(&r.headers) + latin1_len(r.latin1.len())
+        }
+        DataHead::Response(r) => response_size_hint(&r.headers) + latin1_len(r.latin1.len()),
         DataHead::Body(_) => 64,
         DataHead::Unknown => 24,
     }
 }
 
-fn headers_len<N: AsRef<str>, V: AsRef<str>>(headers: &[(N, V)]) -> usize {
+/// The JSON bytes of headers before escaping, with room for the index of
+/// each value listed in `"latin1"`.
+fn headers_len<N: AsRef<str>, V: WireValue>(headers: &[(N, V)]) -> usize {
     headers
         .iter()
-        .map(|(n, v)| n.as_ref().len() + v.as_ref().len() + 6)
+        .map(|(n, v)| {
+            let index = if v.is_latin1() { latin1_len(1) } else { 0 };
+            n.as_ref().len() + v.as_ref().len() + 6 + index
+        })
         .sum()
 }
 
-fn write_headers<N: AsRef<str>, V: AsRef<str>>(headers: &[(N, V)], out: &mut Vec<u8>) {
+/// An upper bound on the bytes of a `"latin1"` list of `n` indices: a
+/// head's indices have at most 5 digits (a pair takes at least 8 bytes of
+/// the 64 KiB), each with its comma, and the key.
+fn latin1_len(n: usize) -> usize {
+    if n == 0 {
+        0
+    } else {
+        12 + 6 * n
+    }
+}
+
+/// `,"headers":[...]`, then `,"latin1":[...]` if a value is Latin-1.
+fn write_headers<N: AsRef<str>, V: WireValue>(headers: &[(N, V)], out: &mut Vec<u8>) {
+    write_pairs(headers, out);
+    let marked = headers
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, v))| v.is_latin1());
+    write_latin1(marked.map(|(i, _)| i), out);
+}
+
+/// `,"latin1":[...]` with these indices; nothing for none (the field is
+/// then absent, as serde skips an empty one).
+fn write_latin1(indices: impl Iterator<Item = usize>, out: &mut Vec<u8>) {
+    let mut any = false;
+    for i in indices {
+        out.extend_from_slice(if any { b"," } else { br#","latin1":["# });
+        write_u64(i as u64, out);
+        any = true;
+    }
+    if any {
+        out.push(b']');
+    }
+}
+
+fn write_pairs<N: AsRef<str>, V: AsRef<str>>(headers: &[(N, V)], out: &mut Vec<u8>) {
     out.extend_from_slice(br#","headers":["#);
     for (i, (name, value)) in headers.iter().enumerate() {
         if i > 0 {
@@ -304,6 +376,8 @@ pub struct ResponseRef<'a> {
     pub status: u16,
     /// See [`ResponseHead::headers`].
     pub headers: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    /// See [`ResponseHead::latin1`].
+    pub latin1: Vec<usize>,
     /// See [`ResponseHead::end`].
     pub end: bool,
 }
@@ -318,6 +392,7 @@ impl From<ResponseHead> for ResponseRef<'_> {
                 .into_iter()
                 .map(|(n, v)| (Cow::Owned(n), Cow::Owned(v)))
                 .collect(),
+            latin1: h.latin1,
             end: h.end,
         }
     }
@@ -331,6 +406,7 @@ impl HeadRef<'_> {
                 id: r.id,
                 status: r.status,
                 headers: owned(r.headers),
+                latin1: r.latin1,
                 end: r.end,
             }),
             HeadRef::Other(head) => head,
@@ -374,6 +450,7 @@ pub fn read_head_ref(json: &[u8]) -> Option<HeadRef<'_>> {
             "method" => set(&mut f.method, r.string()?)?,
             "path" => set(&mut f.path, r.string()?)?,
             "headers" => set(&mut f.headers, r.headers()?)?,
+            "latin1" => set(&mut f.latin1, r.indices()?)?,
             "status" => set(&mut f.status, u16::try_from(r.number()?).ok()?)?,
             "end" => set(&mut f.end, r.boolean()?)?,
             "gate" => set(&mut f.gate, r.boolean()?)?,
@@ -399,6 +476,7 @@ pub fn read_head_ref(json: &[u8]) -> Option<HeadRef<'_>> {
             method: f.method?.into_owned(),
             path: f.path?.into_owned(),
             headers: owned(f.headers?),
+            latin1: f.latin1.unwrap_or_default(),
             end,
             gate: f.gate.unwrap_or(true),
         })),
@@ -406,6 +484,7 @@ pub fn read_head_ref(json: &[u8]) -> Option<HeadRef<'_>> {
             id: f.id?,
             status: f.status?,
             headers: f.headers.unwrap_or_default(),
+            latin1: f.latin1.unwrap_or_default(),
             end,
         }),
         "body" => HeadRef::Other(DataHead::Body(BodyHead { id: f.id?, end })),
@@ -432,6 +511,7 @@ struct Fields<'a> {
     method: Option<Cow<'a, str>>,
     path: Option<Cow<'a, str>>,
     headers: Option<Vec<(Cow<'a, str>, Cow<'a, str>)>>,
+    latin1: Option<Vec<usize>>,
     status: Option<u16>,
     end: Option<bool>,
     gate: Option<bool>,
@@ -519,6 +599,26 @@ impl<'a> Reader<'a> {
             self.ws();
             self.eat(b']')?;
             out.push((name, value));
+            self.ws();
+            match self.next()? {
+                b',' => self.ws(),
+                b']' => return Some(out),
+                _ => return None,
+            }
+        }
+    }
+
+    /// `[n, ...]`: a `"latin1"` list of header indices.
+    fn indices(&mut self) -> Option<Vec<usize>> {
+        self.eat(b'[')?;
+        self.ws();
+        let mut out = Vec::new();
+        if self.peek()? == b']' {
+            self.at += 1;
+            return Some(out);
+        }
+        loop {
+            out.push(usize::try_from(self.number()?).ok()?);
             self.ws();
             match self.next()? {
                 b',' => self.ws(),

@@ -335,6 +335,10 @@ pub struct RequestHead {
     pub path: String,
     /// Request headers without hop-by-hop headers.
     pub headers: Vec<Header>,
+    /// Indices into `headers` of values that are not UTF-8, carried as
+    /// Latin-1 (section 5.1): each character, U+0000 to U+00FF, is one byte.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub latin1: Vec<usize>,
     /// `true` when this frame carries the whole body.
     #[serde(default = "yes")]
     pub end: bool,
@@ -356,6 +360,9 @@ pub struct ResponseHead {
     /// Response headers.
     #[serde(default)]
     pub headers: Vec<Header>,
+    /// See [`RequestHead::latin1`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub latin1: Vec<usize>,
     /// `true` (the default) when this frame carries the whole body.
     #[serde(default = "yes")]
     pub end: bool,
@@ -390,6 +397,7 @@ struct FlatHead {
     method: Option<String>,
     path: Option<String>,
     headers: Option<Vec<Header>>,
+    latin1: Option<Vec<usize>>,
     status: Option<u16>,
     end: Option<bool>,
     gate: Option<bool>,
@@ -421,6 +429,7 @@ impl TryFrom<FlatHead> for DataHead {
                 method: need(f.method, "method")?,
                 path: need(f.path, "path")?,
                 headers: need(f.headers, "headers")?,
+                latin1: f.latin1.unwrap_or_default(),
                 end,
                 gate: f.gate.unwrap_or(true),
             }),
@@ -428,6 +437,7 @@ impl TryFrom<FlatHead> for DataHead {
                 id: need(f.id, "id")?,
                 status: need(f.status, "status")?,
                 headers: f.headers.unwrap_or_default(),
+                latin1: f.latin1.unwrap_or_default(),
                 end,
             }),
             HeadKind::Body => DataHead::Body(BodyHead {
@@ -650,7 +660,7 @@ pub fn encode_head(head: &DataHead, body: &[u8], codec: Compression) -> Result<B
 /// Encodes a request head frame from borrowed parts: the frame
 /// [`encode_head`] builds for the [`RequestHead`] they describe, without
 /// building one (the bridge's hot path).
-pub fn encode_request<N: AsRef<str>, V: AsRef<str>>(
+pub fn encode_request<N: AsRef<str>, V: json::WireValue>(
     fields: &json::RequestFields<'_>,
     headers: &[(N, V)],
     body: &[u8],
@@ -679,7 +689,7 @@ pub fn encode_request_encoded(
 /// Encodes a response head frame from borrowed headers: the frame
 /// [`encode_head`] builds for the [`ResponseHead`] they describe (the
 /// worker's hot path).
-pub fn encode_response<N: AsRef<str>, V: AsRef<str>>(
+pub fn encode_response<N: AsRef<str>, V: json::WireValue>(
     (id, status): (u64, u16),
     headers: &[(N, V)],
     end: bool,
@@ -727,6 +737,7 @@ mod tests {
             id: 7,
             status: 200,
             headers: vec![("content-type".into(), "text/plain".into())],
+            latin1: vec![],
             end,
         })
     }
@@ -820,6 +831,7 @@ mod tests {
             id: 9,
             status: 200,
             headers: vec![("x-big".into(), "v".repeat(MAX_HEADER_LEN))],
+            latin1: vec![],
             end: true,
         });
         assert!(matches!(
@@ -831,6 +843,7 @@ mod tests {
             id: 9,
             status: 200,
             headers: vec![("x-big".into(), "v".repeat((1 << 24) + 5))],
+            latin1: vec![],
             end: true,
         });
         assert!(matches!(

@@ -109,10 +109,25 @@ impl Upstream {
             parts.headers.insert("x-forwarded-host", original);
         }
         parts.headers.insert(header::HOST, self.authority.clone());
-        self.pool
+        let mut resp = self
+            .pool
             .send(Request::from_parts(parts, body))
             .await
-            .map_err(|e| format!("upstream {}: {e}", self.base))
+            .map_err(|e| format!("upstream {}: {e}", self.base))?;
+        drop_overridden_length(resp.headers_mut());
+        Ok(resp)
+    }
+}
+
+/// RFC 9112 6.3: when a reply has `Transfer-Encoding`, its framing (which
+/// hyper has already decoded) wins and any `Content-Length` beside it is
+/// meaningless. Passed on, it would tell the caller a length the body does
+/// not have (`Content-Length: 5` before 452 chunked bytes: a cut reply that
+/// looks complete). Transfer-Encoding itself is hop-by-hop and dropped
+/// later, so this is the last point where the two can be seen together.
+fn drop_overridden_length(headers: &mut http::HeaderMap) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
     }
 }
 

@@ -1132,7 +1132,7 @@ fn plain(status: StatusCode, text: &str) -> Response<Body> {
 
 /// Turns a request frame into an `http::Request`.
 fn build_request(head: RequestHead, body: Body) -> Result<Request<Body>, String> {
-    let headers = headers::from_wire(&head.headers, body.as_full().is_none())?;
+    let headers = headers::from_wire(&head.headers, &head.latin1, body.as_full().is_none())?;
     let invalid = |e: &dyn std::fmt::Display| format!("invalid request frame: {e}");
     let method = http::Method::from_bytes(head.method.as_bytes()).map_err(|e| invalid(&e))?;
     // The path's own buffer becomes the URI's: no copy.
@@ -1162,6 +1162,7 @@ mod tests {
             method: method.into(),
             path: path.into(),
             headers: vec![("x-a".into(), "1".into())],
+            latin1: vec![],
             end: true,
             gate: true,
         }

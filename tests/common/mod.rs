@@ -5,6 +5,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod raw_http;
+
 use std::{
     future::Future, net::SocketAddr, path::PathBuf, process::Stdio, sync::Arc, time::Duration,
 };
@@ -426,6 +428,7 @@ pub fn response_head(id: u64, status: u16, end: bool) -> DataHead {
         id,
         status,
         headers: vec![],
+        latin1: vec![],
         end,
     })
 }
@@ -659,6 +662,7 @@ impl RawWorker {
                 .iter()
                 .map(|(n, v)| (n.to_string(), v.to_string()))
                 .collect(),
+            latin1: vec![],
             end: true,
         });
         self.send_binary(protocol::encode_data(&head, body)).await;
@@ -982,6 +986,7 @@ impl FakeLink {
             method: "GET".into(),
             path: path.into(),
             headers: vec![],
+            latin1: vec![],
             end: true,
             gate: false,
         });
