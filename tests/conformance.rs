@@ -164,6 +164,54 @@ async fn a_head_reply_keeps_its_content_length_over_http2() {
 }
 
 #[tokio::test]
+async fn a_streamed_head_reply_over_http2_keeps_its_length_and_ends_cleanly() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
+    let (mut sender, _conn) = h2_connection(bridge.http).await;
+    with_timeout(sender.ready()).await.expect("ready");
+    let req = Request::head(bridge.at("/file"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let caller = tokio::spawn(async move {
+        let resp = sender.send_request(req).await.expect("h2 response");
+        let (parts, body) = resp.into_parts();
+        (parts, http_body_util::BodyExt::collect(body).await)
+    });
+    let (req, _) = raw.next_request().await;
+    assert_eq!(req.method, "HEAD");
+    // A worker may stream its HEAD reply (the agent does when its upstream
+    // is slow): a head declaring the GET's length, then an empty end.
+    let head = wsbridge::protocol::DataHead::Response(wsbridge::protocol::ResponseHead {
+        id: req.id,
+        status: 200,
+        headers: vec![("content-length".into(), "452".into())],
+        latin1: vec![],
+        end: false,
+    });
+    raw.send_binary(wsbridge::protocol::encode_data(&head, b""))
+        .await;
+    let end = wsbridge::protocol::DataHead::Body(wsbridge::protocol::BodyHead {
+        id: req.id,
+        end: true,
+    });
+    raw.send_binary(wsbridge::protocol::encode_data(&end, b""))
+        .await;
+    let (parts, body) = with_timeout(caller).await.expect("join");
+    assert_eq!(parts.status, StatusCode::OK);
+    assert_eq!(
+        parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .map(|v| v.as_bytes()),
+        Some(&b"452"[..])
+    );
+    // The stream ends cleanly: no reset for a body "452 bytes short".
+    let body = body.expect("the HEAD stream ends without a reset");
+    assert!(body.to_bytes().is_empty());
+    bridge.stop().await;
+}
+
+#[tokio::test]
 async fn connect_over_http2_is_refused_with_a_json_405() {
     let bridge = TestBridge::start(|_| {}).await;
     let (worker, calls) = counting_worker(&bridge).await;

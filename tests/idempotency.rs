@@ -201,6 +201,33 @@ async fn a_key_reused_for_another_request_gets_422_and_reaches_no_worker() {
 /// Size of the streamed replies below: well over what is read whole.
 const STREAMED: usize = 2 << 20;
 
+#[tokio::test]
+async fn a_key_is_scoped_by_the_callers_authorization() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let (_w, calls) = counting(&bridge, &["default"]).await;
+    let as_user = |auth: &str| {
+        let req = Request::post(bridge.at("/pay?to=a"))
+            .header("idempotency-key", "order-7")
+            .header("authorization", auth)
+            .body(Full::new(Bytes::from_static(b"10 EUR")))
+            .expect("request");
+        tokio::spawn(async move { send(&http_client(), req).await })
+    };
+    let alice = with_timeout(as_user("Bearer alice")).await.expect("join");
+    assert_eq!(alice.body, "created 1");
+    // Another caller guessing the same key gets a call of its own, never
+    // the response made for alice's credentials.
+    let mallory = with_timeout(as_user("Bearer mallory")).await.expect("join");
+    assert_eq!(mallory.body, "created 2");
+    assert!(mallory.header("idempotent-replayed").is_empty());
+    // Each caller's own repeat is still replayed.
+    let again = with_timeout(as_user("Bearer alice")).await.expect("join");
+    assert_eq!(again.body, "created 1");
+    assert_eq!(again.header("idempotent-replayed"), "true");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    bridge.stop().await;
+}
+
 /// A worker that counts its calls, waits for `release` (when given) and
 /// answers each with a streamed body of [`STREAMED`] bytes.
 async fn streaming(

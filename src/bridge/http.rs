@@ -374,6 +374,14 @@ async fn handle(
         Ok(mut resp) => {
             if is_head {
                 head_length(&mut resp);
+                // A HEAD reply has no body, whatever the worker streams (an
+                // empty one, against a length it declares for the GET):
+                // the call ends here, as hyper's HTTP/1 server would drop
+                // the body unread, and no HTTP/2 stream is reset over it.
+                if resp.body().body.as_full().is_none() {
+                    resp.body_mut().body = Body::full(Bytes::new());
+                    resp.body_mut()._call = None;
+                }
             }
             resp
         }
@@ -393,7 +401,7 @@ async fn handle(
     // On every response, the bridge's own errors and replays included: 0
     // says no worker was sent the call this time.
     resp.headers_mut()
-        .insert(ATTEMPTS.clone(), HeaderValue::from(trace.attempts));
+        .insert(ATTEMPTS.clone(), attempts_value(trace.attempts));
     log.status = resp.status().as_u16();
     log.error = error;
     // A streamed reply's call may be ended early (the stall watch): from
@@ -440,6 +448,18 @@ async fn collect_whole(
     }))
 }
 
+/// `X-Bridge-Attempts` for `n` attempts; the usual counts without an
+/// allocation (`HeaderValue::from(u32)` formats into a new buffer).
+fn attempts_value(n: u32) -> HeaderValue {
+    match n {
+        0 => HeaderValue::from_static("0"),
+        1 => HeaderValue::from_static("1"),
+        2 => HeaderValue::from_static("2"),
+        3 => HeaderValue::from_static("3"),
+        n => HeaderValue::from(n),
+    }
+}
+
 /// `started + timeout`. Durations are capped by config validation; the
 /// fallback only guards the arithmetic.
 fn deadline_of(started: Instant, timeout: Duration) -> Instant {
@@ -457,6 +477,27 @@ fn token_header(headers: &http::HeaderMap, name: &HeaderName) -> Option<String> 
             !v.is_empty() && v.len() <= MAX_REQUEST_ID && v.bytes().all(|b| b.is_ascii_graphic())
         })
         .map(str::to_owned)
+}
+
+/// The key an `Idempotency-Key` is stored under: the caller's key, scoped by
+/// the SHA-256 of its `Authorization` header when it sends one (the IETF
+/// draft's "scoped per client"). Callers that authenticate as someone else
+/// then have keys of their own, so no caller is ever handed a response that
+/// was made for another one's credentials, whatever key it guesses.
+fn scoped_key(key: &str, authorization: Option<&HeaderValue>) -> String {
+    let Some(auth) = authorization else {
+        return key.to_owned();
+    };
+    let digest = super::credentials::sha256(auth.as_bytes());
+    let mut scoped = String::with_capacity(key.len() + 33);
+    scoped.push_str(key);
+    // A space cannot occur in a key (visible ASCII only), so no key can
+    // pose as another key's scoped form.
+    scoped.push(' ');
+    for b in &digest[..16] {
+        scoped.push_str(&format!("{b:02x}"));
+    }
+    scoped
 }
 
 /// A call with an idempotency key: the stored response if there is one, the
@@ -484,10 +525,11 @@ async fn keyed(
     };
     // Counted under its service even when it only waits or replays.
     trace.route(shared, &target.service);
+    let scoped = scoped_key(&key, head.headers.get(header::AUTHORIZATION));
     loop {
         match shared
             .idempotency
-            .begin(&target.service, &key, &head.method, path)
+            .begin(&target.service, &scoped, &head.method, path)
         {
             Begin::Mismatch => return Err(mismatch("method or path")),
             Begin::Kept(kept) => {
