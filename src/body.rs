@@ -44,6 +44,9 @@ enum Kind {
         on_read: Option<OnRead>,
         /// The length the body declared, if any, checked as it goes.
         length: Option<Declared>,
+        /// The sender finished and every byte passed its checks: what is
+        /// left to read (a held-back last chunk at most) ends the body.
+        ended: bool,
     },
     Boxed(UnsyncBoxBody<Bytes, BodyError>),
 }
@@ -126,6 +129,7 @@ impl Body {
                 rx,
                 on_read: None,
                 length: None,
+                ended: false,
             },
         };
         (
@@ -286,6 +290,7 @@ impl HttpBody for Body {
                 rx,
                 on_read,
                 length,
+                ended,
             } => loop {
                 let next = match ready!(rx.poll_recv(cx)) {
                     Some(Ok(chunk)) => match length {
@@ -293,10 +298,14 @@ impl HttpBody for Body {
                         None => Ok(Some(chunk)),
                     },
                     Some(Err(e)) => Err(e),
-                    None => match length {
-                        Some(declared) => declared.end(),
-                        None => Ok(None),
-                    },
+                    None => {
+                        let end = match length {
+                            Some(declared) => declared.end(),
+                            None => Ok(None),
+                        };
+                        *ended = end.is_ok();
+                        end
+                    }
                 };
                 match next {
                     Ok(Some(chunk)) => {
@@ -318,7 +327,12 @@ impl HttpBody for Body {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(b) => b.is_none(),
-            Kind::Chunks { .. } => false,
+            // Known only once the sender has finished and nothing is held
+            // back: the access log's `complete` reads this after the caller
+            // took the body, and HTTP/2 marks its last DATA frame with it.
+            Kind::Chunks { ended, length, .. } => {
+                *ended && length.as_ref().is_none_or(|d| d.held.is_none())
+            }
             Kind::Boxed(b) => b.is_end_stream(),
         }
     }
@@ -392,6 +406,33 @@ mod tests {
         tx.send(Bytes::from_static(b"!"));
         let next = body.frame().await.expect("a frame");
         assert!(next.is_err(), "{next:?}");
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_read_to_its_end_says_so_and_a_cut_one_does_not() {
+        // Without a declared length: the end is known once the sender finished.
+        let (tx, mut body) = Body::channel();
+        tx.send(Bytes::from_static(b"abc"));
+        assert!(!body.is_end_stream());
+        assert!(body.frame().await.is_some());
+        assert!(!body.is_end_stream(), "the sender may still send more");
+        tx.finish();
+        assert!(body.frame().await.is_none());
+        assert!(body.is_end_stream());
+        // With one: the held-back last chunk ends it.
+        let (tx, body) = Body::channel();
+        let mut body = body.declared_length(3);
+        tx.send(Bytes::from_static(b"abc"));
+        tx.finish();
+        assert!(body.frame().await.is_some());
+        assert!(body.is_end_stream(), "the last chunk completed the length");
+        // A sender dropped without finish: never complete.
+        let (tx, mut body) = Body::channel();
+        tx.send(Bytes::from_static(b"abc"));
+        drop(tx);
+        assert!(body.frame().await.is_some());
+        assert!(body.frame().await.expect("an error").is_err());
+        assert!(!body.is_end_stream());
     }
 
     #[tokio::test]
