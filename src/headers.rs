@@ -131,17 +131,26 @@ fn value_of(
     latin1: &[usize],
     as_text: impl FnOnce() -> Option<HeaderValue>,
 ) -> Option<HeaderValue> {
-    if latin1.is_empty() || !latin1.contains(&i) {
+    // check_latin1 made the list strictly ascending: a binary search keeps
+    // a head with thousands of listed values linear-logarithmic.
+    if latin1.is_empty() || latin1.binary_search(&i).is_err() {
         return as_text();
     }
     HeaderValue::from_maybe_shared(Bytes::from(latin1_bytes(text)?)).ok()
 }
 
-/// Every index `latin1` lists must name a pair.
+/// Every index `latin1` lists must name a pair, in ascending order, each
+/// once (PROTOCOL.md 5.1).
 fn check_latin1(latin1: &[usize], len: usize) -> Result<(), String> {
-    match latin1.iter().find(|&&i| i >= len) {
-        Some(i) => Err(format!("latin1 lists header {i}, past the {len} headers")),
-        None => Ok(()),
+    if let Some(w) = latin1.windows(2).find(|w| w[0] >= w[1]) {
+        return Err(format!(
+            "latin1 must list indices in ascending order, each once ({} then {})",
+            w[0], w[1]
+        ));
+    }
+    match latin1.last() {
+        Some(&i) if i >= len => Err(format!("latin1 lists header {i}, past the {len} headers")),
+        _ => Ok(()),
     }
 }
 
@@ -268,6 +277,18 @@ mod tests {
                 ("x-keep", WireText::from("b"))
             ]
         );
+    }
+
+    #[test]
+    fn a_latin1_list_must_be_ascending_and_in_range() {
+        let pairs: Vec<Header> = vec![("a".into(), "caf\u{e9}".into()), ("b".into(), "x".into())];
+        assert!(from_wire(&pairs, &[0], false).is_ok());
+        assert!(from_wire(&pairs, &[0, 1], false).is_ok());
+        assert!(from_wire(&pairs, &[1, 0], false).is_err());
+        assert!(from_wire(&pairs, &[0, 0], false).is_err());
+        assert!(from_wire(&pairs, &[2], false).is_err());
+        let map = from_wire(&pairs, &[0], false).expect("valid");
+        assert_eq!(map.get("a").map(|v| v.as_bytes()), Some(&b"caf\xe9"[..]));
     }
 
     #[test]
