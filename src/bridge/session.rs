@@ -1183,6 +1183,23 @@ async fn resume_lookup(
     taken.ok()
 }
 
+/// Why reading from a worker failed, in words fit for a caller's 502 body:
+/// the kind of I/O error, not the TLS library's message (which carries a
+/// link to its manual for an EOF without `close_notify`, a worker killed).
+fn read_failure(e: &tokio_tungstenite::tungstenite::Error) -> String {
+    use tokio_tungstenite::tungstenite::{error::ProtocolError, Error};
+    match e {
+        Error::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            "the connection was cut (no close frame)".to_owned()
+        }
+        Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            "the connection was cut (no close frame)".to_owned()
+        }
+        Error::Io(io) => format!("read failed: {}", io.kind()),
+        other => format!("read failed: {other}"),
+    }
+}
+
 /// Sends an error frame and a policy close; returns the reason for the log.
 async fn reject<S>(ws: &mut WebSocketStream<S>, code: &str, reason: &str) -> String
 where
@@ -1314,7 +1331,7 @@ where
         };
         let msg = match msg {
             None => return ("connection closed".to_owned(), true),
-            Some(Err(e)) => return (format!("read failed: {e}"), true),
+            Some(Err(e)) => return (read_failure(&e), true),
             Some(Ok(m)) => m,
         };
         let problem = match msg {

@@ -64,8 +64,12 @@ impl Backoff {
             wait
         };
         match resume_window {
-            Some(window) => wait.min(window / TRIES_PER_WINDOW),
-            None => wait,
+            // Jittered within the cap too: workers that lost the same link
+            // must not all come back in the same instant.
+            Some(window) if wait > window / TRIES_PER_WINDOW => {
+                (window / TRIES_PER_WINDOW).mul_f64(0.5 + fastrand::f64() * 0.5)
+            }
+            _ => wait,
         }
     }
 }
@@ -107,10 +111,15 @@ mod tests {
     fn while_calls_are_held_no_wait_outlasts_a_quarter_of_the_window() {
         let mut b = Backoff::new(10 * S, 60 * S);
         let window = Some(2 * S);
+        let mut waits = Vec::new();
         for _ in 0..10 {
             let wait = b.next(None, true, window);
-            assert!(wait <= S / 2, "{wait:?}");
+            assert!((S / 4..=S / 2).contains(&wait), "{wait:?}");
+            waits.push(wait);
         }
+        // Still jittered under the cap, so that workers do not redial in step.
+        waits.dedup();
+        assert!(waits.len() > 1, "{waits:?}");
         // Once the session is gone, the backoff it had reached applies.
         assert!(b.next(None, true, None) >= 30 * S);
     }

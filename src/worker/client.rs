@@ -250,16 +250,17 @@ impl Worker {
                 Err(e) => e.to_string(),
             };
             let up = carry.connected_at.take().map(|at| at.elapsed());
+            let dropped = !std::mem::take(&mut carry.closed_by_bridge);
             if up.is_some() {
-                held_until = carry
-                    .session
-                    .as_ref()
-                    .map(|_| Instant::now() + carry.resume_window);
+                // Only a drop is held for a resume: a connection the bridge
+                // closed (it may be restarting) keeps nothing, and its
+                // workers must keep their jittered backoff.
+                held_until = (dropped && carry.session.is_some())
+                    .then(|| Instant::now() + carry.resume_window);
             }
             let held = held_until
                 .filter(|until| Instant::now() < *until)
                 .map(|_| carry.resume_window);
-            let dropped = !std::mem::take(&mut carry.closed_by_bridge);
             let wait = backoff.next(up, dropped, held);
             warn!(url = %self.config.url, %reason, retry_in = ?wait, "worker disconnected");
             self.status.send_replace(Status::Disconnected { reason });
