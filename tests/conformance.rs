@@ -163,6 +163,23 @@ async fn a_head_reply_keeps_its_content_length_over_http2() {
     bridge.stop().await;
 }
 
+/// Answers call `id` the way a worker streams a HEAD reply: a head that
+/// declares the GET's `length`, then an empty end.
+async fn stream_empty_head_reply(raw: &mut RawWorker, id: u64, length: u64) {
+    let head = wsbridge::protocol::DataHead::Response(wsbridge::protocol::ResponseHead {
+        id,
+        status: 200,
+        headers: vec![("content-length".into(), length.to_string())],
+        latin1: vec![],
+        end: false,
+    });
+    raw.send_binary(wsbridge::protocol::encode_data(&head, b""))
+        .await;
+    let end = wsbridge::protocol::DataHead::Body(wsbridge::protocol::BodyHead { id, end: true });
+    raw.send_binary(wsbridge::protocol::encode_data(&end, b""))
+        .await;
+}
+
 #[tokio::test]
 async fn a_streamed_head_reply_over_http2_keeps_its_length_and_ends_cleanly() {
     let bridge = TestBridge::start(|_| {}).await;
@@ -181,21 +198,7 @@ async fn a_streamed_head_reply_over_http2_keeps_its_length_and_ends_cleanly() {
     assert_eq!(req.method, "HEAD");
     // A worker may stream its HEAD reply (the agent does when its upstream
     // is slow): a head declaring the GET's length, then an empty end.
-    let head = wsbridge::protocol::DataHead::Response(wsbridge::protocol::ResponseHead {
-        id: req.id,
-        status: 200,
-        headers: vec![("content-length".into(), "452".into())],
-        latin1: vec![],
-        end: false,
-    });
-    raw.send_binary(wsbridge::protocol::encode_data(&head, b""))
-        .await;
-    let end = wsbridge::protocol::DataHead::Body(wsbridge::protocol::BodyHead {
-        id: req.id,
-        end: true,
-    });
-    raw.send_binary(wsbridge::protocol::encode_data(&end, b""))
-        .await;
+    stream_empty_head_reply(&mut raw, req.id, 452).await;
     let (parts, body) = with_timeout(caller).await.expect("join");
     assert_eq!(parts.status, StatusCode::OK);
     assert_eq!(
@@ -436,21 +439,7 @@ async fn a_streamed_head_reply_keeps_its_length_and_its_connection() {
     });
     let (req, _) = raw.next_request().await;
     assert_eq!(req.method, "HEAD");
-    let head = wsbridge::protocol::DataHead::Response(wsbridge::protocol::ResponseHead {
-        id: req.id,
-        status: 200,
-        headers: vec![("content-length".into(), "452".into())],
-        latin1: vec![],
-        end: false,
-    });
-    raw.send_binary(wsbridge::protocol::encode_data(&head, b""))
-        .await;
-    let end = wsbridge::protocol::DataHead::Body(wsbridge::protocol::BodyHead {
-        id: req.id,
-        end: true,
-    });
-    raw.send_binary(wsbridge::protocol::encode_data(&end, b""))
-        .await;
+    stream_empty_head_reply(&mut raw, req.id, 452).await;
     // hyper drops a HEAD reply's body unread, which may reach the worker
     // as a `cancel` of the call it has just ended: harmless, skipped here.
     let after = loop {

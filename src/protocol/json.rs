@@ -581,35 +581,27 @@ impl<'a> Reader<'a> {
 
     /// `[["name","value"], ...]`.
     fn headers(&mut self) -> Option<Vec<(Cow<'a, str>, Cow<'a, str>)>> {
-        self.eat(b'[')?;
-        self.ws();
-        let mut out = Vec::new();
-        if self.peek()? == b']' {
-            self.at += 1;
-            return Some(out);
-        }
-        loop {
-            self.eat(b'[')?;
-            self.ws();
-            let name = self.string()?;
-            self.ws();
-            self.eat(b',')?;
-            self.ws();
-            let value = self.string()?;
-            self.ws();
-            self.eat(b']')?;
-            out.push((name, value));
-            self.ws();
-            match self.next()? {
-                b',' => self.ws(),
-                b']' => return Some(out),
-                _ => return None,
-            }
-        }
+        self.list(|p| {
+            p.eat(b'[')?;
+            p.ws();
+            let name = p.string()?;
+            p.ws();
+            p.eat(b',')?;
+            p.ws();
+            let value = p.string()?;
+            p.ws();
+            p.eat(b']')?;
+            Some((name, value))
+        })
     }
 
     /// `[n, ...]`: a `"latin1"` list of header indices.
     fn indices(&mut self) -> Option<Vec<usize>> {
+        self.list(|p| usize::try_from(p.number()?).ok())
+    }
+
+    /// `[item, ...]`, each element read by `item`.
+    fn list<T>(&mut self, mut item: impl FnMut(&mut Self) -> Option<T>) -> Option<Vec<T>> {
         self.eat(b'[')?;
         self.ws();
         let mut out = Vec::new();
@@ -618,7 +610,7 @@ impl<'a> Reader<'a> {
             return Some(out);
         }
         loop {
-            out.push(usize::try_from(self.number()?).ok()?);
+            out.push(item(self)?);
             self.ws();
             match self.next()? {
                 b',' => self.ws(),
