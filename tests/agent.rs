@@ -203,6 +203,16 @@ async fn a_caller_hanging_up_aborts_the_agents_upstream_request() {
     bridge.stop().await;
 }
 
+/// A bridge whose one worker is the agent's handler in front of `up`.
+async fn bridge_with_agent(up: &RawUpstream) -> (TestBridge, TestWorker) {
+    let bridge = TestBridge::start(|_| {}).await;
+    let upstream = Upstream::new(&up.url).expect("upstream");
+    let worker = bridge
+        .worker(&["default"], 64, move |req| upstream.forward(req))
+        .await;
+    (bridge, worker)
+}
+
 /// An upstream written by hand, to control its connections and the pace of
 /// its replies. It reads request heads (GETs: no bodies) and writes
 /// `answer(path)`: the first piece at once, each further one only when the
@@ -455,11 +465,7 @@ async fn a_chunked_upstream_reply_with_a_content_length_arrives_whole() {
         vec![reply]
     })
     .await;
-    let bridge = TestBridge::start(|_| {}).await;
-    let upstream = Upstream::new(&up.url).expect("upstream");
-    let worker = bridge
-        .worker(&["default"], 64, move |req| upstream.forward(req))
-        .await;
+    let (bridge, worker) = bridge_with_agent(&up).await;
     let r = raw_http::exchange(
         bridge.http,
         b"GET /both HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
@@ -491,11 +497,7 @@ async fn an_upstream_header_that_is_not_utf8_reaches_the_caller_unchanged() {
         vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-obs: caf\xe9\r\n\r\nok".to_vec()]
     })
     .await;
-    let bridge = TestBridge::start(|_| {}).await;
-    let upstream = Upstream::new(&up.url).expect("upstream");
-    let worker = bridge
-        .worker(&["default"], 64, move |req| upstream.forward(req))
-        .await;
+    let (bridge, worker) = bridge_with_agent(&up).await;
     let r = raw_http::exchange(
         bridge.http,
         b"GET /obs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
@@ -515,11 +517,7 @@ async fn a_head_through_the_agent_keeps_the_upstreams_content_length() {
         vec![b"HTTP/1.1 200 OK\r\ncontent-length: 452\r\ncontent-type: text/plain\r\n\r\n".to_vec()]
     })
     .await;
-    let bridge = TestBridge::start(|_| {}).await;
-    let upstream = Upstream::new(&up.url).expect("upstream");
-    let worker = bridge
-        .worker(&["default"], 64, move |req| upstream.forward(req))
-        .await;
+    let (bridge, worker) = bridge_with_agent(&up).await;
     let r = raw_http::exchange_head(
         bridge.http,
         b"HEAD /file HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
