@@ -287,7 +287,7 @@ impl Builders {
         // Without a timer hyper silently ignores header_read_timeout.
         h1.timer(TokioTimer::new())
             .header_read_timeout(http.header_read_timeout)
-            .max_headers(conformance::PARSER_MAX_HEADERS)
+            // hyper's default max_headers (100): see conformance::MAX_HEADERS.
             .keep_alive(true);
         let h2 = http.http2.then(|| {
             let mut h2 = http2::Builder::new(TokioExecutor::new());
