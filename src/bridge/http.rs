@@ -29,8 +29,7 @@ use hyper_util::{
 };
 use tokio::{
     net::TcpListener,
-    sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore},
-    task::JoinError,
+    sync::{watch, OwnedSemaphorePermit, Semaphore},
     time::Instant,
 };
 use tokio_util::{
@@ -44,9 +43,10 @@ use super::{
     idempotency::{Begin, BodyDigest, BodyHasher, BodySeal, Stored},
     registry::{AcquireError, Lease},
     send_timeout::SendTimeout,
-    session::{CallGuard, EmptyReplyLength, Failure, Reply, Session, Started},
+    session::{CallGuard, EmptyReplyLength, Failure, Session, Started},
     sniff::{sniff, Replay},
     stall::StallWatch,
+    upload::{reply_or_upload_failure, Settled, Upload, UploadError},
     Settings, Shared,
 };
 use crate::{
@@ -55,7 +55,7 @@ use crate::{
     error::CallError,
     headers::{self, WireText},
     metrics::Active,
-    protocol::{self, json, json::RequestFields, BodyHead, Compression, DataHead},
+    protocol::{self, json, json::RequestFields, Compression},
 };
 
 /// The header carrying the request id both ways.
@@ -634,7 +634,7 @@ fn read_error(e: Box<dyn std::error::Error + Send + Sync>, limit: usize) -> Call
 /// The caller's request body; for a call with an idempotency key, hashed as
 /// it is read (whether whole, before dispatch, or streamed by the upload),
 /// so that the key can be bound to it without the body being kept.
-struct RequestBody {
+pub(super) struct RequestBody {
     inner: Incoming,
     /// Set for a keyed call until the body has ended.
     hasher: Option<Box<BodyHasher>>,
@@ -1152,158 +1152,6 @@ async fn call(
     // cancelled; `lease` drops after it and frees the worker's slot.
 }
 
-/// How the wait for a reply beside a running upload ended.
-enum Settled {
-    /// The reply head came (or its channel closed); the upload may still run.
-    Reply(Result<Reply, oneshot::error::RecvError>),
-    /// The upload failed (or its task did) before the reply was taken, or
-    /// as it was.
-    UploadFailed(Result<UploadError, JoinError>),
-}
-
-/// The failure of a finished upload, if it did not send the whole body.
-fn upload_failure(done: Result<Result<(), UploadError>, JoinError>) -> Option<Settled> {
-    match done {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(Settled::UploadFailed(Ok(e))),
-        Err(e) => Some(Settled::UploadFailed(Err(e))),
-    }
-}
-
-/// Waits for the reply head to a call whose body is still being uploaded,
-/// or for the upload to fail. An upload that has failed by the time the
-/// reply is taken wins, whether both were in at the same poll (`biased`,
-/// the upload first) or it finished while the reply was being taken: the
-/// caller never gets a reply to a body that was cut short without the
-/// failure, and the call's guard then tells the worker `cancel`. (An upload
-/// that fails after the reply has gone to the caller cuts the reply off:
-/// the watcher in `call`.)
-async fn reply_or_upload_failure(
-    reply: &mut oneshot::Receiver<Reply>,
-    pump: &mut AbortOnDropHandle<Result<(), UploadError>>,
-) -> Settled {
-    // Set once the upload's outcome has been taken: a finished task's
-    // handle is not polled again.
-    let mut uploaded = false;
-    loop {
-        tokio::select! {
-            biased;
-            done = &mut *pump, if !uploaded => match upload_failure(done) {
-                None => uploaded = true,
-                Some(failed) => return failed,
-            },
-            r = &mut *reply => {
-                if !uploaded && pump.is_finished() {
-                    if let Some(failed) = upload_failure((&mut *pump).await) {
-                        return failed;
-                    }
-                }
-                return Settled::Reply(r);
-            }
-        }
-    }
-}
-
-/// Why an upload stopped.
-enum UploadError {
-    /// The worker connection failed.
-    Worker(Failure),
-    /// Reading the caller's body failed (or it grew past `max_body`).
-    Caller(Box<dyn std::error::Error + Send + Sync>),
-    /// The worker granted no credit for this long.
-    Stalled,
-}
-
-/// Streams a request body to the worker after its head, chunk by chunk,
-/// waiting for credit when the worker does flow control.
-struct Upload {
-    session: Arc<Session>,
-    id: u64,
-    window: Option<Arc<Semaphore>>,
-    /// How body chunks are compressed.
-    codec: Compression,
-    /// Longest silence from the caller mid-body.
-    idle_limit: Duration,
-    /// Body bytes sent so far (the call's `Trace` reads it).
-    sent: Arc<AtomicU64>,
-}
-
-impl Upload {
-    /// Takes `n` bytes of window, waiting for the worker's credit.
-    async fn reserve(&self, n: usize) -> Result<(), UploadError> {
-        let Some(window) = &self.window else {
-            return Ok(());
-        };
-        let n = u32::try_from(n).unwrap_or(u32::MAX);
-        // Waiting for credit counts as silence too: an echo whose caller
-        // writes everything before reading would otherwise wait forever.
-        match tokio::time::timeout(self.idle_limit, window.acquire_many(n)).await {
-            Ok(Ok(permits)) => {
-                permits.forget();
-                Ok(())
-            }
-            Ok(Err(_)) => Err(UploadError::Worker(Failure::Lost(
-                "connection closed".into(),
-            ))),
-            Err(_) => Err(UploadError::Stalled),
-        }
-    }
-
-    async fn chunk(&self, data: &[u8], end: bool) -> Result<(), UploadError> {
-        self.reserve(data.len()).await?;
-        let head = DataHead::Body(BodyHead { id: self.id, end });
-        let frame = protocol::encode_frame(&head, data, self.codec);
-        self.session
-            .send_chunk(frame)
-            .await
-            .map_err(UploadError::Worker)?;
-        self.sent.fetch_add(data.len() as u64, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Sends the head (carrying the first chunk of `start`), the rest of
-    /// `start`, then the remaining body as it arrives, then the end marker.
-    async fn run(
-        self,
-        head: Bytes,
-        start: Bytes,
-        mut body: Limited<RequestBody>,
-    ) -> Result<(), UploadError> {
-        let first = protocol::CHUNK_SIZE.min(start.len());
-        self.reserve(first).await?;
-        // The head of a streamed body takes the bulk queue, in order with its
-        // chunks: through the urgent queue a chunk could overtake it.
-        self.session
-            .send_chunk(head)
-            .await
-            .map_err(UploadError::Worker)?;
-        self.sent.fetch_add(first as u64, Ordering::Relaxed);
-        for piece in start[first..].chunks(protocol::CHUNK_SIZE) {
-            self.chunk(piece, false).await?;
-        }
-        loop {
-            // A caller that stops sending mid-body holds a worker slot; give
-            // up after the route's request_timeout of silence.
-            let next = tokio::time::timeout(self.idle_limit, body.frame())
-                .await
-                .map_err(|_| {
-                    UploadError::Caller(
-                        format!("no request body data for {:?}", self.idle_limit).into(),
-                    )
-                })?;
-            let Some(frame) = next else { break };
-            let frame = frame.map_err(UploadError::Caller)?;
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            for piece in data.chunks(protocol::CHUNK_SIZE) {
-                self.chunk(piece, false).await?;
-            }
-        }
-        self.chunk(&[], true).await
-    }
-}
-
 /// True when a request head with these fields fits in [`protocol::MAX_HEADER_LEN`].
 /// JSON escaping can grow a byte to six (`\u00XX`), so heads that might be
 /// near the limit are measured exactly, and the common small head is not
@@ -1555,44 +1403,4 @@ fn forwarded_headers<'a>(
     wire.push(("x-forwarded-for", xff.into()));
     wire.push(("x-forwarded-proto", "http".into()));
     wire.push(("x-request-id", request_id.into()));
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn an_upload_failure_beats_a_reply_that_came_with_it() {
-        // Unbiased, each round would go either way.
-        for round in 0..64 {
-            let (tx, mut reply) = oneshot::channel::<Reply>();
-            let _ = tx.send(Ok(Response::new(Body::empty())));
-            let mut pump =
-                AbortOnDropHandle::new(tokio::spawn(async { Err::<(), _>(UploadError::Stalled) }));
-            tokio::time::timeout(Duration::from_secs(10), async {
-                while !pump.is_finished() {
-                    tokio::task::yield_now().await;
-                }
-            })
-            .await
-            .expect("the upload task ends");
-            let settled = reply_or_upload_failure(&mut reply, &mut pump).await;
-            assert!(
-                matches!(settled, Settled::UploadFailed(Ok(UploadError::Stalled))),
-                "round {round}: the reply won"
-            );
-        }
-    }
-
-    #[tokio::test]
-    async fn a_reply_beside_a_whole_upload_is_taken() {
-        let (tx, mut reply) = oneshot::channel::<Reply>();
-        let mut pump = AbortOnDropHandle::new(tokio::spawn(async { Ok(()) }));
-        let settled = tokio::spawn(async move {
-            let settled = reply_or_upload_failure(&mut reply, &mut pump).await;
-            matches!(settled, Settled::Reply(Ok(Ok(_))))
-        });
-        let _ = tx.send(Ok(Response::new(Body::empty())));
-        assert!(settled.await.expect("join"));
-    }
 }

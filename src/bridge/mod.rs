@@ -23,6 +23,7 @@ mod session;
 mod sniff;
 mod stall;
 pub mod status;
+mod upload;
 
 pub use reload::{ReloadError, Reloaded};
 
