@@ -7,10 +7,7 @@ use std::{
     future::Future,
     net::SocketAddr,
     pin::Pin,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex, MutexGuard,
-    },
+    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::Duration,
 };
@@ -41,9 +38,10 @@ use tracing::{debug, info, warn};
 use super::{
     conformance,
     idempotency::{Begin, BodyDigest, BodyHasher, BodySeal, Stored},
-    registry::{AcquireError, Lease},
+    registry::AcquireError,
+    reply::{lock, AccessLog, CallBody, Held, HeldCall, Trace},
     send_timeout::SendTimeout,
-    session::{CallGuard, EmptyReplyLength, Failure, Session, Started},
+    session::{EmptyReplyLength, Failure, Started},
     sniff::{sniff, Replay},
     stall::StallWatch,
     upload::{reply_or_upload_failure, Settled, Upload, UploadError},
@@ -54,7 +52,6 @@ use crate::{
     config::Config,
     error::CallError,
     headers::{self, WireText},
-    metrics::Active,
     protocol::{self, json, json::RequestFields, Compression},
 };
 
@@ -730,7 +727,7 @@ pub(crate) struct Caller {
 }
 
 /// Counts an HTTP/2 call as open until its response ends or is dropped.
-struct OpenCall(Arc<Caller>);
+pub(super) struct OpenCall(Arc<Caller>);
 
 impl OpenCall {
     fn begin(caller: &Arc<Caller>) -> Option<OpenCall> {
@@ -1171,203 +1168,6 @@ fn head_fits(fields: &RequestFields<'_>, headers: &[(&str, WireText<'_>)]) -> bo
     let mut json = Vec::new();
     json::write_request(&longest, headers, &mut json);
     json.len() <= protocol::MAX_HEADER_LEN
-}
-
-/// What the caller receives: the reply's body, holding the call's guard
-/// and worker lease while a streamed body is still flowing.
-pub(crate) struct CallBody {
-    body: Body,
-    _call: Option<Held>,
-    /// Written as the access line when the body is done with.
-    log: Option<Box<AccessLog>>,
-}
-
-/// Who served a call, filled in as it proceeds, for its access line and
-/// the metrics.
-#[derive(Default)]
-pub(crate) struct Trace {
-    /// Workers the call was sent to.
-    attempts: u32,
-    /// Shared with the route table: no copy per call.
-    service: Option<Arc<str>>,
-    /// Counts the call as in flight for its service until it is logged.
-    active: Option<Active>,
-    /// The worker connection of the last attempt.
-    session: Option<Arc<Session>>,
-    /// The request body's size, when it was read whole.
-    bytes_in: Option<u64>,
-    /// Body bytes a streamed upload has sent so far.
-    uploaded: Arc<AtomicU64>,
-}
-
-impl Trace {
-    /// The call was routed to `service`.
-    fn route(&mut self, shared: &Shared, service: &Arc<str>) {
-        self.service = Some(service.clone());
-        self.active = Some(shared.metrics.begin(service));
-    }
-}
-
-/// One call's access line, logged (target `wsbridge::access`, level info)
-/// when its response body has been sent or abandoned.
-struct AccessLog {
-    /// Where the call is counted.
-    shared: Arc<Shared>,
-    request_id: String,
-    method: http::Method,
-    path: String,
-    trace: Trace,
-    status: u16,
-    /// The error code, for failures the bridge produced.
-    error: Option<&'static str>,
-    bytes_out: u64,
-    started: Instant,
-    /// The response body was sent to its end.
-    complete: bool,
-    /// Keeps an HTTP/2 connection from being idle until the response ends.
-    _open: Option<OpenCall>,
-}
-
-impl Drop for CallBody {
-    fn drop(&mut self) {
-        if let Some(log) = self.log.as_mut() {
-            log.complete = self.body.is_end_stream();
-        }
-        // The access line and the metrics are written as `log` drops.
-    }
-}
-
-impl Drop for AccessLog {
-    fn drop(&mut self) {
-        let log = self;
-        let complete = log.complete;
-        // One clock read for both the duration and the metrics' window.
-        let now = Instant::now();
-        let elapsed = now.saturating_duration_since(log.started);
-        // Bytes actually read, never a Content-Length the caller claimed.
-        let bytes_in = log
-            .trace
-            .bytes_in
-            .unwrap_or_else(|| log.trace.uploaded.load(Ordering::Relaxed));
-        let status = log.status;
-        let metrics = &log.shared.metrics;
-        // A caller that hung up (499) cut its own call short; only a body
-        // that ended short otherwise is a failure.
-        let truncated = !complete && status != 499;
-        let finished = crate::metrics::Finished {
-            status,
-            truncated,
-            elapsed,
-            bytes_in,
-            bytes_out: log.bytes_out,
-        };
-        match &log.trace.active {
-            Some(active) => metrics.record(active.stats(), &finished, now.into_std()),
-            None => metrics.record(&metrics.service("-"), &finished, now.into_std()),
-        }
-        if let Some(session) = &log.trace.session {
-            session.stats.finished(status >= 500 || truncated);
-        }
-        // The request id and the path are the caller's: recorded as strings
-        // they are quoted and escaped in the text format (and are JSON
-        // strings in the JSON one), so `a"b=c` cannot pass for more fields.
-        info!(
-            target: "wsbridge::access",
-            request_id = log.request_id.as_str(),
-            method = %log.method,
-            path = log.path.as_str(),
-            service = log.trace.service.as_deref().unwrap_or("-"),
-            worker = log.trace.session.as_ref().map_or("-", |s| s.worker_id.as_str()),
-            status = log.status,
-            error = log.error.unwrap_or("-"),
-            attempts = log.trace.attempts,
-            bytes_in,
-            bytes_out = log.bytes_out,
-            // Whole microseconds over 1000: at most three decimals
-            // (`0.264`, not `0.26431099999999996`), and still a number.
-            duration_ms = elapsed.as_micros() as f64 / 1e3,
-            complete,
-            "access"
-        );
-    }
-}
-
-/// What a streamed reply holds on to.
-struct Held {
-    /// The call; taken (ended) early by the stall watch.
-    call: Arc<Mutex<Option<HeldCall>>>,
-    /// A streamed reply that goes quiet for the route's `request_timeout`
-    /// is cut off (and the worker told `timeout`), like a proxy read timeout.
-    idle_limit: Duration,
-    idle: Pin<Box<tokio::time::Sleep>>,
-    /// HTTP/2 callers only: see [`StallWatch`].
-    stall: Option<StallWatch>,
-}
-
-/// A streamed reply's call, dropped in field order: the upload stops, then
-/// the call is removed (and cancelled if unfinished), then the worker's slot
-/// is freed.
-struct HeldCall {
-    _upload: Option<AbortOnDropHandle<()>>,
-    guard: CallGuard,
-    _lease: Lease,
-    /// HTTP/2: counts the call as open on its connection (moved here from
-    /// the access log once the reply is streamed).
-    _open: Option<OpenCall>,
-}
-
-fn lock(call: &Mutex<Option<HeldCall>>) -> MutexGuard<'_, Option<HeldCall>> {
-    // Nothing is left half-done under this lock: a poisoned one is usable.
-    call.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl HttpBody for CallBody {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.body).poll_frame(cx);
-        if let (Poll::Ready(Some(Ok(frame))), Some(log)) = (&polled, this.log.as_mut()) {
-            log.bytes_out += frame.data_ref().map_or(0, |d| d.len() as u64);
-        }
-        let Some(held) = this._call.as_mut() else {
-            return polled;
-        };
-        if let Some(stall) = &held.stall {
-            stall.polled(polled.is_pending());
-        }
-        match polled {
-            Poll::Pending => {
-                if held.idle.as_mut().poll(cx).is_ready() {
-                    if let Some(call) = lock(&held.call).as_mut() {
-                        call.guard.reason = "timeout";
-                    }
-                    let limit = held.idle_limit;
-                    return Poll::Ready(Some(Err(BodyError::new(format!(
-                        "the worker sent nothing for {limit:?}"
-                    )))));
-                }
-                Poll::Pending
-            }
-            ready => {
-                let deadline = tokio::time::Instant::now() + held.idle_limit;
-                held.idle.as_mut().reset(deadline);
-                ready
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
 }
 
 /// The `X-Forwarded-For` to send: what the caller sent, plus its address.

@@ -16,6 +16,7 @@ mod http;
 mod idempotency;
 mod registry;
 mod reload;
+mod reply;
 mod resume;
 mod routes;
 mod send_timeout;
