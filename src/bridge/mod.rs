@@ -14,6 +14,7 @@ mod conformance;
 mod credentials;
 mod http;
 mod idempotency;
+mod listener;
 mod registry;
 mod reload;
 mod reply;
@@ -288,7 +289,7 @@ impl Bridge {
                 .instrument(tracing::info_span!("workers")),
         );
         let shared = self.shared.clone();
-        http::serve(listeners.http, self.shared, shutdown).await;
+        listener::serve(listeners.http, self.shared, shutdown).await;
         shared
             .detached
             .close_all("the bridge is shutting down", &shared.registry);

@@ -21,7 +21,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::info;
 
 use super::{
-    http::OpenCall,
+    listener::OpenCall,
     registry::Lease,
     session::{CallGuard, Session},
     stall::StallWatch,
