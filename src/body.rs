@@ -98,11 +98,6 @@ impl BodySender {
         self.finished = true;
         let _ = self.tx.send(Err(error));
     }
-
-    /// True once the reader has dropped the body.
-    pub fn is_closed(&self) -> bool {
-        self.tx.is_closed()
-    }
 }
 
 impl Body {
