@@ -1,29 +1,28 @@
 //! One caller request, from its head to its response: the request id, the
-//! refusals (`allow_from`, conformance), the idempotency wrapper, and
-//! `call()`, which turns the request into a call frame, sends it to a
-//! worker and waits (event-driven) for the reply with the same id. The
-//! listener that feeds it requests is `listener.rs`.
+//! refusals (`allow_from`, conformance), then `call()`, which turns the
+//! request into a call frame, sends it to a worker and waits (event-driven)
+//! for the reply with the same id. The listener that feeds it requests is
+//! `listener.rs`; a call with an `Idempotency-Key` goes through `keyed.rs`.
 
 use std::{
     convert::Infallible,
     future::Future,
     pin::Pin,
     sync::{Arc, Mutex},
-    task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::{Bytes, BytesMut};
 use http::{header, request::Parts, HeaderName, HeaderValue, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::body::{Body as HttpBody, Incoming};
 use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
 use super::{
     conformance,
-    idempotency::{Begin, BodyDigest, BodyHasher, BodySeal, Stored},
+    keyed::{keyed, read_error, RequestBody},
     listener::{Caller, OpenCall},
     registry::AcquireError,
     reply::{lock, AccessLog, CallBody, Held, HeldCall, Trace},
@@ -49,9 +48,6 @@ pub(crate) static ATTEMPTS: HeaderName = HeaderName::from_static("x-bridge-attem
 
 /// A caller's promise that repeating the request is safe.
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
-
-/// On a response served from the idempotency store rather than a worker.
-static REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
 /// Methods that RFC 9110 defines as idempotent: sending one twice has the
 /// effect of sending it once, so a call may go to a second worker.
@@ -227,7 +223,7 @@ fn attempts_value(n: u32) -> HeaderValue {
 
 /// `started + timeout`. Durations are capped by config validation; the
 /// fallback only guards the arithmetic.
-fn deadline_of(started: Instant, timeout: Duration) -> Instant {
+pub(super) fn deadline_of(started: Instant, timeout: Duration) -> Instant {
     started
         .checked_add(timeout)
         .unwrap_or(started + Duration::from_secs(86_400))
@@ -244,233 +240,6 @@ fn token_header(headers: &http::HeaderMap, name: &HeaderName) -> Option<String> 
         .map(str::to_owned)
 }
 
-/// The key an `Idempotency-Key` is stored under: the caller's key, scoped by
-/// the SHA-256 of its `Authorization` header when it sends one (the IETF
-/// draft's "scoped per client"). Callers that authenticate as someone else
-/// then have keys of their own, so no caller is ever handed a response that
-/// was made for another one's credentials, whatever key it guesses.
-fn scoped_key(key: &str, authorization: Option<&HeaderValue>) -> String {
-    let Some(auth) = authorization else {
-        return key.to_owned();
-    };
-    let digest = super::credentials::sha256(auth.as_bytes());
-    let mut scoped = String::with_capacity(key.len() + 33);
-    scoped.push_str(key);
-    // A space cannot occur in a key (visible ASCII only), so no key can
-    // pose as another key's scoped form.
-    scoped.push(' ');
-    for b in &digest[..16] {
-        scoped.push_str(&format!("{b:02x}"));
-    }
-    scoped
-}
-
-/// A call with an idempotency key: the stored response if there is one, the
-/// running first call's if there is one (after waiting for it), else the
-/// call itself, whose whole response is then stored. A key used before for
-/// another request (method, path with query, or body) is refused with 422;
-/// one whose first call ran but could not be stored, with 409.
-async fn keyed(
-    ctx: &Ctx<'_>,
-    head: Box<Parts>,
-    body: Incoming,
-    trace: &mut Trace,
-    key: String,
-) -> Result<Response<CallBody>, CallError> {
-    let (shared, request_id) = (ctx.shared, ctx.request_id);
-    // Keys are per service; a path without a route fails in `call`.
-    let Some(target) = ctx.settings.router.resolve(head.uri.path()).cloned() else {
-        return call(ctx, head, RequestBody::plain(body), trace).await;
-    };
-    let deadline = deadline_of(ctx.started, target.request_timeout);
-    let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mismatch = |differs| CallError::IdempotencyKeyMismatch {
-        key: key.clone(),
-        differs,
-    };
-    // Counted under its service even when it only waits or replays.
-    trace.route(shared, &target.service);
-    let scoped = scoped_key(&key, head.headers.get(header::AUTHORIZATION));
-    loop {
-        match shared
-            .idempotency
-            .begin(&target.service, &scoped, &head.method, path)
-        {
-            Begin::Mismatch => return Err(mismatch("method or path")),
-            Begin::Kept(kept) => {
-                // The body is read (and hashed, not kept) only to compare it.
-                if let Some(first) = kept.fingerprint.body {
-                    let (digest, read) =
-                        body_digest(body, target.max_body, deadline, || CallError::Timeout {
-                            service: target.service.to_string(),
-                            after: target.request_timeout,
-                        })
-                        .await?;
-                    trace.bytes_in = Some(read);
-                    if digest != first {
-                        return Err(mismatch("body"));
-                    }
-                }
-                let Some(stored) = &kept.response else {
-                    return Err(CallError::IdempotencyKeyNotReplayable { key });
-                };
-                debug!(%request_id, %key, "replaying the stored response");
-                let mut resp = Response::new(CallBody {
-                    body: Body::full(stored.body.clone()),
-                    _call: None,
-                    log: None,
-                });
-                *resp.status_mut() = stored.status;
-                *resp.headers_mut() = stored.headers.clone();
-                resp.headers_mut()
-                    .insert(REPLAYED.clone(), HeaderValue::from_static("true"));
-                return Ok(resp);
-            }
-            Begin::Wait(mut running) => {
-                // Wakes when the first call ends, either way; then look again.
-                if tokio::time::timeout_at(deadline, running.changed())
-                    .await
-                    .is_err()
-                {
-                    return Err(CallError::Timeout {
-                        service: target.service.to_string(),
-                        after: target.request_timeout,
-                    });
-                }
-            }
-            Begin::Lead(ticket) => {
-                let seal = BodySeal::default();
-                let body = RequestBody::hashed(body, &seal);
-                // A failure of the bridge's own returns here: the ticket
-                // drops and frees the key.
-                let resp = call(ctx, head, body, trace).await?;
-                // Only a whole response can be stored; a streamed one is
-                // passed on and the key keeps a tombstone.
-                let whole = resp.body().body.as_full().map(|body| Stored {
-                    status: resp.status(),
-                    headers: resp.headers().clone(),
-                    body: body.clone(),
-                });
-                ticket.complete(whole, seal.digest());
-                return Ok(resp);
-            }
-        }
-    }
-}
-
-/// Reads a repeat's body to its end (at most `limit` bytes, by `deadline`)
-/// for its digest and length; the bytes themselves are dropped as they come.
-async fn body_digest(
-    body: Incoming,
-    limit: usize,
-    deadline: Instant,
-    timeout: impl Fn() -> CallError,
-) -> Result<(BodyDigest, u64), CallError> {
-    let seal = BodySeal::default();
-    let mut body = Limited::new(RequestBody::hashed(body, &seal), limit);
-    let mut read = 0;
-    loop {
-        match tokio::time::timeout_at(deadline, body.frame()).await {
-            Err(_) => return Err(timeout()),
-            Ok(None) => break,
-            Ok(Some(Err(e))) => return Err(read_error(e, limit)),
-            Ok(Some(Ok(frame))) => {
-                read += frame.data_ref().map_or(0, |d| d.len() as u64);
-            }
-        }
-    }
-    let digest = seal.digest().ok_or_else(|| CallError::BadRequest {
-        reason: "the request body ended early".into(),
-    })?;
-    Ok((digest, read))
-}
-
-/// What reading a caller's body failed with, as the caller is told.
-fn read_error(e: Box<dyn std::error::Error + Send + Sync>, limit: usize) -> CallError {
-    if e.is::<LengthLimitError>() {
-        CallError::BodyTooLarge { limit }
-    } else {
-        CallError::BadRequest {
-            reason: format!("cannot read the request body: {e}"),
-        }
-    }
-}
-
-/// The caller's request body; for a call with an idempotency key, hashed as
-/// it is read (whether whole, before dispatch, or streamed by the upload),
-/// so that the key can be bound to it without the body being kept.
-pub(super) struct RequestBody {
-    inner: Incoming,
-    /// Set for a keyed call until the body has ended.
-    hasher: Option<Box<BodyHasher>>,
-}
-
-impl RequestBody {
-    fn plain(inner: Incoming) -> Self {
-        RequestBody {
-            inner,
-            hasher: None,
-        }
-    }
-
-    fn hashed(inner: Incoming, seal: &BodySeal) -> Self {
-        let mut body = RequestBody {
-            inner,
-            hasher: Some(Box::new(seal.hasher())),
-        };
-        // An empty body may never be polled.
-        body.ended();
-        body
-    }
-
-    /// Publishes the digest once the body is at its end.
-    fn ended(&mut self) {
-        if self.inner.is_end_stream() {
-            if let Some(hasher) = self.hasher.take() {
-                hasher.finish();
-            }
-        }
-    }
-}
-
-impl HttpBody for RequestBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Some(hasher) = this.hasher.as_mut() {
-            match &polled {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Some(data) = frame.data_ref() {
-                        hasher.update(data);
-                    }
-                    this.ended();
-                }
-                Poll::Ready(None) => {
-                    if let Some(hasher) = this.hasher.take() {
-                        hasher.finish();
-                    }
-                }
-                _ => {}
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 /// The caller's `X-Request-Id` if it is a sane token, else a new UUID v7.
 fn request_id(headers: &http::HeaderMap) -> String {
     token_header(headers, &REQUEST_ID).unwrap_or_else(|| {
@@ -485,17 +254,17 @@ fn request_id(headers: &http::HeaderMap) -> String {
 }
 
 /// What every step of one call needs to know.
-struct Ctx<'a> {
-    shared: &'a Shared,
+pub(super) struct Ctx<'a> {
+    pub(super) shared: &'a Shared,
     /// The settings the call started with.
-    settings: &'a Settings,
-    caller: &'a Caller,
-    request_id: &'a str,
-    started: Instant,
+    pub(super) settings: &'a Settings,
+    pub(super) caller: &'a Caller,
+    pub(super) request_id: &'a str,
+    pub(super) started: Instant,
 }
 
 /// Routes, reads the body, dispatches to a worker and awaits the reply.
-async fn call(
+pub(super) async fn call(
     ctx: &Ctx<'_>,
     mut parts: Box<Parts>,
     body: RequestBody,

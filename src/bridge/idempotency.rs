@@ -1,6 +1,6 @@
 //! Idempotency keys: the response to a call that carried `Idempotency-Key`
 //! is remembered per (service, key) for `idempotency_ttl` (the key scoped by
-//! the caller's `Authorization`, see `http::scoped_key`), in at most
+//! the caller's `Authorization`, see `keyed::scoped_key`), in at most
 //! `idempotency_capacity` bytes, so that a caller's retry gets the same
 //! response without the worker running the call again. A repeat that arrives
 //! while the first call is still running waits for it.

@@ -14,6 +14,7 @@ mod conformance;
 mod credentials;
 mod http;
 mod idempotency;
+mod keyed;
 mod listener;
 mod registry;
 mod reload;

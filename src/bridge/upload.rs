@@ -21,7 +21,7 @@ use tokio::{
 use tokio_util::task::AbortOnDropHandle;
 
 use super::{
-    http::RequestBody,
+    keyed::RequestBody,
     session::{Failure, Reply, Session},
 };
 use crate::protocol::{self, BodyHead, Compression, DataHead};
