@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::{
-    http::{call, deadline_of, Ctx},
+    call::{call, deadline_of, Ctx},
     idempotency::{Begin, BodyDigest, BodyHasher, BodySeal, Stored},
     reply::{CallBody, Trace},
 };

@@ -1,7 +1,9 @@
 //! The sidecar: an HTTP listener for callers and a WebSocket listener for
 //! workers, joined by the worker registry.
 //!
-//! * [`http`] turns each HTTP request into a call frame and awaits its reply.
+//! * [`http`] turns each HTTP request into a call and its outcome into a
+//!   response; [`call`] runs the call's attempts, each on a place the
+//!   [`dispatch`] seam finds, and awaits the reply.
 //! * [`registry`] picks a worker (least busy, within its declared capacity)
 //!   and queues calls when none is free.
 //! * [`session`] runs one worker connection and its pending map.
@@ -10,8 +12,10 @@
 //!   [`reload`] swaps in a re-read config without dropping anything.
 
 pub mod admin;
+mod call;
 mod conformance;
 mod credentials;
+mod dispatch;
 mod http;
 mod idempotency;
 mod keyed;

@@ -1,6 +1,6 @@
 //! What a caller's response carries: the reply body ([`CallBody`]), which
 //! keeps a streamed call alive while the caller reads it ([`Held`]: the
-//! upload, the cancel-on-drop guard, the worker lease), and its accounting
+//! upload and the call's attempt at its worker), and its accounting
 //! ([`Trace`] and the access line and metrics written when it drops).
 
 use std::{
@@ -20,13 +20,7 @@ use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::info;
 
-use super::{
-    listener::OpenCall,
-    registry::Lease,
-    session::{CallGuard, Session},
-    stall::StallWatch,
-    Shared,
-};
+use super::{dispatch::Attempt, listener::OpenCall, session::Session, stall::StallWatch, Shared};
 use crate::{
     body::{Body, BodyError},
     metrics::Active,
@@ -168,8 +162,9 @@ pub(super) struct Held {
 /// is freed.
 pub(super) struct HeldCall {
     pub(super) _upload: Option<AbortOnDropHandle<()>>,
-    pub(super) guard: CallGuard,
-    pub(super) _lease: Lease,
+    /// The call at its worker: cancelled (if unfinished) and its slot
+    /// freed when dropped.
+    pub(super) attempt: Attempt,
     /// HTTP/2: counts the call as open on its connection (moved here from
     /// the access log once the reply is streamed).
     pub(super) _open: Option<OpenCall>,
@@ -203,7 +198,7 @@ impl HttpBody for CallBody {
             Poll::Pending => {
                 if held.idle.as_mut().poll(cx).is_ready() {
                     if let Some(call) = lock(&held.call).as_mut() {
-                        call.guard.reason = "timeout";
+                        call.attempt.set_reason("timeout");
                     }
                     let limit = held.idle_limit;
                     return Poll::Ready(Some(Err(BodyError::new(format!(

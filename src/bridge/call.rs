@@ -1,0 +1,641 @@
+//! One call's life, from a routed request to the reply it gets: `call()`
+//! reads the start of the body, then runs attempts, each on a place the
+//! dispatch seam (`dispatch.rs`) finds, until one is done: a reply, a
+//! failure that cannot be retried, or the deadline. `http.rs` turns the
+//! caller's request into a call and the outcome into a response.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use http::{header, request::Parts, Response};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Body as HttpBody;
+use tokio::time::{error::Elapsed, Instant};
+use tokio_util::task::AbortOnDropHandle;
+use tracing::{debug, warn};
+
+use super::{
+    dispatch::{Attempt, Dispatch, StartAs},
+    http::IDEMPOTENCY_KEY,
+    keyed::{read_error, RequestBody},
+    listener::Caller,
+    registry::AcquireError,
+    reply::{lock, CallBody, Held, HeldCall, Trace},
+    routes::Target,
+    session::Failure,
+    stall::StallWatch,
+    upload::{reply_or_upload_failure, Settled, Upload, UploadError},
+    Settings, Shared,
+};
+use crate::{
+    body::{Body, BodyError},
+    error::CallError,
+    headers::{self, WireText},
+    protocol::{self, json, json::RequestFields, Compression},
+};
+
+/// Methods that RFC 9110 defines as idempotent: sending one twice has the
+/// effect of sending it once, so a call may go to a second worker.
+fn idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::PUT,
+        Method::DELETE,
+        Method::TRACE,
+    ]
+    .contains(method)
+}
+
+/// A streamed reply read whole (at most `limit` bytes, within `time`), for
+/// an HTTP/1.0 caller.
+async fn collect_whole(
+    resp: Response<Body>,
+    limit: usize,
+    time: Duration,
+) -> Result<Result<Response<CallBody>, BodyError>, tokio::time::error::Elapsed> {
+    let (head, body) = resp.into_parts();
+    let bytes = tokio::time::timeout(time, body.collect(limit)).await?;
+    Ok(bytes.map(|bytes| {
+        Response::from_parts(
+            head,
+            CallBody {
+                body: Body::full(bytes),
+                _call: None,
+                log: None,
+            },
+        )
+    }))
+}
+
+/// `started + timeout`. Durations are capped by config validation; the
+/// fallback only guards the arithmetic.
+pub(super) fn deadline_of(started: Instant, timeout: Duration) -> Instant {
+    started
+        .checked_add(timeout)
+        .unwrap_or(started + Duration::from_secs(86_400))
+}
+
+/// What every step of one call needs to know.
+pub(super) struct Ctx<'a> {
+    pub(super) shared: &'a Shared,
+    /// The settings the call started with.
+    pub(super) settings: &'a Settings,
+    pub(super) caller: &'a Caller,
+    pub(super) request_id: &'a str,
+    pub(super) started: Instant,
+}
+
+/// Routes, reads the start of the body, then runs attempts (each on a
+/// place the dispatch finds) until one is done: a reply, a failure that
+/// cannot be retried, or the deadline.
+pub(super) async fn call(
+    ctx: &Ctx<'_>,
+    mut parts: Box<Parts>,
+    body: RequestBody,
+    trace: &mut Trace,
+) -> Result<Response<CallBody>, CallError> {
+    let target = ctx
+        .settings
+        .router
+        .resolve(parts.uri.path())
+        .ok_or_else(|| CallError::NoRoute {
+            path: parts.uri.path().to_owned(),
+        })?
+        .clone();
+    trace.route(ctx.shared, &target.service);
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > target.max_body as u64) {
+        return Err(CallError::BodyTooLarge {
+            limit: target.max_body,
+        });
+    }
+    let deadline = deadline_of(ctx.started, target.request_timeout);
+    let mut body = Limited::new(body, target.max_body);
+    let (start, complete) = read_start(&mut body, deadline, &target).await?;
+    if complete {
+        trace.bytes_in = Some(start.len() as u64);
+    }
+    // Written straight into each attempt's frame; each attempt sets its own
+    // id, `end` and `gate`.
+    let mut fields = RequestFields {
+        id: 0,
+        request_id: ctx.request_id,
+        service: &target.service,
+        method: parts.method.as_str(),
+        path: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+        end: true,
+        gate: true,
+    };
+    let plan = Plan {
+        headers: wire_headers(ctx, &parts, &fields)?,
+        target: &target,
+        deadline,
+        // Only a body that fits one chunk skips the upload path: anything
+        // longer goes through it even when already read whole, so that it
+        // respects the worker's flow-control window.
+        single: complete && start.len() <= protocol::CHUNK_SIZE,
+        start,
+        // A call whose worker vanishes before replying may go to another
+        // worker when it can be sent again (its body is whole in memory)
+        // and doing so cannot do anything twice: the worker never accepted
+        // it, or the method is idempotent, or the caller sent an
+        // Idempotency-Key.
+        replayable: idempotent(&parts.method) || parts.headers.contains_key(&IDEMPOTENCY_KEY),
+        // A body that is already compressed (Content-Encoding) is sent as it is.
+        precompressed: parts.headers.contains_key(header::CONTENT_ENCODING),
+        version: parts.version,
+    };
+    // From here on the call keeps its headers as the JSON every attempt's
+    // frame carries (`plan.headers`), not as the caller's header map (about
+    // 900 bytes of a held call with a few headers).
+    parts.headers = http::HeaderMap::new();
+    let mut body = Some(body);
+    // The failure that made the last attempt end, while a retry looks for a
+    // worker: if none can be had, that failure is the answer.
+    let mut lost: Option<Box<CallError>> = None;
+    let mut n = 0;
+    loop {
+        n += 1;
+        match attempt(ctx, &plan, &mut fields, &mut body, n, trace).await {
+            Step::Done(at, outcome) => return finish(ctx, &plan, at, outcome).await,
+            Step::Retry(why) => lost = Some(why),
+            Step::Unplaced(e) => return Err(lost.map_or(e, |lost| *lost)),
+        }
+    }
+}
+
+/// What every attempt of a call shares, once the request is routed and
+/// the start of its body read.
+struct Plan<'a> {
+    target: &'a Target,
+    /// The whole call's deadline.
+    deadline: Instant,
+    /// The body read so far: all of it when it fits one chunk.
+    start: Bytes,
+    /// The whole body travels in the request frame (and may be sent again).
+    single: bool,
+    /// Sending the call again cannot do anything twice.
+    replayable: bool,
+    /// The body is already compressed: sent as it is.
+    precompressed: bool,
+    /// The request's headers as the JSON each attempt's frame carries.
+    headers: json::EncodedHeaders,
+    /// The caller's HTTP version.
+    version: http::Version,
+}
+
+impl Plan<'_> {
+    fn timeout(&self) -> CallError {
+        CallError::Timeout {
+            service: self.target.service.to_string(),
+            after: self.target.request_timeout,
+        }
+    }
+
+    fn failure(&self, worker: &str, f: Failure) -> CallError {
+        let service = self.target.service.to_string();
+        let worker = worker.to_owned();
+        match f {
+            Failure::Lost(cause) | Failure::Unsent(cause) => CallError::WorkerLost {
+                service,
+                worker,
+                cause,
+            },
+            Failure::Bad(reason) => CallError::BadResponse {
+                service,
+                worker,
+                reason,
+            },
+        }
+    }
+
+    fn head_too_large() -> CallError {
+        CallError::HeadersTooLarge {
+            limit: protocol::MAX_HEADER_LEN,
+        }
+    }
+
+    /// Whether a failure of attempt `n` lets the call go to another worker.
+    fn may_retry(&self, f: &Failure, n: u32, max_retries: u32) -> bool {
+        self.single
+            && n <= max_retries
+            && Instant::now() < self.deadline
+            && match f {
+                Failure::Unsent(_) => true,
+                Failure::Lost(_) => self.replayable,
+                Failure::Bad(_) => false,
+            }
+    }
+}
+
+/// How one attempt ended.
+enum Step {
+    /// It ends the call: a reply (and the upload still running beside it),
+    /// a failure, or the deadline passed.
+    Done(Attempt, Result<Result<Exchange, CallError>, Elapsed>),
+    /// Its worker was lost in a way that lets the call go to another; the
+    /// failure is the answer if none can be had.
+    Retry(Box<CallError>),
+    /// No worker could be had for it.
+    Unplaced(CallError),
+}
+
+/// A reply head, and the watcher of an upload still running beside it.
+type Exchange = (Response<Body>, Option<AbortOnDropHandle<()>>);
+
+/// Reads the start of the body: a body that ends within one chunk travels
+/// in the request frame itself; a longer one streams after it. True when
+/// the body is complete.
+async fn read_start(
+    body: &mut Limited<RequestBody>,
+    deadline: Instant,
+    target: &Target,
+) -> Result<(Bytes, bool), CallError> {
+    let mut start = BytesMut::new();
+    let complete = loop {
+        if body.is_end_stream() {
+            break true;
+        }
+        if start.len() >= protocol::CHUNK_SIZE {
+            break false;
+        }
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                return Err(CallError::Timeout {
+                    service: target.service.to_string(),
+                    after: target.request_timeout,
+                })
+            }
+            Ok(None) => break true,
+            Ok(Some(Err(e))) => return Err(read_error(e, target.max_body)),
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    start.extend_from_slice(&data);
+                }
+            }
+        }
+    };
+    Ok((start.freeze(), complete))
+}
+
+/// The request's headers as workers get them (with the forwarding headers
+/// and the host), encoded once for every attempt, if the head fits.
+fn wire_headers(
+    ctx: &Ctx<'_>,
+    parts: &Parts,
+    fields: &RequestFields<'_>,
+) -> Result<json::EncodedHeaders, CallError> {
+    let xff = forwarded_for(&parts.headers, &ctx.caller.ip);
+    let mut wire = headers::to_wire_ref(&parts.headers);
+    // HTTP/2 carries the host in the URI (`:authority`), not in a header:
+    // workers get it as `host`, as from an HTTP/1.1 caller.
+    if !parts.headers.contains_key(header::HOST) {
+        if let Some(authority) = parts.uri.authority() {
+            wire.insert(0, ("host", authority.as_str().into()));
+        }
+    }
+    forwarded_headers(&mut wire, &xff, ctx.request_id);
+    if !head_fits(fields, &wire) {
+        return Err(Plan::head_too_large());
+    }
+    Ok(json::EncodedHeaders::new(&wire))
+}
+
+/// Attempt `n` of a call: finds a worker, sends it the call and awaits the
+/// reply head (beside the upload of a long body).
+async fn attempt(
+    ctx: &Ctx<'_>,
+    plan: &Plan<'_>,
+    fields: &mut RequestFields<'_>,
+    body: &mut Option<Limited<RequestBody>>,
+    n: u32,
+    trace: &mut Trace,
+) -> Step {
+    let http = &ctx.settings.config.http;
+    let deadline = plan.deadline;
+    let queued_at = Instant::now();
+    let queue_deadline = queued_at
+        .checked_add(http.queue_timeout)
+        .map_or(deadline, |t| t.min(deadline));
+    let retries_left = plan.single && n <= http.max_retries;
+    let how = StartAs {
+        upload: !plan.single,
+        // The start gate (PROTOCOL 3.7) costs a round trip to the worker and
+        // only pays when it is what makes a retry allowed: a call that would
+        // be retried anyway (idempotent, keyed) or can't be (body not whole
+        // in memory, no retries left) starts at once.
+        gated: retries_left && !plan.replayable,
+        // A call that would be retried even after it started: if its worker's
+        // connection drops, it moves on at once instead of waiting for a resume.
+        movable: retries_left && plan.replayable,
+    };
+    let service: &str = &plan.target.service;
+    let dispatch = Dispatch::Local(&ctx.shared.registry);
+    let mut at = match dispatch
+        .start(service, queue_deadline, http.queue_limit, how)
+        .await
+    {
+        Ok(at) => at,
+        Err(e) => return Step::Unplaced(unplaced(plan, e, http.queue_limit, queued_at)),
+    };
+    trace.attempts = n;
+    trace.session = Some(at.session().clone());
+    fields.id = at.id();
+    fields.end = plan.single;
+    // `"gate": false` is written only to a worker that gates its calls.
+    fields.gate = how.gated || !at.gates();
+    let codec = if plan.precompressed {
+        Compression::None
+    } else {
+        at.compression()
+    };
+    if plan.single {
+        let Ok(frame) = protocol::encode_request_encoded(fields, &plan.headers, &plan.start, codec)
+        else {
+            // wire_headers() checked this before a worker was chosen; this
+            // is the backstop.
+            return Step::Done(at, Ok(Err(Plan::head_too_large())));
+        };
+        return exchange_whole(ctx, plan, at, frame, n).await;
+    }
+    // A streamed body is sent once: a call that uploads is never retried.
+    let Some(body) = body.take() else {
+        let spent = Failure::Lost("the request body was already sent".into());
+        let failed = plan.failure(at.worker(), spent);
+        return Step::Done(at, Ok(Err(failed)));
+    };
+    // The head carries the first chunk; the rest of what was read, and
+    // everything after, follows as body chunks.
+    let first = &plan.start[..protocol::CHUNK_SIZE.min(plan.start.len())];
+    let Ok(head) = protocol::encode_request_encoded(fields, &plan.headers, first, codec) else {
+        return Step::Done(at, Ok(Err(Plan::head_too_large())));
+    };
+    let upload = Upload {
+        session: at.session().clone(),
+        id: at.id(),
+        window: at.take_window(),
+        codec,
+        idle_limit: plan.target.request_timeout,
+        sent: trace.uploaded.clone(),
+    };
+    // Boxed: only calls with a long body come here, and unboxed it would
+    // make every call's future larger.
+    let outcome = Box::pin(tokio::time::timeout_at(
+        deadline,
+        exchange_streamed(plan, &mut at, upload, head, body),
+    ))
+    .await;
+    Step::Done(at, outcome)
+}
+
+/// The error for an attempt that found no worker.
+fn unplaced(plan: &Plan<'_>, e: AcquireError, limit: usize, queued_at: Instant) -> CallError {
+    let service = plan.target.service.to_string();
+    match e {
+        AcquireError::QueueFull => CallError::QueueFull { service, limit },
+        // The call's own deadline ran out while queueing: a timeout.
+        AcquireError::NoWorker { .. } if Instant::now() >= plan.deadline => plan.timeout(),
+        AcquireError::NoWorker { connected } => CallError::NoWorker {
+            service,
+            waited: queued_at.elapsed(),
+            connected,
+        },
+    }
+}
+
+/// Sends a call whose whole body is in its frame, and awaits the reply.
+async fn exchange_whole(
+    ctx: &Ctx<'_>,
+    plan: &Plan<'_>,
+    mut at: Attempt,
+    frame: Bytes,
+    n: u32,
+) -> Step {
+    let deadline = plan.deadline;
+    // Two awaits, not one over an async block: the call waits for its reply
+    // far longer than for the queue, and this way that wait keeps no room
+    // for the send's future.
+    let exchange = match tokio::time::timeout_at(deadline, at.send_whole(frame)).await {
+        Ok(Ok(())) => tokio::time::timeout_at(deadline, at.reply()).await,
+        Ok(Err(f)) => Ok(Err(f)),
+        Err(elapsed) => Err(elapsed),
+    };
+    match exchange {
+        Ok(Err(f)) if plan.may_retry(&f, n, ctx.settings.config.http.max_retries) => {
+            warn!(request_id = ctx.request_id, worker = at.worker(), attempt = n, failure = ?f, "worker lost before replying; trying another");
+            Step::Retry(Box::new(plan.failure(at.worker(), f)))
+        }
+        Ok(result) => {
+            let result = result
+                .map(|resp| (resp, None))
+                .map_err(|f| plan.failure(at.worker(), f));
+            Step::Done(at, Ok(result))
+        }
+        Err(elapsed) => Step::Done(at, Err(elapsed)),
+    }
+}
+
+/// Starts the upload of a long body in its own task (it must go on after
+/// the reply head arrives: an echo, say, answers while still reading; it
+/// stops when the call is dropped) and awaits the reply head beside it.
+async fn exchange_streamed(
+    plan: &Plan<'_>,
+    at: &mut Attempt,
+    upload: Upload,
+    head: Bytes,
+    body: Limited<RequestBody>,
+) -> Result<Exchange, CallError> {
+    let session = at.session().clone();
+    let failed = |f: Failure| plan.failure(&session.worker_id, f);
+    let id = at.id();
+    let mut pump = AbortOnDropHandle::new(tokio::spawn(upload.run(head, plan.start.clone(), body)));
+    let resp = match reply_or_upload_failure(&mut at.reply, &mut pump).await {
+        Settled::UploadFailed(done) => {
+            return Err(match done {
+                Ok(UploadError::Worker(f)) => failed(f),
+                Ok(UploadError::Caller(e)) => read_error(e, plan.target.max_body),
+                Ok(UploadError::Stalled) => plan.timeout(),
+                Err(_) => failed(Failure::Lost("upload task failed".into())),
+            })
+        }
+        Settled::Reply(r) => r
+            .unwrap_or_else(|_| Err(Failure::Lost("connection closed".into())))
+            .map_err(failed)?,
+    };
+    // An upload still running goes on beside the reply; if it fails now,
+    // the call is aborted both ways.
+    let watcher = (!pump.is_finished()).then(|| {
+        let session = session.clone();
+        AbortOnDropHandle::new(tokio::spawn(async move {
+            let reason = match pump.await {
+                Ok(Err(UploadError::Caller(e))) if e.is::<LengthLimitError>() => "body_too_large",
+                Ok(Err(UploadError::Caller(_))) => "client_gone",
+                Ok(Err(UploadError::Stalled)) => "timeout",
+                _ => return,
+            };
+            session.abort_call(id, reason);
+        }))
+    });
+    Ok((resp, watcher))
+}
+
+/// Turns the attempt that ended the call into the caller's response: a
+/// streamed reply keeps the attempt alive until the caller has read it.
+async fn finish(
+    ctx: &Ctx<'_>,
+    plan: &Plan<'_>,
+    mut at: Attempt,
+    outcome: Result<Result<Exchange, CallError>, Elapsed>,
+) -> Result<Response<CallBody>, CallError> {
+    let http = &ctx.settings.config.http;
+    let (resp, upload) = match outcome {
+        Ok(Ok(exchange)) => exchange,
+        Ok(Err(e)) => {
+            // A body cut off for its size tells the worker why.
+            if matches!(e, CallError::BodyTooLarge { .. }) {
+                at.set_reason("body_too_large");
+            }
+            return Err(e);
+        }
+        Err(_) => {
+            at.set_reason("timeout");
+            return Err(plan.timeout());
+        }
+    };
+    let streamed = resp.body().as_full().is_none();
+    if streamed
+        && plan.version == http::Version::HTTP_10
+        && !resp.headers().contains_key(header::CONTENT_LENGTH)
+    {
+        // HTTP/1.0 has no chunked encoding: a body of unknown length ends
+        // by closing the connection, which looks the same whether it is
+        // complete or cut off. Collect it (the call stays alive meanwhile)
+        // so a cut-off becomes a 502.
+        let limit = http.max_response_body.bytes();
+        // Boxed, with the response moved in: a rare path that would
+        // otherwise be the largest state of this future, which every call
+        // makes room for.
+        let collected = Box::pin(collect_whole(resp, limit, plan.target.request_timeout)).await;
+        let Ok(collected) = collected else {
+            // A worker that stalls mid-body is cancelled, as for HTTP/1.1
+            // callers.
+            at.set_reason("timeout");
+            return Err(plan.timeout());
+        };
+        drop(upload);
+        return collected.map_err(|e| plan.failure(at.worker(), Failure::Bad(e.to_string())));
+    }
+    // A streamed reply keeps the call (its attempt: cancel-on-drop and the
+    // worker's slot, and any upload still running) alive until the caller
+    // has read it all or hung up; a complete one is done.
+    let call = streamed.then(|| held(at, upload, http.send_timeout, plan));
+    Ok(resp.map(|body| CallBody {
+        body,
+        _call: call,
+        log: None,
+    }))
+    // Otherwise the attempt drops here: a call still pending is removed and
+    // cancelled, and the worker's slot is freed.
+}
+
+/// What a streamed reply's body holds while the caller reads it.
+fn held(
+    at: Attempt,
+    upload: Option<AbortOnDropHandle<()>>,
+    send_timeout: Duration,
+    plan: &Plan<'_>,
+) -> Held {
+    let call = Arc::new(Mutex::new(Some(HeldCall {
+        _upload: upload,
+        attempt: at,
+        _open: None,
+    })));
+    // HTTP/2: the socket's send timeout cannot see one stalled stream; the
+    // stall watch can.
+    let stall = (plan.version == http::Version::HTTP_2).then(|| {
+        let call = Arc::downgrade(&call);
+        StallWatch::spawn(send_timeout, move || {
+            if let Some(call) = call.upgrade() {
+                if let Some(mut held) = lock(&call).take() {
+                    debug!(
+                        call = held.attempt.id(),
+                        "HTTP/2 caller stopped reading this reply for send_timeout; call ended"
+                    );
+                    held.attempt.set_reason("timeout");
+                }
+            }
+        })
+    });
+    Held {
+        call,
+        idle_limit: plan.target.request_timeout,
+        idle: Box::pin(tokio::time::sleep(plan.target.request_timeout)),
+        stall,
+    }
+}
+
+/// True when a request head with these fields fits in [`protocol::MAX_HEADER_LEN`].
+/// JSON escaping can grow a byte to six (`\u00XX`), so heads that might be
+/// near the limit are measured exactly, and the common small head is not
+/// written twice.
+fn head_fits(fields: &RequestFields<'_>, headers: &[(&str, WireText<'_>)]) -> bool {
+    if fields.size_hint(headers) * 6 <= protocol::MAX_HEADER_LEN {
+        return true;
+    }
+    // The longest form: the largest id, and `end` and `gate` both false
+    // (`"gate":true` is not written).
+    let longest = RequestFields {
+        id: u64::MAX,
+        end: false,
+        gate: false,
+        ..*fields
+    };
+    let mut json = Vec::new();
+    json::write_request(&longest, headers, &mut json);
+    json.len() <= protocol::MAX_HEADER_LEN
+}
+
+/// The `X-Forwarded-For` to send: what the caller sent, plus its address.
+fn forwarded_for(original: &http::HeaderMap, peer_ip: &str) -> String {
+    let mut xff = String::new();
+    let prior = original
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    for (i, value) in prior.enumerate() {
+        if i > 0 {
+            xff.push_str(", ");
+        }
+        xff.push_str(value);
+    }
+    // An empty list (or only empty values) gets no separator.
+    if !xff.is_empty() {
+        xff.push_str(", ");
+    }
+    xff.push_str(peer_ip);
+    xff
+}
+
+/// Adds `X-Forwarded-For` (made by [`forwarded_for`]), `X-Forwarded-Proto`
+/// and `X-Request-Id` (replacing any the caller sent), so the worker sees
+/// what a reverse proxy would show.
+fn forwarded_headers<'a>(
+    wire: &mut Vec<(&'a str, WireText<'a>)>,
+    xff: &'a str,
+    request_id: &'a str,
+) {
+    wire.retain(|(n, _)| !matches!(*n, "x-forwarded-for" | "x-forwarded-proto" | "x-request-id"));
+    wire.push(("x-forwarded-for", xff.into()));
+    wire.push(("x-forwarded-proto", "http".into()));
+    wire.push(("x-request-id", request_id.into()));
+}

@@ -1,0 +1,160 @@
+//! The seam between a call and the place that runs it. `call()` asks a
+//! [`Dispatch`] for a place to run one attempt before a deadline and gets an
+//! [`Attempt`]: the call registered there, with a way to send its frames, a
+//! channel that completes with the reply head or a failure, and cancel on
+//! drop. Today the places are the workers connected to this bridge (the
+//! registry leases a worker, its session runs the call); a place on another
+//! node, or one named worker, is another variant here, not a change to
+//! `call()`. The contract every kind of place keeps is in docs/INTERNALS.md
+//! ("The dispatch seam").
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::{
+    sync::{oneshot, Semaphore},
+    time::Instant,
+};
+
+use super::{
+    registry::{AcquireError, Lease, Registry},
+    session::{CallGuard, Failure, Reply, Session, Started},
+};
+use crate::protocol::Compression;
+
+/// Where a call's attempts can run.
+pub(super) enum Dispatch<'a> {
+    /// The workers of a service connected to this bridge.
+    Local(&'a Arc<Registry>),
+}
+
+/// How an attempt is to start, decided by the caller's side of the call.
+#[derive(Clone, Copy)]
+pub(super) struct StartAs {
+    /// The request body streams after the head (it did not fit one frame).
+    pub(super) upload: bool,
+    /// The worker must wait for `start` before running the call (PROTOCOL
+    /// 3.7), so that a loss before `accepted` is known to be harmless.
+    pub(super) gated: bool,
+    /// The call would be retried even after it started: a lost connection
+    /// fails it at once instead of holding it for a resume.
+    pub(super) movable: bool,
+}
+
+impl Dispatch<'_> {
+    /// Finds a place with room for a call to `service`, waiting until
+    /// `queue_deadline` in FIFO order behind at most `queue_limit - 1`
+    /// other calls, and registers the call there. Nothing has been sent
+    /// yet: an error means the call never started anywhere.
+    pub(super) async fn start(
+        &self,
+        service: &str,
+        queue_deadline: Instant,
+        queue_limit: usize,
+        how: StartAs,
+    ) -> Result<Attempt, AcquireError> {
+        let Dispatch::Local(registry) = self;
+        let mut now = Instant::now();
+        // Set when a connection closed under a lease: the next lease is
+        // asked for only while the queue deadline has not passed, so that
+        // no order of events can make this loop spin.
+        let mut closed_under_lease = false;
+        loop {
+            if closed_under_lease && now >= queue_deadline {
+                return Err(AcquireError::NoWorker {
+                    connected: registry.connected(service),
+                });
+            }
+            let wait = queue_deadline.saturating_duration_since(now);
+            let lease = registry.acquire(service, wait, queue_limit).await?;
+            // A connection that closed after handing out this lease never saw
+            // the call, so choosing another worker is safe.
+            if let Ok(started) = lease
+                .session()
+                .start_call(how.upload, how.gated, how.movable)
+            {
+                let Started {
+                    guard,
+                    reply,
+                    window,
+                } = started;
+                return Ok(Attempt {
+                    guard,
+                    lease,
+                    reply,
+                    window,
+                });
+            }
+            // The clock is read again only when a connection closes under
+            // the lease and another must be found.
+            now = Instant::now();
+            closed_under_lease = true;
+        }
+    }
+}
+
+/// One attempt of a call at one place. Dropping it ends the attempt: a call
+/// still pending there is cancelled (with [`Attempt::set_reason`]'s
+/// reason), then the place's capacity is freed. (Fields drop in order.)
+pub(super) struct Attempt {
+    /// Removes (and cancels) the call when dropped.
+    guard: CallGuard,
+    /// The worker's slot; freed after the call is gone.
+    lease: Lease,
+    /// Completed by the reply head or a failure; a dropped sender means the
+    /// connection closed.
+    pub(super) reply: oneshot::Receiver<Reply>,
+    /// With flow control: the request body bytes that may be sent.
+    window: Option<Arc<Semaphore>>,
+}
+
+impl Attempt {
+    /// The call's id at its place (on the wire to its worker).
+    pub(super) fn id(&self) -> u64 {
+        self.guard.id()
+    }
+
+    /// The worker connection running the attempt, for its accounting.
+    pub(super) fn session(&self) -> &Arc<Session> {
+        self.lease.session()
+    }
+
+    /// The id of the worker running the attempt, for errors.
+    pub(super) fn worker(&self) -> &str {
+        &self.lease.session().worker_id
+    }
+
+    /// Whether the worker gates calls (PROTOCOL 3.7): only then is
+    /// `"gate": false` worth writing.
+    pub(super) fn gates(&self) -> bool {
+        self.lease.session().gates()
+    }
+
+    /// How frames to this worker are compressed.
+    pub(super) fn compression(&self) -> Compression {
+        self.lease.session().compression()
+    }
+
+    /// Sends a whole request (one frame), ahead of queued body chunks.
+    pub(super) async fn send_whole(&self, frame: Bytes) -> Result<(), Failure> {
+        self.lease.session().send_whole(frame).await
+    }
+
+    /// The window a streamed request body waits on; taken once, by its upload.
+    pub(super) fn take_window(&mut self) -> Option<Arc<Semaphore>> {
+        self.window.take()
+    }
+
+    /// The reason the worker is told if the attempt ends while its call is
+    /// still pending (`client_gone` unless set).
+    pub(super) fn set_reason(&mut self, reason: &'static str) {
+        self.guard.reason = reason;
+    }
+
+    /// Waits for the reply head, or a failure.
+    pub(super) async fn reply(&mut self) -> Reply {
+        (&mut self.reply)
+            .await
+            .unwrap_or_else(|_| Err(Failure::Lost("connection closed".into())))
+    }
+}
