@@ -246,175 +246,93 @@ impl Metrics {
         let services = self.services();
         let mut out = String::with_capacity(4096 + services.len() * 2048);
         let o = &mut out;
-
-        header(
-            o,
-            "wsbridge_requests_total",
-            "counter",
-            "Calls answered, by service and HTTP status code.",
-        );
-        for (name, s) in &services {
-            for (i, count) in s.codes.iter().enumerate() {
-                let n = count.load(Relaxed);
-                if n > 0 {
-                    let code = i + 100;
-                    let _ = writeln!(
-                        o,
-                        "wsbridge_requests_total{{service=\"{}\",code=\"{code}\"}} {n}",
-                        escape(name)
-                    );
-                }
+        requests(o, &services);
+        latency(o, &services);
+        let per_service = [
+            (
+                "wsbridge_requests_in_flight",
+                "gauge",
+                "Calls being handled, from routing to the end of the response body, by service.",
+                (|s: &ServiceStats| s.active()) as fn(&ServiceStats) -> u64,
+            ),
+            (
+                "wsbridge_request_bytes_total",
+                "counter",
+                "Request body bytes received from callers, by service.",
+                |s| s.bytes_in.load(Relaxed),
+            ),
+            (
+                "wsbridge_response_bytes_total",
+                "counter",
+                "Response body bytes sent to callers, by service.",
+                |s| s.bytes_out.load(Relaxed),
+            ),
+        ];
+        for (name, kind, help, value) in per_service {
+            header(o, name, kind, help);
+            for (service, s) in &services {
+                let _ = writeln!(o, "{name}{{service=\"{}\"}} {}", escape(service), value(s));
             }
         }
-
-        header(
-            o,
-            "wsbridge_request_duration_seconds",
-            "histogram",
-            "Time from the request's arrival to the end of its response body, by service.",
-        );
-        for (name, s) in &services {
-            let name = escape(name);
-            let mut cumulative = 0;
-            for (i, bucket) in s.latency.buckets.iter().enumerate() {
-                cumulative += bucket.load(Relaxed);
-                let le = LATENCY_BOUNDS
-                    .get(i)
-                    .map_or_else(|| "+Inf".to_owned(), |b| b.to_string());
-                let _ = writeln!(o, "wsbridge_request_duration_seconds_bucket{{service=\"{name}\",le=\"{le}\"}} {cumulative}");
+        let per_gauge = [
+            (
+                "wsbridge_queue_depth",
+                "Calls waiting for a free worker, by service.",
+                (|g: &ServiceGauges| g.queued) as fn(&ServiceGauges) -> usize,
+            ),
+            (
+                "wsbridge_workers_connected",
+                "Worker connections serving each service.",
+                |g| g.workers,
+            ),
+        ];
+        for (name, help, value) in per_gauge {
+            header(o, name, "gauge", help);
+            for g in &gauges.services {
+                let _ = writeln!(o, "{name}{{service=\"{}\"}} {}", escape(&g.name), value(g));
             }
-            let sum = s.latency.sum_micros.load(Relaxed) as f64 / 1e6;
-            let _ = writeln!(
-                o,
-                "wsbridge_request_duration_seconds_sum{{service=\"{name}\"}} {sum}"
-            );
-            let _ = writeln!(
-                o,
-                "wsbridge_request_duration_seconds_count{{service=\"{name}\"}} {cumulative}"
-            );
         }
+        self.totals(o, gauges);
+        out
+    }
 
-        header(
-            o,
-            "wsbridge_requests_in_flight",
-            "gauge",
-            "Calls being handled, from routing to the end of the response body, by service.",
-        );
-        for (name, s) in &services {
-            let _ = writeln!(
-                o,
-                "wsbridge_requests_in_flight{{service=\"{}\"}} {}",
-                escape(name),
-                s.active()
-            );
-        }
-
-        header(
-            o,
-            "wsbridge_request_bytes_total",
-            "counter",
-            "Request body bytes received from callers, by service.",
-        );
-        for (name, s) in &services {
-            let _ = writeln!(
-                o,
-                "wsbridge_request_bytes_total{{service=\"{}\"}} {}",
-                escape(name),
-                s.bytes_in.load(Relaxed)
-            );
-        }
-        header(
-            o,
-            "wsbridge_response_bytes_total",
-            "counter",
-            "Response body bytes sent to callers, by service.",
-        );
-        for (name, s) in &services {
-            let _ = writeln!(
-                o,
-                "wsbridge_response_bytes_total{{service=\"{}\"}} {}",
-                escape(name),
-                s.bytes_out.load(Relaxed)
-            );
-        }
-
-        header(
-            o,
-            "wsbridge_queue_depth",
-            "gauge",
-            "Calls waiting for a free worker, by service.",
-        );
-        for g in &gauges.services {
-            let _ = writeln!(
-                o,
-                "wsbridge_queue_depth{{service=\"{}\"}} {}",
-                escape(&g.name),
-                g.queued
-            );
-        }
-        header(
-            o,
-            "wsbridge_workers_connected",
-            "gauge",
-            "Worker connections serving each service.",
-        );
-        for g in &gauges.services {
-            let _ = writeln!(
-                o,
-                "wsbridge_workers_connected{{service=\"{}\"}} {}",
-                escape(&g.name),
-                g.workers
-            );
-        }
-
-        header(
-            o,
+    /// The metrics without labels (and the reloads, by result).
+    fn totals(&self, o: &mut String, gauges: &Gauges) {
+        let mut single = |name: &str, kind: &str, help: &str, value: &dyn std::fmt::Display| {
+            header(o, name, kind, help);
+            let _ = writeln!(o, "{name} {value}");
+        };
+        single(
             "wsbridge_worker_calls_pending",
             "gauge",
             "Calls sent to workers and not yet finished.",
+            &gauges.pending,
         );
-        let _ = writeln!(o, "wsbridge_worker_calls_pending {}", gauges.pending);
         if let Some(tasks) = gauges.tasks {
-            header(
-                o,
+            single(
                 "wsbridge_runtime_tasks",
                 "gauge",
                 "Tasks alive on the bridge's runtime (connections, worker sessions, calls).",
+                &tasks,
             );
-            let _ = writeln!(o, "wsbridge_runtime_tasks {tasks}");
         }
-        header(
-            o,
+        single(
             "wsbridge_worker_connects_total",
             "counter",
             "Worker connections accepted (handshake done, resumes included).",
+            &self.worker_connects.load(Relaxed),
         );
-        let _ = writeln!(
-            o,
-            "wsbridge_worker_connects_total {}",
-            self.worker_connects.load(Relaxed)
-        );
-        header(
-            o,
+        single(
             "wsbridge_worker_disconnects_total",
             "counter",
             "Worker connections that ended.",
+            &self.worker_disconnects.load(Relaxed),
         );
-        let _ = writeln!(
-            o,
-            "wsbridge_worker_disconnects_total {}",
-            self.worker_disconnects.load(Relaxed)
-        );
-        header(
-            o,
+        single(
             "wsbridge_protocol_violations_total",
             "counter",
             "Frames from workers that broke the protocol.",
-        );
-        let _ = writeln!(
-            o,
-            "wsbridge_protocol_violations_total {}",
-            gauges.protocol_violations
+            &gauges.protocol_violations,
         );
         header(
             o,
@@ -438,7 +356,62 @@ impl Metrics {
             "Seconds since the bridge started.",
         );
         let _ = writeln!(o, "wsbridge_uptime_seconds {}", self.uptime().as_secs_f64());
-        out
+    }
+}
+
+/// `wsbridge_requests_total`, by service and status code.
+fn requests(o: &mut String, services: &[(String, Arc<ServiceStats>)]) {
+    header(
+        o,
+        "wsbridge_requests_total",
+        "counter",
+        "Calls answered, by service and HTTP status code.",
+    );
+    for (name, s) in services {
+        for (i, count) in s.codes.iter().enumerate() {
+            let n = count.load(Relaxed);
+            if n > 0 {
+                let code = i + 100;
+                let _ = writeln!(
+                    o,
+                    "wsbridge_requests_total{{service=\"{}\",code=\"{code}\"}} {n}",
+                    escape(name)
+                );
+            }
+        }
+    }
+}
+
+/// `wsbridge_request_duration_seconds`, a histogram by service.
+fn latency(o: &mut String, services: &[(String, Arc<ServiceStats>)]) {
+    header(
+        o,
+        "wsbridge_request_duration_seconds",
+        "histogram",
+        "Time from the request's arrival to the end of its response body, by service.",
+    );
+    for (name, s) in services {
+        let name = escape(name);
+        let mut cumulative = 0;
+        for (i, bucket) in s.latency.buckets.iter().enumerate() {
+            cumulative += bucket.load(Relaxed);
+            let le = LATENCY_BOUNDS
+                .get(i)
+                .map_or_else(|| "+Inf".to_owned(), |b| b.to_string());
+            let _ = writeln!(
+                o,
+                "wsbridge_request_duration_seconds_bucket{{service=\"{name}\",le=\"{le}\"}} {cumulative}"
+            );
+        }
+        let sum = s.latency.sum_micros.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(
+            o,
+            "wsbridge_request_duration_seconds_sum{{service=\"{name}\"}} {sum}"
+        );
+        let _ = writeln!(
+            o,
+            "wsbridge_request_duration_seconds_count{{service=\"{name}\"}} {cumulative}"
+        );
     }
 }
 
