@@ -541,20 +541,25 @@ mod tests {
         );
     }
 
+    /// Yields until a call waits in `service`'s queue.
+    async fn until_waiting(reg: &Registry, service: &str) {
+        while reg
+            .lock()
+            .services
+            .get(service)
+            .is_none_or(|s| s.waiters.is_empty())
+        {
+            tokio::task::yield_now().await;
+        }
+    }
+
     #[tokio::test]
     async fn queue_limit_refuses_excess_waiters() {
         let (reg, _) = registry_with(&[]);
         let r = reg.clone();
         let waiting =
             tokio::spawn(async move { r.acquire("svc", Duration::from_secs(5), 1).await });
-        while reg
-            .lock()
-            .services
-            .get("svc")
-            .is_none_or(|s| s.waiters.is_empty())
-        {
-            tokio::task::yield_now().await;
-        }
+        until_waiting(&reg, "svc").await;
         assert_eq!(
             reg.acquire("svc", Duration::from_secs(5), 1).await.err(),
             Some(AcquireError::QueueFull)
@@ -568,14 +573,7 @@ mod tests {
         let r = reg.clone();
         let waiting =
             tokio::spawn(async move { r.acquire("svc", Duration::from_secs(5), 8).await });
-        while reg
-            .lock()
-            .services
-            .get("svc")
-            .is_none_or(|s| s.waiters.is_empty())
-        {
-            tokio::task::yield_now().await;
-        }
+        until_waiting(&reg, "svc").await;
         let key = reg.register(Session::detached("late"), &["svc".to_owned()], 1);
         assert!(waiting.await.expect("join").is_ok());
         assert_eq!(reg.inflight(key), Some(0));
