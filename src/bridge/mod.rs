@@ -6,7 +6,8 @@
 //!   [`dispatch`] seam finds, and awaits the reply.
 //! * [`registry`] picks a worker (least busy, within its declared capacity)
 //!   and queues calls when none is free.
-//! * [`session`] runs one worker connection and its pending map.
+//! * [`session`] runs one worker connection; [`pending`] is its table of
+//!   calls in flight.
 //! * [`routes`] maps paths to services.
 //! * [`admin`] serves `/metrics`, `/status`, the dashboard and `/reload`;
 //!   [`reload`] swaps in a re-read config without dropping anything.
@@ -20,6 +21,7 @@ mod http;
 mod idempotency;
 mod keyed;
 mod listener;
+mod pending;
 mod registry;
 mod reload;
 mod reply;

@@ -1,13 +1,11 @@
 //! One worker's connection, bridge side: the upgrade and hello, a reader that
-//! completes pending calls, a writer that batches frames and sends pings, and
-//! the pending map that correlates replies with calls.
-//!
-//! Every pending entry has a guaranteed exit: the reply, the caller's
-//! [`CallGuard`] being dropped (timeout or hang-up, which also sends a
-//! `cancel`), or the connection ending (every entry fails with the cause).
+//! completes pending calls, and a writer that batches frames and sends pings.
+//! The calls in flight are kept in the pending-call table ([`super::pending`]),
+//! whose rules say how each one leaves: this file acts them out (the caller's
+//! [`CallGuard`] being dropped sends a `cancel`, the connection ending fails
+//! them all with the cause).
 
 use std::{
-    collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
@@ -35,9 +33,13 @@ use tokio_tungstenite::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{credentials::Credentials, Settings, Shared};
+use super::{
+    credentials::Credentials,
+    pending::{self, Calls, Head, Known},
+    Settings, Shared,
+};
 use crate::{
-    body::{Body, BodyError, BodySender},
+    body::Body,
     headers,
     protocol::{
         self,
@@ -47,20 +49,7 @@ use crate::{
     transport::{self, Inbox, Outbox},
 };
 
-/// What a pending call resolves to.
-pub(crate) type Reply = Result<Response<Body>, Failure>;
-
-/// Why a call ended without a usable reply.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Failure {
-    /// The connection ended; the text says how.
-    Lost(String),
-    /// The connection ended before the worker accepted the call: it never
-    /// started, so sending it to another worker is safe.
-    Unsent(String),
-    /// The worker's reply was invalid, or the worker reported an error.
-    Bad(String),
-}
+pub(crate) use super::pending::{Failure, Reply};
 
 /// Protocol violations after which a worker's connection is closed (1008).
 const MAX_VIOLATIONS: u32 = 32;
@@ -204,59 +193,6 @@ pub(crate) struct Terms {
     pub(crate) max_frame: usize,
 }
 
-#[derive(Default)]
-struct Calls {
-    /// Set once the connection is gone; no new calls may start.
-    closed: Option<String>,
-    /// By call id; foldhash, not SipHash: the ids are the bridge's own.
-    map: HashMap<u64, Pending, foldhash::fast::RandomState>,
-}
-
-struct Pending {
-    /// Completed by the response head (or a failure before it).
-    head: Option<oneshot::Sender<Reply>>,
-    /// After a head with `end: false`: where the body chunks go.
-    stream: Option<Stream>,
-    /// With flow control: request body bytes the bridge may still send.
-    window: Option<Arc<Semaphore>>,
-    /// The worker may have started the call (it said `accepted`, it does
-    /// not send `accepted` frames at all, or the call went without the gate).
-    accepted: bool,
-    /// The call waits for `start` (the worker sends `accepted` and the call
-    /// was sent without `"gate": false`).
-    gated: bool,
-    /// The caller would send the call to another worker if this one were
-    /// lost, even after it started (an idempotent or keyed call with its
-    /// body whole in memory and retries left): when the connection drops,
-    /// it moves at once rather than wait for a resume.
-    replayable: bool,
-    /// A `start` went out for this call: only the first `accepted` is
-    /// answered, so repeating it cannot make the bridge write anything.
-    answered: bool,
-}
-
-/// A response body being relayed to the caller as it arrives.
-struct Stream {
-    tx: BodySender,
-    /// Bytes received from the worker and not yet taken by the caller.
-    buffered: Arc<AtomicUsize>,
-}
-
-impl Pending {
-    /// Ends the call with a failure, whichever stage it is in.
-    fn fail(self, failure: Failure) {
-        if let Some(head) = self.head {
-            let _ = head.send(Err(failure));
-        } else if let Some(stream) = self.stream {
-            let text = match failure {
-                Failure::Lost(c) | Failure::Unsent(c) => format!("worker lost mid-body: {c}"),
-                Failure::Bad(r) => format!("invalid reply mid-body: {r}"),
-            };
-            stream.tx.abort(BodyError::new(text));
-        }
-    }
-}
-
 /// Removes its call from the pending map when dropped; if the call was still
 /// pending, the worker is told to cancel it.
 pub(crate) struct CallGuard {
@@ -275,7 +211,7 @@ impl CallGuard {
 
 impl Drop for CallGuard {
     fn drop(&mut self) {
-        let removed = self.session.lock().map.remove(&self.id).is_some();
+        let removed = self.session.lock().remove(self.id).is_some();
         if !removed {
             return;
         }
@@ -441,7 +377,7 @@ impl Session {
 
     /// Calls sent to this worker and not finished (streams included).
     pub(crate) fn pending(&self) -> usize {
-        self.lock().map.len()
+        self.lock().len()
     }
 
     /// True once the session has ended: no call can start on it.
@@ -451,7 +387,7 @@ impl Session {
 
     /// Why the session ended, once it has.
     fn end_cause(&self) -> Option<String> {
-        self.lock().closed.clone()
+        self.lock().end_cause().cloned()
     }
 
     fn lock(&self) -> MutexGuard<'_, Calls> {
@@ -472,10 +408,6 @@ impl Session {
         let (tx, rx) = oneshot::channel();
         let gated = gated && self.terms.acks;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut calls = self.lock();
-        if let Some(cause) = &calls.closed {
-            return Err(Failure::Unsent(cause.clone()));
-        }
         // Only a body streamed after the head spends window; a whole one
         // travels in the request frame.
         let window = self
@@ -483,21 +415,8 @@ impl Session {
             .window
             .filter(|_| upload)
             .map(|w| Arc::new(Semaphore::new(w)));
-        calls.map.insert(
-            id,
-            Pending {
-                head: Some(tx),
-                stream: None,
-                window: window.clone(),
-                // Without an `accepted` frame to come, a call sent may
-                // have started.
-                accepted: !gated,
-                gated,
-                replayable,
-                answered: false,
-            },
-        );
-        drop(calls);
+        self.lock()
+            .start(id, tx, window.clone(), gated, replayable)?;
         Ok(Started {
             guard: CallGuard {
                 session: self.clone(),
@@ -530,7 +449,7 @@ impl Session {
     /// request body.
     fn credit(&self, id: u64, bytes: u64) {
         let calls = self.lock();
-        if let Some(window) = calls.map.get(&id).and_then(|p| p.window.as_ref()) {
+        if let Some(window) = calls.window(id) {
             // Never more than a window at once: a confused or hostile
             // worker cannot make the bridge send unbounded amounts.
             let cap = self.terms.window.unwrap_or(0);
@@ -542,160 +461,61 @@ impl Session {
     /// Ends the session: every pending call fails with `cause`. Only the
     /// first cause is kept; it is the one that explains what happened.
     pub(crate) fn close(&self, cause: &str) {
-        let drained: Vec<Pending> = {
+        let drained = {
             let mut calls = self.lock();
-            if calls.closed.is_some() {
+            let Some(drained) = calls.close(cause) else {
                 return;
-            }
-            calls.closed = Some(cause.to_owned());
+            };
             self.closed.store(true, Ordering::Release);
-            calls.map.drain().map(|(_, p)| p).collect()
+            drained
         };
         if !drained.is_empty() {
             warn!(worker = %self.worker_id, calls = drained.len(), %cause, "failing calls of lost worker");
         }
-        for pending in drained {
-            let failure = if pending.accepted {
-                Failure::Lost(cause.to_owned())
-            } else {
-                Failure::Unsent(cause.to_owned())
-            };
-            pending.fail(failure);
-        }
+        pending::fail_all(drained);
     }
 
-    /// The connection dropped and the worker may come back (resume). Only
-    /// the calls nothing else can save wait for it: a call that never
-    /// started (gated, no `accepted` recorded) or that may safely run twice
-    /// (`replayable`) fails at once, so that its caller sends it to another
-    /// worker now rather than after `resume_window`. It leaves the map: if
-    /// the worker resumes still holding it, it gets a `cancel` and its reply
-    /// is ignored, so a moved call is never answered twice. When the worker
-    /// is already back (its resume superseded this connection), every call
-    /// stays for it. Bodies in flight cannot be resumed, so streamed replies
-    /// are cut off and uploads stop (their windows close, which fails them).
+    /// The connection dropped and the worker may come back (resume): the
+    /// calls nothing else can save wait for it, the others fail at once
+    /// ([`Calls::hold_for_resume`]). When the worker is already back (its
+    /// resume superseded this connection), every call stays for it.
     pub(crate) fn hold_for_resume(&self, cause: &str) {
         let back = self
             .superseded
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .is_cancelled();
-        let movable = |p: &Pending| !back && (p.replayable || !p.accepted);
-        let gone: Vec<(Pending, Failure)> = {
-            let mut calls = self.lock();
-            for pending in calls.map.values() {
-                if let Some(window) = &pending.window {
-                    window.close();
-                }
-            }
-            let ids: Vec<u64> = calls
-                .map
-                .iter()
-                .filter(|(_, p)| p.stream.is_some() || movable(p))
-                .map(|(id, _)| *id)
-                .collect();
-            ids.iter()
-                .filter_map(|id| calls.map.remove(id))
-                .map(|pending| {
-                    let failure = if pending.stream.is_some() {
-                        Failure::Lost("connection lost mid-body".into())
-                    } else if pending.accepted {
-                        Failure::Lost(cause.to_owned())
-                    } else {
-                        Failure::Unsent(cause.to_owned())
-                    };
-                    (pending, failure)
-                })
-                .collect()
-        };
-        for (pending, failure) in gone {
-            pending.fail(failure);
-        }
+        let gone = self.lock().hold_for_resume(back, cause);
+        pending::fail_all(gone);
     }
 
     /// The worker is back on a new connection: frames go to `outbox` from
     /// now on, and each call still waiting is matched against what the
-    /// worker says it knows. A call it is still running stands; one whose
-    /// reply it wrote to the dropped connection stands too, and is returned
-    /// so the worker is asked to send the reply again; one it never heard of
-    /// never started, so it may go to any worker.
+    /// worker says it knows ([`Calls::resume`]). Returns the calls whose
+    /// reply the worker is to send again.
     pub(crate) fn resume(&self, outbox: Outbox, known: &protocol::Resume) -> Vec<u64> {
         *self.outbox.lock().unwrap_or_else(|p| p.into_inner()) = outbox;
         // The pongs the dropped connection missed say nothing about this one.
         self.unanswered.store(0, Ordering::Relaxed);
-        let running: HashSet<u64> = known.running.iter().copied().collect();
-        let replied: HashSet<u64> = known.replied.iter().copied().collect();
-        let (resend, gone): (Vec<u64>, Vec<(Pending, Failure)>) = {
+        let known = Known::from(known);
+        let (resend, gone) = {
             let mut calls = self.lock();
-            // The gated calls the worker holds may start now (a `start` may
-            // have been lost with the old connection; a repeat is ignored).
-            // A call it holds that is no longer pending here ended while it
-            // was away (timeout, caller gone): the `cancel` went down with
-            // the old connection, so it is sent again.
-            // Ids this session never issued are ignored: answering them
-            // would let a `resume` of 131072 made-up ids queue as many
-            // cancels.
             let issued = 1..self.next_id.load(Ordering::Relaxed);
-            for id in running.iter().filter(|id| issued.contains(id)) {
-                match calls.map.get_mut(id) {
-                    Some(p) if p.gated => {
-                        p.accepted = true;
-                        p.answered = true;
-                        let start = Control::Start { id: *id };
-                        self.outbox()
-                            .control(Message::text(protocol::encode_control(&start)));
-                    }
-                    Some(_) => {}
-                    None => {
-                        let cancel = Control::Cancel {
-                            id: *id,
-                            reason: "gone".into(),
-                        };
-                        self.outbox()
-                            .control(Message::text(protocol::encode_control(&cancel)));
-                    }
-                }
+            let resumed = calls.resume(issued, &known);
+            for frame in &resumed.frames {
+                self.outbox()
+                    .control(Message::text(protocol::encode_control(frame)));
             }
-            let ids: Vec<u64> = calls
-                .map
-                .keys()
-                .copied()
-                .filter(|id| !running.contains(id))
-                .collect();
-            let resend = ids
-                .iter()
-                .copied()
-                .filter(|id| replied.contains(id))
-                .collect();
-            let gone = ids
-                .into_iter()
-                .filter(|id| !replied.contains(id))
-                .filter_map(|id| {
-                    let pending = calls.map.remove(&id)?;
-                    // Only a call that cannot have started may go elsewhere:
-                    // the worker's lists miss calls it ran and forgot (a
-                    // streamed reply cut with the link, a reply pushed out of
-                    // its replay ring), so "not listed" alone proves nothing.
-                    let failure = if pending.accepted {
-                        Failure::Lost("the worker no longer knows this call".into())
-                    } else {
-                        Failure::Unsent("the worker never received it".into())
-                    };
-                    Some((pending, failure))
-                })
-                .collect();
-            (resend, gone)
+            (resumed.resend, resumed.gone)
         };
-        for (pending, failure) in gone {
-            pending.fail(failure);
-        }
+        pending::fail_all(gone);
         resend
     }
 
     /// Ends a call from the bridge's side: the caller's reply (or its body,
     /// if streaming) fails, and the worker is told to stop.
     pub(crate) fn abort_call(&self, id: u64, reason: &str) {
-        let removed = self.lock().map.remove(&id);
+        let removed = self.lock().remove(id);
         if let Some(p) = removed {
             p.fail(Failure::Bad(format!("call aborted: {reason}")));
             let cancel = Control::Cancel {
@@ -709,7 +529,7 @@ impl Session {
 
     /// Fails one call, if it is still pending.
     fn fail(&self, id: u64, failure: Failure) {
-        let removed = self.lock().map.remove(&id);
+        let removed = self.lock().remove(id);
         if let Some(p) = removed {
             p.fail(failure);
         }
@@ -726,20 +546,18 @@ impl Session {
         frame: Option<&Bytes>,
     ) -> Result<(), String> {
         let mut calls = self.lock();
-        let Some(pending) = calls.map.get_mut(&head.id) else {
-            // Late replies to calls that timed out or were cancelled are
-            // normal; the caller has already been answered.
-            debug!(worker = %self.worker_id, id = head.id, "reply for a call no longer pending");
-            return Ok(());
-        };
-        let Some(tx) = pending.head.take() else {
-            let reason = "second response head for one call".to_owned();
-            let removed = calls.map.remove(&head.id);
-            drop(calls);
-            if let Some(p) = removed {
-                p.fail(Failure::Bad(reason.clone()));
+        let tx = match calls.head(head.id) {
+            Head::First(tx) => tx,
+            Head::Late => {
+                // Late replies to calls that timed out or were cancelled are
+                // normal; the caller has already been answered.
+                debug!(worker = %self.worker_id, id = head.id, "reply for a call no longer pending");
+                return Ok(());
             }
-            return Err(reason);
+            Head::Second(broken) => {
+                drop(calls);
+                return Err(broken.fail());
+            }
         };
         // A streamed head's bytes count against the window like any chunk's
         // (section 7.3); a whole reply may be up to max_response_body.
@@ -750,7 +568,7 @@ impl Session {
         let resp = match check_head(&head, body.len(), limit, frame) {
             Ok(resp) => resp,
             Err(reason) => {
-                calls.map.remove(&head.id);
+                calls.remove(head.id);
                 drop(calls);
                 let _ = tx.send(Err(Failure::Bad(reason.clone())));
                 return Err(reason);
@@ -758,7 +576,7 @@ impl Session {
         };
         let (parts, ()) = resp.into_parts();
         if head.end {
-            calls.map.remove(&head.id);
+            calls.remove(head.id);
             drop(calls);
             let _ = tx.send(Ok(Response::from_parts(parts, Body::full(body))));
             return Ok(());
@@ -785,10 +603,7 @@ impl Session {
             }
         });
         sender.send(body);
-        pending.stream = Some(Stream {
-            tx: sender,
-            buffered,
-        });
+        calls.stream(head.id, sender, buffered);
         drop(calls);
         let _ = tx.send(Ok(Response::from_parts(parts, stream_body)));
         Ok(())
@@ -796,43 +611,11 @@ impl Session {
 
     /// Handles a `body` chunk of a streamed response.
     fn on_body(&self, id: u64, end: bool, chunk: Bytes) -> Result<(), String> {
-        let mut calls = self.lock();
-        let Some(pending) = calls.map.get_mut(&id) else {
-            return Ok(());
-        };
-        let Some(stream) = pending.stream.as_ref() else {
-            drop(calls);
-            let reason = "body chunk before the response head".to_owned();
-            self.fail(id, Failure::Bad(reason.clone()));
-            return Err(reason);
-        };
-        let held = stream.buffered.fetch_add(chunk.len(), Ordering::Relaxed) + chunk.len();
-        // A flow-controlled worker never has more than its window waiting
-        // (it gets credit only as the caller reads); one that overruns it
-        // is cut off. Others may fill up to max_response_body.
+        // A flow-controlled worker never has more than its window waiting;
+        // others may fill up to max_response_body (see [`Calls::body`]).
         let limit = self.terms.window.unwrap_or(self.terms.max_response);
-        if held > limit {
-            drop(calls);
-            let reason = format!(
-                "{held} bytes of the reply are waiting for the caller, more than the {limit} allowed"
-            );
-            self.fail(id, Failure::Bad(reason.clone()));
-            return Err(reason);
-        }
-        if !stream.tx.send(chunk) {
-            // The caller is gone; its guard sends the cancel.
-            return Ok(());
-        }
-        if end {
-            if let Some(Pending {
-                stream: Some(stream),
-                ..
-            }) = calls.map.remove(&id)
-            {
-                stream.tx.finish();
-            }
-        }
-        Ok(())
+        let broken = self.lock().body(id, end, chunk, limit);
+        broken.map_err(|broken| broken.fail())
     }
 }
 
@@ -1459,18 +1242,9 @@ fn on_text(session: &Session, shared: &Shared, key: u64, text: &str) -> Problem 
         }
         Ok(Control::Accepted { id }) => {
             // Recorded first, then the worker is told it may start: from
-            // here on the call is never sent elsewhere. For a call that
-            // already ended this is late news: ignored; so is a repeat,
-            // which a worker that stopped reading could otherwise send by
-            // the million to make the bridge queue a `start` for each.
-            let first = match session.lock().map.get_mut(&id) {
-                Some(p) if !p.answered => {
-                    p.accepted = true;
-                    p.answered = true;
-                    true
-                }
-                _ => false,
-            };
+            // here on the call is never sent elsewhere. Only the first
+            // `accepted` of a call still pending gets one (`Calls::accept`).
+            let first = session.lock().accept(id);
             if first {
                 let start = Control::Start { id };
                 session
