@@ -6,7 +6,8 @@
 //!   [`dispatch`] seam finds, and awaits the reply.
 //! * [`registry`] picks a worker (least busy, within its declared capacity)
 //!   and queues calls when none is free.
-//! * [`session`] runs one worker connection; [`pending`] is its table of
+//! * [`session`] runs one worker connection, once [`handshake`] has
+//!   authenticated it and settled its terms; [`pending`] is its table of
 //!   calls in flight.
 //! * [`routes`] maps paths to services.
 //! * [`admin`] serves `/metrics`, `/status`, the dashboard and `/reload`;
@@ -17,6 +18,7 @@ mod call;
 mod conformance;
 mod credentials;
 mod dispatch;
+mod handshake;
 mod http;
 mod idempotency;
 mod keyed;

@@ -1,5 +1,7 @@
-//! One worker's connection, bridge side: the upgrade and hello, a reader that
-//! completes pending calls, and a writer that batches frames and sends pings.
+//! One worker's connection, bridge side, once its handshake
+//! ([`super::handshake`]) is done: the session it starts or resumes, a
+//! reader that completes pending calls, and a writer that batches frames
+//! and sends pings.
 //! The calls in flight are kept in the pending-call table ([`super::pending`]),
 //! whose rules say how each one leaves: this file acts them out (the caller's
 //! [`CallGuard`] being dropped sends a `cancel`, the connection ending fails
@@ -16,15 +18,13 @@ use std::{
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use http::{header, HeaderValue, Response, StatusCode};
-use subtle::{ConditionallySelectable, ConstantTimeEq};
+use http::{header, Response, StatusCode};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     sync::{oneshot, Semaphore},
 };
 use tokio_tungstenite::{
     tungstenite::{
-        handshake::server::{ErrorResponse, Request as WsRequest, Response as WsResponse},
         protocol::{frame::coding::CloseCode, CloseFrame},
         Message,
     },
@@ -35,6 +35,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     credentials::Credentials,
+    handshake::{self, Terms},
     pending::{self, Calls, Head, Known},
     Settings, Shared,
 };
@@ -44,7 +45,7 @@ use crate::{
     protocol::{
         self,
         json::{HeadRef, ResponseRef},
-        Compression, Control, DataHead, Welcome,
+        Compression, Control, DataHead,
     },
     transport::{self, Inbox, Outbox},
 };
@@ -173,24 +174,6 @@ impl WorkerStats {
             self.rtt_micros.store(rtt, Ordering::Relaxed);
         }
     }
-}
-
-/// The parameters of one worker connection, settled by hello and welcome.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Terms {
-    /// Largest response body accepted.
-    pub(crate) max_response: usize,
-    /// The per-call flow-control window, if the worker does flow control.
-    pub(crate) window: Option<usize>,
-    /// Body compression both sides may use.
-    pub(crate) compression: Compression,
-    /// The worker sends `accepted` before it starts a call.
-    pub(crate) acks: bool,
-    /// The worker keeps its calls across a dropped connection (resume).
-    pub(crate) resumable: bool,
-    /// Largest message from the worker; also the most a compressed body may
-    /// inflate to.
-    pub(crate) max_frame: usize,
 }
 
 /// Removes its call from the pending map when dropped; if the call was still
@@ -660,79 +643,6 @@ fn content_length(headers: &http::HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// A handshake refusal with a JSON reason.
-fn refuse(status: StatusCode, code: &str, message: &str) -> ErrorResponse {
-    let body = serde_json::json!({"error": {"code": code, "message": message}}).to_string();
-    let mut resp = ErrorResponse::new(Some(body));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if status == StatusCode::UNAUTHORIZED {
-        resp.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    }
-    resp
-}
-
-/// Checks the upgrade request's token and subprotocol.
-// The error type is tungstenite's callback contract; it is built at most
-// once per refused connection, so its size does not matter.
-#[allow(clippy::result_large_err)]
-fn check_upgrade(
-    settings: &Settings,
-    req: &WsRequest,
-    mut resp: WsResponse,
-    token: &mut Option<usize>,
-) -> Result<WsResponse, ErrorResponse> {
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map_or("", |(_, token)| token.trim());
-    // Compare against every token without stopping early or branching, so
-    // the time taken says nothing about which token (or how much of one)
-    // matched. `found` is the matching token's index + 1, or 0.
-    let mut found = 0u64;
-    for (i, t) in settings.config.workers.tokens.iter().enumerate() {
-        let eq = t.secret().expose().as_bytes().ct_eq(presented.as_bytes());
-        found.conditional_assign(&(i as u64 + 1), eq);
-    }
-    *token = usize::try_from(found).ok().and_then(|f| f.checked_sub(1));
-    if presented.is_empty() || token.is_none() {
-        return Err(refuse(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or invalid bearer token in the Authorization header",
-        ));
-    }
-    let offered = req
-        .headers()
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|p| p.trim() == protocol::SUBPROTOCOL);
-    if !offered {
-        return Err(refuse(
-            StatusCode::BAD_REQUEST,
-            "bad_subprotocol",
-            &format!(
-                "Sec-WebSocket-Protocol must offer {}",
-                protocol::SUBPROTOCOL
-            ),
-        ));
-    }
-    resp.headers_mut().insert(
-        header::SEC_WEBSOCKET_PROTOCOL,
-        HeaderValue::from_static(protocol::SUBPROTOCOL),
-    );
-    Ok(resp)
-}
-
 /// Serves one worker connection (already TLS-terminated when TLS is on)
 /// until it ends or the bridge shuts down. `cert`: the SHA-256 of the
 /// client certificate's DER, with mutual TLS.
@@ -746,74 +656,10 @@ pub(crate) async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let cfg = &settings.config.workers;
-    #[allow(clippy::result_large_err)]
-    let handshake = async {
-        let mut token = None;
-        let callback =
-            |req: &WsRequest, resp: WsResponse| check_upgrade(&settings, req, resp, &mut token);
-        let mut ws = tokio_tungstenite::accept_hdr_async_with_config(
-            stream,
-            callback,
-            Some(settings.ws_config),
-        )
-        .await
-        .map_err(|e| format!("upgrade failed: {e}"))?;
-        let hello = loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(text))) => match protocol::decode_control(&text) {
-                    Ok(Control::Hello(h)) => break h,
-                    Ok(_) => {
-                        return Err(reject(&mut ws, "bad_hello", "first frame must be hello").await)
-                    }
-                    Err(e) => return Err(reject(&mut ws, "bad_hello", &e.to_string()).await),
-                },
-                // Some client libraries ping as soon as they connect.
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                Some(Ok(_)) => {
-                    let problem = "first frame must be a text hello";
-                    return Err(reject(&mut ws, "bad_hello", problem).await);
-                }
-                Some(Err(e)) => return Err(format!("read failed: {e}")),
-                None => return Err("closed before hello".to_owned()),
-            }
-        };
-        if let Err(problem) = hello.check() {
-            return Err(reject(&mut ws, "bad_hello", &problem).await);
-        }
-        // A scoped token registers only for its own services.
-        let allowed = token
-            .and_then(|i| cfg.tokens.get(i))
-            .and_then(|t| t.services());
-        if let Some(allowed) = allowed {
-            if let Some(other) = hello.services.iter().find(|s| !allowed.contains(s)) {
-                let problem = format!("this token may not serve {other:?}");
-                return Err(reject(&mut ws, "forbidden_service", &problem).await);
-            }
-        }
-        // check_upgrade refuses a connection without a token.
-        let token = token
-            .and_then(|i| cfg.tokens.get(i))
-            .map_or("", |t| t.secret().expose());
-        Ok((ws, hello, Credentials::new(token, cert)))
-    };
-    // Boxed, so that its state (most of this task's size) is freed once the
-    // handshake is over instead of living as long as the connection.
-    let handshake = tokio::time::timeout(cfg.handshake_timeout, Box::pin(handshake));
-    let outcome = tokio::select! {
-        _ = shutdown.cancelled() => return,
-        outcome = handshake => outcome,
-    };
-    let (mut ws, hello, credentials) = match outcome {
-        Ok(Ok(done)) => done,
-        Ok(Err(reason)) => {
-            info!(%peer, %reason, "worker handshake refused");
-            return;
-        }
-        Err(_) => {
-            info!(%peer, timeout = ?cfg.handshake_timeout, "worker handshake timed out");
-            return;
-        }
+    let Some((mut ws, hello, credentials)) =
+        handshake::accept(stream, peer, cert, &settings, &shutdown).await
+    else {
+        return;
     };
 
     let (outbox, inbox) = transport::bounded_outbox(overflow_limit(hello.max_inflight));
@@ -836,14 +682,7 @@ pub(crate) async fn serve<S>(
             session
         }
         None => {
-            let terms = Terms {
-                max_response: settings.config.http.max_response_body.bytes(),
-                window: hello.flow_control.then(|| cfg.flow_window.bytes()),
-                compression: Compression::choose(&hello.compression, cfg.compression),
-                acks: hello.accepted,
-                resumable: hello.resumable && !cfg.resume_window.is_zero(),
-                max_frame: cfg.max_frame.bytes(),
-            };
+            let terms = Terms::negotiate(&hello, &settings);
             Arc::new(Session::new(
                 hello.worker_id.clone(),
                 credentials,
@@ -886,23 +725,7 @@ pub(crate) async fn serve<S>(
         session: session.clone(),
         ended: OnceLock::new(),
     });
-    let welcome = Control::Welcome(Welcome {
-        version: protocol::PROTOCOL_VERSION,
-        session_id: session_id.clone(),
-        ping_interval_ms: cfg.ping_interval.as_millis() as u64,
-        ping_misses: cfg.ping_misses,
-        max_frame: cfg.max_frame.0,
-        max_response_body: settings.config.http.max_response_body.0,
-        window: terms.window.map_or(0, |w| w as u64),
-        compression: terms.compression.name().map(str::to_owned),
-        resume_window_ms: if terms.resumable {
-            cfg.resume_window.as_millis() as u64
-        } else {
-            0
-        },
-        resumed,
-        resend,
-    });
+    let welcome = handshake::welcome(&settings, &terms, session_id, resumed, resend);
     if let Err(e) = ws
         .send(Message::text(protocol::encode_control(&welcome)))
         .await
@@ -981,28 +804,6 @@ fn read_failure(e: &tokio_tungstenite::tungstenite::Error) -> String {
         Error::Io(io) => format!("read failed: {}", io.kind()),
         other => format!("read failed: {other}"),
     }
-}
-
-/// Sends an error frame and a policy close; returns the reason for the log.
-async fn reject<S>(ws: &mut WebSocketStream<S>, code: &str, reason: &str) -> String
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let frame = Control::Error {
-        id: None,
-        code: code.to_owned(),
-        message: reason.to_owned(),
-    };
-    let _ = ws
-        .send(Message::text(protocol::encode_control(&frame)))
-        .await;
-    let _ = ws
-        .close(Some(CloseFrame {
-            code: CloseCode::Policy,
-            reason: "bad hello".into(),
-        }))
-        .await;
-    reason.to_owned()
 }
 
 type Sink<S> = futures_util::stream::SplitSink<WebSocketStream<S>, Message>;
