@@ -8,7 +8,7 @@
 //! so a connection cut without a FIN never leaves the worker waiting.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::HashMap,
     future::Future,
     panic::AssertUnwindSafe,
     pin::Pin,
@@ -45,13 +45,15 @@ use crate::{
     config::Secret,
     headers,
     protocol::{
-        self, BodyHead, Compression, Control, DataHead, Hello, RequestHead, Resume, Welcome,
-        CHUNK_SIZE,
+        self, BodyHead, Compression, Control, DataHead, Hello, RequestHead, Welcome, CHUNK_SIZE,
     },
-    transport::{self, Inbox, Outbox},
+    transport::{self, Outbox},
 };
 
-use super::backoff::Backoff;
+use super::{
+    backoff::Backoff,
+    resume::{Carry, Replied},
+};
 
 /// Time allowed for TCP, TLS, upgrade and welcome together.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -480,25 +482,25 @@ struct Terms {
 }
 
 /// One call in flight on the worker side.
-struct CallEntry {
+pub(super) struct CallEntry {
     /// Aborts the call's task (cancel, or the connection ending).
-    abort: AbortHandle,
+    pub(super) abort: AbortHandle,
     /// With flow control: response body bytes this call may still send.
-    window: Option<Arc<Semaphore>>,
+    pub(super) window: Option<Arc<Semaphore>>,
     /// Its reply is being streamed (cannot survive a dropped connection).
-    streaming: Arc<AtomicBool>,
+    pub(super) streaming: Arc<AtomicBool>,
 }
 
-type Calls = Arc<Mutex<HashMap<u64, CallEntry, RandomState>>>;
+pub(super) type Calls = Arc<Mutex<HashMap<u64, CallEntry, RandomState>>>;
 
 /// Calls that said `accepted` and wait for the bridge's `start`, by id.
-type Starts = Arc<Mutex<HashMap<u64, oneshot::Sender<()>, RandomState>>>;
+pub(super) type Starts = Arc<Mutex<HashMap<u64, oneshot::Sender<()>, RandomState>>>;
 
 /// Request bodies still arriving, by call id. Shared with the call tasks:
 /// a handler that answers before its body has ended drops the rest.
-type Partials = Arc<Mutex<HashMap<u64, BodySender, RandomState>>>;
+pub(super) type Partials = Arc<Mutex<HashMap<u64, BodySender, RandomState>>>;
 
-fn lock<T>(map: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(map: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     map.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -713,7 +715,7 @@ where
 
 /// Stops a call: its handler task is aborted and a request body still
 /// arriving ends with an error.
-fn abandon(calls: &Calls, partial: &Partials, id: u64, reason: &str) {
+pub(super) fn abandon(calls: &Calls, partial: &Partials, id: u64, reason: &str) {
     let body = lock(partial).remove(&id);
     if let Some(tx) = body {
         tx.abort(BodyError::new(format!("call cancelled: {reason}")));
@@ -732,11 +734,6 @@ fn send_error(outbox: &Outbox, id: Option<u64>, code: &str, message: &str) {
     outbox.try_control(Message::text(protocol::encode_control(&frame)));
 }
 
-/// Replies written to the current connection are kept (up to this many, and
-/// [`REPLIED_BYTES`]) so that after a drop the ones that never arrived can
-/// be sent again on the resumed connection.
-const REPLIED_KEPT: usize = 4096;
-
 /// A reply body of a known length up to this size is read whole before the
 /// reply is sent, so it goes out as one frame rather than a head, a chunk
 /// and an end (a proxied upstream's small answer, typically)...
@@ -745,135 +742,6 @@ const BUFFER_KNOWN_UP_TO: u64 = 64 << 10;
 /// ...if it arrives within this time. A slower one is not held back: its
 /// head and what has come go out, and the rest streams.
 const WHOLE_WAIT: Duration = Duration::from_millis(10);
-
-/// Most bytes of replies kept for a resend.
-const REPLIED_BYTES: usize = 16 << 20;
-
-/// Recently written whole replies, oldest first.
-#[derive(Default)]
-struct Replied {
-    frames: VecDeque<(u64, Bytes)>,
-    bytes: usize,
-}
-
-impl Replied {
-    fn push(&mut self, id: u64, frame: Bytes) {
-        self.bytes += frame.len();
-        self.frames.push_back((id, frame));
-        while self.frames.len() > REPLIED_KEPT || self.bytes > REPLIED_BYTES {
-            match self.frames.pop_front() {
-                Some((_, old)) => self.bytes -= old.len(),
-                None => break,
-            }
-        }
-    }
-
-    fn clear(&mut self) {
-        self.frames.clear();
-        self.bytes = 0;
-    }
-}
-
-/// What outlives one connection of a [`Worker`]: the queue to the bridge
-/// and the calls still running, so that a resumed connection delivers
-/// their replies.
-struct Carry {
-    outbox: Outbox,
-    inbox: Arc<tokio::sync::Mutex<Inbox>>,
-    calls: Calls,
-    partial: Partials,
-    starts: Starts,
-    replied: Arc<Mutex<Replied>>,
-    /// The session to resume after a drop, if the bridge keeps sessions.
-    session: Option<String>,
-    /// How long the bridge keeps the session after a drop (the welcome's).
-    resume_window: Duration,
-    /// When the current connection's welcome arrived.
-    connected_at: Option<Instant>,
-    /// The bridge ended the current connection with a close frame (it is
-    /// not a drop: no immediate redial).
-    closed_by_bridge: bool,
-}
-
-impl Carry {
-    fn new() -> Carry {
-        let (outbox, inbox) = transport::outbox();
-        Carry {
-            outbox,
-            inbox: Arc::new(tokio::sync::Mutex::new(inbox)),
-            calls: Arc::default(),
-            partial: Arc::default(),
-            starts: Arc::default(),
-            replied: Arc::default(),
-            session: None,
-            resume_window: Duration::ZERO,
-            connected_at: None,
-            closed_by_bridge: false,
-        }
-    }
-
-    /// The hello's `resume`, after a dropped connection of a resumable session.
-    fn resume(&self) -> Option<Resume> {
-        let session_id = self.session.clone()?;
-        Some(Resume {
-            session_id,
-            running: lock(&self.calls).keys().copied().collect(),
-            replied: lock(&self.replied)
-                .frames
-                .iter()
-                .map(|(id, _)| *id)
-                .collect(),
-        })
-    }
-
-    /// After a resume: the replies the bridge never got go out again; the
-    /// rest are known to have arrived.
-    fn resend(&self, ids: &[u64]) {
-        let mut replied = lock(&self.replied);
-        for (id, frame) in replied.frames.iter() {
-            if ids.contains(id) {
-                self.outbox.control(Message::Binary(frame.clone()));
-            }
-        }
-        replied.clear();
-    }
-
-    /// The connection dropped: calls with a body on the move cannot be
-    /// resumed (the bridge fails them), so they stop here too.
-    fn drop_streams(&self) {
-        let uploading: Vec<u64> = lock(&self.partial).keys().copied().collect();
-        let streaming: Vec<u64> = lock(&self.calls)
-            .iter()
-            .filter(|(_, c)| c.streaming.load(Ordering::Relaxed))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in uploading.into_iter().chain(streaming) {
-            abandon(&self.calls, &self.partial, id, "connection lost mid-body");
-        }
-    }
-
-    /// Every call stops and everything queued for the bridge is dropped.
-    fn abandon_all(&mut self) {
-        for (_, body) in lock(&self.partial).drain() {
-            body.abort(BodyError::new("connection to the bridge lost"));
-        }
-        for (_, entry) in lock(&self.calls).drain() {
-            entry.abort.abort();
-        }
-        lock(&self.starts).clear();
-        if let Ok(mut inbox) = self.inbox.try_lock() {
-            inbox.clear();
-        }
-        lock(&self.replied).clear();
-        self.session = None;
-    }
-}
-
-impl Drop for Carry {
-    fn drop(&mut self) {
-        self.abandon_all();
-    }
-}
 
 /// What each call task needs.
 struct CallCtx {

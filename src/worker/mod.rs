@@ -18,6 +18,7 @@ mod agent;
 mod backoff;
 mod client;
 mod pool;
+mod resume;
 
 pub use agent::{echo, Upstream};
 pub use client::{CallInfo, Handler, HandlerFuture, Status, Worker, WorkerConfig, WorkerError};
