@@ -5,7 +5,7 @@ use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
 use tracing::warn;
 
 use super::{
-    client::{CallInfo, HandlerFuture},
+    call::{CallInfo, HandlerFuture},
     pool::Pool,
 };
 use crate::body::Body;

@@ -16,9 +16,11 @@
 
 mod agent;
 mod backoff;
+mod call;
 mod client;
 mod pool;
 mod resume;
 
 pub use agent::{echo, Upstream};
-pub use client::{CallInfo, Handler, HandlerFuture, Status, Worker, WorkerConfig, WorkerError};
+pub use call::{CallInfo, Handler, HandlerFuture};
+pub use client::{Status, Worker, WorkerConfig, WorkerError};

@@ -20,7 +20,7 @@ use crate::{
     transport::{self, Inbox, Outbox},
 };
 
-use super::client::{abandon, lock, Calls, Partials, Starts};
+use super::call::{abandon, lock, Calls, Partials, Starts};
 
 /// Replies written to the current connection are kept (up to this many, and
 /// [`REPLIED_BYTES`]) so that after a drop the ones that never arrived can
