@@ -18,6 +18,7 @@ mod agent;
 mod backoff;
 mod call;
 mod client;
+mod connection;
 mod pool;
 mod resume;
 
