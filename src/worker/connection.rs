@@ -32,7 +32,7 @@ use crate::{
 
 use super::{
     call::{abandon, lock, CallCtx, Handler},
-    client::WorkerError,
+    dial::WorkerError,
     resume::Carry,
 };
 

@@ -17,11 +17,11 @@
 mod agent;
 mod backoff;
 mod call;
-mod client;
 mod connection;
+mod dial;
 mod pool;
 mod resume;
 
 pub use agent::{echo, Upstream};
 pub use call::{CallInfo, Handler, HandlerFuture};
-pub use client::{Status, Worker, WorkerConfig, WorkerError};
+pub use dial::{Status, Worker, WorkerConfig, WorkerError};

@@ -1,6 +1,8 @@
-//! A worker connection: dial the bridge, say hello, serve calls with a
-//! handler, and reconnect: at once after a drop, then with capped, jittered
-//! exponential backoff (see [`super::backoff`]).
+//! Reaching the bridge, and reaching it again: a worker's configuration,
+//! dialling (TCP, TLS, the upgrade, hello and welcome), and the reconnect
+//! loop of [`Worker::run`]: at once after a drop, then with capped, jittered
+//! exponential backoff (see [`super::backoff`]). Each connection is then
+//! served by [`super::connection`].
 
 use std::{sync::Arc, time::Duration};
 
