@@ -15,7 +15,8 @@ use std::{
     time::Duration,
 };
 
-use futures_util::{SinkExt, StreamExt};
+use bytes::Bytes;
+use futures_util::{stream::SplitSink, SinkExt, StreamExt};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     time::Instant,
@@ -27,7 +28,7 @@ use tracing::{debug, info, warn};
 use crate::{
     body::Body,
     protocol::{self, Compression, Control, DataHead, Welcome, CHUNK_SIZE},
-    transport::{self, Outbox},
+    transport::{self, Inbox, Outbox},
 };
 
 use super::{
@@ -72,7 +73,7 @@ where
             .unwrap_or(usize::MAX)
             .clamp(CHUNK_SIZE, 64 << 20)
     });
-    let (mut sink, mut stream) = ws.split();
+    let (sink, mut stream) = ws.split();
     // The queue outlives the connection: what is still in it when the
     // connection drops goes out on the resumed one.
     let outbox = carry.outbox.clone();
@@ -86,39 +87,15 @@ where
     // a resume (PROTOCOL.md 8.3, 8.5).
     let silent = Arc::new(AtomicBool::new(false));
     let dropped = silent.clone();
-    tokio::spawn(async move {
-        let mut inbox = inbox.lock_owned().await;
-        loop {
-            let msg = tokio::select! {
-                _ = writer_conn.cancelled() => break,
-                m = inbox.recv() => match m { Some(m) => m, None => break },
-            };
-            // A bridge that stops reading must not keep this task (and the
-            // socket) alive after the connection is given up.
-            let written = tokio::select! {
-                _ = writer_conn.cancelled() => break,
-                r = transport::write_batch(&mut sink, msg, &mut inbox, silence) => r,
-            };
-            if let Err(e) = written {
-                debug!(error = %e, "write to bridge failed");
-                break;
-            }
-        }
-        writer_conn.cancel();
-        drop(inbox); // free for the next connection's writer at once
-        if !dropped.load(Ordering::Acquire) {
-            let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
-        }
-    });
+    spawn_writer(sink, inbox, writer_conn, silence, dropped);
 
-    let (calls, partial) = (carry.calls.clone(), carry.partial.clone());
-    let starts = carry.starts.clone();
+    let calls = carry.calls.clone();
     let ctx = CallCtx {
         handler,
         outbox: outbox.clone(),
         calls: calls.clone(),
-        partial: partial.clone(),
-        starts: starts.clone(),
+        partial: carry.partial.clone(),
+        starts: carry.starts.clone(),
         replied: carry.replied.clone(),
         window,
         codec: terms.codec,
@@ -158,89 +135,8 @@ where
             Ok(Some(Ok(m))) => m,
         };
         match msg {
-            Message::Binary(frame) => match protocol::decode_data(&frame, inflate_limit) {
-                Ok((DataHead::Request(head), body)) if head.end => {
-                    ctx.start(head, Body::full(body))
-                }
-                Ok((DataHead::Request(head), body)) => {
-                    // The handler starts now and reads the body as it comes;
-                    // with flow control, what it reads is credited back.
-                    let (tx, stream) = Body::channel();
-                    tx.send(body);
-                    let stream = match window {
-                        None => stream,
-                        Some(_) => {
-                            let (outbox, id) = (outbox.clone(), head.id);
-                            stream.on_read(move |n| {
-                                let frame = Control::Credit {
-                                    id,
-                                    bytes: n as u64,
-                                };
-                                outbox.control(Message::text(protocol::encode_control(&frame)));
-                            })
-                        }
-                    };
-                    lock(&partial).insert(head.id, tx);
-                    ctx.start(head, stream);
-                }
-                Ok((DataHead::Body(b), chunk)) => {
-                    let mut bodies = lock(&partial);
-                    if let Some(tx) = bodies.get(&b.id) {
-                        tx.send(chunk);
-                    }
-                    if b.end {
-                        if let Some(tx) = bodies.remove(&b.id) {
-                            tx.finish();
-                        }
-                    }
-                }
-                Ok((DataHead::Unknown, _)) => {
-                    send_error(&outbox, None, "unknown_frame", "unknown binary frame type");
-                }
-                Ok((DataHead::Response(_), _)) => {
-                    let reason = "a bridge may not send response frames";
-                    send_error(&outbox, None, "unexpected_frame", reason);
-                }
-                Err(e) => send_error(&outbox, None, "malformed_frame", &e.to_string()),
-            },
-            Message::Text(text) => match protocol::decode_control(&text) {
-                Ok(Control::Cancel { id, reason }) => {
-                    debug!(id, %reason, "call cancelled by the bridge");
-                    lock(&starts).remove(&id);
-                    abandon(&calls, &partial, id, &reason);
-                }
-                Ok(Control::Credit { id, bytes }) => {
-                    let calls = lock(&calls);
-                    if let Some(w) = calls.get(&id).and_then(|c| c.window.as_ref()) {
-                        // At most a window: a confused bridge cannot make
-                        // this worker queue unbounded amounts.
-                        let cap = window.unwrap_or(0);
-                        let room = cap.saturating_sub(w.available_permits());
-                        w.add_permits(usize::try_from(bytes).unwrap_or(usize::MAX).min(room));
-                    }
-                }
-                Ok(Control::Error { id, code, message }) => {
-                    warn!(?id, %code, %message, "bridge reported an error");
-                    // An error about one call ends that call on the bridge.
-                    if let Some(id) = id {
-                        lock(&starts).remove(&id);
-                        abandon(&calls, &partial, id, &code);
-                    }
-                }
-                Ok(Control::Start { id }) => {
-                    if let Some(go) = lock(&starts).remove(&id) {
-                        let _ = go.send(());
-                    }
-                }
-                Ok(Control::Drain) => {
-                    info!("the bridge is shutting down; it closes this connection when its calls are done");
-                }
-                Ok(Control::Unknown) => {
-                    send_error(&outbox, None, "unknown_frame", "unknown control frame type")
-                }
-                Ok(_) => {}
-                Err(e) => send_error(&outbox, None, "malformed_frame", &e.to_string()),
-            },
+            Message::Binary(frame) => on_data(&ctx, &frame, inflate_limit),
+            Message::Text(text) => on_control(&ctx, &text),
             Message::Close(_) if drain_deadline.is_some() => {
                 info!("drained: the bridge closed the connection after the last reply");
                 return Ok(());
@@ -256,6 +152,136 @@ where
             }
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
         }
+    }
+}
+
+/// Spawns the connection's writer: the outbox's queues to the socket, in
+/// batches, until the connection ends (`writer_conn` is cancelled either way).
+/// The inbox is locked for as long as the writer runs.
+fn spawn_writer<S>(
+    mut sink: SplitSink<WebSocketStream<S>, Message>,
+    inbox: Arc<tokio::sync::Mutex<Inbox>>,
+    writer_conn: CancellationToken,
+    silence: Duration,
+    dropped: Arc<AtomicBool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut inbox = inbox.lock_owned().await;
+        loop {
+            let msg = tokio::select! {
+                _ = writer_conn.cancelled() => break,
+                m = inbox.recv() => match m { Some(m) => m, None => break },
+            };
+            // A bridge that stops reading must not keep this task (and the
+            // socket) alive after the connection is given up.
+            let written = tokio::select! {
+                _ = writer_conn.cancelled() => break,
+                r = transport::write_batch(&mut sink, msg, &mut inbox, silence) => r,
+            };
+            if let Err(e) = written {
+                debug!(error = %e, "write to bridge failed");
+                break;
+            }
+        }
+        writer_conn.cancel();
+        drop(inbox); // free for the next connection's writer at once
+        if !dropped.load(Ordering::Acquire) {
+            let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+        }
+    });
+}
+
+/// A binary frame from the bridge: a request starts a call (its body whole,
+/// or streamed with the chunks that follow), a body chunk feeds its call.
+fn on_data(ctx: &CallCtx, frame: &Bytes, inflate_limit: usize) {
+    let (partial, outbox) = (&ctx.partial, &ctx.outbox);
+    match protocol::decode_data(frame, inflate_limit) {
+        Ok((DataHead::Request(head), body)) if head.end => ctx.start(head, Body::full(body)),
+        Ok((DataHead::Request(head), body)) => {
+            // The handler starts now and reads the body as it comes;
+            // with flow control, what it reads is credited back.
+            let (tx, stream) = Body::channel();
+            tx.send(body);
+            let stream = match ctx.window {
+                None => stream,
+                Some(_) => {
+                    let (outbox, id) = (outbox.clone(), head.id);
+                    stream.on_read(move |n| {
+                        let frame = Control::Credit {
+                            id,
+                            bytes: n as u64,
+                        };
+                        outbox.control(Message::text(protocol::encode_control(&frame)));
+                    })
+                }
+            };
+            lock(partial).insert(head.id, tx);
+            ctx.start(head, stream);
+        }
+        Ok((DataHead::Body(b), chunk)) => {
+            let mut bodies = lock(partial);
+            if let Some(tx) = bodies.get(&b.id) {
+                tx.send(chunk);
+            }
+            if b.end {
+                if let Some(tx) = bodies.remove(&b.id) {
+                    tx.finish();
+                }
+            }
+        }
+        Ok((DataHead::Unknown, _)) => {
+            send_error(outbox, None, "unknown_frame", "unknown binary frame type");
+        }
+        Ok((DataHead::Response(_), _)) => {
+            let reason = "a bridge may not send response frames";
+            send_error(outbox, None, "unexpected_frame", reason);
+        }
+        Err(e) => send_error(outbox, None, "malformed_frame", &e.to_string()),
+    }
+}
+
+/// A control frame from the bridge, for the calls on this connection.
+fn on_control(ctx: &CallCtx, text: &str) {
+    let (calls, partial, starts, outbox) = (&ctx.calls, &ctx.partial, &ctx.starts, &ctx.outbox);
+    match protocol::decode_control(text) {
+        Ok(Control::Cancel { id, reason }) => {
+            debug!(id, %reason, "call cancelled by the bridge");
+            lock(starts).remove(&id);
+            abandon(calls, partial, id, &reason);
+        }
+        Ok(Control::Credit { id, bytes }) => {
+            let calls = lock(calls);
+            if let Some(w) = calls.get(&id).and_then(|c| c.window.as_ref()) {
+                // At most a window: a confused bridge cannot make
+                // this worker queue unbounded amounts.
+                let cap = ctx.window.unwrap_or(0);
+                let room = cap.saturating_sub(w.available_permits());
+                w.add_permits(usize::try_from(bytes).unwrap_or(usize::MAX).min(room));
+            }
+        }
+        Ok(Control::Error { id, code, message }) => {
+            warn!(?id, %code, %message, "bridge reported an error");
+            // An error about one call ends that call on the bridge.
+            if let Some(id) = id {
+                lock(starts).remove(&id);
+                abandon(calls, partial, id, &code);
+            }
+        }
+        Ok(Control::Start { id }) => {
+            if let Some(go) = lock(starts).remove(&id) {
+                let _ = go.send(());
+            }
+        }
+        Ok(Control::Drain) => {
+            info!("the bridge is shutting down; it closes this connection when its calls are done");
+        }
+        Ok(Control::Unknown) => {
+            send_error(outbox, None, "unknown_frame", "unknown control frame type")
+        }
+        Ok(_) => {}
+        Err(e) => send_error(outbox, None, "malformed_frame", &e.to_string()),
     }
 }
 
