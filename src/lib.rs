@@ -21,6 +21,7 @@
 //! * [`tls`] - rustls configs from PEM files and self-signed certificates.
 //! * [`error`] - caller-facing errors and their HTTP mapping.
 //! * [`headers`] - hop-by-hop stripping and header conversion.
+//! * `flow` - the per-call credit window both sides spend before body chunks.
 //! * `metrics` - counters, histograms and their Prometheus exposition.
 //! * `transport` - the batched, stall-bounded WebSocket write half.
 //! * [`demo`] - the bridge plus an echo worker over wss on loopback.
@@ -30,6 +31,7 @@ pub mod bridge;
 pub mod config;
 pub mod demo;
 pub mod error;
+mod flow;
 pub mod headers;
 mod metrics;
 pub mod protocol;

@@ -22,16 +22,13 @@ use foldhash::fast::RandomState;
 use futures_util::{future::OptionFuture, FutureExt};
 use http::{header, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
-use tokio::{
-    sync::{oneshot, Semaphore},
-    task::AbortHandle,
-    time::Instant,
-};
+use tokio::{sync::oneshot, task::AbortHandle, time::Instant};
 use tokio_tungstenite::tungstenite::Message;
 use tracing::warn;
 
 use crate::{
     body::{Body, BodyError, BodySender},
+    flow::Window,
     headers,
     protocol::{self, BodyHead, Compression, Control, DataHead, RequestHead, CHUNK_SIZE},
     transport::Outbox,
@@ -74,7 +71,7 @@ pub(super) struct CallEntry {
     /// Aborts the call's task (cancel, or the connection ending).
     pub(super) abort: AbortHandle,
     /// With flow control: response body bytes this call may still send.
-    pub(super) window: Option<Arc<Semaphore>>,
+    pub(super) window: Option<Arc<Window>>,
     /// Its reply is being streamed (cannot survive a dropped connection).
     pub(super) streaming: Arc<AtomicBool>,
 }
@@ -142,7 +139,7 @@ impl CallCtx {
             self.calls.clone(),
             self.partial.clone(),
         );
-        let window = self.window.map(|w| Arc::new(Semaphore::new(w)));
+        let window = self.window.map(|w| Arc::new(Window::new(w)));
         let send_window = window.clone();
         let codec = self.codec;
         let replied = self.replied.clone();
@@ -220,7 +217,7 @@ impl CallCtx {
 struct ReplySender<'a> {
     id: u64,
     outbox: &'a Outbox,
-    window: Option<&'a Semaphore>,
+    window: Option<&'a Window>,
     codec: Compression,
     /// Replies written to the connection, for a resume.
     replied: &'a Mutex<Replied>,
@@ -234,13 +231,10 @@ impl ReplySender<'_> {
         let Some(window) = self.window else {
             return Ok(());
         };
-        let n = u32::try_from(n).unwrap_or(u32::MAX);
-        let permits = window
-            .acquire_many(n)
+        window
+            .take(n)
             .await
-            .map_err(|_| "connection closed".to_owned())?;
-        permits.forget();
-        Ok(())
+            .map_err(|_| "connection closed".to_owned())
     }
 
     async fn chunk(&self, data: &[u8], end: bool) -> Result<(), String> {

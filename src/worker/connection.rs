@@ -256,9 +256,7 @@ fn on_control(ctx: &CallCtx, text: &str) {
             if let Some(w) = calls.get(&id).and_then(|c| c.window.as_ref()) {
                 // At most a window: a confused bridge cannot make
                 // this worker queue unbounded amounts.
-                let cap = ctx.window.unwrap_or(0);
-                let room = cap.saturating_sub(w.available_permits());
-                w.add_permits(usize::try_from(bytes).unwrap_or(usize::MAX).min(room));
+                w.credit(bytes);
             }
         }
         Ok(Control::Error { id, code, message }) => {
