@@ -46,6 +46,17 @@ impl Window {
         permits.forget();
         Ok(())
     }
+
+    /// Closes the window: every `take`, waiting or to come, fails.
+    pub(crate) fn close(&self) {
+        self.bytes.close();
+    }
+
+    /// Whether [`Window::close`] was called.
+    #[cfg(test)]
+    pub(crate) fn is_closed(&self) -> bool {
+        self.bytes.is_closed()
+    }
 }
 
 #[cfg(test)]
@@ -71,5 +82,22 @@ mod tests {
         assert_eq!(window.bytes.available_permits(), 100);
         assert!(window.take(101).now_or_never().is_none());
         assert_eq!(window.take(100).await, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn closing_fails_waiting_and_later_takes() {
+        let window = std::sync::Arc::new(Window::new(10));
+        assert_eq!(window.take(10).await, Ok(()));
+        let waiting = tokio::spawn({
+            let window = window.clone();
+            async move { window.take(5).await }
+        });
+        tokio::task::yield_now().await;
+        window.close();
+        assert_eq!(waiting.await.expect("task"), Err(Closed));
+        assert_eq!(window.take(0).await, Err(Closed));
+        // Credit after closing changes nothing.
+        window.credit(10);
+        assert_eq!(window.take(1).await, Err(Closed));
     }
 }

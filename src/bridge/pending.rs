@@ -19,10 +19,11 @@ use std::{
 
 use bytes::Bytes;
 use http::Response;
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::oneshot;
 
 use crate::{
     body::{Body, BodyError, BodySender},
+    flow::Window,
     protocol::{self, Control},
 };
 
@@ -57,7 +58,7 @@ pub(super) struct Pending {
     /// After a head with `end: false`: where the body chunks go.
     stream: Option<Stream>,
     /// With flow control: request body bytes the bridge may still send.
-    window: Option<Arc<Semaphore>>,
+    window: Option<Arc<Window>>,
     /// The worker may have started the call (it said `accepted`, it does
     /// not send `accepted` frames at all, or the call went without the gate).
     accepted: bool,
@@ -185,7 +186,7 @@ impl Calls {
         &mut self,
         id: u64,
         head: oneshot::Sender<Reply>,
-        window: Option<Arc<Semaphore>>,
+        window: Option<Arc<Window>>,
         gated: bool,
         replayable: bool,
     ) -> Result<(), Failure> {
@@ -219,7 +220,7 @@ impl Calls {
 
     /// With flow control: the window of call `id`'s request body, while it
     /// is pending (a `credit` for any other call is ignored).
-    pub(super) fn window(&self, id: u64) -> Option<&Arc<Semaphore>> {
+    pub(super) fn window(&self, id: u64) -> Option<&Arc<Window>> {
         self.map.get(&id).and_then(|p| p.window.as_ref())
     }
 
@@ -676,7 +677,7 @@ mod tests {
     fn credit_finds_the_window_of_a_pending_upload_only() {
         let mut t = Calls::default();
         let (tx, _rx) = oneshot::channel();
-        let window = Arc::new(Semaphore::new(8));
+        let window = Arc::new(Window::new(8));
         t.start(1, tx, Some(window.clone()), false, false)
             .expect("open");
         let _whole = call(&mut t, 2, false, false);
@@ -701,7 +702,7 @@ mod tests {
         let _rx = call(&mut t, 5, false, false);
         let body = streamed(&mut t, 5);
         let (tx, mut upload) = oneshot::channel();
-        let window = Arc::new(Semaphore::new(8));
+        let window = Arc::new(Window::new(8));
         t.start(6, tx, Some(window.clone()), false, false)
             .expect("open");
         fail_all(t.hold_for_resume(false, "reset"));

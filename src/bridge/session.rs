@@ -21,7 +21,7 @@ use futures_util::{SinkExt, StreamExt};
 use http::{header, Response, StatusCode};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    sync::{oneshot, Semaphore},
+    sync::oneshot,
 };
 use tokio_tungstenite::{
     tungstenite::{
@@ -41,6 +41,7 @@ use super::{
 };
 use crate::{
     body::Body,
+    flow::Window,
     headers,
     protocol::{
         self,
@@ -217,7 +218,7 @@ pub(crate) struct Started {
     /// Completed by the reply head or a failure.
     pub(crate) reply: oneshot::Receiver<Reply>,
     /// With flow control: the request body bytes that may be sent.
-    pub(crate) window: Option<Arc<Semaphore>>,
+    pub(crate) window: Option<Arc<Window>>,
 }
 
 /// A registered worker connection. Ending it removes the worker from the
@@ -397,7 +398,7 @@ impl Session {
             .terms
             .window
             .filter(|_| upload)
-            .map(|w| Arc::new(Semaphore::new(w)));
+            .map(|w| Arc::new(Window::new(w)));
         self.lock()
             .start(id, tx, window.clone(), gated, replayable)?;
         Ok(Started {
@@ -435,9 +436,7 @@ impl Session {
         if let Some(window) = calls.window(id) {
             // Never more than a window at once: a confused or hostile
             // worker cannot make the bridge send unbounded amounts.
-            let cap = self.terms.window.unwrap_or(0);
-            let room = cap.saturating_sub(window.available_permits());
-            window.add_permits(usize::try_from(bytes).unwrap_or(usize::MAX).min(room));
+            window.credit(bytes);
         }
     }
 

@@ -14,17 +14,17 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
-use tokio::{
-    sync::{oneshot, Semaphore},
-    task::JoinError,
-};
+use tokio::{sync::oneshot, task::JoinError};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::{
     keyed::RequestBody,
     session::{Failure, Reply, Session},
 };
-use crate::protocol::{self, BodyHead, Compression, DataHead};
+use crate::{
+    flow::Window,
+    protocol::{self, BodyHead, Compression, DataHead},
+};
 
 /// How the wait for a reply beside a running upload ended.
 pub(super) enum Settled {
@@ -93,7 +93,7 @@ pub(super) enum UploadError {
 pub(super) struct Upload {
     pub(super) session: Arc<Session>,
     pub(super) id: u64,
-    pub(super) window: Option<Arc<Semaphore>>,
+    pub(super) window: Option<Arc<Window>>,
     /// How body chunks are compressed.
     pub(super) codec: Compression,
     /// Longest silence from the caller mid-body.
@@ -108,14 +108,10 @@ impl Upload {
         let Some(window) = &self.window else {
             return Ok(());
         };
-        let n = u32::try_from(n).unwrap_or(u32::MAX);
         // Waiting for credit counts as silence too: an echo whose caller
         // writes everything before reading would otherwise wait forever.
-        match tokio::time::timeout(self.idle_limit, window.acquire_many(n)).await {
-            Ok(Ok(permits)) => {
-                permits.forget();
-                Ok(())
-            }
+        match tokio::time::timeout(self.idle_limit, window.take(n)).await {
+            Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(UploadError::Worker(Failure::Lost(
                 "connection closed".into(),
             ))),
