@@ -11,16 +11,13 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::{
-    sync::{oneshot, Semaphore},
-    time::Instant,
-};
+use tokio::{sync::oneshot, time::Instant};
 
 use super::{
     registry::{AcquireError, Lease, Registry},
     session::{CallGuard, Failure, Reply, Session, Started},
 };
-use crate::protocol::Compression;
+use crate::{flow::Window, protocol::Compression};
 
 /// Where a call's attempts can run.
 pub(super) enum Dispatch<'a> {
@@ -105,7 +102,7 @@ pub(super) struct Attempt {
     /// connection closed.
     pub(super) reply: oneshot::Receiver<Reply>,
     /// With flow control: the request body bytes that may be sent.
-    window: Option<Arc<Semaphore>>,
+    window: Option<Arc<Window>>,
 }
 
 impl Attempt {
@@ -141,7 +138,7 @@ impl Attempt {
     }
 
     /// The window a streamed request body waits on; taken once, by its upload.
-    pub(super) fn take_window(&mut self) -> Option<Arc<Semaphore>> {
+    pub(super) fn take_window(&mut self) -> Option<Arc<Window>> {
         self.window.take()
     }
 
