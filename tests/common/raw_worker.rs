@@ -1,0 +1,279 @@
+//! A worker played by hand over real TLS, frame by frame, for tests of
+//! what the bridge does with each frame a worker sends (or does not send).
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{header, HeaderValue, Request, Response};
+use http_body_util::Full;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::{client::TlsStream, TlsConnector};
+use tokio_tungstenite::{
+    tungstenite::{self, client::IntoClientRequest, Message},
+    WebSocketStream,
+};
+use wsbridge::protocol::{self, Control, DataHead, Hello, ResponseHead, Welcome};
+
+use super::{http_client, with_timeout, TestBridge, TOKEN};
+
+/// A `response` head.
+pub fn response_head(id: u64, status: u16, end: bool) -> DataHead {
+    DataHead::Response(ResponseHead {
+        id,
+        status,
+        headers: vec![],
+        latin1: vec![],
+        end,
+    })
+}
+
+/// A hand-driven worker connection for protocol-level tests.
+pub struct RawWorker {
+    /// The WebSocket.
+    pub ws: WebSocketStream<TlsStream<TcpStream>>,
+    /// The bridge's welcome.
+    pub welcome: Welcome,
+    /// Bytes of binary frames received, as they travelled (compressed).
+    pub wire_bytes: usize,
+    /// The ids of the `start` frames received (answers to `accepted`).
+    pub started: Vec<u64>,
+}
+
+/// Opens a TLS WebSocket to the bridge with the given headers; returns the
+/// socket or the handshake error (e.g. the HTTP 401 response).
+pub async fn raw_connect(
+    bridge: &TestBridge,
+    token: Option<&str>,
+    subprotocol: Option<&str>,
+) -> Result<WebSocketStream<TlsStream<TcpStream>>, tungstenite::Error> {
+    let tcp = with_timeout(TcpStream::connect(bridge.workers))
+        .await
+        .expect("tcp");
+    let connector = TlsConnector::from(bridge.cert.client_config().expect("tls"));
+    let name = ServerName::try_from("localhost").expect("name");
+    let tls = with_timeout(connector.connect(name, tcp))
+        .await
+        .expect("tls handshake");
+    let mut req = bridge.url().into_client_request().expect("request");
+    if let Some(t) = token {
+        req.headers_mut().insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {t}")).expect("header"),
+        );
+    }
+    if let Some(p) = subprotocol {
+        req.headers_mut().insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_str(p).expect("header"),
+        );
+    }
+    with_timeout(tokio_tungstenite::client_async(req, tls))
+        .await
+        .map(|(ws, _)| ws)
+}
+
+/// What a raw worker read.
+#[derive(Debug)]
+pub enum Frame {
+    /// A text frame.
+    Control(Control),
+    /// A binary frame.
+    Data(DataHead, Bytes),
+    /// A close frame or the end of the stream.
+    Closed,
+}
+
+impl RawWorker {
+    /// Connects, says hello and reads the welcome.
+    pub async fn connect(bridge: &TestBridge, services: &[&str], max_inflight: u32) -> RawWorker {
+        Self::connect_with(bridge, services, max_inflight, false).await
+    }
+
+    /// Like [`RawWorker::connect`], optionally asking for flow control.
+    pub async fn connect_with(
+        bridge: &TestBridge,
+        services: &[&str],
+        max_inflight: u32,
+        flow_control: bool,
+    ) -> RawWorker {
+        let hello = Hello {
+            worker_id: "raw".into(),
+            services: services.iter().map(|s| s.to_string()).collect(),
+            max_inflight,
+            flow_control,
+            accepted: false,
+            compression: Vec::new(),
+            resumable: false,
+            resume: None,
+        };
+        Self::connect_hello(bridge, hello).await
+    }
+
+    /// Connects with the given hello and reads the welcome.
+    pub async fn connect_hello(bridge: &TestBridge, hello: Hello) -> RawWorker {
+        Self::connect_as(bridge, TOKEN, hello).await
+    }
+
+    /// Like [`RawWorker::connect_hello`], presenting `token`.
+    pub async fn connect_as(bridge: &TestBridge, token: &str, hello: Hello) -> RawWorker {
+        let ws = raw_connect(bridge, Some(token), Some(protocol::SUBPROTOCOL))
+            .await
+            .expect("upgrade");
+        Self::hello_over(ws, hello).await
+    }
+
+    /// Says hello on an upgraded connection and reads the welcome.
+    pub async fn hello_over(
+        mut ws: WebSocketStream<TlsStream<TcpStream>>,
+        hello: Hello,
+    ) -> RawWorker {
+        let hello = Control::Hello(hello);
+        with_timeout(ws.send(Message::text(protocol::encode_control(&hello))))
+            .await
+            .expect("send hello");
+        let mut raw = RawWorker {
+            ws,
+            welcome: Welcome {
+                version: 0,
+                session_id: String::new(),
+                ping_interval_ms: 0,
+                ping_misses: 0,
+                max_frame: 0,
+                max_response_body: 0,
+                window: 0,
+                compression: None,
+                resume_window_ms: 0,
+                resumed: false,
+                resend: Vec::new(),
+            },
+            wire_bytes: 0,
+            started: Vec::new(),
+        };
+        match raw.next().await {
+            Frame::Control(Control::Welcome(w)) => raw.welcome = w,
+            other => panic!("expected welcome, got {other:?}"),
+        }
+        raw
+    }
+
+    /// The next text or binary frame (pings are answered by tungstenite).
+    pub async fn next(&mut self) -> Frame {
+        // One bound for the whole wait: pings alone must not keep it going.
+        with_timeout(self.next_unbounded()).await
+    }
+
+    async fn next_unbounded(&mut self) -> Frame {
+        loop {
+            match self.ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Frame::Closed,
+                Some(Ok(Message::Text(t))) => {
+                    match protocol::decode_control(&t).expect("valid control frame") {
+                        // The answers to `accepted` are recorded, not returned.
+                        Control::Start { id } => self.started.push(id),
+                        other => return Frame::Control(other),
+                    }
+                }
+                Some(Ok(Message::Binary(b))) => {
+                    self.wire_bytes += b.len();
+                    let inflate = if self.welcome.compression.is_some() {
+                        64 << 20
+                    } else {
+                        0
+                    };
+                    let (head, body) =
+                        protocol::decode_data(&b, inflate).expect("valid data frame");
+                    return Frame::Data(head, body);
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// Reads frames until a complete request arrives; returns its head and body.
+    pub async fn next_request(&mut self) -> (protocol::RequestHead, Bytes) {
+        let mut pending: Option<(protocol::RequestHead, Vec<u8>)> = None;
+        loop {
+            match self.next().await {
+                Frame::Data(DataHead::Request(h), body) if h.end => return (h, body),
+                Frame::Data(DataHead::Request(h), body) => pending = Some((h, body.to_vec())),
+                Frame::Data(DataHead::Body(b), chunk) => {
+                    let (_, buf) = pending.as_mut().expect("body after head");
+                    buf.extend_from_slice(&chunk);
+                    if b.end {
+                        let (h, buf) = pending.take().expect("pending");
+                        return (h, Bytes::from(buf));
+                    }
+                }
+                other => panic!("expected a request, got {other:?}"),
+            }
+        }
+    }
+
+    /// Has the bridge call `path`, answers with a streamed reply head
+    /// carrying `first`, and returns the call's head and the caller's
+    /// response (its body still open).
+    pub async fn streamed_reply(
+        &mut self,
+        bridge: &TestBridge,
+        path: &str,
+        first: &[u8],
+    ) -> (protocol::RequestHead, Response<hyper::body::Incoming>) {
+        let req = Request::get(bridge.at(path))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let client = http_client();
+        let call = tokio::spawn(async move { client.request(req).await });
+        let (req, _) = self.next_request().await;
+        self.send_binary(protocol::encode_data(
+            &response_head(req.id, 200, false),
+            first,
+        ))
+        .await;
+        let resp = with_timeout(call).await.expect("join").expect("head");
+        (req, resp)
+    }
+
+    /// Sends a raw binary frame.
+    pub async fn send_binary(&mut self, frame: Bytes) {
+        with_timeout(self.ws.send(Message::Binary(frame)))
+            .await
+            .expect("send");
+    }
+
+    /// Sends a raw text frame.
+    pub async fn send_text(&mut self, text: &str) {
+        with_timeout(self.ws.send(Message::text(text)))
+            .await
+            .expect("send");
+    }
+
+    /// Replies to call `id` in one frame.
+    pub async fn reply(&mut self, id: u64, status: u16, headers: &[(&str, &str)], body: &[u8]) {
+        let head = DataHead::Response(ResponseHead {
+            id,
+            status,
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+            latin1: vec![],
+            end: true,
+        });
+        self.send_binary(protocol::encode_data(&head, body)).await;
+    }
+}
+
+/// A hello for a raw worker of `default` that sends `accepted` and may
+/// resume (with `resume`, it comes back to a session).
+pub fn resumable_hello(resume: Option<protocol::Resume>) -> Hello {
+    Hello {
+        worker_id: "resumer".into(),
+        services: vec!["default".into()],
+        max_inflight: 8,
+        flow_control: false,
+        accepted: true,
+        compression: Vec::new(),
+        resumable: true,
+        resume,
+    }
+}
