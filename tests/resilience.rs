@@ -649,125 +649,60 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// The time stamp at the start of a log line (`2026-01-02T03:04:05.123456Z`),
-/// as time since the Unix epoch.
-fn log_time(line: &str) -> Option<Duration> {
-    let stamp = line.split_whitespace().next()?.strip_suffix('Z')?;
-    let (date, time) = stamp.split_once('T')?;
-    let mut ymd = date.split('-').map(|p| p.parse::<i64>().ok());
-    let (y, m, d) = (ymd.next()??, ymd.next()??, ymd.next()??);
-    let mut hms = time.split(':');
-    let h = hms.next()?.parse::<u64>().ok()?;
-    let min = hms.next()?.parse::<u64>().ok()?;
-    let secs = hms.next()?.parse::<f64>().ok()?;
-    // Days since 1970-01-01 of a civil date (H. Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
-    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
-    let whole = u64::try_from(days).ok()? * 86_400 + h * 3600 + min * 60;
-    Some(Duration::from_secs(whole) + Duration::from_secs_f64(secs))
-}
-
 /// The `worker=` field of a log line.
 fn worker_field(line: &str) -> Option<String> {
     let rest = line.split(" worker=").nth(1)?;
     rest.split_whitespace().next().map(str::to_owned)
 }
 
-/// `wsbridge serve` with a config file, its log read line by line.
-struct Serve {
-    child: tokio::process::Child,
-    lines: mpsc::UnboundedReceiver<String>,
-    /// When it logged that the worker listener was ready.
-    ready: Duration,
+/// Reads `bridge`'s log until `n` distinct workers have logged `worker
+/// connected`; returns when each did.
+async fn until_connected(
+    bridge: &mut BridgeProcess,
+    n: usize,
+    limit: Duration,
+) -> HashMap<String, Duration> {
+    let mut seen = HashMap::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    while seen.len() < n {
+        let line = match tokio::time::timeout_at(deadline, bridge.next_log_line()).await {
+            Ok(Some(line)) => line,
+            Ok(None) => panic!("the bridge exited; {} workers connected", seen.len()),
+            Err(_) => panic!(
+                "only {} of {n} workers connected within {limit:?}",
+                seen.len()
+            ),
+        };
+        if line.contains("worker connected") {
+            let who = worker_field(&line).expect("worker= on the connect line");
+            let at = log_time(&line).expect("time stamp");
+            seen.entry(who).or_insert(at);
+        }
+    }
+    seen
 }
 
-impl Serve {
-    async fn start(config: &Path) -> Serve {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsbridge"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "warn,wsbridge::bridge=info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn wsbridge serve");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, lines) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut serve = Serve {
-            child,
-            lines,
-            ready: Duration::ZERO,
-        };
-        loop {
-            let line = within(Duration::from_secs(10), "bridge start", serve.lines.recv())
-                .await
-                .expect("wsbridge serve exited before its listeners were ready");
-            if line.contains("worker listener ready") {
-                serve.ready = log_time(&line).expect("time stamp on the ready line");
-                break serve;
-            }
+/// SIGTERM, then the log to its end: when each worker was let go.
+async fn terminate(mut bridge: BridgeProcess) -> HashMap<String, Duration> {
+    bridge.signal("TERM");
+    let mut gone = HashMap::new();
+    while let Some(line) = within(
+        Duration::from_secs(10),
+        "bridge stops",
+        bridge.next_log_line(),
+    )
+    .await
+    {
+        if line.contains("worker disconnected") {
+            let who = worker_field(&line).expect("worker= on the disconnect line");
+            gone.insert(who, log_time(&line).expect("time stamp"));
         }
     }
-
-    /// Reads the log until `n` distinct workers have logged `worker
-    /// connected`; returns when each did.
-    async fn until_connected(&mut self, n: usize, limit: Duration) -> HashMap<String, Duration> {
-        let mut seen = HashMap::new();
-        let deadline = tokio::time::Instant::now() + limit;
-        while seen.len() < n {
-            let line = match tokio::time::timeout_at(deadline, self.lines.recv()).await {
-                Ok(Some(line)) => line,
-                Ok(None) => panic!("the bridge exited; {} workers connected", seen.len()),
-                Err(_) => panic!(
-                    "only {} of {n} workers connected within {limit:?}",
-                    seen.len()
-                ),
-            };
-            if line.contains("worker connected") {
-                let who = worker_field(&line).expect("worker= on the connect line");
-                let at = log_time(&line).expect("time stamp");
-                seen.entry(who).or_insert(at);
-            }
-        }
-        seen
-    }
-
-    /// SIGTERM, then the log to its end: when each worker was let go.
-    async fn terminate(mut self) -> HashMap<String, Duration> {
-        let pid = self.child.id().expect("the bridge is running");
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success());
-        let mut gone = HashMap::new();
-        while let Some(line) =
-            within(Duration::from_secs(10), "bridge stops", self.lines.recv()).await
-        {
-            if line.contains("worker disconnected") {
-                let who = worker_field(&line).expect("worker= on the disconnect line");
-                gone.insert(who, log_time(&line).expect("time stamp"));
-            }
-        }
-        let exit = within(Duration::from_secs(10), "bridge exit", self.child.wait())
-            .await
-            .expect("wait");
-        assert!(exit.success(), "SIGTERM ends the bridge cleanly: {exit}");
-        gone
-    }
+    let exit = within(Duration::from_secs(10), "bridge exit", bridge.wait())
+        .await
+        .expect("wait");
+    assert!(exit.success(), "SIGTERM ends the bridge cleanly: {exit}");
+    gone
 }
 
 /// `wsbridge worker --echo` named `agent-{i}`, quiet, killed on drop.
@@ -946,12 +881,10 @@ async fn fifty_agents_come_back_after_a_bridge_restart_spread_by_jitter() {
     )
     .expect("write config");
     let setup = Instant::now();
-    let mut bridge = Serve::start(&config).await;
+    let mut bridge = BridgeProcess::with_config(&config, &cert).await;
     let url = format!("wss://localhost:{workers_port}");
     let _agents: Vec<_> = (0..AGENTS).map(|i| quiet_agent(&url, &cert, i)).collect();
-    bridge
-        .until_connected(AGENTS, Duration::from_secs(20))
-        .await;
+    until_connected(&mut bridge, AGENTS, Duration::from_secs(20)).await;
     eprintln!("{AGENTS} agents connected in {:?}", setup.elapsed());
 
     // SIGTERM. While the bridge is down, its port notes each agent's first
@@ -960,7 +893,7 @@ async fn fifty_agents_come_back_after_a_bridge_restart_spread_by_jitter() {
     let addr = SocketAddr::from(([127, 0, 0, 1], workers_port));
     let key = dir.0.join("server.key");
     let (gone, dials) = tokio::join!(
-        bridge.terminate(),
+        terminate(bridge),
         record_first_redials(addr, &cert, &key, AGENTS)
     );
     assert_eq!(gone.len(), AGENTS, "the bridge let every agent go");
@@ -969,10 +902,8 @@ async fn fifty_agents_come_back_after_a_bridge_restart_spread_by_jitter() {
         *gone.values().max().expect("disconnects"),
     );
     // Then the bridge again: same config, same ports, same certificate.
-    let mut bridge = Serve::start(&config).await;
-    let back = bridge
-        .until_connected(AGENTS, Duration::from_secs(10))
-        .await;
+    let mut bridge = BridgeProcess::with_config(&config, &cert).await;
+    let back = until_connected(&mut bridge, AGENTS, Duration::from_secs(10)).await;
 
     // Per agent, from the old bridge's "worker disconnected" line.
     let since_gone = |at: &HashMap<String, Duration>| -> Vec<Duration> {
@@ -988,7 +919,8 @@ async fn fifty_agents_come_back_after_a_bridge_restart_spread_by_jitter() {
     let (redial_spread, redial_burst, redial_histogram) = spread(&redials);
     let instants: Vec<Duration> = back.values().copied().collect();
     let (back_spread, back_burst, back_histogram) = spread(&instants);
-    let gap = bridge.ready.saturating_sub(last_gone);
+    let ready = bridge.ready_at.expect("time stamp on the ready line");
+    let gap = ready.saturating_sub(last_gone);
     eprintln!(
         "bridge restart, {AGENTS} agents (disconnected within {:.1} ms of each other):\n  \
          first redial: {} after the agent's disconnect; at most {redial_burst} in any 10 ms; \
