@@ -7,7 +7,6 @@ mod common;
 
 use std::{
     collections::HashMap,
-    future::Future,
     net::SocketAddr,
     path::Path,
     process::Stdio,
@@ -19,12 +18,15 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::*;
+use common::{
+    raw_http::{read_reply, RawReply},
+    *,
+};
 use futures_util::SinkExt;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use tokio::{
-    io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{
         tcp::{OwnedReadHalf, OwnedWriteHalf},
         TcpListener, TcpStream,
@@ -42,14 +44,6 @@ use wsbridge::{
     protocol::{self, BodyHead, Control, DataHead, RequestHead},
     worker::{self, Status},
 };
-
-/// Awaits `fut` for at most `limit`, failing the test with `what`.
-async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: not within {limit:?}"),
-    }
-}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -1064,19 +1058,6 @@ fn len_prefixed(json: &str) -> Bytes {
     binary_frame(json.len() as u32, json, b"")
 }
 
-/// Has `raw` answer one call to `path` and checks the caller got it.
-async fn served_by_raw(bridge: &TestBridge, raw: &mut RawWorker, path: &str) {
-    let call = spawn_get(bridge, path);
-    let (req, _) = raw.next_request().await;
-    assert_eq!(req.path, path);
-    raw.reply(req.id, 200, &[], path.as_bytes()).await;
-    let r = with_timeout(call).await.expect("join");
-    assert_eq!(
-        (r.head.status, r.body.as_ref()),
-        (StatusCode::OK, path.as_bytes())
-    );
-}
-
 /// A call to the echo worker serving `orders`.
 async fn served_by_echo(bridge: &TestBridge, what: &str) {
     let path = format!("/orders/{what}");
@@ -1319,60 +1300,6 @@ async fn a_second_head_for_a_streamed_reply_is_ignored_after_it_ended_and_cuts_i
     served_by_raw(&bridge, &mut raw, "/next").await;
     bridge.until_idle().await;
     bridge.stop().await;
-}
-
-/// A raw HTTP/1.1 response.
-struct RawReply {
-    status: u16,
-    headers: HashMap<String, String>,
-    body: Vec<u8>,
-}
-
-impl RawReply {
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "body is not JSON ({e}): {:?}",
-                String::from_utf8_lossy(&self.body)
-            )
-        })
-    }
-
-    fn header(&self, name: &str) -> &str {
-        self.headers.get(name).map_or("", String::as_str)
-    }
-}
-
-/// Reads one response with a `content-length` body.
-async fn read_reply(rd: impl AsyncRead + Unpin) -> RawReply {
-    let mut rd = BufReader::new(rd);
-    let mut line = String::new();
-    rd.read_line(&mut line).await.expect("status line");
-    let status = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not a status line: {line:?}"));
-    let mut headers = HashMap::new();
-    loop {
-        line.clear();
-        rd.read_line(&mut line).await.expect("header line");
-        let Some((name, value)) = line.trim_end().split_once(':') else {
-            break;
-        };
-        headers.insert(name.to_ascii_lowercase(), value.trim().to_owned());
-    }
-    let len: usize = headers
-        .get("content-length")
-        .and_then(|v| v.parse().ok())
-        .expect("content-length");
-    let mut body = vec![0; len];
-    rd.read_exact(&mut body).await.expect("body");
-    RawReply {
-        status,
-        headers,
-        body,
-    }
 }
 
 #[tokio::test]

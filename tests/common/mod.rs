@@ -47,6 +47,14 @@ pub async fn with_timeout<T>(fut: impl Future<Output = T>) -> T {
     }
 }
 
+/// Awaits `fut` for at most `limit`, failing the test with `what`.
+pub async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what}: not within {limit:?}"),
+    }
+}
+
 /// A temporary directory removed on drop.
 pub struct TempDir(pub PathBuf);
 

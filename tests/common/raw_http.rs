@@ -1,11 +1,13 @@
 //! A caller that writes exact bytes: one HTTP/1.x request over a fresh TCP
 //! connection, read back to the end of the connection, so that malformed
-//! input and the response's own framing can both be checked.
+//! input and the response's own framing can both be checked; or, while a
+//! request is still being written, one response read as soon as its
+//! `content-length` body is in ([`read_reply`]).
 
-use std::net::SocketAddr;
+use std::{collections::HashMap, net::SocketAddr};
 
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader},
     net::TcpStream,
 };
 
@@ -183,5 +185,64 @@ fn dechunk(mut rest: &[u8]) -> (Vec<u8>, bool) {
         }
         body.extend_from_slice(&rest[..size]);
         rest = &rest[size + 2..];
+    }
+}
+
+/// A raw HTTP/1.1 response.
+pub struct RawReply {
+    /// The status code.
+    pub status: u16,
+    /// Header names lowercased; the last value of each.
+    pub headers: HashMap<String, String>,
+    /// The body, `content-length` bytes of it.
+    pub body: Vec<u8>,
+}
+
+impl RawReply {
+    /// The body as JSON; panics with the body if it is not.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// A header as text ("" if absent).
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map_or("", String::as_str)
+    }
+}
+
+/// Reads one response with a `content-length` body.
+pub async fn read_reply(rd: impl AsyncRead + Unpin) -> RawReply {
+    let mut rd = BufReader::new(rd);
+    let mut line = String::new();
+    rd.read_line(&mut line).await.expect("status line");
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not a status line: {line:?}"));
+    let mut headers = HashMap::new();
+    loop {
+        line.clear();
+        rd.read_line(&mut line).await.expect("header line");
+        let Some((name, value)) = line.trim_end().split_once(':') else {
+            break;
+        };
+        headers.insert(name.to_ascii_lowercase(), value.trim().to_owned());
+    }
+    let len: usize = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .expect("content-length");
+    let mut body = vec![0; len];
+    rd.read_exact(&mut body).await.expect("body");
+    RawReply {
+        status,
+        headers,
+        body,
     }
 }

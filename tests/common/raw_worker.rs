@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use http::{header, HeaderValue, Request, Response};
+use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -14,7 +14,7 @@ use tokio_tungstenite::{
 };
 use wsbridge::protocol::{self, Control, DataHead, Hello, ResponseHead, Welcome};
 
-use super::{http_client, with_timeout, TestBridge, TOKEN};
+use super::{http_client, spawn_get, with_timeout, TestBridge, TOKEN};
 
 /// A `response` head.
 pub fn response_head(id: u64, status: u16, end: bool) -> DataHead {
@@ -276,4 +276,17 @@ pub fn resumable_hello(resume: Option<protocol::Resume>) -> Hello {
         resumable: true,
         resume,
     }
+}
+
+/// Has `raw` answer one call to `path` and checks the caller got it.
+pub async fn served_by_raw(bridge: &TestBridge, raw: &mut RawWorker, path: &str) {
+    let call = spawn_get(bridge, path);
+    let (req, _) = raw.next_request().await;
+    assert_eq!(req.path, path);
+    raw.reply(req.id, 200, &[], path.as_bytes()).await;
+    let r = with_timeout(call).await.expect("join");
+    assert_eq!(
+        (r.head.status, r.body.as_ref()),
+        (StatusCode::OK, path.as_bytes())
+    );
 }
