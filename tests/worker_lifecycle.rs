@@ -7,10 +7,12 @@ use std::time::{Duration, Instant};
 use wsbridge::body::Body;
 
 use bytes::Bytes;
-use common::*;
+use common::{raw_http::read_reply, *};
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
+use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_util::task::AbortOnDropHandle;
 use wsbridge::{
     protocol::{self, Control, DataHead},
     worker::{self, Status, WorkerConfig},
@@ -540,5 +542,116 @@ async fn a_caller_that_hangs_up_while_queued_leaves_the_queue() {
         with_timeout(call).await.expect("join").head.status,
         StatusCode::OK
     );
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn a_worker_that_stops_reading_is_dropped_after_the_write_stall_bound() {
+    let interval = Duration::from_millis(200);
+    let misses = 2;
+    let bridge = TestBridge::start(|c| {
+        c.workers.ping_interval = interval;
+        c.workers.ping_misses = misses;
+        c.http.max_body = wsbridge::config::ByteSize(64 << 20);
+        c.http.request_timeout = Duration::from_secs(10);
+    })
+    .await;
+    let stall = interval * (misses + 1);
+    // A worker without flow control that never reads again after its
+    // welcome: it answers no pings, and an upload to it fills every buffer
+    // on the way until the bridge's writes stop making progress.
+    let stuck = RawWorker::connect(&bridge, &["default"], 4).await;
+    const UPLOAD: usize = 32 << 20;
+    let tcp = with_timeout(TcpStream::connect(bridge.http))
+        .await
+        .expect("connect");
+    let (rd, mut wr) = tcp.into_split();
+    let started = Instant::now();
+    let _writer = AbortOnDropHandle::new(tokio::spawn(async move {
+        let head = format!(
+            "POST /upload HTTP/1.1\r\nHost: x\r\nX-Request-Id: stuck-1\r\nContent-Length: {UPLOAD}\r\n\r\n"
+        );
+        if wr.write_all(head.as_bytes()).await.is_err() {
+            return wr;
+        }
+        let chunk = vec![b'u'; 64 * 1024];
+        for _ in 0..UPLOAD / chunk.len() {
+            if wr.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        wr
+    }));
+    let upload = tokio::spawn(async move {
+        let reply = read_reply(rd).await;
+        (reply, started.elapsed())
+    });
+    within(
+        Duration::from_secs(5),
+        "the upload reaches the worker",
+        async {
+            while bridge.handle.in_flight() < 1 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        },
+    )
+    .await;
+    // Everyone else is served while the stuck worker holds its call.
+    let _echo = bridge.worker(&["default"], 8, worker::echo).await;
+    let r = post(&http_client(), &bridge.at("/meanwhile"), "served").await;
+    assert_eq!(
+        (r.head.status, r.body.as_ref()),
+        (StatusCode::OK, &b"served"[..])
+    );
+    assert!(
+        !upload.is_finished(),
+        "the upload ended before the other call was served"
+    );
+
+    let (reply, took) = within(
+        stall + Duration::from_secs(2),
+        "the stuck upload ends",
+        upload,
+    )
+    .await
+    .expect("join");
+    assert_eq!(
+        reply.status,
+        502,
+        "{:?}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(reply.json()["error"]["code"], "worker_lost");
+    assert_eq!(reply.json()["error"]["request_id"], "stuck-1");
+    assert_eq!(reply.header("x-request-id"), "stuck-1");
+    let message = reply.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(
+        message.contains("stopped reading"),
+        "not the write stall: {message}"
+    );
+    assert!(
+        took >= stall && took <= stall + Duration::from_millis(1500),
+        "dropped {took:?} after the upload began; the stall bound is {stall:?}"
+    );
+    eprintln!("a worker that stopped reading was dropped {took:?} after the upload began (bound {stall:?})");
+    within(
+        Duration::from_secs(5),
+        "the stuck worker is unregistered",
+        async {
+            while bridge.handle.workers("default") > 1 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        },
+    )
+    .await;
+    let r = post(&http_client(), &bridge.at("/after"), "still served").await;
+    assert_eq!(
+        (r.head.status, r.body.as_ref()),
+        (StatusCode::OK, &b"still served"[..])
+    );
+    drop(stuck);
     bridge.stop().await;
 }
