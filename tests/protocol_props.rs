@@ -11,13 +11,15 @@ use bytes::Bytes;
 use proptest::collection::vec;
 use proptest::prelude::*;
 use wsbridge::headers::WireText;
-use wsbridge::protocol::json::{read_head, write_head, EncodedHeaders, RequestFields};
+use wsbridge::protocol::json::{
+    read_head, write_head, write_request, EncodedHeaders, RequestFields,
+};
 use wsbridge::protocol::{
     decode_control, decode_data, encode_control, encode_data, encode_frame, BodyHead, Compression,
     Control, DataHead, Hello, RequestHead, ResponseHead, Resume, Welcome, COMPRESS_MIN,
     MAX_INFLIGHT, MAX_RESUME_IDS, MAX_SERVICES,
 };
-use wsbridge::protocol::{encode_head, encode_request, encode_request_encoded, encode_response};
+use wsbridge::protocol::{encode_head, encode_request_encoded, encode_response};
 
 /// Strings of any characters, control characters, quotes, backslashes and
 /// astral-plane characters included (all need care in JSON).
@@ -434,7 +436,12 @@ proptest! {
                 let encoded = EncodedHeaders::new(&headers);
                 let once = encode_request_encoded(&fields, &encoded, &body, codec);
                 prop_assert_eq!(once.as_ref().ok(), expected.as_ref().ok());
-                prop_assert_eq!(encode_request(&fields, &headers, &body, codec), expected);
+                // The borrowing writer (the bridge measures heads with it)
+                // writes the head `encode_head` frames, so the frames match.
+                let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+                write_request(&fields, &headers, &mut ours);
+                write_head(&head, &mut theirs);
+                prop_assert_eq!(String::from_utf8_lossy(&ours), String::from_utf8_lossy(&theirs));
             }
             DataHead::Response(r) => {
                 let Some(headers) = marked(&r.headers, &r.latin1) else {

@@ -55,7 +55,8 @@ pub fn write_head(head: &DataHead, out: &mut Vec<u8>) {
 
 /// A request head's fields other than its headers, borrowed, so the bridge
 /// can write a head straight from the caller's request (see
-/// [`super::encode_request`]) without building a [`RequestHead`] first.
+/// [`super::encode_request_encoded`]) without building a [`RequestHead`]
+/// first.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestFields<'a> {
     /// See [`RequestHead::id`].

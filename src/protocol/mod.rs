@@ -657,20 +657,9 @@ pub fn encode_head(head: &DataHead, body: &[u8], codec: Compression) -> Result<B
     checked(frame_with(json::size_hint(head), write, body, codec))
 }
 
-/// Encodes a request head frame from borrowed parts: the frame
-/// [`encode_head`] builds for the [`RequestHead`] they describe, without
-/// building one (the bridge's hot path).
-pub fn encode_request<N: AsRef<str>, V: json::WireValue>(
-    fields: &json::RequestFields<'_>,
-    headers: &[(N, V)],
-    body: &[u8],
-    codec: Compression,
-) -> Result<Bytes, FrameError> {
-    let write = |out: &mut Vec<u8>| json::write_request(fields, headers, out);
-    checked(frame_with(fields.size_hint(headers), write, body, codec))
-}
-
-/// [`encode_request`] with the headers already encoded: the same frame.
+/// Encodes a request head frame from borrowed fields and headers already
+/// encoded: the frame [`encode_head`] builds for the [`RequestHead`] they
+/// describe, without building one (the bridge's hot path).
 pub fn encode_request_encoded(
     fields: &json::RequestFields<'_>,
     headers: &json::EncodedHeaders,
