@@ -12,7 +12,7 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use wsbridge::headers::WireText;
 use wsbridge::protocol::json::{
-    read_head, write_head, write_request, EncodedHeaders, RequestFields,
+    read_head_ref, write_head, write_request, EncodedHeaders, HeadRef, RequestFields,
 };
 use wsbridge::protocol::{
     decode_control, decode_data, encode_control, encode_data, encode_frame, BodyHead, Compression,
@@ -20,6 +20,11 @@ use wsbridge::protocol::{
     MAX_INFLIGHT, MAX_RESUME_IDS, MAX_SERVICES,
 };
 use wsbridge::protocol::{encode_head, encode_request_encoded, encode_response};
+
+/// The fast head reader's answer, owned (as `decode_data` returns it).
+fn read_head(json: &[u8]) -> Option<DataHead> {
+    read_head_ref(json).map(HeadRef::into_owned)
+}
 
 /// Strings of any characters, control characters, quotes, backslashes and
 /// astral-plane characters included (all need care in JSON).

@@ -1,6 +1,6 @@
 //! Binary (data) frames from a hostile peer: `decode_data` and `peek_id` must
 //! never panic, whatever decodes must survive `encode_data` -> `decode_data`
-//! unchanged, and the hand-written head reader (`json::read_head`) must
+//! unchanged, and the hand-written head reader (`json::read_head_ref`) must
 //! read a head exactly as serde does whenever it reads one at all.
 #![no_main]
 
@@ -25,9 +25,9 @@ fuzz_target!(|data: &[u8]| {
     // exactly as serde would.
     if let Some(json_head) = data.get(4..) {
         for candidate in [json_head, data] {
-            if let Some(fast) = json::read_head(candidate) {
+            if let Some(fast) = json::read_head_ref(candidate).map(json::HeadRef::into_owned) {
                 let slow = serde_json::from_slice::<DataHead>(candidate);
-                assert_eq!(slow.ok(), Some(fast), "read_head and serde disagree");
+                assert_eq!(slow.ok(), Some(fast), "read_head_ref and serde disagree");
             }
         }
     }

@@ -7,12 +7,13 @@
 //! * [`write_head`] produces exactly the bytes `serde_json::to_vec` produces
 //!   for a [`DataHead`] (same field order, same escapes), so the wire does
 //!   not change and the two can be compared in tests.
-//! * [`read_head`] is a fast path for the heads real workers send: the
+//! * [`read_head_ref`] is a fast path for the heads real workers send: the
 //!   known fields, in any order, with any JSON whitespace and escapes. It
 //!   returns `None` for anything else (an unknown field, `null`, a number
 //!   with a fraction, a duplicate key, a missing field, ...), and the caller
 //!   falls back to serde, which decides and words the error. Whenever it
-//!   returns `Some`, the head is the one serde would have decoded.
+//!   returns `Some`, the head ([`HeadRef::into_owned`]) is the one serde
+//!   would have decoded.
 
 use std::borrow::Cow;
 
@@ -352,11 +353,6 @@ fn plain_prefix(s: &[u8]) -> usize {
         .unwrap_or(s.len() - at)
 }
 
-/// Reads the common heads; `None` means "ask serde" (see the module doc).
-pub fn read_head(json: &[u8]) -> Option<DataHead> {
-    read_head_ref(json).map(HeadRef::into_owned)
-}
-
 /// A head as [`read_head_ref`] reads it: a response's header names and
 /// values borrow the JSON unless they were escaped, so the bridge can turn
 /// them into HTTP headers without copying them twice.
@@ -422,7 +418,8 @@ fn owned(pairs: Vec<(Cow<'_, str>, Cow<'_, str>)>) -> Vec<Header> {
         .collect()
 }
 
-/// [`read_head`] without copying a response's header strings.
+/// Reads the common heads; `None` means "ask serde" (see the module doc).
+/// A response's header strings borrow `json` unless they were escaped.
 pub fn read_head_ref(json: &[u8]) -> Option<HeadRef<'_>> {
     // Valid JSON is UTF-8 throughout; a head that is not goes to serde.
     let s = std::str::from_utf8(json).ok()?;
