@@ -6,9 +6,10 @@
 //!   [`dispatch`] seam finds, and awaits the reply.
 //! * [`registry`] picks a worker (least busy, within its declared capacity)
 //!   and queues calls when none is free.
-//! * [`session`] runs one worker connection, once [`handshake`] has
-//!   authenticated it and settled its terms; [`pending`] is its table of
-//!   calls in flight.
+//! * [`connection`] runs one worker connection, once [`handshake`] has
+//!   authenticated it and settled its terms, for its [`session`] (which a
+//!   resume carries over); [`pending`] is the session's table of calls in
+//!   flight.
 //! * [`routes`] maps paths to services.
 //! * [`admin`] serves `/metrics`, `/status`, the dashboard and `/reload`;
 //!   [`reload`] swaps in a re-read config without dropping anything.
@@ -16,6 +17,7 @@
 pub mod admin;
 mod call;
 mod conformance;
+mod connection;
 mod credentials;
 mod dispatch;
 mod handshake;
@@ -347,7 +349,7 @@ async fn accept_workers(listener: TcpListener, shared: Arc<Shared>, shutdown: Ca
         tasks.spawn(
             async move {
                 match settings.tls.clone() {
-                    None => session::serve(tcp, peer, None, shared, settings, shutdown).await,
+                    None => connection::serve(tcp, peer, None, shared, settings, shutdown).await,
                     Some(acceptor) => {
                         let timeout = settings.config.workers.handshake_timeout;
                         // Boxed: the TLS handshake's state is not kept for the
@@ -367,7 +369,8 @@ async fn accept_workers(listener: TcpListener, shared: Arc<Shared>, shutdown: Ca
                                     .peer_certificates()
                                     .and_then(|chain| chain.first())
                                     .map(|der| credentials::sha256(der));
-                                session::serve(stream, peer, cert, shared, settings, shutdown).await
+                                connection::serve(stream, peer, cert, shared, settings, shutdown)
+                                    .await
                             }
                             Ok(Err(e)) => info!(%peer, error = %e, "worker TLS handshake failed"),
                             Err(_) => info!(%peer, "worker TLS handshake timed out"),

@@ -1,7 +1,7 @@
-//! One worker's connection, bridge side, once its handshake
-//! ([`super::handshake`]) is done: the session it starts or resumes, a
-//! reader that completes pending calls, and a writer that batches frames
-//! and sends pings.
+//! One worker's session, bridge side: who it is, the terms its handshake
+//! settled, its statistics, and the calls it runs. A session outlives a
+//! dropped connection when the worker can resume; the connection that
+//! serves it (reader, writer, registration) is `connection.rs`.
 //! The calls in flight are kept in the pending-call table ([`super::pending`]),
 //! whose rules say how each one leaves: this file acts them out (the caller's
 //! [`CallGuard`] being dropped sends a `cancel`, the connection ending fails
@@ -11,62 +11,32 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
-        Arc, Mutex, MutexGuard, OnceLock,
+        Arc, Mutex, MutexGuard,
     },
-    time::{Duration, SystemTime},
+    time::SystemTime,
 };
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use http::{header, Response, StatusCode};
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    sync::oneshot,
-};
-use tokio_tungstenite::{
-    tungstenite::{
-        protocol::{frame::coding::CloseCode, CloseFrame},
-        Message,
-    },
-    WebSocketStream,
-};
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::{
     credentials::Credentials,
-    handshake::{self, Terms},
+    handshake::Terms,
     pending::{self, Calls, Head, Known},
-    Settings, Shared,
 };
 use crate::{
     body::Body,
     flow::Window,
     headers,
-    protocol::{
-        self,
-        json::{HeadRef, ResponseRef},
-        Compression, Control, DataHead,
-    },
-    transport::{self, Inbox, Outbox},
+    protocol::{self, json::ResponseRef, Compression, Control},
+    transport::Outbox,
 };
 
 pub(crate) use super::pending::{Failure, Reply};
-
-/// Protocol violations after which a worker's connection is closed (1008).
-const MAX_VIOLATIONS: u32 = 32;
-
-/// Control frames that may wait behind a full urgent queue before the
-/// worker counts as not reading and its connection is dropped
-/// (`transport::bounded_outbox`). A live worker's backlog is bounded by its
-/// calls: a `start` and a `cancel` each, a `start` again after a resume,
-/// `credit`s as its callers read. Four per call it may hold, and never
-/// fewer than 16384, leaves room for bursts (every caller of a busy worker
-/// timing out at once) and cuts a hostile worker off at about 100 bytes a
-/// frame: under 2 MB up to 4096 calls, 26 MB at the 65536 maximum.
-fn overflow_limit(max_inflight: u32) -> usize {
-    (4 * max_inflight as usize).max(16 * 1024)
-}
 
 /// The bridge side of one worker connection.
 pub(crate) struct Session {
@@ -85,18 +55,18 @@ pub(crate) struct Session {
     /// the worker resumes).
     outbox: Mutex<Outbox>,
     /// What the handshake settled.
-    terms: Terms,
+    pub(super) terms: Terms,
     /// Calls sent and not yet answered.
     calls: Mutex<Calls>,
     /// Set by [`Session::close`], so that the registry can skip a closed
     /// session without taking `calls`' lock.
     closed: AtomicBool,
     /// Next call id on this connection.
-    next_id: AtomicU64,
+    pub(super) next_id: AtomicU64,
     /// Pings sent since the last pong.
-    unanswered: AtomicU32,
+    pub(super) unanswered: AtomicU32,
     /// Protocol violations on this connection so far.
-    violations: AtomicU32,
+    pub(super) violations: AtomicU32,
     /// Cancelled when the worker has asked to drain and its last call has
     /// ended: the bridge then closes the connection.
     pub(crate) drained: CancellationToken,
@@ -110,7 +80,7 @@ pub(crate) struct Session {
 /// A worker's figures for `/status`.
 pub(crate) struct WorkerStats {
     /// Where its current connection comes from.
-    peer: Mutex<SocketAddr>,
+    pub(super) peer: Mutex<SocketAddr>,
     /// When the session began (a resume keeps it).
     pub(crate) since: SystemTime,
     /// The clock pings are stamped with.
@@ -125,7 +95,7 @@ pub(crate) struct WorkerStats {
 }
 
 impl WorkerStats {
-    fn new(peer: SocketAddr) -> Self {
+    pub(super) fn new(peer: SocketAddr) -> Self {
         WorkerStats {
             peer: Mutex::new(peer),
             since: SystemTime::now(),
@@ -158,14 +128,14 @@ impl WorkerStats {
     }
 
     /// A ping's payload: when it was sent, in microseconds since `born`.
-    fn ping_payload(&self) -> Bytes {
+    pub(super) fn ping_payload(&self) -> Bytes {
         let micros = u64::try_from(self.born.elapsed().as_micros()).unwrap_or(u64::MAX - 1);
         Bytes::copy_from_slice(&micros.to_be_bytes())
     }
 
     /// A pong echoes its ping's payload (RFC 6455 5.5.3); one of ours gives
     /// the round trip. Unsolicited pongs carry anything and are ignored.
-    fn pong(&self, payload: &[u8]) {
+    pub(super) fn pong(&self, payload: &[u8]) {
         let Ok(stamp) = <[u8; 8]>::try_from(payload) else {
             return;
         };
@@ -221,59 +191,8 @@ pub(crate) struct Started {
     pub(crate) window: Option<Arc<Window>>,
 }
 
-/// A registered worker connection. Ending it removes the worker from the
-/// registry *before* failing its pending calls, so that the capacity those
-/// failures free is never handed to a call bound for the dead connection.
-struct Live {
-    shared: Arc<Shared>,
-    /// The settings the connection started with.
-    settings: Arc<Settings>,
-    key: u64,
-    session: Arc<Session>,
-    /// The first `end`'s cause: what happened to the connection, whatever
-    /// the other half of it reports afterwards.
-    ended: OnceLock<String>,
-}
-
-impl Live {
-    /// Ends the connection's registration; idempotent, first cause wins.
-    /// When the connection merely dropped (`may_resume`) and the worker can
-    /// resume, its calls are kept for `resume_window` instead of failed.
-    fn end(&self, cause: &str, may_resume: bool) {
-        if self.ended.set(cause.to_owned()).is_err() {
-            return;
-        }
-        let metrics = &self.shared.metrics;
-        metrics.worker_disconnects.fetch_add(1, Ordering::Relaxed);
-        let (shared, session) = (&self.shared, &self.session);
-        let resumable = may_resume
-            && session.terms.resumable
-            && !session.drained.is_cancelled()
-            && session.violations.load(Ordering::Relaxed) < MAX_VIOLATIONS;
-        if resumable {
-            // Out of dispatch, but the slot keeps counting the calls that
-            // wait for the worker to come back.
-            shared.registry.suspend(self.key);
-            let window = self.settings.config.workers.resume_window;
-            let registry = shared.registry.clone();
-            shared
-                .detached
-                .hold(session.clone(), self.key, registry, window, cause);
-        } else {
-            shared.registry.unregister(self.key);
-            session.close(cause);
-        }
-    }
-}
-
-impl Drop for Live {
-    fn drop(&mut self) {
-        self.end("connection ended", false);
-    }
-}
-
 impl Session {
-    fn new(
+    pub(super) fn new(
         worker_id: String,
         credentials: Credentials,
         outbox: Outbox,
@@ -308,14 +227,14 @@ impl Session {
     }
 
     /// A fresh supersede token for a new connection of this session.
-    fn new_connection(&self) -> CancellationToken {
+    pub(super) fn new_connection(&self) -> CancellationToken {
         let token = CancellationToken::new();
         *self.superseded.lock().unwrap_or_else(|p| p.into_inner()) = token.clone();
         token
     }
 
     /// The current connection's outbox.
-    fn outbox(&self) -> Outbox {
+    pub(super) fn outbox(&self) -> Outbox {
         self.outbox
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -341,7 +260,7 @@ impl Session {
     /// A session with no connection behind it, for registry tests.
     #[cfg(test)]
     pub(crate) fn detached(worker_id: &str) -> Arc<Self> {
-        let (outbox, _inbox) = transport::outbox();
+        let (outbox, _inbox) = crate::transport::outbox();
         let terms = Terms {
             max_response: usize::MAX,
             window: None,
@@ -370,11 +289,11 @@ impl Session {
     }
 
     /// Why the session ended, once it has.
-    fn end_cause(&self) -> Option<String> {
+    pub(super) fn end_cause(&self) -> Option<String> {
         self.lock().end_cause().cloned()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Calls> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, Calls> {
         self.calls.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -431,7 +350,7 @@ impl Session {
 
     /// A `credit` from the worker: it consumed `bytes` more of call `id`'s
     /// request body.
-    fn credit(&self, id: u64, bytes: u64) {
+    pub(super) fn credit(&self, id: u64, bytes: u64) {
         let calls = self.lock();
         if let Some(window) = calls.window(id) {
             // Never more than a window at once: a confused or hostile
@@ -510,7 +429,7 @@ impl Session {
     }
 
     /// Fails one call, if it is still pending.
-    fn fail(&self, id: u64, failure: Failure) {
+    pub(super) fn fail(&self, id: u64, failure: Failure) {
         let removed = self.lock().remove(id);
         if let Some(p) = removed {
             p.fail(failure);
@@ -521,7 +440,7 @@ impl Session {
     /// once; a head with `end: false` goes to the caller with a body that
     /// the following chunks feed as they arrive.
     /// Header values may be slices of `frame` (see [`headers::from_wire_ref`]).
-    fn on_response(
+    pub(super) fn on_response(
         &self,
         head: ResponseRef<'_>,
         body: Bytes,
@@ -592,7 +511,7 @@ impl Session {
     }
 
     /// Handles a `body` chunk of a streamed response.
-    fn on_body(&self, id: u64, end: bool, chunk: Bytes) -> Result<(), String> {
+    pub(super) fn on_body(&self, id: u64, end: bool, chunk: Bytes) -> Result<(), String> {
         // A flow-controlled worker never has more than its window waiting;
         // others may fill up to max_response_body (see [`Calls::body`]).
         let limit = self.terms.window.unwrap_or(self.terms.max_response);
@@ -640,438 +559,4 @@ fn content_length(headers: &http::HeaderMap) -> Option<u64> {
         .ok()?
         .parse()
         .ok()
-}
-
-/// Serves one worker connection (already TLS-terminated when TLS is on)
-/// until it ends or the bridge shuts down. `cert`: the SHA-256 of the
-/// client certificate's DER, with mutual TLS.
-pub(crate) async fn serve<S>(
-    stream: S,
-    peer: SocketAddr,
-    cert: Option<[u8; 32]>,
-    shared: Arc<Shared>,
-    settings: Arc<Settings>,
-    shutdown: CancellationToken,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let Some((mut ws, hello, credentials)) =
-        handshake::accept(stream, peer, cert, &settings, &shutdown).await
-    else {
-        return;
-    };
-
-    let (outbox, inbox) = transport::bounded_outbox(overflow_limit(hello.max_inflight));
-    // A worker coming back after a dropped connection continues its session:
-    // same id, same terms, and the calls it still runs stand.
-    // Only the worker that opened it may: see `resume_lookup`.
-    let resumed = match &hello.resume {
-        Some(r) => resume_lookup(&shared, &hello, &credentials, r, peer)
-            .await
-            .map(|session| (session, r)),
-        None => None,
-    };
-    let mut resend = Vec::new();
-    let mut resumed_key = None;
-    let session = match resumed {
-        Some(((session, key), known)) => {
-            resend = session.resume(outbox, known);
-            *session.stats.peer.lock().unwrap_or_else(|p| p.into_inner()) = peer;
-            resumed_key = Some(key);
-            session
-        }
-        None => {
-            let terms = Terms::negotiate(&hello, &settings);
-            Arc::new(Session::new(
-                hello.worker_id.clone(),
-                credentials,
-                outbox,
-                terms,
-                peer,
-            ))
-        }
-    };
-    let (terms, session_id, tag) = (
-        session.terms,
-        session.session_id.clone(),
-        session.tag.clone(),
-    );
-    let superseded = session.new_connection();
-    let resumed = hello
-        .resume
-        .as_ref()
-        .is_some_and(|r| r.session_id == session_id);
-    // Registered before the welcome goes out: a worker that has read its
-    // welcome can count on being eligible for calls.
-    // A resumed session gets its old slot back (its calls' leases count
-    // there); anything else a new one.
-    let key = match resumed_key.filter(|key| shared.registry.reinstate(*key)) {
-        Some(key) => key,
-        None => shared
-            .registry
-            .register(session.clone(), &hello.services, hello.max_inflight),
-    };
-    // From here on, every way out (including a panic) unregisters the worker
-    // and fails its pending calls, in that order.
-    shared
-        .metrics
-        .worker_connects
-        .fetch_add(1, Ordering::Relaxed);
-    let live = Arc::new(Live {
-        shared: shared.clone(),
-        settings: settings.clone(),
-        key,
-        session: session.clone(),
-        ended: OnceLock::new(),
-    });
-    let welcome = handshake::welcome(&settings, &terms, session_id, resumed, resend);
-    if let Err(e) = ws
-        .send(Message::text(protocol::encode_control(&welcome)))
-        .await
-    {
-        live.end("worker left during the handshake", true);
-        info!(%peer, error = %e, "worker left during handshake");
-        return;
-    }
-    info!(
-        %peer, worker = %hello.worker_id, session = %tag,
-        services = ?hello.services, max_inflight = hello.max_inflight, resumed,
-        "worker connected"
-    );
-
-    let (sink, stream) = ws.split();
-    let conn = shutdown.child_token();
-    let writer = tokio::spawn(write_loop(
-        sink,
-        inbox,
-        live.clone(),
-        conn.clone(),
-        shutdown.clone(),
-    ));
-    let (cause, may_resume) = read_loop(stream, &session, &shared, key, &conn, &superseded).await;
-    live.end(&cause, may_resume);
-    conn.cancel();
-    let _ = writer.await;
-    // The session's cause if it closed, else the connection's own (a session
-    // held for a resume has none yet): the first one recorded, not the read
-    // loop's view of a connection the write loop ended.
-    let cause = session
-        .end_cause()
-        .or_else(|| live.ended.get().cloned())
-        .unwrap_or(cause);
-    info!(%peer, worker = %hello.worker_id, session = %tag, %cause, "worker disconnected");
-}
-
-/// The session `resume` names, taken for this connection if the worker
-/// that opened it is the one asking: same `worker_id`, same token, same
-/// client certificate. Anyone else gets a new session, exactly as for an
-/// id that does not exist (no error frame: telling the two apart would
-/// confirm to a stranger that the id is live); the bridge logs a warning.
-async fn resume_lookup(
-    shared: &Shared,
-    hello: &protocol::Hello,
-    credentials: &Credentials,
-    resume: &protocol::Resume,
-    peer: SocketAddr,
-) -> Option<(Arc<Session>, u64)> {
-    let owned = |s: &Session| s.belongs_to(&hello.worker_id, credentials);
-    let taken = shared
-        .detached
-        .take_for_resume(&resume.session_id, &shared.registry, owned)
-        .await;
-    if let Err(Some(tag)) = &taken {
-        warn!(
-            %peer, worker = %hello.worker_id, session = %tag,
-            "a resume presented other credentials or another worker_id than the session's: treated as a new session"
-        );
-    }
-    taken.ok()
-}
-
-/// Why reading from a worker failed, in words fit for a caller's 502 body:
-/// the kind of I/O error, not the TLS library's message (which carries a
-/// link to its manual for an EOF without `close_notify`, a worker killed).
-fn read_failure(e: &tokio_tungstenite::tungstenite::Error) -> String {
-    use tokio_tungstenite::tungstenite::{error::ProtocolError, Error};
-    match e {
-        Error::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-            "the connection was cut (no close frame)".to_owned()
-        }
-        Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
-            "the connection was cut (no close frame)".to_owned()
-        }
-        Error::Io(io) => format!("read failed: {}", io.kind()),
-        other => format!("read failed: {other}"),
-    }
-}
-
-type Sink<S> = futures_util::stream::SplitSink<WebSocketStream<S>, Message>;
-type Source<S> = futures_util::stream::SplitStream<WebSocketStream<S>>;
-
-/// Owns the socket's write half: frames from the outbox, batched; pings on
-/// schedule; and the decision to drop a worker that stopped answering them.
-async fn write_loop<S>(
-    mut sink: Sink<S>,
-    mut inbox: Inbox,
-    live: Arc<Live>,
-    conn: CancellationToken,
-    bridge_stopping: CancellationToken,
-) where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let cfg = &live.settings.config.workers;
-    // A write step that cannot complete for as long as a heartbeat would
-    // take to fail means the worker stopped reading: treat it as gone.
-    let stall = transport::dead_after(cfg.ping_interval, cfg.ping_misses);
-    let mut ping = tokio::time::interval(cfg.ping_interval);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let choked = inbox.choked();
-    let not_reading = "the worker stopped reading: too many control frames waiting for it";
-    let cause = loop {
-        // Pings come before data: a busy outbox must not starve the
-        // heartbeat, or a dead peer would go unnoticed while calls pile up.
-        let written = tokio::select! {
-            biased;
-            _ = conn.cancelled() => break None,
-            _ = choked.cancelled() => break Some(not_reading.to_owned()),
-            _ = ping.tick() => {
-                let missed = live.session.unanswered.fetch_add(1, Ordering::Relaxed);
-                if missed >= cfg.ping_misses {
-                    break Some(format!("missed {missed} pongs in a row"));
-                }
-                tokio::select! {
-                    _ = conn.cancelled() => break None,
-                    r = transport::step(stall, sink.send(Message::Ping(live.session.stats.ping_payload()))) => r,
-                }
-            }
-            msg = inbox.recv() => {
-                let Some(msg) = msg else { break None };
-                tokio::select! {
-                    _ = conn.cancelled() => break None,
-                    _ = choked.cancelled() => break Some(not_reading.to_owned()),
-                    r = transport::write_batch(&mut sink, msg, &mut inbox, stall) => r,
-                }
-            }
-        };
-        if let Err(e) = written {
-            break Some(e.to_string());
-        }
-    };
-    if let Some(cause) = cause {
-        live.end(&cause, true);
-        conn.cancel();
-        return;
-    }
-    // Orderly end, briefly. If the worker closed first, tungstenite has
-    // queued the echo of its close frame and a new close would be refused:
-    // `close()` then just flushes that echo.
-    let (code, reason) = if live.session.drained.is_cancelled() {
-        (CloseCode::Normal, "drained")
-    } else if live.session.violations.load(Ordering::Relaxed) >= MAX_VIOLATIONS {
-        (CloseCode::Policy, "too many protocol violations")
-    } else if bridge_stopping.is_cancelled() {
-        (CloseCode::Away, "bridge shutting down")
-    } else {
-        (CloseCode::Away, "bridge closing")
-    };
-    let goodbye = async {
-        if bridge_stopping.is_cancelled() {
-            // `drain` tells the worker why it is being closed, and that it
-            // gets no new calls here any more.
-            let drain = protocol::encode_control(&Control::Drain);
-            let _ = sink.send(Message::text(drain)).await;
-        }
-        let close = CloseFrame {
-            code,
-            reason: reason.into(),
-        };
-        let _ = sink.send(Message::Close(Some(close))).await;
-        let _ = sink.close().await;
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(1), goodbye).await;
-}
-
-/// Owns the socket's read half until the connection ends; returns the cause.
-async fn read_loop<S>(
-    mut stream: Source<S>,
-    session: &Arc<Session>,
-    shared: &Shared,
-    key: u64,
-    conn: &CancellationToken,
-    superseded: &CancellationToken,
-) -> (String, bool)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    loop {
-        let msg = tokio::select! {
-            // Cancelled by the write loop (which recorded its own cause
-            // first) or by the bridge shutting down.
-            _ = conn.cancelled() => return ("the bridge is shutting down".to_owned(), false),
-            _ = session.drained.cancelled() => return ("drained".to_owned(), false),
-            _ = superseded.cancelled() => return ("the worker resumed on a new connection".to_owned(), true),
-            msg = stream.next() => msg,
-        };
-        let msg = match msg {
-            None => return ("connection closed".to_owned(), true),
-            Some(Err(e)) => return (read_failure(&e), true),
-            Some(Ok(m)) => m,
-        };
-        let problem = match msg {
-            Message::Binary(frame) => on_binary(session, frame),
-            Message::Text(text) => on_text(session, shared, key, &text),
-            Message::Pong(payload) => {
-                session.unanswered.store(0, Ordering::Relaxed);
-                session.stats.pong(&payload);
-                None
-            }
-            Message::Close(frame) => {
-                let why = frame
-                    .map(|f| format!(" ({} {})", f.code, f.reason))
-                    .unwrap_or_default();
-                return (format!("worker closed the connection{why}"), false);
-            }
-            Message::Ping(_) | Message::Frame(_) => None,
-        };
-        if let Some((id, code, message)) = problem {
-            shared.violations.fetch_add(1, Ordering::Relaxed);
-            let n = session.violations.fetch_add(1, Ordering::Relaxed) + 1;
-            warn!(worker = %session.worker_id, ?id, code, %message, violations = n, "protocol violation");
-            if n >= MAX_VIOLATIONS {
-                // A worker this broken (or hostile) is not worth the log.
-                return (format!("closed after {n} protocol violations"), false);
-            }
-            let frame = Control::Error {
-                id,
-                code: code.to_owned(),
-                message,
-            };
-            // Best effort: a worker flooding the bridge with junk while not
-            // reading must not make it queue (or spawn) anything for that.
-            session
-                .outbox()
-                .try_control(Message::text(protocol::encode_control(&frame)));
-        }
-    }
-}
-
-type Problem = Option<(Option<u64>, &'static str, String)>;
-
-fn on_binary(session: &Session, frame: Bytes) -> Problem {
-    let inflate_limit = match session.terms.compression {
-        Compression::None => 0,
-        Compression::Lz4 => session.terms.max_frame,
-    };
-    let (head, body) = match protocol::decode_data_ref(&frame, inflate_limit) {
-        Ok(decoded) => decoded,
-        Err(e) => {
-            // If the header names a call, fail that call now rather than
-            // leave its caller waiting for the deadline.
-            let id = protocol::peek_id(&frame);
-            if let Some(id) = id {
-                session.fail(id, Failure::Bad(e.to_string()));
-            }
-            return Some((id, "malformed_frame", e.to_string()));
-        }
-    };
-    let head = match head {
-        // decode_data_ref returns every response as HeadRef::Response.
-        HeadRef::Other(DataHead::Response(r)) => HeadRef::Response(r.into()),
-        head => head,
-    };
-    let id = match &head {
-        HeadRef::Response(r) => Some(r.id),
-        HeadRef::Other(DataHead::Body(b)) => Some(b.id),
-        HeadRef::Other(DataHead::Request(_) | DataHead::Response(_)) => {
-            let reason = "workers may not send request frames".into();
-            return Some((None, "unexpected_frame", reason));
-        }
-        HeadRef::Other(DataHead::Unknown) => {
-            return Some((None, "unknown_frame", "unknown binary frame type".into()))
-        }
-    };
-    if let Some(id) = id.filter(|id| *id >= session.next_id.load(Ordering::Relaxed)) {
-        let reason = format!("call {id} was never sent on this connection");
-        return Some((Some(id), "unknown_call", reason));
-    }
-    // A chunk is a slice of its frame: held for a slow caller, it would keep
-    // the whole frame alive. A frame padded with large unknown fields must
-    // not make the bridge hold more than the bytes it counts, so its body
-    // and header values are copied out.
-    let padded = frame.len().saturating_sub(body.len()) > 4096;
-    let body = if padded {
-        Bytes::copy_from_slice(&body)
-    } else {
-        body
-    };
-    // A compressed body is already a copy: header values that were slices
-    // would be all that keeps the frame alive, so they are copied too.
-    let shared = (!padded && !protocol::is_compressed(&frame)).then_some(&frame);
-    let result = match head {
-        HeadRef::Response(head) => session.on_response(head, body, shared),
-        HeadRef::Other(DataHead::Body(b)) => session.on_body(b.id, b.end, body),
-        HeadRef::Other(_) => return None, // answered above
-    };
-    result.err().map(|reason| (id, "bad_response", reason))
-}
-
-fn on_text(session: &Session, shared: &Shared, key: u64, text: &str) -> Problem {
-    match protocol::decode_control(text) {
-        Ok(Control::Error {
-            id: Some(id),
-            code,
-            message,
-        }) => {
-            session.fail(
-                id,
-                Failure::Bad(format!("worker reported {code}: {message}")),
-            );
-            None
-        }
-        Ok(Control::Error {
-            id: None,
-            code,
-            message,
-        }) => {
-            warn!(worker = %session.worker_id, %code, %message, "worker reported an error");
-            None
-        }
-        Ok(Control::Credit { id, bytes }) => {
-            session.credit(id, bytes);
-            None
-        }
-        Ok(Control::Accepted { id }) => {
-            // Recorded first, then the worker is told it may start: from
-            // here on the call is never sent elsewhere. Only the first
-            // `accepted` of a call still pending gets one (`Calls::accept`).
-            let first = session.lock().accept(id);
-            if first {
-                let start = Control::Start { id };
-                session
-                    .outbox()
-                    .control(Message::text(protocol::encode_control(&start)));
-            }
-            None
-        }
-        Ok(Control::Drain) => {
-            info!(worker = %session.worker_id, "worker is draining");
-            shared.registry.drain(key);
-            None
-        }
-        Ok(Control::Unknown) => Some((None, "unknown_frame", "unknown control frame type".into())),
-        Ok(Control::Hello(_)) => Some((
-            None,
-            "unexpected_frame",
-            "hello may only be the first frame of a connection".into(),
-        )),
-        Ok(other) => Some((
-            None,
-            "unexpected_frame",
-            format!(
-                "{} frames go from the bridge to workers, never back",
-                other.kind()
-            ),
-        )),
-        Err(e) => Some((None, "malformed_frame", e.to_string())),
-    }
 }
