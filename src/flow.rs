@@ -39,8 +39,15 @@ impl Window {
     }
 
     /// Takes `n` bytes of window, waiting for the peer's credit. `Err` once
-    /// the window is closed, even for `n == 0`.
+    /// the window is closed, even for `n == 0`. `n` is at most the window's
+    /// size (a chunk; the config keeps windows at least a chunk): more
+    /// could never be granted.
     pub(crate) async fn take(&self, n: usize) -> Result<(), Closed> {
+        debug_assert!(
+            n <= self.size,
+            "a take of {n} bytes from a window of {}",
+            self.size
+        );
         let n = u32::try_from(n).unwrap_or(u32::MAX);
         let permits = self.bytes.acquire_many(n).await.map_err(|_| Closed)?;
         permits.forget();
@@ -80,21 +87,19 @@ mod tests {
         assert_eq!(window.bytes.available_permits(), 100);
         window.credit(u64::MAX);
         assert_eq!(window.bytes.available_permits(), 100);
-        assert!(window.take(101).now_or_never().is_none());
         assert_eq!(window.take(100).await, Ok(()));
+        assert!(window.take(1).now_or_never().is_none(), "the window is spent");
     }
 
     #[tokio::test]
     async fn closing_fails_waiting_and_later_takes() {
-        let window = std::sync::Arc::new(Window::new(10));
+        let window = Window::new(10);
         assert_eq!(window.take(10).await, Ok(()));
-        let waiting = tokio::spawn({
-            let window = window.clone();
-            async move { window.take(5).await }
-        });
-        tokio::task::yield_now().await;
+        // A take that is already waiting when the window closes.
+        let mut waiting = std::pin::pin!(window.take(5));
+        assert!((&mut waiting).now_or_never().is_none(), "no credit yet");
         window.close();
-        assert_eq!(waiting.await.expect("task"), Err(Closed));
+        assert_eq!(waiting.await, Err(Closed));
         assert_eq!(window.take(0).await, Err(Closed));
         // Credit after closing changes nothing.
         window.credit(10);

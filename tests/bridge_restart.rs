@@ -237,7 +237,7 @@ async fn record_first_redials(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_agents_come_back_after_a_bridge_restart_spread_by_jitter() {
     let dir = TempDir::new("restart50");
-    let (http_port, workers_port) = (free_port(), free_port());
+    let (http_port, workers_port, admin_port) = (free_port(), free_port(), free_port());
     let cert = dir.0.join("server.crt");
     let config = dir.0.join("wsbridge.toml");
     std::fs::write(
@@ -248,6 +248,8 @@ async fn fifty_agents_come_back_after_a_bridge_restart_spread_by_jitter() {
             shutdown_timeout = "2s"
             [http]
             listen = "127.0.0.1:{http_port}"
+            [admin]
+            listen = "127.0.0.1:{admin_port}"
             [workers]
             listen = "127.0.0.1:{workers_port}"
             tls_cert = "{}"

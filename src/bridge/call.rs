@@ -18,11 +18,10 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, warn};
 
 use super::{
-    dispatch::{Attempt, Dispatch, StartAs},
+    dispatch::{AcquireError, Attempt, Dispatch, StartAs},
     http::IDEMPOTENCY_KEY,
     keyed::{read_error, RequestBody},
     listener::Caller,
-    registry::AcquireError,
     reply::{lock, CallBody, Held, HeldCall, Trace},
     routes::Target,
     session::Failure,
@@ -239,6 +238,9 @@ impl Plan<'_> {
 }
 
 /// How one attempt ended.
+// `Done` is the common case and is returned once per call: boxing it
+// would cost an allocation per call to save a move.
+#[allow(clippy::large_enum_variant)]
 enum Step {
     /// It ends the call: a reply (and the upload still running beside it),
     /// a failure, or the deadline passed.
@@ -342,7 +344,7 @@ async fn attempt(
     let service: &str = &plan.target.service;
     let dispatch = Dispatch::Local(&ctx.shared.registry);
     let mut at = match dispatch
-        .start(service, queue_deadline, http.queue_limit, how)
+        .start(service, queued_at, queue_deadline, http.queue_limit, how)
         .await
     {
         Ok(at) => at,
@@ -380,14 +382,7 @@ async fn attempt(
     let Ok(head) = protocol::encode_request_encoded(fields, &plan.headers, first, codec) else {
         return Step::Done(at, Ok(Err(Plan::head_too_large())));
     };
-    let upload = Upload {
-        session: at.session().clone(),
-        id: at.id(),
-        window: at.take_window(),
-        codec,
-        idle_limit: plan.target.request_timeout,
-        sent: trace.uploaded.clone(),
-    };
+    let upload = at.upload(codec, plan.target.request_timeout, trace.uploaded.clone());
     // Boxed: only calls with a long body come here, and unboxed it would
     // make every call's future larger.
     let outcome = Box::pin(tokio::time::timeout_at(
@@ -432,7 +427,7 @@ async fn exchange_whole(
     };
     match exchange {
         Ok(Err(f)) if plan.may_retry(&f, n, ctx.settings.config.http.max_retries) => {
-            warn!(request_id = ctx.request_id, worker = at.worker(), attempt = n, failure = ?f, "worker lost before replying; trying another");
+            warn!(request_id = %ctx.request_id, worker = %at.worker(), attempt = n, failure = ?f, "worker lost before replying; trying another");
             Step::Retry(Box::new(plan.failure(at.worker(), f)))
         }
         Ok(result) => {
@@ -455,11 +450,10 @@ async fn exchange_streamed(
     head: Bytes,
     body: Limited<RequestBody>,
 ) -> Result<Exchange, CallError> {
-    let session = at.session().clone();
-    let failed = |f: Failure| plan.failure(&session.worker_id, f);
-    let id = at.id();
+    let mut reply = at.take_reply();
+    let failed = |f: Failure| plan.failure(at.worker(), f);
     let mut pump = AbortOnDropHandle::new(tokio::spawn(upload.run(head, plan.start.clone(), body)));
-    let resp = match reply_or_upload_failure(&mut at.reply, &mut pump).await {
+    let resp = match reply_or_upload_failure(&mut reply, &mut pump).await {
         Settled::UploadFailed(done) => {
             return Err(match done {
                 Ok(UploadError::Worker(f)) => failed(f),
@@ -475,7 +469,7 @@ async fn exchange_streamed(
     // An upload still running goes on beside the reply; if it fails now,
     // the call is aborted both ways.
     let watcher = (!pump.is_finished()).then(|| {
-        let session = session.clone();
+        let call = at.aborter();
         AbortOnDropHandle::new(tokio::spawn(async move {
             let reason = match pump.await {
                 Ok(Err(UploadError::Caller(e))) if e.is::<LengthLimitError>() => "body_too_large",
@@ -483,7 +477,7 @@ async fn exchange_streamed(
                 Ok(Err(UploadError::Stalled)) => "timeout",
                 _ => return,
             };
-            session.abort_call(id, reason);
+            call.abort(reason);
         }))
     });
     Ok((resp, watcher))

@@ -8,14 +8,19 @@
 //! `call()`. The contract every kind of place keeps is in docs/INTERNALS.md
 //! ("The dispatch seam").
 
-use std::sync::Arc;
+use std::{
+    sync::{atomic::AtomicU64, Arc},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use tokio::{sync::oneshot, time::Instant};
 
+pub(super) use super::registry::AcquireError;
 use super::{
-    registry::{AcquireError, Lease, Registry},
+    registry::{Lease, Registry},
     session::{CallGuard, Failure, Reply, Session, Started},
+    upload::Upload,
 };
 use crate::{flow::Window, protocol::Compression};
 
@@ -39,19 +44,20 @@ pub(super) struct StartAs {
 }
 
 impl Dispatch<'_> {
-    /// Finds a place with room for a call to `service`, waiting until
+    /// Finds a place with room for a call to `service`, waiting from `now`
+    /// (the caller's clock reading, so that an attempt reads it once) until
     /// `queue_deadline` in FIFO order behind at most `queue_limit - 1`
     /// other calls, and registers the call there. Nothing has been sent
     /// yet: an error means the call never started anywhere.
     pub(super) async fn start(
         &self,
         service: &str,
+        mut now: Instant,
         queue_deadline: Instant,
         queue_limit: usize,
         how: StartAs,
     ) -> Result<Attempt, AcquireError> {
         let Dispatch::Local(registry) = self;
-        let mut now = Instant::now();
         // Set when a connection closed under a lease: the next lease is
         // asked for only while the queue deadline has not passed, so that
         // no order of events can make this loop spin.
@@ -78,7 +84,7 @@ impl Dispatch<'_> {
                 return Ok(Attempt {
                     guard,
                     lease,
-                    reply,
+                    reply: Some(reply),
                     window,
                 });
             }
@@ -99,8 +105,9 @@ pub(super) struct Attempt {
     /// The worker's slot; freed after the call is gone.
     lease: Lease,
     /// Completed by the reply head or a failure; a dropped sender means the
-    /// connection closed.
-    pub(super) reply: oneshot::Receiver<Reply>,
+    /// connection closed. Taken by the wait for the reply, so that a
+    /// streamed reply's attempt does not keep the spent channel.
+    reply: Option<oneshot::Receiver<Reply>>,
     /// With flow control: the request body bytes that may be sent.
     window: Option<Arc<Window>>,
 }
@@ -137,9 +144,32 @@ impl Attempt {
         self.lease.session().send_whole(frame).await
     }
 
-    /// The window a streamed request body waits on; taken once, by its upload.
-    pub(super) fn take_window(&mut self) -> Option<Arc<Window>> {
-        self.window.take()
+    /// The upload of a request body that streams after its head (`head`,
+    /// sent by [`Upload::run`] too), spending the attempt's flow-control
+    /// window. Made once per attempt.
+    pub(super) fn upload(
+        &mut self,
+        codec: Compression,
+        idle_limit: Duration,
+        sent: Arc<AtomicU64>,
+    ) -> Upload {
+        Upload {
+            session: self.lease.session().clone(),
+            id: self.guard.id(),
+            window: self.window.take(),
+            codec,
+            idle_limit,
+            sent,
+        }
+    }
+
+    /// A handle that ends the call both ways from elsewhere (the watcher of
+    /// an upload that fails after the reply head went to the caller).
+    pub(super) fn aborter(&self) -> Aborter {
+        Aborter {
+            session: self.lease.session().clone(),
+            id: self.guard.id(),
+        }
     }
 
     /// The reason the worker is told if the attempt ends while its call is
@@ -148,10 +178,30 @@ impl Attempt {
         self.guard.reason = reason;
     }
 
+    /// The channel the reply head (or a failure) comes on, taken: a wait
+    /// for it that is given up (the deadline) leaves nothing behind. A
+    /// second take gets a channel that is already closed.
+    pub(super) fn take_reply(&mut self) -> oneshot::Receiver<Reply> {
+        self.reply.take().unwrap_or_else(|| oneshot::channel().1)
+    }
+
     /// Waits for the reply head, or a failure.
     pub(super) async fn reply(&mut self) -> Reply {
-        (&mut self.reply)
+        self.take_reply()
             .await
             .unwrap_or_else(|_| Err(Failure::Lost("connection closed".into())))
+    }
+}
+
+/// Ends one call both ways (`abort`, PROTOCOL 4.3) from outside its attempt.
+pub(super) struct Aborter {
+    session: Arc<Session>,
+    id: u64,
+}
+
+impl Aborter {
+    /// Fails the call for its caller and tells the worker why.
+    pub(super) fn abort(&self, reason: &str) {
+        self.session.abort_call(self.id, reason);
     }
 }
