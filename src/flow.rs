@@ -88,7 +88,10 @@ mod tests {
         window.credit(u64::MAX);
         assert_eq!(window.bytes.available_permits(), 100);
         assert_eq!(window.take(100).await, Ok(()));
-        assert!(window.take(1).now_or_never().is_none(), "the window is spent");
+        assert!(
+            window.take(1).now_or_never().is_none(),
+            "the window is spent"
+        );
     }
 
     #[tokio::test]
