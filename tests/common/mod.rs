@@ -10,6 +10,7 @@
 //! * `fake_bridge`: [`FakeBridge`], the bridge's end played by the test;
 //! * `callers`: HTTP clients and one-call helpers ([`get`], [`post`]...);
 //! * `net`: an HTTP server ([`serve_http`]) and a cutting proxy ([`CutProxy`]);
+//! * `nats`: real nats-server processes, one or a cluster ([`NatsCluster`]);
 //! * [`raw_http`]: a caller that writes exact bytes (used by path).
 //!
 //! This file keeps what every role uses: the token, the bound on any await,
@@ -20,6 +21,7 @@
 mod callers;
 mod fake_bridge;
 mod in_process;
+pub mod nats;
 mod net;
 mod process;
 pub mod raw_http;
@@ -27,7 +29,7 @@ mod raw_worker;
 
 // Each test file uses only some of the roles.
 #[allow(unused_imports)]
-pub use {callers::*, fake_bridge::*, in_process::*, net::*, process::*, raw_worker::*};
+pub use {callers::*, fake_bridge::*, in_process::*, nats::*, net::*, process::*, raw_worker::*};
 
 use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
 
