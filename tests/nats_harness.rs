@@ -8,7 +8,12 @@
 
 mod common;
 
-use std::{collections::VecDeque, net::SocketAddr, path::Path, time::Duration};
+use std::{
+    collections::{HashSet, VecDeque},
+    net::SocketAddr,
+    path::Path,
+    time::Duration,
+};
 
 use common::*;
 use tokio::{
@@ -193,31 +198,31 @@ async fn a_message_published_on_one_server_reaches_a_subscriber_on_another() {
         "{urls:?}"
     );
     assert_eq!(
-        urls.iter().collect::<std::collections::HashSet<_>>().len(),
+        urls.iter().collect::<HashSet<_>>().len(),
         3,
         "one client port per server: {urls:?}"
     );
     // Each server reports the other two as routes, under one cluster name.
+    let mut ids = Vec::new();
     for i in 0..3 {
         let varz = cluster.monitor(i, "/varz").await;
         assert_eq!(varz["cluster"]["name"], cluster.name.as_str(), "nats-{i}");
         assert_eq!(varz["server_name"], format!("nats-{i}"));
+        ids.push(varz["server_id"].as_str().expect("server_id").to_owned());
+    }
+    for i in 0..3 {
         let routez = cluster.monitor(i, "/routez").await;
-        let peers: std::collections::HashSet<&str> = routez["routes"]
+        let peers: HashSet<&str> = routez["routes"]
             .as_array()
             .expect("routes")
             .iter()
-            .filter_map(|r| r["remote_name"].as_str())
+            .filter_map(|r| r["remote_id"].as_str())
             .collect();
-        let others: std::collections::HashSet<String> = (0..3)
+        let others: HashSet<&str> = (0..3)
             .filter(|&j| j != i)
-            .map(|j| format!("nats-{j}"))
+            .map(|j| ids[j].as_str())
             .collect();
-        assert_eq!(
-            peers,
-            others.iter().map(String::as_str).collect(),
-            "nats-{i}'s routes"
-        );
+        assert_eq!(peers, others, "nats-{i}'s routes (server ids {ids:?})");
     }
     crosses(&cluster, 0, 2, b"hello").await;
 }
