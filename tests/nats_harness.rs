@@ -3,7 +3,7 @@
 //! TCP (the text protocol: INFO, CONNECT, SUB, PUB, MSG, PING/PONG). A
 //! message crosses a 3-server cluster; after a kill the other two still
 //! route, and the killed one comes back on its ports; a frozen server
-//! answers nothing until it is thawed; dropping the cluster, even in a
+//! answers nothing until it is thawed, then routes again; dropping the cluster, even in a
 //! panicking test, leaves no process behind.
 
 mod common;
@@ -291,6 +291,9 @@ async fn a_frozen_server_answers_nothing_until_thawed() {
     .expect("read INFO");
     assert!(info > 0 && greeting.starts_with("INFO {"), "{greeting:?}");
     client.ping().await;
+    // And it routes again.
+    cluster.wait_formed().await;
+    crosses(&cluster, 1, 0, b"from the thawed server").await;
 }
 
 #[tokio::test]

@@ -117,7 +117,7 @@ impl NatsCluster {
         // the server binds it: then start again on other ports.
         for attempt in 1.. {
             let mut cluster = Self::spawn(n, extra, &bin);
-            match cluster.wait_formed().await {
+            match cluster.try_formed().await {
                 Ok(()) => return cluster,
                 Err(e) if attempt < 3 && cluster.port_clash() => {
                     eprintln!("nats cluster {}: {e}; starting again", cluster.name);
@@ -282,8 +282,17 @@ impl NatsCluster {
         }
         let child = spawn_server(&self.bin, &self.servers[i]);
         self.servers[i].child = Some(child);
-        if let Err(e) = self.wait_formed().await {
+        if let Err(e) = self.try_formed().await {
             panic!("nats-{i} of cluster {} did not come back: {e}", self.name);
+        }
+    }
+
+    /// Waits until every running server that is not frozen routes to
+    /// every other such server again (after a thaw, say: the others may
+    /// have dropped their routes to it meanwhile) and accepts clients.
+    pub async fn wait_formed(&mut self) {
+        if let Err(e) = self.try_formed().await {
+            panic!("nats cluster {}: {e}", self.name);
         }
     }
 
@@ -323,7 +332,7 @@ impl NatsCluster {
     /// one full set of routes (its `pool_size`; 1 before 2.10) to each other
     /// such server, and answers a client with INFO. Fails at once if a
     /// server exits.
-    async fn wait_formed(&mut self) -> Result<(), String> {
+    async fn try_formed(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + LIMIT;
         loop {
             for (i, server) in self.servers.iter_mut().enumerate() {
