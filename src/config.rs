@@ -17,6 +17,9 @@ use serde::{de, Deserialize, Deserializer};
 
 use crate::protocol::{CHUNK_SIZE, MAX_HEADER_LEN, MIN_FRAME};
 
+mod cluster;
+pub use cluster::ClusterConfig;
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,6 +40,10 @@ pub struct Config {
     /// The operator's listener: metrics, status, dashboard, reload.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// Other bridges to share workers with, through NATS; `None` is a
+    /// single node.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// `[admin]`: Prometheus `/metrics`, `/status` JSON, the dashboard at `/`
@@ -447,6 +454,9 @@ impl Config {
                     "must be longer than zero and at most 24h",
                 ));
             }
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
         }
         Ok(())
     }

@@ -17,6 +17,8 @@
 //! * [`body`] - message bodies, complete or streamed chunk by chunk.
 //! * [`protocol`] - the wire protocol v1: frames, limits, encode/decode.
 //! * [`bridge`] - the sidecar: HTTP side, worker sessions, registry, routes.
+//! * `cluster` - several bridges sharing their workers through NATS: the
+//!   connection and the presence of the other bridges.
 //! * [`worker`] - the worker library, the upstream agent and the echo handler.
 //! * [`tls`] - rustls configs from PEM files and self-signed certificates.
 //! * [`error`] - caller-facing errors and their HTTP mapping.
@@ -28,6 +30,7 @@
 
 pub mod body;
 pub mod bridge;
+mod cluster;
 pub mod config;
 pub mod demo;
 pub mod error;

@@ -231,6 +231,8 @@ pub(crate) struct Gauges {
     pub(crate) protocol_violations: u64,
     /// Config reloads applied and rejected.
     pub(crate) reloads: (u64, u64),
+    /// In a cluster: whether NATS is connected, and the other bridges known.
+    pub(crate) cluster: Option<(bool, usize)>,
 }
 
 /// One service's live gauges.
@@ -334,6 +336,20 @@ impl Metrics {
             "Frames from workers that broke the protocol.",
             &gauges.protocol_violations,
         );
+        if let Some((connected, peers)) = gauges.cluster {
+            single(
+                "wsbridge_cluster_connected",
+                "gauge",
+                "1 while the NATS connection is up; 0: the cluster is degraded to this bridge's workers.",
+                &u8::from(connected),
+            );
+            single(
+                "wsbridge_cluster_peers",
+                "gauge",
+                "Other bridges of the cluster this bridge hears from.",
+                &peers,
+            );
+        }
         header(
             o,
             "wsbridge_config_reloads_total",

@@ -168,6 +168,10 @@ fn gauges(shared: &Shared) -> Gauges {
             shared.reloads.load(Relaxed),
             shared.reload_failures.load(Relaxed),
         ),
+        cluster: shared
+            .cluster
+            .get()
+            .map(|c| (c.is_connected(), c.peer_count())),
     }
 }
 

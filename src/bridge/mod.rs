@@ -50,7 +50,10 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn, Instrument};
 
-use crate::config::Config;
+use crate::{
+    cluster::{presence, Announce, Cluster},
+    config::Config,
+};
 use registry::Registry;
 use routes::Router;
 
@@ -145,6 +148,8 @@ pub(crate) struct Shared {
     pub(crate) idempotency: Arc<idempotency::IdempotencyCache>,
     /// Sessions whose connection dropped, waiting for their worker.
     pub(crate) detached: Arc<resume::Detached>,
+    /// This bridge's membership of a cluster, once joined (`[cluster]`).
+    pub(crate) cluster: std::sync::OnceLock<Arc<Cluster>>,
 }
 
 /// Runs a bridge until `shutdown` is cancelled, then stops accepting, lets
@@ -244,6 +249,7 @@ impl Bridge {
             violations: Default::default(),
             idempotency,
             detached: Arc::default(),
+            cluster: std::sync::OnceLock::new(),
         });
         Ok(Bridge { shared })
     }
@@ -283,6 +289,17 @@ impl Bridge {
                 "workers.tokens still holds the example token \"change-me\" on a non-loopback listener: anyone who can reach it can register a worker"
             );
         }
+        // The cluster lives until the bridge has drained: its last
+        // announcement says it is leaving.
+        let cluster_tasks = TaskTracker::new();
+        let cluster_stop = CancellationToken::new();
+        if let Some(config) = &settings.config.cluster {
+            let announce = announce(&self.shared.registry);
+            let joined =
+                Cluster::join(config, announce, &cluster_tasks, cluster_stop.clone()).await;
+            let cluster = joined.map_err(|e| io::Error::other(e.to_string()))?;
+            let _ = self.shared.cluster.set(cluster);
+        }
         info!(addr = %http_addr, "http listener ready");
         info!(addr = %workers_addr, tls = tls_on, "worker listener ready");
         let admin = listeners.admin.map(|listener| {
@@ -309,7 +326,41 @@ impl Bridge {
         if let Some(admin) = admin {
             let _ = admin.await;
         }
+        cluster_stop.cancel();
+        cluster_tasks.close();
+        cluster_tasks.wait().await;
         Ok(())
+    }
+}
+
+/// What this bridge announces to its cluster: its registry's services and
+/// workers, and the registry's change signal.
+fn announce(registry: &Arc<Registry>) -> Announce {
+    let view = registry.clone();
+    Announce {
+        services: Box::new(move || {
+            let snapshot = view.snapshot();
+            let mut services: std::collections::BTreeMap<&str, presence::ServiceBeat> =
+                Default::default();
+            for w in &snapshot.workers {
+                for name in w.services.iter() {
+                    let service = services
+                        .entry(name)
+                        .or_insert_with(|| presence::ServiceBeat {
+                            name: name.clone(),
+                            workers: Vec::new(),
+                        });
+                    service.workers.push(presence::WorkerBeat {
+                        id: w.session.worker_id.clone(),
+                        capacity: w.max_inflight,
+                        in_flight: w.inflight,
+                        closed: w.draining || w.detached,
+                    });
+                }
+            }
+            services.into_values().collect()
+        }),
+        changed: registry.changed.clone(),
     }
 }
 

@@ -15,7 +15,7 @@ use std::{
 };
 
 use foldhash::fast::RandomState;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
 use super::session::Session;
 
@@ -35,6 +35,9 @@ pub(crate) enum AcquireError {
 #[derive(Default)]
 pub(crate) struct Registry {
     state: Mutex<State>,
+    /// Notified when a worker comes, goes, or stops or resumes taking
+    /// calls: the cluster announces the change (`cluster::Announce`).
+    pub(crate) changed: Arc<Notify>,
 }
 
 #[derive(Default)]
@@ -163,6 +166,7 @@ impl Registry {
             },
         );
         state.pump_all(self, &unique);
+        self.changed.notify_one();
         key
     }
 
@@ -178,6 +182,7 @@ impl Registry {
                 service.workers.retain(|k| *k != key);
             }
         }
+        self.changed.notify_one();
     }
 
     /// Puts a suspended worker back into dispatch; false if it is gone.
@@ -193,6 +198,7 @@ impl Registry {
             }
         }
         state.pump_all(self, &services);
+        self.changed.notify_one();
         true
     }
 
@@ -210,6 +216,7 @@ impl Registry {
                 }
             }
         }
+        self.changed.notify_one();
     }
 
     /// Stops giving a worker new calls; once its last call has ended, its
@@ -219,6 +226,7 @@ impl Registry {
             slot.draining = true;
             slot.close_if_drained();
         }
+        self.changed.notify_one();
     }
 
     /// Connected workers of a service (draining ones included).

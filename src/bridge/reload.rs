@@ -105,6 +105,7 @@ fn try_reload(shared: &Shared) -> Result<Reloaded, ReloadError> {
         w.client_ca.clone_from(&old.workers.client_ca);
         w.auto_self_signed = old.workers.auto_self_signed;
     }
+    keep!(cluster);
     if format!("{:?}", new.admin) != format!("{:?}", old.admin) {
         needs_restart.push("admin".to_owned());
         new.admin = old.admin.clone();

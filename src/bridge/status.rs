@@ -37,6 +37,56 @@ pub struct Status {
     pub services: Vec<ServiceStatus>,
     /// Per worker connection, oldest first.
     pub workers: Vec<WorkerStatus>,
+    /// The cluster, when the bridge is in one (`[cluster]`).
+    #[serde(default)]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// The cluster as this bridge sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// This bridge's node name.
+    pub node: String,
+    /// The cluster's name.
+    pub name: String,
+    /// Whether the NATS connection is up. When it is not, the cluster is
+    /// degraded: this bridge serves its own workers only.
+    pub connected: bool,
+    /// The other bridges, by name.
+    pub peers: Vec<PeerStatus>,
+}
+
+/// Another bridge of the cluster, as its last announcement described it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// Its node name.
+    pub node: String,
+    /// Milliseconds since its last announcement.
+    pub seen_ms_ago: u64,
+    /// Its services and their workers.
+    pub services: Vec<PeerService>,
+}
+
+/// A service of another bridge.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerService {
+    /// The service's name.
+    pub name: String,
+    /// Its workers on that bridge.
+    pub workers: Vec<PeerWorker>,
+}
+
+/// A worker connected to another bridge.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerWorker {
+    /// The id the worker gave in its hello.
+    pub id: String,
+    /// Calls it accepts at once.
+    pub capacity: u32,
+    /// Calls it holds now.
+    pub in_flight: u32,
+    /// It takes no new calls (draining, or waiting to resume).
+    pub closed: bool,
 }
 
 /// One service: its workers, its load and its last minute.
@@ -189,6 +239,43 @@ pub(crate) fn collect(shared: &Shared) -> Status {
         worker_disconnects: metrics.worker_disconnects.load(Relaxed),
         services,
         workers,
+        cluster: shared.cluster.get().map(|c| cluster(&c.view())),
+    }
+}
+
+fn cluster(view: &crate::cluster::ClusterView) -> ClusterStatus {
+    let now = tokio::time::Instant::now();
+    let peers = view
+        .peers
+        .iter()
+        .map(|(node, peer)| PeerStatus {
+            node: node.clone(),
+            seen_ms_ago: now.saturating_duration_since(peer.seen).as_millis() as u64,
+            services: peer
+                .beat
+                .services
+                .iter()
+                .map(|s| PeerService {
+                    name: s.name.clone(),
+                    workers: s
+                        .workers
+                        .iter()
+                        .map(|w| PeerWorker {
+                            id: w.id.clone(),
+                            capacity: w.capacity,
+                            in_flight: w.in_flight,
+                            closed: w.closed,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        })
+        .collect();
+    ClusterStatus {
+        node: view.node.clone(),
+        name: view.name.clone(),
+        connected: view.connected,
+        peers,
     }
 }
 
@@ -236,6 +323,10 @@ impl Status {
         }
         out += &columns(&services);
         out.push('\n');
+        if let Some(cluster) = &self.cluster {
+            out += &cluster.table();
+            out.push('\n');
+        }
         if self.workers.is_empty() {
             out += "no workers connected\n";
             return out;
@@ -313,6 +404,47 @@ fn columns(rows: &[Vec<String>]) -> String {
         out.push('\n');
     }
     out
+}
+
+impl ClusterStatus {
+    /// A line on the cluster, then a table of the other bridges' workers
+    /// per service.
+    fn table(&self) -> String {
+        let state = if self.connected {
+            "connected"
+        } else {
+            "DEGRADED: NATS unreachable, serving this bridge's workers only"
+        };
+        let mut out = format!(
+            "cluster {} as node {}: {state}, {} other bridge(s)\n",
+            printable(&self.name),
+            printable(&self.node),
+            self.peers.len()
+        );
+        if self.peers.is_empty() {
+            return out;
+        }
+        out.push('\n');
+        let mut rows = vec![["NODE", "SERVICE", "WORKERS", "IN-FLIGHT", "SEEN"]
+            .map(str::to_owned)
+            .to_vec()];
+        for peer in &self.peers {
+            for s in &peer.services {
+                let open = s.workers.iter().filter(|w| !w.closed).count();
+                let in_flight: u64 = s.workers.iter().map(|w| u64::from(w.in_flight)).sum();
+                let capacity: u64 = s.workers.iter().map(|w| u64::from(w.capacity)).sum();
+                rows.push(vec![
+                    printable(&peer.node),
+                    printable(&s.name),
+                    format!("{open}/{}", s.workers.len()),
+                    format!("{in_flight}/{capacity}"),
+                    format!("{:.1}s ago", peer.seen_ms_ago as f64 / 1e3),
+                ]);
+            }
+        }
+        out += &columns(&rows);
+        out
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,355 @@
+//! The cluster: several bridges sharing their workers through NATS. This
+//! module owns the NATS connection (`async-nats`, the official client: it
+//! reconnects, and follows the NATS cluster's servers by itself) and the
+//! presence of the other bridges ([`presence`]): each bridge announces its
+//! workers on `<name>.presence.beat` on every change and every
+//! `heartbeat`, asks for everyone's at start (`<name>.presence.sync`), and
+//! drops a peer after three missed announcements. docs/CLUSTER.md has the
+//! subjects and the failure bounds.
+
+pub(crate) mod presence;
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::{sync::Notify, time::Instant};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::config::ClusterConfig;
+use presence::{Applied, Beat, Peers, ServiceBeat, MAX_BEAT};
+
+/// Least time between two announcements made for changes: a burst of
+/// workers connecting is announced a few times, not once per worker.
+const MIN_GAP: Duration = Duration::from_millis(50);
+
+/// What this bridge announces: its services and workers now, and a signal
+/// that they changed. The bridge's registry provides both.
+pub(crate) struct Announce {
+    /// The services and their workers, read at each announcement.
+    pub(crate) services: Box<dyn Fn() -> Vec<ServiceBeat> + Send + Sync>,
+    /// Notified (one permit) when workers come, go or change state.
+    pub(crate) changed: Arc<Notify>,
+}
+
+/// Why the cluster could not be joined at all. (A NATS server that is
+/// merely down is not an error: the client keeps trying, and the bridge
+/// serves its own workers meanwhile.)
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ClusterError {
+    /// The `.creds` file could not be read.
+    #[error("cannot read cluster.creds {path}: {source}")]
+    Creds {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The client refused the options or the subscriptions failed.
+    #[error("cannot start the NATS client: {0}")]
+    Nats(String),
+}
+
+/// This bridge's membership of a cluster.
+pub(crate) struct Cluster {
+    /// This bridge's node name.
+    pub(crate) node: String,
+    /// The cluster's name (the subjects' first token).
+    pub(crate) name: String,
+    /// When this bridge started, ms since the Unix epoch.
+    epoch: u64,
+    /// Announcements sent.
+    seq: AtomicU64,
+    /// Between announcements, at the latest.
+    heartbeat: Duration,
+    client: async_nats::Client,
+    /// Whether the NATS connection is up now.
+    connected: Arc<AtomicBool>,
+    /// The other bridges.
+    peers: Mutex<Peers>,
+    /// Asks for an announcement now (a peer asked for one).
+    announce: Notify,
+    /// Notified when the NATS connection is (re)established: ask the peers
+    /// for their presence, and announce ours, at once.
+    reconnected: Arc<Notify>,
+}
+
+/// The cluster as `/status` shows it.
+pub(crate) struct ClusterView {
+    pub(crate) node: String,
+    pub(crate) name: String,
+    pub(crate) connected: bool,
+    pub(crate) peers: Vec<(String, presence::Peer)>,
+}
+
+impl Cluster {
+    /// Connects to NATS (in the background if no server answers yet),
+    /// subscribes, asks the peers for their presence, and starts announcing
+    /// `workers` until `shutdown`, when it says it is leaving.
+    pub(crate) async fn join(
+        config: &ClusterConfig,
+        workers: Announce,
+        tasks: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Cluster>, ClusterError> {
+        let connected = Arc::new(AtomicBool::new(false));
+        let reconnected = Arc::new(Notify::new());
+        let options = options(config, connected.clone(), reconnected.clone()).await?;
+        let client = options
+            .connect(config.nats.as_slice())
+            .await
+            .map_err(|e| ClusterError::Nats(e.to_string()))?;
+        let epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let cluster = Arc::new(Cluster {
+            node: config.node.clone(),
+            name: config.name.clone(),
+            epoch,
+            seq: AtomicU64::new(0),
+            heartbeat: config.heartbeat,
+            client,
+            connected,
+            peers: Mutex::new(Peers::new(&config.node)),
+            announce: Notify::new(),
+            reconnected,
+        });
+        let beats = cluster
+            .client
+            .subscribe(cluster.subject("presence.beat"))
+            .await
+            .map_err(|e| ClusterError::Nats(e.to_string()))?;
+        let syncs = cluster
+            .client
+            .subscribe(cluster.subject("presence.sync"))
+            .await
+            .map_err(|e| ClusterError::Nats(e.to_string()))?;
+        let span = tracing::info_span!("cluster", node = %cluster.node);
+        tasks.spawn(
+            cluster
+                .clone()
+                .listen(beats, syncs, shutdown.clone())
+                .instrument(span.clone()),
+        );
+        tasks.spawn(
+            cluster
+                .clone()
+                .announce_loop(workers, shutdown)
+                .instrument(span),
+        );
+        cluster.sync().await;
+        info!(node = %cluster.node, cluster = %cluster.name, "cluster joined");
+        Ok(cluster)
+    }
+
+    /// Asks every bridge to announce itself now, so that this one knows
+    /// the cluster within a round trip instead of a heartbeat.
+    async fn sync(&self) {
+        let _ = self
+            .client
+            .publish(self.subject("presence.sync"), Bytes::new())
+            .await;
+    }
+
+    fn subject(&self, rest: &str) -> String {
+        format!("{}.{rest}", self.name)
+    }
+
+    fn peers(&self) -> MutexGuard<'_, Peers> {
+        // Nothing is left half-done under this lock: a poisoned one is usable.
+        self.peers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The cluster as `/status` shows it.
+    pub(crate) fn view(&self) -> ClusterView {
+        ClusterView {
+            node: self.node.clone(),
+            name: self.name.clone(),
+            connected: self.connected.load(Ordering::Relaxed),
+            peers: self.peers().list(),
+        }
+    }
+
+    /// Whether the NATS connection is up.
+    pub(crate) fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Peers known now.
+    pub(crate) fn peer_count(&self) -> usize {
+        self.peers().len()
+    }
+
+    /// Takes in the peers' announcements and requests, and drops peers
+    /// that went quiet.
+    async fn listen(
+        self: Arc<Self>,
+        mut beats: async_nats::Subscriber,
+        mut syncs: async_nats::Subscriber,
+        shutdown: CancellationToken,
+    ) {
+        // Expiry is checked a few times per heartbeat: a peer is dropped
+        // within a fraction of a heartbeat of its third missed one.
+        let mut expiry = tokio::time::interval(self.heartbeat / 4);
+        expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = expiry.tick() => {
+                    for node in self.peers().expire(Instant::now()) {
+                        warn!(peer = %node, "cluster peer missed 3 announcements; dropped");
+                    }
+                    if !self.is_connected() {
+                        // Unreachable while NATS is down: not a place to send calls.
+                        self.peers().clear();
+                    }
+                }
+                Some(_) = syncs.next() => self.announce.notify_one(),
+                _ = self.reconnected.notified() => {
+                    self.sync().await;
+                    self.announce.notify_one();
+                }
+                Some(message) = beats.next() => self.on_beat(&message.payload),
+                else => return,
+            }
+        }
+    }
+
+    fn on_beat(&self, payload: &[u8]) {
+        if payload.len() > MAX_BEAT {
+            warn!(
+                bytes = payload.len(),
+                "cluster announcement too large; ignored"
+            );
+            return;
+        }
+        let beat: Beat = match serde_json::from_slice(payload) {
+            Ok(beat) => beat,
+            Err(e) => {
+                warn!(error = %e, "cluster announcement unreadable; ignored");
+                return;
+            }
+        };
+        let node = beat.node.clone();
+        match self.peers().apply(beat, Instant::now()) {
+            Applied::Joined => info!(peer = %node, "cluster peer joined"),
+            Applied::Left => info!(peer = %node, "cluster peer left"),
+            Applied::Updated | Applied::Ignored => {}
+        }
+    }
+
+    /// Announces this bridge's workers every `heartbeat`, on every change,
+    /// and when a peer asks; on shutdown, once more as leaving.
+    async fn announce_loop(self: Arc<Self>, workers: Announce, shutdown: CancellationToken) {
+        let mut every = tokio::time::interval(self.heartbeat);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = Instant::now();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = every.tick() => {}
+                _ = workers.changed.notified() => {
+                    tokio::time::sleep_until(last + MIN_GAP).await;
+                }
+                _ = self.announce.notified() => {}
+            }
+            last = Instant::now();
+            self.publish(&workers, false).await;
+            every.reset();
+        }
+        self.publish(&workers, true).await;
+        // The leaving announcement must be out before the client drops.
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.client.flush()).await;
+        debug!("cluster left");
+    }
+
+    async fn publish(&self, workers: &Announce, leaving: bool) {
+        let beat = Beat {
+            node: self.node.clone(),
+            epoch: self.epoch,
+            seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+            every_ms: self.heartbeat.as_millis() as u64,
+            leaving,
+            services: (workers.services)(),
+        };
+        let Ok(payload) = serde_json::to_vec(&beat) else {
+            return;
+        };
+        if payload.len() > MAX_BEAT {
+            warn!(
+                bytes = payload.len(),
+                "this bridge's announcement is over {MAX_BEAT} bytes; peers will ignore it"
+            );
+        }
+        if let Err(e) = self
+            .client
+            .publish(self.subject("presence.beat"), payload.into())
+            .await
+        {
+            debug!(error = %e, "cluster announcement not sent");
+        }
+    }
+}
+
+/// The client's options from the config: credentials, TLS, and an event
+/// callback that keeps `connected` current.
+async fn options(
+    config: &ClusterConfig,
+    connected: Arc<AtomicBool>,
+    reconnected: Arc<Notify>,
+) -> Result<async_nats::ConnectOptions, ClusterError> {
+    let mut options = async_nats::ConnectOptions::new();
+    if let Some(path) = &config.creds {
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|source| ClusterError::Creds {
+                path: path.display().to_string(),
+                source,
+            })?;
+    }
+    if let Some(token) = &config.token {
+        options = options.token(token.expose().to_owned());
+    }
+    if let (Some(user), Some(password)) = (&config.user, &config.password) {
+        options = options.user_and_password(user.clone(), password.expose().to_owned());
+    }
+    if let Some(ca) = &config.tls_ca {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    let node = config.node.clone();
+    Ok(options
+        .name(format!("wsbridge {node}"))
+        // A server that stops answering is noticed within two pings.
+        .ping_interval(config.heartbeat)
+        .connection_timeout(config.heartbeat.max(Duration::from_secs(2)))
+        // Start degraded rather than not at all when no server answers yet.
+        .retry_on_initial_connect()
+        .event_callback(move |event| {
+            let connected = connected.clone();
+            let reconnected = reconnected.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        connected.store(true, Ordering::Relaxed);
+                        reconnected.notify_one();
+                        info!("NATS connected");
+                    }
+                    async_nats::Event::Disconnected => {
+                        connected.store(false, Ordering::Relaxed);
+                        warn!(
+                            "NATS disconnected; the cluster is degraded to this bridge's workers"
+                        );
+                    }
+                    other => debug!(event = %other, "NATS event"),
+                }
+            }
+        }))
+}
