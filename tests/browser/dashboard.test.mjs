@@ -134,6 +134,9 @@ async function main() {
   check("demo-echo services", "non-empty", JSON.stringify(services), services.trim().length > 0);
   const svcRows = await page.locator("#services tbody tr[data-service]").count();
   check("services table rows", ">= 1", svcRows, svcRows >= 1);
+  // A single bridge (no [cluster]) shows no cluster card.
+  const clusterShown = await page.evaluate(() => !document.getElementById("cluster-card").hidden);
+  check("cluster card of a single node", "hidden", clusterShown ? "visible" : "hidden", !clusterShown);
 
   const totalOf = () => page.evaluate(() => Number(document.getElementById("total-requests").dataset.value));
   const before = await totalOf();
