@@ -52,6 +52,10 @@ pub struct ClusterStatus {
     /// Whether the NATS connection is up. When it is not, the cluster is
     /// degraded: this bridge serves its own workers only.
     pub connected: bool,
+    /// The last error NATS or its client reported since the connection
+    /// was last up (wrong credentials, a certificate that does not verify).
+    #[serde(default)]
+    pub error: Option<String>,
     /// The other bridges, by name.
     pub peers: Vec<PeerStatus>,
 }
@@ -275,6 +279,7 @@ fn cluster(view: &crate::cluster::ClusterView) -> ClusterStatus {
         node: view.node.clone(),
         name: view.name.clone(),
         connected: view.connected,
+        error: view.error.clone(),
         peers,
     }
 }
@@ -410,10 +415,15 @@ impl ClusterStatus {
     /// A line on the cluster, then a table of the other bridges' workers
     /// per service.
     fn table(&self) -> String {
-        let state = if self.connected {
-            "connected"
-        } else {
-            "DEGRADED: NATS unreachable, serving this bridge's workers only"
+        let state = match (self.connected, &self.error) {
+            (true, _) => "connected".to_owned(),
+            (false, None) => {
+                "DEGRADED: NATS unreachable, serving this bridge's workers only".to_owned()
+            }
+            (false, Some(e)) => format!(
+                "DEGRADED: NATS unreachable ({}), serving this bridge's workers only",
+                printable(e)
+            ),
         };
         let mut out = format!(
             "cluster {} as node {}: {state}, {} other bridge(s)\n",

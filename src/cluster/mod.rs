@@ -70,8 +70,9 @@ pub(crate) struct Cluster {
     /// Between announcements, at the latest.
     heartbeat: Duration,
     client: async_nats::Client,
-    /// Whether the NATS connection is up now.
-    connected: Arc<AtomicBool>,
+    /// Whether the NATS connection is up now, and the last error NATS or
+    /// the client reported (an operator's first clue).
+    link: Arc<Link>,
     /// The other bridges.
     peers: Mutex<Peers>,
     /// Asks for an announcement now (a peer asked for one).
@@ -81,11 +82,27 @@ pub(crate) struct Cluster {
     reconnected: Arc<Notify>,
 }
 
+/// The state of the NATS connection, kept by the client's event callback.
+#[derive(Default)]
+struct Link {
+    connected: AtomicBool,
+    /// The last error reported since the last connect.
+    error: Mutex<Option<String>>,
+}
+
+impl Link {
+    fn error(&self) -> MutexGuard<'_, Option<String>> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// The cluster as `/status` shows it.
 pub(crate) struct ClusterView {
     pub(crate) node: String,
     pub(crate) name: String,
     pub(crate) connected: bool,
+    /// The last NATS error since the connection was last up.
+    pub(crate) error: Option<String>,
     pub(crate) peers: Vec<(String, presence::Peer)>,
 }
 
@@ -99,9 +116,9 @@ impl Cluster {
         tasks: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<Arc<Cluster>, ClusterError> {
-        let connected = Arc::new(AtomicBool::new(false));
+        let link = Arc::new(Link::default());
         let reconnected = Arc::new(Notify::new());
-        let options = options(config, connected.clone(), reconnected.clone()).await?;
+        let options = options(config, link.clone(), reconnected.clone()).await?;
         let client = options
             .connect(config.nats.as_slice())
             .await
@@ -116,7 +133,7 @@ impl Cluster {
             seq: AtomicU64::new(0),
             heartbeat: config.heartbeat,
             client,
-            connected,
+            link,
             peers: Mutex::new(Peers::new(&config.node)),
             announce: Notify::new(),
             reconnected,
@@ -172,14 +189,15 @@ impl Cluster {
         ClusterView {
             node: self.node.clone(),
             name: self.name.clone(),
-            connected: self.connected.load(Ordering::Relaxed),
+            connected: self.is_connected(),
+            error: self.link.error().clone(),
             peers: self.peers().list(),
         }
     }
 
     /// Whether the NATS connection is up.
     pub(crate) fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed)
+        self.link.connected.load(Ordering::Relaxed)
     }
 
     /// Peers known now.
@@ -302,7 +320,7 @@ impl Cluster {
 /// callback that keeps `connected` current.
 async fn options(
     config: &ClusterConfig,
-    connected: Arc<AtomicBool>,
+    link: Arc<Link>,
     reconnected: Arc<Notify>,
 ) -> Result<async_nats::ConnectOptions, ClusterError> {
     let mut options = async_nats::ConnectOptions::new();
@@ -333,23 +351,38 @@ async fn options(
         // Start degraded rather than not at all when no server answers yet.
         .retry_on_initial_connect()
         .event_callback(move |event| {
-            let connected = connected.clone();
+            let link = link.clone();
             let reconnected = reconnected.clone();
             async move {
                 match event {
                     async_nats::Event::Connected => {
-                        connected.store(true, Ordering::Relaxed);
+                        link.connected.store(true, Ordering::Relaxed);
+                        *link.error() = None;
                         reconnected.notify_one();
                         info!("NATS connected");
                     }
                     async_nats::Event::Disconnected => {
-                        connected.store(false, Ordering::Relaxed);
+                        link.connected.store(false, Ordering::Relaxed);
                         warn!(
                             "NATS disconnected; the cluster is degraded to this bridge's workers"
                         );
                     }
+                    async_nats::Event::ServerError(e) => note_error(&link, e.to_string()),
+                    async_nats::Event::ClientError(e) => note_error(&link, e.to_string()),
                     other => debug!(event = %other, "NATS event"),
                 }
             }
         }))
+}
+
+/// Keeps (and logs) an error NATS or its client reported: wrong
+/// credentials, a certificate that does not verify, a server refusing us.
+fn note_error(link: &Link, error: String) {
+    // Bounded: it is shown on /status.
+    let error: String = error.chars().take(200).collect();
+    let mut last = link.error();
+    if last.as_deref() != Some(error.as_str()) {
+        warn!(%error, "NATS error");
+    }
+    *last = Some(error);
 }
