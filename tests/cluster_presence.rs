@@ -214,3 +214,33 @@ fn cluster_config_is_checked() {
     let secret = parse("nats = [\"nats://h:4222\"]\ntoken = \"hunter2\"").expect("token");
     assert!(!format!("{secret:?}").contains("hunter2"));
 }
+
+#[tokio::test]
+async fn a_bridge_starts_while_nats_is_down_and_joins_when_it_comes_up() {
+    let mut nats = NatsCluster::start(1).await;
+    let url = nats.url(0);
+    nats.kill(0);
+    let heartbeat = Duration::from_millis(500);
+    // Starting does not wait for NATS: the bridge serves its own workers.
+    let a = within(
+        Duration::from_secs(10),
+        "a bridge starting without NATS",
+        TestBridge::start(|c| c.cluster = Some(cluster(&url, "node-a", heartbeat))),
+    )
+    .await;
+    let admin_a = a.admin.expect("admin listener");
+    let status = admin_status(admin_a).await;
+    assert!(!status.cluster.expect("cluster status").connected);
+    let _worker = TestWorker::start(a.worker_config(&["orders"], 4), echo).await;
+    let reply = post(&http_client(), &a.at("/orders/1"), "no nats").await;
+    assert_eq!(&reply.body[..], b"no nats");
+
+    nats.restart(0).await;
+    let b = TestBridge::start(|c| c.cluster = Some(cluster(&url, "node-b", heartbeat))).await;
+    until_status(admin_a, "joined once NATS is up", |s| {
+        s.cluster.as_ref().is_some_and(|c| c.connected) && peers(s) == ["node-b"]
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}
