@@ -244,3 +244,26 @@ async fn a_bridge_starts_while_nats_is_down_and_joins_when_it_comes_up() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test]
+async fn two_bridges_with_one_node_name_are_told_apart_in_the_log() {
+    let nats = NatsCluster::start(1).await;
+    let url = nats.url(0);
+    let heartbeat = Duration::from_millis(200);
+    let a = TestBridge::start(|c| c.cluster = Some(cluster(&url, "twin", heartbeat))).await;
+    // The second twin is a bridge process, so its log can be read.
+    let mut b = BridgeProcess::start_with("", &cluster_toml(&url, "twin", "200ms")).await;
+    within(LIMIT, "the duplicate node name warning", async {
+        while let Some(line) = b.next_log_line().await {
+            if line.contains("under this bridge's node name") {
+                return;
+            }
+        }
+        panic!("the bridge process ended without warning");
+    })
+    .await;
+    // Neither counts the other as a peer.
+    assert!(peers(&admin_status(a.admin.expect("admin")).await).is_empty());
+    b.kill().await;
+    a.stop().await;
+}

@@ -255,6 +255,12 @@ impl Cluster {
                 return;
             }
         };
+        if beat.node == self.node && beat.epoch != self.epoch {
+            // Its beats are taken for ours and ours for its: neither is
+            // seen by the other, and the rest see one node flapping.
+            warn!(node = %self.node, "another bridge announces itself under this bridge's node name; give each bridge its own cluster.node");
+            return;
+        }
         let node = beat.node.clone();
         match self.peers().apply(beat, Instant::now()) {
             Applied::Joined => info!(peer = %node, "cluster peer joined"),
