@@ -83,6 +83,7 @@ async fn a_worker_at_one_bridge_is_listed_at_the_other_within_three_seconds() {
     .await;
     let took = connected.elapsed();
     assert!(took < Duration::from_secs(3), "listed after {took:?}");
+    let table = status.table(0);
     let cluster = status.cluster.expect("cluster status");
     assert!(cluster.connected);
     assert_eq!(cluster.node, "node-a");
@@ -90,6 +91,17 @@ async fn a_worker_at_one_bridge_is_listed_at_the_other_within_three_seconds() {
     assert_eq!((worker_at_b.capacity, worker_at_b.closed), (7, false));
     // A's own worker table is A's alone.
     assert!(status.workers.is_empty());
+    // `wsbridge status` prints the cluster and B's worker.
+    assert!(
+        table.contains("cluster test as node node-a: connected, 1 other bridge(s)"),
+        "{table}"
+    );
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("node-b"))
+        .unwrap_or_else(|| panic!("no row for node-b in\n{table}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[..4], ["node-b", "orders", "1/1", "0/7"], "{row}");
 
     // The worker leaves: gone from A's view too, without waiting for a beat.
     worker.stop().await;
