@@ -18,11 +18,11 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, warn};
 
 use super::{
+    caller::Caller,
     dispatch::{AcquireError, Attempt, Dispatch, StartAs},
-    http::IDEMPOTENCY_KEY,
-    keyed::{read_error, RequestBody},
-    listener::Caller,
+    idempotency::IDEMPOTENCY_KEY,
     reply::{lock, CallBody, Held, HeldCall, Trace},
+    request_body::{read_error, RequestBody},
     routes::Target,
     session::Failure,
     stall::StallWatch,

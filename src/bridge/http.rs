@@ -15,10 +15,12 @@ use tracing::info;
 
 use super::{
     call::{call, Ctx},
+    caller::{Caller, OpenCall},
     conformance,
-    keyed::{keyed, RequestBody},
-    listener::{Caller, OpenCall},
+    idempotency::IDEMPOTENCY_KEY,
+    keyed::keyed,
     reply::{lock, AccessLog, CallBody, Trace},
+    request_body::RequestBody,
     session::EmptyReplyLength,
     Shared,
 };
@@ -31,9 +33,6 @@ pub(crate) static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id
 /// was, as for a refusal before dispatch or a replay; more than 1 when a
 /// worker vanished and the call was retried).
 pub(crate) static ATTEMPTS: HeaderName = HeaderName::from_static("x-bridge-attempts");
-
-/// A caller's promise that repeating the request is safe.
-pub(super) static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// Longest caller-supplied request id we adopt; longer ones are replaced.
 const MAX_REQUEST_ID: usize = 128;

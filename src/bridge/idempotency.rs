@@ -30,6 +30,10 @@ use http::{HeaderMap, Method, StatusCode};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
+/// A caller's promise that repeating the request is safe.
+pub(super) static IDEMPOTENCY_KEY: http::HeaderName =
+    http::HeaderName::from_static("idempotency-key");
+
 /// The SHA-256 of a request body.
 ///
 /// A cryptographic hash rather than a fast 64-bit one: a key may be known to

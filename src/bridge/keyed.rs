@@ -1,26 +1,21 @@
 //! Calls that carry an `Idempotency-Key`: the wrapper around `call()` that
 //! replays a stored response, waits for a running first call, or runs the
 //! call and stores its whole response ([`keyed`]); the key's scope
-//! ([`scoped_key`]); and the request body as `call()` reads it, hashed for a
-//! keyed call as it streams past ([`RequestBody`]). The store itself is
-//! `idempotency.rs`.
+//! ([`scoped_key`]). The body is hashed as it streams past
+//! (`request_body.rs`), so the key binds it without keeping it. The store
+//! itself is `idempotency.rs`.
 
-use std::{
-    pin::Pin,
-    task::{Context, Poll},
-};
-
-use bytes::Bytes;
 use http::{header, request::Parts, HeaderName, HeaderValue, Response};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::debug;
 
 use super::{
     call::{call, deadline_of, Ctx},
-    idempotency::{Begin, BodyDigest, BodyHasher, BodySeal, Stored},
+    idempotency::{Begin, BodyDigest, BodySeal, Stored},
     reply::{CallBody, Trace},
+    request_body::{read_error, RequestBody},
 };
 use crate::{body::Body, error::CallError};
 
@@ -166,90 +161,4 @@ async fn body_digest(
         reason: "the request body ended early".into(),
     })?;
     Ok((digest, read))
-}
-
-/// What reading a caller's body failed with, as the caller is told.
-pub(super) fn read_error(e: Box<dyn std::error::Error + Send + Sync>, limit: usize) -> CallError {
-    if e.is::<LengthLimitError>() {
-        CallError::BodyTooLarge { limit }
-    } else {
-        CallError::BadRequest {
-            reason: format!("cannot read the request body: {e}"),
-        }
-    }
-}
-
-/// The caller's request body; for a call with an idempotency key, hashed as
-/// it is read (whether whole, before dispatch, or streamed by the upload),
-/// so that the key can be bound to it without the body being kept.
-pub(super) struct RequestBody {
-    inner: Incoming,
-    /// Set for a keyed call until the body has ended.
-    hasher: Option<Box<BodyHasher>>,
-}
-
-impl RequestBody {
-    pub(super) fn plain(inner: Incoming) -> Self {
-        RequestBody {
-            inner,
-            hasher: None,
-        }
-    }
-
-    fn hashed(inner: Incoming, seal: &BodySeal) -> Self {
-        let mut body = RequestBody {
-            inner,
-            hasher: Some(Box::new(seal.hasher())),
-        };
-        // An empty body may never be polled.
-        body.ended();
-        body
-    }
-
-    /// Publishes the digest once the body is at its end.
-    fn ended(&mut self) {
-        if self.inner.is_end_stream() {
-            if let Some(hasher) = self.hasher.take() {
-                hasher.finish();
-            }
-        }
-    }
-}
-
-impl HttpBody for RequestBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Some(hasher) = this.hasher.as_mut() {
-            match &polled {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Some(data) = frame.data_ref() {
-                        hasher.update(data);
-                    }
-                    this.ended();
-                }
-                Poll::Ready(None) => {
-                    if let Some(hasher) = this.hasher.take() {
-                        hasher.finish();
-                    }
-                }
-                _ => {}
-            }
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
 }

@@ -23,6 +23,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
 use super::{
+    caller::Caller,
     http::handle,
     send_timeout::SendTimeout,
     sniff::{sniff, Replay},
@@ -242,35 +243,6 @@ impl Builders {
             h2,
             idle: http.header_read_timeout,
             send_timeout: http.send_timeout,
-        }
-    }
-}
-
-/// The peer of one caller connection.
-pub(crate) struct Caller {
-    pub(super) addr: SocketAddr,
-    /// Its IP as text, for `X-Forwarded-For`.
-    pub(super) ip: Box<str>,
-    /// HTTP/2 only: how many of its calls are open (their responses not yet
-    /// sent to their end), for the idle timeout.
-    calls: Option<watch::Sender<usize>>,
-}
-
-/// Counts an HTTP/2 call as open until its response ends or is dropped.
-pub(super) struct OpenCall(Arc<Caller>);
-
-impl OpenCall {
-    pub(super) fn begin(caller: &Arc<Caller>) -> Option<OpenCall> {
-        let calls = caller.calls.as_ref()?;
-        calls.send_modify(|open| *open += 1);
-        Some(OpenCall(caller.clone()))
-    }
-}
-
-impl Drop for OpenCall {
-    fn drop(&mut self) {
-        if let Some(calls) = &self.0.calls {
-            calls.send_modify(|open| *open = open.saturating_sub(1));
         }
     }
 }

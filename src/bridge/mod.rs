@@ -16,6 +16,7 @@
 
 pub mod admin;
 mod call;
+mod caller;
 mod conformance;
 mod connection;
 mod credentials;
@@ -29,6 +30,7 @@ mod pending;
 mod registry;
 mod reload;
 mod reply;
+mod request_body;
 mod resume;
 mod routes;
 mod send_timeout;

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::info;
 
-use super::{dispatch::Attempt, listener::OpenCall, session::Session, stall::StallWatch, Shared};
+use super::{caller::OpenCall, dispatch::Attempt, session::Session, stall::StallWatch, Shared};
 use crate::{
     body::{Body, BodyError},
     metrics::Active,

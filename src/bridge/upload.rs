@@ -18,7 +18,7 @@ use tokio::{sync::oneshot, task::JoinError};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::{
-    keyed::RequestBody,
+    request_body::RequestBody,
     session::{Failure, Reply, Session},
 };
 use crate::{

@@ -34,7 +34,7 @@ use crate::{
     transport::Outbox,
 };
 
-use super::resume::Replied;
+use super::replied::Replied;
 
 /// Facts about a call, found in the request's extensions.
 #[derive(Debug, Clone)]

@@ -33,9 +33,25 @@ use crate::{
 
 use super::{
     call::{abandon, lock, CallCtx, Handler},
-    dial::WorkerError,
     resume::Carry,
 };
+
+/// What a worker connection can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The URL is not a `ws://` or `wss://` URL with a host.
+    #[error("invalid bridge URL {0:?}: {1}")]
+    Url(String, String),
+    /// Connecting, TLS or the upgrade failed.
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// The bridge refused the upgrade or the hello.
+    #[error("bridge refused the worker: {0}")]
+    Rejected(String),
+    /// The connection broke.
+    #[error("connection lost: {0}")]
+    Lost(String),
+}
 
 /// What this side settled in the handshake, beyond the welcome's figures.
 #[derive(Debug, Clone, Copy)]

@@ -31,7 +31,7 @@ use crate::{
 use super::{
     backoff::Backoff,
     call::Handler,
-    connection::{serve, Terms},
+    connection::{serve, Terms, WorkerError},
     resume::Carry,
 };
 
@@ -112,23 +112,6 @@ fn default_worker_id() -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "worker".to_owned());
     format!("{host}-{}", std::process::id())
-}
-
-/// What a worker connection can fail with.
-#[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
-    /// The URL is not a `ws://` or `wss://` URL with a host.
-    #[error("invalid bridge URL {0:?}: {1}")]
-    Url(String, String),
-    /// Connecting, TLS or the upgrade failed.
-    #[error("cannot connect: {0}")]
-    Connect(String),
-    /// The bridge refused the upgrade or the hello.
-    #[error("bridge refused the worker: {0}")]
-    Rejected(String),
-    /// The connection broke.
-    #[error("connection lost: {0}")]
-    Lost(String),
 }
 
 /// The connection state, for readiness checks and status displays.

@@ -20,8 +20,10 @@ mod call;
 mod connection;
 mod dial;
 mod pool;
+mod replied;
 mod resume;
 
 pub use agent::{echo, Upstream};
 pub use call::{CallInfo, Handler, HandlerFuture};
-pub use dial::{Status, Worker, WorkerConfig, WorkerError};
+pub use connection::WorkerError;
+pub use dial::{Status, Worker, WorkerConfig};

@@ -5,12 +5,10 @@
 //! (PROTOCOL 8.5).
 
 use std::{
-    collections::VecDeque,
     sync::{atomic::Ordering, Arc, Mutex},
     time::Duration,
 };
 
-use bytes::Bytes;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -20,40 +18,10 @@ use crate::{
     transport::{self, Inbox, Outbox},
 };
 
-use super::call::{abandon, lock, Calls, Partials, Starts};
-
-/// Replies written to the current connection are kept (up to this many, and
-/// [`REPLIED_BYTES`]) so that after a drop the ones that never arrived can
-/// be sent again on the resumed connection.
-const REPLIED_KEPT: usize = 4096;
-
-/// Most bytes of replies kept for a resend.
-const REPLIED_BYTES: usize = 16 << 20;
-
-/// Recently written whole replies, oldest first.
-#[derive(Default)]
-pub(super) struct Replied {
-    frames: VecDeque<(u64, Bytes)>,
-    bytes: usize,
-}
-
-impl Replied {
-    pub(super) fn push(&mut self, id: u64, frame: Bytes) {
-        self.bytes += frame.len();
-        self.frames.push_back((id, frame));
-        while self.frames.len() > REPLIED_KEPT || self.bytes > REPLIED_BYTES {
-            match self.frames.pop_front() {
-                Some((_, old)) => self.bytes -= old.len(),
-                None => break,
-            }
-        }
-    }
-
-    fn clear(&mut self) {
-        self.frames.clear();
-        self.bytes = 0;
-    }
-}
+use super::{
+    call::{abandon, lock, Calls, Partials, Starts},
+    replied::Replied,
+};
 
 /// What outlives one connection of a [`Worker`](super::Worker): the queue to the bridge
 /// and the calls still running, so that a resumed connection delivers
@@ -99,11 +67,7 @@ impl Carry {
         Some(Resume {
             session_id,
             running: lock(&self.calls).keys().copied().collect(),
-            replied: lock(&self.replied)
-                .frames
-                .iter()
-                .map(|(id, _)| *id)
-                .collect(),
+            replied: lock(&self.replied).iter().map(|(id, _)| *id).collect(),
         })
     }
 
@@ -111,7 +75,7 @@ impl Carry {
     /// rest are known to have arrived.
     pub(super) fn resend(&self, ids: &[u64]) {
         let mut replied = lock(&self.replied);
-        for (id, frame) in replied.frames.iter() {
+        for (id, frame) in replied.iter() {
             if ids.contains(id) {
                 self.outbox.control(Message::Binary(frame.clone()));
             }
