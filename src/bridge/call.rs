@@ -5,6 +5,8 @@
 //! caller's request into a call and the outcome into a response.
 
 use std::{
+    future::Future,
+    pin::Pin,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -119,8 +121,13 @@ pub(super) async fn call(
         });
     }
     let deadline = deadline_of(ctx.started, target.request_timeout);
-    let mut body = Limited::new(body, target.max_body);
-    let (start, complete) = read_start(&mut body, deadline, &target).await?;
+    // Made an `Option` at once (the upload takes it): a body moved into
+    // one later would be kept twice in this future.
+    let mut body = Some(Limited::new(body, target.max_body));
+    let (start, complete) = match body.as_mut() {
+        Some(reading) => read_start(reading, deadline, &target).await?,
+        None => (Bytes::new(), true),
+    };
     if complete {
         trace.bytes_in = Some(start.len() as u64);
     }
@@ -158,19 +165,29 @@ pub(super) async fn call(
     // frame carries (`plan.headers`), not as the caller's header map (about
     // 900 bytes of a held call with a few headers).
     parts.headers = http::HeaderMap::new();
-    let mut body = Some(body);
     // The failure that made the last attempt end, while a retry looks for a
     // worker: if none can be had, that failure is the answer.
     let mut lost: Option<Box<CallError>> = None;
     let mut n = 0;
-    loop {
+    // The outcome is taken apart in a block of its own: nothing of it is
+    // kept (in this future's room) across the rare wait below.
+    let collect = loop {
         n += 1;
-        match attempt(ctx, &plan, &mut fields, &mut body, n, trace).await {
-            Step::Done(at, outcome) => return finish(ctx, &plan, at, outcome).await,
-            Step::Retry(why) => lost = Some(why),
+        let finished = match attempt(ctx, &plan, &mut fields, &mut body, n, trace).await {
+            Step::Done(at, outcome) => finish(ctx, &plan, at, outcome),
+            Step::Retry(why) => {
+                lost = Some(why);
+                continue;
+            }
             Step::Unplaced(e) => return Err(lost.map_or(e, |lost| *lost)),
+        };
+        match finished {
+            Finished::Now(response) => return response,
+            Finished::Collect(collect) => break collect,
         }
-    }
+    };
+    let limit = ctx.settings.config.http.max_response_body.bytes();
+    Box::pin(collect.run(&plan, limit)).await
 }
 
 /// What every attempt of a call shares, once the request is routed and
@@ -368,7 +385,12 @@ async fn attempt(
             // is the backstop.
             return Step::Done(at, Ok(Err(Plan::head_too_large())));
         };
-        return exchange_whole(ctx, plan, at, frame, n).await;
+        // The attempt stays here, lent: moved into the exchange, its room
+        // would be kept twice in the call's future.
+        return match exchange_whole(ctx, plan, &mut at, frame, n).await {
+            Whole::Retry(why) => Step::Retry(why),
+            Whole::Done(outcome) => Step::Done(at, outcome),
+        };
     }
     // A streamed body is sent once: a call that uploads is never retried.
     let Some(body) = body.take() else {
@@ -382,15 +404,40 @@ async fn attempt(
     let Ok(head) = protocol::encode_request_encoded(fields, &plan.headers, first, codec) else {
         return Step::Done(at, Ok(Err(Plan::head_too_large())));
     };
-    let upload = at.upload(codec, plan.target.request_timeout, trace.uploaded.clone());
-    // Boxed: only calls with a long body come here, and unboxed it would
-    // make every call's future larger.
-    let outcome = Box::pin(tokio::time::timeout_at(
-        deadline,
-        exchange_streamed(plan, &mut at, upload, head, body),
-    ))
-    .await;
+    let outcome = upload_exchange(plan, &mut at, head, body, codec, trace).await;
     Step::Done(at, outcome)
+}
+
+/// The exchange of a call whose body streams after its head, boxed: only
+/// calls with a long body come here, and unboxed (or built in `attempt`)
+/// it would make every call's future larger.
+fn upload_exchange<'a>(
+    plan: &'a Plan<'_>,
+    at: &'a mut Attempt,
+    head: Bytes,
+    body: Limited<RequestBody>,
+    codec: Compression,
+    trace: &Trace,
+) -> BoxedExchange<'a> {
+    let upload = at.upload(codec, plan.target.request_timeout, trace.uploaded.clone());
+    Box::pin(tokio::time::timeout_at(
+        plan.deadline,
+        exchange_streamed(plan, at, upload, head, body),
+    ))
+}
+
+/// [`exchange_streamed`] under the call's deadline, boxed.
+type BoxedExchange<'a> =
+    Pin<Box<dyn Future<Output = Result<Result<Exchange, CallError>, Elapsed>> + Send + 'a>>;
+
+/// How the exchange of a whole call ended.
+// Like `Step`, returned once per call.
+#[allow(clippy::large_enum_variant)]
+enum Whole {
+    /// The reply, a failure that ends the call, or the deadline.
+    Done(Result<Result<Exchange, CallError>, Elapsed>),
+    /// The worker was lost in a way that lets the call go to another.
+    Retry(Box<CallError>),
 }
 
 /// The error for an attempt that found no worker.
@@ -412,10 +459,10 @@ fn unplaced(plan: &Plan<'_>, e: AcquireError, limit: usize, queued_at: Instant) 
 async fn exchange_whole(
     ctx: &Ctx<'_>,
     plan: &Plan<'_>,
-    mut at: Attempt,
+    at: &mut Attempt,
     frame: Bytes,
     n: u32,
-) -> Step {
+) -> Whole {
     let deadline = plan.deadline;
     // Two awaits, not one over an async block: the call waits for its reply
     // far longer than for the queue, and this way that wait keeps no room
@@ -428,15 +475,15 @@ async fn exchange_whole(
     match exchange {
         Ok(Err(f)) if plan.may_retry(&f, n, ctx.settings.config.http.max_retries) => {
             warn!(request_id = %ctx.request_id, worker = %at.worker(), attempt = n, failure = ?f, "worker lost before replying; trying another");
-            Step::Retry(Box::new(plan.failure(at.worker(), f)))
+            Whole::Retry(Box::new(plan.failure(at.worker(), f)))
         }
         Ok(result) => {
             let result = result
                 .map(|resp| (resp, None))
                 .map_err(|f| plan.failure(at.worker(), f));
-            Step::Done(at, Ok(result))
+            Whole::Done(Ok(result))
         }
-        Err(elapsed) => Step::Done(at, Err(elapsed)),
+        Err(elapsed) => Whole::Done(Err(elapsed)),
     }
 }
 
@@ -483,14 +530,28 @@ async fn exchange_streamed(
     Ok((resp, watcher))
 }
 
+/// How the attempt that ended the call becomes the caller's response.
+// `Now` is the common case, taken apart at once: boxing it would cost an
+// allocation per call.
+#[allow(clippy::large_enum_variant)]
+enum Finished {
+    /// The response (or the error), now.
+    Now(Result<Response<CallBody>, CallError>),
+    /// An HTTP/1.0 caller's streamed reply of unknown length, to be read
+    /// whole first. Boxed: a rare path that would otherwise make room in
+    /// every call's future.
+    Collect(Box<Collect>),
+}
+
 /// Turns the attempt that ended the call into the caller's response: a
 /// streamed reply keeps the attempt alive until the caller has read it.
-async fn finish(
+/// Synchronous, so that the call's future keeps no room for it.
+fn finish(
     ctx: &Ctx<'_>,
     plan: &Plan<'_>,
     mut at: Attempt,
     outcome: Result<Result<Exchange, CallError>, Elapsed>,
-) -> Result<Response<CallBody>, CallError> {
+) -> Finished {
     let http = &ctx.settings.config.http;
     let (resp, upload) = match outcome {
         Ok(Ok(exchange)) => exchange,
@@ -499,11 +560,11 @@ async fn finish(
             if matches!(e, CallError::BodyTooLarge { .. }) {
                 at.set_reason("body_too_large");
             }
-            return Err(e);
+            return Finished::Now(Err(e));
         }
         Err(_) => {
             at.set_reason("timeout");
-            return Err(plan.timeout());
+            return Finished::Now(Err(plan.timeout()));
         }
     };
     let streamed = resp.body().as_full().is_none();
@@ -511,15 +572,39 @@ async fn finish(
         && plan.version == http::Version::HTTP_10
         && !resp.headers().contains_key(header::CONTENT_LENGTH)
     {
-        // HTTP/1.0 has no chunked encoding: a body of unknown length ends
-        // by closing the connection, which looks the same whether it is
-        // complete or cut off. Collect it (the call stays alive meanwhile)
-        // so a cut-off becomes a 502.
-        let limit = http.max_response_body.bytes();
-        // Boxed, with the response moved in: a rare path that would
-        // otherwise be the largest state of this future, which every call
-        // makes room for.
-        let collected = Box::pin(collect_whole(resp, limit, plan.target.request_timeout)).await;
+        return Finished::Collect(Box::new(Collect { at, resp, upload }));
+    }
+    // A streamed reply keeps the call (its attempt: cancel-on-drop and the
+    // worker's slot, and any upload still running) alive until the caller
+    // has read it all or hung up; a complete one is done.
+    let call = streamed.then(|| held(at, upload, http.send_timeout, plan));
+    Finished::Now(Ok(resp.map(|body| CallBody {
+        body,
+        _call: call,
+        log: None,
+    })))
+    // Otherwise the attempt drops here: a call still pending is removed and
+    // cancelled, and the worker's slot is freed.
+}
+
+/// A streamed reply to an HTTP/1.0 caller, without a length. HTTP/1.0 has
+/// no chunked encoding: a body of unknown length ends by closing the
+/// connection, which looks the same whether it is complete or cut off. It
+/// is collected (the call stays alive meanwhile) so a cut-off becomes a 502.
+struct Collect {
+    at: Attempt,
+    resp: Response<Body>,
+    upload: Option<AbortOnDropHandle<()>>,
+}
+
+impl Collect {
+    async fn run(self, plan: &Plan<'_>, limit: usize) -> Result<Response<CallBody>, CallError> {
+        let Collect {
+            mut at,
+            resp,
+            upload,
+        } = self;
+        let collected = collect_whole(resp, limit, plan.target.request_timeout).await;
         let Ok(collected) = collected else {
             // A worker that stalls mid-body is cancelled, as for HTTP/1.1
             // callers.
@@ -527,19 +612,8 @@ async fn finish(
             return Err(plan.timeout());
         };
         drop(upload);
-        return collected.map_err(|e| plan.failure(at.worker(), Failure::Bad(e.to_string())));
+        collected.map_err(|e| plan.failure(at.worker(), Failure::Bad(e.to_string())))
     }
-    // A streamed reply keeps the call (its attempt: cancel-on-drop and the
-    // worker's slot, and any upload still running) alive until the caller
-    // has read it all or hung up; a complete one is done.
-    let call = streamed.then(|| held(at, upload, http.send_timeout, plan));
-    Ok(resp.map(|body| CallBody {
-        body,
-        _call: call,
-        log: None,
-    }))
-    // Otherwise the attempt drops here: a call still pending is removed and
-    // cancelled, and the worker's slot is freed.
 }
 
 /// What a streamed reply's body holds while the caller reads it.
