@@ -116,6 +116,13 @@ pub enum CallError {
         /// The key.
         key: String,
     },
+    /// No worker of the service is connected to this bridge, and the
+    /// cluster, where other bridges' workers are, cannot be reached.
+    #[error("no worker of service {service:?} is connected to this bridge, and the cluster is unreachable (NATS disconnected)")]
+    ClusterUnavailable {
+        /// The service.
+        service: String,
+    },
     /// The caller's address is not in `http.allow_from`.
     #[error("callers from {peer} are not allowed (http.allow_from)")]
     Forbidden {
@@ -130,6 +137,7 @@ impl CallError {
         match self {
             CallError::NoRoute { .. } => "no_route",
             CallError::NoWorker { .. } => "no_worker",
+            CallError::ClusterUnavailable { .. } => "cluster_unavailable",
             CallError::QueueFull { .. } => "queue_full",
             CallError::Timeout { .. } => "timeout",
             CallError::WorkerLost { .. } => "worker_lost",
@@ -150,9 +158,9 @@ impl CallError {
     pub fn status(&self) -> StatusCode {
         match self {
             CallError::NoRoute { .. } => StatusCode::NOT_FOUND,
-            CallError::NoWorker { .. } | CallError::QueueFull { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            CallError::NoWorker { .. }
+            | CallError::QueueFull { .. }
+            | CallError::ClusterUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             CallError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             CallError::WorkerLost { .. } | CallError::BadResponse { .. } => StatusCode::BAD_GATEWAY,
             CallError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -190,7 +198,9 @@ impl CallError {
         );
         if matches!(
             self,
-            CallError::QueueFull { .. } | CallError::NoWorker { .. }
+            CallError::QueueFull { .. }
+                | CallError::NoWorker { .. }
+                | CallError::ClusterUnavailable { .. }
         ) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

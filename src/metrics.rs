@@ -231,8 +231,33 @@ pub(crate) struct Gauges {
     pub(crate) protocol_violations: u64,
     /// Config reloads applied and rejected.
     pub(crate) reloads: (u64, u64),
-    /// In a cluster: whether NATS is connected, and the other bridges known.
-    pub(crate) cluster: Option<(bool, usize)>,
+    /// In a cluster: its link, peers and cross-node calls.
+    pub(crate) cluster: Option<ClusterGauges>,
+}
+
+/// The cluster's gauges and counters.
+pub(crate) struct ClusterGauges {
+    /// Whether NATS is connected.
+    pub(crate) connected: bool,
+    /// The other bridges known.
+    pub(crate) peers: usize,
+    /// Calls sent to, and taken by, other bridges (`out`), and calls
+    /// taken from them (`in`): totals, then those in flight.
+    pub(crate) calls: (u64, u64),
+    pub(crate) in_flight: (usize, usize),
+}
+
+/// A metric with an `out` and an `in` series.
+fn directions<T: std::fmt::Display>(
+    o: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    (out, inn): (T, T),
+) {
+    header(o, name, kind, help);
+    let _ = writeln!(o, "{name}{{direction=\"out\"}} {out}");
+    let _ = writeln!(o, "{name}{{direction=\"in\"}} {inn}");
 }
 
 /// One service's live gauges.
@@ -336,18 +361,32 @@ impl Metrics {
             "Frames from workers that broke the protocol.",
             &gauges.protocol_violations,
         );
-        if let Some((connected, peers)) = gauges.cluster {
+        if let Some(cluster) = &gauges.cluster {
             single(
                 "wsbridge_cluster_connected",
                 "gauge",
                 "1 while the NATS connection is up; 0: the cluster is degraded to this bridge's workers.",
-                &u8::from(connected),
+                &u8::from(cluster.connected),
             );
             single(
                 "wsbridge_cluster_peers",
                 "gauge",
                 "Other bridges of the cluster this bridge hears from.",
-                &peers,
+                &cluster.peers,
+            );
+            directions(
+                o,
+                "wsbridge_cluster_calls_total",
+                "counter",
+                "Calls run on another bridge (out) and for another bridge (in).",
+                cluster.calls,
+            );
+            directions(
+                o,
+                "wsbridge_cluster_calls_in_flight",
+                "gauge",
+                "Cross-node calls in progress, by direction.",
+                cluster.in_flight,
             );
         }
         header(

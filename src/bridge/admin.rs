@@ -168,10 +168,12 @@ fn gauges(shared: &Shared) -> Gauges {
             shared.reloads.load(Relaxed),
             shared.reload_failures.load(Relaxed),
         ),
-        cluster: shared
-            .cluster
-            .get()
-            .map(|c| (c.is_connected(), c.peer_count())),
+        cluster: shared.cluster.get().map(|c| crate::metrics::ClusterGauges {
+            connected: c.is_connected(),
+            peers: c.peer_count(),
+            calls: (c.calls_out.load(Relaxed), c.calls_in.load(Relaxed)),
+            in_flight: (c.calls.outgoing_len(), c.calls.incoming_len()),
+        }),
     }
 }
 

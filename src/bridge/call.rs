@@ -21,8 +21,9 @@ use tracing::{debug, warn};
 
 use super::{
     caller::Caller,
-    dispatch::{AcquireError, Attempt, Dispatch, StartAs},
+    dispatch::{AcquireError, Attempt, Dispatch, Placed, StartAs},
     idempotency::IDEMPOTENCY_KEY,
+    remote,
     reply::{lock, CallBody, Held, HeldCall, Trace},
     request_body::{read_error, RequestBody},
     routes::Target,
@@ -90,6 +91,9 @@ pub(super) struct Ctx<'a> {
     pub(super) caller: &'a Caller,
     pub(super) request_id: &'a str,
     pub(super) started: Instant,
+    /// The bridge of the cluster this call came from, for a call another
+    /// bridge sent this one: its headers were forwarded there.
+    pub(super) from_node: Option<&'a str>,
 }
 
 /// Routes, reads the start of the body, then runs attempts (each on a
@@ -97,7 +101,7 @@ pub(super) struct Ctx<'a> {
 /// cannot be retried, or the deadline.
 pub(super) async fn call(
     ctx: &Ctx<'_>,
-    mut parts: Box<Parts>,
+    parts: Box<Parts>,
     body: RequestBody,
     trace: &mut Trace,
 ) -> Result<Response<CallBody>, CallError> {
@@ -109,6 +113,17 @@ pub(super) async fn call(
             path: parts.uri.path().to_owned(),
         })?
         .clone();
+    call_target(ctx, target, parts, body, trace).await
+}
+
+/// [`call`] for a request already routed to `target`.
+pub(super) async fn call_target(
+    ctx: &Ctx<'_>,
+    target: Target,
+    mut parts: Box<Parts>,
+    body: RequestBody,
+    trace: &mut Trace,
+) -> Result<Response<CallBody>, CallError> {
     trace.route(ctx.shared, &target.service);
     let declared = parts
         .headers
@@ -192,20 +207,20 @@ pub(super) async fn call(
 
 /// What every attempt of a call shares, once the request is routed and
 /// the start of its body read.
-struct Plan<'a> {
-    target: &'a Target,
+pub(super) struct Plan<'a> {
+    pub(super) target: &'a Target,
     /// The whole call's deadline.
-    deadline: Instant,
+    pub(super) deadline: Instant,
     /// The body read so far: all of it when it fits one chunk.
-    start: Bytes,
+    pub(super) start: Bytes,
     /// The whole body travels in the request frame (and may be sent again).
-    single: bool,
+    pub(super) single: bool,
     /// Sending the call again cannot do anything twice.
     replayable: bool,
     /// The body is already compressed: sent as it is.
     precompressed: bool,
     /// The request's headers as the JSON each attempt's frame carries.
-    headers: json::EncodedHeaders,
+    pub(super) headers: json::EncodedHeaders,
     /// The caller's HTTP version.
     version: http::Version,
 }
@@ -218,7 +233,7 @@ impl Plan<'_> {
         }
     }
 
-    fn failure(&self, worker: &str, f: Failure) -> CallError {
+    pub(super) fn failure(&self, worker: &str, f: Failure) -> CallError {
         let service = self.target.service.to_string();
         let worker = worker.to_owned();
         match f {
@@ -242,7 +257,7 @@ impl Plan<'_> {
     }
 
     /// Whether a failure of attempt `n` lets the call go to another worker.
-    fn may_retry(&self, f: &Failure, n: u32, max_retries: u32) -> bool {
+    pub(super) fn may_retry(&self, f: &Failure, n: u32, max_retries: u32) -> bool {
         self.single
             && n <= max_retries
             && Instant::now() < self.deadline
@@ -258,10 +273,10 @@ impl Plan<'_> {
 // `Done` is the common case and is returned once per call: boxing it
 // would cost an allocation per call to save a move.
 #[allow(clippy::large_enum_variant)]
-enum Step {
+pub(super) enum Step {
     /// It ends the call: a reply (and the upload still running beside it),
     /// a failure, or the deadline passed.
-    Done(Attempt, Result<Result<Exchange, CallError>, Elapsed>),
+    Done(Placed, Result<Result<Exchange, CallError>, Elapsed>),
     /// Its worker was lost in a way that lets the call go to another; the
     /// failure is the answer if none can be had.
     Retry(Box<CallError>),
@@ -270,7 +285,7 @@ enum Step {
 }
 
 /// A reply head, and the watcher of an upload still running beside it.
-type Exchange = (Response<Body>, Option<AbortOnDropHandle<()>>);
+pub(super) type Exchange = (Response<Body>, Option<AbortOnDropHandle<()>>);
 
 /// Reads the start of the body: a body that ends within one chunk travels
 /// in the request frame itself; a longer one streams after it. True when
@@ -314,8 +329,15 @@ fn wire_headers(
     parts: &Parts,
     fields: &RequestFields<'_>,
 ) -> Result<json::EncodedHeaders, CallError> {
-    let xff = forwarded_for(&parts.headers, &ctx.caller.ip);
     let mut wire = headers::to_wire_ref(&parts.headers);
+    if ctx.from_node.is_some() {
+        // Forwarded by the bridge the caller called.
+        if !head_fits(fields, &wire) {
+            return Err(Plan::head_too_large());
+        }
+        return Ok(json::EncodedHeaders::new(&wire));
+    }
+    let xff = forwarded_for(&parts.headers, &ctx.caller.ip);
     // HTTP/2 carries the host in the URI (`:authority`), not in a header:
     // workers get it as `host`, as from an HTTP/1.1 caller.
     if !parts.headers.contains_key(header::HOST) {
@@ -359,6 +381,9 @@ async fn attempt(
         movable: retries_left && plan.replayable,
     };
     let service: &str = &plan.target.service;
+    if let Some(step) = elsewhere(ctx, plan, fields, body, n, trace).await {
+        return step;
+    }
     let dispatch = Dispatch::Local(&ctx.shared.registry);
     let mut at = match dispatch
         .start(service, queued_at, queue_deadline, http.queue_limit, how)
@@ -383,29 +408,60 @@ async fn attempt(
         else {
             // wire_headers() checked this before a worker was chosen; this
             // is the backstop.
-            return Step::Done(at, Ok(Err(Plan::head_too_large())));
+            return Step::Done(Placed::Local(at), Ok(Err(Plan::head_too_large())));
         };
         // The attempt stays here, lent: moved into the exchange, its room
         // would be kept twice in the call's future.
         return match exchange_whole(ctx, plan, &mut at, frame, n).await {
             Whole::Retry(why) => Step::Retry(why),
-            Whole::Done(outcome) => Step::Done(at, outcome),
+            Whole::Done(outcome) => Step::Done(Placed::Local(at), outcome),
         };
     }
     // A streamed body is sent once: a call that uploads is never retried.
     let Some(body) = body.take() else {
         let spent = Failure::Lost("the request body was already sent".into());
         let failed = plan.failure(at.worker(), spent);
-        return Step::Done(at, Ok(Err(failed)));
+        return Step::Done(Placed::Local(at), Ok(Err(failed)));
     };
     // The head carries the first chunk; the rest of what was read, and
     // everything after, follows as body chunks.
     let first = &plan.start[..protocol::CHUNK_SIZE.min(plan.start.len())];
     let Ok(head) = protocol::encode_request_encoded(fields, &plan.headers, first, codec) else {
-        return Step::Done(at, Ok(Err(Plan::head_too_large())));
+        return Step::Done(Placed::Local(at), Ok(Err(Plan::head_too_large())));
     };
     let outcome = upload_exchange(plan, &mut at, head, body, codec, trace).await;
-    Step::Done(at, outcome)
+    Step::Done(Placed::Local(at), outcome)
+}
+
+/// The attempt on another bridge of the cluster, when no worker here has
+/// room (local workers first) and a peer takes the call; boxed, as only
+/// clustered bridges come here. `None` leaves the call to this bridge's
+/// queue; a service with no worker here at all may queue at a peer
+/// instead, and with the cluster unreachable it fails at once.
+async fn elsewhere(
+    ctx: &Ctx<'_>,
+    plan: &Plan<'_>,
+    fields: &RequestFields<'_>,
+    body: &mut Option<Limited<RequestBody>>,
+    n: u32,
+    trace: &mut Trace,
+) -> Option<Step> {
+    let cluster = ctx.shared.cluster.get()?;
+    let registry = &ctx.shared.registry;
+    let service: &str = &plan.target.service;
+    // A call another bridge sent runs here or nowhere: no relaying on.
+    if ctx.from_node.is_some() || registry.has_room(service) {
+        return None;
+    }
+    let local = registry.accepting(service) > 0;
+    let step = Box::pin(remote::attempt(ctx, plan, fields, body, n, trace, !local)).await;
+    if step.is_some() || local || cluster.is_connected() {
+        return step;
+    }
+    let cause = CallError::ClusterUnavailable {
+        service: service.to_owned(),
+    };
+    Some(Step::Unplaced(cause))
 }
 
 /// The exchange of a call whose body streams after its head, boxed: only
@@ -549,7 +605,7 @@ enum Finished {
 fn finish(
     ctx: &Ctx<'_>,
     plan: &Plan<'_>,
-    mut at: Attempt,
+    mut at: Placed,
     outcome: Result<Result<Exchange, CallError>, Elapsed>,
 ) -> Finished {
     let http = &ctx.settings.config.http;
@@ -592,7 +648,7 @@ fn finish(
 /// connection, which looks the same whether it is complete or cut off. It
 /// is collected (the call stays alive meanwhile) so a cut-off becomes a 502.
 struct Collect {
-    at: Attempt,
+    at: Placed,
     resp: Response<Body>,
     upload: Option<AbortOnDropHandle<()>>,
 }
@@ -612,13 +668,13 @@ impl Collect {
             return Err(plan.timeout());
         };
         drop(upload);
-        collected.map_err(|e| plan.failure(at.worker(), Failure::Bad(e.to_string())))
+        collected.map_err(|e| plan.failure(&at.worker(), Failure::Bad(e.to_string())))
     }
 }
 
 /// What a streamed reply's body holds while the caller reads it.
 fn held(
-    at: Attempt,
+    at: Placed,
     upload: Option<AbortOnDropHandle<()>>,
     send_timeout: Duration,
     plan: &Plan<'_>,

@@ -19,6 +19,7 @@ use tokio::{sync::oneshot, time::Instant};
 pub(super) use super::registry::AcquireError;
 use super::{
     registry::{Lease, Registry},
+    remote::RemoteCall,
     session::{CallGuard, Failure, Reply, Session, Started},
     upload::Upload,
 };
@@ -203,5 +204,40 @@ impl Aborter {
     /// Fails the call for its caller and tells the worker why.
     pub(super) fn abort(&self, reason: &str) {
         self.session.abort_call(self.id, reason);
+    }
+}
+
+/// The attempt that ended a call, wherever it ran: held while a streamed
+/// reply is read, and ended (cancelled if unfinished) when dropped.
+pub(super) enum Placed {
+    /// On a worker of this bridge.
+    Local(Attempt),
+    /// On another bridge of the cluster.
+    Remote(RemoteCall),
+}
+
+impl Placed {
+    /// The call's id at its place.
+    pub(super) fn id(&self) -> u64 {
+        match self {
+            Placed::Local(at) => at.id(),
+            Placed::Remote(call) => call.id,
+        }
+    }
+
+    /// Who ran it, for errors.
+    pub(super) fn worker(&self) -> String {
+        match self {
+            Placed::Local(at) => at.worker().to_owned(),
+            Placed::Remote(call) => call.worker(),
+        }
+    }
+
+    /// See [`Attempt::set_reason`].
+    pub(super) fn set_reason(&mut self, reason: &'static str) {
+        match self {
+            Placed::Local(at) => at.set_reason(reason),
+            Placed::Remote(call) => call.set_reason(reason),
+        }
     }
 }

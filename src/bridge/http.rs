@@ -19,7 +19,7 @@ use super::{
     conformance,
     idempotency::IDEMPOTENCY_KEY,
     keyed::keyed,
-    reply::{lock, AccessLog, CallBody, Trace},
+    reply::{lock, AccessLog, CallBody},
     request_body::RequestBody,
     session::EmptyReplyLength,
     Shared,
@@ -49,19 +49,14 @@ pub(super) async fn handle(
     let settings = shared.settings.load_full();
     // Made first, so that a call hyper drops before answering (the caller
     // hung up) is still logged and counted: as 499, like nginx.
-    let mut log = Box::new(AccessLog {
-        shared: shared.clone(),
-        request_id: request_id(&head.headers),
-        method: head.method.clone(),
-        path: head.uri.path().to_owned(),
-        trace: Trace::default(),
-        status: 499,
-        error: Some("client_gone"),
-        bytes_out: 0,
+    let mut log = AccessLog::begin(
+        shared.clone(),
+        request_id(&head.headers),
+        head.method.clone(),
+        head.uri.path().to_owned(),
         started,
-        complete: false,
-        _open: OpenCall::begin(&caller),
-    });
+        OpenCall::begin(&caller),
+    );
     let AccessLog {
         request_id,
         method,
@@ -82,6 +77,7 @@ pub(super) async fn handle(
         caller: &caller,
         request_id,
         started,
+        from_node: None,
     };
     // Refusals come before anything else, stored responses included.
     let refused = match allowed {

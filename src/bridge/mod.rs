@@ -28,7 +28,9 @@ mod keyed;
 mod listener;
 mod pending;
 mod registry;
+mod relayed;
 mod reload;
+mod remote;
 mod reply;
 mod request_body;
 mod resume;
@@ -297,8 +299,15 @@ impl Bridge {
         let cluster_stop = CancellationToken::new();
         if let Some(config) = &settings.config.cluster {
             let announce = announce(&self.shared.registry);
-            let joined =
-                Cluster::join(config, announce, &cluster_tasks, cluster_stop.clone()).await;
+            let serve = relayed::serve(Arc::downgrade(&self.shared));
+            let joined = Cluster::join(
+                config,
+                announce,
+                serve,
+                &cluster_tasks,
+                cluster_stop.clone(),
+            )
+            .await;
             let cluster = joined.map_err(|e| io::Error::other(e.to_string()))?;
             let _ = self.shared.cluster.set(cluster);
         }

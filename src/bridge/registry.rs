@@ -248,6 +248,18 @@ impl Registry {
         })
     }
 
+    /// Whether a worker of `service` has room for a call now.
+    pub(crate) fn has_room(&self, service: &str) -> bool {
+        let state = self.lock();
+        state.services.get(service).is_some_and(|s| {
+            s.workers.iter().any(|k| {
+                state.workers.get(k).is_some_and(|w| {
+                    !w.draining && w.inflight < w.max_inflight && !w.session.is_closed()
+                })
+            })
+        })
+    }
+
     /// Every connected worker's session.
     pub(crate) fn sessions(&self) -> Vec<Arc<Session>> {
         self.lock()

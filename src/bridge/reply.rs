@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::info;
 
-use super::{caller::OpenCall, dispatch::Attempt, session::Session, stall::StallWatch, Shared};
+use super::{caller::OpenCall, dispatch::Placed, session::Session, stall::StallWatch, Shared};
 use crate::{
     body::{Body, BodyError},
     metrics::Active,
@@ -51,6 +51,10 @@ pub(crate) struct Trace {
     pub(super) bytes_in: Option<u64>,
     /// Body bytes a streamed upload has sent so far.
     pub(super) uploaded: Arc<AtomicU64>,
+    /// The other bridge of the cluster the call ran on.
+    pub(super) node: Option<Arc<str>>,
+    /// The other bridge of the cluster the call came from.
+    pub(super) from: Option<Arc<str>>,
 }
 
 impl Trace {
@@ -79,6 +83,33 @@ pub(super) struct AccessLog {
     pub(super) complete: bool,
     /// Keeps an HTTP/2 connection from being idle until the response ends.
     pub(super) _open: Option<OpenCall>,
+}
+
+impl AccessLog {
+    /// The access line of a call that starts now; as it stands it logs a
+    /// caller that hung up (499), until the call's outcome is filled in.
+    pub(super) fn begin(
+        shared: Arc<Shared>,
+        request_id: String,
+        method: http::Method,
+        path: String,
+        started: Instant,
+        open: Option<OpenCall>,
+    ) -> Box<AccessLog> {
+        Box::new(AccessLog {
+            shared,
+            request_id,
+            method,
+            path,
+            trace: Trace::default(),
+            status: 499,
+            error: Some("client_gone"),
+            bytes_out: 0,
+            started,
+            complete: false,
+            _open: open,
+        })
+    }
 }
 
 impl Drop for CallBody {
@@ -131,6 +162,8 @@ impl Drop for AccessLog {
             path = log.path.as_str(),
             service = log.trace.service.as_deref().unwrap_or("-"),
             worker = log.trace.session.as_ref().map_or("-", |s| s.worker_id.as_str()),
+            node = log.trace.node.as_deref().unwrap_or("-"),
+            from = log.trace.from.as_deref().unwrap_or("-"),
             status = log.status,
             error = log.error.unwrap_or("-"),
             attempts = log.trace.attempts,
@@ -164,7 +197,7 @@ pub(super) struct HeldCall {
     pub(super) _upload: Option<AbortOnDropHandle<()>>,
     /// The call at its worker: cancelled (if unfinished) and its slot
     /// freed when dropped.
-    pub(super) attempt: Attempt,
+    pub(super) attempt: Placed,
     /// HTTP/2: counts the call as open on its connection (moved here from
     /// the access log once the reply is streamed).
     pub(super) _open: Option<OpenCall>,

@@ -14,7 +14,7 @@ use http_body_util::LengthLimitError;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 
 use super::idempotency::{BodyHasher, BodySeal};
-use crate::error::CallError;
+use crate::{body::Body, error::CallError};
 
 /// What reading a caller's body failed with, as the caller is told.
 pub(super) fn read_error(e: Box<dyn std::error::Error + Send + Sync>, limit: usize) -> CallError {
@@ -31,22 +31,38 @@ pub(super) fn read_error(e: Box<dyn std::error::Error + Send + Sync>, limit: usi
 /// it is read (whether whole, before dispatch, or streamed by the upload),
 /// so that the key can be bound to it without the body being kept.
 pub(super) struct RequestBody {
-    inner: Incoming,
+    inner: Inner,
     /// Set for a keyed call until the body has ended.
     hasher: Option<Box<BodyHasher>>,
+}
+
+/// Where the bytes come from.
+enum Inner {
+    /// A caller of this bridge.
+    Caller(Incoming),
+    /// Another bridge, for its caller (`relayed.rs`).
+    Relayed(Body),
 }
 
 impl RequestBody {
     pub(super) fn plain(inner: Incoming) -> Self {
         RequestBody {
-            inner,
+            inner: Inner::Caller(inner),
+            hasher: None,
+        }
+    }
+
+    /// A body another bridge sends for its caller.
+    pub(super) fn relayed(inner: Body) -> Self {
+        RequestBody {
+            inner: Inner::Relayed(inner),
             hasher: None,
         }
     }
 
     pub(super) fn hashed(inner: Incoming, seal: &BodySeal) -> Self {
         let mut body = RequestBody {
-            inner,
+            inner: Inner::Caller(inner),
             hasher: Some(Box::new(seal.hasher())),
         };
         // An empty body may never be polled.
@@ -56,7 +72,7 @@ impl RequestBody {
 
     /// Publishes the digest once the body is at its end.
     fn ended(&mut self) {
-        if self.inner.is_end_stream() {
+        if HttpBody::is_end_stream(self) {
             if let Some(hasher) = self.hasher.take() {
                 hasher.finish();
             }
@@ -64,16 +80,22 @@ impl RequestBody {
     }
 }
 
+/// What reading a body fails with.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 impl HttpBody for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let polled = match &mut this.inner {
+            Inner::Caller(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            Inner::Relayed(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+        };
         if let Some(hasher) = this.hasher.as_mut() {
             match &polled {
                 Poll::Ready(Some(Ok(frame))) => {
@@ -94,10 +116,16 @@ impl HttpBody for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Inner::Caller(b) => b.is_end_stream(),
+            Inner::Relayed(b) => b.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Inner::Caller(b) => b.size_hint(),
+            Inner::Relayed(b) => b.size_hint(),
+        }
     }
 }

@@ -8,6 +8,7 @@
 //! subjects and the failure bounds.
 
 pub(crate) mod presence;
+pub(crate) mod relay;
 
 use std::{
     sync::{
@@ -19,12 +20,16 @@ use std::{
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::{sync::Notify, time::Instant};
+use tokio::{
+    sync::{mpsc, Notify},
+    time::Instant,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn, Instrument};
 
-use crate::config::ClusterConfig;
+use crate::{config::ClusterConfig, flow::Window};
 use presence::{Applied, Beat, Peers, ServiceBeat, MAX_BEAT};
+use relay::{Ack, CallHead, Delivered, Frame, Routed};
 
 /// Least time between two announcements made for changes: a burst of
 /// workers connecting is announced a few times, not once per worker.
@@ -37,6 +42,44 @@ pub(crate) struct Announce {
     pub(crate) services: Box<dyn Fn() -> Vec<ServiceBeat> + Send + Sync>,
     /// Notified (one permit) when workers come, go or change state.
     pub(crate) changed: Arc<Notify>,
+}
+
+/// Serves a call another bridge sends this one; it must answer the call's
+/// [`Incoming::reply`] with an [`Ack`] at once.
+pub(crate) type Serve = Box<dyn Fn(Arc<Cluster>, Incoming) + Send + Sync>;
+
+/// A call another bridge sent this one, registered to receive its frames.
+pub(crate) struct Incoming {
+    pub(crate) head: CallHead,
+    /// The start of the body (all of it when `head.end`).
+    pub(crate) body: Bytes,
+    /// Where the [`Ack`] goes.
+    pub(crate) reply: async_nats::Subject,
+    /// The call's later frames: body chunks and a cancel.
+    pub(crate) frames: mpsc::Receiver<Routed>,
+    /// Spent by the reply body; refilled by the caller's credit.
+    pub(crate) window: Arc<Window>,
+}
+
+/// A peer that can take a call for a service.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Candidate {
+    pub(crate) node: String,
+    /// Calls its workers of the service can take now, as last announced.
+    pub(crate) free: u64,
+}
+
+/// What became of a call offered to a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Offered {
+    /// The peer answered.
+    Ack(Ack),
+    /// Nobody listens on its subject (gone, or NATS lost it): not started.
+    NoResponders,
+    /// No answer within the bound: it may have started.
+    TimedOut,
+    /// The request could not be sent (no NATS connection): not started.
+    NotSent,
 }
 
 /// Why the cluster could not be joined at all. (A NATS server that is
@@ -80,6 +123,15 @@ pub(crate) struct Cluster {
     /// Notified when the NATS connection is (re)established: ask the peers
     /// for their presence, and announce ours, at once.
     reconnected: Arc<Notify>,
+    /// Calls in progress between this bridge and others.
+    pub(crate) calls: relay::Table,
+    /// Calls this bridge sent to others that were taken there.
+    pub(crate) calls_out: AtomicU64,
+    /// Calls other bridges sent this one that it took.
+    pub(crate) calls_in: AtomicU64,
+    /// The next id of a call this bridge sends elsewhere; random at boot,
+    /// so that a restarted bridge's ids do not meet its last boot's.
+    next_call: AtomicU64,
 }
 
 /// The state of the NATS connection, kept by the client's event callback.
@@ -109,10 +161,12 @@ pub(crate) struct ClusterView {
 impl Cluster {
     /// Connects to NATS (in the background if no server answers yet),
     /// subscribes, asks the peers for their presence, and starts announcing
-    /// `workers` until `shutdown`, when it says it is leaving.
+    /// `workers` until `shutdown`, when it says it is leaving. Calls other
+    /// bridges send this one go to `serve`.
     pub(crate) async fn join(
         config: &ClusterConfig,
         workers: Announce,
+        serve: Serve,
         tasks: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<Arc<Cluster>, ClusterError> {
@@ -137,6 +191,10 @@ impl Cluster {
             peers: Mutex::new(Peers::new(&config.node)),
             announce: Notify::new(),
             reconnected,
+            calls: relay::Table::default(),
+            calls_out: AtomicU64::new(0),
+            calls_in: AtomicU64::new(0),
+            next_call: AtomicU64::new(uuid::Uuid::now_v7().as_u64_pair().1 >> 2),
         });
         let beats = cluster
             .client
@@ -148,7 +206,18 @@ impl Cluster {
             .subscribe(cluster.subject("presence.sync"))
             .await
             .map_err(|e| ClusterError::Nats(e.to_string()))?;
+        let inbox = cluster
+            .client
+            .subscribe(cluster.node_subject(&cluster.node))
+            .await
+            .map_err(|e| ClusterError::Nats(e.to_string()))?;
         let span = tracing::info_span!("cluster", node = %cluster.node);
+        tasks.spawn(
+            cluster
+                .clone()
+                .route(inbox, serve, shutdown.clone())
+                .instrument(span.clone()),
+        );
         tasks.spawn(
             cluster
                 .clone()
@@ -177,6 +246,144 @@ impl Cluster {
 
     fn subject(&self, rest: &str) -> String {
         format!("{}.{rest}", self.name)
+    }
+
+    /// The subject a node gets its calls and replies on.
+    fn node_subject(&self, node: &str) -> String {
+        format!("{}.node.{node}", self.name)
+    }
+
+    /// Counts a call another bridge took from this one.
+    pub(crate) fn counted_out(&self) {
+        self.calls_out.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a call this bridge took from another.
+    pub(crate) fn counted_in(&self) {
+        self.calls_in.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A new id for a call this bridge sends to another.
+    pub(crate) fn call_id(&self) -> u64 {
+        self.next_call.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The largest message the NATS server takes.
+    pub(crate) fn max_payload(&self) -> usize {
+        self.client.max_payload()
+    }
+
+    /// Peers whose workers of `service` take calls, the most free capacity
+    /// first (as last announced); peers at capacity come last.
+    pub(crate) fn candidates(&self, service: &str) -> Vec<Candidate> {
+        if !self.is_connected() {
+            return Vec::new();
+        }
+        let mut list = self.peers().serving(service);
+        list.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        list.into_iter()
+            .map(|(node, free)| Candidate { node, free })
+            .collect()
+    }
+
+    /// Whether `node` is a live peer.
+    pub(crate) fn knows(&self, node: &str) -> bool {
+        self.peers().contains(node)
+    }
+
+    /// Offers a call (an encoded [`Frame::Call`]) to `node`, waiting up to
+    /// `within` for its [`Ack`].
+    pub(crate) async fn offer(&self, node: &str, message: Bytes, within: Duration) -> Offered {
+        use async_nats::RequestErrorKind as Kind;
+        let request = async_nats::Request::new()
+            .payload(message)
+            .timeout(Some(within));
+        match self
+            .client
+            .send_request(self.node_subject(node), request)
+            .await
+        {
+            Ok(reply) => Offered::Ack(Ack::parse(&reply.payload)),
+            Err(e) => match e.kind() {
+                Kind::NoResponders => Offered::NoResponders,
+                Kind::TimedOut => Offered::TimedOut,
+                _ => Offered::NotSent,
+            },
+        }
+    }
+
+    /// Answers a call offered to this bridge.
+    pub(crate) async fn ack(&self, reply: async_nats::Subject, ack: Ack) {
+        let payload = Bytes::from_static(ack.as_bytes());
+        if let Err(e) = self.client.publish(reply, payload).await {
+            debug!(error = %e, "cluster ack not sent");
+        }
+    }
+
+    /// Sends a frame of a call in progress to `node`.
+    pub(crate) async fn send(&self, node: &str, message: Bytes) -> bool {
+        self.client
+            .publish(self.node_subject(node), message)
+            .await
+            .is_ok()
+    }
+
+    /// [`Cluster::send`] from code that cannot wait (a drop, a body's read
+    /// hook): the message goes out from a task of its own.
+    pub(crate) fn send_soon(&self, node: &str, message: Bytes) {
+        let client = self.client.clone();
+        let subject = self.node_subject(node);
+        tokio::spawn(async move {
+            let _ = client.publish(subject, message).await;
+        });
+    }
+
+    /// Takes in this bridge's messages: new calls go to `serve`, frames of
+    /// calls in progress to their call.
+    async fn route(
+        self: Arc<Self>,
+        mut inbox: async_nats::Subscriber,
+        serve: Serve,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let message = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                message = inbox.next() => match message {
+                    Some(message) => message,
+                    None => return,
+                },
+            };
+            let (frame, body) = match relay::decode(&message.payload) {
+                Ok(decoded) => decoded,
+                Err(e) => {
+                    warn!(error = %e, "cluster message unreadable; dropped");
+                    continue;
+                }
+            };
+            match frame {
+                Frame::Call(head) => {
+                    let Some(reply) = message.reply else {
+                        warn!(peer = %head.from, "cluster call without a reply subject; dropped");
+                        continue;
+                    };
+                    let (frames, window) = self.calls.add_incoming(&head.from, head.call);
+                    let incoming = Incoming {
+                        head,
+                        body,
+                        reply,
+                        frames,
+                        window,
+                    };
+                    serve(self.clone(), incoming);
+                }
+                frame => {
+                    if self.calls.deliver(frame, body) == Delivered::Overflow {
+                        warn!("a peer sent a call more than its window; the call is ended");
+                    }
+                }
+            }
+        }
     }
 
     fn peers(&self) -> MutexGuard<'_, Peers> {

@@ -164,6 +164,29 @@ impl Peers {
         gone
     }
 
+    /// Whether `node` is a peer now.
+    pub(crate) fn contains(&self, node: &str) -> bool {
+        self.nodes.contains_key(node)
+    }
+
+    /// The peers with workers of `service` that take calls, each with the
+    /// calls those can take now (as last announced).
+    pub(crate) fn serving(&self, service: &str) -> Vec<(String, u64)> {
+        self.nodes
+            .iter()
+            .filter_map(|(name, peer)| {
+                let svc = peer.beat.services.iter().find(|s| s.name == service)?;
+                let open = svc.workers.iter().filter(|w| !w.closed);
+                let (mut any, mut free) = (false, 0u64);
+                for w in open {
+                    any = true;
+                    free += u64::from(w.capacity.saturating_sub(w.in_flight));
+                }
+                any.then(|| (name.clone(), free))
+            })
+            .collect()
+    }
+
     /// Drops every peer (the NATS connection is gone: none can be reached).
     pub(crate) fn clear(&mut self) {
         self.nodes.clear();

@@ -118,6 +118,11 @@ impl EncodedHeaders {
         write_headers(headers, &mut out);
         EncodedHeaders(out.into_boxed_slice())
     }
+
+    /// The JSON as written: `,"headers":[...]` and any `,"latin1":[...]`.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 /// Appends the JSON of a request head; the same bytes as [`write_head`]

@@ -1,0 +1,448 @@
+//! Calls other bridges of the cluster send this one, the serving side:
+//! each is answered at once (taken, busy, or no worker here), then runs as
+//! a caller's call would, on this bridge's workers, with its retries, flow
+//! control and streaming. Its reply goes back head first, the body in
+//! chunks within the calling bridge's credit, and a keepalive every
+//! [`ALIVE_EVERY`] while the call runs. A cancel from the calling bridge,
+//! or that bridge leaving the cluster, ends it here and at the worker. The
+//! calling side is `remote.rs`.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    sync::{Arc, Weak},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use tokio::{sync::mpsc, time::Instant};
+use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
+use tracing::debug;
+
+use super::{
+    call::{call_target, Ctx},
+    caller::Caller,
+    reply::{AccessLog, CallBody},
+    request_body::RequestBody,
+    routes::Target,
+    Shared,
+};
+use crate::{
+    body::{Body, BodyError, BodySender},
+    cluster::{
+        relay::{self, Ack, CallHead, Frame, ResHead, Routed},
+        Cluster, Incoming, Serve,
+    },
+    error::CallError,
+    flow::Window,
+    headers,
+    protocol::json::EncodedHeaders,
+};
+
+/// How often a running call tells its calling bridge it is alive.
+pub(super) const ALIVE_EVERY: Duration = Duration::from_secs(1);
+
+/// The longest deadline a calling bridge may ask for.
+const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
+
+/// What the cluster calls with each call another bridge sends this one.
+pub(super) fn serve(shared: Weak<Shared>) -> Serve {
+    Box::new(move |cluster, incoming| {
+        if let Some(shared) = shared.upgrade() {
+            tokio::spawn(run(shared, cluster, incoming));
+        }
+    })
+}
+
+/// Removes a peer's call from the routing table when it ends.
+struct Route<'a> {
+    cluster: &'a Cluster,
+    from: String,
+    call: u64,
+}
+
+impl Drop for Route<'_> {
+    fn drop(&mut self) {
+        self.cluster.calls.remove_incoming(&self.from, self.call);
+    }
+}
+
+/// Answers one call from another bridge and, if taken, runs it.
+async fn run(shared: Arc<Shared>, cluster: Arc<Cluster>, incoming: Incoming) {
+    let Incoming {
+        head,
+        body,
+        reply,
+        frames,
+        window,
+    } = incoming;
+    let _route = Route {
+        cluster: &cluster,
+        from: head.from.clone(),
+        call: head.call,
+    };
+    let ack = admit(&shared, &head.service);
+    cluster.ack(reply, ack).await;
+    if ack != Ack::Accepted {
+        debug!(peer = %head.from, service = %head.service, ?ack, "a call from another bridge not taken");
+        return;
+    }
+    cluster.counted_in();
+    let from = head.from.clone();
+    let call = head.call;
+
+    let sender = Sender {
+        cluster: cluster.clone(),
+        to: from,
+        call,
+        window,
+        off: 0,
+        seen: false,
+    };
+    relay(&shared, sender, head, body, frames).await;
+}
+
+/// Whether this bridge takes a call for `service` now.
+fn admit(shared: &Shared, service: &str) -> Ack {
+    let registry = &shared.registry;
+    if registry.has_room(service) {
+        return Ack::Accepted;
+    }
+    if registry.accepting(service) == 0 {
+        return Ack::NoWorker;
+    }
+    let limit = shared.settings.load().config.http.queue_limit;
+    match registry.queued(service) < limit {
+        true => Ack::Accepted,
+        false => Ack::Busy,
+    }
+}
+
+/// Runs the call here and sends its reply back, keeping the calling bridge
+/// told it is alive; ends on a cancel or when the calling bridge leaves.
+async fn relay(
+    shared: &Arc<Shared>,
+    mut out: Sender,
+    head: CallHead,
+    start: Bytes,
+    frames: mpsc::Receiver<Routed>,
+) {
+    let started = Instant::now();
+    let settings = shared.settings.load_full();
+    let mut log = AccessLog::begin(
+        shared.clone(),
+        head.request_id.clone(),
+        http::Method::from_bytes(head.method.as_bytes()).unwrap_or_default(),
+        head.path.clone(),
+        started,
+        None,
+    );
+    log.trace.from = Some(head.from.as_str().into());
+    let cancelled = CancellationToken::new();
+    let (body, tx) = match head.end {
+        true => (Body::full(start.clone()), None),
+        false => {
+            let (tx, body) = Body::channel();
+            tx.send(start.clone());
+            (body.on_read(out.credit_hook()), Some(tx))
+        }
+    };
+    let feed = Feed {
+        frames,
+        tx,
+        off: start.len() as u64,
+        cancelled: cancelled.clone(),
+    };
+    let _feed = AbortOnDropHandle::new(tokio::spawn(feed.run()));
+    let caller = Caller {
+        addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        ip: "".into(),
+        calls: None,
+    };
+    let ctx = Ctx {
+        shared,
+        settings: &settings,
+        caller: &caller,
+        request_id: &head.request_id,
+        started,
+        from_node: Some(&head.from),
+    };
+    let timeout = Duration::from_millis(head.timeout_ms).min(MAX_TIMEOUT);
+    let target = Target {
+        service: head.service.as_str().into(),
+        request_timeout: timeout,
+        max_body: settings.config.http.max_body.bytes(),
+    };
+    let mut tick = tokio::time::interval(ALIVE_EVERY);
+    tick.reset();
+    let outcome = {
+        let trace = &mut log.trace;
+        let run = async {
+            let parts = parts(&head)?;
+            call_target(&ctx, target, parts, RequestBody::relayed(body), trace).await
+        };
+        tokio::pin!(run);
+        loop {
+            tokio::select! {
+                outcome = &mut run => break outcome,
+                _ = tick.tick() => if !out.alive().await { return },
+                _ = cancelled.cancelled() => return,
+            }
+        }
+    };
+    let resp = match outcome {
+        Ok(resp) => resp,
+        Err(e) => {
+            log.error = Some(e.code());
+            e.into_response(&head.request_id).map(|full| CallBody {
+                body: Body::full(full),
+                _call: None,
+                log: None,
+            })
+        }
+    };
+    log.status = resp.status().as_u16();
+    let worker = log.trace.session.as_ref().map(|s| s.worker_id.clone());
+    let sent = out
+        .reply(resp, log.error, worker, &mut tick, &cancelled)
+        .await;
+    log.bytes_out = sent.bytes;
+    log.complete = sent.complete;
+}
+
+/// The request head as a call here reads it.
+fn parts(head: &CallHead) -> Result<Box<http::request::Parts>, CallError> {
+    let bad = |reason: String| CallError::BadRequest { reason };
+    let method = http::Method::from_bytes(head.method.as_bytes())
+        .map_err(|e| bad(format!("bad method from the calling bridge: {e}")))?;
+    let mut req = Request::builder()
+        .method(method)
+        .uri(head.path.as_str())
+        .body(())
+        .map_err(|e| bad(format!("bad path from the calling bridge: {e}")))?;
+    *req.headers_mut() = headers::from_wire(&head.headers, &head.latin1, !head.end)
+        .map_err(|e| bad(format!("bad headers from the calling bridge: {e}")))?;
+    Ok(Box::new(req.into_parts().0))
+}
+
+/// Feeds the request body's chunks, in order, to the call (when it has a
+/// body to come); a cancel from the calling bridge ends the call.
+struct Feed {
+    frames: mpsc::Receiver<Routed>,
+    tx: Option<BodySender>,
+    off: u64,
+    cancelled: CancellationToken,
+}
+
+impl Feed {
+    async fn run(mut self) {
+        while let Some((frame, data)) = self.frames.recv().await {
+            match frame {
+                Frame::ReqData { off, end, .. } if off == self.off => {
+                    self.off += data.len() as u64;
+                    if let Some(tx) = &self.tx {
+                        tx.send(data);
+                    }
+                    if end {
+                        if let Some(tx) = self.tx.take() {
+                            tx.finish();
+                        }
+                    }
+                }
+                Frame::ReqData { off, .. } => {
+                    if let Some(tx) = self.tx.take() {
+                        let error = format!(
+                            "request bytes at {off}, expected {}: a message was lost",
+                            self.off
+                        );
+                        tx.abort(BodyError::new(error));
+                    }
+                }
+                Frame::Cancel { .. } => break,
+                _ => {}
+            }
+        }
+        // Cancelled, or the call's route is gone (flow control broken).
+        self.cancelled.cancel();
+    }
+}
+
+/// What of a reply reached the calling bridge.
+struct Sent {
+    bytes: u64,
+    complete: bool,
+}
+
+/// Sends one call's frames back to its calling bridge.
+struct Sender {
+    cluster: Arc<Cluster>,
+    to: String,
+    call: u64,
+    /// Refilled by the calling bridge's credit as its caller reads.
+    window: Arc<Window>,
+    /// Reply body bytes sent.
+    off: u64,
+    /// The calling bridge was seen among the peers.
+    seen: bool,
+}
+
+impl Sender {
+    async fn send(&self, frame: &Frame, body: &[u8]) -> bool {
+        self.cluster
+            .send(&self.to, relay::encode(frame, body))
+            .await
+    }
+
+    /// Sends a keepalive. False once the calling bridge has left the
+    /// cluster (dropped from presence): nobody waits for the call then.
+    async fn alive(&mut self) -> bool {
+        self.send(&Frame::Alive { call: self.call }, &[]).await;
+        let known = self.cluster.knows(&self.to);
+        self.seen |= known;
+        known || !self.seen
+    }
+
+    /// Credits the calling bridge as the call reads the request body.
+    fn credit_hook(&self) -> impl FnMut(usize) + Send + 'static {
+        let (cluster, to, call) = (self.cluster.clone(), self.to.clone(), self.call);
+        let mut owed = 0usize;
+        move |n| {
+            owed += n;
+            if owed >= relay::WINDOW / 4 {
+                let frame = Frame::ReqCredit {
+                    call,
+                    bytes: owed as u64,
+                };
+                owed = 0;
+                cluster.send_soon(&to, relay::encode(&frame, &[]));
+            }
+        }
+    }
+
+    /// Sends the reply: its head (with the whole body, if it is complete
+    /// and fits), then its body within the window, keepalives meanwhile.
+    async fn reply(
+        &mut self,
+        resp: Response<CallBody>,
+        error: Option<&'static str>,
+        worker: Option<String>,
+        tick: &mut tokio::time::Interval,
+        cancelled: &CancellationToken,
+    ) -> Sent {
+        let (parts, mut body) = resp.into_parts();
+        let wire = headers::to_wire_ref(&parts.headers);
+        let encoded = EncodedHeaders::new(&wire);
+        let room = relay::CHUNK
+            .min(
+                self.cluster
+                    .max_payload()
+                    .saturating_sub(encoded.as_bytes().len() + 512),
+            )
+            .max(1);
+        let full = body.body.as_full();
+        let end = full.as_ref().is_some_and(|b| b.len() <= room);
+        let head = Frame::ResHead(ResHead {
+            call: self.call,
+            status: parts.status.as_u16(),
+            end,
+            error: error.map(str::to_owned),
+            worker,
+            headers: Vec::new(),
+            latin1: Vec::new(),
+        });
+        let first = match (&full, end) {
+            (Some(full), true) => full.clone(),
+            _ => Bytes::new(),
+        };
+        let message = relay::encode_with_headers(&head, encoded.as_bytes(), &first);
+        if !self.cluster.send(&self.to, message).await {
+            return Sent {
+                bytes: 0,
+                complete: false,
+            };
+        }
+        if end {
+            return Sent {
+                bytes: first.len() as u64,
+                complete: true,
+            };
+        }
+        loop {
+            let frame = tokio::select! {
+                frame = body.frame() => frame,
+                _ = tick.tick() => match self.alive().await {
+                    true => continue,
+                    false => return self.sent(false),
+                },
+                _ = cancelled.cancelled() => return self.sent(false),
+            };
+            match frame {
+                None => {
+                    let end = Frame::ResData {
+                        call: self.call,
+                        off: self.off,
+                        end: true,
+                    };
+                    let ok = self.send(&end, &[]).await;
+                    return self.sent(ok);
+                }
+                Some(Err(e)) => {
+                    let fail = Frame::Fail {
+                        call: self.call,
+                        reason: format!("the reply body failed: {e}"),
+                    };
+                    self.send(&fail, &[]).await;
+                    return self.sent(false);
+                }
+                Some(Ok(frame)) => {
+                    let Ok(mut data) = frame.into_data() else {
+                        continue;
+                    };
+                    while !data.is_empty() {
+                        let piece = data.split_to(data.len().min(room));
+                        if !self.room_for(piece.len(), tick, cancelled).await {
+                            return self.sent(false);
+                        }
+                        let chunk = Frame::ResData {
+                            call: self.call,
+                            off: self.off,
+                            end: false,
+                        };
+                        if !self.send(&chunk, &piece).await {
+                            return self.sent(false);
+                        }
+                        self.off += piece.len() as u64;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for the window to hold `n` bytes, keeping the calling bridge
+    /// told the call is alive meanwhile (its caller may read slowly).
+    async fn room_for(
+        &mut self,
+        n: usize,
+        tick: &mut tokio::time::Interval,
+        cancelled: &CancellationToken,
+    ) -> bool {
+        let window = self.window.clone();
+        let take = window.take(n);
+        tokio::pin!(take);
+        loop {
+            tokio::select! {
+                took = &mut take => return took.is_ok(),
+                _ = tick.tick() => if !self.alive().await { return false },
+                _ = cancelled.cancelled() => return false,
+            }
+        }
+    }
+
+    fn sent(&self, complete: bool) -> Sent {
+        Sent {
+            bytes: self.off,
+            complete,
+        }
+    }
+}
