@@ -1,0 +1,172 @@
+//! 100 MiB up and 100 MiB down through another bridge: a caller at bridge
+//! A, a worker at bridge B, NATS between them. The bytes arrive intact
+//! (SHA-256 at both ends) and both bridges' memory stays bounded: the body
+//! moves in chunks under a per-call credit window, never whole.
+//! `WSBRIDGE_TRANSFER_MIB` changes the size (the 1 GiB figures in
+//! docs/CLUSTER.md come from `WSBRIDGE_TRANSFER_MIB=1024`).
+
+mod common;
+
+use std::{
+    convert::Infallible,
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use sha2::{Digest, Sha256};
+use wsbridge::body::Body;
+
+const MIB: usize = 1 << 20;
+const BLOCK: usize = 256 * 1024;
+
+fn total() -> usize {
+    std::env::var("WSBRIDGE_TRANSFER_MIB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(100)
+        * MIB
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A body of `total` bytes, generated as it is read, each block stamped
+/// with its number (so a reordered or repeated block changes the hash);
+/// `hash` gets its SHA-256 at the end.
+fn generated(total: usize, hash: Arc<Mutex<Option<String>>>) -> Body {
+    let base = noise(BLOCK);
+    let mut sha = Some(Sha256::new());
+    let mut i = 0;
+    let stream = futures_util::stream::poll_fn(move |_| {
+        if i * BLOCK >= total {
+            if let Some(sha) = sha.take() {
+                *hash.lock().expect("lock") = Some(hex(&sha.finalize()));
+            }
+            return std::task::Poll::Ready(None);
+        }
+        let mut b = base.to_vec();
+        b[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        let b = Bytes::from(b);
+        if let Some(sha) = sha.as_mut() {
+            sha.update(&b);
+        }
+        i += 1;
+        std::task::Poll::Ready(Some(Ok::<_, Infallible>(Frame::data(b))))
+    });
+    Body::wrap(StreamBody::new(stream))
+}
+
+/// `POST /upload` answers the SHA-256 and length of what it read; `GET
+/// /download` streams a generated body, its hash kept in `sent`.
+fn worker(sent: Arc<Mutex<Option<String>>>) -> impl wsbridge::worker::Handler {
+    move |req: Request<Body>| {
+        let sent = sent.clone();
+        async move {
+            if req.uri().path() == "/download" {
+                return Response::new(generated(total(), sent));
+            }
+            let mut body = req.into_body();
+            let mut sha = Sha256::new();
+            let mut len = 0usize;
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(frame) => {
+                        if let Ok(data) = frame.into_data() {
+                            len += data.len();
+                            sha.update(&data);
+                        }
+                    }
+                    Err(e) => {
+                        let mut resp = Response::new(Body::full(e.to_string()));
+                        *resp.status_mut() = StatusCode::BAD_REQUEST;
+                        return resp;
+                    }
+                }
+            }
+            Response::new(Body::full(format!("{} {len}", hex(&sha.finalize()))))
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_mib_each_way_through_another_bridge_arrives_intact_in_bounded_memory() {
+    let nats = NatsCluster::start(3).await;
+    let http = "request_timeout = \"600s\"\nmax_body = \"2GiB\"";
+    let cluster = |url: String, node: &str| {
+        format!("[cluster]\nnats = [\"{url}\"]\nnode = \"{node}\"\nname = \"test\"\n")
+    };
+    let a = BridgeProcess::start_with(http, &cluster(nats.url(0), "node-a")).await;
+    let b = BridgeProcess::start_with(http, &cluster(nats.url(2), "node-b")).await;
+    let sent = Arc::new(Mutex::new(None));
+    let _worker = TestWorker::start(b.worker_config(&["default"], 8), worker(sent.clone())).await;
+    until_status(a.admin, "B's worker listed at A", |s| {
+        s.cluster
+            .as_ref()
+            .is_some_and(|c| c.peers.iter().any(|p| p.node == "node-b" && !p.services.is_empty()))
+    })
+    .await;
+    let (rss_a, rss_b) = (a.peak_rss(), b.peak_rss());
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let total = total();
+
+    let uploaded = Arc::new(Mutex::new(None));
+    let req = Request::post(format!("http://{}/upload", a.http))
+        .body(generated(total, uploaded.clone()))
+        .expect("request");
+    let resp = with_timeout(client.request(req))
+        .await
+        .expect("upload response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-bridge-attempts"], "1");
+    let answer = with_timeout(resp.into_body().collect())
+        .await
+        .expect("answer")
+        .to_bytes();
+    let expected = uploaded.lock().expect("lock").clone().expect("hashed");
+    assert_eq!(
+        String::from_utf8_lossy(&answer),
+        format!("{expected} {total}")
+    );
+    let after_upload = (a.peak_rss(), b.peak_rss());
+
+    let req = Request::get(format!("http://{}/download", a.http))
+        .body(Body::empty())
+        .expect("request");
+    let resp = with_timeout(client.request(req))
+        .await
+        .expect("download response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut sha = Sha256::new();
+    let mut len = 0usize;
+    while let Some(frame) = with_timeout(body.frame()).await {
+        if let Ok(data) = frame.expect("download chunk").into_data() {
+            len += data.len();
+            sha.update(&data);
+        }
+    }
+    assert_eq!(len, total);
+    let expected = sent.lock().expect("lock").clone().expect("hashed");
+    assert_eq!(hex(&sha.finalize()), expected);
+
+    let peak = (a.peak_rss(), b.peak_rss());
+    let mib = |n: u64| n as f64 / MIB as f64;
+    eprintln!(
+        "{} MiB each way through another bridge; peak RSS of A / B: idle {:.1} / {:.1} MiB, after the upload {:.1} / {:.1} MiB, after both {:.1} / {:.1} MiB",
+        total / MIB,
+        mib(rss_a),
+        mib(rss_b),
+        mib(after_upload.0),
+        mib(after_upload.1),
+        mib(peak.0),
+        mib(peak.1)
+    );
+    assert!(peak.0 < 64 << 20, "bridge A's peak RSS {} bytes", peak.0);
+    assert!(peak.1 < 64 << 20, "bridge B's peak RSS {} bytes", peak.1);
+}
