@@ -62,10 +62,18 @@ async fn a_bridge_killed_mid_call_fails_it_within_four_seconds_and_new_calls_go_
     let c = BridgeProcess::start_with(http, &cluster_toml(&nats.url(1), "node-c")).await;
     let started = Arc::new(Notify::new());
     // B has the most room: calls from A go there first.
-    let _at_b = TestWorker::start(b.worker_config(&["default"], 64), worker("b", started.clone()))
-        .await;
-    let mut at_c =
-        Some(TestWorker::start(c.worker_config(&["default"], 1), worker("c", started.clone())).await);
+    let _at_b = TestWorker::start(
+        b.worker_config(&["default"], 64),
+        worker("b", started.clone()),
+    )
+    .await;
+    let mut at_c = Some(
+        TestWorker::start(
+            c.worker_config(&["default"], 1),
+            worker("c", started.clone()),
+        )
+        .await,
+    );
     until_status(a.admin, "B's and C's workers listed at A", |s| {
         free_at(s, "node-b") == Some(64) && free_at(s, "node-c") == Some(1)
     })
@@ -97,7 +105,10 @@ async fn a_bridge_killed_mid_call_fails_it_within_four_seconds_and_new_calls_go_
     assert_eq!(lost.head.status, 502, "{:?}", lost.body);
     assert_eq!(lost.error_code(), "worker_lost");
     assert!(took < Duration::from_millis(4_500), "failed after {took:?}");
-    assert!(took >= Duration::from_secs(3), "failed after {took:?}: before the bound?");
+    assert!(
+        took >= Duration::from_secs(3),
+        "failed after {took:?}: before the bound?"
+    );
 
     // No worker anywhere: 503 after queue_timeout, not a hang.
     if let Some(w) = at_c.take() {

@@ -105,9 +105,11 @@ async fn a_hundred_mib_each_way_through_another_bridge_arrives_intact_in_bounded
     let sent = Arc::new(Mutex::new(None));
     let _worker = TestWorker::start(b.worker_config(&["default"], 8), worker(sent.clone())).await;
     until_status(a.admin, "B's worker listed at A", |s| {
-        s.cluster
-            .as_ref()
-            .is_some_and(|c| c.peers.iter().any(|p| p.node == "node-b" && !p.services.is_empty()))
+        s.cluster.as_ref().is_some_and(|c| {
+            c.peers
+                .iter()
+                .any(|p| p.node == "node-b" && !p.services.is_empty())
+        })
     })
     .await;
     let (rss_a, rss_b) = (a.peak_rss(), b.peak_rss());

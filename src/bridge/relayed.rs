@@ -16,13 +16,17 @@ use std::{
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::BodyExt;
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{
+    sync::{mpsc, watch},
+    time::Instant,
+};
 use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 use tracing::debug;
 
 use super::{
     call::{call_target, Ctx},
     caller::Caller,
+    remote::dropped,
     reply::{AccessLog, CallBody},
     request_body::RequestBody,
     routes::Target,
@@ -153,6 +157,7 @@ async fn relay(
         tx,
         off: start.len() as u64,
         cancelled: cancelled.clone(),
+        drops: out.cluster.drops(),
     };
     let _feed = AbortOnDropHandle::new(tokio::spawn(feed.run()));
     let caller = Caller {
@@ -233,11 +238,19 @@ struct Feed {
     tx: Option<BodySender>,
     off: u64,
     cancelled: CancellationToken,
+    /// Changes when the NATS connection drops: the calling bridge may have
+    /// missed frames of the reply, and this one of the request.
+    drops: watch::Receiver<u64>,
 }
 
 impl Feed {
     async fn run(mut self) {
-        while let Some((frame, data)) = self.frames.recv().await {
+        loop {
+            let next = tokio::select! {
+                next = self.frames.recv() => next,
+                _ = dropped(&mut self.drops) => break,
+            };
+            let Some((frame, data)) = next else { break };
             match frame {
                 Frame::ReqData { off, end, .. } if off == self.off => {
                     self.off += data.len() as u64;

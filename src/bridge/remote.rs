@@ -20,7 +20,10 @@ use std::{
 use bytes::Bytes;
 use http::Response;
 use http_body_util::{BodyExt, Limited};
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{
+    sync::{mpsc, watch},
+    time::Instant,
+};
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, warn};
 
@@ -174,13 +177,17 @@ pub(super) struct RemoteCall {
     reason: &'static str,
     /// Moves the reply body along.
     pump: Option<AbortOnDropHandle<()>>,
+    /// Changes when this bridge's NATS connection drops.
+    drops: watch::Receiver<u64>,
 }
 
 impl RemoteCall {
     fn new(cluster: Arc<Cluster>, node: String) -> RemoteCall {
         let id = cluster.call_id();
         let (frames, window) = cluster.calls.add_outgoing(id);
+        let drops = cluster.drops();
         RemoteCall {
+            drops,
             cluster,
             node,
             id,
@@ -306,10 +313,12 @@ async fn exchange(
     };
     let mut pump = upload.map(|u| AbortOnDropHandle::new(tokio::spawn(u.run())));
     let node = call.node.clone();
+    let mut drops = call.drops.clone();
     let (head, body) = loop {
         let next = tokio::select! {
             next = tokio::time::timeout(LOST_AFTER, frames.recv()) => next,
-            done = async { pump.as_mut().expect("guarded").await }, if pump.is_some() => {
+            _ = dropped(&mut drops) => return Err(lost(DROPPED.into())),
+            done = upload_done(&mut pump) => {
                 pump = None;
                 match done {
                     Ok(Err(UploadError::Caller(e))) => {
@@ -351,7 +360,16 @@ async fn exchange(
         let (tx, reply) = Body::channel();
         tx.send(body.clone());
         let mut credit = Credit::new(call);
-        let pumped = pump_reply(frames, tx, body.len() as u64, node, call.done.clone());
+        let pumped = pump_reply(
+            Incoming {
+                frames,
+                drops: call.drops.clone(),
+            },
+            tx,
+            body.len() as u64,
+            node,
+            call.done.clone(),
+        );
         call.pump = Some(AbortOnDropHandle::new(tokio::spawn(pumped)));
         reply.on_read(move |n| credit.read(n))
     };
@@ -366,6 +384,32 @@ async fn exchange(
         }))
     });
     Ok((resp, watcher))
+}
+
+/// Why a call in flight failed when this bridge's NATS connection dropped.
+const DROPPED: &str = "this bridge's NATS connection dropped mid-call (messages may be lost)";
+
+/// What a reply body's pump listens to.
+struct Incoming {
+    frames: mpsc::Receiver<Routed>,
+    drops: watch::Receiver<u64>,
+}
+
+/// Returns when the NATS connection drops (never, once the cluster is gone).
+pub(super) async fn dropped(drops: &mut watch::Receiver<u64>) {
+    if drops.changed().await.is_err() {
+        std::future::pending().await
+    }
+}
+
+/// The end of an upload still running; never, when there is none.
+async fn upload_done(
+    pump: &mut Option<AbortOnDropHandle<Result<(), UploadError>>>,
+) -> Result<Result<(), UploadError>, tokio::task::JoinError> {
+    match pump {
+        Some(pump) => pump.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Grants the serving bridge more window as the caller reads the reply.
@@ -406,14 +450,20 @@ impl Credit {
 /// a gap, a failure, or silence for [`LOST_AFTER`] cuts the body off with
 /// an error (never passed off as complete).
 async fn pump_reply(
-    mut frames: mpsc::Receiver<Routed>,
+    mut from: Incoming,
     tx: crate::body::BodySender,
     mut off: u64,
     node: String,
     done: Arc<AtomicBool>,
 ) {
     loop {
-        let next = tokio::time::timeout(LOST_AFTER, frames.recv()).await;
+        let next = tokio::select! {
+            next = tokio::time::timeout(LOST_AFTER, from.frames.recv()) => next,
+            _ = dropped(&mut from.drops) => {
+                tx.abort(BodyError::new(DROPPED));
+                return;
+            }
+        };
         let error = match next {
             Err(_) => format!("bridge {node} sent nothing for {LOST_AFTER:?}"),
             Ok(None) => format!("bridge {node} broke the call's flow control"),
@@ -450,6 +500,12 @@ async fn pump_reply(
 mod tests {
     use super::*;
 
+    fn incoming(frames: mpsc::Receiver<Routed>) -> Incoming {
+        // A sender dropped at once: no drop is ever signalled.
+        let (_, drops) = watch::channel(0);
+        Incoming { frames, drops }
+    }
+
     #[tokio::test]
     async fn reply_chunks_out_of_order_cut_the_body_off() {
         let (tx, frames) = mpsc::channel(8);
@@ -463,7 +519,7 @@ mod tests {
         tx.send((data(6, true), Bytes::from_static(b"ghi")))
             .await
             .expect("queued");
-        pump_reply(frames, sender, 0, "b".into(), done.clone()).await;
+        pump_reply(incoming(frames), sender, 0, "b".into(), done.clone()).await;
         let first = body.frame().await.expect("a frame").expect("data");
         assert_eq!(first.into_data().ok(), Some(Bytes::from_static(b"abc")));
         let cut = body.frame().await.expect("an end");
@@ -486,7 +542,7 @@ mod tests {
         tx.send((data(4, true), Bytes::from_static(b"e")))
             .await
             .expect("queued");
-        pump_reply(frames, sender, 2, "b".into(), done.clone()).await;
+        pump_reply(incoming(frames), sender, 2, "b".into(), done.clone()).await;
         let all = body.collect(100).await.expect("complete");
         assert_eq!(&all[..], b"cde");
         assert!(done.load(Ordering::Relaxed));

@@ -138,6 +138,11 @@ pub(crate) struct Cluster {
 #[derive(Default)]
 struct Link {
     connected: AtomicBool,
+    /// Counts the connection's drops. NATS does not keep messages for a
+    /// client while it is away, so a cross-node call in flight across a
+    /// drop may have lost frames: it ends at once instead of waiting out
+    /// its keepalive bound.
+    drops: tokio::sync::watch::Sender<u64>,
     /// The last error reported since the last connect.
     error: Mutex<Option<String>>,
 }
@@ -402,6 +407,11 @@ impl Cluster {
         }
     }
 
+    /// Changes each time the NATS connection drops.
+    pub(crate) fn drops(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.link.drops.subscribe()
+    }
+
     /// Whether the NATS connection is up.
     pub(crate) fn is_connected(&self) -> bool {
         self.link.connected.load(Ordering::Relaxed)
@@ -576,6 +586,7 @@ async fn options(
                     }
                     async_nats::Event::Disconnected => {
                         link.connected.store(false, Ordering::Relaxed);
+                        link.drops.send_modify(|n| *n += 1);
                         warn!(
                             "NATS disconnected; the cluster is degraded to this bridge's workers"
                         );
