@@ -24,11 +24,13 @@ SCENARIOS = {
     "d": "wsbridge ==wss==> wsbridge worker --upstream -> nginx `return 200`",
     "d-ng": "as d, agent with --no-start-gate (no accepted/start round trip)",
     "e": "rathole (tcp) server <- client -> nginx `return 200`",
+    "x": "wsbridge A -> NATS -> wsbridge B ==wss==> wsbridge worker --echo (cross-node)",
 }
 ORDER = list(SCENARIOS)
 # Which direct scenario is "(a)" for each wsbridge scenario: the one with the
 # same end server (the echo worker echoes; the agent forwards to nginx).
-BASELINE_A = {"c": "a-echo", "c-ng": "a-echo", "d": "a-nginx", "d-ng": "a-nginx"}
+BASELINE_A = {"c": "a-echo", "c-ng": "a-echo", "d": "a-nginx", "d-ng": "a-nginx",
+              "x": "a-echo"}
 
 
 def machine():
@@ -100,11 +102,12 @@ def ratios(rows):
     out = []
     points = sorted({(r["conc"], r["size"]) for r in rows})
     for conc, size in points:
-        for x in ("c", "c-ng", "d", "d-ng"):
+        for x in ("c", "c-ng", "d", "d-ng", "x"):
             rx = find(rows, x, conc, size)
             if not rx:
                 continue
-            for y in (BASELINE_A[x], "b", "e"):
+            # The cross-node call is compared with the same call made locally.
+            for y in (BASELINE_A[x], "b", "e") if x != "x" else ("c", BASELINE_A[x]):
                 ry = find(rows, y, conc, size)
                 if not ry:
                     continue
@@ -145,6 +148,22 @@ def targets(rows):
             add(name, added < 100, f"+{added:.0f}us (p50 {us(c['p50_us'])} vs {us(a['p50_us'])})")
         else:
             add(name, None, f"needs scenarios {cx} and a-echo at CONCS 1, SIZES 64")
+
+    x, c = find(rows, "x", 1, 64), find(rows, "c", 1, 64)
+    name = "(x) at c=1 64B: p50 added over a local call (c) <= 150us"
+    if x and c:
+        added = x["p50_us"] - c["p50_us"]
+        add(name, added <= 150, f"+{added:.0f}us (p50 {us(x['p50_us'])} vs {us(c['p50_us'])})")
+    else:
+        add(name, None, "needs scenarios x and c at CONCS 1, SIZES 64")
+    x, c = find(rows, "x", 64, 64), find(rows, "c", 64, 64)
+    name = "(x) at c=64 64B: >= 0.6x a local call's (c) req/s"
+    if x and c:
+        add(name, x["rps"] >= 0.6 * c["rps"],
+            f"{x['rps'] / c['rps']:.2f}x ({x['rps']:.0f} vs {c['rps']:.0f}), "
+            f"cpu/100k {cpu(x['cpu_all_s_per_100k'])} vs {cpu(c['cpu_all_s_per_100k'])}")
+    else:
+        add(name, None, "needs scenarios x and c at CONCS 64, SIZES 64")
 
     sizes = sorted({r["size"] for r in rows if r["conc"] == 64})
     for dx in ("d", "d-ng"):

@@ -341,6 +341,60 @@ impl HttpBody for Body {
     }
 }
 
+/// What [`next_batch`] took from a body.
+pub(crate) struct Batch<E> {
+    /// The data, possibly empty (a body that ended or failed at once).
+    pub(crate) data: Bytes,
+    /// Set when the body ended (`Ok`) or failed after `data`.
+    pub(crate) end: Option<Result<(), E>>,
+}
+
+/// Waits for the next frame of `body`, then takes the frames that are
+/// ready at once as well, up to about `room` bytes: a burst of small
+/// chunks goes on as one message instead of one each.
+pub(crate) async fn next_batch<B>(body: &mut B, room: usize) -> Batch<B::Error>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+{
+    use futures_util::FutureExt;
+    let mut parts: Vec<Bytes> = Vec::new();
+    let mut size = 0;
+    let mut next = body.frame().await;
+    let end = loop {
+        match next {
+            None => break Some(Ok(())),
+            Some(Err(e)) => break Some(Err(e)),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    size += data.len();
+                    if !data.is_empty() {
+                        parts.push(data);
+                    }
+                }
+            }
+        }
+        if size >= room {
+            break None;
+        }
+        match body.frame().now_or_never() {
+            Some(ready) => next = ready,
+            None => break None,
+        }
+    };
+    let data = match parts.len() {
+        0 => Bytes::new(),
+        1 => parts.pop().unwrap_or_default(),
+        _ => {
+            let mut all = BytesMut::with_capacity(size);
+            for part in &parts {
+                all.extend_from_slice(part);
+            }
+            all.freeze()
+        }
+    };
+    Batch { data, end }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

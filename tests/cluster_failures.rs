@@ -86,6 +86,21 @@ async fn a_bridge_killed_mid_call_fails_it_within_four_seconds_and_new_calls_go_
         async move { post(&client, &url, "x").await }
     });
     with_timeout(started.notified()).await;
+    // B has said it took the call (a call still being offered when B dies
+    // fails after the offer's 500 ms instead; this test is about the other).
+    let admin_a = a.admin;
+    with_timeout(async {
+        loop {
+            let text = get(&client, &format!("http://{admin_a}/metrics")).await;
+            if String::from_utf8_lossy(&text.body)
+                .contains("wsbridge_cluster_calls_total{direction=\"out\"} 1\n")
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     b.kill().await;
     let killed = Instant::now();
 

@@ -91,9 +91,16 @@ pub(super) struct Ctx<'a> {
     pub(super) caller: &'a Caller,
     pub(super) request_id: &'a str,
     pub(super) started: Instant,
-    /// The bridge of the cluster this call came from, for a call another
-    /// bridge sent this one: its headers were forwarded there.
-    pub(super) from_node: Option<&'a str>,
+    /// For a call another bridge sent this one: that bridge, and the
+    /// call's deadline there. Its headers were forwarded there.
+    pub(super) relayed: Option<Relayed>,
+}
+
+/// What a call another bridge sent this one keeps of its first bridge.
+#[derive(Clone, Copy)]
+pub(super) struct Relayed {
+    /// The call's deadline, as the calling bridge set it.
+    pub(super) deadline: Instant,
 }
 
 /// Routes, reads the start of the body, then runs attempts (each on a
@@ -135,7 +142,10 @@ pub(super) async fn call_target(
             limit: target.max_body,
         });
     }
-    let deadline = deadline_of(ctx.started, target.request_timeout);
+    let deadline = match ctx.relayed {
+        Some(relayed) => relayed.deadline,
+        None => deadline_of(ctx.started, target.request_timeout),
+    };
     // Made an `Option` at once (the upload takes it): a body moved into
     // one later would be kept twice in this future.
     let mut body = Some(Limited::new(body, target.max_body));
@@ -226,7 +236,7 @@ pub(super) struct Plan<'a> {
 }
 
 impl Plan<'_> {
-    fn timeout(&self) -> CallError {
+    pub(super) fn timeout(&self) -> CallError {
         CallError::Timeout {
             service: self.target.service.to_string(),
             after: self.target.request_timeout,
@@ -330,7 +340,7 @@ fn wire_headers(
     fields: &RequestFields<'_>,
 ) -> Result<json::EncodedHeaders, CallError> {
     let mut wire = headers::to_wire_ref(&parts.headers);
-    if ctx.from_node.is_some() {
+    if ctx.relayed.is_some() {
         // Forwarded by the bridge the caller called.
         if !head_fits(fields, &wire) {
             return Err(Plan::head_too_large());
@@ -450,7 +460,7 @@ async fn elsewhere(
     let registry = &ctx.shared.registry;
     let service: &str = &plan.target.service;
     // A call another bridge sent runs here or nowhere: no relaying on.
-    if ctx.from_node.is_some() || registry.has_room(service) {
+    if ctx.relayed.is_some() || registry.has_room(service) {
         return None;
     }
     let local = registry.accepting(service) > 0;

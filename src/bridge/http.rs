@@ -77,7 +77,7 @@ pub(super) async fn handle(
         caller: &caller,
         request_id,
         started,
-        from_node: None,
+        relayed: None,
     };
     // Refusals come before anything else, stored responses included.
     let refused = match allowed {

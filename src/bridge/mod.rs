@@ -154,6 +154,11 @@ pub(crate) struct Shared {
     pub(crate) detached: Arc<resume::Detached>,
     /// This bridge's membership of a cluster, once joined (`[cluster]`).
     pub(crate) cluster: std::sync::OnceLock<Arc<Cluster>>,
+    /// Calls other bridges sent this one (`relayed.rs`): a stopping bridge
+    /// takes no more, and lets these finish with its own callers' calls.
+    pub(crate) relayed: TaskTracker,
+    /// Set once shutdown begins.
+    pub(crate) stopping: std::sync::atomic::AtomicBool,
 }
 
 /// Runs a bridge until `shutdown` is cancelled, then stops accepting, lets
@@ -254,6 +259,8 @@ impl Bridge {
             idempotency,
             detached: Arc::default(),
             cluster: std::sync::OnceLock::new(),
+            relayed: TaskTracker::new(),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         });
         Ok(Bridge { shared })
     }
@@ -328,7 +335,21 @@ impl Bridge {
                 .instrument(tracing::info_span!("workers")),
         );
         let shared = self.shared.clone();
+        let stopping = {
+            let (shared, shutdown) = (shared.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                shared
+                    .stopping
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            })
+        };
         listener::serve(listeners.http, self.shared, shutdown).await;
+        let _ = stopping.await;
+        // Calls other bridges sent finish too, within the same bound.
+        shared.relayed.close();
+        let limit = shared.settings.load().config.shutdown_timeout;
+        let _ = tokio::time::timeout(limit, shared.relayed.wait()).await;
         shared
             .detached
             .close_all("the bridge is shutting down", &shared.registry);

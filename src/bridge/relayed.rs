@@ -9,13 +9,15 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
-    sync::{Arc, Weak},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Weak,
+    },
     time::Duration,
 };
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::BodyExt;
 use tokio::{
     sync::{mpsc, watch},
     time::Instant,
@@ -24,7 +26,7 @@ use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 use tracing::debug;
 
 use super::{
-    call::{call_target, Ctx},
+    call::{call_target, Ctx, Relayed},
     caller::Caller,
     remote::dropped,
     reply::{AccessLog, CallBody},
@@ -33,7 +35,7 @@ use super::{
     Shared,
 };
 use crate::{
-    body::{Body, BodyError, BodySender},
+    body::{next_batch, Body, BodyError, BodySender},
     cluster::{
         relay::{self, Ack, CallHead, Frame, ResHead, Routed},
         Cluster, Incoming, Serve,
@@ -47,15 +49,28 @@ use crate::{
 /// How often a running call tells its calling bridge it is alive.
 pub(super) const ALIVE_EVERY: Duration = Duration::from_secs(1);
 
+/// How long a taken call may go without its offer answered: a reply head
+/// ready by then is the answer (one message instead of two); otherwise an
+/// `accepted` goes first. Well within the calling bridge's 500 ms.
+const ANSWER_WITHIN: Duration = Duration::from_millis(20);
+
+/// Keepalives after which a call from a bridge never seen among the peers
+/// is given up: its caller cannot be reached.
+const UNSEEN_LIMIT: u32 = 10;
+
 /// The longest deadline a calling bridge may ask for.
 const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
 
 /// What the cluster calls with each call another bridge sends this one.
 pub(super) fn serve(shared: Weak<Shared>) -> Serve {
-    Box::new(move |cluster, incoming| {
-        if let Some(shared) = shared.upgrade() {
-            tokio::spawn(run(shared, cluster, incoming));
+    Box::new(move |cluster, incoming| match shared.upgrade() {
+        Some(shared) => {
+            let tasks = shared.relayed.clone();
+            tasks.spawn(run(shared, cluster, incoming));
         }
+        None => cluster
+            .calls
+            .remove_incoming(&incoming.head.from, incoming.head.call),
     })
 }
 
@@ -87,8 +102,10 @@ async fn run(shared: Arc<Shared>, cluster: Arc<Cluster>, incoming: Incoming) {
         call: head.call,
     };
     let ack = admit(&shared, &head.service);
-    cluster.ack(reply, ack).await;
     if ack != Ack::Accepted {
+        cluster
+            .answer(reply, Bytes::from_static(ack.as_bytes()))
+            .await;
         debug!(peer = %head.from, service = %head.service, ?ack, "a call from another bridge not taken");
         return;
     }
@@ -103,12 +120,19 @@ async fn run(shared: Arc<Shared>, cluster: Arc<Cluster>, incoming: Incoming) {
         window,
         off: 0,
         seen: false,
+        offer: Some(reply),
+        epoch: head.epoch,
+        unseen: 0,
+        idle: Duration::from_secs(60),
     };
     relay(&shared, sender, head, body, frames).await;
 }
 
 /// Whether this bridge takes a call for `service` now.
 fn admit(shared: &Shared, service: &str) -> Ack {
+    if shared.stopping.load(Ordering::Relaxed) {
+        return Ack::Refused;
+    }
     let registry = &shared.registry;
     if registry.has_room(service) {
         return Ack::Accepted;
@@ -144,18 +168,20 @@ async fn relay(
     );
     log.trace.from = Some(head.from.as_str().into());
     let cancelled = CancellationToken::new();
+    let read = Arc::new(AtomicU64::new(0));
     let (body, tx) = match head.end {
         true => (Body::full(start.clone()), None),
         false => {
             let (tx, body) = Body::channel();
             tx.send(start.clone());
-            (body.on_read(out.credit_hook()), Some(tx))
+            (body.on_read(out.credit_hook(read.clone())), Some(tx))
         }
     };
     let feed = Feed {
         frames,
         tx,
         off: start.len() as u64,
+        read,
         cancelled: cancelled.clone(),
         drops: out.cluster.drops(),
     };
@@ -171,16 +197,29 @@ async fn relay(
         caller: &caller,
         request_id: &head.request_id,
         started,
-        from_node: Some(&head.from),
+        relayed: Some(Relayed {
+            deadline: started + Duration::from_millis(head.timeout_ms).min(MAX_TIMEOUT),
+        }),
     };
-    let timeout = Duration::from_millis(head.timeout_ms).min(MAX_TIMEOUT);
+    // The route's limits at the calling bridge, where the call was routed.
+    let idle = match head.idle_ms {
+        0 => Duration::from_millis(head.timeout_ms),
+        ms => Duration::from_millis(ms),
+    };
+    let max_body = match head.max_body {
+        0 => settings.config.http.max_body.bytes(),
+        n => usize::try_from(n).unwrap_or(usize::MAX),
+    };
+    out.idle = idle.min(MAX_TIMEOUT);
     let target = Target {
         service: head.service.as_str().into(),
-        request_timeout: timeout,
-        max_body: settings.config.http.max_body.bytes(),
+        request_timeout: out.idle,
+        max_body,
     };
     let mut tick = tokio::time::interval(ALIVE_EVERY);
     tick.reset();
+    let answer_by = tokio::time::sleep(ANSWER_WITHIN);
+    tokio::pin!(answer_by);
     let outcome = {
         let trace = &mut log.trace;
         let run = async {
@@ -191,6 +230,7 @@ async fn relay(
         loop {
             tokio::select! {
                 outcome = &mut run => break outcome,
+                _ = &mut answer_by, if out.offer.is_some() => out.accept().await,
                 _ = tick.tick() => if !out.alive().await { return },
                 _ = cancelled.cancelled() => return,
             }
@@ -236,7 +276,10 @@ fn parts(head: &CallHead) -> Result<Box<http::request::Parts>, CallError> {
 struct Feed {
     frames: mpsc::Receiver<Routed>,
     tx: Option<BodySender>,
+    /// Request bytes received so far (the next one's offset).
     off: u64,
+    /// Request bytes the call has read (and so credited).
+    read: Arc<AtomicU64>,
     cancelled: CancellationToken,
     /// Changes when the NATS connection drops: the calling bridge may have
     /// missed frames of the reply, and this one of the request.
@@ -254,6 +297,14 @@ impl Feed {
             match frame {
                 Frame::ReqData { off, end, .. } if off == self.off => {
                     self.off += data.len() as u64;
+                    let unread = self.off.saturating_sub(self.read.load(Ordering::Relaxed));
+                    if unread > (relay::WINDOW + relay::CHUNK) as u64 {
+                        // The calling bridge sent past its window.
+                        if let Some(tx) = self.tx.take() {
+                            tx.abort(BodyError::new("the calling bridge sent past its window"));
+                        }
+                        break;
+                    }
                     if let Some(tx) = &self.tx {
                         tx.send(data);
                     }
@@ -298,6 +349,15 @@ struct Sender {
     off: u64,
     /// The calling bridge was seen among the peers.
     seen: bool,
+    /// Where the answer to the offer goes, until it is sent.
+    offer: Option<async_nats::Subject>,
+    /// The calling bridge's boot: the call is for it alone.
+    epoch: u64,
+    /// Keepalives sent while the calling bridge was not (yet) among the peers.
+    unseen: u32,
+    /// The longest wait for the calling bridge's credit (the route's
+    /// `request_timeout`, as for a silent worker).
+    idle: Duration,
 }
 
 impl Sender {
@@ -307,20 +367,40 @@ impl Sender {
             .await
     }
 
-    /// Sends a keepalive. False once the calling bridge has left the
-    /// cluster (dropped from presence): nobody waits for the call then.
-    async fn alive(&mut self) -> bool {
-        self.send(&Frame::Alive { call: self.call }, &[]).await;
-        let known = self.cluster.knows(&self.to);
-        self.seen |= known;
-        known || !self.seen
+    /// Answers the offer with `accepted`: the reply is not ready yet.
+    async fn accept(&mut self) {
+        if let Some(offer) = self.offer.take() {
+            let accepted = Bytes::from_static(Ack::Accepted.as_bytes());
+            self.cluster.answer(offer, accepted).await;
+        }
     }
 
-    /// Credits the calling bridge as the call reads the request body.
-    fn credit_hook(&self) -> impl FnMut(usize) + Send + 'static {
+    /// Sends a keepalive. False once nobody waits for the call: the
+    /// calling bridge left the cluster (dropped from presence), restarted
+    /// (a new boot), or was never heard of for [`UNSEEN_LIMIT`] keepalives.
+    async fn alive(&mut self) -> bool {
+        self.send(&Frame::Alive { call: self.call }, &[]).await;
+        match self.cluster.peer_epoch(&self.to) {
+            Some(epoch) if epoch == self.epoch || self.epoch == 0 => {
+                self.seen = true;
+                true
+            }
+            Some(_) => false,
+            None if self.seen => false,
+            None => {
+                self.unseen += 1;
+                self.unseen < UNSEEN_LIMIT
+            }
+        }
+    }
+
+    /// Credits the calling bridge as the call reads the request body
+    /// (counted in `read`).
+    fn credit_hook(&self, read: Arc<AtomicU64>) -> impl FnMut(usize) + Send + 'static {
         let (cluster, to, call) = (self.cluster.clone(), self.to.clone(), self.call);
         let mut owed = 0usize;
         move |n| {
+            read.fetch_add(n as u64, Ordering::Relaxed);
             owed += n;
             if owed >= relay::WINDOW / 4 {
                 let frame = Frame::ReqCredit {
@@ -369,7 +449,12 @@ impl Sender {
             _ => Bytes::new(),
         };
         let message = relay::encode_with_headers(&head, encoded.as_bytes(), &first);
-        if !self.cluster.send(&self.to, message).await {
+        // A head ready before the offer was answered is the answer.
+        let sent = match self.offer.take() {
+            Some(offer) => self.cluster.answer(offer, message).await,
+            None => self.cluster.send(&self.to, message).await,
+        };
+        if !sent {
             return Sent {
                 bytes: 0,
                 complete: false,
@@ -382,16 +467,33 @@ impl Sender {
             };
         }
         loop {
-            let frame = tokio::select! {
-                frame = body.frame() => frame,
+            let batch = tokio::select! {
+                batch = next_batch(&mut body, room) => batch,
                 _ = tick.tick() => match self.alive().await {
                     true => continue,
                     false => return self.sent(false),
                 },
                 _ = cancelled.cancelled() => return self.sent(false),
             };
-            match frame {
-                None => {
+            let mut data = batch.data;
+            while !data.is_empty() {
+                let piece = data.split_to(data.len().min(room));
+                if !self.room_for(piece.len(), tick, cancelled).await {
+                    return self.sent(false);
+                }
+                let chunk = Frame::ResData {
+                    call: self.call,
+                    off: self.off,
+                    end: false,
+                };
+                if !self.send(&chunk, &piece).await {
+                    return self.sent(false);
+                }
+                self.off += piece.len() as u64;
+            }
+            match batch.end {
+                None => {}
+                Some(Ok(())) => {
                     let end = Frame::ResData {
                         call: self.call,
                         off: self.off,
@@ -408,32 +510,13 @@ impl Sender {
                     self.send(&fail, &[]).await;
                     return self.sent(false);
                 }
-                Some(Ok(frame)) => {
-                    let Ok(mut data) = frame.into_data() else {
-                        continue;
-                    };
-                    while !data.is_empty() {
-                        let piece = data.split_to(data.len().min(room));
-                        if !self.room_for(piece.len(), tick, cancelled).await {
-                            return self.sent(false);
-                        }
-                        let chunk = Frame::ResData {
-                            call: self.call,
-                            off: self.off,
-                            end: false,
-                        };
-                        if !self.send(&chunk, &piece).await {
-                            return self.sent(false);
-                        }
-                        self.off += piece.len() as u64;
-                    }
-                }
             }
         }
     }
 
     /// Waits for the window to hold `n` bytes, keeping the calling bridge
     /// told the call is alive meanwhile (its caller may read slowly).
+    /// Gives up after `idle` without credit.
     async fn room_for(
         &mut self,
         n: usize,
@@ -443,9 +526,15 @@ impl Sender {
         let window = self.window.clone();
         let take = window.take(n);
         tokio::pin!(take);
+        let give_up = tokio::time::sleep(self.idle);
+        tokio::pin!(give_up);
         loop {
             tokio::select! {
                 took = &mut take => return took.is_ok(),
+                _ = &mut give_up => {
+                    debug!(call = self.call, "no credit from the calling bridge for {:?}; call ended", self.idle);
+                    return false;
+                }
                 _ = tick.tick() => if !self.alive().await { return false },
                 _ = cancelled.cancelled() => return false,
             }

@@ -19,7 +19,7 @@ use std::{
 
 use bytes::Bytes;
 use http::Response;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::{LengthLimitError, Limited};
 use tokio::{
     sync::{mpsc, watch},
     time::Instant,
@@ -35,7 +35,7 @@ use super::{
     session::Failure,
 };
 use crate::{
-    body::{Body, BodyError},
+    body::{next_batch, Body, BodyError},
     cluster::{
         relay::{self, Ack, CallHead, Frame, Routed},
         Cluster, Offered,
@@ -76,8 +76,22 @@ pub(super) async fn attempt(
         }
         let mut call = RemoteCall::new(cluster.clone(), peer.node.clone());
         let (message, sent) = call_message(cluster, plan, fields, call.id);
-        match cluster.offer(&peer.node, message, ACK_WITHIN).await {
+        // The bytes the offer carries are spent from the window (the
+        // serving bridge credits them as its worker reads them).
+        if sent > 0 && call.window.take(sent.min(relay::WINDOW)).await.is_err() {
+            continue;
+        }
+        let mut answered = None;
+        let by = (Instant::now() + ACK_WITHIN).min(plan.deadline);
+        match cluster.offer(&peer.node, message, by).await {
             Offered::Ack(Ack::Accepted) => {}
+            Offered::Head(head) => answered = Some(head),
+            Offered::TimedOut if Instant::now() >= plan.deadline => {
+                trace.attempts = n;
+                trace.node = Some(peer.node.as_str().into());
+                call.set_reason("timeout");
+                return Some(Step::Done(Placed::Remote(call), Ok(Err(plan.timeout()))));
+            }
             Offered::TimedOut => {
                 warn!(request_id = %ctx.request_id, peer = %peer.node, "a bridge did not say within {ACK_WITHIN:?} whether it took a call; cancelled there");
                 trace.attempts = n;
@@ -112,8 +126,12 @@ pub(super) async fn attempt(
             body: body.take(),
             uploaded: trace.uploaded.clone(),
         });
-        let outcome =
-            tokio::time::timeout_at(plan.deadline, exchange(plan, &mut call, upload)).await;
+        let exchange = exchange(plan, &mut call, upload, answered);
+        let outcome = tokio::time::timeout_at(plan.deadline, exchange).await;
+        if matches!(outcome, Ok(Err(CallError::NoWorker { .. }))) {
+            // It never started there after all: the next peer.
+            continue;
+        }
         return Some(Step::Done(Placed::Remote(call), outcome));
     }
     None
@@ -134,18 +152,22 @@ fn call_message(
         .as_millis() as u64;
     let mut head = CallHead {
         from: cluster.node.clone(),
+        epoch: cluster.epoch(),
         call: id,
         request_id: fields.request_id.to_owned(),
         service: fields.service.to_owned(),
         method: fields.method.to_owned(),
         path: fields.path.to_owned(),
         timeout_ms,
+        idle_ms: plan.target.request_timeout.as_millis() as u64,
+        max_body: plan.target.max_body as u64,
         end: false,
         headers: Vec::new(),
         latin1: Vec::new(),
     };
     let headers = plan.headers.as_bytes();
-    let room = chunk_room(cluster, headers.len() + 512);
+    let fixed = fields.request_id.len() + fields.path.len() + fields.service.len() + 512;
+    let room = chunk_room(cluster, headers.len() + fixed);
     let sent = plan.start.len().min(room);
     head.end = plan.single && sent == plan.start.len();
     let message = relay::encode_with_headers(&Frame::Call(head), headers, &plan.start[..sent]);
@@ -252,10 +274,16 @@ impl Upload {
         let rest = std::mem::take(&mut self.rest);
         self.send(rest).await?;
         if let Some(mut body) = self.body.take() {
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(UploadError::Caller)?;
-                if let Ok(data) = frame.into_data() {
-                    self.send(data).await?;
+            let room = chunk_room(&self.cluster, 256);
+            loop {
+                // A burst of small frames (chunked HTTP/1, HTTP/2 DATA)
+                // goes on as one message.
+                let batch = next_batch(&mut body, room).await;
+                self.send(batch.data).await?;
+                match batch.end {
+                    None => {}
+                    Some(Ok(())) => break,
+                    Some(Err(e)) => return Err(UploadError::Caller(e)),
                 }
             }
         }
@@ -305,6 +333,7 @@ async fn exchange(
     plan: &Plan<'_>,
     call: &mut RemoteCall,
     upload: Option<Upload>,
+    answered: Option<Bytes>,
 ) -> Result<Exchange, CallError> {
     let worker = call.worker();
     let lost = |cause: String| plan.failure(&worker, Failure::Lost(cause));
@@ -314,7 +343,23 @@ async fn exchange(
     let mut pump = upload.map(|u| AbortOnDropHandle::new(tokio::spawn(u.run())));
     let node = call.node.clone();
     let mut drops = call.drops.clone();
+    // A quick reply's head came as the answer to the offer.
+    let mut answered = answered.map(|payload| relay::decode(&payload));
     let (head, body) = loop {
+        if let Some(decoded) = answered.take() {
+            match decoded {
+                Ok((Frame::ResHead(head), body)) => break (head, body),
+                Ok((other, _)) => {
+                    let reason = format!("bridge {node} answered the offer with {other:?}");
+                    return Err(plan.failure(&worker, Failure::Bad(reason)));
+                }
+                Err(e) => {
+                    let reason =
+                        format!("bridge {node} answered the offer with an unreadable head: {e}");
+                    return Err(plan.failure(&worker, Failure::Bad(reason)));
+                }
+            }
+        }
         let next = tokio::select! {
             next = tokio::time::timeout(LOST_AFTER, frames.recv()) => next,
             _ = dropped(&mut drops) => return Err(lost(DROPPED.into())),
@@ -351,6 +396,20 @@ async fn exchange(
             }
         }
     };
+    if matches!(head.error.as_deref(), Some("no_worker" | "queue_full")) {
+        // Taken, then not placed there after all (its workers went, or its
+        // queue filled, between the answer and the call): never started.
+        call.done.store(true, Ordering::Relaxed);
+        return Err(CallError::NoWorker {
+            service: plan.target.service.to_string(),
+            waited: Duration::ZERO,
+            connected: 0,
+        });
+    }
+    if !(200..=599).contains(&head.status) {
+        let reason = format!("bridge {node} sent status {}", head.status);
+        return Err(plan.failure(&worker, Failure::Bad(reason)));
+    }
     let map = headers::from_wire(&head.headers, &head.latin1, !head.end)
         .map_err(|e| plan.failure(&worker, Failure::Bad(e)))?;
     let body = if head.end {
@@ -359,11 +418,13 @@ async fn exchange(
     } else {
         let (tx, reply) = Body::channel();
         tx.send(body.clone());
-        let mut credit = Credit::new(call);
+        let read = Arc::new(AtomicU64::new(0));
+        let mut credit = Credit::new(call, read.clone());
         let pumped = pump_reply(
             Incoming {
                 frames,
                 drops: call.drops.clone(),
+                read,
             },
             tx,
             body.len() as u64,
@@ -378,9 +439,23 @@ async fn exchange(
         .map_err(|e| plan.failure(&worker, Failure::Bad(e.to_string())))?;
     *resp.headers_mut() = map;
     // The upload (if any) goes on beside the reply; it stops with the call.
+    // If it fails now, the call is cancelled at the serving bridge, with
+    // the reason its worker would get from a local call.
     let watcher = pump.map(|p| {
+        let cancel = (call.cluster.clone(), call.node.clone(), call.id);
         AbortOnDropHandle::new(tokio::spawn(async move {
-            let _ = p.await;
+            let reason = match p.await {
+                Ok(Err(UploadError::Caller(e))) if e.is::<LengthLimitError>() => "body_too_large",
+                Ok(Err(UploadError::Caller(_))) => "client_gone",
+                _ => return,
+            };
+            let (cluster, node, id) = cancel;
+            let frame = Frame::Cancel {
+                from: cluster.node.clone(),
+                call: id,
+                reason: reason.to_owned(),
+            };
+            cluster.send(&node, relay::encode(&frame, &[])).await;
         }))
     });
     Ok((resp, watcher))
@@ -393,6 +468,8 @@ const DROPPED: &str = "this bridge's NATS connection dropped mid-call (messages 
 struct Incoming {
     frames: mpsc::Receiver<Routed>,
     drops: watch::Receiver<u64>,
+    /// Reply bytes the caller has read (and so credited).
+    read: Arc<AtomicU64>,
 }
 
 /// Returns when the NATS connection drops (never, once the cluster is gone).
@@ -419,19 +496,23 @@ struct Credit {
     id: u64,
     /// Read and not yet credited.
     owed: usize,
+    /// Read in all.
+    read: Arc<AtomicU64>,
 }
 
 impl Credit {
-    fn new(call: &RemoteCall) -> Credit {
+    fn new(call: &RemoteCall, read: Arc<AtomicU64>) -> Credit {
         Credit {
             cluster: call.cluster.clone(),
             node: call.node.clone(),
             id: call.id,
             owed: 0,
+            read,
         }
     }
 
     fn read(&mut self, n: usize) {
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
         self.owed += n;
         if self.owed >= relay::WINDOW / 4 {
             let frame = Frame::ResCredit {
@@ -470,6 +551,13 @@ async fn pump_reply(
             Ok(Some((Frame::Alive { .. }, _))) => continue,
             Ok(Some((Frame::ResData { off: at, end, .. }, data))) if at == off => {
                 off += data.len() as u64;
+                let unread = off.saturating_sub(from.read.load(Ordering::Relaxed));
+                if unread > (relay::WINDOW + relay::CHUNK) as u64 {
+                    tx.abort(BodyError::new(format!(
+                        "bridge {node} sent past the call's window"
+                    )));
+                    return;
+                }
                 if !tx.send(data) {
                     return;
                 }
@@ -498,12 +586,18 @@ async fn pump_reply(
 
 #[cfg(test)]
 mod tests {
+    use http_body_util::BodyExt;
+
     use super::*;
 
     fn incoming(frames: mpsc::Receiver<Routed>) -> Incoming {
         // A sender dropped at once: no drop is ever signalled.
         let (_, drops) = watch::channel(0);
-        Incoming { frames, drops }
+        Incoming {
+            frames,
+            drops,
+            read: Arc::new(AtomicU64::new(u64::MAX / 2)),
+        }
     }
 
     #[tokio::test]

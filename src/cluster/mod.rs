@@ -70,10 +70,13 @@ pub(crate) struct Candidate {
 }
 
 /// What became of a call offered to a peer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Offered {
     /// The peer answered.
     Ack(Ack),
+    /// The peer took the call and answered with the reply's head at once
+    /// (an encoded [`Frame::ResHead`]): a quick call needs no separate ack.
+    Head(Bytes),
     /// Nobody listens on its subject (gone, or NATS lost it): not started.
     NoResponders,
     /// No answer within the bound: it may have started.
@@ -291,23 +294,32 @@ impl Cluster {
             .collect()
     }
 
-    /// Whether `node` is a live peer.
-    pub(crate) fn knows(&self, node: &str) -> bool {
-        self.peers().contains(node)
+    /// This bridge's boot epoch (ms since the Unix epoch at start).
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch
     }
 
-    /// Offers a call (an encoded [`Frame::Call`]) to `node`, waiting up to
-    /// `within` for its [`Ack`].
-    pub(crate) async fn offer(&self, node: &str, message: Bytes, within: Duration) -> Offered {
+    /// The boot epoch of peer `node`, if it is a live peer.
+    pub(crate) fn peer_epoch(&self, node: &str) -> Option<u64> {
+        self.peers().epoch(node)
+    }
+
+    /// Offers a call (an encoded [`Frame::Call`]) to `node`, waiting until
+    /// `by` for its answer. The bound covers the whole request, including
+    /// the wait to hand it to the client (whose queue may be full while
+    /// NATS is unreachable).
+    pub(crate) async fn offer(&self, node: &str, message: Bytes, by: Instant) -> Offered {
         use async_nats::RequestErrorKind as Kind;
+        let within = by.saturating_duration_since(Instant::now());
         let request = async_nats::Request::new()
             .payload(message)
             .timeout(Some(within));
-        match self
-            .client
-            .send_request(self.node_subject(node), request)
-            .await
-        {
+        let sent = self.client.send_request(self.node_subject(node), request);
+        let Ok(answer) = tokio::time::timeout_at(by, sent).await else {
+            return Offered::TimedOut;
+        };
+        match answer {
+            Ok(reply) if reply.payload.first() == Some(&b'{') => Offered::Head(reply.payload),
             Ok(reply) => Offered::Ack(Ack::parse(&reply.payload)),
             Err(e) => match e.kind() {
                 Kind::NoResponders => Offered::NoResponders,
@@ -317,11 +329,15 @@ impl Cluster {
         }
     }
 
-    /// Answers a call offered to this bridge.
-    pub(crate) async fn ack(&self, reply: async_nats::Subject, ack: Ack) {
-        let payload = Bytes::from_static(ack.as_bytes());
-        if let Err(e) = self.client.publish(reply, payload).await {
-            debug!(error = %e, "cluster ack not sent");
+    /// Answers a call offered to this bridge: an [`Ack`], or the reply's
+    /// head itself (see [`Offered::Head`]).
+    pub(crate) async fn answer(&self, reply: async_nats::Subject, payload: Bytes) -> bool {
+        match self.client.publish(reply, payload).await {
+            Ok(()) => true,
+            Err(e) => {
+                debug!(error = %e, "cluster answer not sent");
+                false
+            }
         }
     }
 
@@ -367,6 +383,9 @@ impl Cluster {
                 }
             };
             match frame {
+                Frame::Call(head) if !presence::valid_name(&head.from) => {
+                    warn!("cluster call from a bad node name; dropped");
+                }
                 Frame::Call(head) => {
                     let Some(reply) = message.reply else {
                         warn!(peer = %head.from, "cluster call without a reply subject; dropped");

@@ -164,9 +164,9 @@ impl Peers {
         gone
     }
 
-    /// Whether `node` is a peer now.
-    pub(crate) fn contains(&self, node: &str) -> bool {
-        self.nodes.contains_key(node)
+    /// The boot epoch of peer `node`, if it is one now.
+    pub(crate) fn epoch(&self, node: &str) -> Option<u64> {
+        self.nodes.get(node).map(|p| p.beat.epoch)
     }
 
     /// The peers with workers of `service` that take calls, each with the
@@ -210,7 +210,7 @@ impl Peers {
 }
 
 /// A node name a peer may use: what `cluster.node` allows.
-fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name

@@ -31,10 +31,12 @@ pub(crate) const CHUNK: usize = 64 * 1024;
 /// credits more.
 pub(crate) const WINDOW: usize = 1024 * 1024;
 
-/// Frames one call may have queued at its receiver: a window's worth of
-/// chunks and some credits and keepalives. A peer that sends more has
-/// broken flow control and its call is failed.
-pub(crate) const QUEUE: usize = WINDOW / CHUNK * 2 + 32;
+/// Frames one call may have queued at its receiver before its task takes
+/// them. Senders merge small chunks that are ready at once, so a window
+/// rarely takes more than a few dozen frames; a peer that floods a call
+/// past this has broken flow control and the call is failed. (Bytes are
+/// bounded by the window, checked as the frames are taken.)
+pub(crate) const QUEUE: usize = 1024;
 
 /// One message of a cross-node call.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -84,6 +86,10 @@ pub(crate) enum Frame {
 pub(crate) struct CallHead {
     /// The calling bridge's node name.
     pub(crate) from: String,
+    /// The calling bridge's boot (its presence `epoch`): a call from an
+    /// earlier boot of that node has nobody waiting for it.
+    #[serde(default)]
+    pub(crate) epoch: u64,
     /// The call's id at the calling bridge.
     pub(crate) call: u64,
     pub(crate) request_id: String,
@@ -94,6 +100,13 @@ pub(crate) struct CallHead {
     pub(crate) path: String,
     /// Time left before the call's deadline, in ms.
     pub(crate) timeout_ms: u64,
+    /// The route's `request_timeout` at the calling bridge, in ms: how long
+    /// a streamed body may stay silent.
+    #[serde(default)]
+    pub(crate) idle_ms: u64,
+    /// The route's `max_body` at the calling bridge.
+    #[serde(default)]
+    pub(crate) max_body: u64,
     /// The whole body follows the head.
     pub(crate) end: bool,
     /// The request's headers as a worker gets them (already forwarded).
@@ -357,12 +370,15 @@ mod tests {
     fn head() -> CallHead {
         CallHead {
             from: "a".into(),
+            epoch: 1,
             call: 7,
             request_id: "r1".into(),
             service: "echo".into(),
             method: "POST".into(),
             path: "/x?y=1".into(),
             timeout_ms: 30_000,
+            idle_ms: 30_000,
+            max_body: 1 << 20,
             end: true,
             headers: vec![("x-a".into(), "line\nbreak".into())],
             latin1: vec![],
