@@ -340,3 +340,96 @@ async fn read_all(resp: Response<hyper::body::Incoming>) -> Bytes {
         .expect("the body")
         .to_bytes()
 }
+
+#[tokio::test]
+async fn a_burst_of_small_events_through_another_bridge_arrives_whole_and_in_order() {
+    // 5,000 events of about 20 bytes, all sent at once: far more messages
+    // than a call may queue, unless ready chunks travel together.
+    let handler = |_req: Request<Body>| async move {
+        let (tx, body) = Body::channel();
+        for i in 0..5_000 {
+            tx.send(Bytes::from(format!("data: {i:05}\n\n")));
+        }
+        tx.finish();
+        let mut resp = Response::new(body);
+        resp.headers_mut()
+            .insert("content-type", "text/event-stream".parse().expect("value"));
+        resp
+    };
+    let (_nats, a, b, worker) = pair(4, handler).await;
+    let reply = get(&http_client(), &a.at("/orders/burst")).await;
+    assert_eq!(reply.head.status, 200);
+    let expected: String = (0..5_000).map(|i| format!("data: {i:05}\n\n")).collect();
+    assert_eq!(reply.body.len(), expected.len());
+    assert!(
+        reply.body == expected.as_bytes(),
+        "events lost or reordered"
+    );
+    worker.stop().await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_caller_that_hangs_up_mid_stream_ends_the_workers_stream_at_the_other_bridge() {
+    // The worker sends an event each time it is told to, and reports
+    // whether its reply is still being read.
+    let (go_tx, go_rx) = mpsc::unbounded_channel::<()>();
+    let (sent_tx, mut sent_rx) = mpsc::unbounded_channel::<bool>();
+    let go_rx = Arc::new(tokio::sync::Mutex::new(Some(go_rx)));
+    let handler = move |_req: Request<Body>| {
+        let (go_rx, sent_tx) = (go_rx.clone(), sent_tx.clone());
+        async move {
+            let Some(mut go) = go_rx.lock().await.take() else {
+                return Response::new(Body::full("only one stream"));
+            };
+            let (tx, body) = Body::channel();
+            tokio::spawn(async move {
+                while go.recv().await.is_some() {
+                    let open = tx.send(Bytes::from_static(b"data: tick\n\n"));
+                    let _ = sent_tx.send(open);
+                    if !open {
+                        return;
+                    }
+                }
+            });
+            Response::new(body)
+        }
+    };
+    let (_nats, a, b, worker) = pair(4, handler).await;
+    let client = http_client();
+    let resp = client
+        .request(
+            Request::get(a.at("/orders/stream"))
+                .body(Full::new(Bytes::new()))
+                .expect("request"),
+        )
+        .await
+        .expect("response");
+    let mut body = resp.into_body();
+    go_tx.send(()).expect("worker");
+    assert_eq!(with_timeout(sent_rx.recv()).await, Some(true));
+    let frame = with_timeout(body.frame()).await.expect("an event");
+    assert!(frame.is_ok());
+    drop(body);
+    drop(client);
+    // The worker's stream is ended by the cancel that crosses to its bridge.
+    let hung_up = Instant::now();
+    with_timeout(async {
+        loop {
+            go_tx.send(()).expect("worker");
+            if sent_rx.recv().await == Some(false) {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        hung_up.elapsed() < Duration::from_secs(2),
+        "the worker's stream ended {:?} after the hang-up",
+        hung_up.elapsed()
+    );
+    worker.stop().await;
+    a.stop().await;
+    b.stop().await;
+}

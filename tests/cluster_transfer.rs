@@ -9,7 +9,11 @@ mod common;
 
 use std::{
     convert::Infallible,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -62,13 +66,26 @@ fn generated(total: usize, hash: Arc<Mutex<Option<String>>>) -> Body {
 }
 
 /// `POST /upload` answers the SHA-256 and length of what it read; `GET
-/// /download` streams a generated body, its hash kept in `sent`.
-fn worker(sent: Arc<Mutex<Option<String>>>) -> impl wsbridge::worker::Handler {
+/// /download` streams a generated body, its hash kept in `sent`; `GET
+/// /endless` streams 1 GiB, counting in `produced` what the worker library
+/// took from it (it takes only as fast as its bridge credits it).
+fn worker(
+    sent: Arc<Mutex<Option<String>>>,
+    produced: Arc<AtomicU64>,
+) -> impl wsbridge::worker::Handler {
     move |req: Request<Body>| {
-        let sent = sent.clone();
+        let (sent, produced) = (sent.clone(), produced.clone());
         async move {
             if req.uri().path() == "/download" {
                 return Response::new(generated(total(), sent));
+            }
+            if req.uri().path() == "/endless" {
+                let block = noise(BLOCK);
+                let stream = futures_util::stream::poll_fn(move |_| {
+                    produced.fetch_add(BLOCK as u64, Ordering::Relaxed);
+                    std::task::Poll::Ready(Some(Ok::<_, Infallible>(Frame::data(block.clone()))))
+                });
+                return Response::new(Body::wrap(StreamBody::new(stream)));
             }
             let mut body = req.into_body();
             let mut sha = Sha256::new();
@@ -103,7 +120,12 @@ async fn a_hundred_mib_each_way_through_another_bridge_arrives_intact_in_bounded
     let a = BridgeProcess::start_with(http, &cluster(nats.url(0), "node-a")).await;
     let b = BridgeProcess::start_with(http, &cluster(nats.url(2), "node-b")).await;
     let sent = Arc::new(Mutex::new(None));
-    let _worker = TestWorker::start(b.worker_config(&["default"], 8), worker(sent.clone())).await;
+    let produced = Arc::new(AtomicU64::new(0));
+    let _worker = TestWorker::start(
+        b.worker_config(&["default"], 8),
+        worker(sent.clone(), produced.clone()),
+    )
+    .await;
     until_status(a.admin, "B's worker listed at A", |s| {
         s.cluster.as_ref().is_some_and(|c| {
             c.peers
@@ -171,4 +193,76 @@ async fn a_hundred_mib_each_way_through_another_bridge_arrives_intact_in_bounded
     );
     assert!(peak.0 < 64 << 20, "bridge A's peak RSS {} bytes", peak.0);
     assert!(peak.1 < 64 << 20, "bridge B's peak RSS {} bytes", peak.1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_stops_reading_stops_the_worker_at_the_other_bridge() {
+    let nats = NatsCluster::start(1).await;
+    let http = "request_timeout = \"600s\"";
+    let cluster = |node: &str| {
+        format!(
+            "[cluster]\nnats = [\"{}\"]\nnode = \"{node}\"\nname = \"test\"\n",
+            nats.url(0)
+        )
+    };
+    let a = BridgeProcess::start_with(http, &cluster("node-a")).await;
+    let b = BridgeProcess::start_with(http, &cluster("node-b")).await;
+    let produced = Arc::new(AtomicU64::new(0));
+    let _worker = TestWorker::start(
+        b.worker_config(&["default"], 8),
+        worker(Arc::default(), produced.clone()),
+    )
+    .await;
+    until_status(a.admin, "B's worker listed at A", |s| {
+        s.cluster
+            .as_ref()
+            .is_some_and(|c| c.peers.iter().any(|p| !p.services.is_empty()))
+    })
+    .await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let req = Request::get(format!("http://{}/endless", a.http))
+        .body(Body::empty())
+        .expect("request");
+    let resp = with_timeout(client.request(req)).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut read = 0u64;
+    while read < MIB as u64 {
+        let frame = with_timeout(body.frame()).await.expect("a chunk");
+        read += frame
+            .expect("data")
+            .into_data()
+            .map_or(0, |d| d.len() as u64);
+    }
+    // The caller stops reading. The worker goes on only as far as the
+    // windows and socket buffers on the way let it, then waits: it has
+    // stopped once `produced` holds still for 300 ms.
+    let mut last = produced.load(Ordering::Relaxed);
+    let mut still = 0;
+    with_timeout(async {
+        while still < 3 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = produced.load(Ordering::Relaxed);
+            still = if now == last { still + 1 } else { 0 };
+            last = now;
+        }
+    })
+    .await;
+    let ahead = last.saturating_sub(read);
+    let (rss_a, rss_b) = (a.peak_rss(), b.peak_rss());
+    eprintln!(
+        "caller read {} MiB and stopped; the worker produced {:.1} MiB in all; peak RSS A / B {:.1} / {:.1} MiB",
+        read / MIB as u64,
+        last as f64 / MIB as f64,
+        rss_a as f64 / MIB as f64,
+        rss_b as f64 / MIB as f64
+    );
+    // Without flow control the worker would run on to its whole gibibyte.
+    assert!(
+        ahead < 48 * MIB as u64,
+        "the worker ran {ahead} bytes ahead of the caller"
+    );
+    assert!(rss_a < 64 << 20 && rss_b < 64 << 20);
+    drop(body);
 }
