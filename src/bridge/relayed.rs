@@ -177,15 +177,26 @@ async fn relay(
             (body.on_read(out.credit_hook(read.clone())), Some(tx))
         }
     };
-    let feed = Feed {
-        frames,
-        tx,
-        off: start.len() as u64,
-        read,
-        cancelled: cancelled.clone(),
-        drops: out.cluster.drops(),
+    // A body still to come is fed by a task of its own, which also sees
+    // a cancel; a whole one needs no task: the waits below watch for it.
+    let (mut ends, _feed) = match tx {
+        Some(tx) => {
+            let feed = Feed {
+                frames,
+                tx: Some(tx),
+                off: start.len() as u64,
+                read,
+                cancelled: cancelled.clone(),
+                drops: out.cluster.drops(),
+            };
+            let task = AbortOnDropHandle::new(tokio::spawn(feed.run()));
+            (Ends::Token(cancelled), Some(task))
+        }
+        None => {
+            let drops = out.cluster.drops();
+            (Ends::Frames { frames, drops }, None)
+        }
     };
-    let _feed = AbortOnDropHandle::new(tokio::spawn(feed.run()));
     let caller = Caller {
         addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
         ip: "".into(),
@@ -232,7 +243,7 @@ async fn relay(
                 outcome = &mut run => break outcome,
                 _ = &mut answer_by, if out.offer.is_some() => out.accept().await,
                 _ = tick.tick() => if !out.alive().await { return },
-                _ = cancelled.cancelled() => return,
+                _ = ends.ended() => return,
             }
         }
     };
@@ -250,7 +261,7 @@ async fn relay(
     log.status = resp.status().as_u16();
     let worker = log.trace.session.as_ref().map(|s| s.worker_id.clone());
     let sent = out
-        .reply(resp, log.error, worker, &mut tick, &cancelled)
+        .reply(resp, log.error, worker, &mut tick, &mut ends)
         .await;
     log.bytes_out = sent.bytes;
     log.complete = sent.complete;
@@ -329,6 +340,36 @@ impl Feed {
         }
         // Cancelled, or the call's route is gone (flow control broken).
         self.cancelled.cancel();
+    }
+}
+
+/// What ends a call early: a cancel from the calling bridge, or this
+/// bridge's NATS connection dropping (frames may have been lost).
+enum Ends {
+    /// Set by the task that feeds a request body (and sees those).
+    Token(CancellationToken),
+    /// Watched here, for a call whose body came whole.
+    Frames {
+        frames: mpsc::Receiver<Routed>,
+        drops: watch::Receiver<u64>,
+    },
+}
+
+impl Ends {
+    /// Returns when the call must end.
+    async fn ended(&mut self) {
+        match self {
+            Ends::Token(token) => token.cancelled().await,
+            Ends::Frames { frames, drops } => loop {
+                tokio::select! {
+                    frame = frames.recv() => match frame {
+                        None | Some((Frame::Cancel { .. }, _)) => return,
+                        Some(_) => {}
+                    },
+                    _ = dropped(drops) => return,
+                }
+            },
+        }
     }
 }
 
@@ -421,7 +462,7 @@ impl Sender {
         error: Option<&'static str>,
         worker: Option<String>,
         tick: &mut tokio::time::Interval,
-        cancelled: &CancellationToken,
+        ends: &mut Ends,
     ) -> Sent {
         let (parts, mut body) = resp.into_parts();
         let wire = headers::to_wire_ref(&parts.headers);
@@ -473,12 +514,12 @@ impl Sender {
                     true => continue,
                     false => return self.sent(false),
                 },
-                _ = cancelled.cancelled() => return self.sent(false),
+                _ = ends.ended() => return self.sent(false),
             };
             let mut data = batch.data;
             while !data.is_empty() {
                 let piece = data.split_to(data.len().min(room));
-                if !self.room_for(piece.len(), tick, cancelled).await {
+                if !self.room_for(piece.len(), tick, ends).await {
                     return self.sent(false);
                 }
                 let chunk = Frame::ResData {
@@ -521,7 +562,7 @@ impl Sender {
         &mut self,
         n: usize,
         tick: &mut tokio::time::Interval,
-        cancelled: &CancellationToken,
+        ends: &mut Ends,
     ) -> bool {
         let window = self.window.clone();
         let take = window.take(n);
@@ -536,7 +577,7 @@ impl Sender {
                     return false;
                 }
                 _ = tick.tick() => if !self.alive().await { return false },
-                _ = cancelled.cancelled() => return false,
+                _ = ends.ended() => return false,
             }
         }
     }

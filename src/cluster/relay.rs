@@ -212,8 +212,18 @@ pub(crate) fn decode(payload: &Bytes) -> Result<(Frame, Bytes), DecodeError> {
         .iter()
         .position(|&b| b == b'\n')
         .ok_or(DecodeError::NoHead)?;
-    let frame =
-        serde_json::from_slice(&payload[..nl]).map_err(|e| DecodeError::Json(e.to_string()))?;
+    let json = &payload[..nl];
+    let json_error = |e: serde_json::Error| DecodeError::Json(e.to_string());
+    // The two frames with headers, as this crate writes them (the tag
+    // first): read straight into their struct, which ignores the tag. The
+    // generic path buffers the whole head before reading it again.
+    let frame = if json.starts_with(br#"{"t":"call","#) {
+        Frame::Call(serde_json::from_slice(json).map_err(json_error)?)
+    } else if json.starts_with(br#"{"t":"res_head","#) {
+        Frame::ResHead(serde_json::from_slice(json).map_err(json_error)?)
+    } else {
+        serde_json::from_slice(json).map_err(json_error)?
+    };
     Ok((frame, payload.slice(nl + 1..)))
 }
 
@@ -405,6 +415,27 @@ mod tests {
         bare.headers = vec![("x-a".into(), "1".into()), ("x-b".into(), "two".into())];
         assert_eq!(frame, Frame::Call(bare));
         assert_eq!(&body[..], b"body");
+    }
+
+    #[test]
+    fn heads_with_their_tag_first_or_elsewhere_read_the_same() {
+        let reply = Frame::ResHead(ResHead {
+            call: 3,
+            status: 201,
+            end: true,
+            error: None,
+            worker: Some("w".into()),
+            headers: vec![("a".into(), "b".into())],
+            latin1: vec![],
+        });
+        let fast = encode(&reply, b"x");
+        assert!(fast.starts_with(br#"{"t":"res_head","#));
+        assert_eq!(decode(&fast).expect("decodes").0, reply);
+        let moved =
+            br#"{"call":3,"status":201,"t":"res_head","end":true,"worker":"w","headers":[["a","b"]]}"#;
+        let mut message = moved.to_vec();
+        message.push(b'\n');
+        assert_eq!(decode(&Bytes::from(message)).expect("decodes").0, reply);
     }
 
     #[test]
