@@ -245,6 +245,8 @@ pub(crate) struct ClusterGauges {
     /// taken from them (`in`): totals, then those in flight.
     pub(crate) calls: (u64, u64),
     pub(crate) in_flight: (usize, usize),
+    /// Calls run on other bridges that ended, and their total time (µs).
+    pub(crate) out_done: (u64, u64),
 }
 
 /// A metric with an `out` and an `in` series.
@@ -387,6 +389,18 @@ impl Metrics {
                 "gauge",
                 "Cross-node calls in progress, by direction.",
                 cluster.in_flight,
+            );
+            let (done, micros) = cluster.out_done;
+            header(
+                o,
+                "wsbridge_cluster_call_duration_seconds",
+                "summary",
+                "Calls run on another bridge: time from the request to the end of the response.",
+            );
+            let _ = writeln!(
+                o,
+                "wsbridge_cluster_call_duration_seconds_sum {}\nwsbridge_cluster_call_duration_seconds_count {done}",
+                micros as f64 / 1e6
             );
         }
         header(

@@ -137,6 +137,10 @@ async fn a_call_at_one_bridge_reaches_a_worker_at_the_other_intact() {
         text.contains("wsbridge_cluster_calls_total{direction=\"out\"} 2\n"),
         "{text}"
     );
+    assert!(
+        text.contains("wsbridge_cluster_call_duration_seconds_count 2\n"),
+        "{text}"
+    );
     let metrics = get(
         &client,
         &format!("http://{}/metrics", b.admin.expect("admin")),

@@ -173,6 +173,7 @@ fn gauges(shared: &Shared) -> Gauges {
             peers: c.peer_count(),
             calls: (c.calls_out.load(Relaxed), c.calls_in.load(Relaxed)),
             in_flight: (c.calls.outgoing_len(), c.calls.incoming_len()),
+            out_done: (c.out_done.load(Relaxed), c.out_micros.load(Relaxed)),
         }),
     }
 }

@@ -152,6 +152,11 @@ impl Drop for AccessLog {
         if let Some(session) = &log.trace.session {
             session.stats.finished(status >= 500 || truncated);
         }
+        if log.trace.node.is_some() {
+            if let Some(cluster) = log.shared.cluster.get() {
+                cluster.finished_out(elapsed);
+            }
+        }
         // The request id and the path are the caller's: recorded as strings
         // they are quoted and escaped in the text format (and are JSON
         // strings in the JSON one), so `a"b=c` cannot pass for more fields.

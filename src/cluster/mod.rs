@@ -132,6 +132,10 @@ pub(crate) struct Cluster {
     pub(crate) calls_out: AtomicU64,
     /// Calls other bridges sent this one that it took.
     pub(crate) calls_in: AtomicU64,
+    /// Calls run on other bridges that have ended, and their time from
+    /// the caller's request to the end of its response, in microseconds.
+    pub(crate) out_done: AtomicU64,
+    pub(crate) out_micros: AtomicU64,
     /// The next id of a call this bridge sends elsewhere; random at boot,
     /// so that a restarted bridge's ids do not meet its last boot's.
     next_call: AtomicU64,
@@ -202,6 +206,8 @@ impl Cluster {
             calls: relay::Table::default(),
             calls_out: AtomicU64::new(0),
             calls_in: AtomicU64::new(0),
+            out_done: AtomicU64::new(0),
+            out_micros: AtomicU64::new(0),
             next_call: AtomicU64::new(uuid::Uuid::now_v7().as_u64_pair().1 >> 2),
         });
         let beats = cluster
@@ -264,6 +270,13 @@ impl Cluster {
     /// Counts a call another bridge took from this one.
     pub(crate) fn counted_out(&self) {
         self.calls_out.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records the end of a call that ran on another bridge.
+    pub(crate) fn finished_out(&self, took: Duration) {
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.out_micros.fetch_add(micros, Ordering::Relaxed);
+        self.out_done.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a call this bridge took from another.
