@@ -10,57 +10,16 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use bytes::Bytes;
 use common::*;
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, StreamBody};
-use hyper::{
-    body::{Frame, Incoming},
-    server::conn::http1,
-    service::service_fn,
-};
+use http_body_util::BodyExt;
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use wsbridge::body::Body;
 
 const GIB: usize = 1 << 30;
-const BLOCK: usize = 256 * 1024;
-
-/// The bytes of block `i` of a deterministic stream: one random-looking
-/// block with the block number stamped in, so reordering or repetition
-/// changes the hash.
-fn block(base: &Bytes, i: usize) -> Bytes {
-    let mut b = base.to_vec();
-    b[..8].copy_from_slice(&(i as u64).to_be_bytes());
-    Bytes::from(b)
-}
-
-/// A body of `total` bytes made of blocks; `hash` receives its SHA-256.
-fn generated(total: usize, hash: Arc<Mutex<Option<String>>>) -> Body {
-    let base = noise(BLOCK);
-    let mut sha = Some(Sha256::new());
-    let mut i = 0;
-    let stream = futures_util::stream::poll_fn(move |_| {
-        if i * BLOCK >= total {
-            if let Some(sha) = sha.take() {
-                *hash.lock().expect("lock") = Some(hex(&sha.finalize()));
-            }
-            return std::task::Poll::Ready(None);
-        }
-        let b = block(&base, i);
-        if let Some(sha) = sha.as_mut() {
-            sha.update(&b);
-        }
-        i += 1;
-        std::task::Poll::Ready(Some(Ok::<_, Infallible>(Frame::data(b))))
-    });
-    Body::wrap(StreamBody::new(stream))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// An upstream that hashes uploads (`POST /upload` answers the SHA-256 and
 /// length) and streams 1 GiB downloads (`GET /download`), recording the
@@ -150,18 +109,10 @@ async fn a_gibibyte_each_way_arrives_intact_in_bounded_memory() {
         .await
         .expect("download response");
     assert_eq!(resp.status(), StatusCode::OK);
-    let mut body = resp.into_body();
-    let mut sha = Sha256::new();
-    let mut len = 0usize;
-    while let Some(frame) = with_timeout(body.frame()).await {
-        if let Ok(data) = frame.expect("download chunk").into_data() {
-            len += data.len();
-            sha.update(&data);
-        }
-    }
+    let (len, hash) = read_hashed(resp.into_body()).await;
     assert_eq!(len, GIB);
     let expected = sent.lock().expect("lock").clone().expect("download hashed");
-    assert_eq!(hex(&sha.finalize()), expected);
+    assert_eq!(hash, expected);
 
     let peak = bridge.peak_rss();
     eprintln!(

@@ -20,20 +20,24 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, Notify};
-use wsbridge::{body::Body, bridge::status::Status, config::ClusterConfig};
+use wsbridge::{body::Body, bridge::status::Status};
 
-fn cluster(nats: &str, node: &str) -> ClusterConfig {
-    ClusterConfig {
-        nats: vec![nats.to_owned()],
-        node: node.to_owned(),
-        name: "test".to_owned(),
-        token: None,
-        user: None,
-        password: None,
-        creds: None,
-        tls_ca: None,
-        heartbeat: Duration::from_millis(500),
-    }
+/// Announcements every 500 ms: peers appear and go quickly.
+const BEAT: Duration = Duration::from_millis(500);
+
+/// The response to a GET, its body still to be read.
+async fn get_streamed(client: &HttpClient, url: &str) -> Response<hyper::body::Incoming> {
+    let req = Request::get(url)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    with_timeout(client.request(req)).await.expect("response")
+}
+
+/// A bridge's `/metrics`.
+async fn metrics(bridge: &TestBridge) -> String {
+    let admin = bridge.admin.expect("admin listener");
+    let reply = get(&http_client(), &format!("http://{admin}/metrics")).await;
+    String::from_utf8_lossy(&reply.body).into_owned()
 }
 
 /// Whether `node`'s workers of `service` are listed at this bridge.
@@ -53,8 +57,8 @@ async fn pair(
 ) -> (NatsCluster, TestBridge, TestBridge, TestWorker) {
     let nats = NatsCluster::start(3).await;
     let (url_a, url_b) = (nats.url(0), nats.url(2));
-    let a = TestBridge::start(|c| c.cluster = Some(cluster(&url_a, "node-a"))).await;
-    let b = TestBridge::start(|c| c.cluster = Some(cluster(&url_b, "node-b"))).await;
+    let a = TestBridge::start(|c| c.cluster = Some(cluster_config(&url_a, "node-a", BEAT))).await;
+    let b = TestBridge::start(|c| c.cluster = Some(cluster_config(&url_b, "node-b", BEAT))).await;
     let worker = TestWorker::start(b.worker_config(&["orders"], capacity), handler).await;
     let admin_a = a.admin.expect("admin listener");
     until_status(admin_a, "B's worker listed at A", |s| {
@@ -127,12 +131,7 @@ async fn a_call_at_one_bridge_reaches_a_worker_at_the_other_intact() {
         "the body came back changed"
     );
 
-    let metrics = get(
-        &client,
-        &format!("http://{}/metrics", a.admin.expect("admin")),
-    )
-    .await;
-    let text = String::from_utf8_lossy(&metrics.body);
+    let text = metrics(&a).await;
     assert!(
         text.contains("wsbridge_cluster_calls_total{direction=\"out\"} 2\n"),
         "{text}"
@@ -141,12 +140,7 @@ async fn a_call_at_one_bridge_reaches_a_worker_at_the_other_intact() {
         text.contains("wsbridge_cluster_call_duration_seconds_count 2\n"),
         "{text}"
     );
-    let metrics = get(
-        &client,
-        &format!("http://{}/metrics", b.admin.expect("admin")),
-    )
-    .await;
-    let text = String::from_utf8_lossy(&metrics.body);
+    let text = metrics(&b).await;
     assert!(
         text.contains("wsbridge_cluster_calls_total{direction=\"in\"} 2\n"),
         "{text}"
@@ -224,14 +218,7 @@ async fn server_sent_events_through_another_bridge_arrive_one_by_one() {
     };
     let (_nats, a, b, worker) = pair(4, handler).await;
     let client = http_client();
-    let resp = client
-        .request(
-            Request::get(a.at("/orders/events"))
-                .body(Full::new(Bytes::new()))
-                .expect("request"),
-        )
-        .await
-        .expect("response");
+    let resp = get_streamed(&client, &a.at("/orders/events")).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let mut body = resp.into_body();
@@ -327,22 +314,11 @@ async fn a_bridge_cut_off_from_nats_fails_calls_for_remote_workers_fast() {
         "answered after {:?}",
         asked.elapsed()
     );
-    let metrics = get(&http_client(), &format!("http://{admin_a}/metrics")).await;
-    let text = String::from_utf8_lossy(&metrics.body);
+    let text = metrics(&a).await;
     assert!(text.contains("wsbridge_cluster_connected 0\n"), "{text}");
     worker.stop().await;
     a.stop().await;
     b.stop().await;
-}
-
-/// Reads a streamed reply to its end.
-#[allow(dead_code)]
-async fn read_all(resp: Response<hyper::body::Incoming>) -> Bytes {
-    resp.into_body()
-        .collect()
-        .await
-        .expect("the body")
-        .to_bytes()
 }
 
 #[tokio::test]
@@ -402,14 +378,7 @@ async fn a_caller_that_hangs_up_mid_stream_ends_the_workers_stream_at_the_other_
     };
     let (_nats, a, b, worker) = pair(4, handler).await;
     let client = http_client();
-    let resp = client
-        .request(
-            Request::get(a.at("/orders/stream"))
-                .body(Full::new(Bytes::new()))
-                .expect("request"),
-        )
-        .await
-        .expect("response");
+    let resp = get_streamed(&client, &a.at("/orders/stream")).await;
     let mut body = resp.into_body();
     go_tx.send(()).expect("worker");
     assert_eq!(with_timeout(sent_rx.recv()).await, Some(true));

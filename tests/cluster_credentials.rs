@@ -10,17 +10,11 @@ use std::time::Duration;
 use common::*;
 use wsbridge::{bridge::status::Status, config::ClusterConfig, tls::SelfSigned};
 
+/// A `[cluster]` section of cluster `creds`, without credentials yet.
 fn cluster(nats: &str, node: &str) -> ClusterConfig {
     ClusterConfig {
-        nats: vec![nats.to_owned()],
-        node: node.to_owned(),
         name: "creds".to_owned(),
-        token: None,
-        user: None,
-        password: None,
-        creds: None,
-        tls_ca: None,
-        heartbeat: Duration::from_millis(500),
+        ..cluster_config(nats, node, Duration::from_millis(500))
     }
 }
 

@@ -16,12 +16,6 @@ use http::{Request, Response};
 use tokio::sync::Notify;
 use wsbridge::{body::Body, bridge::status::Status};
 
-/// `[cluster]` for a bridge process; a 2 s heartbeat (the default), so a
-/// killed bridge stays listed at its peers for about 6 s.
-fn cluster_toml(nats: &str, node: &str) -> String {
-    format!("[cluster]\nnats = [\"{nats}\"]\nnode = \"{node}\"\nname = \"test\"\n")
-}
-
 fn free_at(status: &Status, node: &str) -> Option<u32> {
     let cluster = status.cluster.as_ref()?;
     let peer = cluster.peers.iter().find(|p| p.node == node)?;
@@ -57,9 +51,9 @@ fn worker(at: &'static str, started: Arc<Notify>) -> impl wsbridge::worker::Hand
 async fn a_bridge_killed_mid_call_fails_it_within_four_seconds_and_new_calls_go_elsewhere() {
     let nats = NatsCluster::start(3).await;
     let http = "request_timeout = \"60s\"\nqueue_timeout = \"1s\"";
-    let a = BridgeProcess::start_with(http, &cluster_toml(&nats.url(0), "node-a")).await;
-    let mut b = BridgeProcess::start_with(http, &cluster_toml(&nats.url(2), "node-b")).await;
-    let c = BridgeProcess::start_with(http, &cluster_toml(&nats.url(1), "node-c")).await;
+    let a = BridgeProcess::start_with(http, &cluster_toml(&nats.url(0), "node-a", None)).await;
+    let mut b = BridgeProcess::start_with(http, &cluster_toml(&nats.url(2), "node-b", None)).await;
+    let c = BridgeProcess::start_with(http, &cluster_toml(&nats.url(1), "node-c", None)).await;
     let started = Arc::new(Notify::new());
     // B has the most room: calls from A go there first.
     let _at_b = TestWorker::start(

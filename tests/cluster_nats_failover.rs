@@ -15,22 +15,10 @@ use std::{
 use common::*;
 use http::{Request, Response};
 use tokio::sync::Notify;
-use wsbridge::{body::Body, config::ClusterConfig};
+use wsbridge::body::Body;
 
-fn cluster(nats: &str, node: &str) -> ClusterConfig {
-    ClusterConfig {
-        nats: vec![nats.to_owned()],
-        node: node.to_owned(),
-        name: "test".to_owned(),
-        token: None,
-        user: None,
-        password: None,
-        creds: None,
-        tls_ca: None,
-        // Pings every second: a silent server is noticed in about 2 s.
-        heartbeat: Duration::from_secs(1),
-    }
-}
+/// Pings every second: a silent server is noticed in about 2 s.
+const BEAT: Duration = Duration::from_secs(1);
 
 /// One finished call.
 struct Done {
@@ -76,12 +64,12 @@ async fn calls_survive_a_nats_server_killed_and_another_frozen_without_hanging_o
     let timeout = Duration::from_secs(5);
     let (url_a, url_b) = (nats.url(0), nats.url(2));
     let a = TestBridge::start(|c| {
-        c.cluster = Some(cluster(&url_a, "node-a"));
+        c.cluster = Some(cluster_config(&url_a, "node-a", BEAT));
         c.http.request_timeout = timeout;
         c.http.queue_timeout = Duration::from_millis(500);
     })
     .await;
-    let b = TestBridge::start(|c| c.cluster = Some(cluster(&url_b, "node-b"))).await;
+    let b = TestBridge::start(|c| c.cluster = Some(cluster_config(&url_b, "node-b", BEAT))).await;
     // The worker counts how often it ran each call.
     let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
     let counted = runs.clone();

@@ -8,31 +8,11 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use http::{Request, Response};
-use wsbridge::{body::Body, bridge::status::Status, config::ClusterConfig};
+use wsbridge::{body::Body, bridge::status::Status};
 
 /// Echoes the request body.
 async fn echo(req: Request<Body>) -> Response<Body> {
     Response::new(req.into_body())
-}
-
-/// A `[cluster]` section for node `node` on the NATS server at `nats`.
-fn cluster(nats: &str, node: &str, heartbeat: Duration) -> ClusterConfig {
-    ClusterConfig {
-        nats: vec![nats.to_owned()],
-        node: node.to_owned(),
-        name: "test".to_owned(),
-        token: None,
-        user: None,
-        password: None,
-        creds: None,
-        tls_ca: None,
-        heartbeat,
-    }
-}
-
-/// The same, as TOML for a bridge process.
-fn cluster_toml(nats: &str, node: &str, heartbeat: &str) -> String {
-    format!("[cluster]\nnats = [\"{nats}\"]\nnode = \"{node}\"\nname = \"test\"\nheartbeat = \"{heartbeat}\"\n")
 }
 
 /// Workers that `node` announced for `service`, as `status` shows them.
@@ -63,8 +43,10 @@ async fn a_worker_at_one_bridge_is_listed_at_the_other_within_three_seconds() {
     let nats = NatsCluster::start(3).await;
     let heartbeat = Duration::from_secs(2);
     let (url_a, url_b) = (nats.url(0), nats.url(2));
-    let a = TestBridge::start(|c| c.cluster = Some(cluster(&url_a, "node-a", heartbeat))).await;
-    let b = TestBridge::start(|c| c.cluster = Some(cluster(&url_b, "node-b", heartbeat))).await;
+    let a =
+        TestBridge::start(|c| c.cluster = Some(cluster_config(&url_a, "node-a", heartbeat))).await;
+    let b =
+        TestBridge::start(|c| c.cluster = Some(cluster_config(&url_b, "node-b", heartbeat))).await;
     let admin_a = a.admin.expect("admin listener");
     // Each sees the other (the starting bridge asks for everyone's presence).
     until_status(admin_a, "node-b listed at node-a", |s| {
@@ -129,11 +111,13 @@ async fn a_bridge_that_stops_leaves_at_once_and_one_killed_is_dropped_after_thre
     let nats = NatsCluster::start(1).await;
     let url = nats.url(0);
     let heartbeat = Duration::from_millis(500);
-    let a = TestBridge::start(|c| c.cluster = Some(cluster(&url, "node-a", heartbeat))).await;
+    let a =
+        TestBridge::start(|c| c.cluster = Some(cluster_config(&url, "node-a", heartbeat))).await;
     let admin_a = a.admin.expect("admin listener");
 
     // A graceful stop says it is leaving.
-    let b = TestBridge::start(|c| c.cluster = Some(cluster(&url, "node-b", heartbeat))).await;
+    let b =
+        TestBridge::start(|c| c.cluster = Some(cluster_config(&url, "node-b", heartbeat))).await;
     until_status(admin_a, "node-b joined", |s| peers(s) == ["node-b"]).await;
     let stopping = Instant::now();
     b.stop().await;
@@ -142,7 +126,7 @@ async fn a_bridge_that_stops_leaves_at_once_and_one_killed_is_dropped_after_thre
     assert!(took < heartbeat * 2, "left after {took:?}");
 
     // SIGKILL says nothing: three missed beats (1.5 s) drop it.
-    let mut c = BridgeProcess::start_with("", &cluster_toml(&url, "node-c", "500ms")).await;
+    let mut c = BridgeProcess::start_with("", &cluster_toml(&url, "node-c", Some("500ms"))).await;
     until_status(admin_a, "node-c joined", |s| peers(s) == ["node-c"]).await;
     c.kill().await;
     let killed = Instant::now();
@@ -160,8 +144,10 @@ async fn losing_nats_degrades_the_bridge_and_it_recovers_when_nats_is_back() {
     let mut nats = NatsCluster::start(1).await;
     let url = nats.url(0);
     let heartbeat = Duration::from_millis(500);
-    let a = TestBridge::start(|c| c.cluster = Some(cluster(&url, "node-a", heartbeat))).await;
-    let b = TestBridge::start(|c| c.cluster = Some(cluster(&url, "node-b", heartbeat))).await;
+    let a =
+        TestBridge::start(|c| c.cluster = Some(cluster_config(&url, "node-a", heartbeat))).await;
+    let b =
+        TestBridge::start(|c| c.cluster = Some(cluster_config(&url, "node-b", heartbeat))).await;
     let admin_a = a.admin.expect("admin listener");
     until_status(admin_a, "connected with a peer", |s| {
         s.cluster.as_ref().is_some_and(|c| c.connected) && peers(s) == ["node-b"]
@@ -237,7 +223,7 @@ async fn a_bridge_starts_while_nats_is_down_and_joins_when_it_comes_up() {
     let a = within(
         Duration::from_secs(10),
         "a bridge starting without NATS",
-        TestBridge::start(|c| c.cluster = Some(cluster(&url, "node-a", heartbeat))),
+        TestBridge::start(|c| c.cluster = Some(cluster_config(&url, "node-a", heartbeat))),
     )
     .await;
     let admin_a = a.admin.expect("admin listener");
@@ -248,7 +234,8 @@ async fn a_bridge_starts_while_nats_is_down_and_joins_when_it_comes_up() {
     assert_eq!(&reply.body[..], b"no nats");
 
     nats.restart(0).await;
-    let b = TestBridge::start(|c| c.cluster = Some(cluster(&url, "node-b", heartbeat))).await;
+    let b =
+        TestBridge::start(|c| c.cluster = Some(cluster_config(&url, "node-b", heartbeat))).await;
     until_status(admin_a, "joined once NATS is up", |s| {
         s.cluster.as_ref().is_some_and(|c| c.connected) && peers(s) == ["node-b"]
     })
@@ -262,9 +249,9 @@ async fn two_bridges_with_one_node_name_are_told_apart_in_the_log() {
     let nats = NatsCluster::start(1).await;
     let url = nats.url(0);
     let heartbeat = Duration::from_millis(200);
-    let a = TestBridge::start(|c| c.cluster = Some(cluster(&url, "twin", heartbeat))).await;
+    let a = TestBridge::start(|c| c.cluster = Some(cluster_config(&url, "twin", heartbeat))).await;
     // The second twin is a bridge process, so its log can be read.
-    let mut b = BridgeProcess::start_with("", &cluster_toml(&url, "twin", "200ms")).await;
+    let mut b = BridgeProcess::start_with("", &cluster_toml(&url, "twin", Some("200ms"))).await;
     within(LIMIT, "the duplicate node name warning", async {
         while let Some(line) = b.next_log_line().await {
             if line.contains("under this bridge's node name") {

@@ -16,7 +16,6 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
 use common::*;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
@@ -25,7 +24,6 @@ use sha2::{Digest, Sha256};
 use wsbridge::body::Body;
 
 const MIB: usize = 1 << 20;
-const BLOCK: usize = 256 * 1024;
 
 fn total() -> usize {
     std::env::var("WSBRIDGE_TRANSFER_MIB")
@@ -33,36 +31,6 @@ fn total() -> usize {
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or(100)
         * MIB
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A body of `total` bytes, generated as it is read, each block stamped
-/// with its number (so a reordered or repeated block changes the hash);
-/// `hash` gets its SHA-256 at the end.
-fn generated(total: usize, hash: Arc<Mutex<Option<String>>>) -> Body {
-    let base = noise(BLOCK);
-    let mut sha = Some(Sha256::new());
-    let mut i = 0;
-    let stream = futures_util::stream::poll_fn(move |_| {
-        if i * BLOCK >= total {
-            if let Some(sha) = sha.take() {
-                *hash.lock().expect("lock") = Some(hex(&sha.finalize()));
-            }
-            return std::task::Poll::Ready(None);
-        }
-        let mut b = base.to_vec();
-        b[..8].copy_from_slice(&(i as u64).to_be_bytes());
-        let b = Bytes::from(b);
-        if let Some(sha) = sha.as_mut() {
-            sha.update(&b);
-        }
-        i += 1;
-        std::task::Poll::Ready(Some(Ok::<_, Infallible>(Frame::data(b))))
-    });
-    Body::wrap(StreamBody::new(stream))
 }
 
 /// `POST /upload` answers the SHA-256 and length of what it read; `GET
@@ -114,11 +82,8 @@ fn worker(
 async fn a_hundred_mib_each_way_through_another_bridge_arrives_intact_in_bounded_memory() {
     let nats = NatsCluster::start(3).await;
     let http = "request_timeout = \"600s\"\nmax_body = \"2GiB\"";
-    let cluster = |url: String, node: &str| {
-        format!("[cluster]\nnats = [\"{url}\"]\nnode = \"{node}\"\nname = \"test\"\n")
-    };
-    let a = BridgeProcess::start_with(http, &cluster(nats.url(0), "node-a")).await;
-    let b = BridgeProcess::start_with(http, &cluster(nats.url(2), "node-b")).await;
+    let a = BridgeProcess::start_with(http, &cluster_toml(&nats.url(0), "node-a", None)).await;
+    let b = BridgeProcess::start_with(http, &cluster_toml(&nats.url(2), "node-b", None)).await;
     let sent = Arc::new(Mutex::new(None));
     let produced = Arc::new(AtomicU64::new(0));
     let _worker = TestWorker::start(
@@ -166,18 +131,10 @@ async fn a_hundred_mib_each_way_through_another_bridge_arrives_intact_in_bounded
         .await
         .expect("download response");
     assert_eq!(resp.status(), StatusCode::OK);
-    let mut body = resp.into_body();
-    let mut sha = Sha256::new();
-    let mut len = 0usize;
-    while let Some(frame) = with_timeout(body.frame()).await {
-        if let Ok(data) = frame.expect("download chunk").into_data() {
-            len += data.len();
-            sha.update(&data);
-        }
-    }
+    let (len, hash) = read_hashed(resp.into_body()).await;
     assert_eq!(len, total);
     let expected = sent.lock().expect("lock").clone().expect("hashed");
-    assert_eq!(hex(&sha.finalize()), expected);
+    assert_eq!(hash, expected);
 
     let peak = (a.peak_rss(), b.peak_rss());
     let mib = |n: u64| n as f64 / MIB as f64;
@@ -199,14 +156,8 @@ async fn a_hundred_mib_each_way_through_another_bridge_arrives_intact_in_bounded
 async fn a_caller_that_stops_reading_stops_the_worker_at_the_other_bridge() {
     let nats = NatsCluster::start(1).await;
     let http = "request_timeout = \"600s\"";
-    let cluster = |node: &str| {
-        format!(
-            "[cluster]\nnats = [\"{}\"]\nnode = \"{node}\"\nname = \"test\"\n",
-            nats.url(0)
-        )
-    };
-    let a = BridgeProcess::start_with(http, &cluster("node-a")).await;
-    let b = BridgeProcess::start_with(http, &cluster("node-b")).await;
+    let a = BridgeProcess::start_with(http, &cluster_toml(&nats.url(0), "node-a", None)).await;
+    let b = BridgeProcess::start_with(http, &cluster_toml(&nats.url(0), "node-b", None)).await;
     let produced = Arc::new(AtomicU64::new(0));
     let _worker = TestWorker::start(
         b.worker_config(&["default"], 8),

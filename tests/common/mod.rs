@@ -11,6 +11,7 @@
 //! * `callers`: HTTP clients and one-call helpers ([`get`], [`post`]...);
 //! * `net`: an HTTP server ([`serve_http`]) and a cutting proxy ([`CutProxy`]);
 //! * `nats`: real nats-server processes, one or a cluster ([`NatsCluster`]);
+//! * `hashed`: large bodies generated and read with their SHA-256 ([`generated`]);
 //! * [`raw_http`]: a caller that writes exact bytes (used by path).
 //!
 //! This file keeps what every role uses: the token, the bound on any await,
@@ -20,6 +21,7 @@
 
 mod callers;
 mod fake_bridge;
+mod hashed;
 mod in_process;
 pub mod nats;
 mod net;
@@ -29,7 +31,10 @@ mod raw_worker;
 
 // Each test file uses only some of the roles.
 #[allow(unused_imports)]
-pub use {callers::*, fake_bridge::*, in_process::*, nats::*, net::*, process::*, raw_worker::*};
+pub use {
+    callers::*, fake_bridge::*, hashed::*, in_process::*, nats::*, net::*, process::*,
+    raw_worker::*,
+};
 
 use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
 

@@ -557,3 +557,29 @@ async fn get_json(addr: SocketAddr, path: &str) -> Result<Value, String> {
         .await
         .map_err(|_| "no answer within 5s".to_owned())?
 }
+
+/// A `[cluster]` section for node `node` of cluster `test` on the NATS
+/// server at `nats`, without credentials.
+pub fn cluster_config(
+    nats: &str,
+    node: &str,
+    heartbeat: Duration,
+) -> wsbridge::config::ClusterConfig {
+    wsbridge::config::ClusterConfig {
+        nats: vec![nats.to_owned()],
+        node: node.to_owned(),
+        name: "test".to_owned(),
+        token: None,
+        user: None,
+        password: None,
+        creds: None,
+        tls_ca: None,
+        heartbeat,
+    }
+}
+
+/// The same, as TOML for a bridge process (`heartbeat` `None`: the default).
+pub fn cluster_toml(nats: &str, node: &str, heartbeat: Option<&str>) -> String {
+    let beat = heartbeat.map_or(String::new(), |h| format!("heartbeat = \"{h}\"\n"));
+    format!("[cluster]\nnats = [\"{nats}\"]\nnode = \"{node}\"\nname = \"test\"\n{beat}")
+}
