@@ -71,7 +71,7 @@ pub async fn run(ports: Ports, shutdown: CancellationToken) -> anyhow::Result<()
     );
     wcfg.worker_id = "demo-echo".into();
     wcfg.tls = Some(cert.client_config()?);
-    let echo = Worker::new(wcfg, worker::echo);
+    let echo = Worker::new(wcfg, worker::echo_as("demo-echo"));
     let mut status = echo.subscribe();
 
     let bridge = tokio::spawn(bridge::run(

@@ -116,6 +116,14 @@ pub enum CallError {
         /// The key.
         key: String,
     },
+    /// The call names a worker (`Wsbridge-Worker`) that no bridge has.
+    #[error("no worker {worker:?} of service {service:?} is connected")]
+    UnknownWorker {
+        /// The service.
+        service: String,
+        /// The id the call asked for.
+        worker: String,
+    },
     /// No worker of the service is connected to this bridge, and the
     /// cluster, where other bridges' workers are, cannot be reached.
     #[error("no worker of service {service:?} is connected to this bridge, and the cluster is unreachable (NATS disconnected)")]
@@ -137,6 +145,7 @@ impl CallError {
         match self {
             CallError::NoRoute { .. } => "no_route",
             CallError::NoWorker { .. } => "no_worker",
+            CallError::UnknownWorker { .. } => "unknown_worker",
             CallError::ClusterUnavailable { .. } => "cluster_unavailable",
             CallError::QueueFull { .. } => "queue_full",
             CallError::Timeout { .. } => "timeout",
@@ -157,7 +166,7 @@ impl CallError {
     /// The HTTP status the caller gets.
     pub fn status(&self) -> StatusCode {
         match self {
-            CallError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            CallError::NoRoute { .. } | CallError::UnknownWorker { .. } => StatusCode::NOT_FOUND,
             CallError::NoWorker { .. }
             | CallError::QueueFull { .. }
             | CallError::ClusterUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,

@@ -147,7 +147,7 @@ struct WorkerArgs {
     /// Calls this worker accepts at once.
     #[arg(long, default_value_t = 64)]
     max_inflight: u32,
-    /// Name shown in the bridge's logs (default: host name and pid).
+    /// This worker's id: its name in the bridge's logs and status, and its address for calls with `Wsbridge-Worker: <id>` (default: host name and pid).
     #[arg(long)]
     id: Option<String>,
     /// Offer LZ4 compression of body frames of 16 KiB and more (for text
@@ -269,7 +269,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                         .run(shutdown)
                         .await?
                 }
-                None => Worker::new(cfg, worker::echo).run(shutdown).await?,
+                None => {
+                    let echo = worker::echo_as(&cfg.worker_id);
+                    Worker::new(cfg, echo).run(shutdown).await?
+                }
             }
         }
         Command::GenCert { out, hosts } => {

@@ -185,6 +185,7 @@ pub(super) async fn call_target(
         // A body that is already compressed (Content-Encoding) is sent as it is.
         precompressed: parts.headers.contains_key(header::CONTENT_ENCODING),
         version: parts.version,
+        worker: target_worker(&parts.headers)?,
     };
     // From here on the call keeps its headers as the JSON every attempt's
     // frame carries (`plan.headers`), not as the caller's header map (about
@@ -233,6 +234,8 @@ pub(super) struct Plan<'a> {
     pub(super) headers: json::EncodedHeaders,
     /// The caller's HTTP version.
     version: http::Version,
+    /// The one worker the call is for (`Wsbridge-Worker`), if any.
+    pub(super) worker: Option<Box<str>>,
 }
 
 impl Plan<'_> {
@@ -396,7 +399,14 @@ async fn attempt(
     }
     let dispatch = Dispatch::Local(&ctx.shared.registry);
     let mut at = match dispatch
-        .start(service, queued_at, queue_deadline, http.queue_limit, how)
+        .start(
+            service,
+            plan.worker.as_deref(),
+            queued_at,
+            queue_deadline,
+            http.queue_limit,
+            how,
+        )
         .await
     {
         Ok(at) => at,
@@ -460,7 +470,29 @@ async fn elsewhere(
     let registry = &ctx.shared.registry;
     let service: &str = &plan.target.service;
     // A call another bridge sent runs here or nowhere: no relaying on.
-    if ctx.relayed.is_some() || registry.has_room(service) {
+    if ctx.relayed.is_some() {
+        return None;
+    }
+    if let Some(id) = plan.worker.as_deref() {
+        // A call for one worker waits for it here if it is here; else it
+        // goes to the bridge that announces it, or is for nobody.
+        if registry.hosts(service, id) {
+            return None;
+        }
+        let step = Box::pin(remote::attempt(ctx, plan, fields, body, n, trace, true)).await;
+        return Some(step.unwrap_or_else(|| {
+            Step::Unplaced(match cluster.is_connected() {
+                true => CallError::UnknownWorker {
+                    service: service.to_owned(),
+                    worker: id.to_owned(),
+                },
+                false => CallError::ClusterUnavailable {
+                    service: service.to_owned(),
+                },
+            })
+        }));
+    }
+    if registry.has_room(service) {
         return None;
     }
     let local = registry.accepting(service) > 0;
@@ -517,6 +549,10 @@ fn unplaced(plan: &Plan<'_>, e: AcquireError, limit: usize, queued_at: Instant) 
             service,
             waited: queued_at.elapsed(),
             connected,
+        },
+        AcquireError::UnknownWorker => CallError::UnknownWorker {
+            service,
+            worker: plan.worker.as_deref().unwrap_or_default().to_owned(),
         },
     }
 }
@@ -737,6 +773,34 @@ fn head_fits(fields: &RequestFields<'_>, headers: &[(&str, WireText<'_>)]) -> bo
     let mut json = Vec::new();
     json::write_request(&longest, headers, &mut json);
     json.len() <= protocol::MAX_HEADER_LEN
+}
+
+/// The header that addresses a call to one worker by its hello's
+/// `worker_id`.
+pub(super) static WSBRIDGE_WORKER: header::HeaderName =
+    header::HeaderName::from_static("wsbridge-worker");
+
+/// Longest worker id a call may name (the hello's limit).
+const MAX_WORKER_ID: usize = 256;
+
+/// The worker a call names in `Wsbridge-Worker`, if any: one value of 1 to
+/// 256 bytes of UTF-8.
+fn target_worker(headers: &http::HeaderMap) -> Result<Option<Box<str>>, CallError> {
+    let mut values = headers.get_all(&WSBRIDGE_WORKER).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    let bad = |reason: &str| CallError::BadRequest {
+        reason: format!("Wsbridge-Worker: {reason}"),
+    };
+    if values.next().is_some() {
+        return Err(bad("name one worker"));
+    }
+    let id = std::str::from_utf8(value.as_bytes()).map_err(|_| bad("not UTF-8"))?;
+    if id.is_empty() || id.len() > MAX_WORKER_ID {
+        return Err(bad("1 to 256 bytes"));
+    }
+    Ok(Some(id.into()))
 }
 
 /// The `X-Forwarded-For` to send: what the caller sent, plus its address.

@@ -45,7 +45,8 @@ pub(super) struct StartAs {
 }
 
 impl Dispatch<'_> {
-    /// Finds a place with room for a call to `service`, waiting from `now`
+    /// Finds a place with room for a call to `service` (to its worker
+    /// named `worker`, if given: that one or none), waiting from `now`
     /// (the caller's clock reading, so that an attempt reads it once) until
     /// `queue_deadline` in FIFO order behind at most `queue_limit - 1`
     /// other calls, and registers the call there. Nothing has been sent
@@ -53,6 +54,7 @@ impl Dispatch<'_> {
     pub(super) async fn start(
         &self,
         service: &str,
+        worker: Option<&str>,
         mut now: Instant,
         queue_deadline: Instant,
         queue_limit: usize,
@@ -70,7 +72,14 @@ impl Dispatch<'_> {
                 });
             }
             let wait = queue_deadline.saturating_duration_since(now);
-            let lease = registry.acquire(service, wait, queue_limit).await?;
+            let lease = match worker {
+                Some(id) => {
+                    registry
+                        .acquire_worker(service, id, wait, queue_limit)
+                        .await?
+                }
+                None => registry.acquire(service, wait, queue_limit).await?,
+            };
             // A connection that closed after handing out this lease never saw
             // the call, so choosing another worker is safe.
             if let Ok(started) = lease

@@ -29,6 +29,8 @@ pub(crate) enum AcquireError {
         /// Workers of the service connected at the time of giving up.
         connected: usize,
     },
+    /// No worker by the id asked for serves the service here.
+    UnknownWorker,
 }
 
 /// The registry of connected workers.
@@ -62,6 +64,9 @@ struct Slot {
     max_inflight: u32,
     /// A draining worker keeps its calls but gets no new ones.
     draining: bool,
+    /// Calls for this worker alone (`Wsbridge-Worker`), oldest first: they
+    /// get its freed capacity before the service's queue does.
+    waiters: VecDeque<oneshot::Sender<Lease>>,
 }
 
 #[derive(Default)]
@@ -163,6 +168,7 @@ impl Registry {
                 inflight: 0,
                 max_inflight,
                 draining: false,
+                waiters: VecDeque::new(),
             },
         );
         state.pump_all(self, &unique);
@@ -312,10 +318,19 @@ impl Registry {
 
     /// Calls of a service waiting for a worker.
     pub(crate) fn queued(&self, service: &str) -> usize {
-        self.lock()
-            .services
-            .get(service)
-            .map_or(0, |s| s.waiters.iter().filter(|w| !w.is_closed()).count())
+        let state = self.lock();
+        let Some(svc) = state.services.get(service) else {
+            return 0;
+        };
+        let live = |w: &&oneshot::Sender<Lease>| !w.is_closed();
+        // Calls for one worker of the service wait at that worker.
+        let for_one: usize = svc
+            .workers
+            .iter()
+            .filter_map(|k| state.workers.get(k))
+            .map(|slot| slot.waiters.iter().filter(live).count())
+            .sum();
+        svc.waiters.iter().filter(live).count() + for_one
     }
 
     /// Takes capacity on the least-busy worker of `service`, waiting up to
@@ -356,6 +371,53 @@ impl Registry {
         }
     }
 
+    /// Takes capacity on the worker of `service` whose hello named it
+    /// `id`, waiting up to `wait` behind at most `queue_limit - 1` other
+    /// calls for it. Several connections claiming one id: the least busy.
+    pub(crate) async fn acquire_worker(
+        self: &Arc<Self>,
+        service: &str,
+        id: &str,
+        wait: Duration,
+        queue_limit: usize,
+    ) -> Result<Lease, AcquireError> {
+        let rx = {
+            let mut state = self.lock();
+            let key = match state.find(service, id) {
+                Found::Worker(key) => key,
+                Found::Draining => return Err(AcquireError::NoWorker { connected: 1 }),
+                Found::None => return Err(AcquireError::UnknownWorker),
+            };
+            if let Some(lease) = state.lease_key(self, key) {
+                return Ok(lease);
+            }
+            let Some(slot) = state.workers.get_mut(&key) else {
+                return Err(AcquireError::UnknownWorker);
+            };
+            if slot.waiters.len() >= queue_limit {
+                slot.waiters.retain(|w| !w.is_closed());
+                if slot.waiters.len() >= queue_limit {
+                    return Err(AcquireError::QueueFull);
+                }
+            }
+            let (tx, rx) = oneshot::channel();
+            slot.waiters.push_back(tx);
+            rx
+        };
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(lease)) => Ok(lease),
+            // Timed out, or the worker went away (its waiters with it).
+            _ => Err(AcquireError::NoWorker {
+                connected: usize::from(self.lock().find(service, id) != Found::None),
+            }),
+        }
+    }
+
+    /// Whether a worker of `service` answers to `id` here (draining or not).
+    pub(crate) fn hosts(&self, service: &str, id: &str) -> bool {
+        self.lock().find(service, id) != Found::None
+    }
+
     fn release(self: &Arc<Self>, key: u64) {
         let mut state = self.lock();
         let services = match state.workers.get_mut(&key) {
@@ -366,6 +428,8 @@ impl Registry {
             }
             None => return,
         };
+        // Calls for this worker alone come first: no other can take them.
+        state.pump_worker(self, key);
         state.pump_all(self, &services);
     }
 
@@ -384,7 +448,91 @@ impl Slot {
     }
 }
 
+/// What [`State::find`] found for a worker id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    /// A connection that takes calls (the least busy of several).
+    Worker(u64),
+    /// Only connections that are draining.
+    Draining,
+    None,
+}
+
 impl State {
+    /// The connection of `service` whose worker is named `id`.
+    fn find(&self, service: &str, id: &str) -> Found {
+        let Some(svc) = self.services.get(service) else {
+            return Found::None;
+        };
+        let mut found = Found::None;
+        let mut load = u32::MAX;
+        for key in &svc.workers {
+            let Some(slot) = self.workers.get(key) else {
+                continue;
+            };
+            if slot.session.worker_id != id || slot.session.is_closed() {
+                continue;
+            }
+            if slot.draining {
+                if found == Found::None {
+                    found = Found::Draining;
+                }
+                continue;
+            }
+            if slot.inflight < load {
+                load = slot.inflight;
+                found = Found::Worker(*key);
+            }
+        }
+        found
+    }
+
+    /// A lease on worker `key`, if it has room.
+    fn lease_key(&mut self, registry: &Arc<Registry>, key: u64) -> Option<Lease> {
+        let slot = self.workers.get_mut(&key)?;
+        if slot.draining || slot.inflight >= slot.max_inflight || slot.session.is_closed() {
+            return None;
+        }
+        slot.inflight += 1;
+        Some(Lease {
+            registry: registry.clone(),
+            key,
+            session: slot.session.clone(),
+            armed: true,
+        })
+    }
+
+    /// Hands worker `key`'s free capacity to the calls waiting for it alone.
+    fn pump_worker(&mut self, registry: &Arc<Registry>, key: u64) {
+        loop {
+            let Some(slot) = self.workers.get_mut(&key) else {
+                return;
+            };
+            while slot.waiters.front().is_some_and(|w| w.is_closed()) {
+                slot.waiters.pop_front();
+            }
+            if slot.waiters.is_empty() {
+                return;
+            }
+            let Some(lease) = self.lease_key(registry, key) else {
+                return;
+            };
+            let Some(waiter) = self
+                .workers
+                .get_mut(&key)
+                .and_then(|s| s.waiters.pop_front())
+            else {
+                return;
+            };
+            if let Err(mut lease) = waiter.send(lease) {
+                lease.armed = false;
+                if let Some(slot) = self.workers.get_mut(&lease.key) {
+                    slot.inflight -= 1;
+                }
+            }
+        }
+    }
+
     /// The least-busy worker of `service` with free capacity.
     fn pick(&mut self, service: &str) -> Option<u64> {
         let svc = self.services.get_mut(service)?;

@@ -26,7 +26,7 @@ use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 use tracing::debug;
 
 use super::{
-    call::{call_target, Ctx, Relayed},
+    call::{call_target, Ctx, Relayed, WSBRIDGE_WORKER},
     caller::Caller,
     remote::dropped,
     reply::{AccessLog, CallBody},
@@ -101,7 +101,7 @@ async fn run(shared: Arc<Shared>, cluster: Arc<Cluster>, incoming: Incoming) {
         from: head.from.clone(),
         call: head.call,
     };
-    let ack = admit(&shared, &head.service);
+    let ack = admit(&shared, &head);
     if ack != Ack::Accepted {
         cluster
             .answer(reply, Bytes::from_static(ack.as_bytes()))
@@ -128,12 +128,24 @@ async fn run(shared: Arc<Shared>, cluster: Arc<Cluster>, incoming: Incoming) {
     relay(&shared, sender, head, body, frames).await;
 }
 
-/// Whether this bridge takes a call for `service` now.
-fn admit(shared: &Shared, service: &str) -> Ack {
+/// Whether this bridge takes a call now: for its service, or for the one
+/// worker it names (`Wsbridge-Worker`, which then waits for it here).
+fn admit(shared: &Shared, head: &CallHead) -> Ack {
     if shared.stopping.load(Ordering::Relaxed) {
         return Ack::Refused;
     }
+    let service = head.service.as_str();
     let registry = &shared.registry;
+    let worker = head
+        .headers
+        .iter()
+        .find(|(n, _)| n == WSBRIDGE_WORKER.as_str());
+    if let Some((_, id)) = worker {
+        return match registry.hosts(service, id) {
+            true => Ack::Accepted,
+            false => Ack::NoWorker,
+        };
+    }
     if registry.has_room(service) {
         return Ack::Accepted;
     }

@@ -69,7 +69,10 @@ pub(super) async fn attempt(
     queue_there: bool,
 ) -> Option<Step> {
     let cluster = ctx.shared.cluster.get()?;
-    let candidates = cluster.candidates(fields.service);
+    let candidates = match plan.worker.as_deref() {
+        Some(id) => cluster.hosting(fields.service, id),
+        None => cluster.candidates(fields.service),
+    };
     for peer in candidates.iter().filter(|c| c.free > 0 || queue_there) {
         if Instant::now() >= plan.deadline {
             return None;

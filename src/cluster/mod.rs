@@ -307,6 +307,18 @@ impl Cluster {
             .collect()
     }
 
+    /// Peers that announce a worker named `id` of `service` taking calls.
+    pub(crate) fn hosting(&self, service: &str, id: &str) -> Vec<Candidate> {
+        if !self.is_connected() {
+            return Vec::new();
+        }
+        self.peers()
+            .hosting(service, id)
+            .into_iter()
+            .map(|(node, free)| Candidate { node, free })
+            .collect()
+    }
+
     /// This bridge's boot epoch (ms since the Unix epoch at start).
     pub(crate) fn epoch(&self) -> u64 {
         self.epoch

@@ -187,6 +187,25 @@ impl Peers {
             .collect()
     }
 
+    /// The peers announcing a worker named `id` of `service` that takes
+    /// calls, each with the room it has (as last announced).
+    pub(crate) fn hosting(&self, service: &str, id: &str) -> Vec<(String, u64)> {
+        let mut list: Vec<(String, u64)> = self
+            .nodes
+            .iter()
+            .filter_map(|(name, peer)| {
+                let svc = peer.beat.services.iter().find(|s| s.name == service)?;
+                let w = svc.workers.iter().find(|w| w.id == id && !w.closed)?;
+                Some((
+                    name.clone(),
+                    u64::from(w.capacity.saturating_sub(w.in_flight)),
+                ))
+            })
+            .collect();
+        list.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        list
+    }
+
     /// Drops every peer (the NATS connection is gone: none can be reached).
     pub(crate) fn clear(&mut self) {
         self.nodes.clear();

@@ -5,7 +5,7 @@ use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
 use tracing::warn;
 
 use super::{
-    call::{CallInfo, HandlerFuture},
+    call::{CallInfo, Handler, HandlerFuture},
     pool::Pool,
 };
 use crate::body::Body;
@@ -128,6 +128,23 @@ impl Upstream {
 fn drop_overridden_length(headers: &mut http::HeaderMap) {
     if headers.contains_key(header::TRANSFER_ENCODING) {
         headers.remove(header::CONTENT_LENGTH);
+    }
+}
+
+/// [`echo`], naming the worker in `x-echo-worker` too: what a call with
+/// `Wsbridge-Worker` (or a fan-out) checks it reached. `wsbridge worker
+/// --echo` answers with this.
+pub fn echo_as(worker_id: &str) -> impl Handler {
+    let id = HeaderValue::from_str(worker_id).ok();
+    move |req: Request<Body>| {
+        let id = id.clone();
+        async move {
+            let mut resp = echo(req).await;
+            if let Some(id) = id {
+                resp.headers_mut().insert("x-echo-worker", id);
+            }
+            resp
+        }
     }
 }
 

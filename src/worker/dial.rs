@@ -104,14 +104,22 @@ impl WorkerConfig {
     }
 }
 
+/// `host-pid` for a process's first worker, `host-pid-2` and so on after:
+/// a call can address each worker of a process by its id
+/// (`Wsbridge-Worker`).
 fn default_worker_id() -> String {
+    static MADE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let host = std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "worker".to_owned());
-    format!("{host}-{}", std::process::id())
+    let pid = std::process::id();
+    match MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed) {
+        0 => format!("{host}-{pid}"),
+        n => format!("{host}-{pid}-{}", n + 1),
+    }
 }
 
 /// The connection state, for readiness checks and status displays.

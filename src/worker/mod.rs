@@ -23,7 +23,7 @@ mod pool;
 mod replied;
 mod resume;
 
-pub use agent::{echo, Upstream};
+pub use agent::{echo, echo_as, Upstream};
 pub use call::{CallInfo, Handler, HandlerFuture};
 pub use connection::WorkerError;
 pub use dial::{Status, Worker, WorkerConfig};
