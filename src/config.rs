@@ -180,6 +180,23 @@ pub struct WorkersConfig {
     /// in; this only allows it.
     #[serde(default = "defaults::yes")]
     pub compression: bool,
+    /// What a worker's hello with an id that a connected worker of one of
+    /// its services already has does: `replace` (the default: the newest
+    /// wins, the older connection drains and closes saying why) or
+    /// `refuse` (the newcomer is turned away).
+    #[serde(default)]
+    pub duplicate_ids: DuplicateIds,
+}
+
+/// See [`WorkersConfig::duplicate_ids`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DuplicateIds {
+    /// The newest connection wins.
+    #[default]
+    Replace,
+    /// The newcomer is refused.
+    Refuse,
 }
 
 /// One `[[routes]]` entry.

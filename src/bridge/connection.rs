@@ -30,9 +30,14 @@ use super::{
     Settings, Shared,
 };
 use crate::{
+    config::DuplicateIds,
     protocol::{self, json::HeadRef, Compression, Control, DataHead},
     transport::{self, Inbox},
 };
+
+/// The close reason of a connection whose worker id a newer connection
+/// took (PROTOCOL 3.1): the worker library stops instead of reconnecting.
+pub(crate) const REPLACED: &str = "replaced: a newer connection claimed this worker_id";
 
 /// Protocol violations after which a worker's connection is closed (1008).
 const MAX_VIOLATIONS: u32 = 32;
@@ -119,6 +124,20 @@ pub(crate) async fn serve<S>(
         return;
     };
 
+    let policy = settings.config.workers.duplicate_ids;
+    if hello.resume.is_none()
+        && policy == DuplicateIds::Refuse
+        && !hello.worker_id.is_empty()
+        && shared.registry.claimed(&hello.worker_id, &hello.services)
+    {
+        let reason = format!(
+            "worker_id {:?} is already connected (workers.duplicate_ids = \"refuse\")",
+            hello.worker_id
+        );
+        handshake::reject(&mut ws, "duplicate_worker_id", &reason).await;
+        info!(%peer, worker = %hello.worker_id, "worker refused: its id is taken");
+        return;
+    }
     let (outbox, inbox) = transport::bounded_outbox(overflow_limit(hello.max_inflight));
     // A worker coming back after a dropped connection continues its session:
     // same id, same terms, and the calls it still runs stand.
@@ -165,9 +184,18 @@ pub(crate) async fn serve<S>(
     // there); anything else a new one.
     let key = match resumed_key.filter(|key| shared.registry.reinstate(*key)) {
         Some(key) => key,
-        None => shared
-            .registry
-            .register(session.clone(), &hello.services, hello.max_inflight),
+        None => {
+            let registry = &shared.registry;
+            let key = registry.register(session.clone(), &hello.services, hello.max_inflight);
+            // The newest connection with an id is the one calls for it reach.
+            if policy == DuplicateIds::Replace && !hello.worker_id.is_empty() {
+                let replaced = registry.displace(key, &hello.worker_id, &hello.services);
+                if replaced > 0 {
+                    info!(%peer, worker = %hello.worker_id, replaced, "a newer connection took this worker id; the older drains and closes");
+                }
+            }
+            key
+        }
     };
     // From here on, every way out (including a panic) unregisters the worker
     // and fails its pending calls, in that order.
@@ -323,7 +351,9 @@ async fn write_loop<S>(
     // Orderly end, briefly. If the worker closed first, tungstenite has
     // queued the echo of its close frame and a new close would be refused:
     // `close()` then just flushes that echo.
-    let (code, reason) = if live.session.drained.is_cancelled() {
+    let (code, reason) = if live.session.replaced.load(Ordering::Relaxed) {
+        (CloseCode::Normal, REPLACED)
+    } else if live.session.drained.is_cancelled() {
         (CloseCode::Normal, "drained")
     } else if live.session.violations.load(Ordering::Relaxed) >= MAX_VIOLATIONS {
         (CloseCode::Policy, "too many protocol violations")

@@ -255,7 +255,7 @@ fn check_upgrade(
 }
 
 /// Sends an error frame and a policy close; returns the reason for the log.
-async fn reject<S>(ws: &mut WebSocketStream<S>, code: &str, reason: &str) -> String
+pub(super) async fn reject<S>(ws: &mut WebSocketStream<S>, code: &str, reason: &str) -> String
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {

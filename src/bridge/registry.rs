@@ -10,7 +10,7 @@
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{atomic::Ordering, Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
@@ -411,6 +411,58 @@ impl Registry {
                 connected: usize::from(self.lock().find(service, id) != Found::None),
             }),
         }
+    }
+
+    /// A newer connection (`key`) claims worker id `id` for `services`: the
+    /// older connections with that id that share one of them are drained
+    /// (marked [`Session::replaced`]), and the calls waiting for that id
+    /// move to the newcomer. Returns how many were replaced.
+    pub(crate) fn displace(self: &Arc<Self>, key: u64, id: &str, services: &[String]) -> usize {
+        let mut state = self.lock();
+        let mut olds: Vec<u64> = services
+            .iter()
+            .filter_map(|name| state.services.get(name))
+            .flat_map(|svc| svc.workers.iter().copied())
+            .filter(|k| *k != key)
+            .filter(|k| {
+                state
+                    .workers
+                    .get(k)
+                    .is_some_and(|s| s.session.worker_id == id)
+            })
+            .collect();
+        olds.sort_unstable();
+        olds.dedup();
+        let mut moved = VecDeque::new();
+        for old in &olds {
+            if let Some(slot) = state.workers.get_mut(old) {
+                slot.session.replaced.store(true, Ordering::Relaxed);
+                slot.draining = true;
+                moved.append(&mut slot.waiters);
+                slot.close_if_drained();
+            }
+        }
+        if let Some(slot) = state.workers.get_mut(&key) {
+            slot.waiters.append(&mut moved);
+        }
+        state.pump_worker(self, key);
+        drop(state);
+        if !olds.is_empty() {
+            self.changed.notify_one();
+        }
+        olds.len()
+    }
+
+    /// Whether a connection of a worker with this id serves one of
+    /// `services` here (for `workers.duplicate_ids = "refuse"`).
+    pub(crate) fn claimed(&self, id: &str, services: &[String]) -> bool {
+        let state = self.lock();
+        services
+            .iter()
+            .filter_map(|name| state.services.get(name))
+            .flat_map(|svc| svc.workers.iter())
+            .filter_map(|k| state.workers.get(k))
+            .any(|s| s.session.worker_id == id && !s.draining && !s.session.is_closed())
     }
 
     /// Whether a worker of `service` answers to `id` here (draining or not).

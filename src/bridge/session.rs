@@ -70,6 +70,9 @@ pub(crate) struct Session {
     /// Cancelled when the worker has asked to drain and its last call has
     /// ended: the bridge then closes the connection.
     pub(crate) drained: CancellationToken,
+    /// A newer connection claimed this worker's id (`workers.duplicate_ids
+    /// = "replace"`): this one is draining, and closes saying why.
+    pub(crate) replaced: AtomicBool,
     /// Cancelled to end the current connection as dropped, because the
     /// worker has come back on a new one (a resume); replaced per connection.
     superseded: Mutex<CancellationToken>,
@@ -213,6 +216,7 @@ impl Session {
             unanswered: AtomicU32::new(0),
             violations: AtomicU32::new(0),
             drained: CancellationToken::new(),
+            replaced: AtomicBool::new(false),
             superseded: Mutex::default(),
             stats: WorkerStats::new(peer),
         }

@@ -51,6 +51,11 @@ pub enum WorkerError {
     /// The connection broke.
     #[error("connection lost: {0}")]
     Lost(String),
+    /// The bridge closed this connection because a newer one claimed the
+    /// same worker id (`workers.duplicate_ids = "replace"`). The worker
+    /// stops: reconnecting would replace the newer one in turn.
+    #[error("replaced: another worker connected with the same worker_id ({0})")]
+    Replaced(String),
 }
 
 /// What this side settled in the handshake, beyond the welcome's figures.
@@ -156,6 +161,10 @@ where
             Message::Close(_) if drain_deadline.is_some() => {
                 info!("drained: the bridge closed the connection after the last reply");
                 return Ok(());
+            }
+            Message::Close(Some(frame)) if frame.reason.starts_with("replaced") => {
+                carry.closed_by_bridge = true;
+                return Err(WorkerError::Replaced(frame.reason.to_string()));
             }
             Message::Close(frame) => {
                 carry.closed_by_bridge = true;

@@ -190,6 +190,13 @@ impl Worker {
             }
             let reason = match outcome {
                 Ok(()) => return Ok(()),
+                Err(e @ WorkerError::Replaced(_)) => {
+                    warn!(url = %self.config.url, error = %e, "worker stopped");
+                    self.status.send_replace(Status::Disconnected {
+                        reason: e.to_string(),
+                    });
+                    return Err(e);
+                }
                 Err(e) => e.to_string(),
             };
             let up = carry.connected_at.take().map(|at| at.elapsed());

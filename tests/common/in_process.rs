@@ -234,6 +234,12 @@ impl TestWorker {
         .expect("worker status");
     }
 
+    /// Waits until the worker stops by itself, and returns why.
+    pub async fn ended(mut self) -> Result<(), wsbridge::worker::WorkerError> {
+        let task = self.task.take().expect("the worker runs");
+        with_timeout(task).await.expect("join")
+    }
+
     /// Stops the worker.
     pub async fn stop(mut self) {
         self.shutdown.cancel();

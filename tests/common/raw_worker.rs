@@ -96,8 +96,12 @@ impl RawWorker {
         max_inflight: u32,
         flow_control: bool,
     ) -> RawWorker {
+        // Each its own id: a second connection claiming an id replaces
+        // the first (`workers.duplicate_ids`).
+        static MADE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let hello = Hello {
-            worker_id: "raw".into(),
+            worker_id: format!("raw-{n}"),
             services: services.iter().map(|s| s.to_string()).collect(),
             max_inflight,
             flow_control,
