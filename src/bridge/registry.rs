@@ -576,11 +576,18 @@ impl State {
             else {
                 return;
             };
-            if let Err(mut lease) = waiter.send(lease) {
-                lease.armed = false;
-                if let Some(slot) = self.workers.get_mut(&lease.key) {
-                    slot.inflight -= 1;
-                }
+            self.hand(waiter, lease);
+        }
+    }
+
+    /// Gives `lease` to `waiter`. One that gave up between the check and
+    /// the send gets nothing: the capacity is taken back here, under the
+    /// lock already held.
+    fn hand(&mut self, waiter: oneshot::Sender<Lease>, lease: Lease) {
+        if let Err(mut lease) = waiter.send(lease) {
+            lease.armed = false;
+            if let Some(slot) = self.workers.get_mut(&lease.key) {
+                slot.inflight -= 1;
             }
         }
     }
@@ -614,14 +621,7 @@ impl State {
 
     fn try_lease(&mut self, registry: &Arc<Registry>, service: &str) -> Option<Lease> {
         let key = self.pick(service)?;
-        let slot = self.workers.get_mut(&key)?;
-        slot.inflight += 1;
-        Some(Lease {
-            registry: registry.clone(),
-            key,
-            session: slot.session.clone(),
-            armed: true,
-        })
+        self.lease_key(registry, key)
     }
 
     /// Pumps each of a worker's services, starting at a rotating one.
@@ -657,14 +657,7 @@ impl State {
             else {
                 return;
             };
-            if let Err(mut lease) = waiter.send(lease) {
-                // The waiter gave up between the check and the send: take
-                // the capacity back here, under the lock we already hold.
-                lease.armed = false;
-                if let Some(slot) = self.workers.get_mut(&lease.key) {
-                    slot.inflight -= 1;
-                }
-            }
+            self.hand(waiter, lease);
         }
     }
 }
