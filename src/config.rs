@@ -186,6 +186,13 @@ pub struct WorkersConfig {
     /// `refuse` (the newcomer is turned away).
     #[serde(default)]
     pub duplicate_ids: DuplicateIds,
+    /// Origins (`https://app.example.com`) whose pages may connect as
+    /// workers; `"*"` allows any. A connection that sends an `Origin` (every
+    /// browser does) from anywhere else is refused with 403, against
+    /// cross-site WebSocket hijacking; one without (other clients) is not
+    /// checked. Empty (the default): no browser may connect.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
 }
 
 /// See [`WorkersConfig::duplicate_ids`].
@@ -433,7 +440,7 @@ impl Config {
             .workers
             .tokens
             .iter()
-            .any(|t| matches!(t, WorkerToken::Scoped { services, .. } if services.is_empty()))
+            .any(|t| t.services().is_some_and(<[String]>::is_empty))
         {
             return Err(invalid(
                 "workers.tokens",
@@ -519,12 +526,18 @@ fn check_service(key: &str, name: &str) -> Result<(), ConfigError> {
 pub enum WorkerToken {
     /// `"secret"`: any service.
     Any(Secret),
-    /// `{ token = "secret", services = ["orders"] }`: only these services.
+    /// `{ token = "secret", services = ["orders"], worker_id_prefix =
+    /// "user-42-" }`: only these services, only ids with this prefix.
     Scoped {
         /// The bearer token.
         token: Secret,
-        /// The services a worker with this token may serve.
-        services: Vec<String>,
+        /// The services a worker with this token may serve; any if absent.
+        #[serde(default)]
+        services: Option<Vec<String>>,
+        /// Workers with this token must claim a `worker_id` that starts
+        /// with this, so one user's worker cannot pose as another's.
+        #[serde(default)]
+        worker_id_prefix: Option<String>,
     },
 }
 
@@ -540,7 +553,17 @@ impl WorkerToken {
     pub fn services(&self) -> Option<&[String]> {
         match self {
             WorkerToken::Any(_) => None,
-            WorkerToken::Scoped { services, .. } => Some(services),
+            WorkerToken::Scoped { services, .. } => services.as_deref(),
+        }
+    }
+
+    /// The prefix every `worker_id` claimed with this token must have.
+    pub fn worker_id_prefix(&self) -> Option<&str> {
+        match self {
+            WorkerToken::Any(_) => None,
+            WorkerToken::Scoped {
+                worker_id_prefix, ..
+            } => worker_id_prefix.as_deref(),
         }
     }
 }

@@ -131,6 +131,21 @@ pub enum CallError {
         /// The service.
         service: String,
     },
+    /// A path under `/_wsbridge/` that the bridge does not serve: these
+    /// paths are its own and never go to a worker.
+    #[error("{path} is not a bridge endpoint: paths under /_wsbridge/ are reserved (GET /_wsbridge/workers lists the workers)")]
+    Reserved {
+        /// The path.
+        path: String,
+    },
+    /// A bridge endpoint asked with a method it does not answer.
+    #[error("{path} answers {allowed} only")]
+    EndpointMethod {
+        /// The endpoint.
+        path: String,
+        /// The methods it answers, as in `Allow`.
+        allowed: &'static str,
+    },
     /// The caller's address is not in `http.allow_from`.
     #[error("callers from {peer} are not allowed (http.allow_from)")]
     Forbidden {
@@ -144,6 +159,8 @@ impl CallError {
     pub fn code(&self) -> &'static str {
         match self {
             CallError::NoRoute { .. } => "no_route",
+            CallError::Reserved { .. } => "not_found",
+            CallError::EndpointMethod { .. } => "method_not_allowed",
             CallError::NoWorker { .. } => "no_worker",
             CallError::UnknownWorker { .. } => "unknown_worker",
             CallError::ClusterUnavailable { .. } => "cluster_unavailable",
@@ -166,7 +183,10 @@ impl CallError {
     /// The HTTP status the caller gets.
     pub fn status(&self) -> StatusCode {
         match self {
-            CallError::NoRoute { .. } | CallError::UnknownWorker { .. } => StatusCode::NOT_FOUND,
+            CallError::NoRoute { .. }
+            | CallError::UnknownWorker { .. }
+            | CallError::Reserved { .. } => StatusCode::NOT_FOUND,
+            CallError::EndpointMethod { .. } => StatusCode::METHOD_NOT_ALLOWED,
             CallError::NoWorker { .. }
             | CallError::QueueFull { .. }
             | CallError::ClusterUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -212,6 +232,9 @@ impl CallError {
                 | CallError::ClusterUnavailable { .. }
         ) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let CallError::EndpointMethod { allowed, .. } = &self {
+            headers.insert(header::ALLOW, HeaderValue::from_static(allowed));
         }
         if matches!(self, CallError::MethodNotAllowed { .. }) {
             // RFC 9110 15.5.6: a 405 lists what is allowed. Every other

@@ -150,6 +150,9 @@ struct WorkerArgs {
     /// This worker's id: its name in the bridge's logs and status, and its address for calls with `Wsbridge-Worker: <id>` (default: host name and pid).
     #[arg(long)]
     id: Option<String>,
+    /// Metadata for presence and fan-out selectors, as KEY=VALUE; repeat for several (e.g. --meta region=eu).
+    #[arg(long = "meta", value_parser = parse_meta)]
+    meta: Vec<(String, String)>,
     /// Offer LZ4 compression of body frames of 16 KiB and more (for text
     /// and JSON over links slower than the CPU; not worth it on loopback).
     #[arg(long)]
@@ -163,6 +166,15 @@ struct WorkerArgs {
     /// On SIGTERM/Ctrl-C, the longest wait for the calls in flight (e.g. 30s, 2m).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     drain_timeout: std::time::Duration,
+}
+
+fn parse_meta(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if wsbridge::protocol::metadata_key(k) => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!(
+            "{text:?} must be KEY=VALUE with a key of 1 to 64 bytes of A-Z a-z 0-9 _ - ."
+        )),
+    }
 }
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
@@ -250,6 +262,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if let Some(id) = args.id {
                 cfg.worker_id = id;
             }
+            cfg.metadata = args.meta.into_iter().collect();
             cfg.tls = match (&args.cert, &args.key) {
                 (Some(cert), Some(key)) => Some(wsbridge::tls::client_config_with_identity(
                     args.ca.as_deref(),

@@ -78,6 +78,7 @@ async fn hello_with(bridge: &TestBridge, token: &str, services: &[&str]) -> Cont
         .expect("upgrade");
     let hello = protocol::Hello {
         worker_id: "scoped".into(),
+        metadata: Default::default(),
         services: services.iter().map(|s| s.to_string()).collect(),
         max_inflight: 1,
         flow_control: false,
@@ -99,7 +100,8 @@ async fn a_scoped_token_registers_only_for_its_services() {
     let bridge = TestBridge::start(|c| {
         c.workers.tokens.push(WorkerToken::Scoped {
             token: Secret::new("orders-only"),
-            services: vec!["orders".into()],
+            services: Some(vec!["orders".into()]),
+            worker_id_prefix: None,
         });
     })
     .await;

@@ -266,3 +266,88 @@ async fn two_bridges_with_one_node_name_are_told_apart_in_the_log() {
     b.kill().await;
     a.stop().await;
 }
+
+/// `(worker_id, node)` of a presence answer.
+fn listed(doc: &serde_json::Value) -> Vec<(String, String)> {
+    doc["workers"]
+        .as_array()
+        .expect("workers")
+        .iter()
+        .map(|w| {
+            let s = |k: &str| w[k].as_str().unwrap_or("").to_owned();
+            (s("worker_id"), s("node"))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn presence_lists_every_bridges_workers_and_a_silent_bridge_makes_it_partial_not_slow() {
+    let nats = NatsCluster::start(1).await;
+    let url = nats.url(0);
+    let a = TestBridge::start(|c| {
+        c.cluster = Some(cluster_config(&url, "node-a", Duration::from_secs(1)))
+    })
+    .await;
+    let b = BridgeProcess::start_with("", &cluster_toml(&url, "node-b", Some("1s"))).await;
+    let named = |mut config: wsbridge::worker::WorkerConfig, id: &str, region: &str| {
+        config.worker_id = id.to_owned();
+        config.metadata = [("region".to_owned(), region.to_owned())].into();
+        config
+    };
+    let mut workers = Vec::new();
+    for config in [
+        named(a.worker_config(&["orders"], 2), "a-1", "eu"),
+        named(b.worker_config(&["orders"], 2), "b-1", "us"),
+        named(b.worker_config(&["orders"], 2), "b-2", "eu"),
+    ] {
+        let mut w = TestWorker::start(config, echo).await;
+        w.connected().await;
+        workers.push(w);
+    }
+    let client = http_client();
+    let at_a = a.at("/_wsbridge/workers?service=orders");
+    let pair = |id: &str, node: &str| (id.to_owned(), node.to_owned());
+    let want = [
+        pair("a-1", "node-a"),
+        pair("b-1", "node-b"),
+        pair("b-2", "node-b"),
+    ];
+    // It converges: B's workers appear at A once A knows B.
+    let doc = within(Duration::from_secs(5), "A lists all three", async {
+        loop {
+            let doc = get(&client, &at_a).await.json();
+            if listed(&doc) == want {
+                return doc;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(doc["complete"], true);
+    assert_eq!(doc["workers"][2]["metadata"]["region"], "eu");
+    // Filters apply at every bridge.
+    let eu = get(&client, &a.at("/_wsbridge/workers?meta.region=eu"))
+        .await
+        .json();
+    assert_eq!(listed(&eu), [pair("a-1", "node-a"), pair("b-2", "node-b")]);
+    // The same answer at B, about A.
+    let at_b = format!("http://{}/_wsbridge/workers?meta.region=us", b.http);
+    assert_eq!(
+        listed(&get(&client, &at_b).await.json()),
+        [pair("b-1", "node-b")]
+    );
+
+    // B stops answering (frozen, still announced): A's answer is partial,
+    // within the peers' bound, not slow.
+    b.signal("STOP");
+    let asked = Instant::now();
+    let doc = get(&client, &at_a).await.json();
+    let took = asked.elapsed();
+    b.signal("CONT");
+    println!("presence with a frozen peer answered in {took:?}");
+    assert!(took < Duration::from_millis(1500), "took {took:?}");
+    assert_eq!(doc["complete"], false);
+    assert_eq!(doc["nodes_missing"], serde_json::json!(["node-b"]));
+    assert_eq!(listed(&doc), [pair("a-1", "node-a")]);
+    drop(workers);
+}

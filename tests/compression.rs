@@ -23,6 +23,7 @@ fn text(len: usize) -> Bytes {
 fn hello(compression: &[&str]) -> Hello {
     Hello {
         worker_id: "lz4".into(),
+        metadata: Default::default(),
         services: vec!["default".into()],
         max_inflight: 4,
         flow_control: false,

@@ -165,6 +165,7 @@ fn hello_any() -> impl Strategy<Value = Hello> {
                 resume,
             )| Hello {
                 worker_id,
+                metadata: Default::default(),
                 services,
                 max_inflight,
                 flow_control,
@@ -267,6 +268,7 @@ fn hello_edges() -> impl Strategy<Value = Hello> {
     (worker_id, services, max_inflight, resume).prop_map(
         |(worker_id, services, max_inflight, resume)| Hello {
             worker_id,
+            metadata: Default::default(),
             services,
             max_inflight,
             flow_control: false,
@@ -504,6 +506,7 @@ proptest! {
 fn hello_limits_at_the_edges() {
     let ok = Hello {
         worker_id: "w".repeat(256),
+        metadata: Default::default(),
         services: vec!["é".repeat(64); MAX_SERVICES],
         max_inflight: MAX_INFLIGHT,
         flow_control: false,

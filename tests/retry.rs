@@ -24,6 +24,7 @@ use wsbridge::protocol::{self, Control, Hello};
 async fn acking(bridge: &TestBridge) -> RawWorker {
     let hello = Hello {
         worker_id: "acking".into(),
+        metadata: Default::default(),
         services: vec!["default".into()],
         max_inflight: 4,
         flow_control: false,

@@ -20,11 +20,13 @@ async fn bridge() -> TestBridge {
     TestBridge::start(|c| {
         c.workers.tokens.push(WorkerToken::Scoped {
             token: Secret::new(TOKEN_A),
-            services: vec!["orders".into()],
+            services: Some(vec!["orders".into()]),
+            worker_id_prefix: None,
         });
         c.workers.tokens.push(WorkerToken::Scoped {
             token: Secret::new(TOKEN_B),
-            services: vec!["default".into()],
+            services: Some(vec!["default".into()]),
+            worker_id_prefix: None,
         });
     })
     .await
@@ -34,6 +36,7 @@ async fn bridge() -> TestBridge {
 fn hello(worker_id: &str, services: &[&str], resume: Option<Resume>) -> Hello {
     Hello {
         worker_id: worker_id.into(),
+        metadata: Default::default(),
         services: services.iter().map(|s| s.to_string()).collect(),
         ..resumable_hello(resume)
     }

@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
-use super::{reload, status, Shared};
+use super::{directory, reload, status, Shared};
 use crate::metrics::{Gauges, ServiceGauges};
 
 /// The header `POST /reload` requires.
@@ -101,6 +101,16 @@ async fn answer(
         (&Method::GET | &Method::HEAD, "/" | "/index.html") => {
             reply(StatusCode::OK, "text/html; charset=utf-8", DASHBOARD)
         }
+        (&Method::GET | &Method::HEAD, directory::PATH) => {
+            match directory::parse(req.uri().query()) {
+                Ok(query) => reply(
+                    StatusCode::OK,
+                    "application/json",
+                    directory::document(&shared, &query).await,
+                ),
+                Err(e) => error(StatusCode::BAD_REQUEST, e.code(), &e.to_string()),
+            }
+        }
         (&Method::GET | &Method::HEAD, "/healthz") => {
             json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))
         }
@@ -131,7 +141,10 @@ async fn answer(
                 ),
             }
         }
-        (_, "/metrics" | "/status" | "/" | "/index.html" | "/healthz" | "/reload") => error(
+        (
+            _,
+            "/metrics" | "/status" | "/" | "/index.html" | "/healthz" | "/reload" | directory::PATH,
+        ) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             &format!("{} is not allowed here", req.method()),
@@ -139,7 +152,10 @@ async fn answer(
         (_, path) => error(
             StatusCode::NOT_FOUND,
             "not_found",
-            &format!("no admin page at {path}; try /, /status, /metrics"),
+            &format!(
+                "no admin page at {path}; try /, /status, /metrics, {}",
+                directory::PATH
+            ),
         ),
     };
     Ok(reply)

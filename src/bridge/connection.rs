@@ -161,6 +161,7 @@ pub(crate) async fn serve<S>(
             let terms = Terms::negotiate(&hello, &settings);
             Arc::new(Session::new(
                 hello.worker_id.clone(),
+                hello.metadata.clone(),
                 credentials,
                 outbox,
                 terms,

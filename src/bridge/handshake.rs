@@ -144,6 +144,20 @@ where
             return Err(reject(&mut ws, "forbidden_service", &problem).await);
         }
     }
+    // A token may be bound to ids with a prefix: one user's worker cannot
+    // claim another's id.
+    let prefix = token
+        .and_then(|i| cfg.tokens.get(i))
+        .and_then(|t| t.worker_id_prefix());
+    if let Some(prefix) = prefix {
+        if hello.worker_id.len() <= prefix.len() || !hello.worker_id.starts_with(prefix) {
+            let problem = format!(
+                "this token may claim only worker ids that start with {prefix:?} (got {:?})",
+                hello.worker_id
+            );
+            return Err(reject(&mut ws, "forbidden_worker_id", &problem).await);
+        }
+    }
     // check_upgrade refuses a connection without a token.
     let token = token
         .and_then(|i| cfg.tokens.get(i))
@@ -207,13 +221,21 @@ fn check_upgrade(
     mut resp: WsResponse,
     token: &mut Option<usize>,
 ) -> Result<WsResponse, ErrorResponse> {
+    if let Some(refusal) = foreign_origin(settings, req) {
+        return Err(refusal);
+    }
+    // A browser cannot set `Authorization` on a WebSocket: it may send the
+    // token as a subprotocol instead, which is never echoed back.
+    let in_protocol = protocol_token(req);
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map_or("", |(_, token)| token.trim());
+        .map(|(_, token)| token.trim())
+        .or(in_protocol.as_deref())
+        .unwrap_or("");
     // Compare against every token without stopping early or branching, so
     // the time taken says nothing about which token (or how much of one)
     // matched. `found` is the matching token's index + 1, or 0.
@@ -227,7 +249,7 @@ fn check_upgrade(
         return Err(refuse(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "missing or invalid bearer token in the Authorization header",
+            "missing or invalid bearer token (in the Authorization header, or as the subprotocol base64url.bearer.wsbridge.<token>)",
         ));
     }
     let offered = req
@@ -252,6 +274,50 @@ fn check_upgrade(
         HeaderValue::from_static(protocol::SUBPROTOCOL),
     );
     Ok(resp)
+}
+
+/// The subprotocol that carries a token, before its unpadded base64url.
+pub(crate) const TOKEN_PROTOCOL: &str = "base64url.bearer.wsbridge.";
+
+/// The token a browser sent as the subprotocol
+/// `base64url.bearer.wsbridge.<unpadded base64url of the token>`.
+fn protocol_token(req: &WsRequest) -> Option<String> {
+    use base64::Engine;
+    let encoded = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix(TOKEN_PROTOCOL))?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(encoded.trim_end_matches('='))
+        .ok()?;
+    String::from_utf8(bytes).ok()
+}
+
+/// A refusal for a connection whose `Origin` (sent by every browser) is
+/// not in `workers.allowed_origins`: a page from another site must not
+/// borrow a browser's credentials (a client certificate) to connect.
+// Same callback contract as `check_upgrade`.
+#[allow(clippy::result_large_err)]
+fn foreign_origin(settings: &Settings, req: &WsRequest) -> Option<ErrorResponse> {
+    let origin = req.headers().get(header::ORIGIN)?;
+    let allowed = &settings.config.workers.allowed_origins;
+    let ok = origin.to_str().is_ok_and(|o| {
+        allowed
+            .iter()
+            .any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(o))
+    });
+    if ok {
+        return None;
+    }
+    let shown = String::from_utf8_lossy(origin.as_bytes());
+    Some(refuse(
+        StatusCode::FORBIDDEN,
+        "forbidden_origin",
+        &format!("Origin {shown:?} is not in workers.allowed_origins"),
+    ))
 }
 
 /// Sends an error frame and a policy close; returns the reason for the log.

@@ -21,6 +21,7 @@ use super::{
     keyed::keyed,
     reply::{lock, AccessLog, CallBody},
     request_body::RequestBody,
+    reserved,
     session::EmptyReplyLength,
     Shared,
 };
@@ -92,6 +93,10 @@ pub(super) async fn handle(
     let exchange: Pin<Box<dyn Future<Output = _> + Send + '_>> =
         match (refused, token_header(&head.headers, &IDEMPOTENCY_KEY)) {
             (Err(err), _) => Box::pin(std::future::ready(Err(err))),
+            // The bridge's own paths never reach a worker.
+            (Ok(()), _) if reserved::is_reserved(head.uri.path()) => {
+                Box::pin(async { reserved::answer(&ctx, &head).await })
+            }
             (Ok(()), Some(key)) => Box::pin(keyed(&ctx, head, body, trace, key)),
             (Ok(()), None) => Box::pin(call(&ctx, head, RequestBody::plain(body), trace)),
         };

@@ -20,6 +20,7 @@ mod caller;
 mod conformance;
 mod connection;
 mod credentials;
+mod directory;
 mod dispatch;
 mod handshake;
 mod http;
@@ -33,6 +34,7 @@ mod reload;
 mod remote;
 mod reply;
 mod request_body;
+mod reserved;
 mod resume;
 mod routes;
 mod send_timeout;
@@ -305,7 +307,7 @@ impl Bridge {
         let cluster_tasks = TaskTracker::new();
         let cluster_stop = CancellationToken::new();
         if let Some(config) = &settings.config.cluster {
-            let announce = announce(&self.shared.registry);
+            let announce = announce(&self.shared.registry, &config.node);
             let serve = relayed::serve(Arc::downgrade(&self.shared));
             let joined = Cluster::join(
                 config,
@@ -367,7 +369,7 @@ impl Bridge {
 
 /// What this bridge announces to its cluster: its registry's services and
 /// workers, and the registry's change signal.
-fn announce(registry: &Arc<Registry>) -> Announce {
+fn announce(registry: &Arc<Registry>, node: &str) -> Announce {
     let view = registry.clone();
     Announce {
         services: Box::new(move || {
@@ -387,12 +389,18 @@ fn announce(registry: &Arc<Registry>) -> Announce {
                         capacity: w.max_inflight,
                         in_flight: w.inflight,
                         closed: w.draining || w.detached,
+                        metadata: w.session.metadata.clone(),
                     });
                 }
             }
             services.into_values().collect()
         }),
         changed: registry.changed.clone(),
+        list: {
+            let registry = registry.clone();
+            let node = node.to_owned();
+            Arc::new(move |query| directory::local(&registry, &node, query))
+        },
     }
 }
 

@@ -42,6 +42,8 @@ pub(crate) use super::pending::{Failure, Reply};
 pub(crate) struct Session {
     /// The worker's self-declared id, for logs and error messages.
     pub(crate) worker_id: String,
+    /// What its hello said about who or where it is (presence, fan-out).
+    pub(crate) metadata: protocol::Metadata,
     /// This connection's id (the welcome's `session_id`); a resumed
     /// connection keeps it. Only its worker is shown it: everyone else
     /// sees `tag`.
@@ -197,6 +199,7 @@ pub(crate) struct Started {
 impl Session {
     pub(super) fn new(
         worker_id: String,
+        metadata: protocol::Metadata,
         credentials: Credentials,
         outbox: Outbox,
         terms: Terms,
@@ -205,6 +208,7 @@ impl Session {
         let session_id = uuid::Uuid::now_v7().to_string();
         Session {
             worker_id,
+            metadata,
             tag: protocol::session_tag(&session_id),
             session_id,
             credentials,
@@ -275,6 +279,7 @@ impl Session {
         };
         Arc::new(Self::new(
             worker_id.to_owned(),
+            Default::default(),
             Credentials::new("", None),
             outbox,
             terms,

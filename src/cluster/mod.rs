@@ -7,6 +7,7 @@
 //! drops a peer after three missed announcements. docs/CLUSTER.md has the
 //! subjects and the failure bounds.
 
+pub(crate) mod directory;
 pub(crate) mod presence;
 pub(crate) mod relay;
 
@@ -42,6 +43,8 @@ pub(crate) struct Announce {
     pub(crate) services: Box<dyn Fn() -> Vec<ServiceBeat> + Send + Sync>,
     /// Notified (one permit) when workers come, go or change state.
     pub(crate) changed: Arc<Notify>,
+    /// This bridge's workers as presence lists them, for the peers' queries.
+    pub(crate) list: directory::Lister,
 }
 
 /// Serves a call another bridge sends this one; it must answer the call's
@@ -225,6 +228,11 @@ impl Cluster {
             .subscribe(cluster.node_subject(&cluster.node))
             .await
             .map_err(|e| ClusterError::Nats(e.to_string()))?;
+        let queries = cluster
+            .client
+            .subscribe(cluster.subject("presence.list"))
+            .await
+            .map_err(|e| ClusterError::Nats(e.to_string()))?;
         let span = tracing::info_span!("cluster", node = %cluster.node);
         tasks.spawn(
             cluster
@@ -236,6 +244,12 @@ impl Cluster {
             cluster
                 .clone()
                 .listen(beats, syncs, shutdown.clone())
+                .instrument(span.clone()),
+        );
+        tasks.spawn(
+            cluster
+                .clone()
+                .answer_lists(queries, workers.list.clone(), shutdown.clone())
                 .instrument(span.clone()),
         );
         tasks.spawn(

@@ -9,9 +9,12 @@ use std::{collections::HashMap, time::Duration};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-/// Largest announcement accepted from a peer: a node with a few thousand
-/// workers fits; anything larger is dropped unread.
-pub(crate) const MAX_BEAT: usize = 256 * 1024;
+use crate::protocol::Metadata;
+
+/// Largest announcement accepted from a peer (NATS's default
+/// `max_payload`): a node with about 10,000 workers without metadata, or
+/// a few thousand with some, fits; anything larger is dropped unread.
+pub(crate) const MAX_BEAT: usize = 1024 * 1024;
 
 /// Most peers kept; announcements from further nodes are ignored (and
 /// logged), so a flood of made-up names cannot grow the table.
@@ -60,6 +63,59 @@ pub(crate) struct WorkerBeat {
     /// It takes no new calls (draining, or dropped and waiting to resume).
     #[serde(default)]
     pub(crate) closed: bool,
+    /// What its hello said about it, for fan-out selectors.
+    #[serde(default, skip_serializing_if = "Metadata::is_empty")]
+    pub(crate) metadata: Metadata,
+}
+
+/// Which workers a presence listing or a fan-out is about: those of a
+/// service (or of every service), whose metadata holds every pair given.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Query {
+    /// The node that asks (its own question comes back to it too).
+    #[serde(default)]
+    pub(crate) from: String,
+    /// Only this service's workers; every service's if `None`.
+    #[serde(default)]
+    pub(crate) service: Option<String>,
+    /// Pairs the worker's metadata must all hold.
+    #[serde(default)]
+    pub(crate) meta: Vec<(String, String)>,
+}
+
+impl Query {
+    /// Whether a worker of `service` with `metadata` is one this is about.
+    pub(crate) fn matches(&self, service: &str, metadata: &Metadata) -> bool {
+        self.service.as_deref().is_none_or(|s| s == service)
+            && self
+                .meta
+                .iter()
+                .all(|(k, v)| metadata.get(k).is_some_and(|m| m == v))
+    }
+}
+
+/// One worker of one service, as presence lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Listed {
+    pub(crate) worker_id: String,
+    /// The bridge it is connected to.
+    pub(crate) node: String,
+    pub(crate) service: String,
+    pub(crate) metadata: Metadata,
+    /// When its session began, RFC 3339 in UTC.
+    pub(crate) connected_at: String,
+    pub(crate) in_flight: u32,
+    pub(crate) capacity: u32,
+}
+
+/// One bridge's answer to a [`Query`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Listing {
+    pub(crate) node: String,
+    pub(crate) workers: Vec<Listed>,
+    /// The answer did not fit one NATS message: some workers are missing.
+    #[serde(default)]
+    pub(crate) truncated: bool,
 }
 
 /// What applying an announcement did.
@@ -206,6 +262,24 @@ impl Peers {
         list
     }
 
+    /// The workers of the peers that a fan-out for `query` reaches: open
+    /// ones (as last announced), as `(node, worker id)`.
+    #[allow(dead_code)] // The fan-out (next) uses it.
+    pub(crate) fn matching(&self, query: &Query) -> Vec<(String, String)> {
+        let mut list = Vec::new();
+        for (name, peer) in &self.nodes {
+            for svc in &peer.beat.services {
+                for w in &svc.workers {
+                    if !w.closed && query.matches(&svc.name, &w.metadata) {
+                        list.push((name.clone(), w.id.clone()));
+                    }
+                }
+            }
+        }
+        list.sort();
+        list
+    }
+
     /// Drops every peer (the NATS connection is gone: none can be reached).
     pub(crate) fn clear(&mut self) {
         self.nodes.clear();
@@ -255,6 +329,7 @@ mod tests {
                     capacity: 8,
                     in_flight: 1,
                     closed: false,
+                    metadata: [("region".to_owned(), format!("r{}", seq % 2))].into(),
                 }],
             }],
         }
@@ -360,5 +435,29 @@ mod tests {
         let text = serde_json::to_vec(&b).expect("encode");
         let back: Beat = serde_json::from_slice(&text).expect("decode");
         assert_eq!(back, b);
+    }
+
+    #[test]
+    fn a_query_matches_service_and_every_metadata_pair() {
+        let now = Instant::now();
+        let mut peers = Peers::new("a");
+        peers.apply(beat("b", 1, 1), now); // worker w1, region r1
+        peers.apply(beat("c", 1, 2), now); // worker w2, region r0
+        let q = |service: Option<&str>, meta: &[(&str, &str)]| Query {
+            from: "a".into(),
+            service: service.map(str::to_owned),
+            meta: meta
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        let all = peers.matching(&q(Some("orders"), &[]));
+        assert_eq!(all, [("b".into(), "w1".into()), ("c".into(), "w2".into())]);
+        let eu = peers.matching(&q(None, &[("region", "r0")]));
+        assert_eq!(eu, [("c".to_owned(), "w2".to_owned())]);
+        assert!(peers.matching(&q(Some("billing"), &[])).is_empty());
+        assert!(peers
+            .matching(&q(Some("orders"), &[("region", "r0"), ("user", "1")]))
+            .is_empty());
     }
 }

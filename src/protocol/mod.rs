@@ -64,6 +64,29 @@ pub const MAX_SERVICES: usize = 64;
 /// claiming the whole queue.
 pub const MAX_INFLIGHT: u32 = 65_536;
 
+/// Most entries in a hello's `metadata`.
+pub const MAX_METADATA_KEYS: usize = 16;
+
+/// Longest `metadata` key: 1 to 64 bytes of `A-Z a-z 0-9 _ - .`.
+pub const MAX_METADATA_KEY: usize = 64;
+
+/// Longest `metadata` value, in bytes of UTF-8.
+pub const MAX_METADATA_VALUE: usize = 256;
+
+/// A worker's `metadata`: a few strings that say who or where it is
+/// (`{"user": "42", "region": "eu"}`), shown by presence and matched by
+/// fan-out selectors.
+pub type Metadata = std::collections::BTreeMap<String, String>;
+
+/// Whether `key` may be a `metadata` key (section 3.1).
+pub fn metadata_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= MAX_METADATA_KEY
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
 /// One HTTP header as it travels: `[name, value]`. Order and repeats are kept.
 pub type Header = (String, String);
 
@@ -157,10 +180,15 @@ impl Control {
 }
 
 /// The worker's introduction.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
-    /// A name for logs and status pages; need not be unique.
+    /// The worker's address within its services (calls with
+    /// `Wsbridge-Worker`), and its name in logs and status pages.
     pub worker_id: String,
+    /// A few strings that say who or where the worker is, e.g.
+    /// `{"user": "42"}`: shown by presence, matched by fan-out selectors.
+    #[serde(default, skip_serializing_if = "Metadata::is_empty")]
+    pub metadata: Metadata,
     /// The services this worker answers, e.g. `["orders"]`.
     pub services: Vec<String>,
     /// How many calls the worker accepts at once; the bridge never exceeds it.
@@ -214,6 +242,25 @@ impl Hello {
         }
         if self.worker_id.len() > 256 {
             return Err("worker_id must be at most 256 bytes".into());
+        }
+        if self.metadata.len() > MAX_METADATA_KEYS {
+            return Err(format!(
+                "metadata may hold at most {MAX_METADATA_KEYS} entries"
+            ));
+        }
+        if let Some(key) = self.metadata.keys().find(|k| !metadata_key(k)) {
+            return Err(format!(
+                "metadata key {key:?} must be 1 to {MAX_METADATA_KEY} bytes of A-Z a-z 0-9 _ - ."
+            ));
+        }
+        if let Some(key) = self
+            .metadata
+            .iter()
+            .find_map(|(k, v)| (v.len() > MAX_METADATA_VALUE).then_some(k))
+        {
+            return Err(format!(
+                "metadata value of {key:?} must be at most {MAX_METADATA_VALUE} bytes"
+            ));
         }
         if let Some(r) = &self.resume {
             if r.session_id.len() > 128 || r.running.len() + r.replied.len() > MAX_RESUME_IDS {

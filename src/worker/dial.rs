@@ -49,6 +49,9 @@ pub struct WorkerConfig {
     pub worker_id: String,
     /// Services this worker answers.
     pub services: Vec<String>,
+    /// Strings that say who or where this worker is (`{"user": "42"}`):
+    /// shown by presence and matched by fan-out selectors (PROTOCOL 3.1).
+    pub metadata: crate::protocol::Metadata,
     /// Calls accepted at once.
     pub max_inflight: u32,
     /// TLS trust for `wss`; `None` uses the system roots.
@@ -91,6 +94,7 @@ impl WorkerConfig {
             token: Secret::new(token),
             worker_id: default_worker_id(),
             services: services.into_iter().map(Into::into).collect(),
+            metadata: Default::default(),
             max_inflight: 64,
             tls: None,
             backoff_initial: Duration::from_millis(100),
@@ -303,6 +307,7 @@ impl Worker {
                     })?;
             let hello = Control::Hello(Hello {
                 worker_id: self.config.worker_id.clone(),
+                metadata: self.config.metadata.clone(),
                 services: self.config.services.clone(),
                 max_inflight: self.config.max_inflight,
                 flow_control: true,

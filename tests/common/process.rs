@@ -53,6 +53,12 @@ impl BridgeProcess {
     /// Like [`BridgeProcess::start`], with `tail` (e.g. `[[routes]]`)
     /// appended to the config.
     pub async fn start_with(http_extra: &str, tail: &str) -> BridgeProcess {
+        Self::start_logging(http_extra, tail, "warn,wsbridge::bridge=info").await
+    }
+
+    /// Like [`BridgeProcess::start_with`], logging at `rust_log` (e.g.
+    /// "trace", for a test that no log line shows a secret).
+    pub async fn start_logging(http_extra: &str, tail: &str, rust_log: &str) -> BridgeProcess {
         let dir = TempDir::new("bridge");
         let cert_path = dir.0.join("server.crt");
         let config = format!(
@@ -76,7 +82,7 @@ impl BridgeProcess {
         );
         let config_path = dir.0.join("wsbridge.toml");
         std::fs::write(&config_path, config).expect("write config");
-        Self::spawn(config_path, cert_path, Some(dir)).await
+        Self::spawn(config_path, cert_path, Some(dir), rust_log).await
     }
 
     /// Starts `wsbridge serve` with the config file at `config_path`, whose
@@ -85,18 +91,25 @@ impl BridgeProcess {
     /// admin listener (it is on by default). For fixed ports, or to start
     /// the same bridge again after it stopped.
     pub async fn with_config(config_path: &Path, cert_path: &Path) -> BridgeProcess {
-        Self::spawn(config_path.to_owned(), cert_path.to_owned(), None).await
+        Self::spawn(
+            config_path.to_owned(),
+            cert_path.to_owned(),
+            None,
+            "warn,wsbridge::bridge=info",
+        )
+        .await
     }
 
     async fn spawn(
         config_path: PathBuf,
         cert_path: PathBuf,
         dir: Option<TempDir>,
+        rust_log: &str,
     ) -> BridgeProcess {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsbridge"))
             .args(["serve", "--config"])
             .arg(&config_path)
-            .env("RUST_LOG", "warn,wsbridge::bridge=info")
+            .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

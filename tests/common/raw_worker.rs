@@ -72,6 +72,44 @@ pub async fn raw_connect(
         .map(|(ws, _)| ws)
 }
 
+/// Opens a TLS WebSocket to the worker listener at `addr` (trusting
+/// `tls`) with exactly the headers given; returns the socket and the
+/// upgrade response, or the handshake error (e.g. an HTTP 403).
+pub async fn ws_connect_with(
+    addr: std::net::SocketAddr,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    headers: &[(&str, &str)],
+) -> Result<
+    (
+        WebSocketStream<TlsStream<TcpStream>>,
+        tungstenite::handshake::client::Response,
+    ),
+    tungstenite::Error,
+> {
+    let tcp = with_timeout(TcpStream::connect(addr)).await.expect("tcp");
+    let name = ServerName::try_from("localhost").expect("name");
+    let stream = with_timeout(TlsConnector::from(tls).connect(name, tcp))
+        .await
+        .expect("tls handshake");
+    let mut req = format!("wss://localhost:{}", addr.port())
+        .into_client_request()
+        .expect("request");
+    for (name, value) in headers {
+        req.headers_mut().append(
+            header::HeaderName::from_bytes(name.as_bytes()).expect("name"),
+            HeaderValue::from_str(value).expect("value"),
+        );
+    }
+    with_timeout(tokio_tungstenite::client_async(req, stream)).await
+}
+
+/// The subprotocol a browser sends its token in.
+pub fn token_protocol(token: &str) -> String {
+    use base64::Engine;
+    let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token);
+    format!("base64url.bearer.wsbridge.{encoded}")
+}
+
 /// What a raw worker read.
 #[derive(Debug)]
 pub enum Frame {
@@ -102,6 +140,7 @@ impl RawWorker {
         let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let hello = Hello {
             worker_id: format!("raw-{n}"),
+            metadata: Default::default(),
             services: services.iter().map(|s| s.to_string()).collect(),
             max_inflight,
             flow_control,
@@ -272,6 +311,7 @@ impl RawWorker {
 pub fn resumable_hello(resume: Option<protocol::Resume>) -> Hello {
     Hello {
         worker_id: "resumer".into(),
+        metadata: Default::default(),
         services: vec!["default".into()],
         max_inflight: 8,
         flow_control: false,

@@ -1,0 +1,46 @@
+//! The bridge's own endpoints on the caller listener: every path under
+//! `/_wsbridge/` is the bridge's and never goes to a worker, whatever the
+//! routes say. Today: `GET /_wsbridge/workers` (presence, `directory.rs`).
+
+use http::{header, request::Parts, HeaderValue, Method, Response};
+
+use super::{call::Ctx, directory, reply::CallBody};
+use crate::{body::Body, error::CallError};
+
+/// The reserved prefix.
+pub(crate) const PREFIX: &str = "/_wsbridge/";
+
+/// Whether a request path is one of the bridge's own.
+pub(super) fn is_reserved(path: &str) -> bool {
+    path.starts_with(PREFIX) || path == "/_wsbridge"
+}
+
+/// Answers a request for a reserved path.
+pub(super) async fn answer(ctx: &Ctx<'_>, head: &Parts) -> Result<Response<CallBody>, CallError> {
+    let path = head.uri.path();
+    if path != directory::PATH && path != "/_wsbridge/workers/" {
+        return Err(CallError::Reserved {
+            path: path.to_owned(),
+        });
+    }
+    if head.method != Method::GET && head.method != Method::HEAD {
+        return Err(CallError::EndpointMethod {
+            path: directory::PATH.to_owned(),
+            allowed: "GET, HEAD",
+        });
+    }
+    let query = directory::parse(head.uri.query())?;
+    let json = directory::document(ctx.shared, &query).await;
+    let mut resp = Response::new(CallBody {
+        body: Body::full(json),
+        _call: None,
+        log: None,
+    });
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
