@@ -303,7 +303,7 @@ switch ($cmd) {
             fail("$what: who answered", implode(',', $ids), implode(',', $got));
         }
         $how = $binary ? strlen($body) . ' random bytes, base64 in the JSON' : json_encode($body, JSON_UNESCAPED_UNICODE);
-        echo "ok: $what -> expected $n, responded $n, complete; outcome ok from " . ($n ? implode(', ', $ids) : 'nobody') . " with the body echoed ($how)\n";
+        echo "ok: $what -> expected $n, responded $n, complete; " . ($n ? 'outcome ok from ' . implode(', ', $ids) . " with the body echoed ($how)" : 'no results') . "\n";
         exit(0);
 
     case 'fanout-stream':

@@ -221,9 +221,11 @@ function bridge_call_worker($workerId, $path, $body = [], $contentType = 'applic
  * @param string       $contentType the Content-Type of a string body
  * @param float        $timeout     seconds; keep it above the route's request_timeout
  * @return array {expected, responded, complete, results: [{worker_id, node,
- *               outcome, status, headers, body, body_encoding, ms}, ...]}
- *               (status, headers and body only with a reply; body_encoding
- *               "base64" for a body that is not UTF-8: see bridge_fanout_body());
+ *               outcome, status, headers, body, body_encoding, error, ms}, ...]}
+ *               in order of arrival (headers and body only with a reply;
+ *               body_encoding "base64" for a body that is not UTF-8, see
+ *               bridge_fanout_body(); a result without a reply has the
+ *               bridge's error {code, message, request_id} and status);
  *               with $onResult, {expected, responded, complete}. No matching
  *               worker is no error: expected 0, no results.
  * @throws BridgeException for the call as a whole (bad_request for a bad
