@@ -2,7 +2,8 @@
 // A wsbridge worker in Node.js, written from docs/PROTOCOL.md alone.
 //
 //     npm ci
-//     WSBRIDGE_CA=certs/server.crt node worker.js --url wss://localhost:8443 --service orders
+//     WSBRIDGE_CA=certs/server.crt node worker.js --url wss://localhost:8443 --service orders \
+//         [--worker-id eu-1 --meta region=eu]
 //
 // It dials out to the bridge, says hello, answers calls concurrently (at most
 // --max-inflight), honours cancels, drains on SIGTERM and reconnects with
@@ -14,7 +15,8 @@
 // reach `add`):
 //
 //     POST /<service>/add   {"a": 2, "b": 3}  -> {"sum": 5, "worker": ...}
-//     POST /<service>/echo  any body          -> the same body and content-type
+//     POST /<service>/echo  any body          -> the same body and content-type,
+//                                                and x-echo-worker: <worker id>
 //     POST /<service>/slow  {"ms": 5000}      -> sleeps, then {"slept_ms": 5000}
 //
 // Every cancel is logged with the call's request id:
@@ -37,11 +39,33 @@ const { values: opt } = parseArgs({
     ca: { type: "string", default: process.env.WSBRIDGE_CA },
     service: { type: "string", multiple: true, default: ["orders"] },
     "worker-id": { type: "string", default: `node-${os.hostname()}-${process.pid}` },
+    id: { type: "string" }, // the same as --worker-id, as the Rust agent spells it
+    meta: { type: "string", multiple: true, default: [] }, // KEY=VALUE, sent in the hello
     "max-inflight": { type: "string", default: "8" },
     "drain-timeout": { type: "string", default: "30" },
   },
 });
-const workerId = opt["worker-id"];
+const workerId = opt.id ?? opt["worker-id"];
+
+// --meta KEY=VALUE (repeatable): the hello's metadata, for presence and fan-out
+// selectors. Keys are 1 to 64 of A-Z a-z 0-9 _ - ., values at most 256 bytes of
+// UTF-8, at most 16 entries (PROTOCOL.md 3.1): the bridge refuses a hello with more.
+const metadata = Object.create(null); // "__proto__" is a key like any other
+for (const pair of opt.meta) {
+  const i = pair.indexOf("=");
+  const key = i < 0 ? "" : pair.slice(0, i);
+  const value = pair.slice(i + 1);
+  if (i < 0) fatal(`--meta wants KEY=VALUE, got ${JSON.stringify(pair)}`);
+  if (!/^[A-Za-z0-9_.-]{1,64}$/.test(key)) fatal(`metadata key ${JSON.stringify(key)} must be 1 to 64 of A-Z a-z 0-9 _ - .`);
+  if (Buffer.byteLength(value, "utf8") > 256) fatal(`metadata value of ${JSON.stringify(key)} must be at most 256 bytes`);
+  metadata[key] = value;
+}
+if (Object.keys(metadata).length > 16) fatal("at most 16 --meta entries");
+
+function fatal(msg) {
+  process.stderr.write(`worker.js: ${msg}\n`);
+  process.exit(2);
+}
 
 function log(level, msg) {
   process.stderr.write(`${new Date().toISOString()} ${workerId} ${level} ${msg}\n`);
@@ -90,7 +114,8 @@ const handlers = {
   },
   async "/echo"(call) {
     // As bytes: a content type that is not UTF-8 goes back byte for byte (PROTOCOL.md 5.1).
-    return [200, [["content-type", call.headerBytes("content-type") || "application/octet-stream"]], call.body];
+    const ctype = call.headerBytes("content-type") || "application/octet-stream";
+    return [200, [["content-type", ctype], ["x-echo-worker", workerId]], call.body];
   },
   async "/slow"(call) {
     const ms = Number(parseJson(call.body).ms ?? 5000);
@@ -194,7 +219,9 @@ function connect() {
   });
 
   ws.on("open", () => {
-    ws.send(JSON.stringify({ type: "hello", worker_id: workerId, services: opt.service, max_inflight: Number(opt["max-inflight"]) }));
+    const hello = { type: "hello", worker_id: workerId, services: opt.service, max_inflight: Number(opt["max-inflight"]) };
+    if (Object.keys(metadata).length) hello.metadata = metadata;
+    ws.send(JSON.stringify(hello));
   });
 
   ws.on("ping", alive);

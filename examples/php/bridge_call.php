@@ -19,6 +19,20 @@
  * prior-knowledge connection (curl issue #10634, fixed in 8.0), so there the
  * calls go over HTTP/1.1, one connection each, still all at once.
  * WSBRIDGE_HTTP2=1 makes single calls use HTTP/2 as well.
+ *
+ * Workers by name and metadata (a worker's hello may carry a `worker_id`
+ * and `metadata`, e.g. {"region": "eu"}):
+ *
+ *     $reply = bridge_call_worker('device-42', '/devices/status', ['cmd' => 'status']);
+ *     $doc = bridge_fanout('/devices/reload', '', 'region=eu');   // one result per worker
+ *     $doc = bridge_workers('devices', ['region' => 'eu']);        // who is connected
+ *
+ * bridge_call_worker() sends a call to the one worker with that id
+ * (Wsbridge-Worker); bridge_fanout() sends it to every worker of the
+ * service, or those whose metadata matches (Wsbridge-Fanout), and returns
+ * each one's reply; bridge_fanout_push() sends it without waiting for the
+ * replies; bridge_workers() lists the connected workers
+ * (GET /_wsbridge/workers).
  */
 
 class BridgeException extends RuntimeException
@@ -134,6 +148,204 @@ function bridge_call_all(array $calls, $timeout = 35.0, &$stats = null)
     return $results;
 }
 
+/**
+ * A call for one worker: the one whose hello named it $workerId, and no
+ * other (header Wsbridge-Worker). It must serve the service $path routes to;
+ * in a cluster, the call goes to the bridge it is connected to.
+ *
+ *     $res = bridge_call_worker('device-42', '/devices/status', ['cmd' => 'status']);
+ *     // ['state' => 'on', ...]: JSON in, decoded JSON out, as bridge_call()
+ *     $png = bridge_call_worker('cam-7', '/cams/snapshot', '', 'text/plain', 35.0, $response);
+ *     // raw bytes in and out, as bridge_post(); $response['headers']['content-type']
+ *
+ * @param string $workerId    the worker's id (its hello's worker_id)
+ * @param string $path        e.g. '/devices/status'; the route picks the service
+ * @param mixed  $body        a string goes as it is and the raw reply comes back
+ *                            (as bridge_post()); anything else goes as JSON and
+ *                            the reply comes back decoded (as bridge_call())
+ * @param string $contentType the Content-Type of a string body (JSON goes as
+ *                            application/json)
+ * @param float  $timeout     seconds; keep it above the bridge's request_timeout
+ * @param array  $response    set to ['status' => HTTP status, 'headers' =>
+ *                            [lower-case name => value]], also when it throws
+ * @return mixed the reply body, or the decoded reply for a JSON call
+ * @throws BridgeException unknown_worker (no bridge has a worker by that id),
+ *                         no_worker (it stayed at capacity), or any other failure
+ */
+function bridge_call_worker($workerId, $path, $body = [], $contentType = 'application/octet-stream', $timeout = 35.0, &$response = null)
+{
+    $json = !is_string($body);
+    $call = bridge_handle(
+        $path,
+        $json ? json_encode($body) : $body,
+        $json ? 'application/json' : $contentType,
+        $timeout,
+        (bool) getenv('WSBRIDGE_HTTP2'),
+        ['Wsbridge-Worker: ' . bridge_header_value($workerId, 'worker id')]
+    );
+    $reply = curl_exec($call['ch']);
+    $response = bridge_response($call);
+    $reply = bridge_result($call, $reply);
+    return $json ? bridge_decode($reply) : $reply;
+}
+
+/**
+ * Fan-out: the same call to every worker of the service $path routes to, or
+ * to those whose metadata holds every pair of $selector, on every bridge of a
+ * cluster; once each, never retried. Returns when all have answered or the
+ * route's request_timeout has passed, with one result per worker.
+ *
+ *     $doc = bridge_fanout('/devices/reload', ['full' => true], 'region=eu');
+ *     foreach ($doc['results'] as $r) {
+ *         if ($r['outcome'] !== 'ok') {          // error, timeout, unavailable, too_large
+ *             error_log("{$r['worker_id']}: {$r['outcome']}");
+ *             continue;
+ *         }
+ *         $reply = json_decode(bridge_fanout_body($r), true);   // $r['status'], $r['headers']
+ *     }
+ *     if (!$doc['complete']) { ... }              // $doc['responded'] < $doc['expected']
+ *
+ * With $onResult, each result is handed over as it arrives (the bridge
+ * answers in application/x-ndjson) and the summary line is returned:
+ *
+ *     $summary = bridge_fanout('/devices/status', '', 'all', function (array $r) {
+ *         echo $r['worker_id'], ' ', $r['outcome'], PHP_EOL;
+ *     });   // ['expected' => 3, 'responded' => 3, 'complete' => true]
+ *
+ * @param string       $path        e.g. '/devices/reload'; the route picks the service
+ * @param mixed        $body        a string goes as it is; anything else as JSON
+ * @param string|array $selector    'all', 'region=eu,user=42', or
+ *                                  ['region' => 'eu', 'user' => '42']
+ * @param callable     $onResult    null: wait for the whole document; else
+ *                                  called with each result (an array) in turn
+ * @param string       $contentType the Content-Type of a string body
+ * @param float        $timeout     seconds; keep it above the route's request_timeout
+ * @return array {expected, responded, complete, results: [{worker_id, node,
+ *               outcome, status, headers, body, body_encoding, error, ms}, ...]}
+ *               in order of arrival (headers and body only with a reply;
+ *               body_encoding "base64" for a body that is not UTF-8, see
+ *               bridge_fanout_body(); a result without a reply has the
+ *               bridge's error {code, message, request_id} and status);
+ *               with $onResult, {expected, responded, complete}. No matching
+ *               worker is no error: expected 0, no results.
+ * @throws BridgeException for the call as a whole (bad_request for a bad
+ *                         selector, no_route, ...; incomplete for a stream that
+ *                         ended before its summary); one worker's failure is
+ *                         only its result's outcome. Whatever $onResult throws
+ *                         ends the call and is rethrown.
+ */
+function bridge_fanout($path, $body = '', $selector = 'all', $onResult = null, $contentType = 'application/octet-stream', $timeout = 35.0)
+{
+    $json = !is_string($body);
+    $call = bridge_handle(
+        $path,
+        $json ? json_encode($body) : $body,
+        $json ? 'application/json' : $contentType,
+        $timeout,
+        (bool) getenv('WSBRIDGE_HTTP2'),
+        [
+            'Wsbridge-Fanout: ' . bridge_selector($selector),
+            'Accept: ' . ($onResult === null ? 'application/json' : 'application/x-ndjson'),
+        ]
+    );
+    if ($onResult !== null) {
+        return bridge_fanout_stream($call, $onResult);
+    }
+    $reply = bridge_result($call, curl_exec($call['ch']));
+    return bridge_fanout_document($call, $reply, 'results');
+}
+
+/**
+ * A push to every matching worker (fan-out with Wsbridge-Fanout-Reply: none):
+ * returns as soon as the bridge has sent the call to each of them; their
+ * replies are discarded.
+ *
+ *     $doc = bridge_fanout_push('/devices/config', ['level' => 'debug'], ['region' => 'eu']);
+ *     // ['expected' => 12, 'sent' => 12] (HTTP 202)
+ *
+ * @param string       $path        e.g. '/devices/config'; the route picks the service
+ * @param mixed        $body        a string goes as it is; anything else as JSON
+ * @param string|array $selector    as for bridge_fanout()
+ * @param string       $contentType the Content-Type of a string body
+ * @param float        $timeout     seconds
+ * @param array        $response    set to ['status' => 202, 'headers' => [...]]
+ * @return array {expected, sent}: matching workers, and calls sent
+ * @throws BridgeException for the call as a whole (bad_request, no_route, ...)
+ */
+function bridge_fanout_push($path, $body = '', $selector = 'all', $contentType = 'application/octet-stream', $timeout = 35.0, &$response = null)
+{
+    $json = !is_string($body);
+    $call = bridge_handle(
+        $path,
+        $json ? json_encode($body) : $body,
+        $json ? 'application/json' : $contentType,
+        $timeout,
+        (bool) getenv('WSBRIDGE_HTTP2'),
+        ['Wsbridge-Fanout: ' . bridge_selector($selector), 'Wsbridge-Fanout-Reply: none']
+    );
+    $reply = curl_exec($call['ch']);
+    $response = bridge_response($call);
+    $reply = bridge_result($call, $reply);
+    return bridge_fanout_document($call, $reply, 'sent');
+}
+
+/**
+ * The reply body of one fan-out result as bytes (a body that is not UTF-8
+ * travels base64-encoded in the JSON), or null for a result without a reply.
+ *
+ *     $bytes = bridge_fanout_body($doc['results'][0]);
+ */
+function bridge_fanout_body(array $result)
+{
+    if (!isset($result['body'])) {
+        return null;
+    }
+    if (isset($result['body_encoding']) && $result['body_encoding'] === 'base64') {
+        return base64_decode($result['body']);
+    }
+    return $result['body'];
+}
+
+/**
+ * The workers connected to the bridge, and in a cluster to every bridge
+ * (GET /_wsbridge/workers).
+ *
+ *     $doc = bridge_workers('devices', ['region' => 'eu']);
+ *     foreach ($doc['workers'] as $w) {
+ *         echo $w['worker_id'], ' on ', $w['node'], ': ', $w['in_flight'], '/', $w['capacity'], PHP_EOL;
+ *     }
+ *
+ * @param string|null $service only the workers of this service; null: all of
+ *                             them, each once per service it serves
+ * @param array       $meta    only the workers whose metadata holds every
+ *                             pair, e.g. ['region' => 'eu']
+ * @param float       $timeout seconds
+ * @return array {complete, nodes_missing, workers: [{worker_id, node, service,
+ *               metadata, connected_at, in_flight, capacity}, ...]};
+ *               complete is false when a bridge of the cluster did not
+ *               answer in time (it is named in nodes_missing)
+ * @throws BridgeException bad_request for a metadata key the bridge does not
+ *                         take, or any other failure
+ */
+function bridge_workers($service = null, array $meta = [], $timeout = 10.0)
+{
+    $query = [];
+    if ($service !== null) {
+        $query['service'] = $service;
+    }
+    foreach ($meta as $key => $value) {
+        $query['meta.' . $key] = $value;
+    }
+    $path = '/_wsbridge/workers' . ($query ? '?' . http_build_query($query, '', '&', PHP_QUERY_RFC3986) : '');
+    $call = bridge_handle($path, null, null, $timeout, (bool) getenv('WSBRIDGE_HTTP2'));
+    $reply = bridge_result($call, curl_exec($call['ch']));
+    $doc = json_decode($reply, true);
+    if (!is_array($doc) || !isset($doc['workers']) || !is_array($doc['workers'])) {
+        throw new BridgeException('bad_response', 'not a list of workers: ' . bridge_excerpt($reply), bridge_request_id($call), bridge_response($call)['status']);
+    }
+    return $doc;
+}
+
 /** Whether this libcurl multiplexes calls over one HTTP/2 connection. */
 function bridge_can_multiplex()
 {
@@ -142,8 +354,12 @@ function bridge_can_multiplex()
         && version_compare($curl['version'], '8.0.0', '>=');
 }
 
-/** A curl handle for one call, with what bridge_result() needs. */
-function bridge_handle($path, $body, $contentType, $timeout, $http2)
+/**
+ * A curl handle for one call, with what bridge_result() needs: a POST of
+ * $body, or a GET when $body is null. $extraHeaders are more request header
+ * lines ('Wsbridge-Worker: w-1', ...).
+ */
+function bridge_handle($path, $body, $contentType, $timeout, $http2, array $extraHeaders = [])
 {
     $base = getenv('WSBRIDGE_HTTP') ?: 'http://127.0.0.1:8080';
     $call = [
@@ -153,14 +369,16 @@ function bridge_handle($path, $body, $contentType, $timeout, $http2)
     ];
     $ch = curl_init(rtrim($base, '/') . $path);
     $headers = $call['headers'];
+    $requestHeaders = ['X-Request-Id: ' . $call['request_id']];
+    if ($body === null) {
+        curl_setopt($ch, CURLOPT_HTTPGET, true);
+    } else {
+        curl_setopt_array($ch, [CURLOPT_POST => true, CURLOPT_POSTFIELDS => $body]);
+        $requestHeaders[] = 'Content-Type: ' . $contentType;
+        $requestHeaders[] = 'Expect:'; // no 100-continue round trip for larger bodies
+    }
     curl_setopt_array($ch, [
-        CURLOPT_POST => true,
-        CURLOPT_POSTFIELDS => $body,
-        CURLOPT_HTTPHEADER => [
-            'Content-Type: ' . $contentType,
-            'X-Request-Id: ' . $call['request_id'],
-            'Expect:', // no 100-continue round trip for larger bodies
-        ],
+        CURLOPT_HTTPHEADER => array_merge($requestHeaders, $extraHeaders),
         CURLOPT_RETURNTRANSFER => true,
         CURLOPT_TIMEOUT_MS => (int) ($timeout * 1000),
         CURLOPT_HEADERFUNCTION => function ($ch, $line) use ($headers) {
@@ -200,4 +418,147 @@ function bridge_result(array $call, $reply)
         throw new BridgeException('http_' . $status, substr($reply, 0, 200), $requestId, $status);
     }
     return $reply;
+}
+
+/** Status and headers of a finished call: ['status' => int, 'headers' => [lower-case name => value]]. */
+function bridge_response(array $call)
+{
+    return [
+        'status' => (int) curl_getinfo($call['ch'], CURLINFO_RESPONSE_CODE),
+        'headers' => $call['headers']->getArrayCopy(),
+    ];
+}
+
+/** The request id of a call: the bridge's X-Request-Id, else the one we sent. */
+function bridge_request_id(array $call)
+{
+    return isset($call['headers']['x-request-id']) ? $call['headers']['x-request-id'] : $call['request_id'];
+}
+
+/** A reply decoded from JSON, or the raw reply if it is not JSON. */
+function bridge_decode($body)
+{
+    $decoded = json_decode($body, true);
+    return ($decoded === null && trim($body) !== 'null') ? $body : $decoded;
+}
+
+/** The start of a body for a message: text as it is, other bytes by their length. */
+function bridge_excerpt($body)
+{
+    if (preg_match('//u', $body) !== 1) {
+        return strlen($body) . ' bytes that are not UTF-8';
+    }
+    return strlen($body) > 200 ? substr($body, 0, 200) . '...' : $body;
+}
+
+/** $value for a request header, refused if it could end the header line. */
+function bridge_header_value($value, $what)
+{
+    $value = (string) $value;
+    if ($value === '' || preg_match('/[\x00-\x1f\x7f]/', $value)) {
+        throw new InvalidArgumentException("$what must be non-empty, without control characters: " . json_encode($value));
+    }
+    return $value;
+}
+
+/** A Wsbridge-Fanout value: 'all', 'k=v,k=v', or from ['k' => 'v', ...]. */
+function bridge_selector($selector)
+{
+    if (is_array($selector)) {
+        if (!$selector) {
+            throw new InvalidArgumentException('an empty selector: "all" selects every worker');
+        }
+        $pairs = [];
+        foreach ($selector as $key => $value) {
+            if (strpos($key . $value, ',') !== false) {
+                throw new InvalidArgumentException("a selector pair cannot hold a comma: $key=$value");
+            }
+            $pairs[] = "$key=$value";
+        }
+        $selector = implode(',', $pairs);
+    }
+    return bridge_header_value($selector, 'fan-out selector');
+}
+
+/** A fan-out reply decoded: a JSON document holding $key, or BridgeException. */
+function bridge_fanout_document(array $call, $reply, $key)
+{
+    $doc = json_decode($reply, true);
+    if (!is_array($doc) || !array_key_exists('expected', $doc) || !array_key_exists($key, $doc)) {
+        // e.g. a bridge without fan-out, which sent the call to one worker
+        throw new BridgeException('bad_response', 'not a fan-out answer: ' . bridge_excerpt($reply), bridge_request_id($call), bridge_response($call)['status']);
+    }
+    return $doc;
+}
+
+/** Runs a fan-out call answered in ndjson: $onResult per result, returns the summary. */
+function bridge_fanout_stream(array $call, $onResult)
+{
+    $ch = $call['ch'];
+    $state = new stdClass();
+    $state->stream = null;   // whether the answer is an ndjson stream; known at the first byte
+    $state->buffer = '';     // an unfinished line
+    $state->raw = '';        // the whole body of an answer that is not a stream
+    $state->summary = null;
+    $state->error = null;    // what a line or $onResult threw
+    $headers = $call['headers'];
+    curl_setopt($ch, CURLOPT_WRITEFUNCTION, function ($ch, $data) use ($call, $headers, $state, $onResult) {
+        if ($state->stream === null) {
+            $type = isset($headers['content-type']) ? $headers['content-type'] : '';
+            $state->stream = curl_getinfo($ch, CURLINFO_RESPONSE_CODE) === 200
+                && stripos($type, 'application/x-ndjson') === 0;
+        }
+        if (!$state->stream) {
+            $state->raw .= $data;
+            return strlen($data);
+        }
+        $state->buffer .= $data;
+        try {
+            while (($end = strpos($state->buffer, "\n")) !== false) {
+                $line = substr($state->buffer, 0, $end);
+                $state->buffer = substr($state->buffer, $end + 1);
+                bridge_fanout_line($call, $line, $state, $onResult);
+            }
+        } catch (Throwable $e) {
+            $state->error = $e;
+            return 0; // ends the transfer
+        }
+        return strlen($data);
+    });
+    $ok = curl_exec($ch);
+    if ($state->error !== null) {
+        throw $state->error;
+    }
+    $status = bridge_response($call)['status'];
+    if (!$state->stream) {
+        $reply = bridge_result($call, $ok === false ? false : $state->raw); // throws for an error status
+        throw new BridgeException('bad_response', 'not an ndjson fan-out answer: ' . bridge_excerpt($reply), bridge_request_id($call), $status);
+    }
+    if ($ok !== false && $state->buffer !== '') {
+        bridge_fanout_line($call, $state->buffer, $state, $onResult); // a last line without "\n"
+    }
+    if ($ok === false || $state->summary === null) {
+        $why = $ok === false ? curl_error($ch) : 'no summary line';
+        throw new BridgeException('incomplete', "the fan-out stream ended early: $why", bridge_request_id($call), $status);
+    }
+    return $state->summary;
+}
+
+/** One line of an ndjson fan-out answer: a result for $onResult, or the summary. */
+function bridge_fanout_line(array $call, $line, $state, $onResult)
+{
+    if (trim($line) === '') {
+        return;
+    }
+    $item = json_decode($line, true);
+    if (!is_array($item)) {
+        throw new BridgeException('bad_response', 'unreadable line in the fan-out stream: ' . bridge_excerpt($line), bridge_request_id($call), 200);
+    }
+    if (isset($item['outcome'])) {
+        $onResult($item);
+    } elseif (array_key_exists('expected', $item)) {
+        $state->summary = $item;
+    } else {
+        throw new BridgeException('bad_response', 'neither a result nor a summary in the fan-out stream: ' . bridge_excerpt($line), bridge_request_id($call), 200);
+    }
 }

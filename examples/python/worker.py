@@ -3,7 +3,7 @@
 
     python3 -m venv venv && venv/bin/pip install -r requirements.txt
     venv/bin/python worker.py --url wss://localhost:8443 --token change-me \\
-        --ca certs/server.crt --service orders
+        --ca certs/server.crt --service orders [--worker-id eu-1 --meta region=eu]
 
 It dials out to the bridge, says hello, answers calls concurrently (at most
 --max-inflight), honours cancels, drains on SIGTERM and reconnects with
@@ -15,7 +15,8 @@ path unchanged, route prefix included, so /orders/add and /py/add both reach
 `add`):
 
     POST /<service>/add   {"a": 2, "b": 3}  -> {"sum": 5, "worker": ...}
-    POST /<service>/echo  any body          -> the same body and content-type
+    POST /<service>/echo  any body          -> the same body and content-type,
+                                               and x-echo-worker: <worker id>
     POST /<service>/slow  {"ms": 5000}      -> sleeps, then {"slept_ms": 5000}
 
 Every cancel is logged with the call's request id:
@@ -28,6 +29,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import ssl
@@ -91,7 +93,7 @@ async def add(call):
 async def echo(call):
     # As bytes: a content type that is not UTF-8 goes back byte for byte (PROTOCOL 5.1).
     ctype = call.header_bytes("content-type") or b"application/octet-stream"
-    return 200, [["content-type", ctype]], call.body
+    return 200, [["content-type", ctype], ["x-echo-worker", call.worker_id]], call.body
 
 
 async def slow(call):
@@ -234,6 +236,8 @@ class Worker:
             proxy=None,
         ) as ws:
             hello = {"type": "hello", "worker_id": self.worker_id, "services": a.service, "max_inflight": a.max_inflight}
+            if a.meta:
+                hello["metadata"] = a.meta
             await ws.send(json.dumps(hello))
             first = await asyncio.wait_for(ws.recv(), 10)
             welcome = json.loads(first) if isinstance(first, str) else {}
@@ -363,6 +367,22 @@ class Worker:
             pass
 
 
+MAX_METADATA_KEYS = 16  # PROTOCOL.md 3.1; the bridge refuses a hello with more
+
+
+def meta_pair(text):
+    """A --meta KEY=VALUE: a key of 1 to 64 bytes of A-Z a-z 0-9 _ - . and a
+    value of at most 256 bytes of UTF-8 (the bridge's limits for `metadata`)."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError("want KEY=VALUE, got %r" % text)
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", key):
+        raise argparse.ArgumentTypeError("metadata key %r must be 1 to 64 of A-Z a-z 0-9 _ - ." % key)
+    if len(value.encode("utf-8")) > 256:
+        raise argparse.ArgumentTypeError("metadata value of %r must be at most 256 bytes" % key)
+    return key, value
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     env = os.environ.get
@@ -370,11 +390,27 @@ def main():
     p.add_argument("--token", default=env("WSBRIDGE_TOKEN", "change-me"))
     p.add_argument("--ca", default=env("WSBRIDGE_CA"), help="PEM file to trust, e.g. the bridge's certs/server.crt")
     p.add_argument("--service", action="append", help="a service to answer (repeatable; default: orders)")
-    p.add_argument("--worker-id", default="py-%s-%d" % (socket.gethostname(), os.getpid()))
+    p.add_argument(
+        "--worker-id",
+        "--id",
+        default="py-%s-%d" % (socket.gethostname(), os.getpid()),
+        help="this worker's address: calls with the header Wsbridge-Worker: <id> come to it alone",
+    )
+    p.add_argument(
+        "--meta",
+        action="append",
+        type=meta_pair,
+        default=[],
+        metavar="KEY=VALUE",
+        help="metadata sent in the hello, for presence and fan-out selectors (repeatable)",
+    )
     p.add_argument("--max-inflight", type=int, default=8)
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to wait for the bridge to close us")
     args = p.parse_args()
     args.service = args.service or ["orders"]
+    args.meta = dict(args.meta)
+    if len(args.meta) > MAX_METADATA_KEYS:
+        p.error("at most %d --meta entries" % MAX_METADATA_KEYS)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s " + args.worker_id + " %(levelname)s %(message)s"
     )
