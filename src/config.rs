@@ -44,6 +44,31 @@ pub struct Config {
     /// single node.
     #[serde(default)]
     pub cluster: Option<ClusterConfig>,
+    /// Calls to every matching worker (`Wsbridge-Fanout`).
+    #[serde(default)]
+    pub fanout: FanoutConfig,
+}
+
+/// `[fanout]`: the bounds of a call sent to every matching worker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FanoutConfig {
+    /// Most workers one fan-out may reach; a selector matching more gets
+    /// 400 (narrow it with metadata).
+    #[serde(default = "defaults::fanout_max_workers")]
+    pub max_workers: usize,
+    /// Largest reply kept per worker; a larger one is `too_large`.
+    #[serde(default = "defaults::fanout_max_reply")]
+    pub max_reply: ByteSize,
+}
+
+impl Default for FanoutConfig {
+    fn default() -> Self {
+        FanoutConfig {
+            max_workers: defaults::fanout_max_workers(),
+            max_reply: defaults::fanout_max_reply(),
+        }
+    }
 }
 
 /// `[admin]`: Prometheus `/metrics`, `/status` JSON, the dashboard at `/`
@@ -245,6 +270,12 @@ mod defaults {
     pub(super) fn max_body() -> ByteSize {
         ByteSize(10 << 20)
     }
+    pub(super) fn fanout_max_workers() -> usize {
+        10_000
+    }
+    pub(super) fn fanout_max_reply() -> ByteSize {
+        ByteSize(1 << 20)
+    }
     pub(super) fn max_response_body() -> ByteSize {
         ByteSize(64 << 20)
     }
@@ -423,6 +454,27 @@ impl Config {
             return Err(invalid(
                 "workers.flow_window",
                 format!("must be between {CHUNK_SIZE} bytes (one chunk) and 64MiB"),
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.fanout.max_workers) {
+            return Err(invalid("fanout.max_workers", "must be 1 to 1000000"));
+        }
+        if self.fanout.max_reply.0 == 0 || self.fanout.max_reply > self.http.max_response_body {
+            return Err(invalid(
+                "fanout.max_reply",
+                "must be at least 1 byte and at most http.max_response_body",
+            ));
+        }
+        if self
+            .workers
+            .tokens
+            .iter()
+            .filter_map(WorkerToken::worker_id_prefix)
+            .any(|p| p.is_empty() || p.len() > 128)
+        {
+            return Err(invalid(
+                "workers.tokens",
+                "a worker_id_prefix must be 1 to 128 bytes",
             ));
         }
         if self.workers.tokens.is_empty() {

@@ -22,6 +22,7 @@ use tracing::{debug, warn};
 use super::{
     caller::Caller,
     dispatch::{AcquireError, Attempt, Dispatch, Placed, StartAs},
+    fanout::Sent,
     idempotency::IDEMPOTENCY_KEY,
     remote,
     reply::{lock, CallBody, Held, HeldCall, Trace},
@@ -94,6 +95,19 @@ pub(super) struct Ctx<'a> {
     /// For a call another bridge sent this one: that bridge, and the
     /// call's deadline there. Its headers were forwarded there.
     pub(super) relayed: Option<Relayed>,
+    /// For one worker's call of a fan-out: told when the call is sent;
+    /// such a call is never retried.
+    pub(super) fanout: Option<&'a Sent>,
+}
+
+impl Ctx<'_> {
+    /// How many more workers a lost call may go to.
+    pub(super) fn max_retries(&self) -> u32 {
+        match self.fanout {
+            Some(_) => 0,
+            None => self.settings.config.http.max_retries,
+        }
+    }
 }
 
 /// What a call another bridge sent this one keeps of its first bridge.
@@ -381,7 +395,7 @@ async fn attempt(
     let queue_deadline = queued_at
         .checked_add(http.queue_timeout)
         .map_or(deadline, |t| t.min(deadline));
-    let retries_left = plan.single && n <= http.max_retries;
+    let retries_left = plan.single && n <= ctx.max_retries();
     let how = StartAs {
         upload: !plan.single,
         // The start gate (PROTOCOL 3.7) costs a round trip to the worker and
@@ -414,6 +428,9 @@ async fn attempt(
     };
     trace.attempts = n;
     trace.session = Some(at.session().clone());
+    if let Some(sent) = ctx.fanout {
+        sent.mark();
+    }
     fields.id = at.id();
     fields.end = plan.single;
     // `"gate": false` is written only to a worker that gates its calls.
@@ -575,7 +592,7 @@ async fn exchange_whole(
         Err(elapsed) => Err(elapsed),
     };
     match exchange {
-        Ok(Err(f)) if plan.may_retry(&f, n, ctx.settings.config.http.max_retries) => {
+        Ok(Err(f)) if plan.may_retry(&f, n, ctx.max_retries()) => {
             warn!(request_id = %ctx.request_id, worker = %at.worker(), attempt = n, failure = ?f, "worker lost before replying; trying another");
             Whole::Retry(Box::new(plan.failure(at.worker(), f)))
         }

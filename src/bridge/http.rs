@@ -16,7 +16,7 @@ use tracing::info;
 use super::{
     call::{call, Ctx},
     caller::{Caller, OpenCall},
-    conformance,
+    conformance, fanout,
     idempotency::IDEMPOTENCY_KEY,
     keyed::keyed,
     reply::{lock, AccessLog, CallBody},
@@ -79,6 +79,7 @@ pub(super) async fn handle(
         request_id,
         started,
         relayed: None,
+        fanout: None,
     };
     // Refusals come before anything else, stored responses included.
     let refused = match allowed {
@@ -96,6 +97,16 @@ pub(super) async fn handle(
             // The bridge's own paths never reach a worker.
             (Ok(()), _) if reserved::is_reserved(head.uri.path()) => {
                 Box::pin(async { reserved::answer(&ctx, &head).await })
+            }
+            (Ok(()), _) if fanout::requested(&head.headers) => {
+                let own = fanout::Owned {
+                    shared: shared.clone(),
+                    settings: settings.clone(),
+                    caller: caller.clone(),
+                    request_id: request_id.clone(),
+                    started,
+                };
+                Box::pin(fanout::fanout(own, head, body, trace))
             }
             (Ok(()), Some(key)) => Box::pin(keyed(&ctx, head, body, trace, key)),
             (Ok(()), None) => Box::pin(call(&ctx, head, RequestBody::plain(body), trace)),

@@ -22,6 +22,7 @@ mod connection;
 mod credentials;
 mod directory;
 mod dispatch;
+mod fanout;
 mod handshake;
 mod http;
 mod idempotency;

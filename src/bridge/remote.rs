@@ -102,7 +102,7 @@ pub(super) async fn attempt(
                 let cause = format!("bridge {} did not answer within {ACK_WITHIN:?}", peer.node);
                 let f = Failure::Lost(cause);
                 let worker = call.worker();
-                if plan.may_retry(&f, n, ctx.settings.config.http.max_retries) {
+                if plan.may_retry(&f, n, ctx.max_retries()) {
                     return Some(Step::Retry(Box::new(plan.failure(&worker, f))));
                 }
                 return Some(Step::Done(
@@ -117,6 +117,9 @@ pub(super) async fn attempt(
             }
         }
         cluster.counted_out();
+        if let Some(sent) = ctx.fanout {
+            sent.mark();
+        }
         trace.attempts = n;
         trace.node = Some(peer.node.as_str().into());
         let upload = (sent < plan.start.len() || !plan.single).then(|| Upload {

@@ -333,6 +333,15 @@ impl Cluster {
             .collect()
     }
 
+    /// The peers' open workers that a fan-out for `query` reaches, as
+    /// `(node, worker id)` (as last announced).
+    pub(crate) fn fanout_targets(&self, query: &presence::Query) -> Vec<(String, String)> {
+        if !self.is_connected() {
+            return Vec::new();
+        }
+        self.peers().matching(query)
+    }
+
     /// This bridge's boot epoch (ms since the Unix epoch at start).
     pub(crate) fn epoch(&self) -> u64 {
         self.epoch

@@ -264,7 +264,6 @@ impl Peers {
 
     /// The workers of the peers that a fan-out for `query` reaches: open
     /// ones (as last announced), as `(node, worker id)`.
-    #[allow(dead_code)] // The fan-out (next) uses it.
     pub(crate) fn matching(&self, query: &Query) -> Vec<(String, String)> {
         let mut list = Vec::new();
         for (name, peer) in &self.nodes {
