@@ -15,7 +15,7 @@ use std::{
 
 use serde::{de, Deserialize, Deserializer};
 
-use crate::protocol::{CHUNK_SIZE, MAX_HEADER_LEN, MIN_FRAME};
+use crate::protocol::{self, CHUNK_SIZE, MAX_HEADER_LEN, MIN_FRAME};
 
 mod cluster;
 pub use cluster::ClusterConfig;
@@ -47,6 +47,39 @@ pub struct Config {
     /// Calls to every matching worker (`Wsbridge-Fanout`).
     #[serde(default)]
     pub fanout: FanoutConfig,
+    /// Messages from elsewhere pushed to workers.
+    #[serde(default)]
+    pub ingress: IngressConfig,
+}
+
+/// `[ingress]`: where messages pushed to workers come from.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngressConfig {
+    /// `[[ingress.redis]]`: Redis channels whose messages go to workers.
+    #[serde(default)]
+    pub redis: Vec<RedisIngress>,
+}
+
+/// `[[ingress.redis]]`: every message published on `channel` goes to every
+/// matching worker of `service`, as a fan-out without replies; code that
+/// does `$redis->publish("channel", $msg)` reaches wsbridge workers as is.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisIngress {
+    /// `redis://[:password@]host[:port][/db]`; a secret (it may hold a
+    /// password): never logged.
+    pub url: Secret,
+    /// The channel to subscribe to.
+    pub channel: String,
+    /// The service whose workers get the messages.
+    pub service: String,
+    /// `all` (the default) or `KEY=VALUE,...` pairs of worker metadata.
+    #[serde(default)]
+    pub selector: Option<String>,
+    /// The path of the `POST` the workers get (default `/`).
+    #[serde(default)]
+    pub path: Option<String>,
 }
 
 /// `[fanout]`: the bounds of a call sent to every matching worker.
@@ -456,14 +489,30 @@ impl Config {
                 format!("must be between {CHUNK_SIZE} bytes (one chunk) and 64MiB"),
             ));
         }
+        for (i, r) in self.ingress.redis.iter().enumerate() {
+            let key = |k: &str| format!("ingress.redis[{i}].{k}");
+            let url = r.url.expose();
+            if !url.starts_with("redis://") {
+                return Err(invalid(key("url"), "must start with redis://"));
+            }
+            if r.channel.is_empty() || r.channel.len() > 256 {
+                return Err(invalid(key("channel"), "must be 1 to 256 bytes"));
+            }
+            check_service(&key("service"), &r.service)?;
+            if let Some(selector) = &r.selector {
+                protocol::parse_selector(selector).map_err(|e| invalid(key("selector"), e))?;
+            }
+            if let Some(path) = &r.path {
+                if !path.starts_with('/') || http::Uri::try_from(path.as_str()).is_err() {
+                    return Err(invalid(key("path"), "must be a path starting with /"));
+                }
+            }
+        }
         if !(1..=1_000_000).contains(&self.fanout.max_workers) {
             return Err(invalid("fanout.max_workers", "must be 1 to 1000000"));
         }
-        if self.fanout.max_reply.0 == 0 || self.fanout.max_reply > self.http.max_response_body {
-            return Err(invalid(
-                "fanout.max_reply",
-                "must be at least 1 byte and at most http.max_response_body",
-            ));
+        if self.fanout.max_reply.0 == 0 {
+            return Err(invalid("fanout.max_reply", "must be at least 1 byte"));
         }
         if self
             .workers

@@ -36,6 +36,14 @@ pub(crate) struct Metrics {
     pub(crate) worker_connects: AtomicU64,
     /// Worker connections that ended.
     pub(crate) worker_disconnects: AtomicU64,
+    /// Fan-out requests (`Wsbridge-Fanout`), and the calls they made.
+    pub(crate) fanouts: AtomicU64,
+    pub(crate) fanout_calls: AtomicU64,
+    /// Messages an ingress pushed, the workers they reached, and the
+    /// calls sent for them.
+    pub(crate) ingress_messages: AtomicU64,
+    pub(crate) ingress_reached: AtomicU64,
+    pub(crate) ingress_sent: AtomicU64,
 }
 
 /// The counters of one service (`-` for calls that matched no route).
@@ -102,11 +110,29 @@ impl Default for Metrics {
             services: RwLock::default(),
             worker_connects: AtomicU64::new(0),
             worker_disconnects: AtomicU64::new(0),
+            fanouts: AtomicU64::new(0),
+            fanout_calls: AtomicU64::new(0),
+            ingress_messages: AtomicU64::new(0),
+            ingress_reached: AtomicU64::new(0),
+            ingress_sent: AtomicU64::new(0),
         }
     }
 }
 
 impl Metrics {
+    /// A fan-out to `workers` workers began.
+    pub(crate) fn fanout(&self, workers: usize) {
+        self.fanouts.fetch_add(1, Relaxed);
+        self.fanout_calls.fetch_add(workers as u64, Relaxed);
+    }
+
+    /// An ingress pushed a message: `reached` workers matched, `sent` got it.
+    pub(crate) fn ingress_message(&self, reached: usize, sent: usize) {
+        self.ingress_messages.fetch_add(1, Relaxed);
+        self.ingress_reached.fetch_add(reached as u64, Relaxed);
+        self.ingress_sent.fetch_add(sent as u64, Relaxed);
+    }
+
     /// How long the bridge has been up.
     pub(crate) fn uptime(&self) -> Duration {
         self.started.elapsed()
@@ -356,6 +382,36 @@ impl Metrics {
             "counter",
             "Worker connections that ended.",
             &self.worker_disconnects.load(Relaxed),
+        );
+        single(
+            "wsbridge_fanouts_total",
+            "counter",
+            "Fan-out requests (Wsbridge-Fanout), pushes included.",
+            &self.fanouts.load(Relaxed),
+        );
+        single(
+            "wsbridge_fanout_calls_total",
+            "counter",
+            "Calls made to workers by fan-outs (one per matching worker).",
+            &self.fanout_calls.load(Relaxed),
+        );
+        single(
+            "wsbridge_ingress_messages_total",
+            "counter",
+            "Messages an ingress ([[ingress.redis]]) pushed to workers.",
+            &self.ingress_messages.load(Relaxed),
+        );
+        single(
+            "wsbridge_ingress_deliveries_total",
+            "counter",
+            "Calls sent to workers for ingress messages.",
+            &self.ingress_sent.load(Relaxed),
+        );
+        single(
+            "wsbridge_ingress_undelivered_total",
+            "counter",
+            "Workers an ingress message matched but could not be sent to (gone, full until the deadline).",
+            &(self.ingress_reached.load(Relaxed) - self.ingress_sent.load(Relaxed).min(self.ingress_reached.load(Relaxed))),
         );
         single(
             "wsbridge_protocol_violations_total",

@@ -149,7 +149,18 @@ async fn the_token_appears_in_no_log_line_even_at_trace_level() {
     .await;
     // ...a wrong one is refused, and a library worker serves a call.
     let wrong = protocols("wrong-secret-value");
-    let _ = ws_connect_with(bridge.workers, tls, &[("sec-websocket-protocol", &wrong)]).await;
+    let _ = ws_connect_with(
+        bridge.workers,
+        tls.clone(),
+        &[("sec-websocket-protocol", &wrong)],
+    )
+    .await;
+    // ...and so is a page from elsewhere, with the token.
+    let foreign = [
+        ("sec-websocket-protocol", offered.as_str()),
+        ("origin", "https://evil.example"),
+    ];
+    let _ = ws_connect_with(bridge.workers, tls, &foreign).await;
     let mut lib = TestWorker::start(bridge.worker_config(&["default"], 1), echo_as("lib")).await;
     lib.connected().await;
     let client = http_client();
@@ -170,8 +181,13 @@ async fn the_token_appears_in_no_log_line_even_at_trace_level() {
         .map(|s| s.rsplit('.').next().unwrap_or(s).to_owned())
         .collect();
     let mut lines = 0;
+    // The operator's log says why each refused connection was refused.
+    let (mut origin_logged, mut token_logged) = (false, false);
     while let Some(line) = bridge.next_log_line().await {
         lines += 1;
+        origin_logged |=
+            line.contains("refused 403 forbidden_origin") && line.contains("https://evil.example");
+        token_logged |= line.contains("refused 401 unauthorized");
         for secret in secrets.iter().chain(&encoded) {
             assert!(
                 !line.contains(secret.as_str()),
@@ -181,5 +197,9 @@ async fn the_token_appears_in_no_log_line_even_at_trace_level() {
     }
     // Trace level logs plenty: the check read something.
     println!("{lines} log lines checked");
+    assert!(
+        origin_logged && token_logged,
+        "refusals logged with their reason: {origin_logged} {token_logged}"
+    );
     assert!(lines > 20, "only {lines} log lines");
 }

@@ -43,7 +43,7 @@ use crate::{
     body::{Body, BodyError},
     cluster::presence::Query,
     error::CallError,
-    protocol::{self, MAX_METADATA_KEYS},
+    protocol,
 };
 
 /// `all`, or `key=value` pairs separated by commas.
@@ -157,28 +157,12 @@ fn selector(headers: &http::HeaderMap, service: &str) -> Result<Query, CallError
     if values.next().is_some() {
         return Err(bad("give one value"));
     }
-    let text = value.to_str().map_err(|_| bad("not ASCII"))?.trim();
-    let mut query = Query {
+    let text = value.to_str().map_err(|_| bad("not ASCII"))?;
+    Ok(Query {
         service: Some(service.to_owned()),
+        meta: protocol::parse_selector(text).map_err(|e| bad(&e))?,
         ..Query::default()
-    };
-    if text.eq_ignore_ascii_case("all") {
-        return Ok(query);
-    }
-    for pair in text.split(',') {
-        let (k, v) = pair
-            .split_once('=')
-            .ok_or_else(|| bad("`all`, or KEY=VALUE pairs separated by commas"))?;
-        let (k, v) = (k.trim(), v.trim());
-        if !protocol::metadata_key(k) {
-            return Err(bad(&format!("{k:?} is not a metadata key")));
-        }
-        if query.meta.len() == MAX_METADATA_KEYS {
-            return Err(bad(&format!("at most {MAX_METADATA_KEYS} pairs")));
-        }
-        query.meta.push((k.to_owned(), v.to_owned()));
-    }
-    Ok(query)
+    })
 }
 
 fn mode(headers: &http::HeaderMap) -> Result<Mode, CallError> {
@@ -258,6 +242,7 @@ pub(super) async fn fanout(
     let mode = mode(&head.headers)?;
     let deadline = deadline_of(own.started, target.request_timeout);
     let body = read_whole(body, &target, deadline).await?;
+    trace.bytes_in = Some(body.len() as u64);
     let workers = reach(&own.shared, &query);
     let limit = own.settings.config.fanout.max_workers;
     if workers.len() > limit {
@@ -269,28 +254,60 @@ pub(super) async fn fanout(
         });
     }
     let expected = workers.len();
+    own.shared.metrics.fanout(expected);
     let budget = own.settings.config.http.max_response_body.bytes();
-    let progress = Arc::new(Progress::default());
-    let (tx, rx) = mpsc::channel(LINES_QUEUED);
-    let run = Run {
+    let calls = Run {
         own,
         target,
         head,
         body,
         workers,
-        progress: progress.clone(),
+        progress: Arc::default(),
         pushed: mode == Mode::Push,
     };
-    // The calls run in a task of their own, tracked like relayed calls (a
-    // stopping bridge lets them end): a stream or a push outlives this
-    // handler.
-    let tracker = run.own.shared.relayed.clone();
-    tracker.spawn(run.all(tx));
-    match mode {
-        Mode::Gather => Ok(gathered(expected, rx, budget).await),
-        Mode::Stream => Ok(streamed(expected, rx)),
-        Mode::Push => Ok(pushed(expected, &progress, deadline).await),
-    }
+    let (progress, rx) = calls.launch();
+    let resp = match mode {
+        Mode::Gather => gathered(expected, rx, budget).await,
+        Mode::Stream => {
+            wait_sent(expected, &progress, deadline).await;
+            streamed(expected, rx)
+        }
+        Mode::Push => pushed(expected, &progress, deadline).await,
+    };
+    // `X-Bridge-Attempts` and the access line: the workers sent the call.
+    let sent = progress.sent.load(Ordering::Relaxed);
+    trace.attempts = u32::try_from(sent).unwrap_or(u32::MAX);
+    Ok(resp)
+}
+
+/// A push from inside the bridge (an ingress): `body` goes to every worker
+/// `query` reaches, as a call `head`. Returns once each call is sent (or
+/// failed to be), with how many workers were reached and how many sent;
+/// the calls run on, their replies dropped.
+pub(super) async fn push(
+    own: Owned,
+    target: Target,
+    query: &Query,
+    head: Box<Parts>,
+    body: Bytes,
+) -> (usize, usize) {
+    let deadline = deadline_of(own.started, target.request_timeout);
+    let mut workers = reach(&own.shared, query);
+    workers.truncate(own.settings.config.fanout.max_workers);
+    let expected = workers.len();
+    own.shared.metrics.fanout(expected);
+    let calls = Run {
+        own,
+        target,
+        head,
+        body,
+        workers,
+        progress: Arc::default(),
+        pushed: true,
+    };
+    let (progress, _) = calls.launch();
+    wait_sent(expected, &progress, deadline).await;
+    (expected, progress.sent.load(Ordering::Relaxed))
 }
 
 /// The request body, whole (a fan-out sends it to every worker).
@@ -323,6 +340,17 @@ struct Run {
 }
 
 impl Run {
+    /// Starts the calls in a task of their own, tracked like relayed calls
+    /// (a stopping bridge lets them end), since a stream or a push outlives
+    /// the request that made it.
+    fn launch(self) -> (Arc<Progress>, mpsc::Receiver<Row>) {
+        let progress = self.progress.clone();
+        let (tx, rx) = mpsc::channel(LINES_QUEUED);
+        let tracker = self.own.shared.relayed.clone();
+        tracker.spawn(self.all(tx));
+        (progress, rx)
+    }
+
     /// Runs every call at once and sends each result on `tx` as it comes;
     /// stops (dropping the calls, which cancels them) if the reader left.
     async fn all(self, tx: mpsc::Sender<Row>) {
@@ -409,7 +437,12 @@ impl Run {
         let (head, body) = resp.into_parts();
         row.status = Some(head.status.as_u16());
         row.headers = Some(header_map(&head.headers));
-        let cap = self.own.settings.config.fanout.max_reply.bytes();
+        let config = &self.own.settings.config;
+        let cap = config
+            .fanout
+            .max_reply
+            .min(config.http.max_response_body)
+            .bytes();
         let deadline = deadline_of(self.own.started, self.target.request_timeout);
         match tokio::time::timeout_at(deadline, Limited::new(body, cap).collect()).await {
             Err(_) => row.outcome = "timeout",
@@ -525,16 +558,21 @@ fn streamed(expected: usize, rx: mpsc::Receiver<Row>) -> Response<CallBody> {
 
 /// 202 once every call is sent (or failed to be), or at the deadline.
 async fn pushed(expected: usize, progress: &Progress, deadline: Instant) -> Response<CallBody> {
-    loop {
-        let waited = progress.changed.notified();
-        if progress.settled.load(Ordering::Relaxed) >= expected || Instant::now() >= deadline {
-            break;
-        }
-        let _ = tokio::time::timeout_at(deadline, waited).await;
-    }
+    wait_sent(expected, progress, deadline).await;
     let sent = progress.sent.load(Ordering::Relaxed);
     let json = serde_json::json!({"expected": expected, "sent": sent}).to_string();
     json_response(StatusCode::ACCEPTED, "application/json", Body::full(json))
+}
+
+/// Until every call is sent or over, or the deadline.
+async fn wait_sent(expected: usize, progress: &Progress, deadline: Instant) {
+    loop {
+        let waited = progress.changed.notified();
+        if progress.settled.load(Ordering::Relaxed) >= expected || Instant::now() >= deadline {
+            return;
+        }
+        let _ = tokio::time::timeout_at(deadline, waited).await;
+    }
 }
 
 /// The ndjson body: results as they arrive, then the summary.
@@ -573,5 +611,9 @@ impl HttpBody for Lines {
         let mut line = line.unwrap_or_default();
         line.push(b'\n');
         Poll::Ready(Some(Ok(Frame::data(Bytes::from(line)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
     }
 }

@@ -106,12 +106,23 @@ where
 {
     let cfg = &settings.config.workers;
     let mut token = None;
-    let callback =
-        |req: &WsRequest, resp: WsResponse| check_upgrade(settings, req, resp, &mut token);
-    let mut ws =
+    // Why the upgrade was refused, for the log: the peer (a browser shows
+    // its page nothing but a failed connection) gets the same in the body.
+    let mut refused = None;
+    let callback = |req: &WsRequest, resp: WsResponse| {
+        check_upgrade(settings, req, resp, &mut token).map_err(|(status, code, message)| {
+            let response = refuse(status, code, &message);
+            refused = Some(format!("{} {code}: {message}", status.as_u16()));
+            response
+        })
+    };
+    let accepted =
         tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(settings.ws_config))
-            .await
-            .map_err(|e| format!("upgrade failed: {e}"))?;
+            .await;
+    let mut ws = accepted.map_err(|e| match refused.take() {
+        Some(why) => format!("refused {why}"),
+        None => format!("upgrade failed: {e}"),
+    })?;
     let hello = loop {
         match ws.next().await {
             Some(Ok(Message::Text(text))) => match protocol::decode_control(&text) {
@@ -211,19 +222,20 @@ fn refuse(status: StatusCode, code: &str, message: &str) -> ErrorResponse {
     resp
 }
 
-/// Checks the upgrade request's token and subprotocol.
-// The error type is tungstenite's callback contract; it is built at most
-// once per refused connection, so its size does not matter.
+/// Why an upgrade is refused: the status, a code and a message.
+type Refusal = (StatusCode, &'static str, String);
+
+/// Checks the upgrade request's origin, token and subprotocol.
+// A refusal is built at most once per refused connection: its size does
+// not matter.
 #[allow(clippy::result_large_err)]
 fn check_upgrade(
     settings: &Settings,
     req: &WsRequest,
     mut resp: WsResponse,
     token: &mut Option<usize>,
-) -> Result<WsResponse, ErrorResponse> {
-    if let Some(refusal) = foreign_origin(settings, req) {
-        return Err(refusal);
-    }
+) -> Result<WsResponse, Refusal> {
+    foreign_origin(settings, req)?;
     // A browser cannot set `Authorization` on a WebSocket: it may send the
     // token as a subprotocol instead, which is never echoed back.
     let in_protocol = protocol_token(req);
@@ -246,10 +258,10 @@ fn check_upgrade(
     }
     *token = usize::try_from(found).ok().and_then(|f| f.checked_sub(1));
     if presented.is_empty() || token.is_none() {
-        return Err(refuse(
+        return Err((
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "missing or invalid bearer token (in the Authorization header, or as the subprotocol base64url.bearer.wsbridge.<token>)",
+            "missing or invalid bearer token (in the Authorization header, or as the subprotocol base64url.bearer.wsbridge.<token>)".into(),
         ));
     }
     let offered = req
@@ -260,10 +272,10 @@ fn check_upgrade(
         .flat_map(|v| v.split(','))
         .any(|p| p.trim() == protocol::SUBPROTOCOL);
     if !offered {
-        return Err(refuse(
+        return Err((
             StatusCode::BAD_REQUEST,
             "bad_subprotocol",
-            &format!(
+            format!(
                 "Sec-WebSocket-Protocol must offer {}",
                 protocol::SUBPROTOCOL
             ),
@@ -299,10 +311,10 @@ fn protocol_token(req: &WsRequest) -> Option<String> {
 /// A refusal for a connection whose `Origin` (sent by every browser) is
 /// not in `workers.allowed_origins`: a page from another site must not
 /// borrow a browser's credentials (a client certificate) to connect.
-// Same callback contract as `check_upgrade`.
-#[allow(clippy::result_large_err)]
-fn foreign_origin(settings: &Settings, req: &WsRequest) -> Option<ErrorResponse> {
-    let origin = req.headers().get(header::ORIGIN)?;
+fn foreign_origin(settings: &Settings, req: &WsRequest) -> Result<(), Refusal> {
+    let Some(origin) = req.headers().get(header::ORIGIN) else {
+        return Ok(());
+    };
     let allowed = &settings.config.workers.allowed_origins;
     let ok = origin.to_str().is_ok_and(|o| {
         allowed
@@ -310,13 +322,13 @@ fn foreign_origin(settings: &Settings, req: &WsRequest) -> Option<ErrorResponse>
             .any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(o))
     });
     if ok {
-        return None;
+        return Ok(());
     }
     let shown = String::from_utf8_lossy(origin.as_bytes());
-    Some(refuse(
+    Err((
         StatusCode::FORBIDDEN,
         "forbidden_origin",
-        &format!("Origin {shown:?} is not in workers.allowed_origins"),
+        format!("Origin {shown:?} is not in workers.allowed_origins"),
     ))
 }
 

@@ -26,6 +26,7 @@ mod fanout;
 mod handshake;
 mod http;
 mod idempotency;
+mod ingress;
 mod keyed;
 mod listener;
 mod pending;
@@ -321,6 +322,13 @@ impl Bridge {
             let cluster = joined.map_err(|e| io::Error::other(e.to_string()))?;
             let _ = self.shared.cluster.set(cluster);
         }
+        let ingress_stop = CancellationToken::new();
+        let ingress = TaskTracker::new();
+        for i in 0..settings.config.ingress.redis.len() {
+            let shared = self.shared.clone();
+            ingress.spawn(ingress::redis_channel(shared, i, ingress_stop.clone()));
+        }
+        ingress.close();
         info!(addr = %http_addr, "http listener ready");
         info!(addr = %workers_addr, tls = tls_on, "worker listener ready");
         let admin = listeners.admin.map(|listener| {
@@ -348,6 +356,9 @@ impl Bridge {
             })
         };
         listener::serve(listeners.http, self.shared, shutdown).await;
+        // No new pushes once stopping; those under way end with the calls.
+        ingress_stop.cancel();
+        ingress.wait().await;
         let _ = stopping.await;
         // Calls other bridges sent finish too, within the same bound.
         shared.relayed.close();

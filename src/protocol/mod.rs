@@ -78,6 +78,30 @@ pub const MAX_METADATA_VALUE: usize = 256;
 /// fan-out selectors.
 pub type Metadata = std::collections::BTreeMap<String, String>;
 
+/// Reads a metadata selector: `all` (no pairs) or `KEY=VALUE` pairs
+/// separated by commas, every one of which a worker's metadata must hold.
+pub fn parse_selector(text: &str) -> Result<Vec<(String, String)>, String> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("all") {
+        return Ok(Vec::new());
+    }
+    let mut pairs = Vec::new();
+    for pair in text.split(',') {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or("`all`, or KEY=VALUE pairs separated by commas")?;
+        let (k, v) = (k.trim(), v.trim());
+        if !metadata_key(k) {
+            return Err(format!("{k:?} is not a metadata key"));
+        }
+        if pairs.len() == MAX_METADATA_KEYS {
+            return Err(format!("at most {MAX_METADATA_KEYS} pairs"));
+        }
+        pairs.push((k.to_owned(), v.to_owned()));
+    }
+    Ok(pairs)
+}
+
 /// Whether `key` may be a `metadata` key (section 3.1).
 pub fn metadata_key(key: &str) -> bool {
     !key.is_empty()

@@ -11,6 +11,7 @@
 //! * `callers`: HTTP clients and one-call helpers ([`get`], [`post`]...);
 //! * `net`: an HTTP server ([`serve_http`]) and a cutting proxy ([`CutProxy`]);
 //! * `nats`: real nats-server processes, one or a cluster ([`NatsCluster`]);
+//! * `redis`: a real redis-server process ([`RedisServer`]);
 //! * `hashed`: large bodies generated and read with their SHA-256 ([`generated`]);
 //! * [`raw_http`]: a caller that writes exact bytes (used by path).
 //!
@@ -28,12 +29,13 @@ mod net;
 mod process;
 pub mod raw_http;
 mod raw_worker;
+pub mod redis;
 
 // Each test file uses only some of the roles.
 #[allow(unused_imports)]
 pub use {
     callers::*, fake_bridge::*, hashed::*, in_process::*, nats::*, net::*, process::*,
-    raw_worker::*,
+    raw_worker::*, redis::RedisServer,
 };
 
 use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};

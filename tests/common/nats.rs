@@ -502,7 +502,7 @@ fn all_threads_stopped(pid: u32) -> bool {
 /// A loopback port that is free now, below the kernel's range for
 /// outgoing connections' ports (so no connection made meanwhile takes it),
 /// and not handed out before by this process.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     static TAKEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
     let mut taken = TAKEN.lock().unwrap_or_else(|e| e.into_inner());
     let taken = taken.get_or_insert_with(HashSet::new);

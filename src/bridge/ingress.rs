@@ -1,0 +1,178 @@
+//! Ingress: messages published elsewhere, pushed to workers. Each
+//! `[[ingress.redis]]` subscribes to a Redis channel (with the `redis`
+//! crate) and sends every message to every matching worker of its service
+//! as a fan-out without replies (`fanout::push`), one message after the
+//! other, each once its calls are sent. Redis pub/sub delivers at most
+//! once: what is published while the subscription is down is not seen.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{header, HeaderValue, Method};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{
+    caller::Caller,
+    fanout::{self, Owned},
+    routes::Target,
+    Shared,
+};
+use crate::{cluster::presence::Query, config::RedisIngress, protocol};
+
+/// The header naming the channel a pushed message came from.
+const CHANNEL_HEADER: &str = "x-redis-channel";
+
+/// Longest wait between two attempts to (re)subscribe.
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// Runs `[[ingress.redis]]` entry `index` until `shutdown`.
+pub(super) async fn redis_channel(shared: Arc<Shared>, index: usize, shutdown: CancellationToken) {
+    let Some(entry) = shared
+        .settings
+        .load()
+        .config
+        .ingress
+        .redis
+        .get(index)
+        .cloned()
+    else {
+        return;
+    };
+    let name = format!("ingress.redis[{index}] (channel {:?})", entry.channel);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let subscribed = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            s = subscribe(&entry) => s,
+        };
+        match subscribed {
+            Ok(pubsub) => {
+                info!("{name}: subscribed");
+                backoff = Duration::from_millis(100);
+                let ended = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    ended = deliver(&shared, &entry, pubsub) => ended,
+                };
+                warn!("{name}: subscription lost ({ended}); resubscribing");
+            }
+            // The redis crate's errors name the address, never the password.
+            Err(e) => warn!("{name}: cannot subscribe: {e}; retrying in {backoff:?}"),
+        }
+        let jitter = backoff.mul_f64(fastrand::f64() * 0.5);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff + jitter) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn subscribe(entry: &RedisIngress) -> redis::RedisResult<redis::aio::PubSub> {
+    let client = redis::Client::open(entry.url.expose())?;
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(&entry.channel).await?;
+    Ok(pubsub)
+}
+
+/// Pushes each message to the workers until the subscription ends.
+async fn deliver(
+    shared: &Arc<Shared>,
+    entry: &RedisIngress,
+    mut pubsub: redis::aio::PubSub,
+) -> String {
+    let query = Query {
+        service: Some(entry.service.clone()),
+        meta: entry
+            .selector
+            .as_deref()
+            .map(protocol::parse_selector)
+            .and_then(Result::ok)
+            .unwrap_or_default(),
+        ..Query::default()
+    };
+    let caller = Arc::new(Caller {
+        addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        ip: host_of(entry.url.expose()).into(),
+        calls: None,
+    });
+    let mut messages = pubsub.on_message();
+    while let Some(message) = messages.next().await {
+        let body = Bytes::copy_from_slice(message.get_payload_bytes());
+        let settings = shared.settings.load_full();
+        let target = Target {
+            service: entry.service.as_str().into(),
+            request_timeout: settings.config.http.request_timeout,
+            max_body: settings.config.http.max_body.bytes(),
+        };
+        let Some(head) = head(entry) else {
+            return "the configured path is not a valid request".into();
+        };
+        let own = Owned {
+            shared: shared.clone(),
+            settings,
+            caller: caller.clone(),
+            request_id: request_id(),
+            started: Instant::now(),
+        };
+        let request_id = own.request_id.clone();
+        let (reached, sent) = fanout::push(own, target, &query, head, body).await;
+        debug!(request_id, channel = %entry.channel, reached, sent, "redis message pushed");
+        shared.metrics.ingress_message(reached, sent);
+    }
+    "the connection closed".into()
+}
+
+/// The head of the `POST` each worker gets for a message.
+fn head(entry: &RedisIngress) -> Option<Box<http::request::Parts>> {
+    let mut req = http::Request::builder()
+        .method(Method::POST)
+        .uri(entry.path.as_deref().unwrap_or("/"))
+        .body(())
+        .ok()?;
+    let headers = req.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(CHANNEL_HEADER, HeaderValue::from_str(&entry.channel).ok()?);
+    Some(Box::new(req.into_parts().0))
+}
+
+/// The Redis server's host, the "caller" workers see in `X-Forwarded-For`.
+fn host_of(url: &str) -> &str {
+    let rest = url.strip_prefix("redis://").unwrap_or(url);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let host = &rest[..end];
+    match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+fn request_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_of;
+
+    #[test]
+    fn the_host_leaves_out_the_password_and_port() {
+        assert_eq!(host_of("redis://127.0.0.1:6379"), "127.0.0.1");
+        assert_eq!(
+            host_of("redis://:s3cret@cache.internal:6380/2"),
+            "cache.internal"
+        );
+        assert_eq!(host_of("redis://user:p@ss@h"), "h");
+        assert_eq!(host_of("redis://[::1]:6379"), "[::1]");
+    }
+}
