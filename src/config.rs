@@ -307,7 +307,7 @@ mod defaults {
         10_000
     }
     pub(super) fn fanout_max_reply() -> ByteSize {
-        ByteSize(1 << 20)
+        ByteSize(64 << 10)
     }
     pub(super) fn max_response_body() -> ByteSize {
         ByteSize(64 << 20)
@@ -495,8 +495,14 @@ impl Config {
             if !url.starts_with("redis://") {
                 return Err(invalid(key("url"), "must start with redis://"));
             }
-            if r.channel.is_empty() || r.channel.len() > 256 {
-                return Err(invalid(key("channel"), "must be 1 to 256 bytes"));
+            if r.channel.is_empty()
+                || r.channel.len() > 256
+                || http::HeaderValue::from_str(&r.channel).is_err()
+            {
+                return Err(invalid(
+                    key("channel"),
+                    "must be 1 to 256 bytes of visible text (it travels in a header)",
+                ));
             }
             check_service(&key("service"), &r.service)?;
             if let Some(selector) = &r.selector {
@@ -514,17 +520,25 @@ impl Config {
         if self.fanout.max_reply.0 == 0 {
             return Err(invalid("fanout.max_reply", "must be at least 1 byte"));
         }
-        if self
-            .workers
-            .tokens
-            .iter()
-            .filter_map(WorkerToken::worker_id_prefix)
-            .any(|p| p.is_empty() || p.len() > 128)
-        {
-            return Err(invalid(
-                "workers.tokens",
-                "a worker_id_prefix must be 1 to 128 bytes",
-            ));
+        for t in &self.workers.tokens {
+            if let Some(prefix) = t.worker_id_prefix() {
+                if prefix.is_empty() || prefix.len() > 128 {
+                    return Err(invalid(
+                        "workers.tokens",
+                        "a worker_id_prefix must be 1 to 128 bytes",
+                    ));
+                }
+                if t.services().is_none() {
+                    return Err(invalid(
+                        "workers.tokens",
+                        "a token with a worker_id_prefix must also list its `services` (a per-user token must not serve everyone's calls)",
+                    ));
+                }
+            }
+            if let Some(metadata) = t.metadata() {
+                protocol::check_metadata(metadata)
+                    .map_err(|e| invalid("workers.tokens", format!("its metadata: {e}")))?;
+            }
         }
         if self.workers.tokens.is_empty() {
             return Err(invalid("workers.tokens", "must list at least one token"));
@@ -625,28 +639,53 @@ fn check_service(key: &str, name: &str) -> Result<(), ConfigError> {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(untagged)]
 pub enum WorkerToken {
-    /// `"secret"`: any service.
+    /// `"secret"`: any service, any id.
     Any(Secret),
     /// `{ token = "secret", services = ["orders"], worker_id_prefix =
-    /// "user-42-" }`: only these services, only ids with this prefix.
-    Scoped {
-        /// The bearer token.
-        token: Secret,
-        /// The services a worker with this token may serve; any if absent.
-        #[serde(default)]
-        services: Option<Vec<String>>,
-        /// Workers with this token must claim a `worker_id` that starts
-        /// with this, so one user's worker cannot pose as another's.
-        #[serde(default)]
-        worker_id_prefix: Option<String>,
-    },
+    /// "user-42/", metadata = { user = "42" } }`: what it may claim.
+    Scoped(ScopedToken),
+}
+
+/// A token limited in what its workers may claim. A key it does not know
+/// is an error, never a token that silently grants everything.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopedToken {
+    /// The bearer token.
+    pub token: Secret,
+    /// The services a worker with this token may serve; any if absent.
+    #[serde(default)]
+    pub services: Option<Vec<String>>,
+    /// Workers with this token must claim a `worker_id` that starts with
+    /// this, so one user's worker cannot pose as another's (needs
+    /// `services`: a per-user token must not serve everyone's calls).
+    #[serde(default)]
+    pub worker_id_prefix: Option<String>,
+    /// Metadata the bridge sets on every worker with this token, over what
+    /// its hello says: selectors on these keys (`user=42`) then reach only
+    /// workers that hold this token.
+    #[serde(default)]
+    pub metadata: crate::protocol::Metadata,
+}
+
+impl ScopedToken {
+    /// A token for `services` only.
+    pub fn for_services(token: &str, services: &[&str]) -> WorkerToken {
+        WorkerToken::Scoped(ScopedToken {
+            token: Secret::new(token),
+            services: Some(services.iter().map(|s| s.to_string()).collect()),
+            worker_id_prefix: None,
+            metadata: Default::default(),
+        })
+    }
 }
 
 impl WorkerToken {
     /// The bearer token itself.
     pub fn secret(&self) -> &Secret {
         match self {
-            WorkerToken::Any(token) | WorkerToken::Scoped { token, .. } => token,
+            WorkerToken::Any(token) => token,
+            WorkerToken::Scoped(s) => &s.token,
         }
     }
 
@@ -654,7 +693,7 @@ impl WorkerToken {
     pub fn services(&self) -> Option<&[String]> {
         match self {
             WorkerToken::Any(_) => None,
-            WorkerToken::Scoped { services, .. } => services.as_deref(),
+            WorkerToken::Scoped(s) => s.services.as_deref(),
         }
     }
 
@@ -662,9 +701,15 @@ impl WorkerToken {
     pub fn worker_id_prefix(&self) -> Option<&str> {
         match self {
             WorkerToken::Any(_) => None,
-            WorkerToken::Scoped {
-                worker_id_prefix, ..
-            } => worker_id_prefix.as_deref(),
+            WorkerToken::Scoped(s) => s.worker_id_prefix.as_deref(),
+        }
+    }
+
+    /// Metadata the bridge pins on this token's workers.
+    pub fn metadata(&self) -> Option<&crate::protocol::Metadata> {
+        match self {
+            WorkerToken::Scoped(s) if !s.metadata.is_empty() => Some(&s.metadata),
+            _ => None,
         }
     }
 }

@@ -8,7 +8,7 @@ use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use wsbridge::{
-    config::{Secret, WorkerToken},
+    config::{ScopedToken, Secret, WorkerToken},
     protocol::{self, Control},
 };
 
@@ -98,11 +98,9 @@ async fn hello_with(bridge: &TestBridge, token: &str, services: &[&str]) -> Cont
 #[tokio::test]
 async fn a_scoped_token_registers_only_for_its_services() {
     let bridge = TestBridge::start(|c| {
-        c.workers.tokens.push(WorkerToken::Scoped {
-            token: Secret::new("orders-only"),
-            services: Some(vec!["orders".into()]),
-            worker_id_prefix: None,
-        });
+        c.workers
+            .tokens
+            .push(ScopedToken::for_services("orders-only", &["orders"]));
     })
     .await;
     assert!(matches!(

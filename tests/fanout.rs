@@ -311,3 +311,55 @@ async fn a_push_answers_202_once_sent_and_each_worker_gets_it_once() {
     assert!(rx.try_recv().is_err());
     bridge.stop().await;
 }
+
+#[tokio::test]
+async fn a_caller_that_hangs_up_cancels_the_calls_still_running() {
+    let bridge = TestBridge::start(|_| {}).await;
+    struct Dropped(mpsc::UnboundedSender<()>);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            let _ = self.0.send(());
+        }
+    }
+    let (tx, mut cancelled) = mpsc::unbounded_channel();
+    let started = Arc::new(Notify::new());
+    let mut workers = Vec::new();
+    for id in ["h-1", "h-2"] {
+        let (tx, started) = (tx.clone(), started.clone());
+        let held = move |_req: Request<Body>| {
+            let guard = Dropped(tx.clone());
+            let started = started.clone();
+            async move {
+                let _guard = guard;
+                started.notify_one();
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                Response::new(Body::full("never"))
+            }
+        };
+        workers.push(worker(&bridge, id, "eu", held).await);
+    }
+    let client = http_client();
+    let req = fanout(&bridge, "all", "hold on");
+    let call = tokio::spawn(async move { client.request(req).await });
+    for _ in 0..2 {
+        with_timeout(started.notified()).await;
+    }
+    // The caller goes away: its connection closes.
+    call.abort();
+    let gone = Instant::now();
+    for _ in 0..2 {
+        within(
+            Duration::from_secs(5),
+            "a worker's call is cancelled",
+            cancelled.recv(),
+        )
+        .await
+        .expect("cancelled");
+    }
+    println!(
+        "both calls cancelled {:?} after the caller left",
+        gone.elapsed()
+    );
+    drop(workers);
+    bridge.stop().await;
+}

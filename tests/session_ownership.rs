@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use http::StatusCode;
 use wsbridge::{
-    config::{Secret, WorkerToken},
+    config::ScopedToken,
     protocol::{self, Control, Hello, Resume},
 };
 
@@ -18,16 +18,12 @@ const TOKEN_B: &str = "token-of-default";
 
 async fn bridge() -> TestBridge {
     TestBridge::start(|c| {
-        c.workers.tokens.push(WorkerToken::Scoped {
-            token: Secret::new(TOKEN_A),
-            services: Some(vec!["orders".into()]),
-            worker_id_prefix: None,
-        });
-        c.workers.tokens.push(WorkerToken::Scoped {
-            token: Secret::new(TOKEN_B),
-            services: Some(vec!["default".into()]),
-            worker_id_prefix: None,
-        });
+        c.workers
+            .tokens
+            .push(ScopedToken::for_services(TOKEN_A, &["orders"]));
+        c.workers
+            .tokens
+            .push(ScopedToken::for_services(TOKEN_B, &["default"]));
     })
     .await
 }

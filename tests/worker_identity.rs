@@ -16,7 +16,7 @@ use http::{Request, Response};
 use tokio_tungstenite::tungstenite::Message;
 use wsbridge::{
     body::Body,
-    config::{Secret, WorkerToken},
+    config::{Config, ScopedToken, Secret, WorkerToken},
     protocol::{self, Control, Hello},
     worker::echo_as,
 };
@@ -192,10 +192,20 @@ async fn metadata_beyond_its_bounds_is_refused_in_the_hello() {
     let long = "v".repeat(257);
     let (code, _) = refused_code(hello_as(&bridge, TOKEN, hello("m", &[pair("k", &long)])).await);
     assert_eq!(code, "bad_hello");
-    // At the bounds it is fine.
-    let full: Vec<_> = (0..16)
-        .map(|i| pair(&format!("k{i}"), &"v".repeat(256)))
+    // 1 KiB in all, keys and values together.
+    let heavy: Vec<_> = (0..5)
+        .map(|i| pair(&format!("k{i}"), &"v".repeat(250)))
         .collect();
+    let (code, message) = refused_code(hello_as(&bridge, TOKEN, hello("m", &heavy)).await);
+    assert_eq!(code, "bad_hello");
+    assert!(message.contains("1024"), "{message}");
+    // At the bounds it is fine: 16 keys, one value of 256 bytes, 1 KiB.
+    let mut full: Vec<_> = (10..25)
+        .map(|i| pair(&format!("k{i}"), &"v".repeat(45)))
+        .collect();
+    full.push(pair("kk", &"v".repeat(256)));
+    let total: usize = full.iter().map(|(k, v)| k.len() + v.len()).sum();
+    assert!(total <= 1024 && full.len() == 16, "{total}");
     assert!(matches!(
         hello_as(&bridge, TOKEN, hello("m", &full)).await,
         Control::Welcome(_)
@@ -206,11 +216,12 @@ async fn metadata_beyond_its_bounds_is_refused_in_the_hello() {
 #[tokio::test]
 async fn a_token_with_an_id_prefix_claims_only_ids_that_start_with_it() {
     let bridge = TestBridge::start(|c| {
-        c.workers.tokens.push(WorkerToken::Scoped {
+        c.workers.tokens.push(WorkerToken::Scoped(ScopedToken {
             token: Secret::new("user-42-token"),
-            services: None,
+            services: Some(vec!["orders".into()]),
             worker_id_prefix: Some("user-42/".into()),
-        });
+            metadata: [("user".to_owned(), "42".to_owned())].into(),
+        }));
     })
     .await;
     assert!(matches!(
@@ -223,10 +234,55 @@ async fn a_token_with_an_id_prefix_claims_only_ids_that_start_with_it() {
         assert_eq!(code, "forbidden_worker_id", "{id:?}");
         assert!(message.contains("user-42/"), "{message}");
     }
+    // The token's metadata wins over the hello's: a selector on `user`
+    // reaches only this token's workers.
+    let _tab = RawWorker::connect_as(
+        &bridge,
+        "user-42-token",
+        hello(
+            "user-42/tab-2",
+            &[("user".into(), "43".into()), ("tab".into(), "2".into())],
+        ),
+    )
+    .await;
+    let doc = get(&http_client(), &bridge.at("/_wsbridge/workers?meta.tab=2"))
+        .await
+        .json();
+    assert_eq!(
+        doc["workers"][0]["metadata"],
+        serde_json::json!({"tab": "2", "user": "42"})
+    );
+    // Nor may it serve another service.
+    let mut other = hello("user-42/tab-3", &[]);
+    other.services = vec!["default".into()];
+    let (code, _) = refused_code(hello_as(&bridge, "user-42-token", other).await);
+    assert_eq!(code, "forbidden_service");
     // The unrestricted token may claim any id.
     assert!(matches!(
         hello_as(&bridge, TOKEN, hello("user-43/tab-1", &[])).await,
         Control::Welcome(_)
     ));
     bridge.stop().await;
+}
+
+#[test]
+fn a_scoped_token_with_a_typo_or_a_prefix_without_services_is_refused() {
+    let base = |token: &str| {
+        format!(
+            "[http]\nlisten = \"127.0.0.1:1\"\n[workers]\nlisten = \"127.0.0.1:2\"\ntls = false\ntokens = [{token}]\n"
+        )
+    };
+    // A misspelt key must not leave a token that grants everything.
+    let typo = Config::parse(&base(
+        r#"{ token = "t", worker_id_prefx = "u/", services = ["a"] }"#,
+    ));
+    assert!(typo.is_err(), "a typo was accepted");
+    let err = Config::parse(&base(r#"{ token = "t", worker_id_prefix = "u/" }"#))
+        .expect_err("a prefix without services")
+        .to_string();
+    assert!(err.contains("services"), "{err}");
+    let ok = Config::parse(&base(
+        r#"{ token = "t", worker_id_prefix = "u/", services = ["a"], metadata = { user = "1" } }"#,
+    ));
+    assert!(ok.is_ok(), "{ok:?}");
 }

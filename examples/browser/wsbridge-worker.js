@@ -24,7 +24,7 @@
 //
 // The bridge needs the page's origin in `[workers] allowed_origins` and the
 // token in `[workers] tokens`, ideally one limited to an id prefix:
-// `tokens = [{ token = "...", worker_id_prefix = "user-42/" }]`.
+// `tokens = [{ token = "...", worker_id_prefix = "user-42/", services = ["tabs"] }]`.
 //
 // The handler gets a request { id, requestId, service, method, path,
 // headers: [[name, value], ...], header(name), body: Uint8Array, text(),

@@ -40,6 +40,12 @@ pub(crate) fn parse(query: Option<&str>) -> Result<Query, CallError> {
     let bad = |reason: String| CallError::BadRequest { reason };
     let mut q = Query::default();
     for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        if value.len() > protocol::MAX_METADATA_VALUE {
+            return Err(bad(format!(
+                "{key:?}: values are at most {} bytes",
+                protocol::MAX_METADATA_VALUE
+            )));
+        }
         if key == "service" {
             q.service = Some(value.into_owned());
         } else if let Some(k) = key.strip_prefix("meta.") {

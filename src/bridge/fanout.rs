@@ -28,6 +28,7 @@ use tokio::{
     sync::{mpsc, Notify},
     time::Instant,
 };
+use tracing::warn;
 
 use super::{
     call::{call_target, deadline_of, Ctx, WSBRIDGE_WORKER},
@@ -93,7 +94,7 @@ impl Sent {
     /// The call was handed to its worker (or the worker's bridge).
     pub(super) fn mark(&self) {
         if !self.counted.swap(true, Ordering::Relaxed) {
-            self.progress.sent.fetch_add(1, Ordering::Relaxed);
+            self.progress.sent.fetch_add(1, Ordering::AcqRel);
             self.settle();
         }
     }
@@ -106,7 +107,7 @@ impl Sent {
     }
 
     fn settle(&self) {
-        self.progress.settled.fetch_add(1, Ordering::Relaxed);
+        self.progress.settled.fetch_add(1, Ordering::AcqRel);
         self.progress.changed.notify_one();
     }
 }
@@ -183,19 +184,21 @@ fn mode(headers: &http::HeaderMap) -> Result<Mode, CallError> {
     Ok(if streamed { Mode::Stream } else { Mode::Gather })
 }
 
-/// The workers a fan-out for `query` reaches: this bridge's, then the
-/// peers' (as last announced); an id listed twice is called once.
-fn reach(shared: &Shared, query: &Query) -> Vec<(String, String)> {
+/// The workers a fan-out for `query` reaches: this bridge's, then (unless
+/// `here_only`) the peers' as last announced. A worker is reached by its
+/// id: one without an id cannot be (it cannot be addressed), and an id
+/// listed twice is called once.
+fn reach(shared: &Shared, query: &Query, here_only: bool) -> Vec<(String, String)> {
     let here = directory::node(shared).to_owned();
     let mut seen = HashSet::new();
     let mut list: Vec<(String, String)> = directory::local(&shared.registry, &here, query)
         .into_iter()
         .map(|w| (here.clone(), w.worker_id))
         .collect();
-    if let Some(cluster) = shared.cluster.get() {
+    if let Some(cluster) = shared.cluster.get().filter(|_| !here_only) {
         list.extend(cluster.fanout_targets(query));
     }
-    list.retain(|(_, id)| seen.insert(id.clone()));
+    list.retain(|(_, id)| !id.is_empty() && seen.insert(id.clone()));
     list
 }
 
@@ -243,7 +246,7 @@ pub(super) async fn fanout(
     let deadline = deadline_of(own.started, target.request_timeout);
     let body = read_whole(body, &target, deadline).await?;
     trace.bytes_in = Some(body.len() as u64);
-    let workers = reach(&own.shared, &query);
+    let workers = reach(&own.shared, &query, false);
     let limit = own.settings.config.fanout.max_workers;
     if workers.len() > limit {
         return Err(CallError::BadRequest {
@@ -275,15 +278,16 @@ pub(super) async fn fanout(
         Mode::Push => pushed(expected, &progress, deadline).await,
     };
     // `X-Bridge-Attempts` and the access line: the workers sent the call.
-    let sent = progress.sent.load(Ordering::Relaxed);
+    let sent = progress.sent.load(Ordering::Acquire);
     trace.attempts = u32::try_from(sent).unwrap_or(u32::MAX);
     Ok(resp)
 }
 
 /// A push from inside the bridge (an ingress): `body` goes to every worker
-/// `query` reaches, as a call `head`. Returns once each call is sent (or
-/// failed to be), with how many workers were reached and how many sent;
-/// the calls run on, their replies dropped.
+/// of this bridge that `query` reaches, as a call `head` (every bridge of a
+/// cluster runs the same ingress for its own workers). Returns once each
+/// call is sent (or failed to be), with how many workers were reached and
+/// how many sent; the calls run on, their replies dropped.
 pub(super) async fn push(
     own: Owned,
     target: Target,
@@ -292,8 +296,16 @@ pub(super) async fn push(
     body: Bytes,
 ) -> (usize, usize) {
     let deadline = deadline_of(own.started, target.request_timeout);
-    let mut workers = reach(&own.shared, query);
-    workers.truncate(own.settings.config.fanout.max_workers);
+    let mut workers = reach(&own.shared, query, true);
+    let limit = own.settings.config.fanout.max_workers;
+    if workers.len() > limit {
+        warn!(
+            request_id = own.request_id,
+            matched = workers.len(),
+            "a push matches more workers than fanout.max_workers; the rest are left out"
+        );
+        workers.truncate(limit);
+    }
     let expected = workers.len();
     own.shared.metrics.fanout(expected);
     let calls = Run {
@@ -307,7 +319,7 @@ pub(super) async fn push(
     };
     let (progress, _) = calls.launch();
     wait_sent(expected, &progress, deadline).await;
-    (expected, progress.sent.load(Ordering::Relaxed))
+    (expected, progress.sent.load(Ordering::Acquire))
 }
 
 /// The request body, whole (a fan-out sends it to every worker).
@@ -368,7 +380,14 @@ impl Run {
             .iter()
             .map(|(node, id)| self.one(&ctx, node, id))
             .collect();
-        while let Some(row) = calls.next().await {
+        loop {
+            let row = tokio::select! {
+                row = calls.next() => row,
+                // The caller hung up: dropping the calls cancels them at
+                // their workers. (A push has no caller to wait for.)
+                _ = tx.closed(), if !self.pushed => return,
+            };
+            let Some(row) = row else { return };
             if tx.send(row).await.is_err() && !self.pushed {
                 return;
             }
@@ -559,7 +578,7 @@ fn streamed(expected: usize, rx: mpsc::Receiver<Row>) -> Response<CallBody> {
 /// 202 once every call is sent (or failed to be), or at the deadline.
 async fn pushed(expected: usize, progress: &Progress, deadline: Instant) -> Response<CallBody> {
     wait_sent(expected, progress, deadline).await;
-    let sent = progress.sent.load(Ordering::Relaxed);
+    let sent = progress.sent.load(Ordering::Acquire);
     let json = serde_json::json!({"expected": expected, "sent": sent}).to_string();
     json_response(StatusCode::ACCEPTED, "application/json", Body::full(json))
 }
@@ -568,7 +587,7 @@ async fn pushed(expected: usize, progress: &Progress, deadline: Instant) -> Resp
 async fn wait_sent(expected: usize, progress: &Progress, deadline: Instant) {
     loop {
         let waited = progress.changed.notified();
-        if progress.settled.load(Ordering::Relaxed) >= expected || Instant::now() >= deadline {
+        if progress.settled.load(Ordering::Acquire) >= expected || Instant::now() >= deadline {
             return;
         }
         let _ = tokio::time::timeout_at(deadline, waited).await;

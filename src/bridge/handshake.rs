@@ -169,6 +169,20 @@ where
             return Err(reject(&mut ws, "forbidden_worker_id", &problem).await);
         }
     }
+    // What the token pins wins over what the hello says.
+    let mut hello = hello;
+    if let Some(pinned) = token
+        .and_then(|i| cfg.tokens.get(i))
+        .and_then(|t| t.metadata())
+    {
+        hello
+            .metadata
+            .extend(pinned.iter().map(|(k, v)| (k.clone(), v.clone())));
+        if let Err(problem) = protocol::check_metadata(&hello.metadata) {
+            let problem = format!("with this token's metadata: {problem}");
+            return Err(reject(&mut ws, "bad_hello", &problem).await);
+        }
+    }
     // check_upgrade refuses a connection without a token.
     let token = token
         .and_then(|i| cfg.tokens.get(i))

@@ -322,11 +322,12 @@ impl Bridge {
             let cluster = joined.map_err(|e| io::Error::other(e.to_string()))?;
             let _ = self.shared.cluster.set(cluster);
         }
-        let ingress_stop = CancellationToken::new();
+        // Pushes stop as soon as the bridge begins to stop; those under way
+        // end with the calls they made.
         let ingress = TaskTracker::new();
         for i in 0..settings.config.ingress.redis.len() {
             let shared = self.shared.clone();
-            ingress.spawn(ingress::redis_channel(shared, i, ingress_stop.clone()));
+            ingress.spawn(ingress::redis_channel(shared, i, shutdown.clone()));
         }
         ingress.close();
         info!(addr = %http_addr, "http listener ready");
@@ -356,8 +357,6 @@ impl Bridge {
             })
         };
         listener::serve(listeners.http, self.shared, shutdown).await;
-        // No new pushes once stopping; those under way end with the calls.
-        ingress_stop.cancel();
         ingress.wait().await;
         let _ = stopping.await;
         // Calls other bridges sent finish too, within the same bound.

@@ -78,6 +78,39 @@ pub const MAX_METADATA_VALUE: usize = 256;
 /// fan-out selectors.
 pub type Metadata = std::collections::BTreeMap<String, String>;
 
+/// Most bytes of a worker's `metadata`, keys and values together: every
+/// announcement to the cluster carries it.
+pub const MAX_METADATA_BYTES: usize = 1024;
+
+/// Checks `metadata` against the limits of section 3.1.
+pub fn check_metadata(metadata: &Metadata) -> Result<(), String> {
+    if metadata.len() > MAX_METADATA_KEYS {
+        return Err(format!(
+            "metadata may hold at most {MAX_METADATA_KEYS} entries"
+        ));
+    }
+    if let Some(key) = metadata.keys().find(|k| !metadata_key(k)) {
+        return Err(format!(
+            "metadata key {key:?} must be 1 to {MAX_METADATA_KEY} bytes of A-Z a-z 0-9 _ - ."
+        ));
+    }
+    if let Some(key) = metadata
+        .iter()
+        .find_map(|(k, v)| (v.len() > MAX_METADATA_VALUE).then_some(k))
+    {
+        return Err(format!(
+            "metadata value of {key:?} must be at most {MAX_METADATA_VALUE} bytes"
+        ));
+    }
+    let bytes: usize = metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes > MAX_METADATA_BYTES {
+        return Err(format!(
+            "metadata must be at most {MAX_METADATA_BYTES} bytes, keys and values together"
+        ));
+    }
+    Ok(())
+}
+
 /// Reads a metadata selector: `all` (no pairs) or `KEY=VALUE` pairs
 /// separated by commas, every one of which a worker's metadata must hold.
 pub fn parse_selector(text: &str) -> Result<Vec<(String, String)>, String> {
@@ -267,25 +300,7 @@ impl Hello {
         if self.worker_id.len() > 256 {
             return Err("worker_id must be at most 256 bytes".into());
         }
-        if self.metadata.len() > MAX_METADATA_KEYS {
-            return Err(format!(
-                "metadata may hold at most {MAX_METADATA_KEYS} entries"
-            ));
-        }
-        if let Some(key) = self.metadata.keys().find(|k| !metadata_key(k)) {
-            return Err(format!(
-                "metadata key {key:?} must be 1 to {MAX_METADATA_KEY} bytes of A-Z a-z 0-9 _ - ."
-            ));
-        }
-        if let Some(key) = self
-            .metadata
-            .iter()
-            .find_map(|(k, v)| (v.len() > MAX_METADATA_VALUE).then_some(k))
-        {
-            return Err(format!(
-                "metadata value of {key:?} must be at most {MAX_METADATA_VALUE} bytes"
-            ));
-        }
+        check_metadata(&self.metadata)?;
         if let Some(r) = &self.resume {
             if r.session_id.len() > 128 || r.running.len() + r.replied.len() > MAX_RESUME_IDS {
                 return Err(format!(

@@ -100,7 +100,7 @@ listen = "${at.workers}"
 tls_cert = "${join(work, "server.crt")}"
 tls_key = "${join(work, "server.key")}"
 auto_self_signed = true
-tokens = [{ token = "${token}", worker_id_prefix = "tab-" }]
+tokens = [{ token = "${token}", worker_id_prefix = "tab-", services = ["tabs"] }]
 allowed_origins = ["${origin}"]
 
 [admin]
