@@ -129,8 +129,10 @@ say "fan-out to $WORKERS workers, $ROUNDS rounds"
 start "$WORKERS"
 RSS_BEFORE=$(kib "$BRIDGE" VmRSS)
 # The baseline: one call per worker, each naming it, 64 at a time.
+# (`next` resets every option: each call carries its own, silent included.)
 for ((i = 0; i < WORKERS; i++)); do
-    printf 'url = "%s"\nheader = "Wsbridge-Worker: many-%d"\ndata = "%s"\noutput = "/dev/null"\nwrite-out = "%%{http_code}\\n"\nnext\n' "$URL" "$i" "$BODY"
+    ((i == 0)) || echo next
+    printf 'url = "%s"\nheader = "Wsbridge-Worker: many-%d"\ndata = "%s"\noutput = "/dev/null"\nwrite-out = "%%{http_code}\\n"\nsilent\n' "$URL" "$i" "$BODY"
 done >"$TMP/calls.cfg"
 FAN_MS=() NDJSON_MS=() EACH_MS=() PEAKS=()
 for ((r = 1; r <= ROUNDS; r++)); do

@@ -46,6 +46,10 @@ pub(crate) struct Registry {
 struct State {
     /// Connected workers by registry key.
     workers: HashMap<u64, Slot, RandomState>,
+    /// The keys of the workers with each (non-empty) id: a call for one
+    /// worker, a fan-out's thousands of them, and a newcomer claiming an
+    /// id find it without a scan of the service.
+    ids: HashMap<String, Vec<u64>, RandomState>,
     /// Per service: its workers and the calls waiting for one.
     services: HashMap<String, Service, RandomState>,
     /// Next registry key; keys are never reused, so a stale lease cannot
@@ -64,6 +68,8 @@ struct Slot {
     max_inflight: u32,
     /// A draining worker keeps its calls but gets no new ones.
     draining: bool,
+    /// Out of dispatch while its connection may resume.
+    suspended: bool,
     /// Calls for this worker alone (`Wsbridge-Worker`), oldest first: they
     /// get its freed capacity before the service's queue does.
     waiters: VecDeque<oneshot::Sender<Lease>>,
@@ -168,9 +174,15 @@ impl Registry {
                 inflight: 0,
                 max_inflight,
                 draining: false,
+                suspended: false,
                 waiters: VecDeque::new(),
             },
         );
+        let id = &state.workers[&key].session.worker_id;
+        if !id.is_empty() {
+            let id = id.clone();
+            state.ids.entry(id).or_default().push(key);
+        }
         state.pump_all(self, &unique);
         self.changed.notify_one();
         key
@@ -180,9 +192,11 @@ impl Registry {
     /// its calls in flight) while it may resume.
     pub(crate) fn suspend(&self, key: u64) {
         let mut state = self.lock();
-        let Some(services) = state.workers.get(&key).map(|s| s.services.clone()) else {
+        let Some(slot) = state.workers.get_mut(&key) else {
             return;
         };
+        slot.suspended = true;
+        let services = slot.services.clone();
         for name in services.iter() {
             if let Some(service) = state.services.get_mut(name) {
                 service.workers.retain(|k| *k != key);
@@ -194,9 +208,11 @@ impl Registry {
     /// Puts a suspended worker back into dispatch; false if it is gone.
     pub(crate) fn reinstate(self: &Arc<Self>, key: u64) -> bool {
         let mut state = self.lock();
-        let Some(services) = state.workers.get(&key).map(|s| s.services.clone()) else {
+        let Some(slot) = state.workers.get_mut(&key) else {
             return false;
         };
+        slot.suspended = false;
+        let services = slot.services.clone();
         for name in services.iter() {
             let workers = &mut state.services.entry(name.clone()).or_default().workers;
             if !workers.contains(&key) {
@@ -214,6 +230,13 @@ impl Registry {
         let Some(slot) = state.workers.remove(&key) else {
             return;
         };
+        let id = &slot.session.worker_id;
+        if let Some(keys) = state.ids.get_mut(id) {
+            keys.retain(|k| *k != key);
+            if keys.is_empty() {
+                state.ids.remove(id);
+            }
+        }
         for name in slot.services.iter() {
             if let Some(service) = state.services.get_mut(name) {
                 service.workers.retain(|k| *k != key);
@@ -419,20 +442,11 @@ impl Registry {
     /// move to the newcomer. Returns how many were replaced.
     pub(crate) fn displace(self: &Arc<Self>, key: u64, id: &str, services: &[String]) -> usize {
         let mut state = self.lock();
-        let mut olds: Vec<u64> = services
-            .iter()
-            .filter_map(|name| state.services.get(name))
-            .flat_map(|svc| svc.workers.iter().copied())
-            .filter(|k| *k != key)
-            .filter(|k| {
-                state
-                    .workers
-                    .get(k)
-                    .is_some_and(|s| s.session.worker_id == id)
-            })
+        let olds: Vec<u64> = state
+            .with_id(id)
+            .filter(|(k, slot)| *k != key && slot.serves_any(services))
+            .map(|(k, _)| k)
             .collect();
-        olds.sort_unstable();
-        olds.dedup();
         let mut moved = VecDeque::new();
         for old in &olds {
             if let Some(slot) = state.workers.get_mut(old) {
@@ -457,12 +471,8 @@ impl Registry {
     /// `services` here (for `workers.duplicate_ids = "refuse"`).
     pub(crate) fn claimed(&self, id: &str, services: &[String]) -> bool {
         let state = self.lock();
-        services
-            .iter()
-            .filter_map(|name| state.services.get(name))
-            .flat_map(|svc| svc.workers.iter())
-            .filter_map(|k| state.workers.get(k))
-            .any(|s| s.session.worker_id == id && !s.draining && !s.session.is_closed())
+        let mut same = state.with_id(id);
+        same.any(|(_, s)| s.serves_any(services) && !s.draining && !s.session.is_closed())
     }
 
     /// Whether a worker of `service` answers to `id` here (draining or not).
@@ -493,6 +503,11 @@ impl Registry {
 }
 
 impl Slot {
+    /// Whether it serves one of `services`.
+    fn serves_any(&self, services: &[String]) -> bool {
+        self.services.iter().any(|s| services.contains(s))
+    }
+
     fn close_if_drained(&self) {
         if self.draining && self.inflight == 0 {
             self.session.drained.cancel();
@@ -512,17 +527,21 @@ enum Found {
 
 impl State {
     /// The connection of `service` whose worker is named `id`.
+    /// The dispatched (not suspended) workers with id `id`.
+    fn with_id<'a>(&'a self, id: &str) -> impl Iterator<Item = (u64, &'a Slot)> + 'a {
+        self.ids
+            .get(id)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| Some((*k, self.workers.get(k)?)))
+            .filter(|(_, slot)| !slot.suspended)
+    }
+
     fn find(&self, service: &str, id: &str) -> Found {
-        let Some(svc) = self.services.get(service) else {
-            return Found::None;
-        };
         let mut found = Found::None;
         let mut load = u32::MAX;
-        for key in &svc.workers {
-            let Some(slot) = self.workers.get(key) else {
-                continue;
-            };
-            if slot.session.worker_id != id || slot.session.is_closed() {
+        for (key, slot) in self.with_id(id) {
+            if !slot.services.iter().any(|s| s == service) || slot.session.is_closed() {
                 continue;
             }
             if slot.draining {
@@ -533,7 +552,7 @@ impl State {
             }
             if slot.inflight < load {
                 load = slot.inflight;
-                found = Found::Worker(*key);
+                found = Found::Worker(key);
             }
         }
         found
