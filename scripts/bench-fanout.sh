@@ -154,7 +154,7 @@ PY
     [[ $lines == "$WORKERS" ]] || die "ndjson round $r: $lines ok lines, not $WORKERS"
     NDJSON_MS+=("$(awk -v t="$t" 'BEGIN { printf "%.1f", t * 1000 }')")
     t0=$(date +%s%N)
-    curl -s --parallel --parallel-max 64 -K "$TMP/calls.cfg" >"$TMP/codes"
+    curl -s --no-progress-meter --parallel --parallel-max 64 -K "$TMP/calls.cfg" >"$TMP/codes"
     t1=$(date +%s%N)
     good=$(grep -c '^200$' "$TMP/codes" || true)
     [[ $good == "$WORKERS" ]] || die "baseline round $r: $good answers 200, not $WORKERS"

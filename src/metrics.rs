@@ -44,6 +44,8 @@ pub(crate) struct Metrics {
     pub(crate) ingress_messages: AtomicU64,
     pub(crate) ingress_reached: AtomicU64,
     pub(crate) ingress_sent: AtomicU64,
+    /// Messages an ingress dropped (too large, or the workers far behind).
+    pub(crate) ingress_dropped: AtomicU64,
 }
 
 /// The counters of one service (`-` for calls that matched no route).
@@ -115,6 +117,7 @@ impl Default for Metrics {
             ingress_messages: AtomicU64::new(0),
             ingress_reached: AtomicU64::new(0),
             ingress_sent: AtomicU64::new(0),
+            ingress_dropped: AtomicU64::new(0),
         }
     }
 }
@@ -131,6 +134,11 @@ impl Metrics {
         self.ingress_messages.fetch_add(1, Relaxed);
         self.ingress_reached.fetch_add(reached as u64, Relaxed);
         self.ingress_sent.fetch_add(sent as u64, Relaxed);
+    }
+
+    /// An ingress dropped a message; returns how many so far.
+    pub(crate) fn ingress_dropped(&self) -> u64 {
+        self.ingress_dropped.fetch_add(1, Relaxed) + 1
     }
 
     /// How long the bridge has been up.
@@ -412,6 +420,12 @@ impl Metrics {
             "counter",
             "Workers an ingress message matched but could not be sent to (gone, full until the deadline).",
             &(self.ingress_reached.load(Relaxed) - self.ingress_sent.load(Relaxed).min(self.ingress_reached.load(Relaxed))),
+        );
+        single(
+            "wsbridge_ingress_dropped_total",
+            "counter",
+            "Messages an ingress dropped: larger than http.max_body, or received while 64 MiB of earlier ones waited.",
+            &self.ingress_dropped.load(Relaxed),
         );
         single(
             "wsbridge_protocol_violations_total",

@@ -134,3 +134,27 @@ fn a_bad_ingress_entry_stops_start_up_with_its_key() {
     let err = config.validate().expect_err("bad selector").to_string();
     assert!(err.contains("ingress.redis[0].selector"), "{err}");
 }
+
+#[tokio::test]
+async fn a_message_over_max_body_is_dropped_and_counted_and_the_next_goes_through() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let bridge = TestBridge::start(|c| {
+        c.http.max_body = wsbridge::config::ByteSize(1024);
+        c.ingress.redis.push(ingress(&url, "news", None));
+    })
+    .await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let _worker = listener(&bridge, "w-1", "eu", tx).await;
+    redis.until_subscribers("news", 1).await;
+    redis.publish("news", &[b'x'; 2048]).await;
+    redis.publish("news", b"small").await;
+    let (_, _, body) = with_timeout(rx.recv()).await.expect("the small one");
+    assert_eq!(body, "small");
+    let admin = bridge.admin.expect("admin");
+    let metrics = get(&http_client(), &format!("http://{admin}/metrics")).await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(text.contains("wsbridge_ingress_dropped_total 1"), "{text}");
+    assert!(text.contains("wsbridge_ingress_messages_total 1"), "{text}");
+    bridge.stop().await;
+}

@@ -6,7 +6,10 @@
 //! once: what is published while the subscription is down is not seen.
 
 use std::{
+    collections::VecDeque,
+    future::Future,
     net::{Ipv4Addr, SocketAddr},
+    pin::Pin,
     sync::Arc,
     time::Duration,
 };
@@ -81,12 +84,19 @@ async fn subscribe(entry: &RedisIngress) -> redis::RedisResult<redis::aio::PubSu
     Ok(pubsub)
 }
 
-/// Pushes each message to the workers until the subscription ends.
-async fn deliver(
-    shared: &Arc<Shared>,
-    entry: &RedisIngress,
-    mut pubsub: redis::aio::PubSub,
-) -> String {
+/// Messages received and not yet pushed are held up to this many bytes;
+/// past it (workers slower than the publisher) new ones are dropped and
+/// counted: the redis crate reads a subscription into an unbounded queue,
+/// so this is the bound on what a publisher can make the bridge hold.
+const BACKLOG_BYTES: usize = 64 << 20;
+
+/// One message's push, under way.
+type Pushing<'a> = Pin<Box<dyn Future<Output = (usize, usize)> + Send + 'a>>;
+
+/// Pushes each message to the workers, one after the other, until the
+/// subscription ends; holds those that arrive meanwhile within
+/// [`BACKLOG_BYTES`].
+async fn deliver(shared: &Arc<Shared>, entry: &RedisIngress, pubsub: redis::aio::PubSub) -> String {
     let query = Query {
         service: Some(entry.service.clone()),
         meta: entry
@@ -102,17 +112,12 @@ async fn deliver(
         ip: host_of(entry.url.expose()).into(),
         calls: None,
     });
-    let mut messages = pubsub.on_message();
-    while let Some(message) = messages.next().await {
-        let body = Bytes::copy_from_slice(message.get_payload_bytes());
+    let push = |body: Bytes| -> Option<Pushing<'_>> {
         let settings = shared.settings.load_full();
         let target = Target {
             service: entry.service.as_str().into(),
             request_timeout: settings.config.http.request_timeout,
             max_body: settings.config.http.max_body.bytes(),
-        };
-        let Some(head) = head(entry) else {
-            return "the configured path is not a valid request".into();
         };
         let own = Owned {
             shared: shared.clone(),
@@ -121,12 +126,55 @@ async fn deliver(
             request_id: request_id(),
             started: Instant::now(),
         };
-        let request_id = own.request_id.clone();
-        let (reached, sent) = fanout::push(own, target, &query, head, body).await;
-        debug!(request_id, channel = %entry.channel, reached, sent, "redis message pushed");
-        shared.metrics.ingress_message(reached, sent);
+        Some(Box::pin(fanout::push(
+            own,
+            target,
+            &query,
+            head(entry)?,
+            body,
+        )))
+    };
+    let mut messages = pubsub.into_on_message();
+    let (mut backlog, mut held) = (VecDeque::<Bytes>::new(), 0usize);
+    let mut pushing: Option<Pushing<'_>> = None;
+    loop {
+        if pushing.is_none() {
+            if let Some(body) = backlog.pop_front() {
+                held -= body.len();
+                let Some(started) = push(body) else {
+                    return "the configured path is not a valid request".into();
+                };
+                pushing = Some(started);
+            }
+        }
+        tokio::select! {
+            message = messages.next() => {
+                let Some(message) = message else {
+                    return "the connection closed".into();
+                };
+                let body = Bytes::copy_from_slice(message.get_payload_bytes());
+                let max = shared.settings.load().config.http.max_body.bytes();
+                if body.len() > max || held + body.len() > BACKLOG_BYTES {
+                    if shared.metrics.ingress_dropped() == 1 {
+                        warn!(channel = %entry.channel, bytes = body.len(), "a Redis message was dropped: larger than http.max_body, or the workers are behind by 64 MiB (wsbridge_ingress_dropped_total counts them)");
+                    }
+                    continue;
+                }
+                held += body.len();
+                backlog.push_back(body);
+            }
+            (reached, sent) = async {
+                match pushing.as_mut() {
+                    Some(p) => p.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                pushing = None;
+                debug!(channel = %entry.channel, reached, sent, "redis message pushed");
+                shared.metrics.ingress_message(reached, sent);
+            }
+        }
     }
-    "the connection closed".into()
 }
 
 /// The head of the `POST` each worker gets for a message.
