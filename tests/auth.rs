@@ -6,26 +6,11 @@ mod common;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
-use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::tungstenite::Message;
 use wsbridge::{
     config::{ScopedToken, Secret, WorkerToken},
     protocol::{self, Control},
 };
-
-fn refused_status(result: Result<impl Sized, tungstenite::Error>) -> (StatusCode, String) {
-    match result {
-        Err(tungstenite::Error::Http(resp)) => {
-            let body = resp
-                .body()
-                .as_ref()
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .unwrap_or_default();
-            (resp.status(), body)
-        }
-        Err(other) => panic!("expected an HTTP refusal, got {other}"),
-        Ok(_) => panic!("the upgrade was accepted"),
-    }
-}
 
 #[tokio::test]
 async fn wrong_or_missing_token_gets_401_before_upgrade() {

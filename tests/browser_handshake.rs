@@ -10,23 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use http::StatusCode;
-use tokio_tungstenite::tungstenite;
 use wsbridge::{protocol, worker::echo_as};
-
-fn refusal(result: Result<impl Sized, tungstenite::Error>) -> (StatusCode, String) {
-    match result {
-        Err(tungstenite::Error::Http(resp)) => {
-            let body = resp
-                .body()
-                .as_ref()
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .unwrap_or_default();
-            (resp.status(), body)
-        }
-        Err(other) => panic!("expected an HTTP refusal, got {other}"),
-        Ok(_) => panic!("the upgrade was accepted"),
-    }
-}
 
 fn protocols(token: &str) -> String {
     format!("{}, {}", protocol::SUBPROTOCOL, token_protocol(token))
@@ -56,7 +40,7 @@ async fn a_token_in_the_subprotocol_is_accepted_and_never_echoed() {
 
     // A wrong token there is a 401 like a wrong bearer header.
     let wrong = protocols("not-the-token");
-    let (status, body) = refusal(
+    let (status, body) = refused_status(
         ws_connect_with(
             bridge.workers,
             tls.clone(),
@@ -67,8 +51,9 @@ async fn a_token_in_the_subprotocol_is_accepted_and_never_echoed() {
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     // The token alone, without wsbridge.v1, is no protocol to speak.
     let alone = token_protocol(TOKEN);
-    let (status, _) =
-        refusal(ws_connect_with(bridge.workers, tls, &[("sec-websocket-protocol", &alone)]).await);
+    let (status, _) = refused_status(
+        ws_connect_with(bridge.workers, tls, &[("sec-websocket-protocol", &alone)]).await,
+    );
     assert_eq!(status, StatusCode::BAD_REQUEST);
     bridge.stop().await;
 }
@@ -95,7 +80,7 @@ async fn an_origin_outside_the_allowlist_is_refused() {
             ws_connect_with(addr, tls, &pairs).await
         }
     };
-    let (status, body) = refusal(connect(from("https://evil.example")).await);
+    let (status, body) = refused_status(connect(from("https://evil.example")).await);
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert!(
         body.contains("forbidden_origin") && body.contains("evil.example"),
@@ -118,7 +103,7 @@ async fn an_origin_outside_the_allowlist_is_refused() {
         ("sec-websocket-protocol", offered.as_str()),
         ("origin", "https://app.example"),
     ];
-    let (status, _) = refusal(ws_connect_with(closed.workers, tls, &headers).await);
+    let (status, _) = refused_status(ws_connect_with(closed.workers, tls, &headers).await);
     assert_eq!(status, StatusCode::FORBIDDEN);
     closed.stop().await;
 }

@@ -13,18 +13,16 @@ use http::{Request, Response};
 use http_body_util::Full;
 use wsbridge::{body::Body, worker::echo_as};
 
+/// A worker of `orders` named `id`, with `region` in its metadata.
 async fn named(
     bridge: &TestBridge,
     id: &str,
     region: &str,
     handler: impl wsbridge::worker::Handler,
 ) -> TestWorker {
-    let mut config = bridge.worker_config(&["orders"], 4);
-    config.worker_id = id.to_owned();
-    config.metadata = [("region".to_owned(), region.to_owned())].into();
-    let mut w = TestWorker::start(config, handler).await;
-    w.connected().await;
-    w
+    bridge
+        .worker_as("orders", id, &[("region", region)], handler)
+        .await
 }
 
 #[tokio::test]

@@ -31,12 +31,9 @@ async fn worker(
     region: &str,
     handler: impl wsbridge::worker::Handler,
 ) -> TestWorker {
-    let mut config = bridge.worker_config(&["orders"], 4);
-    config.worker_id = id.to_owned();
-    config.metadata = [("region".to_owned(), region.to_owned())].into();
-    let mut w = TestWorker::start(config, handler).await;
-    w.connected().await;
-    w
+    bridge
+        .worker_as("orders", id, &[("region", region)], handler)
+        .await
 }
 
 fn fanout(bridge: &TestBridge, selector: &str, body: &'static str) -> Request<Full<Bytes>> {

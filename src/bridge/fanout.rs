@@ -257,16 +257,10 @@ pub(super) async fn fanout(
         });
     }
     let expected = workers.len();
-    own.shared.metrics.fanout(expected);
     let budget = own.settings.config.http.max_response_body.bytes();
     let calls = Run {
-        own,
-        target,
-        head,
-        body,
-        workers,
-        progress: Arc::default(),
         pushed: mode == Mode::Push,
+        ..Run::new(own, target, head, body, workers)
     };
     let (progress, rx) = calls.launch();
     let resp = match mode {
@@ -307,15 +301,9 @@ pub(super) async fn push(
         workers.truncate(limit);
     }
     let expected = workers.len();
-    own.shared.metrics.fanout(expected);
     let calls = Run {
-        own,
-        target,
-        head,
-        body,
-        workers,
-        progress: Arc::default(),
         pushed: true,
+        ..Run::new(own, target, head, body, workers)
     };
     let (progress, _) = calls.launch();
     wait_sent(expected, &progress, deadline).await;
@@ -352,10 +340,30 @@ struct Run {
 }
 
 impl Run {
+    /// The calls of `head` and `body` to `workers`, results wanted.
+    fn new(
+        own: Owned,
+        target: Target,
+        head: Box<Parts>,
+        body: Bytes,
+        workers: Vec<(String, String)>,
+    ) -> Run {
+        Run {
+            own,
+            target,
+            head,
+            body,
+            workers,
+            progress: Arc::default(),
+            pushed: false,
+        }
+    }
+
     /// Starts the calls in a task of their own, tracked like relayed calls
     /// (a stopping bridge lets them end), since a stream or a push outlives
     /// the request that made it.
     fn launch(self) -> (Arc<Progress>, mpsc::Receiver<Row>) {
+        self.own.shared.metrics.fanout(self.workers.len());
         let progress = self.progress.clone();
         let (tx, rx) = mpsc::channel(LINES_QUEUED);
         let tracker = self.own.shared.relayed.clone();

@@ -129,6 +129,26 @@ impl TestBridge {
         cfg
     }
 
+    /// Starts a worker of `service` named `id` with `metadata` and waits
+    /// until the bridge has welcomed it.
+    pub async fn worker_as(
+        &self,
+        service: &str,
+        id: &str,
+        metadata: &[(&str, &str)],
+        handler: impl Handler,
+    ) -> TestWorker {
+        let mut config = self.worker_config(&[service], 4);
+        config.worker_id = id.to_owned();
+        config.metadata = metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let mut w = TestWorker::start(config, handler).await;
+        w.connected().await;
+        w
+    }
+
     /// Starts a library worker and waits until the bridge has welcomed it.
     pub async fn worker(
         &self,

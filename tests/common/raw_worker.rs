@@ -103,6 +103,23 @@ pub async fn ws_connect_with(
     with_timeout(tokio_tungstenite::client_async(req, stream)).await
 }
 
+/// The status and body of an upgrade the bridge refused; panics if it was
+/// accepted or failed otherwise.
+pub fn refused_status(result: Result<impl Sized, tungstenite::Error>) -> (StatusCode, String) {
+    match result {
+        Err(tungstenite::Error::Http(resp)) => {
+            let body = resp
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            (resp.status(), body)
+        }
+        Err(other) => panic!("expected an HTTP refusal, got {other}"),
+        Ok(_) => panic!("the upgrade was accepted"),
+    }
+}
+
 /// The subprotocol a browser sends its token in.
 pub fn token_protocol(token: &str) -> String {
     use base64::Engine;
