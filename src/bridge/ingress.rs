@@ -77,8 +77,24 @@ pub(super) async fn redis_channel(shared: Arc<Shared>, index: usize, shutdown: C
     }
 }
 
+/// TCP keepalive on the subscription: pub/sub sends nothing while no one
+/// publishes, so without probes a Redis that vanished (its host, the path
+/// to it) would leave the ingress listening to a dead socket for good.
+/// Silence is found within about 15 + 3 x 5 s.
+fn tcp() -> redis::io::tcp::TcpSettings {
+    let probes = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(15))
+        .with_interval(Duration::from_secs(5))
+        .with_retries(3);
+    redis::io::tcp::TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(probes)
+}
+
 async fn subscribe(entry: &RedisIngress) -> redis::RedisResult<redis::aio::PubSub> {
-    let client = redis::Client::open(entry.url.expose())?;
+    use redis::IntoConnectionInfo;
+    let info = entry.url.expose().into_connection_info()?.set_tcp_settings(tcp());
+    let client = redis::Client::open(info)?;
     let mut pubsub = client.get_async_pubsub().await?;
     pubsub.subscribe(&entry.channel).await?;
     Ok(pubsub)
