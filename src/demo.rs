@@ -93,7 +93,10 @@ pub async fn run(ports: Ports, shutdown: CancellationToken) -> anyhow::Result<()
                  Try:\n  \
                  curl -s -d hi http://{http_addr}/x\n  \
                  curl -si 'http://{http_addr}/orders/42?q=1'\n  \
-                 curl -s --http2-prior-knowledge -d hi http://{http_addr}/x\n{}\n\
+                 curl -s --http2-prior-knowledge -d hi http://{http_addr}/x\n  \
+                 curl -s -H 'Wsbridge-Worker: demo-echo' -d 'just you' http://{http_addr}/x\n  \
+                 curl -s -H 'Wsbridge-Fanout: all' -d 'everyone' http://{http_addr}/x\n  \
+                 curl -s http://{http_addr}/_wsbridge/workers\n{}\n\
                  Press Ctrl-C to stop.",
                 services.join(", "),
                 admin_addr.map_or_else(String::new, |a| format!(

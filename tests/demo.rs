@@ -54,6 +54,38 @@ async fn the_demo_serves_the_curl_line_it_prints() {
         (r.head.version, &r.body[..]),
         (http::Version::HTTP_2, &b"hi"[..])
     );
+    // The lines for one worker, every worker, and who is connected.
+    let client = http_client();
+    let one = http::Request::post(&url)
+        .header("wsbridge-worker", "demo-echo")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"just you",
+        )))
+        .expect("request");
+    let r = send(&client, one).await;
+    assert_eq!(
+        (r.header("x-echo-worker"), &r.body[..]),
+        ("demo-echo", &b"just you"[..])
+    );
+    let all = http::Request::post(&url)
+        .header("wsbridge-fanout", "all")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"everyone",
+        )))
+        .expect("request");
+    let doc = send(&client, all).await.json();
+    assert_eq!(
+        (doc["expected"].as_u64(), doc["results"][0]["body"].as_str()),
+        (Some(1), Some("everyone"))
+    );
+    let workers = url.replace("/x", "/_wsbridge/workers");
+    let doc = get(&client, &workers).await.json();
+    assert!(
+        doc["workers"]
+            .as_array()
+            .is_some_and(|w| w.iter().all(|w| w["worker_id"] == "demo-echo") && !w.is_empty()),
+        "{doc}"
+    );
     let _ = child.kill().await;
 }
 

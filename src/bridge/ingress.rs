@@ -93,7 +93,11 @@ fn tcp() -> redis::io::tcp::TcpSettings {
 
 async fn subscribe(entry: &RedisIngress) -> redis::RedisResult<redis::aio::PubSub> {
     use redis::IntoConnectionInfo;
-    let info = entry.url.expose().into_connection_info()?.set_tcp_settings(tcp());
+    let info = entry
+        .url
+        .expose()
+        .into_connection_info()?
+        .set_tcp_settings(tcp());
     let client = redis::Client::open(info)?;
     let mut pubsub = client.get_async_pubsub().await?;
     pubsub.subscribe(&entry.channel).await?;
