@@ -190,3 +190,61 @@ async fn a_call_for_a_worker_at_another_bridge_goes_to_that_worker() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test]
+async fn a_call_that_asks_to_wait_for_a_worker_gets_it_when_it_connects() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let client = http_client();
+    let url = bridge.at("/orders/x");
+    let waiting = {
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move {
+            let req = Request::post(url)
+                .header("wsbridge-worker", "late")
+                .header("wsbridge-worker-wait", "true")
+                .body(Full::new(Bytes::from_static(b"for late")))
+                .expect("request");
+            send(&client, req).await
+        })
+    };
+    // The call waits for a worker that is not there yet...
+    bridge.until_queued("orders", 1).await;
+    let mut other = named(&bridge, "early", 4).await;
+    other.connected().await;
+    assert_eq!(
+        bridge.handle.queued("orders"),
+        1,
+        "another id does not take it"
+    );
+    // ...and the worker with that id gets it as soon as it connects.
+    let _late = named(&bridge, "late", 4).await;
+    let reply = with_timeout(waiting).await.expect("the waiting call");
+    assert_eq!(reply.head.status, 200, "{:?}", reply.body);
+    assert_eq!(reply.header("x-echo-worker"), "late");
+    assert_eq!(&reply.body[..], b"for late");
+
+    // A wait for an id that never comes ends at queue_timeout (2 s here)
+    // with 404, and leaves nothing behind.
+    let asked = Instant::now();
+    let req = Request::post(&url)
+        .header("wsbridge-worker", "never")
+        .header("wsbridge-worker-wait", "true")
+        .body(Full::new(Bytes::from_static(b"x")))
+        .expect("request");
+    let reply = send(&client, req).await;
+    assert_eq!(reply.head.status, 404);
+    assert_eq!(reply.error_code(), "unknown_worker");
+    assert!(
+        asked.elapsed() >= Duration::from_millis(1900),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(bridge.handle.queued("orders"), 0);
+    // Without a worker to wait for, the header is a 400.
+    let req = Request::post(&url)
+        .header("wsbridge-worker-wait", "true")
+        .body(Full::new(Bytes::from_static(b"x")))
+        .expect("request");
+    assert_eq!(send(&client, req).await.head.status, 400);
+    bridge.stop().await;
+}

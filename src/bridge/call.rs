@@ -200,6 +200,7 @@ pub(super) async fn call_target(
         precompressed: parts.headers.contains_key(header::CONTENT_ENCODING),
         version: parts.version,
         worker: target_worker(&parts.headers)?,
+        await_worker: await_worker(&parts.headers)?,
     };
     // From here on the call keeps its headers as the JSON every attempt's
     // frame carries (`plan.headers`), not as the caller's header map (about
@@ -250,6 +251,9 @@ pub(super) struct Plan<'a> {
     version: http::Version,
     /// The one worker the call is for (`Wsbridge-Worker`), if any.
     pub(super) worker: Option<Box<str>>,
+    /// That worker is waited for if it is not connected
+    /// (`Wsbridge-Worker-Wait: true`), up to `queue_timeout`.
+    pub(super) await_worker: bool,
 }
 
 impl Plan<'_> {
@@ -406,6 +410,7 @@ async fn attempt(
         // A call that would be retried even after it started: if its worker's
         // connection drops, it moves on at once instead of waiting for a resume.
         movable: retries_left && plan.replayable,
+        await_worker: plan.await_worker,
     };
     let service: &str = &plan.target.service;
     if let Some(step) = elsewhere(ctx, plan, fields, body, n, trace).await {
@@ -497,6 +502,10 @@ async fn elsewhere(
             return None;
         }
         let step = Box::pin(remote::attempt(ctx, plan, fields, body, n, trace, true)).await;
+        if step.is_none() && plan.await_worker {
+            // Nobody has it: wait here for it to connect.
+            return None;
+        }
         return Some(step.unwrap_or_else(|| {
             Step::Unplaced(match cluster.is_connected() {
                 true => CallError::UnknownWorker {
@@ -818,6 +827,24 @@ fn target_worker(headers: &http::HeaderMap) -> Result<Option<Box<str>>, CallErro
         return Err(bad("1 to 256 bytes"));
     }
     Ok(Some(id.into()))
+}
+
+/// `Wsbridge-Worker-Wait`: `true` (or `1`) lets a call for a worker that
+/// is not connected wait for it; `false` (or `0`, or no header) does not.
+pub(super) static WSBRIDGE_WORKER_WAIT: header::HeaderName =
+    header::HeaderName::from_static("wsbridge-worker-wait");
+
+fn await_worker(headers: &http::HeaderMap) -> Result<bool, CallError> {
+    match headers.get(&WSBRIDGE_WORKER_WAIT).map(|v| v.as_bytes()) {
+        None | Some(b"false" | b"0") => Ok(false),
+        Some(b"true" | b"1") if headers.contains_key(&WSBRIDGE_WORKER) => Ok(true),
+        Some(b"true" | b"1") => Err(CallError::BadRequest {
+            reason: "Wsbridge-Worker-Wait needs a Wsbridge-Worker to wait for".into(),
+        }),
+        Some(_) => Err(CallError::BadRequest {
+            reason: "Wsbridge-Worker-Wait: `true` or `false`".into(),
+        }),
+    }
 }
 
 /// The `X-Forwarded-For` to send: what the caller sent, plus its address.

@@ -42,6 +42,9 @@ pub(super) struct StartAs {
     /// The call would be retried even after it started: a lost connection
     /// fails it at once instead of holding it for a resume.
     pub(super) movable: bool,
+    /// A call for one worker waits for it to connect if it has not
+    /// (`Wsbridge-Worker-Wait`), up to the queue deadline.
+    pub(super) await_worker: bool,
 }
 
 impl Dispatch<'_> {
@@ -75,7 +78,7 @@ impl Dispatch<'_> {
             let lease = match worker {
                 Some(id) => {
                     registry
-                        .acquire_worker(service, id, wait, queue_limit)
+                        .acquire_worker(service, id, wait, queue_limit, how.await_worker)
                         .await?
                 }
                 None => registry.acquire(service, wait, queue_limit).await?,

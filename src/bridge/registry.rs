@@ -50,6 +50,10 @@ struct State {
     /// worker, a fan-out's thousands of them, and a newcomer claiming an
     /// id find it without a scan of the service.
     ids: HashMap<String, Vec<u64>, RandomState>,
+    /// Calls for a worker id that is not connected, which asked to wait
+    /// for it (`Wsbridge-Worker-Wait`): `(service, waiter)` by id, handed
+    /// to the first worker with that id and service that registers.
+    absent: HashMap<String, Vec<(String, oneshot::Sender<Lease>)>, RandomState>,
     /// Per service: its workers and the calls waiting for one.
     services: HashMap<String, Service, RandomState>,
     /// Next registry key; keys are never reused, so a stale lease cannot
@@ -181,8 +185,11 @@ impl Registry {
         let id = &state.workers[&key].session.worker_id;
         if !id.is_empty() {
             let id = id.clone();
+            state.welcome_awaited(&id, key);
             state.ids.entry(id).or_default().push(key);
         }
+        // Calls that waited for this worker's id come first.
+        state.pump_worker(self, key);
         state.pump_all(self, &unique);
         self.changed.notify_one();
         key
@@ -342,8 +349,15 @@ impl Registry {
     /// Calls of a service waiting for a worker.
     pub(crate) fn queued(&self, service: &str) -> usize {
         let state = self.lock();
+        // Calls for a worker that has not connected yet.
+        let absent = state
+            .absent
+            .values()
+            .flatten()
+            .filter(|(s, w)| s == service && !w.is_closed())
+            .count();
         let Some(svc) = state.services.get(service) else {
-            return 0;
+            return absent;
         };
         let live = |w: &&oneshot::Sender<Lease>| !w.is_closed();
         // Calls for one worker of the service wait at that worker.
@@ -353,7 +367,7 @@ impl Registry {
             .filter_map(|k| state.workers.get(k))
             .map(|slot| slot.waiters.iter().filter(live).count())
             .sum();
-        svc.waiters.iter().filter(live).count() + for_one
+        svc.waiters.iter().filter(live).count() + for_one + absent
     }
 
     /// Takes capacity on the least-busy worker of `service`, waiting up to
@@ -403,12 +417,16 @@ impl Registry {
         id: &str,
         wait: Duration,
         queue_limit: usize,
+        await_absent: bool,
     ) -> Result<Lease, AcquireError> {
-        let rx = {
+        let (rx, absent) = 'waiting: {
             let mut state = self.lock();
             let key = match state.find(service, id) {
                 Found::Worker(key) => key,
                 Found::Draining => return Err(AcquireError::NoWorker { connected: 1 }),
+                Found::None if await_absent => {
+                    break 'waiting (state.await_absent(service, id, queue_limit)?, true);
+                }
                 Found::None => return Err(AcquireError::UnknownWorker),
             };
             if let Some(lease) = state.lease_key(self, key) {
@@ -425,8 +443,11 @@ impl Registry {
             }
             let (tx, rx) = oneshot::channel();
             slot.waiters.push_back(tx);
-            rx
+            (rx, false)
         };
+        if absent {
+            return self.absent_wait(service, id, wait, rx).await;
+        }
         match tokio::time::timeout(wait, rx).await {
             Ok(Ok(lease)) => Ok(lease),
             // Timed out, or the worker went away (its waiters with it).
@@ -434,6 +455,31 @@ impl Registry {
                 connected: usize::from(self.lock().find(service, id) != Found::None),
             }),
         }
+    }
+
+    /// Waits up to `wait` for a worker `id` of `service` to connect and
+    /// hand this call a lease; else the call is for nobody.
+    async fn absent_wait(
+        self: &Arc<Self>,
+        service: &str,
+        id: &str,
+        wait: Duration,
+        rx: oneshot::Receiver<Lease>,
+    ) -> Result<Lease, AcquireError> {
+        if let Ok(Ok(lease)) = tokio::time::timeout(wait, rx).await {
+            return Ok(lease);
+        }
+        let mut state = self.lock();
+        if let Some(waiting) = state.absent.get_mut(id) {
+            waiting.retain(|(_, w)| !w.is_closed());
+            if waiting.is_empty() {
+                state.absent.remove(id);
+            }
+        }
+        Err(match state.find(service, id) {
+            Found::None => AcquireError::UnknownWorker,
+            _ => AcquireError::NoWorker { connected: 1 },
+        })
     }
 
     /// A newer connection (`key`) claims worker id `id` for `services`: the
@@ -527,6 +573,51 @@ enum Found {
 
 impl State {
     /// The connection of `service` whose worker is named `id`.
+    /// Queues a call for worker `id` of `service`, not connected yet;
+    /// refused past `queue_limit` calls waiting for that id.
+    fn await_absent(
+        &mut self,
+        service: &str,
+        id: &str,
+        queue_limit: usize,
+    ) -> Result<oneshot::Receiver<Lease>, AcquireError> {
+        if id.is_empty() {
+            return Err(AcquireError::UnknownWorker);
+        }
+        let waiting = self.absent.entry(id.to_owned()).or_default();
+        waiting.retain(|(_, w)| !w.is_closed());
+        if waiting.len() >= queue_limit {
+            return Err(AcquireError::QueueFull);
+        }
+        let (tx, rx) = oneshot::channel();
+        waiting.push((service.to_owned(), tx));
+        Ok(rx)
+    }
+
+    /// Worker `key`, just registered with id `id`, takes the calls that
+    /// waited for that id and one of its services.
+    fn welcome_awaited(&mut self, id: &str, key: u64) {
+        let Some(waiting) = self.absent.remove(id) else {
+            return;
+        };
+        let Some(slot) = self.workers.get_mut(&key) else {
+            return;
+        };
+        let mut rest = Vec::new();
+        for (service, tx) in waiting {
+            if tx.is_closed() {
+                continue;
+            }
+            match slot.services.contains(&service) {
+                true => slot.waiters.push_back(tx),
+                false => rest.push((service, tx)),
+            }
+        }
+        if !rest.is_empty() {
+            self.absent.insert(id.to_owned(), rest);
+        }
+    }
+
     /// The dispatched (not suspended) workers with id `id`.
     fn with_id<'a>(&'a self, id: &str) -> impl Iterator<Item = (u64, &'a Slot)> + 'a {
         self.ids
