@@ -73,13 +73,8 @@ pub(crate) fn node(shared: &Shared) -> &str {
 /// This bridge's workers that `query` is about and that take calls, one
 /// entry per service.
 pub(crate) fn local(registry: &Registry, node: &str, query: &Query) -> Vec<Listed> {
-    let snapshot = registry.snapshot();
     let mut list = Vec::new();
-    for w in snapshot
-        .workers
-        .iter()
-        .filter(|w| !w.draining && !w.detached)
-    {
+    for w in registry.open_workers(query.service.as_deref()) {
         for service in w.services.iter() {
             if query.matches(service, &w.session.metadata) {
                 list.push(Listed {

@@ -305,6 +305,37 @@ impl Registry {
             .collect()
     }
 
+    /// The workers taking calls (not draining, not waiting to resume), of
+    /// `service` or of every service: what presence lists and a fan-out
+    /// reaches. Only the service's own workers are looked at.
+    pub(crate) fn open_workers(&self, service: Option<&str>) -> Vec<WorkerView> {
+        let state = self.lock();
+        let view = |slot: &Slot| WorkerView {
+            session: slot.session.clone(),
+            services: slot.services.clone(),
+            inflight: slot.inflight,
+            max_inflight: slot.max_inflight,
+            draining: slot.draining,
+            detached: slot.suspended,
+        };
+        let open = |slot: &&Slot| !slot.draining && !slot.suspended;
+        match service {
+            Some(name) => state
+                .services
+                .get(name)
+                .map(|svc| {
+                    svc.workers
+                        .iter()
+                        .filter_map(|k| state.workers.get(k))
+                        .filter(open)
+                        .map(view)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            None => state.workers.values().filter(open).map(view).collect(),
+        }
+    }
+
     /// Every worker and every service as they are now, for `/status`.
     pub(crate) fn snapshot(&self) -> Snapshot {
         let state = self.lock();
