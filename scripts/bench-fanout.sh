@@ -47,36 +47,8 @@ BIN=$TARGET_DIR/release
 EX=$TARGET_DIR/release/examples
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/bench-fanout.XXXXXX")
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-stop() {
-    local pid=$1 i
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    local keep=() p
-    for p in "${PIDS[@]}"; do [[ $p != "$pid" ]] && keep+=("$p"); done
-    PIDS=("${keep[@]}")
-}
-kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
-wait_for() { # FILE PATTERN PID
-    local i
-    for ((i = 0; i < 1800; i++)); do
-        grep -q -- "$2" "$1" 2>/dev/null && return 0
-        kill -0 "$3" 2>/dev/null || { cat "$1" >&2; die "process $3 died"; }
-        sleep 0.1
-    done
-    die "timed out waiting for '$2' in $1"
-}
+# shellcheck source=scripts/bench-procs.sh
+source scripts/bench-procs.sh
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 
 "$BIN/wsbridge" gen-cert --out "$TMP/certs" --host localhost --host 127.0.0.1 >/dev/null
@@ -109,7 +81,7 @@ start() {
     "$BIN/wsbridge" serve --config "$CONFIG" 2>"$TMP/bridge.log" &
     BRIDGE=$!
     PIDS+=("$BRIDGE")
-    wait_for "$TMP/bridge.log" "worker listener ready" "$BRIDGE"
+    wait_for_log "$TMP/bridge.log" "worker listener ready" "$BRIDGE"
     mkfifo "$TMP/hold.$1"
     "$EX/many_workers" --url "wss://127.0.0.1:$WORKER_PORT" --token bench-token \
         --ca "$TMP/certs/server.crt" --service fan --m "$1" --bridge-pid "$BRIDGE" \
@@ -117,7 +89,7 @@ start() {
     HOLDER=$!
     PIDS+=("$HOLDER")
     exec 8>"$TMP/hold.$1"
-    wait_for "$TMP/many.$1.out" '^RESULT ' "$HOLDER"
+    wait_for_log "$TMP/many.$1.out" '^RESULT ' "$HOLDER" 180
 }
 finish() { exec 8>&-; stop "$HOLDER"; stop "$BRIDGE"; }
 
@@ -127,7 +99,7 @@ BODY=$(head -c 48 /dev/zero | tr '\0' 'x')0123456789abcdef
 # --- fan-out --------------------------------------------------------------------
 say "fan-out to $WORKERS workers, $ROUNDS rounds"
 start "$WORKERS"
-RSS_BEFORE=$(kib "$BRIDGE" VmRSS)
+RSS_BEFORE=$(status_kib "$BRIDGE" VmRSS)
 # The baseline: one call per worker, each naming it, 64 at a time.
 # (`next` resets every option: each call carries its own, silent included.)
 for ((i = 0; i < WORKERS; i++)); do
@@ -138,7 +110,7 @@ FAN_MS=() NDJSON_MS=() EACH_MS=() PEAKS=()
 for ((r = 1; r <= ROUNDS; r++)); do
     echo 5 >"/proc/$BRIDGE/clear_refs" 2>/dev/null || true
     t=$(curl -s -o "$TMP/fan.json" -w '%{time_total}' -H 'Wsbridge-Fanout: all' -d "$BODY" "$URL")
-    PEAKS+=("$(kib "$BRIDGE" VmHWM)")
+    PEAKS+=("$(status_kib "$BRIDGE" VmHWM)")
     python3 - "$TMP/fan.json" "$WORKERS" "$BODY" <<'PY' || die "fan-out round $r: wrong answer"
 import json, sys
 doc = json.load(open(sys.argv[1]))

@@ -83,48 +83,8 @@ EX=$TARGET_DIR/release/examples
 
 # --- processes and cleanup ----------------------------------------------------
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/bench-scale.XXXXXX")
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# Stops one process we started (TERM, then KILL after 5 s) and forgets it.
-stop() {
-    local pid=$1 i
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 50; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    local keep=() p
-    for p in "${PIDS[@]}"; do [[ $p != "$pid" ]] && keep+=("$p"); done
-    PIDS=("${keep[@]}")
-}
-
-rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
-
-# Waits (up to 30 s) for a line matching $2 in log file $1, or for $3 to die.
-wait_for_log() {
-    local log=$1 pattern=$2 pid=$3 i
-    for ((i = 0; i < 300; i++)); do
-        grep -q -- "$pattern" "$log" 2>/dev/null && return 0
-        kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; die "process $pid died"; }
-        sleep 0.1
-    done
-    cat "$log" >&2
-    die "timed out waiting for '$pattern' in $log"
-}
+# shellcheck source=scripts/bench-procs.sh
+source scripts/bench-procs.sh
 
 # --- bridge ------------------------------------------------------------------
 "$BIN/wsbridge" gen-cert --out "$TMP/certs" --host localhost --host 127.0.0.1 >/dev/null
