@@ -69,11 +69,12 @@ impl Cluster {
                     warn!("a peer's presence listing is unreadable; ignored");
                     continue;
                 };
-                // Each node once; a node that joined meanwhile is welcome.
+                // Only the peers asked, each once: what peers can make this
+                // bridge hold is one message from each known peer (at most
+                // MAX_PEERS). A node that joined meanwhile is listed next time.
                 let before = expected.len();
                 expected.retain(|n| *n != listing.node);
-                let known = gathered.listings.iter().any(|l| l.node == listing.node);
-                if (expected.len() < before || !known) && gathered.listings.len() < 1024 {
+                if expected.len() < before {
                     gathered.listings.push(listing);
                 }
             }
