@@ -13,18 +13,6 @@ use http::{Request, Response};
 use http_body_util::Full;
 use wsbridge::{body::Body, worker::echo_as};
 
-/// A worker of `orders` named `id`, with `region` in its metadata.
-async fn named(
-    bridge: &TestBridge,
-    id: &str,
-    region: &str,
-    handler: impl wsbridge::worker::Handler,
-) -> TestWorker {
-    bridge
-        .worker_as("orders", id, &[("region", region)], handler)
-        .await
-}
-
 #[tokio::test]
 async fn a_fanout_at_one_bridge_reaches_the_workers_of_every_bridge() {
     let nats = NatsCluster::start(1).await;
@@ -36,10 +24,10 @@ async fn a_fanout_at_one_bridge_reaches_the_workers_of_every_bridge() {
     })
     .await;
     let b = TestBridge::start(|c| c.cluster = Some(cluster_config(&url, "node-b", beat))).await;
-    let _a1 = named(&a, "a-1", "eu", echo_as("a-1")).await;
-    let _b1 = named(&b, "b-1", "eu", echo_as("b-1")).await;
-    let _b2 = named(&b, "b-2", "us", echo_as("b-2")).await;
-    let _b3 = named(&b, "b-slow", "eu", |_req: Request<Body>| async {
+    let _a1 = orders_worker(&a, "a-1", "eu", echo_as("a-1")).await;
+    let _b1 = orders_worker(&b, "b-1", "eu", echo_as("b-1")).await;
+    let _b2 = orders_worker(&b, "b-2", "us", echo_as("b-2")).await;
+    let _b3 = orders_worker(&b, "b-slow", "eu", |_req: Request<Body>| async {
         tokio::time::sleep(Duration::from_secs(30)).await;
         Response::new(Body::full("late"))
     })

@@ -24,18 +24,6 @@ use wsbridge::{
     worker::{echo_as, Handler},
 };
 
-/// A worker of `orders` named `id`, with `region` in its metadata.
-async fn worker(
-    bridge: &TestBridge,
-    id: &str,
-    region: &str,
-    handler: impl wsbridge::worker::Handler,
-) -> TestWorker {
-    bridge
-        .worker_as("orders", id, &[("region", region)], handler)
-        .await
-}
-
 fn fanout(bridge: &TestBridge, selector: &str, body: &'static str) -> Request<Full<Bytes>> {
     Request::post(bridge.at("/orders/notify"))
         .header("wsbridge-fanout", selector)
@@ -74,7 +62,7 @@ async fn a_fanout_reaches_every_matching_worker_once_and_gathers_the_replies() {
             calls.fetch_add(1, Ordering::SeqCst);
             echo.call(req)
         };
-        workers.push(worker(&bridge, id, region, counted).await);
+        workers.push(orders_worker(&bridge, id, region, counted).await);
     }
     let client = http_client();
     let reply = send(&client, fanout(&bridge, "all", "ping")).await;
@@ -128,17 +116,17 @@ async fn a_slow_and_a_dead_worker_give_partial_results_within_the_deadline() {
         c.fanout.max_reply = wsbridge::config::ByteSize(1024);
     })
     .await;
-    let _ok = worker(&bridge, "fine", "eu", echo_as("fine")).await;
-    let _slow = worker(&bridge, "slow", "eu", |_req: Request<Body>| async {
+    let _ok = orders_worker(&bridge, "fine", "eu", echo_as("fine")).await;
+    let _slow = orders_worker(&bridge, "slow", "eu", |_req: Request<Body>| async {
         tokio::time::sleep(Duration::from_secs(30)).await;
         Response::new(Body::full("late"))
     })
     .await;
-    let _big = worker(&bridge, "big", "eu", |_req: Request<Body>| async {
+    let _big = orders_worker(&bridge, "big", "eu", |_req: Request<Body>| async {
         Response::new(Body::full(vec![b'x'; 4096]))
     })
     .await;
-    let _binary = worker(&bridge, "binary", "eu", |_req: Request<Body>| async {
+    let _binary = orders_worker(&bridge, "binary", "eu", |_req: Request<Body>| async {
         Response::new(Body::full(vec![0u8, 1, 2, 255]))
     })
     .await;
@@ -208,9 +196,9 @@ async fn a_slow_and_a_dead_worker_give_partial_results_within_the_deadline() {
 async fn ndjson_streams_each_reply_as_it_arrives_then_a_summary() {
     let bridge = TestBridge::start(|_| {}).await;
     let release = Arc::new(Notify::new());
-    let _fast = worker(&bridge, "fast", "eu", echo_as("fast")).await;
+    let _fast = orders_worker(&bridge, "fast", "eu", echo_as("fast")).await;
     let held = release.clone();
-    let _slow = worker(&bridge, "slow", "eu", move |_req: Request<Body>| {
+    let _slow = orders_worker(&bridge, "slow", "eu", move |_req: Request<Body>| {
         let held = held.clone();
         async move {
             held.notified().await;
@@ -279,7 +267,7 @@ async fn a_push_answers_202_once_sent_and_each_worker_gets_it_once() {
                 Response::new(Body::full("ignored"))
             }
         };
-        workers.push(worker(&bridge, id, "eu", record).await);
+        workers.push(orders_worker(&bridge, id, "eu", record).await);
     }
     let client = http_client();
     let mut req = fanout(&bridge, "all", "news");
@@ -333,7 +321,7 @@ async fn a_caller_that_hangs_up_cancels_the_calls_still_running() {
                 Response::new(Body::full("never"))
             }
         };
-        workers.push(worker(&bridge, id, "eu", held).await);
+        workers.push(orders_worker(&bridge, id, "eu", held).await);
     }
     let client = http_client();
     let req = fanout(&bridge, "all", "hold on");

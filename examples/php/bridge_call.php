@@ -174,19 +174,11 @@ function bridge_call_all(array $calls, $timeout = 35.0, &$stats = null)
  */
 function bridge_call_worker($workerId, $path, $body = [], $contentType = 'application/octet-stream', $timeout = 35.0, &$response = null)
 {
-    $json = !is_string($body);
-    $call = bridge_handle(
-        $path,
-        $json ? json_encode($body) : $body,
-        $json ? 'application/json' : $contentType,
-        $timeout,
-        (bool) getenv('WSBRIDGE_HTTP2'),
-        ['Wsbridge-Worker: ' . bridge_header_value($workerId, 'worker id')]
-    );
+    $call = bridge_handle_body($path, $body, $contentType, $timeout, ['Wsbridge-Worker: ' . bridge_header_value($workerId, 'worker id')]);
     $reply = curl_exec($call['ch']);
     $response = bridge_response($call);
     $reply = bridge_result($call, $reply);
-    return $json ? bridge_decode($reply) : $reply;
+    return is_string($body) ? $reply : bridge_decode($reply);
 }
 
 /**
@@ -236,18 +228,10 @@ function bridge_call_worker($workerId, $path, $body = [], $contentType = 'applic
  */
 function bridge_fanout($path, $body = '', $selector = 'all', $onResult = null, $contentType = 'application/octet-stream', $timeout = 35.0)
 {
-    $json = !is_string($body);
-    $call = bridge_handle(
-        $path,
-        $json ? json_encode($body) : $body,
-        $json ? 'application/json' : $contentType,
-        $timeout,
-        (bool) getenv('WSBRIDGE_HTTP2'),
-        [
+    $call = bridge_handle_body($path, $body, $contentType, $timeout, [
             'Wsbridge-Fanout: ' . bridge_selector($selector),
             'Accept: ' . ($onResult === null ? 'application/json' : 'application/x-ndjson'),
-        ]
-    );
+        ]);
     if ($onResult !== null) {
         return bridge_fanout_stream($call, $onResult);
     }
@@ -274,15 +258,7 @@ function bridge_fanout($path, $body = '', $selector = 'all', $onResult = null, $
  */
 function bridge_fanout_push($path, $body = '', $selector = 'all', $contentType = 'application/octet-stream', $timeout = 35.0, &$response = null)
 {
-    $json = !is_string($body);
-    $call = bridge_handle(
-        $path,
-        $json ? json_encode($body) : $body,
-        $json ? 'application/json' : $contentType,
-        $timeout,
-        (bool) getenv('WSBRIDGE_HTTP2'),
-        ['Wsbridge-Fanout: ' . bridge_selector($selector), 'Wsbridge-Fanout-Reply: none']
-    );
+    $call = bridge_handle_body($path, $body, $contentType, $timeout, ['Wsbridge-Fanout: ' . bridge_selector($selector), 'Wsbridge-Fanout-Reply: none']);
     $reply = curl_exec($call['ch']);
     $response = bridge_response($call);
     $reply = bridge_result($call, $reply);
@@ -359,6 +335,23 @@ function bridge_can_multiplex()
  * $body, or a GET when $body is null. $extraHeaders are more request header
  * lines ('Wsbridge-Worker: w-1', ...).
  */
+/**
+ * bridge_handle() for a body that is sent as it is when it is a string, and
+ * as JSON otherwise; HTTP/2 when WSBRIDGE_HTTP2 is set.
+ */
+function bridge_handle_body($path, $body, $contentType, $timeout, array $extraHeaders)
+{
+    $json = !is_string($body);
+    return bridge_handle(
+        $path,
+        $json ? json_encode($body) : $body,
+        $json ? 'application/json' : $contentType,
+        $timeout,
+        (bool) getenv('WSBRIDGE_HTTP2'),
+        $extraHeaders
+    );
+}
+
 function bridge_handle($path, $body, $contentType, $timeout, $http2, array $extraHeaders = [])
 {
     $base = getenv('WSBRIDGE_HTTP') ?: 'http://127.0.0.1:8080';

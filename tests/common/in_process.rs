@@ -54,6 +54,18 @@ fn init_logs() {
         .try_init();
 }
 
+/// A worker of `orders` named `id`, with `region` in its metadata.
+pub async fn orders_worker(
+    bridge: &TestBridge,
+    id: &str,
+    region: &str,
+    handler: impl Handler,
+) -> TestWorker {
+    bridge
+        .worker_as("orders", id, &[("region", region)], handler)
+        .await
+}
+
 /// An in-process bridge.
 pub struct TestBridge {
     /// Where callers connect.
