@@ -50,6 +50,69 @@ pub struct Config {
     /// Messages from elsewhere pushed to workers.
     #[serde(default)]
     pub ingress: IngressConfig,
+    /// Asynchronous calls (`Prefer: respond-async`); off without `dir`.
+    #[serde(default)]
+    pub jobs: JobsConfig,
+}
+
+/// `[jobs]`: calls accepted with `202` now and answered later. Without
+/// `dir` there is no job store: `Prefer: respond-async` is then ignored,
+/// as RFC 7240 allows, and the call is answered as usual.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsConfig {
+    /// The store's directory (created if missing); one bridge's own.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// How long a finished job and its result are kept.
+    #[serde(default = "defaults::jobs_retention", with = "humantime_serde")]
+    pub retention: Duration,
+    /// How long a job waits for a worker before it expires.
+    #[serde(default = "defaults::jobs_queue_timeout", with = "humantime_serde")]
+    pub queue_timeout: Duration,
+    /// How long a job may run once a worker has it; then it fails with
+    /// `timeout` and the worker is told to cancel.
+    #[serde(default = "defaults::jobs_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Most bytes the store holds (request bodies of live jobs, results,
+    /// and 1 KiB per job); a submission past it gets 503 `jobs_full`.
+    #[serde(default = "defaults::jobs_max_bytes")]
+    pub max_bytes: ByteSize,
+    /// Largest result kept; a larger reply fails the job (`result_too_large`).
+    #[serde(default = "defaults::jobs_max_result")]
+    pub max_result: ByteSize,
+    /// Jobs of one service sent to its workers at once; the others wait
+    /// in the store, so that a backlog never crowds out synchronous calls.
+    #[serde(default = "defaults::jobs_concurrency")]
+    pub concurrency: usize,
+    /// Signs callbacks (HMAC-SHA256); required for `callback_allow`.
+    #[serde(default)]
+    pub callback_secret: Option<Secret>,
+    /// URL prefixes a `Wsbridge-Callback` may name; empty refuses every
+    /// callback (the bridge must not POST wherever a caller says).
+    #[serde(default)]
+    pub callback_allow: Vec<String>,
+    /// PEM CA bundle to trust for `https` callbacks instead of the
+    /// system's roots.
+    #[serde(default)]
+    pub callback_ca: Option<PathBuf>,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig {
+            dir: None,
+            retention: defaults::jobs_retention(),
+            queue_timeout: defaults::jobs_queue_timeout(),
+            timeout: defaults::jobs_timeout(),
+            max_bytes: defaults::jobs_max_bytes(),
+            max_result: defaults::jobs_max_result(),
+            concurrency: defaults::jobs_concurrency(),
+            callback_secret: None,
+            callback_allow: Vec::new(),
+            callback_ca: None,
+        }
+    }
 }
 
 /// `[ingress]`: where messages pushed to workers come from.
@@ -303,6 +366,24 @@ mod defaults {
     pub(super) fn max_body() -> ByteSize {
         ByteSize(10 << 20)
     }
+    pub(super) fn jobs_retention() -> Duration {
+        Duration::from_secs(86_400)
+    }
+    pub(super) fn jobs_queue_timeout() -> Duration {
+        Duration::from_secs(86_400)
+    }
+    pub(super) fn jobs_timeout() -> Duration {
+        Duration::from_secs(3600)
+    }
+    pub(super) fn jobs_max_bytes() -> ByteSize {
+        ByteSize(1 << 30)
+    }
+    pub(super) fn jobs_max_result() -> ByteSize {
+        ByteSize(64 << 20)
+    }
+    pub(super) fn jobs_concurrency() -> usize {
+        32
+    }
     pub(super) fn fanout_max_workers() -> usize {
         10_000
     }
@@ -514,6 +595,7 @@ impl Config {
                 }
             }
         }
+        self.jobs.validate()?;
         if !(1..=1_000_000).contains(&self.fanout.max_workers) {
             return Err(invalid("fanout.max_workers", "must be 1 to 1000000"));
         }
@@ -627,6 +709,55 @@ fn without_source(message: &str) -> String {
 /// Longest timeout or interval accepted; longer ones are almost certainly a
 /// unit mistake, and bounding them keeps deadline arithmetic trivially safe.
 const MAX_DURATION: Duration = Duration::from_secs(86_400);
+
+/// The longest a job's durations may be.
+const MAX_JOB_DURATION: Duration = Duration::from_secs(30 * 86_400);
+
+impl JobsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (key, value) in [
+            ("jobs.retention", self.retention),
+            ("jobs.queue_timeout", self.queue_timeout),
+            ("jobs.timeout", self.timeout),
+        ] {
+            if value.is_zero() || value > MAX_JOB_DURATION {
+                return Err(invalid(key, "must be longer than zero and at most 30 days"));
+            }
+        }
+        if self.concurrency == 0 {
+            return Err(invalid("jobs.concurrency", "must be at least 1"));
+        }
+        if self.max_result.0 == 0 || self.max_result > self.max_bytes {
+            return Err(invalid(
+                "jobs.max_result",
+                "must be at least 1 byte and at most jobs.max_bytes",
+            ));
+        }
+        if self.dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
+            return Err(invalid("jobs.dir", "must not be empty"));
+        }
+        for prefix in &self.callback_allow {
+            let ok = (prefix.starts_with("http://") || prefix.starts_with("https://"))
+                && prefix
+                    .parse::<http::Uri>()
+                    .is_ok_and(|u| u.host().is_some());
+            if !ok {
+                return Err(invalid(
+                    "jobs.callback_allow",
+                    format!("{prefix:?} must be an http:// or https:// URL with a host"),
+                ));
+            }
+        }
+        let secret = self.callback_secret.as_ref().map(Secret::expose);
+        if !self.callback_allow.is_empty() && secret.is_none_or(|s| s.len() < 16) {
+            return Err(invalid(
+                "jobs.callback_secret",
+                "must be set (at least 16 bytes) when jobs.callback_allow lists URLs: callbacks are signed with it",
+            ));
+        }
+        Ok(())
+    }
+}
 
 fn check_service(key: &str, name: &str) -> Result<(), ConfigError> {
     if name.is_empty() || name.len() > 128 {

@@ -146,6 +146,31 @@ pub enum CallError {
         /// The methods it answers, as in `Allow`.
         allowed: &'static str,
     },
+    /// No job has this id (never had, or it was purged after
+    /// `jobs.retention`).
+    #[error("no job {id:?} (unknown, or purged after jobs.retention)")]
+    JobNotFound {
+        /// The id asked for.
+        id: String,
+    },
+    /// Storing the job would pass `jobs.max_bytes`; nothing was stored.
+    #[error("the job store is full ({limit} bytes, jobs.max_bytes); nothing was stored")]
+    JobsFull {
+        /// The configured bound.
+        limit: u64,
+    },
+    /// The job store failed (disk, database); nothing was stored.
+    #[error("the job store is unavailable: {reason}")]
+    JobsUnavailable {
+        /// What failed.
+        reason: String,
+    },
+    /// `Wsbridge-Callback` names a URL outside `jobs.callback_allow`.
+    #[error("Wsbridge-Callback {url:?} is not under any of jobs.callback_allow")]
+    CallbackNotAllowed {
+        /// The URL asked for.
+        url: String,
+    },
     /// The caller's address is not in `http.allow_from`.
     #[error("callers from {peer} are not allowed (http.allow_from)")]
     Forbidden {
@@ -160,6 +185,10 @@ impl CallError {
         match self {
             CallError::NoRoute { .. } => "no_route",
             CallError::Reserved { .. } => "not_found",
+            CallError::JobNotFound { .. } => "job_not_found",
+            CallError::JobsFull { .. } => "jobs_full",
+            CallError::JobsUnavailable { .. } => "jobs_unavailable",
+            CallError::CallbackNotAllowed { .. } => "callback_not_allowed",
             CallError::EndpointMethod { .. } => "method_not_allowed",
             CallError::NoWorker { .. } => "no_worker",
             CallError::UnknownWorker { .. } => "unknown_worker",
@@ -185,7 +214,12 @@ impl CallError {
         match self {
             CallError::NoRoute { .. }
             | CallError::UnknownWorker { .. }
-            | CallError::Reserved { .. } => StatusCode::NOT_FOUND,
+            | CallError::Reserved { .. }
+            | CallError::JobNotFound { .. } => StatusCode::NOT_FOUND,
+            CallError::JobsFull { .. } | CallError::JobsUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            CallError::CallbackNotAllowed { .. } => StatusCode::BAD_REQUEST,
             CallError::EndpointMethod { .. } => StatusCode::METHOD_NOT_ALLOWED,
             CallError::NoWorker { .. }
             | CallError::QueueFull { .. }

@@ -21,6 +21,7 @@
 //!   connection and the presence of the other bridges.
 //! * [`worker`] - the worker library, the upstream agent and the echo handler.
 //! * [`tls`] - rustls configs from PEM files and self-signed certificates.
+//! * `jobs` - asynchronous calls: job records and their durable store.
 //! * [`error`] - caller-facing errors and their HTTP mapping.
 //! * [`headers`] - hop-by-hop stripping and header conversion.
 //! * `flow` - the per-call credit window both sides spend before body chunks.
@@ -36,6 +37,7 @@ pub mod demo;
 pub mod error;
 mod flow;
 pub mod headers;
+mod jobs;
 mod metrics;
 pub mod protocol;
 pub mod tls;

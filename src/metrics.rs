@@ -39,6 +39,10 @@ pub(crate) struct Metrics {
     /// Fan-out requests (`Wsbridge-Fanout`), and the calls they made.
     pub(crate) fanouts: AtomicU64,
     pub(crate) fanout_calls: AtomicU64,
+    /// Jobs submitted, and jobs ended by final state (succeeded, failed,
+    /// cancelled, expired).
+    pub(crate) jobs_submitted: AtomicU64,
+    pub(crate) jobs_ended: [AtomicU64; 4],
     /// Messages an ingress pushed, the workers they reached, and the
     /// calls sent for them.
     pub(crate) ingress_messages: AtomicU64,
@@ -114,6 +118,8 @@ impl Default for Metrics {
             worker_disconnects: AtomicU64::new(0),
             fanouts: AtomicU64::new(0),
             fanout_calls: AtomicU64::new(0),
+            jobs_submitted: AtomicU64::new(0),
+            jobs_ended: Default::default(),
             ingress_messages: AtomicU64::new(0),
             ingress_reached: AtomicU64::new(0),
             ingress_sent: AtomicU64::new(0),
@@ -127,6 +133,18 @@ impl Metrics {
     pub(crate) fn fanout(&self, workers: usize) {
         self.fanouts.fetch_add(1, Relaxed);
         self.fanout_calls.fetch_add(workers as u64, Relaxed);
+    }
+
+    /// A job was stored.
+    pub(crate) fn job_submitted(&self) {
+        self.jobs_submitted.fetch_add(1, Relaxed);
+    }
+
+    /// A job ended in `state`.
+    pub(crate) fn job_ended(&self, state: &str) {
+        if let Some(i) = JOB_STATES.iter().position(|s| *s == state) {
+            self.jobs_ended[i].fetch_add(1, Relaxed);
+        }
     }
 
     /// An ingress pushed a message: `reached` workers matched, `sent` got it.
@@ -267,7 +285,12 @@ pub(crate) struct Gauges {
     pub(crate) reloads: (u64, u64),
     /// In a cluster: its link, peers and cross-node calls.
     pub(crate) cluster: Option<ClusterGauges>,
+    /// With a job store: jobs live, bytes stored.
+    pub(crate) jobs: Option<(u64, u64)>,
 }
+
+/// The final states of jobs, as `wsbridge_jobs_ended_total` labels them.
+const JOB_STATES: [&str; 4] = ["succeeded", "failed", "cancelled", "expired"];
 
 /// The cluster's gauges and counters.
 pub(crate) struct ClusterGauges {
@@ -356,6 +379,19 @@ impl Metrics {
             }
         }
         self.totals(o, gauges);
+        header(
+            o,
+            "wsbridge_jobs_ended_total",
+            "counter",
+            "Jobs that ended, by final state.",
+        );
+        for (state, n) in JOB_STATES.iter().zip(&self.jobs_ended) {
+            let _ = writeln!(
+                o,
+                "wsbridge_jobs_ended_total{{state=\"{state}\"}} {}",
+                n.load(Relaxed)
+            );
+        }
         out
     }
 
@@ -403,6 +439,26 @@ impl Metrics {
             "Calls made to workers by fan-outs (one per matching worker).",
             &self.fanout_calls.load(Relaxed),
         );
+        single(
+            "wsbridge_jobs_submitted_total",
+            "counter",
+            "Jobs stored (calls with Prefer: respond-async).",
+            &self.jobs_submitted.load(Relaxed),
+        );
+        if let Some((live, stored)) = gauges.jobs {
+            single(
+                "wsbridge_jobs_live",
+                "gauge",
+                "Jobs queued or running on this bridge.",
+                &live,
+            );
+            single(
+                "wsbridge_jobs_stored_bytes",
+                "gauge",
+                "Bytes the job store holds, as counted against jobs.max_bytes.",
+                &stored,
+            );
+        }
         single(
             "wsbridge_ingress_messages_total",
             "counter",

@@ -176,7 +176,7 @@ async fn a_worker_that_earns_control_frames_but_never_reads_them_is_dropped() {
             break;
         }
         sent += 1;
-        if sent % 1024 == 0 {
+        if sent.is_multiple_of(1024) {
             if raw.ws.flush().await.is_err() {
                 break;
             }

@@ -191,6 +191,10 @@ fn gauges(shared: &Shared) -> Gauges {
             in_flight: (c.calls.outgoing_len(), c.calls.incoming_len()),
             out_done: (c.out_done.load(Relaxed), c.out_micros.load(Relaxed)),
         }),
+        jobs: shared
+            .jobs
+            .as_ref()
+            .map(|j| (j.live() as u64, j.store.stored())),
     }
 }
 

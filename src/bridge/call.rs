@@ -24,6 +24,7 @@ use super::{
     dispatch::{AcquireError, Attempt, Dispatch, Placed, StartAs},
     fanout::Sent,
     idempotency::IDEMPOTENCY_KEY,
+    job_run::JobHook,
     remote,
     reply::{lock, CallBody, Held, HeldCall, Trace},
     request_body::{read_error, RequestBody},
@@ -98,6 +99,9 @@ pub(super) struct Ctx<'a> {
     /// For one worker's call of a fan-out: told when the call is sent;
     /// such a call is never retried.
     pub(super) fanout: Option<&'a Sent>,
+    /// For a job's call: its queue deadline, and told (durably) when a
+    /// worker has it, before the worker is sent anything.
+    pub(super) job: Option<&'a JobHook>,
 }
 
 impl Ctx<'_> {
@@ -396,9 +400,17 @@ async fn attempt(
     let http = &ctx.settings.config.http;
     let deadline = plan.deadline;
     let queued_at = Instant::now();
-    let queue_deadline = queued_at
-        .checked_add(http.queue_timeout)
-        .map_or(deadline, |t| t.min(deadline));
+    // A job waits for its worker far longer than a call, and is not
+    // counted against the queue's bound (`jobs.concurrency` bounds it).
+    let (queue_deadline, queue_limit) = match ctx.job {
+        Some(job) => (job.queue_deadline.min(deadline), usize::MAX),
+        None => (
+            queued_at
+                .checked_add(http.queue_timeout)
+                .map_or(deadline, |t| t.min(deadline)),
+            http.queue_limit,
+        ),
+    };
     let retries_left = plan.single && n <= ctx.max_retries();
     let how = StartAs {
         upload: !plan.single,
@@ -423,18 +435,21 @@ async fn attempt(
             plan.worker.as_deref(),
             queued_at,
             queue_deadline,
-            http.queue_limit,
+            queue_limit,
             how,
         )
         .await
     {
         Ok(at) => at,
-        Err(e) => return Step::Unplaced(unplaced(plan, e, http.queue_limit, queued_at)),
+        Err(e) => return Step::Unplaced(unplaced(plan, e, queue_limit, queued_at)),
     };
     trace.attempts = n;
     trace.session = Some(at.session().clone());
     if let Some(sent) = ctx.fanout {
         sent.mark();
+    }
+    if let Some(job) = ctx.job {
+        job.placed(at.worker(), None).await;
     }
     fields.id = at.id();
     fields.end = plan.single;
@@ -811,7 +826,7 @@ const MAX_WORKER_ID: usize = 256;
 
 /// The worker a call names in `Wsbridge-Worker`, if any: one value of 1 to
 /// 256 bytes of UTF-8.
-fn target_worker(headers: &http::HeaderMap) -> Result<Option<Box<str>>, CallError> {
+pub(super) fn target_worker(headers: &http::HeaderMap) -> Result<Option<Box<str>>, CallError> {
     let mut values = headers.get_all(&WSBRIDGE_WORKER).iter();
     let Some(value) = values.next() else {
         return Ok(None);

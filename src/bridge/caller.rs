@@ -35,3 +35,19 @@ impl Drop for OpenCall {
         }
     }
 }
+
+impl Caller {
+    /// The caller a job runs for: the address that submitted it (for
+    /// `X-Forwarded-For`), with no connection of its own.
+    pub(super) fn for_job(ip: &str) -> Caller {
+        let addr = ip.parse::<std::net::IpAddr>().map_or_else(
+            |_| SocketAddr::from(([127, 0, 0, 1], 0)),
+            |ip| SocketAddr::new(ip, 0),
+        );
+        Caller {
+            addr,
+            ip: Box::from(ip),
+            calls: None,
+        }
+    }
+}

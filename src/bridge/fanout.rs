@@ -311,7 +311,7 @@ pub(super) async fn push(
 }
 
 /// The request body, whole (a fan-out sends it to every worker).
-async fn read_whole(
+pub(super) async fn read_whole(
     body: Incoming,
     target: &Target,
     deadline: Instant,
@@ -382,6 +382,7 @@ impl Run {
             started: self.own.started,
             relayed: None,
             fanout: None,
+            job: None,
         };
         let mut calls: FuturesUnordered<_> = self
             .workers

@@ -18,6 +18,7 @@ use super::{
     caller::{Caller, OpenCall},
     conformance, fanout,
     idempotency::IDEMPOTENCY_KEY,
+    jobs,
     keyed::keyed,
     reply::{lock, AccessLog, CallBody},
     request_body::RequestBody,
@@ -80,6 +81,7 @@ pub(super) async fn handle(
         started,
         relayed: None,
         fanout: None,
+        job: None,
     };
     // Refusals come before anything else, stored responses included.
     let refused = match allowed {
@@ -107,6 +109,25 @@ pub(super) async fn handle(
                     started,
                 };
                 Box::pin(fanout::fanout(own, head, body, trace))
+            }
+            // A job, when there is a store to keep it; without one the
+            // preference is ignored (RFC 7240 allows it).
+            (Ok(()), _) if shared.jobs.is_some() && jobs::requested(&head.headers).is_some() => {
+                let own = fanout::Owned {
+                    shared: shared.clone(),
+                    settings: settings.clone(),
+                    caller: caller.clone(),
+                    request_id: request_id.clone(),
+                    started,
+                };
+                match (shared.jobs.clone(), jobs::requested(&head.headers)) {
+                    (Some(store), Some(prefer)) => {
+                        Box::pin(jobs::submit(own, store, prefer, head, body, trace))
+                    }
+                    _ => Box::pin(std::future::ready(Err(CallError::JobsUnavailable {
+                        reason: "no job store".into(),
+                    }))),
+                }
             }
             (Ok(()), Some(key)) => Box::pin(keyed(&ctx, head, body, trace, key)),
             (Ok(()), None) => Box::pin(call(&ctx, head, RequestBody::plain(body), trace)),

@@ -27,7 +27,7 @@ static REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 /// draft's "scoped per client"). Callers that authenticate as someone else
 /// then have keys of their own, so no caller is ever handed a response that
 /// was made for another one's credentials, whatever key it guesses.
-fn scoped_key(key: &str, authorization: Option<&HeaderValue>) -> String {
+pub(super) fn scoped_key(key: &str, authorization: Option<&HeaderValue>) -> String {
     let Some(auth) = authorization else {
         return key.to_owned();
     };

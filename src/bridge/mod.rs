@@ -11,11 +11,15 @@
 //!   resume carries over); [`pending`] is the session's table of calls in
 //!   flight.
 //! * [`routes`] maps paths to services.
+//! * [`jobs`] turns a call with `Prefer: respond-async` into a durable job
+//!   and serves `/_wsbridge/jobs/`; [`job_run`] runs jobs and [`callback`]
+//!   delivers their results.
 //! * [`admin`] serves `/metrics`, `/status`, the dashboard and `/reload`;
 //!   [`reload`] swaps in a re-read config without dropping anything.
 
 pub mod admin;
 mod call;
+mod callback;
 mod caller;
 mod conformance;
 mod connection;
@@ -27,6 +31,8 @@ mod handshake;
 mod http;
 mod idempotency;
 mod ingress;
+mod job_run;
+mod jobs;
 mod keyed;
 mod listener;
 mod pending;
@@ -163,6 +169,8 @@ pub(crate) struct Shared {
     pub(crate) relayed: TaskTracker,
     /// Set once shutdown begins.
     pub(crate) stopping: std::sync::atomic::AtomicBool,
+    /// Asynchronous calls, with `[jobs] dir`.
+    pub(crate) jobs: Option<Arc<job_run::Jobs>>,
 }
 
 /// Runs a bridge until `shutdown` is cancelled, then stops accepting, lets
@@ -183,6 +191,8 @@ pub async fn run(
 /// to look at its state while it runs.
 pub struct Bridge {
     shared: Arc<Shared>,
+    /// The jobs the store held at start, taken up once serving.
+    recovered: Vec<crate::jobs::Record>,
 }
 
 /// A read-only view of a running bridge, for status displays and tests.
@@ -251,6 +261,14 @@ impl Bridge {
             config.http.idempotency_ttl,
             config.http.idempotency_capacity.bytes(),
         ));
+        let (jobs, recovered) = match &config.jobs.dir {
+            Some(dir) => {
+                let (store, records) = crate::jobs::Store::open(dir, config.jobs.max_bytes.0)
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                (Some(Arc::new(job_run::Jobs::new(store))), records)
+            }
+            None => (None, Vec::new()),
+        };
         let shared = Arc::new(Shared {
             settings: ArcSwap::from_pointee(Settings::new(config, tls)),
             config_file: std::sync::OnceLock::new(),
@@ -265,8 +283,9 @@ impl Bridge {
             cluster: std::sync::OnceLock::new(),
             relayed: TaskTracker::new(),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            jobs,
         });
-        Ok(Bridge { shared })
+        Ok(Bridge { shared, recovered })
     }
 
     /// Names the file the config came from, so that SIGHUP, `POST /reload`
@@ -330,6 +349,10 @@ impl Bridge {
             ingress.spawn(ingress::redis_channel(shared, i, shutdown.clone()));
         }
         ingress.close();
+        if let Some(jobs) = &self.shared.jobs {
+            job_run::recover(&self.shared, jobs, self.recovered).await;
+            jobs.tasks.spawn(job_run::sweep(jobs.clone()));
+        }
         info!(addr = %http_addr, "http listener ready");
         info!(addr = %workers_addr, tls = tls_on, "worker listener ready");
         let admin = listeners.admin.map(|listener| {
@@ -359,10 +382,21 @@ impl Bridge {
         listener::serve(listeners.http, self.shared, shutdown).await;
         ingress.wait().await;
         let _ = stopping.await;
-        // Calls other bridges sent finish too, within the same bound.
+        // Calls other bridges sent finish too, within the same bound, and
+        // so do running jobs (queued ones stay in the store).
         shared.relayed.close();
         let limit = shared.settings.load().config.shutdown_timeout;
-        let _ = tokio::time::timeout(limit, shared.relayed.wait()).await;
+        let jobs_done = async {
+            if let Some(jobs) = &shared.jobs {
+                jobs.stop.cancel();
+                jobs.tasks.close();
+                jobs.tasks.wait().await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, async {
+            tokio::join!(shared.relayed.wait(), jobs_done);
+        })
+        .await;
         shared
             .detached
             .close_all("the bridge is shutting down", &shared.registry);

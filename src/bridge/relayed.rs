@@ -224,6 +224,7 @@ async fn relay(
             deadline: started + Duration::from_millis(head.timeout_ms).min(MAX_TIMEOUT),
         }),
         fanout: None,
+        job: None,
     };
     // The route's limits at the calling bridge, where the call was routed.
     let idle = match head.idle_ms {

@@ -6,7 +6,7 @@
 //! that starts after the swap; those already running keep the settings they
 //! started with. What is bound to a socket or sized at start (the listen
 //! addresses, `workers.tls`, `http.max_connections`, the idempotency store,
-//! `[admin]`) keeps its old value, and the reload says so. A file that does
+//! `jobs.dir` and `jobs.max_bytes`, `[admin]`) keeps its old value, and the reload says so. A file that does
 //! not parse or validate, or a certificate that does not load, changes
 //! nothing.
 
@@ -106,6 +106,8 @@ fn try_reload(shared: &Shared) -> Result<Reloaded, ReloadError> {
         w.auto_self_signed = old.workers.auto_self_signed;
     }
     keep!(cluster);
+    keep!(jobs.dir);
+    keep!(jobs.max_bytes);
     if format!("{:?}", new.admin) != format!("{:?}", old.admin) {
         needs_restart.push("admin".to_owned());
         new.admin = old.admin.clone();
@@ -132,6 +134,7 @@ fn try_reload(shared: &Shared) -> Result<Reloaded, ReloadError> {
         format!("{:?}", old.shutdown_timeout),
     );
     differs("http", format!("{:?}", new.http), format!("{:?}", old.http));
+    differs("jobs", format!("{:?}", new.jobs), format!("{:?}", old.jobs));
     differs(
         "routes",
         format!("{:?}", new.routes),

@@ -120,6 +120,9 @@ pub(super) async fn attempt(
         if let Some(sent) = ctx.fanout {
             sent.mark();
         }
+        if let Some(job) = ctx.job {
+            job.placed(&call.worker(), Some(&peer.node)).await;
+        }
         trace.attempts = n;
         trace.node = Some(peer.node.as_str().into());
         let upload = (sent < plan.start.len() || !plan.single).then(|| Upload {

@@ -1,10 +1,11 @@
 //! The bridge's own endpoints on the caller listener: every path under
 //! `/_wsbridge/` is the bridge's and never goes to a worker, whatever the
-//! routes say. Today: `GET /_wsbridge/workers` (presence, `directory.rs`).
+//! routes say: `GET /_wsbridge/workers` (presence, `directory.rs`) and
+//! `/_wsbridge/jobs/<id>` (asynchronous calls, `jobs.rs`).
 
 use http::{header, request::Parts, HeaderValue, Method, Response};
 
-use super::{call::Ctx, directory, reply::CallBody};
+use super::{call::Ctx, directory, jobs, reply::CallBody};
 use crate::{body::Body, error::CallError};
 
 /// The reserved prefix.
@@ -18,6 +19,9 @@ pub(super) fn is_reserved(path: &str) -> bool {
 /// Answers a request for a reserved path.
 pub(super) async fn answer(ctx: &Ctx<'_>, head: &Parts) -> Result<Response<CallBody>, CallError> {
     let path = head.uri.path();
+    if jobs::is_jobs_path(path) {
+        return jobs::endpoint(ctx.shared, ctx.shared.jobs.as_ref(), head).await;
+    }
     if path != directory::PATH && path != "/_wsbridge/workers/" {
         return Err(CallError::Reserved {
             path: path.to_owned(),
