@@ -96,6 +96,14 @@ pub struct JobsConfig {
     /// system's roots.
     #[serde(default)]
     pub callback_ca: Option<PathBuf>,
+    /// Keep the jobs in the cluster's JetStream instead of `dir`: any
+    /// bridge answers for any job, and a job outlives its bridge.
+    #[serde(default)]
+    pub jetstream: bool,
+    /// Copies JetStream keeps of the jobs (1, 3 or 5; at most the NATS
+    /// cluster's servers).
+    #[serde(default = "defaults::jobs_replicas")]
+    pub replicas: usize,
 }
 
 impl Default for JobsConfig {
@@ -111,6 +119,8 @@ impl Default for JobsConfig {
             callback_secret: None,
             callback_allow: Vec::new(),
             callback_ca: None,
+            jetstream: false,
+            replicas: defaults::jobs_replicas(),
         }
     }
 }
@@ -381,6 +391,9 @@ mod defaults {
     pub(super) fn jobs_max_result() -> ByteSize {
         ByteSize(64 << 20)
     }
+    pub(super) fn jobs_replicas() -> usize {
+        1
+    }
     pub(super) fn jobs_concurrency() -> usize {
         32
     }
@@ -596,6 +609,12 @@ impl Config {
             }
         }
         self.jobs.validate()?;
+        if self.jobs.jetstream && self.cluster.is_none() {
+            return Err(invalid(
+                "jobs.jetstream",
+                "needs a [cluster] (JetStream is the cluster's NATS); a single bridge keeps its jobs in jobs.dir",
+            ));
+        }
         if !(1..=1_000_000).contains(&self.fanout.max_workers) {
             return Err(invalid("fanout.max_workers", "must be 1 to 1000000"));
         }
@@ -732,6 +751,15 @@ impl JobsConfig {
                 "jobs.max_result",
                 "must be at least 1 byte and at most jobs.max_bytes",
             ));
+        }
+        if self.jetstream && self.dir.is_some() {
+            return Err(invalid(
+                "jobs.dir",
+                "and jobs.jetstream are exclusive: jobs live in one place",
+            ));
+        }
+        if ![1, 3, 5].contains(&self.replicas) {
+            return Err(invalid("jobs.replicas", "must be 1, 3 or 5"));
         }
         if self.dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
             return Err(invalid("jobs.dir", "must not be empty"));

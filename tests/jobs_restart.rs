@@ -97,7 +97,11 @@ async fn a_bridge_killed_after_202_ends_every_job_in_a_definite_state() {
     .await;
     let client = http_client();
     let put = send(&client, job(base.clone(), "PUT", "/orders/put", "put body")).await;
-    let post = send(&client, job(base.clone(), "POST", "/orders/post", "post body")).await;
+    let post = send(
+        &client,
+        job(base.clone(), "POST", "/orders/post", "post body"),
+    )
+    .await;
     let for_late = {
         let mut req = job(base.clone(), "POST", "/orders/late", "late body");
         req.headers_mut()

@@ -193,7 +193,7 @@ fn gauges(shared: &Shared) -> Gauges {
         }),
         jobs: shared
             .jobs
-            .as_ref()
+            .get()
             .map(|j| (j.live() as u64, j.store.stored())),
     }
 }

@@ -112,7 +112,9 @@ pub(super) async fn handle(
             }
             // A job, when there is a store to keep it; without one the
             // preference is ignored (RFC 7240 allows it).
-            (Ok(()), _) if shared.jobs.is_some() && jobs::requested(&head.headers).is_some() => {
+            (Ok(()), _)
+                if shared.jobs.get().is_some() && jobs::requested(&head.headers).is_some() =>
+            {
                 let own = fanout::Owned {
                     shared: shared.clone(),
                     settings: settings.clone(),
@@ -120,7 +122,7 @@ pub(super) async fn handle(
                     request_id: request_id.clone(),
                     started,
                 };
-                match (shared.jobs.clone(), jobs::requested(&head.headers)) {
+                match (shared.jobs.get().cloned(), jobs::requested(&head.headers)) {
                     (Some(store), Some(prefer)) => {
                         Box::pin(jobs::submit(own, store, prefer, head, body, trace))
                     }

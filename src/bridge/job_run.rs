@@ -37,8 +37,11 @@ use crate::{
     body::Body,
     error::CallError,
     jobs::{
-        now_ms, record::Header, store::SPOOL_OVER, JobError, Outcome, Record, State, Store,
-        StoreError,
+        now_ms,
+        record::Header,
+        store::SPOOL_OVER,
+        stream::{Sizing, ACK_WAIT, JOB_ID},
+        Backend, JobError, Outcome, Record, State, StoreError, Stream,
     },
 };
 
@@ -54,7 +57,7 @@ struct Live {
 
 /// The jobs of one bridge: the store, the live ones, and their tasks.
 pub(crate) struct Jobs {
-    pub(super) store: Store,
+    pub(super) store: Backend,
     live: Mutex<HashMap<String, Live>>,
     /// Per service: the jobs it may have with its workers at once.
     permits: Mutex<HashMap<Arc<str>, Arc<Semaphore>>>,
@@ -71,7 +74,7 @@ pub(crate) struct Jobs {
 }
 
 impl Jobs {
-    pub(crate) fn new(store: Store) -> Jobs {
+    pub(crate) fn new(store: Backend) -> Jobs {
         Jobs {
             store,
             live: Mutex::default(),
@@ -121,24 +124,28 @@ impl Jobs {
     }
 }
 
-/// Starts the task of a job that was just stored (or recovered).
+/// Starts the task of a job that was just stored (or recovered) in this
+/// bridge's own store.
 pub(super) fn start(shared: &Arc<Shared>, jobs: &Arc<Jobs>, record: Record) {
-    let (state, _) = watch::channel(record.state);
-    let cancel = CancellationToken::new();
-    lock(&jobs.live).insert(
-        record.id.clone(),
-        Live {
-            state: state.clone(),
-            cancel: cancel.clone(),
-        },
-    );
-    let run = Run {
-        shared: shared.clone(),
-        jobs: jobs.clone(),
-        state,
-        cancel,
-    };
-    jobs.tasks.spawn(run.run(record));
+    let run = Run::new(shared, jobs, &record);
+    jobs.tasks.spawn(async move {
+        let body = match &run.jobs.store {
+            Backend::Local(store) => store.body(&record).await,
+            Backend::Stream(_) => Ok(Bytes::new()),
+        };
+        let record = match body {
+            Ok(body) => run.run(record, body).await,
+            Err(e) => {
+                let error = job_error(&CallError::JobsUnavailable {
+                    reason: e.to_string(),
+                });
+                run.end(record, Ended::Error(State::Failed, error)).await
+            }
+        };
+        if let Some(record) = record.filter(|r| r.callback.is_some()) {
+            callback::deliver(run.shared.clone(), run.jobs.clone(), record).await;
+        }
+    });
 }
 
 /// What a job's call tells its runner: its queue deadline, and that a
@@ -147,10 +154,12 @@ pub(super) fn start(shared: &Arc<Shared>, jobs: &Arc<Jobs>, record: Record) {
 pub(crate) struct JobHook {
     pub(super) queue_deadline: Instant,
     record: tokio::sync::Mutex<Record>,
-    store: Store,
+    store: Backend,
     state: watch::Sender<State>,
     placed: AtomicBool,
     placed_now: Notify,
+    /// This bridge's node name, in a cluster.
+    here: Option<String>,
 }
 
 impl JobHook {
@@ -161,7 +170,7 @@ impl JobHook {
         record.started_ms = Some(now_ms());
         record.attempts += 1;
         record.ran_by = Some(worker.to_owned());
-        record.node = node.map(str::to_owned);
+        record.node = node.map(str::to_owned).or_else(|| self.here.clone());
         if let Err(e) = self.store.put(&record).await {
             // The job goes on; a restart would then see it queued.
             warn!(job = record.id, error = %e, "could not store that a job is running");
@@ -189,9 +198,36 @@ enum Ended {
 }
 
 impl Run {
-    async fn run(self, record: Record) {
+    /// The run of `record`, live from now on (its waiters and `DELETE`
+    /// find it).
+    fn new(shared: &Arc<Shared>, jobs: &Arc<Jobs>, record: &Record) -> Run {
+        let (state, _) = watch::channel(record.state);
+        let cancel = CancellationToken::new();
+        lock(&jobs.live).insert(
+            record.id.clone(),
+            Live {
+                state: state.clone(),
+                cancel: cancel.clone(),
+            },
+        );
+        Run {
+            shared: shared.clone(),
+            jobs: jobs.clone(),
+            state,
+            cancel,
+        }
+    }
+
+    /// Runs the job to its end; the record as stored then, or `None` if
+    /// the bridge stopped first (the job is left as it was).
+    async fn run(&self, record: Record, body: Bytes) -> Option<Record> {
+        let ended = self.call(record.clone(), body).await;
+        self.end(record, ended).await
+    }
+
+    /// Stores how the job ended (read again first: the run changed it).
+    async fn end(&self, record: Record, ended: Ended) -> Option<Record> {
         let id = record.id.clone();
-        let ended = self.call(record.clone()).await;
         let mut record = match self.jobs.store.get(&id).await {
             Ok(Some(stored)) => stored,
             _ => record,
@@ -199,22 +235,23 @@ impl Run {
         match ended {
             Ended::Stopped => {
                 lock(&self.jobs.live).remove(&id);
+                None
             }
             Ended::Reply(outcome, body) => {
                 record.state = State::Succeeded;
                 record.outcome = Some(outcome);
-                self.finish(record, Some(body)).await;
+                Some(self.finish(record, Some(body)).await)
             }
             Ended::Error(state, error) => {
                 record.state = state;
                 record.error = Some(error);
-                self.finish(record, None).await;
+                Some(self.finish(record, None).await)
             }
         }
     }
 
-    /// Stores how the job ended, tells its waiters, then calls back.
-    async fn finish(&self, mut record: Record, body: Option<Bytes>) {
+    /// Stores how the job ended and tells its waiters.
+    async fn finish(&self, mut record: Record, body: Option<Bytes>) -> Record {
         record.finished_ms = Some(now_ms());
         let stored = match self.jobs.store.finish(&record, body.clone()).await {
             Ok(()) => Ok(()),
@@ -229,8 +266,11 @@ impl Run {
         if let Err(e) = stored {
             warn!(job = record.id, error = %e, "could not store how a job ended; a restart will take it up again");
         }
-        let settings = self.shared.settings.load();
-        self.jobs.expires(&record, settings.config.jobs.retention);
+        if let Backend::Local(_) = self.jobs.store {
+            // JetStream forgets by itself (the buckets' max_age).
+            let settings = self.shared.settings.load();
+            self.jobs.expires(&record, settings.config.jobs.retention);
+        }
         info!(
             job = record.id,
             request_id = record.request_id,
@@ -240,16 +280,11 @@ impl Run {
         self.shared.metrics.job_ended(record.state.as_str());
         lock(&self.jobs.live).remove(&record.id);
         self.state.send_replace(record.state);
-        if record.callback.is_some() {
-            let (shared, jobs) = (self.shared.clone(), self.jobs.clone());
-            self.jobs
-                .tasks
-                .spawn(callback::deliver(shared, jobs, record));
-        }
+        record
     }
 
     /// Waits for room, sends the call, and reads its reply.
-    async fn call(&self, record: Record) -> Ended {
+    async fn call(&self, record: Record, body: Bytes) -> Ended {
         let config = self.shared.settings.load_full();
         let jobs_config = &config.config.jobs;
         let now = now_ms();
@@ -257,9 +292,10 @@ impl Run {
         let queue_deadline = Instant::now() + left;
         // A job for one worker waits for that worker; the others queue
         // behind their service's permits.
-        let permit = match record.worker {
-            Some(_) => None,
-            None => {
+        let permit = match (&record.worker, &self.jobs.store) {
+            // In a cluster each bridge bounds the jobs it pulls.
+            (Some(_), _) | (_, Backend::Stream(_)) => None,
+            (None, Backend::Local(_)) => {
                 let permits = self.jobs.permits(&record.service, jobs_config.concurrency);
                 tokio::select! {
                     p = permits.acquire_owned() => p.ok(),
@@ -269,17 +305,6 @@ impl Run {
                 }
             }
         };
-        let body = match self.jobs.store.body(&record).await {
-            Ok(body) => body,
-            Err(e) => {
-                return Ended::Error(
-                    State::Failed,
-                    job_error(&CallError::JobsUnavailable {
-                        reason: e.to_string(),
-                    }),
-                )
-            }
-        };
         let hook = JobHook {
             queue_deadline,
             record: tokio::sync::Mutex::new(record.clone()),
@@ -287,6 +312,7 @@ impl Run {
             state: self.state.clone(),
             placed: AtomicBool::new(false),
             placed_now: Notify::new(),
+            here: self.shared.cluster.get().map(|c| c.node.clone()),
         };
         let caller = Caller::for_job(&record.caller);
         let ctx = Ctx {
@@ -463,11 +489,7 @@ pub(super) async fn recover(shared: &Arc<Shared>, jobs: &Arc<Jobs>, records: Vec
                 lost += 1;
                 record.state = State::Failed;
                 record.finished_ms = Some(now_ms());
-                record.error = Some(JobError {
-                    status: 502,
-                    code: "worker_lost".into(),
-                    message: "the bridge stopped while a worker ran the job; it is not run again (its method is not idempotent and it has no Idempotency-Key)".into(),
-                });
+                record.error = Some(lost_error());
                 if let Err(e) = jobs.store.finish(&record, None).await {
                     warn!(job = record.id, error = %e, "could not fail a lost job");
                 }
@@ -517,5 +539,271 @@ pub(super) async fn sweep(jobs: Arc<Jobs>) {
         if let Err(e) = jobs.store.purge(&due.1).await {
             warn!(job = due.1, error = %e, "could not purge an expired job");
         }
+    }
+}
+
+/// Opens the cluster's job store and starts pulling jobs from it.
+pub(super) async fn join_stream(
+    shared: &Arc<Shared>,
+    cluster: Option<&crate::cluster::Cluster>,
+) -> std::io::Result<Arc<Jobs>> {
+    let no = |e: String| std::io::Error::other(format!("jobs in JetStream: {e}"));
+    let cluster = cluster.ok_or_else(|| no("no cluster".into()))?;
+    let config = shared.settings.load().config.jobs.clone();
+    let sizing = Sizing {
+        max_bytes: config.max_bytes.bytes() as u64,
+        max_age: config.queue_timeout + config.timeout + config.retention,
+        replicas: config.replicas,
+    };
+    let stream = Stream::open(cluster.client().clone(), &cluster.name, &sizing)
+        .await
+        .map_err(|e| no(e.to_string()))?;
+    let cancels = cluster
+        .client()
+        .subscribe(stream.cancel_subject().to_owned())
+        .await
+        .map_err(|e| no(e.to_string()))?;
+    let consumer = stream.consumer().await.map_err(|e| no(e.to_string()))?;
+    let jobs = Arc::new(Jobs::new(Backend::Stream(Box::new(stream.clone()))));
+    jobs.tasks.spawn(listen_cancels(jobs.clone(), cancels));
+    jobs.tasks
+        .spawn(consume(shared.clone(), jobs.clone(), stream, consumer));
+    info!("jobs kept in JetStream, pulled by every bridge of the cluster");
+    Ok(jobs)
+}
+
+/// Cancels the jobs running here that a `DELETE` anywhere named.
+async fn listen_cancels(jobs: Arc<Jobs>, mut cancels: async_nats::Subscriber) {
+    use futures_util::StreamExt;
+    loop {
+        let message = tokio::select! {
+            _ = jobs.stop.cancelled() => return,
+            m = cancels.next() => m,
+        };
+        let Some(message) = message else { return };
+        jobs.cancel(&String::from_utf8_lossy(&message.payload));
+    }
+}
+
+/// Pulls jobs while this bridge has room for them (`jobs.concurrency` at
+/// once), each into a task of its own.
+async fn consume(
+    shared: Arc<Shared>,
+    jobs: Arc<Jobs>,
+    stream: Stream,
+    consumer: async_nats::jetstream::consumer::Consumer<
+        async_nats::jetstream::consumer::pull::Config,
+    >,
+) {
+    use futures_util::StreamExt;
+    let n = shared.settings.load().config.jobs.concurrency;
+    let room = Arc::new(Semaphore::new(n));
+    loop {
+        let first = tokio::select! {
+            _ = jobs.stop.cancelled() => return,
+            p = room.clone().acquire_owned() => p,
+        };
+        let Ok(first) = first else { return };
+        let mut permits = vec![first];
+        while let Ok(p) = room.clone().try_acquire_owned() {
+            permits.push(p);
+        }
+        // Only as many as can start now: a message pulled and left
+        // waiting would be given to another bridge after ACK_WAIT.
+        let batch = consumer
+            .fetch()
+            .max_messages(permits.len())
+            .expires(Duration::from_secs(5))
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(batch) => batch,
+            Err(e) => {
+                warn!(error = %e, "cannot pull jobs from JetStream; trying again");
+                tokio::select! {
+                    _ = jobs.stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        loop {
+            let message = tokio::select! {
+                _ = jobs.stop.cancelled() => return,
+                m = batch.next() => m,
+            };
+            let Some(Ok(message)) = message else { break };
+            let Some(permit) = permits.pop() else { break };
+            let (shared, jobs2, stream) = (shared.clone(), jobs.clone(), stream.clone());
+            jobs.tasks.spawn(async move {
+                pulled(&shared, &jobs2, &stream, message).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+/// Tells JetStream, until dropped, that a pulled job is still at work.
+fn keep_alive(message: &async_nats::jetstream::Message) -> tokio_util::task::AbortOnDropHandle<()> {
+    let (context, reply) = (message.context.clone(), message.reply.clone());
+    tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        let Some(reply) = reply else { return };
+        loop {
+            tokio::time::sleep(ACK_WAIT / 3).await;
+            let progress: Bytes = async_nats::jetstream::AckKind::Progress.into();
+            let _ = context.client().publish(reply.clone(), progress).await;
+        }
+    }))
+}
+
+/// One job pulled from the stream: taken up by the restart rules (the
+/// bridge that pulled it before may have died), run, called back, then
+/// acknowledged. A job no worker anywhere can take yet goes back to the
+/// stream for a while, so that it holds no room here.
+async fn pulled(
+    shared: &Arc<Shared>,
+    jobs: &Arc<Jobs>,
+    stream: &Stream,
+    message: async_nats::jetstream::Message,
+) {
+    use async_nats::jetstream::AckKind;
+    let id = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(JOB_ID))
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default();
+    let record = match stream.get(&id).await {
+        Ok(Some(record)) => record,
+        // Purged, or not a job's message: nothing to run.
+        Ok(None) => {
+            let _ = message.ack().await;
+            return;
+        }
+        Err(e) => {
+            warn!(job = id, error = %e, "cannot read a pulled job; it goes back");
+            let _ = message
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+            return;
+        }
+    };
+    let _alive = keep_alive(&message);
+    let record = match take_up(shared, jobs, stream, record, &message).await {
+        TakenUp::Run(record) => record,
+        TakenUp::Later(delay) => {
+            let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+            return;
+        }
+        TakenUp::Ended(record) => {
+            if record.callback.is_some() && !record.callback_delivered {
+                callback::deliver(shared.clone(), jobs.clone(), record).await;
+            }
+            let _ = message.ack().await;
+            return;
+        }
+    };
+    let body = match stream.body(&id, &message).await {
+        Ok(body) => body,
+        Err(e) => {
+            warn!(job = id, error = %e, "cannot read a job's body; it goes back");
+            let _ = message
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+            return;
+        }
+    };
+    let run = Run::new(shared, jobs, &record);
+    match run.run(record, body).await {
+        // The bridge is stopping: another takes the job at once.
+        None => {
+            let _ = message.ack_with(AckKind::Nak(None)).await;
+        }
+        Some(record) => {
+            if record.callback.is_some() {
+                callback::deliver(shared.clone(), jobs.clone(), record).await;
+            }
+            let _ = message.ack().await;
+        }
+    }
+}
+
+/// What a pulled job needs.
+enum TakenUp {
+    Run(Record),
+    /// Back to the stream for this long: no worker can take it yet.
+    Later(Duration),
+    /// It has ended (now or before): only its callback may be due.
+    Ended(Record),
+}
+
+async fn take_up(
+    shared: &Arc<Shared>,
+    jobs: &Arc<Jobs>,
+    stream: &Stream,
+    mut record: Record,
+    message: &async_nats::jetstream::Message,
+) -> TakenUp {
+    if record.state.finished() {
+        return TakenUp::Ended(record);
+    }
+    let config = shared.settings.load().config.jobs.clone();
+    let end = |mut record: Record, state: State, error: JobError| async move {
+        record.state = state;
+        record.error = Some(error);
+        record.finished_ms = Some(now_ms());
+        if let Err(e) = stream.finish(&record, None).await {
+            warn!(job = record.id, error = %e, "could not store how a job ended");
+        }
+        shared.metrics.job_ended(state.as_str());
+        TakenUp::Ended(record)
+    };
+    if stream.cancelled(&record.id).await.unwrap_or(false) {
+        let Ended::Error(state, error) = cancelled() else {
+            unreachable!()
+        };
+        return end(record, state, error).await;
+    }
+    if record.state == State::Running {
+        if !record.replayable {
+            return end(record, State::Failed, lost_error()).await;
+        }
+        record.state = State::Queued;
+    }
+    if now_ms() >= record.queue_deadline_ms {
+        if let Ended::Error(state, error) = expired(&record, config.queue_timeout) {
+            return end(record, state, error).await;
+        }
+    }
+    if !placeable(shared, &record) {
+        let delivered = message.info().map_or(1, |i| i.delivered.max(1));
+        let pause = Duration::from_millis(250)
+            .saturating_mul(1 << delivered.min(5) as u32)
+            .min(Duration::from_secs(5));
+        let _ = jobs;
+        return TakenUp::Later(pause);
+    }
+    TakenUp::Run(record)
+}
+
+/// Whether a worker here or at a peer could take the job now.
+fn placeable(shared: &Shared, record: &Record) -> bool {
+    let cluster = shared.cluster.get();
+    match &record.worker {
+        Some(id) => {
+            shared.registry.hosts(&record.service, id)
+                || cluster.is_some_and(|c| !c.hosting(&record.service, id).is_empty())
+        }
+        None => {
+            shared.registry.connected(&record.service) > 0
+                || cluster.is_some_and(|c| !c.candidates(&record.service).is_empty())
+        }
+    }
+}
+
+fn lost_error() -> JobError {
+    JobError {
+        status: 502,
+        code: "worker_lost".into(),
+        message: "the bridge stopped while a worker ran the job; it is not run again (its method is not idempotent and it has no Idempotency-Key)".into(),
     }
 }

@@ -28,7 +28,7 @@ use super::{
 use crate::{
     body::Body,
     error::CallError,
-    jobs::{new_id, now_ms, record::Header, Record, ResultBody, State, StoreError},
+    jobs::{new_id, now_ms, record::Header, Backend, Record, ResultBody, State, StoreError},
 };
 
 /// Where jobs are found: `/_wsbridge/jobs/<id>`.
@@ -116,28 +116,37 @@ pub(super) async fn submit(
             let scoped = scoped_key(k, head.headers.get(header::AUTHORIZATION));
             format!("{} {scoped}", target.service)
         });
-    // One keyed submission at a time: the lookup and the insert are one.
+    let id = new_id().map_err(unavailable)?;
+    // One keyed submission at a time on this bridge: the lookup and the
+    // insert are one. (In a cluster the key is taken atomically too.)
     let _serial = match key {
         Some(_) => Some(jobs.keyed.lock().await),
         None => None,
     };
     if let Some(key) = &key {
-        if let Some(id) = jobs.store.by_key(key).await.map_err(unavailable)? {
-            if let Some(record) = jobs.store.get(&id).await.map_err(unavailable)? {
-                if record.fingerprint.as_deref() != Some(fingerprint.as_str()) {
-                    return Err(CallError::IdempotencyKeyMismatch {
-                        key: head
-                            .headers
-                            .get(&IDEMPOTENCY_KEY)
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or_default()
-                            .to_owned(),
-                        differs: "method, path or body",
-                    });
-                }
-                drop(_serial);
-                return answer_submitted(&own.shared, &jobs, record, prefer, &target).await;
+        let held = match &jobs.store {
+            Backend::Local(store) => store.by_key(key).await,
+            Backend::Stream(stream) => stream.take_key(key, &id).await,
+        };
+        if let Some(held) = held.map_err(unavailable)? {
+            let Some(record) = jobs.store.get(&held).await.map_err(unavailable)? else {
+                return Err(CallError::JobsUnavailable {
+                    reason: format!("Idempotency-Key names job {held}, which is not stored"),
+                });
+            };
+            if record.fingerprint.as_deref() != Some(fingerprint.as_str()) {
+                return Err(CallError::IdempotencyKeyMismatch {
+                    key: head
+                        .headers
+                        .get(&IDEMPOTENCY_KEY)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned(),
+                    differs: "method, path or body",
+                });
             }
+            drop(_serial);
+            return answer_submitted(&own.shared, &jobs, record, prefer, &target).await;
         }
     }
     let mut headers = Header::lines(&head.headers);
@@ -153,7 +162,7 @@ pub(super) async fn submit(
     let now = now_ms();
     let queue_ms = u64::try_from(jobs_config.queue_timeout.as_millis()).unwrap_or(u64::MAX);
     let record = Record {
-        id: new_id().map_err(unavailable)?,
+        id,
         state: State::Queued,
         request_id: own.request_id.clone(),
         caller: own.caller.ip.to_string(),
@@ -180,13 +189,16 @@ pub(super) async fn submit(
         callback_delivered: false,
         callback_attempts: 0,
     };
-    jobs.store
-        .insert(&record, body)
-        .await
-        .map_err(unavailable)?;
+    match &jobs.store {
+        Backend::Local(store) => {
+            store.insert(&record, body).await.map_err(unavailable)?;
+            job_run::start(&own.shared, &jobs, record.clone());
+        }
+        // A bridge of the cluster pulls it from the stream.
+        Backend::Stream(stream) => stream.insert(&record, body).await.map_err(unavailable)?,
+    }
     drop(_serial);
     own.shared.metrics.job_submitted();
-    job_run::start(&own.shared, &jobs, record.clone());
     answer_submitted(&own.shared, &jobs, record, prefer, &target).await
 }
 
@@ -221,31 +233,51 @@ async fn answer_submitted(
 }
 
 /// The job's record once it has ended, or after `wait` (whichever is
-/// first), read again from the store.
+/// first).
 async fn settled(jobs: &Jobs, record: Record, wait: Duration) -> Result<Record, CallError> {
-    if record.state.finished() {
-        return Ok(record);
-    }
-    if let Some(mut rx) = jobs.watch(&record.id) {
-        let _ = tokio::time::timeout(wait, rx.wait_for(|s| s.finished())).await;
-    }
-    Ok(jobs
-        .store
-        .get(&record.id)
-        .await
-        .map_err(unavailable)?
-        .unwrap_or(record))
+    awaited(jobs, record, wait, State::finished).await
 }
 
 /// The job's record once its state differs from `record`'s, or after
 /// `wait`.
 async fn changed(jobs: &Jobs, record: Record, wait: Duration) -> Result<Record, CallError> {
-    if record.state.finished() {
+    let from = record.state;
+    awaited(jobs, record, wait, move |s| s != from || s.finished()).await
+}
+
+/// The job's record once `until` holds for its state, or after `wait`,
+/// read again from the store. Event-driven: the runner's signal on this
+/// bridge; in a cluster, a watch on the job's key (the runner may be
+/// another bridge).
+async fn awaited(
+    jobs: &Jobs,
+    record: Record,
+    wait: Duration,
+    until: impl Fn(State) -> bool,
+) -> Result<Record, CallError> {
+    if until(record.state) || wait.is_zero() {
         return Ok(record);
     }
-    let from = record.state;
-    if let Some(mut rx) = jobs.watch(&record.id) {
-        let _ = tokio::time::timeout(wait, rx.wait_for(|s| *s != from)).await;
+    match &jobs.store {
+        Backend::Local(_) => {
+            if let Some(mut rx) = jobs.watch(&record.id) {
+                let _ = tokio::time::timeout(wait, rx.wait_for(|s| until(*s))).await;
+            }
+        }
+        Backend::Stream(stream) => {
+            use futures_util::StreamExt;
+            let mut changes = stream.watch(&record.id).await.map_err(unavailable)?;
+            let watched = async {
+                while let Some(Ok(entry)) = changes.next().await {
+                    let state = serde_json::from_slice::<Record>(&entry.value).map(|r| r.state);
+                    // A purged job ends the wait too.
+                    if state.is_ok_and(&until) || entry.value.is_empty() {
+                        return;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(wait, watched).await;
+        }
     }
     Ok(jobs
         .store
@@ -554,17 +586,26 @@ async fn delete(
         *resp.status_mut() = StatusCode::NO_CONTENT;
         return Ok(resp);
     }
-    let mut rx = jobs.watch(&record.id);
-    jobs.cancel(&record.id);
-    if let Some(rx) = rx.as_mut() {
-        let _ = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| s.finished())).await;
+    if !jobs.cancel(&record.id) {
+        if let Backend::Stream(stream) = &jobs.store {
+            if record.state == State::Queued {
+                // Not pulled (or waiting in the stream): it ends here; the
+                // bridge that pulls it next finds it ended.
+                let mut ended = record.clone();
+                ended.state = State::Cancelled;
+                ended.finished_ms = Some(now_ms());
+                ended.error = Some(crate::jobs::JobError {
+                    status: 409,
+                    code: "job_cancelled".into(),
+                    message: "the job was cancelled (DELETE)".into(),
+                });
+                stream.put(&ended).await.map_err(unavailable)?;
+            }
+            // Running at another bridge: it is told.
+            stream.cancel(&record.id).await.map_err(unavailable)?;
+        }
     }
-    let record = jobs
-        .store
-        .get(&record.id)
-        .await
-        .map_err(unavailable)?
-        .unwrap_or(record);
+    let record = settled(jobs, record, Duration::from_secs(5)).await?;
     Ok(document(shared, &record, StatusCode::OK))
 }
 

@@ -169,8 +169,9 @@ pub(crate) struct Shared {
     pub(crate) relayed: TaskTracker,
     /// Set once shutdown begins.
     pub(crate) stopping: std::sync::atomic::AtomicBool,
-    /// Asynchronous calls, with `[jobs] dir`.
-    pub(crate) jobs: Option<Arc<job_run::Jobs>>,
+    /// Asynchronous calls, with `[jobs]`: set at start with a `dir`, once
+    /// the cluster is joined with `jetstream`.
+    pub(crate) jobs: std::sync::OnceLock<Arc<job_run::Jobs>>,
 }
 
 /// Runs a bridge until `shutdown` is cancelled, then stops accepting, lets
@@ -265,7 +266,12 @@ impl Bridge {
             Some(dir) => {
                 let (store, records) = crate::jobs::Store::open(dir, config.jobs.max_bytes.0)
                     .map_err(|e| io::Error::other(e.to_string()))?;
-                (Some(Arc::new(job_run::Jobs::new(store))), records)
+                (
+                    Some(Arc::new(job_run::Jobs::new(crate::jobs::Backend::Local(
+                        store,
+                    )))),
+                    records,
+                )
             }
             None => (None, Vec::new()),
         };
@@ -283,7 +289,7 @@ impl Bridge {
             cluster: std::sync::OnceLock::new(),
             relayed: TaskTracker::new(),
             stopping: std::sync::atomic::AtomicBool::new(false),
-            jobs,
+            jobs: jobs.map(std::sync::OnceLock::from).unwrap_or_default(),
         });
         Ok(Bridge { shared, recovered })
     }
@@ -349,9 +355,13 @@ impl Bridge {
             ingress.spawn(ingress::redis_channel(shared, i, shutdown.clone()));
         }
         ingress.close();
-        if let Some(jobs) = &self.shared.jobs {
+        if let Some(jobs) = self.shared.jobs.get() {
             job_run::recover(&self.shared, jobs, self.recovered).await;
             jobs.tasks.spawn(job_run::sweep(jobs.clone()));
+        } else if settings.config.jobs.jetstream {
+            let cluster = self.shared.cluster.get().cloned();
+            let jobs = job_run::join_stream(&self.shared, cluster.as_deref()).await?;
+            let _ = self.shared.jobs.set(jobs);
         }
         info!(addr = %http_addr, "http listener ready");
         info!(addr = %workers_addr, tls = tls_on, "worker listener ready");
@@ -387,7 +397,7 @@ impl Bridge {
         shared.relayed.close();
         let limit = shared.settings.load().config.shutdown_timeout;
         let jobs_done = async {
-            if let Some(jobs) = &shared.jobs {
+            if let Some(jobs) = shared.jobs.get() {
                 jobs.stop.cancel();
                 jobs.tasks.close();
                 jobs.tasks.wait().await;

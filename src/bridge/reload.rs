@@ -108,6 +108,8 @@ fn try_reload(shared: &Shared) -> Result<Reloaded, ReloadError> {
     keep!(cluster);
     keep!(jobs.dir);
     keep!(jobs.max_bytes);
+    keep!(jobs.jetstream);
+    keep!(jobs.replicas);
     if format!("{:?}", new.admin) != format!("{:?}", old.admin) {
         needs_restart.push("admin".to_owned());
         new.admin = old.admin.clone();

@@ -20,7 +20,7 @@ pub(super) fn is_reserved(path: &str) -> bool {
 pub(super) async fn answer(ctx: &Ctx<'_>, head: &Parts) -> Result<Response<CallBody>, CallError> {
     let path = head.uri.path();
     if jobs::is_jobs_path(path) {
-        return jobs::endpoint(ctx.shared, ctx.shared.jobs.as_ref(), head).await;
+        return jobs::endpoint(ctx.shared, ctx.shared.jobs.get(), head).await;
     }
     if path != directory::PATH && path != "/_wsbridge/workers/" {
         return Err(CallError::Reserved {

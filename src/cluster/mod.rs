@@ -303,6 +303,11 @@ impl Cluster {
         self.next_call.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// The NATS connection, for the job store (JetStream).
+    pub(crate) fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
     /// The largest message the NATS server takes.
     pub(crate) fn max_payload(&self) -> usize {
         self.client.max_payload()

@@ -9,9 +9,80 @@
 pub(crate) mod record;
 pub(crate) mod sign;
 pub(crate) mod store;
+pub(crate) mod stream;
 
 pub(crate) use record::{JobError, Outcome, Record, State};
 pub(crate) use store::{ResultBody, Store, StoreError};
+pub(crate) use stream::Stream;
+
+use bytes::Bytes;
+
+/// Where jobs are kept: this bridge's own store, or the cluster's.
+#[derive(Clone)]
+pub(crate) enum Backend {
+    /// `[jobs] dir`: redb on this bridge.
+    Local(Store),
+    /// `[jobs] jetstream`: JetStream, shared by the cluster's bridges.
+    Stream(Box<Stream>),
+}
+
+impl Backend {
+    /// Stores a changed record durably.
+    pub(crate) async fn put(&self, record: &Record) -> Result<(), StoreError> {
+        match self {
+            Backend::Local(s) => s.put(record).await,
+            Backend::Stream(s) => s.put(record).await,
+        }
+    }
+
+    /// Stores a finished job and its result durably.
+    pub(crate) async fn finish(
+        &self,
+        record: &Record,
+        result: Option<Bytes>,
+    ) -> Result<(), StoreError> {
+        match self {
+            Backend::Local(s) => s.finish(record, result).await,
+            Backend::Stream(s) => s.finish(record, result).await,
+        }
+    }
+
+    /// A job's record.
+    pub(crate) async fn get(&self, id: &str) -> Result<Option<Record>, StoreError> {
+        match self {
+            Backend::Local(s) => s.get(id).await,
+            Backend::Stream(s) => s.get(id).await,
+        }
+    }
+
+    /// A finished job's result body.
+    pub(crate) async fn result(&self, record: &Record) -> Result<ResultBody, StoreError> {
+        match self {
+            Backend::Local(s) => s.result(record).await,
+            Backend::Stream(s) => s.result(&record.id).await.map(ResultBody::Inline),
+        }
+    }
+
+    /// Forgets a job.
+    pub(crate) async fn purge(&self, id: &str) -> Result<(), StoreError> {
+        match self {
+            Backend::Local(s) => s.purge(id).await,
+            Backend::Stream(s) => match s.get(id).await? {
+                Some(record) => s.purge(&record).await,
+                None => Ok(()),
+            },
+        }
+    }
+
+    /// Bytes this bridge's store holds (0 for the cluster's, which
+    /// JetStream accounts for).
+    pub(crate) fn stored(&self) -> u64 {
+        match self {
+            Backend::Local(s) => s.stored(),
+            Backend::Stream(_) => 0,
+        }
+    }
+}
 
 /// Milliseconds since the Unix epoch, the clock of job records (they
 /// outlive the process, so `Instant`s cannot be stored).
