@@ -23,6 +23,15 @@
  *     php scripts/interop-calls.php fanout-stream /fan/echo SELECTOR IDS
  *     php scripts/interop-calls.php fanout-error /fan/echo SELECTOR bad_request
  *     php scripts/interop-calls.php push /fan/slow SELECTOR N BODY   (bridge_fanout_push)
+ *
+ * Jobs (bridge_submit, bridge_result, bridge_job, bridge_cancel):
+ *
+ *     php scripts/interop-calls.php job /py/echo py-1            (JSON and bytes, byte for byte)
+ *     php scripts/interop-calls.php job-wait /py/echo            (answered within 'wait')
+ *     php scripts/interop-calls.php job-late /long/py/slow 2500  (not within 'wait': polled)
+ *     php scripts/interop-calls.php job-idempotent /py/echo
+ *     php scripts/interop-calls.php job-cancel /fan/echo nobody  (queued for an absent worker)
+ *     php scripts/interop-calls.php job-errors /py/add           (refused, failed, unknown)
  */
 require __DIR__ . '/../examples/php/bridge_call.php';
 
@@ -56,6 +65,36 @@ function expect_error($what, $code, $fn)
         return $e;
     }
     fail($what, "BridgeException $code", 'a reply: ' . json_encode($res));
+}
+
+/** Fails unless $id is a job id: 32 hex digits. */
+function check_job_id($what, $id)
+{
+    if (!is_string($id) || !preg_match('/^[0-9a-f]{32}$/', $id)) {
+        fail($what, 'a job id (32 hex digits)', json_encode($id));
+    }
+    return $id;
+}
+
+/** Fails unless job $id's document has these fields (['state' => 'queued', ...]). */
+function check_job_document($what, $doc, $id, array $want)
+{
+    $want += ['id' => $id, 'location' => "/_wsbridge/jobs/$id"];
+    foreach ($want as $field => $value) {
+        if (!is_array($doc) || !array_key_exists($field, $doc) || $doc[$field] !== $value) {
+            fail($what, json_encode($want, JSON_UNESCAPED_SLASHES), json_encode($doc, JSON_UNESCAPED_SLASHES));
+        }
+    }
+    return $doc;
+}
+
+/** The short form of a value for a message: bytes by their length and hash. */
+function shown($value)
+{
+    if (is_string($value) && preg_match('//u', $value) !== 1) {
+        return strlen($value) . ' bytes, sha256 ' . hash('sha256', $value);
+    }
+    return json_encode($value, JSON_UNESCAPED_UNICODE);
 }
 
 /** A selector argument: a JSON object becomes the array form. */
@@ -360,7 +399,216 @@ switch ($cmd) {
         echo "ok: $what -> HTTP 202 " . json_encode($doc) . "\n";
         exit(0);
 
+    case 'job':
+        // bridge_submit() then bridge_result(): a JSON body comes back decoded,
+        // bytes (not UTF-8, NULs, CR LF) byte for byte, also a result over
+        // 1 MiB (which the bridge keeps in a file); run by worker ID.
+        $worker = $argv[3];
+        $bytes = function ($n) {
+            return "\x00\xff\xfe\r\n" . random_bytes($n) . "\x00--";
+        };
+        $bodies = [
+            'JSON' => ['n' => random_int(1, 1 << 40), 'list' => [1, 2.5, 'tr✓s', null, true], 'nested' => ['a' => [], 'b' => ['c' => 'd']]],
+            'bytes' => $bytes(70000),
+            'large bytes' => $bytes(1200000),
+        ];
+        foreach ($bodies as $kind => $body) {
+            $what = "bridge_submit($path, $kind) then bridge_result";
+            $id = check_job_id("$what: the id", call_or_fail($what, function () use ($path, $body) {
+                return bridge_submit($path, $body);
+            }));
+            $response = null;
+            $got = call_or_fail("$what($id)", function () use ($id, &$response) {
+                return bridge_result($id, 20, $response);
+            });
+            $h = $response['headers'];
+            $echoed = isset($h['x-echo-worker']) ? $h['x-echo-worker'] : null;
+            $state = isset($h['wsbridge-job-state']) ? $h['wsbridge-job-state'] : null;
+            if ($got !== $body || $response['status'] !== 200 || $echoed !== $worker || $state !== 'succeeded') {
+                fail("$what($id)", 'HTTP 200, wsbridge-job-state succeeded, x-echo-worker ' . $worker . ', ' . shown($body),
+                    "HTTP {$response['status']}, wsbridge-job-state $state, x-echo-worker $echoed, " . shown($got));
+            }
+            $doc = call_or_fail("bridge_job($id)", function () use ($id) {
+                return bridge_job($id);
+            });
+            check_job_document("bridge_job($id) after its result", $doc, $id, [
+                'state' => 'succeeded', 'status' => 200, 'ran_by' => $worker, 'attempts' => 1,
+                'path' => $path, 'method' => 'POST', 'result' => "/_wsbridge/jobs/$id/result",
+            ]);
+            echo "ok: $what -> job $id succeeded, ran by $worker, the $kind body back as sent (" . shown($body) . ")\n";
+        }
+        exit(0);
+
+    case 'job-wait':
+        // 'wait': the reply within it is the answer to the submission itself,
+        // and the job keeps it for bridge_result().
+        $text = "within the wait ✓ " . bin2hex(random_bytes(4));
+        $what = "bridge_submit($path, text, ['wait' => 5])";
+        $response = null;
+        $job = call_or_fail($what, function () use ($path, $text, &$response) {
+            return bridge_submit($path, $text, 'text/plain; charset=utf-8', ['wait' => 5], 35.0, $response);
+        });
+        $id = check_job_id("$what: the id", is_array($job) && isset($job['id']) ? $job['id'] : null);
+        $h = $response['headers'];
+        $where = isset($h['content-location']) ? $h['content-location'] : null;
+        if ($job !== ['id' => $id, 'state' => 'succeeded', 'result' => $text] || $response['status'] !== 200 || $where !== "/_wsbridge/jobs/$id") {
+            fail($what, "HTTP 200, content-location /_wsbridge/jobs/$id, " . json_encode(['id' => $id, 'state' => 'succeeded', 'result' => $text], JSON_UNESCAPED_UNICODE),
+                "HTTP {$response['status']}, content-location $where, " . json_encode($job, JSON_UNESCAPED_UNICODE));
+        }
+        $again = call_or_fail("bridge_result($id, 0)", function () use ($id) {
+            return bridge_result($id, 0);
+        });
+        if ($again !== $text) {
+            fail("bridge_result($id, 0) after the wait", json_encode($text), json_encode($again));
+        }
+        echo "ok: $what answered at once: HTTP 200, state succeeded, the reply " . json_encode($text, JSON_UNESCAPED_UNICODE) . "; bridge_result($id, 0) gives it again\n";
+        exit(0);
+
+    case 'job-late':
+        // A reply later than 'wait': 202 and no result yet; bridge_result()
+        // with no wait says null, then polls until the reply is there.
+        $ms = (int) $argv[3];
+        $what = "bridge_submit($path, ['ms' => $ms], ['wait' => 1])";
+        $response = null;
+        $job = call_or_fail($what, function () use ($path, $ms, &$response) {
+            return bridge_submit($path, ['ms' => $ms], 'application/json', ['wait' => 1], 35.0, $response);
+        });
+        $id = check_job_id("$what: the id", is_array($job) && isset($job['id']) ? $job['id'] : null);
+        $where = isset($response['headers']['location']) ? $response['headers']['location'] : null;
+        if (!in_array($job['state'], ['queued', 'running'], true) || $job['result'] !== null || $response['status'] !== 202 || $where !== "/_wsbridge/jobs/$id") {
+            fail($what, "HTTP 202, location /_wsbridge/jobs/$id, state queued or running, result null", "HTTP {$response['status']}, location $where, " . json_encode($job));
+        }
+        $now = call_or_fail("bridge_result($id, 0)", function () use ($id, &$response) {
+            return bridge_result($id, 0, $response);
+        });
+        if ($now !== null || $response['status'] !== 202) {
+            fail("bridge_result($id, 0) of a running job", 'null (HTTP 202)', json_encode($now) . " (HTTP {$response['status']})");
+        }
+        $started = microtime(true);
+        $res = call_or_fail("bridge_result($id, 30)", function () use ($id) {
+            return bridge_result($id, 30);
+        });
+        $took = (int) ((microtime(true) - $started) * 1000);
+        if (!is_array($res) || !isset($res['slept_ms']) || $res['slept_ms'] !== $ms) {
+            fail("bridge_result($id, 30)", "{\"slept_ms\":$ms,...}", json_encode($res));
+        }
+        echo "ok: $what -> HTTP 202, state {$job['state']}; bridge_result($id, 0) null; bridge_result($id, 30) " . json_encode($res) . " after {$took}ms\n";
+        exit(0);
+
+    case 'job-idempotent':
+        // The same key and body: the same job; the key with another body: refused.
+        $key = 'interop-' . bin2hex(random_bytes(8));
+        $submit = function ($body, $options) use ($path) {
+            return bridge_submit($path, $body, 'text/plain', $options);
+        };
+        $first = check_job_id('bridge_submit with a key', call_or_fail('bridge_submit with a key', function () use ($submit, $key) {
+            return $submit('once', ['idempotency_key' => $key]);
+        }));
+        $second = call_or_fail('bridge_submit with the same key again', function () use ($submit, $key) {
+            return $submit('once', ['idempotency_key' => $key]);
+        });
+        if ($second !== $first) {
+            fail("bridge_submit twice with Idempotency-Key $key", "the same job $first", json_encode($second));
+        }
+        $other = call_or_fail('bridge_submit without a key', function () use ($submit) {
+            return $submit('once', []);
+        });
+        if ($other === $first) {
+            fail('bridge_submit of the same body without a key', "a job other than $first", $other);
+        }
+        $e = expect_error("bridge_submit with Idempotency-Key $key and another body", 'idempotency_key_mismatch', function () use ($submit, $key) {
+            return $submit('twice', ['idempotency_key' => $key]);
+        });
+        $got = call_or_fail("bridge_result($first)", function () use ($first) {
+            return bridge_result($first, 20);
+        });
+        if ($got !== 'once') {
+            fail("bridge_result($first)", '"once"', json_encode($got));
+        }
+        echo "ok: Idempotency-Key $key: job $first both times (without the key: $other); another body threw idempotency_key_mismatch (HTTP {$e->status})\n";
+        exit(0);
+
+    case 'job-cancel':
+        // A job for a worker that is not connected waits, queued; cancelled,
+        // its result is the error job_cancelled; cancelled again, it is gone.
+        $worker = $argv[3];
+        $what = "bridge_submit($path, ..., ['worker' => '$worker'])";
+        $id = check_job_id($what, call_or_fail($what, function () use ($path, $worker) {
+            return bridge_submit($path, 'for nobody', 'text/plain', ['worker' => $worker]);
+        }));
+        $doc = call_or_fail("bridge_job($id, 1)", function () use ($id) {
+            return bridge_job($id, 1); // its state would change within 1 s if it were to
+        });
+        check_job_document("bridge_job($id, 1) of a job for an absent worker", $doc, $id, ['state' => 'queued', 'worker' => $worker, 'attempts' => 0]);
+        $response = null;
+        $res = call_or_fail("bridge_result($id, 1)", function () use ($id, &$response) {
+            return bridge_result($id, 1, $response);
+        });
+        if ($res !== null || $response['status'] !== 202) {
+            fail("bridge_result($id, 1) of a queued job", 'null (HTTP 202)', json_encode($res) . " (HTTP {$response['status']})");
+        }
+        $doc = call_or_fail("bridge_cancel($id)", function () use ($id) {
+            return bridge_cancel($id);
+        });
+        check_job_document("bridge_cancel($id)", $doc, $id, ['state' => 'cancelled']);
+        $doc = call_or_fail("bridge_job($id)", function () use ($id) {
+            return bridge_job($id);
+        });
+        check_job_document("bridge_job($id) after the cancel", $doc, $id, ['state' => 'cancelled', 'attempts' => 0]);
+        if (!isset($doc['error']['code']) || $doc['error']['code'] !== 'job_cancelled') {
+            fail("bridge_job($id) after the cancel: its error", '{"code":"job_cancelled",...}', json_encode(isset($doc['error']) ? $doc['error'] : null));
+        }
+        $e = expect_error("bridge_result($id) of the cancelled job", 'job_cancelled', function () use ($id) {
+            return bridge_result($id, 5);
+        });
+        if ($e->status !== 409 || $e->jobId !== $id) {
+            fail("the job_cancelled error of $id", "HTTP 409, jobId $id", "HTTP {$e->status}, jobId " . json_encode($e->jobId));
+        }
+        $gone = call_or_fail("bridge_cancel($id) again", function () use ($id) {
+            return bridge_cancel($id);
+        });
+        if ($gone !== null) {
+            fail("bridge_cancel($id) of an ended job", 'null (deleted, HTTP 204)', json_encode($gone));
+        }
+        expect_error("bridge_job($id) once deleted", 'job_not_found', function () use ($id) {
+            return bridge_job($id);
+        });
+        echo "ok: job $id for absent worker $worker stayed queued; bridge_cancel -> cancelled; bridge_result threw job_cancelled (HTTP 409); a second bridge_cancel deleted it (job_not_found since)\n";
+        exit(0);
+
+    case 'job-errors':
+        // Refused (no_route, a callback not allowed), a worker's own 400 as
+        // the job's result, and an id the bridge does not know.
+        $checks = [
+            ['no_route', 'bridge_submit(/nowhere/echo)', function () {
+                return bridge_submit('/nowhere/echo', 'x');
+            }],
+            ['callback_not_allowed', "bridge_submit($path, ..., ['callback' => ...])", function () use ($path) {
+                return bridge_submit($path, 'x', 'text/plain', ['callback' => 'http://127.0.0.1:9/hook']);
+            }],
+            ['job_not_found', 'bridge_result(an unknown id)', function () {
+                return bridge_result(bin2hex(random_bytes(16)), 0);
+            }],
+        ];
+        $seen = [];
+        foreach ($checks as list($code, $what, $fn)) {
+            $e = expect_error($what, $code, $fn);
+            $seen[] = "$what: $code (HTTP {$e->status})";
+        }
+        $id = check_job_id("bridge_submit($path, bad input)", call_or_fail("bridge_submit($path, bad input)", function () use ($path) {
+            return bridge_submit($path, ['a' => 'x', 'b' => 1]);
+        }));
+        $e = expect_error("bridge_result($id): the worker's own 400", 'bad_input', function () use ($id) {
+            return bridge_result($id, 20);
+        });
+        if ($e->status !== 400 || $e->jobId !== $id) {
+            fail("the worker's bad_input error of job $id", "HTTP 400, jobId $id", "HTTP {$e->status}, jobId " . json_encode($e->jobId));
+        }
+        $seen[] = "bridge_result of a job the worker answered 400: bad_input (HTTP 400, jobId $id)";
+        echo 'ok: ' . implode('; ', $seen) . "\n";
+        exit(0);
+
     default:
-        fwrite(STDERR, "usage: php interop-calls.php probe|text|binary|add|slow|error|parallel|worker|worker-error|workers|workers-error|fanout|fanout-stream|fanout-error|push PATH [...]\n");
+        fwrite(STDERR, "usage: php interop-calls.php probe|text|binary|add|slow|error|parallel|worker|worker-error|workers|workers-error|fanout|fanout-stream|fanout-error|push|job|job-wait|job-late|job-idempotent|job-cancel|job-errors PATH [...]\n");
         exit(2);
 }

@@ -33,6 +33,15 @@
  * each one's reply; bridge_fanout_push() sends it without waiting for the
  * replies; bridge_workers() lists the connected workers
  * (GET /_wsbridge/workers).
+ *
+ * Jobs (asynchronous calls; the bridge needs a [jobs] dir): the bridge
+ * stores the call, answers at once and runs it; its result is kept for
+ * jobs.retention, for this PHP request or a later one to fetch:
+ *
+ *     $id = bridge_submit('/reports/build', ['month' => '2024-05']);
+ *     $report = bridge_result($id, 30);   // null: not finished within 30 s
+ *
+ * bridge_job() tells a job's state, bridge_cancel() cancels it.
  */
 
 class BridgeException extends RuntimeException
@@ -43,13 +52,16 @@ class BridgeException extends RuntimeException
     public $requestId;
     /** @var int HTTP status (0 if the bridge could not be reached) */
     public $status;
+    /** @var string|null the job's id, for a failure of a job (bridge_result(), ...) */
+    public $jobId;
 
-    public function __construct($errorCode, $message, $requestId, $status)
+    public function __construct($errorCode, $message, $requestId, $status, $jobId = null)
     {
-        parent::__construct("[$errorCode] $message (request $requestId)", $status);
+        parent::__construct("[$errorCode] $message (request $requestId" . ($jobId === null ? '' : ", job $jobId") . ')', $status);
         $this->errorCode = $errorCode;
         $this->requestId = $requestId;
         $this->status = $status;
+        $this->jobId = $jobId;
     }
 }
 
@@ -86,7 +98,7 @@ function bridge_post($path, $body, $contentType = 'application/octet-stream', $t
 {
     $call = bridge_handle($path, $body, $contentType, $timeout, (bool) getenv('WSBRIDGE_HTTP2'));
     $reply = curl_exec($call['ch']);
-    return bridge_result($call, $reply);
+    return bridge_call_outcome($call, $reply);
 }
 
 /**
@@ -137,7 +149,7 @@ function bridge_call_all(array $calls, $timeout = 35.0, &$stats = null)
         $reply = isset($failed[(int) $call['ch']]) ? false : curl_multi_getcontent($call['ch']);
         curl_multi_remove_handle($multi, $call['ch']);
         try {
-            $body = bridge_result($call, $reply);
+            $body = bridge_call_outcome($call, $reply);
             $decoded = json_decode($body, true);
             $results[$i] = ($decoded === null && trim($body) !== 'null') ? $body : $decoded;
         } catch (BridgeException $e) {
@@ -177,7 +189,7 @@ function bridge_call_worker($workerId, $path, $body = [], $contentType = 'applic
     $call = bridge_handle_body($path, $body, $contentType, $timeout, ['Wsbridge-Worker: ' . bridge_header_value($workerId, 'worker id')]);
     $reply = curl_exec($call['ch']);
     $response = bridge_response($call);
-    $reply = bridge_result($call, $reply);
+    $reply = bridge_call_outcome($call, $reply);
     return is_string($body) ? $reply : bridge_decode($reply);
 }
 
@@ -235,7 +247,7 @@ function bridge_fanout($path, $body = '', $selector = 'all', $onResult = null, $
     if ($onResult !== null) {
         return bridge_fanout_stream($call, $onResult);
     }
-    $reply = bridge_result($call, curl_exec($call['ch']));
+    $reply = bridge_call_outcome($call, curl_exec($call['ch']));
     return bridge_fanout_document($call, $reply, 'results');
 }
 
@@ -261,7 +273,7 @@ function bridge_fanout_push($path, $body = '', $selector = 'all', $contentType =
     $call = bridge_handle_body($path, $body, $contentType, $timeout, ['Wsbridge-Fanout: ' . bridge_selector($selector), 'Wsbridge-Fanout-Reply: none']);
     $reply = curl_exec($call['ch']);
     $response = bridge_response($call);
-    $reply = bridge_result($call, $reply);
+    $reply = bridge_call_outcome($call, $reply);
     return bridge_fanout_document($call, $reply, 'sent');
 }
 
@@ -314,12 +326,201 @@ function bridge_workers($service = null, array $meta = [], $timeout = 10.0)
     }
     $path = '/_wsbridge/workers' . ($query ? '?' . http_build_query($query, '', '&', PHP_QUERY_RFC3986) : '');
     $call = bridge_handle($path, null, null, $timeout, (bool) getenv('WSBRIDGE_HTTP2'));
-    $reply = bridge_result($call, curl_exec($call['ch']));
+    $reply = bridge_call_outcome($call, curl_exec($call['ch']));
     $doc = json_decode($reply, true);
     if (!is_array($doc) || !isset($doc['workers']) || !is_array($doc['workers'])) {
         throw new BridgeException('bad_response', 'not a list of workers: ' . bridge_excerpt($reply), bridge_request_id($call), bridge_response($call)['status']);
     }
     return $doc;
+}
+
+/**
+ * An asynchronous call, a job (Prefer: respond-async): the bridge stores the
+ * call, answers at once with the job's id and runs it; bridge_result()
+ * fetches the reply, from this PHP request or a later one, for as long as
+ * the bridge keeps it (jobs.retention). Needs a bridge with a [jobs] dir.
+ *
+ *     $id = bridge_submit('/reports/build', ['month' => '2024-05']);
+ *     // ... later, in this request or another:
+ *     $report = bridge_result($id);            // ['rows' => ...], or null: not yet
+ *
+ * With 'wait', a reply ready within that many seconds comes back at once
+ * (the bridge waits at most the route's request_timeout):
+ *
+ *     $job = bridge_submit('/thumbs/make', $jpeg, 'image/jpeg', ['wait' => 5]);
+ *     if ($job['state'] === 'succeeded') {
+ *         $thumb = $job['result'];             // as bridge_result() returns it
+ *     } else {                                 // queued or running
+ *         $thumb = bridge_result($job['id'], 60);
+ *     }
+ *
+ * @param string $path        e.g. '/reports/build'; the route picks the service
+ * @param mixed  $body        a string goes as it is; anything else as JSON
+ * @param string $contentType the Content-Type of a string body (JSON goes as
+ *                            application/json)
+ * @param array  $options     'wait' => N: whole seconds to wait for the reply;
+ *                            then the return value is an array (below);
+ *                            'idempotency_key' => K: the same key with the same
+ *                            method, path and body gives back the same job (with
+ *                            another body: idempotency_key_mismatch);
+ *                            'worker' => ID: only the worker whose hello named it
+ *                            runs the job, which waits for it to connect (up to
+ *                            jobs.queue_timeout);
+ *                            'callback' => URL: where the bridge POSTs the result
+ *                            when the job ends (a prefix in jobs.callback_allow)
+ * @param float  $timeout     seconds for the submission (at least 'wait' + 5)
+ * @param array  $response    set to ['status' => HTTP status, 'headers' =>
+ *                            [lower-case name => value]] of the answer: 202 and
+ *                            the job's location, or the worker's reply under
+ *                            'wait'; also when it throws
+ * @return string|array the job's id (32 hex digits); with 'wait', ['id' => the
+ *               job's id, 'state' => 'succeeded' if it ended within the wait,
+ *               else queued or running, 'result' => the reply as bridge_result()
+ *               returns it, or null if the job has not ended]
+ * @throws BridgeException when the bridge takes no job: no_route, bad_request,
+ *                         idempotency_key_mismatch, callback_not_allowed,
+ *                         jobs_full, ...; not_async when it ran the call as a
+ *                         plain call instead (a bridge without a [jobs] dir);
+ *                         under 'wait', for a job that failed within it, as
+ *                         bridge_result() does
+ */
+function bridge_submit($path, $body = '', $contentType = 'application/octet-stream', array $options = [], $timeout = 35.0, &$response = null)
+{
+    $headerOf = ['idempotency_key' => 'Idempotency-Key', 'worker' => 'Wsbridge-Worker', 'callback' => 'Wsbridge-Callback'];
+    $unknown = array_diff(array_keys($options), array_merge(['wait'], array_keys($headerOf)));
+    if ($unknown) {
+        throw new InvalidArgumentException('unknown bridge_submit() option: ' . implode(', ', $unknown));
+    }
+    $wait = isset($options['wait']) ? $options['wait'] : null;
+    $prefer = 'respond-async';
+    if ($wait !== null) {
+        if (!is_int($wait) || $wait < 0) {
+            throw new InvalidArgumentException('wait must be whole seconds, 0 or more: ' . json_encode($wait));
+        }
+        $prefer .= ", wait=$wait";
+        $timeout = max($timeout, $wait + 5);
+    }
+    $headers = ['Prefer: ' . $prefer];
+    foreach ($headerOf as $option => $name) {
+        if (isset($options[$option])) {
+            $headers[] = "$name: " . bridge_header_value($options[$option], $option);
+        }
+    }
+    $call = bridge_handle_body($path, $body, $contentType, $timeout, $headers);
+    $reply = curl_exec($call['ch']);
+    $response = bridge_response($call);
+    if (isset($response['headers']['wsbridge-job-state'], $response['headers']['content-location'])) {
+        // The job ended within 'wait': this is its result.
+        $id = basename($response['headers']['content-location']);
+        $result = bridge_job_outcome($call, $reply, $id);
+        return $wait === null ? $id : ['id' => $id, 'state' => $response['headers']['wsbridge-job-state'], 'result' => $result];
+    }
+    $reply = bridge_call_outcome($call, $reply);
+    $doc = json_decode($reply, true);
+    if ($response['status'] !== 202 || !isset($response['headers']['location']) || !is_array($doc) || !isset($doc['id'], $doc['state'])) {
+        throw new BridgeException('not_async', "the bridge made no job and answered the call itself (HTTP {$response['status']}; has it a [jobs] dir?): " . bridge_excerpt($reply), bridge_request_id($call), $response['status']);
+    }
+    return $wait === null ? $doc['id'] : ['id' => $doc['id'], 'state' => $doc['state'], 'result' => null];
+}
+
+/**
+ * The reply of a job (bridge_submit()), once it has ended: waits up to $wait
+ * seconds for that (the bridge holds each poll up to 50 s), then returns what
+ * the worker answered (the bridge keeps its status, headers and body as they
+ * came).
+ *
+ *     $report = bridge_result($id, 30, $response);
+ *     if ($report === null) { ... }           // still queued or running: ask again later
+ *     // $response['status'], $response['headers']['content-type'], ...
+ *
+ * @param string    $id       the job's id, as bridge_submit() returned it
+ * @param int|float $wait     seconds to wait for the job to end; 0 asks once
+ * @param array     $response set to ['status' => HTTP status (the worker's,
+ *                            or 202 for a job that has not ended), 'headers'
+ *                            => [lower-case name => value]], also when it throws
+ * @return mixed the reply: decoded for a JSON reply (Content-Type
+ *               application/json or ...+json), as bridge_call() does; any
+ *               other as its bytes, as bridge_post() does; null if the job has
+ *               not ended within $wait
+ * @throws BridgeException with the code the job ended with: job_cancelled,
+ *                         job_expired, worker_lost, timeout, ...; the worker's
+ *                         own error for a reply with a status >= 400 (as
+ *                         bridge_call()); job_not_found for an id the bridge
+ *                         does not know (or no longer keeps). Its jobId is $id.
+ */
+function bridge_result($id, $wait = 30, &$response = null)
+{
+    $path = bridge_job_path($id) . '/result';
+    $deadline = microtime(true) + $wait;
+    do {
+        $started = microtime(true);
+        $poll = (int) min(50, max(0, ceil($deadline - $started)));
+        $call = bridge_handle($path . ($poll ? "?wait=$poll" : ''), null, null, $poll + 10, (bool) getenv('WSBRIDGE_HTTP2'));
+        $reply = curl_exec($call['ch']);
+        $response = bridge_response($call);
+        if (isset($response['headers']['wsbridge-job-state'])) {
+            return bridge_job_outcome($call, $reply, $id);
+        }
+        // Not ended: 202 and the job's document. A poll answered before its
+        // wait was up (a job the bridge is not running yet) is retried after
+        // Retry-After, not at once.
+        bridge_job_document($call, bridge_call_outcome($call, $reply, $id), 202);
+        $left = $deadline - microtime(true);
+        if ($left > 0 && microtime(true) - $started < $poll) {
+            usleep((int) (min($left, bridge_retry_after($response)) * 1e6));
+        }
+    } while (microtime(true) < $deadline);
+    return null;
+}
+
+/**
+ * A job's document (GET /_wsbridge/jobs/<id>): its state and what is known
+ * of its run.
+ *
+ *     $job = bridge_job($id);
+ *     echo $job['state'];   // queued, running, succeeded, failed, cancelled, expired
+ *
+ * @param string $id   the job's id
+ * @param int    $wait seconds (up to 50) to wait for its state to change
+ *                     first; 0 answers at once
+ * @return array {id, state, service, method, path, request_id, created_at,
+ *               attempts, location} and, once known, worker, ran_by, node,
+ *               started_at, finished_at, expires_at, status (the worker's),
+ *               error {code, message}, result (where bridge_result() reads),
+ *               callback {delivered, attempts}
+ * @throws BridgeException job_not_found, or any other failure
+ */
+function bridge_job($id, $wait = 0)
+{
+    $wait = (int) $wait;
+    $call = bridge_handle(bridge_job_path($id) . ($wait > 0 ? "?wait=$wait" : ''), null, null, min($wait, 50) + 10, (bool) getenv('WSBRIDGE_HTTP2'));
+    $reply = bridge_call_outcome($call, curl_exec($call['ch']), $id);
+    return bridge_job_document($call, $reply, 200);
+}
+
+/**
+ * Cancels a job that has not ended (DELETE /_wsbridge/jobs/<id>): a queued
+ * job never runs, a running one's worker is told to cancel it; its result
+ * is then the error job_cancelled. A job that had ended is deleted, result
+ * and all.
+ *
+ *     $job = bridge_cancel($id);   // $job['state'] === 'cancelled'
+ *
+ * @param string $id the job's id
+ * @return array|null the job's document (state cancelled, or how it ended if
+ *                    it ended first); null for a job that had ended and is
+ *                    now deleted
+ * @throws BridgeException job_not_found, or any other failure
+ */
+function bridge_cancel($id)
+{
+    $call = bridge_handle(bridge_job_path($id), null, null, 15.0, (bool) getenv('WSBRIDGE_HTTP2'));
+    curl_setopt($call['ch'], CURLOPT_CUSTOMREQUEST, 'DELETE');
+    $reply = bridge_call_outcome($call, curl_exec($call['ch']), $id);
+    if (bridge_response($call)['status'] === 204) {
+        return null;
+    }
+    return bridge_job_document($call, $reply, 200);
 }
 
 /** Whether this libcurl multiplexes calls over one HTTP/2 connection. */
@@ -330,11 +531,6 @@ function bridge_can_multiplex()
         && version_compare($curl['version'], '8.0.0', '>=');
 }
 
-/**
- * A curl handle for one call, with what bridge_result() needs: a POST of
- * $body, or a GET when $body is null. $extraHeaders are more request header
- * lines ('Wsbridge-Worker: w-1', ...).
- */
 /**
  * bridge_handle() for a body that is sent as it is when it is a string, and
  * as JSON otherwise; HTTP/2 when WSBRIDGE_HTTP2 is set.
@@ -352,6 +548,11 @@ function bridge_handle_body($path, $body, $contentType, $timeout, array $extraHe
     );
 }
 
+/**
+ * A curl handle for one call, with what bridge_call_outcome() needs: a POST of
+ * $body, or a GET when $body is null. $extraHeaders are more request header
+ * lines ('Wsbridge-Worker: w-1', ...).
+ */
 function bridge_handle($path, $body, $contentType, $timeout, $http2, array $extraHeaders = [])
 {
     $base = getenv('WSBRIDGE_HTTP') ?: 'http://127.0.0.1:8080';
@@ -389,8 +590,11 @@ function bridge_handle($path, $body, $contentType, $timeout, $http2, array $extr
     return $call;
 }
 
-/** The reply body of a finished call, or its BridgeException. */
-function bridge_result(array $call, $reply)
+/**
+ * The reply body of a finished call, or its BridgeException ($jobId: the
+ * job the call is about, unless the bridge's error names it).
+ */
+function bridge_call_outcome(array $call, $reply, $jobId = null)
 {
     $ch = $call['ch'];
     $base = $call['base'];
@@ -399,16 +603,17 @@ function bridge_result(array $call, $reply)
     $headers = $call['headers'];
     $requestId = isset($headers['x-request-id']) ? $headers['x-request-id'] : $call['request_id'];
     if ($reply === false) {
-        throw new BridgeException('unreachable', "cannot reach wsbridge at $base: $curlError", $requestId, 0);
+        throw new BridgeException('unreachable', "cannot reach wsbridge at $base: $curlError", $requestId, 0, $jobId);
     }
     if ($status >= 400) {
         $decoded = json_decode($reply, true);
         if (is_array($decoded) && isset($decoded['error']['code'])) {
             $e = $decoded['error'];
             $message = isset($e['message']) ? $e['message'] : '';
-            throw new BridgeException($e['code'], $message, isset($e['request_id']) ? $e['request_id'] : $requestId, $status);
+            $jobId = isset($e['job_id']) ? $e['job_id'] : $jobId;
+            throw new BridgeException($e['code'], $message, isset($e['request_id']) ? $e['request_id'] : $requestId, $status, $jobId);
         }
-        throw new BridgeException('http_' . $status, substr($reply, 0, 200), $requestId, $status);
+        throw new BridgeException('http_' . $status, substr($reply, 0, 200), $requestId, $status, $jobId);
     }
     return $reply;
 }
@@ -426,6 +631,44 @@ function bridge_response(array $call)
 function bridge_request_id(array $call)
 {
     return isset($call['headers']['x-request-id']) ? $call['headers']['x-request-id'] : $call['request_id'];
+}
+
+/** Where the bridge keeps job $id: /_wsbridge/jobs/<id>. */
+function bridge_job_path($id)
+{
+    if (!is_string($id) || !preg_match('/^[0-9a-f]{32}$/i', $id)) {
+        throw new InvalidArgumentException('a job id is 32 hex digits: ' . json_encode($id));
+    }
+    return '/_wsbridge/jobs/' . $id;
+}
+
+/**
+ * An ended job's result (its /result, or the answer to a submission with
+ * 'wait'): the reply, decoded if it is JSON, or its BridgeException.
+ */
+function bridge_job_outcome(array $call, $reply, $id)
+{
+    $body = bridge_call_outcome($call, $reply, $id);
+    $type = isset($call['headers']['content-type']) ? $call['headers']['content-type'] : '';
+    return preg_match('~^application/([!#$&^_.+\w-]+\+)?json\s*(;|$)~i', $type) ? bridge_decode($body) : $body;
+}
+
+/** The seconds of a Retry-After header (delay form), 1 if it has none. */
+function bridge_retry_after(array $response)
+{
+    $value = isset($response['headers']['retry-after']) ? $response['headers']['retry-after'] : '';
+    return preg_match('/^\d+$/', $value) ? max(1, (int) $value) : 1;
+}
+
+/** A job's document decoded (answered with $status), or BridgeException. */
+function bridge_job_document(array $call, $reply, $status)
+{
+    $doc = json_decode($reply, true);
+    $got = bridge_response($call)['status'];
+    if ($got !== $status || !is_array($doc) || !isset($doc['id'], $doc['state'])) {
+        throw new BridgeException('bad_response', "not a job's document (HTTP $got): " . bridge_excerpt($reply), bridge_request_id($call), $got);
+    }
+    return $doc;
 }
 
 /** A reply decoded from JSON, or the raw reply if it is not JSON. */
@@ -524,7 +767,7 @@ function bridge_fanout_stream(array $call, $onResult)
     }
     $status = bridge_response($call)['status'];
     if (!$state->stream) {
-        $reply = bridge_result($call, $ok === false ? false : $state->raw); // throws for an error status
+        $reply = bridge_call_outcome($call, $ok === false ? false : $state->raw); // throws for an error status
         throw new BridgeException('bad_response', 'not an ndjson fan-out answer: ' . bridge_excerpt($reply), bridge_request_id($call), $status);
     }
     if ($ok !== false && $state->buffer !== '') {
