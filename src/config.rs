@@ -85,6 +85,10 @@ pub struct JobsConfig {
     /// in the store, so that a backlog never crowds out synchronous calls.
     #[serde(default = "defaults::jobs_concurrency")]
     pub concurrency: usize,
+    /// Most jobs queued or running on this bridge (each costs a task and
+    /// a few KiB of memory); past it a submission gets 503 `jobs_full`.
+    #[serde(default = "defaults::jobs_max_live")]
+    pub max_live: usize,
     /// Signs callbacks (HMAC-SHA256); required for `callback_allow`.
     #[serde(default)]
     pub callback_secret: Option<Secret>,
@@ -116,6 +120,7 @@ impl Default for JobsConfig {
             max_bytes: defaults::jobs_max_bytes(),
             max_result: defaults::jobs_max_result(),
             concurrency: defaults::jobs_concurrency(),
+            max_live: defaults::jobs_max_live(),
             callback_secret: None,
             callback_allow: Vec::new(),
             callback_ca: None,
@@ -390,6 +395,9 @@ mod defaults {
     }
     pub(super) fn jobs_max_result() -> ByteSize {
         ByteSize(64 << 20)
+    }
+    pub(super) fn jobs_max_live() -> usize {
+        100_000
     }
     pub(super) fn jobs_replicas() -> usize {
         1
@@ -745,6 +753,9 @@ impl JobsConfig {
         }
         if self.concurrency == 0 {
             return Err(invalid("jobs.concurrency", "must be at least 1"));
+        }
+        if self.max_live == 0 {
+            return Err(invalid("jobs.max_live", "must be at least 1"));
         }
         if self.max_result.0 == 0 || self.max_result > self.max_bytes {
             return Err(invalid(

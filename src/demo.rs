@@ -1,6 +1,7 @@
 //! `wsbridge demo`: the bridge on the example config plus an in-process echo
 //! worker connected over real wss on loopback, with a certificate generated
-//! in memory. Nothing is written to disk.
+//! in memory. The only thing written to disk is the job store, in a
+//! temporary directory removed when the demo stops.
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -46,6 +47,10 @@ pub async fn run(ports: Ports, shutdown: CancellationToken) -> anyhow::Result<()
     if let Some(port) = admin_port {
         config.admin.listen.set_port(port);
     }
+    // Jobs (`Prefer: respond-async`) need a store: a temporary one.
+    let jobs_dir =
+        JobsDir(std::env::temp_dir().join(format!("wsbridge-demo-jobs-{}", std::process::id())));
+    config.jobs.dir = Some(jobs_dir.0.clone());
     let cert = SelfSigned::generate(&["localhost".into(), "127.0.0.1".into()])?;
     let listeners = Listeners::bind(&config)
         .context("binding the demo's ports (is another wsbridge running?)")?;
@@ -96,7 +101,9 @@ pub async fn run(ports: Ports, shutdown: CancellationToken) -> anyhow::Result<()
                  curl -s --http2-prior-knowledge -d hi http://{http_addr}/x\n  \
                  curl -s -H 'Wsbridge-Worker: demo-echo' -d 'just you' http://{http_addr}/x\n  \
                  curl -s -H 'Wsbridge-Fanout: all' -d 'everyone' http://{http_addr}/x\n  \
-                 curl -s http://{http_addr}/_wsbridge/workers\n{}\n\
+                 curl -s http://{http_addr}/_wsbridge/workers\n  \
+                 curl -si -H 'Prefer: respond-async' -d later http://{http_addr}/x\n  \
+                 curl -s 'http://{http_addr}/_wsbridge/jobs/<id>/result?wait=10'   (<id>: from the Location above)\n{}\n\
                  Press Ctrl-C to stop.",
                 services.join(", "),
                 admin_addr.map_or_else(String::new, |a| format!(
@@ -115,5 +122,15 @@ pub async fn run(ports: Ports, shutdown: CancellationToken) -> anyhow::Result<()
     }
     bridge.await.context("bridge task")??;
     worker.await.context("worker task")??;
+    drop(jobs_dir);
     Ok(())
+}
+
+/// The demo's job store, removed when the demo ends.
+struct JobsDir(std::path::PathBuf);
+
+impl Drop for JobsDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

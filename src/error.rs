@@ -159,6 +159,12 @@ pub enum CallError {
         /// The configured bound.
         limit: u64,
     },
+    /// This bridge already holds `jobs.max_live` queued or running jobs.
+    #[error("this bridge already holds {limit} queued or running jobs (jobs.max_live); nothing was stored")]
+    JobsBusy {
+        /// The configured bound.
+        limit: usize,
+    },
     /// The job store failed (disk, database); nothing was stored.
     #[error("the job store is unavailable: {reason}")]
     JobsUnavailable {
@@ -186,7 +192,7 @@ impl CallError {
             CallError::NoRoute { .. } => "no_route",
             CallError::Reserved { .. } => "not_found",
             CallError::JobNotFound { .. } => "job_not_found",
-            CallError::JobsFull { .. } => "jobs_full",
+            CallError::JobsFull { .. } | CallError::JobsBusy { .. } => "jobs_full",
             CallError::JobsUnavailable { .. } => "jobs_unavailable",
             CallError::CallbackNotAllowed { .. } => "callback_not_allowed",
             CallError::EndpointMethod { .. } => "method_not_allowed",
@@ -216,9 +222,9 @@ impl CallError {
             | CallError::UnknownWorker { .. }
             | CallError::Reserved { .. }
             | CallError::JobNotFound { .. } => StatusCode::NOT_FOUND,
-            CallError::JobsFull { .. } | CallError::JobsUnavailable { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            CallError::JobsFull { .. }
+            | CallError::JobsBusy { .. }
+            | CallError::JobsUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             CallError::CallbackNotAllowed { .. } => StatusCode::BAD_REQUEST,
             CallError::EndpointMethod { .. } => StatusCode::METHOD_NOT_ALLOWED,
             CallError::NoWorker { .. }
@@ -264,6 +270,9 @@ impl CallError {
             CallError::QueueFull { .. }
                 | CallError::NoWorker { .. }
                 | CallError::ClusterUnavailable { .. }
+                | CallError::JobsFull { .. }
+                | CallError::JobsBusy { .. }
+                | CallError::JobsUnavailable { .. }
         ) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

@@ -285,8 +285,9 @@ pub(crate) struct Gauges {
     pub(crate) reloads: (u64, u64),
     /// In a cluster: its link, peers and cross-node calls.
     pub(crate) cluster: Option<ClusterGauges>,
-    /// With a job store: jobs live, bytes stored.
-    pub(crate) jobs: Option<(u64, u64)>,
+    /// With a job store: jobs live, bytes stored, and this bridge's
+    /// store's commits (fsyncs) and the changes they held.
+    pub(crate) jobs: Option<(u64, u64, (u64, u64))>,
 }
 
 /// The final states of jobs, as `wsbridge_jobs_ended_total` labels them.
@@ -445,7 +446,19 @@ impl Metrics {
             "Jobs stored (calls with Prefer: respond-async).",
             &self.jobs_submitted.load(Relaxed),
         );
-        if let Some((live, stored)) = gauges.jobs {
+        if let Some((live, stored, (commits, changes))) = gauges.jobs {
+            single(
+                "wsbridge_jobs_commits_total",
+                "counter",
+                "Transactions the job store committed, each one fsync (group commit: several changes per commit).",
+                &commits,
+            );
+            single(
+                "wsbridge_jobs_changes_total",
+                "counter",
+                "Changes the job store committed (a job's submission, start, end...).",
+                &changes,
+            );
             single(
                 "wsbridge_jobs_live",
                 "gauge",

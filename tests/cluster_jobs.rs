@@ -105,6 +105,26 @@ async fn a_job_submitted_at_a_runs_at_b_and_is_fetched_at_c_with_a_killed() {
     let at_b = get(&client, &format!("http://{}{location}/result", b.http)).await;
     assert_eq!(at_b.body, "the report");
 
+    // A result larger than a message comes through the object store.
+    let big = noise(1536 * 1024);
+    let req = Request::put(format!("http://{}/big", b.http))
+        .header("prefer", "respond-async")
+        .body(Full::new(big.clone()))
+        .expect("request");
+    let accepted = send(&client, req).await;
+    assert_eq!(accepted.head.status, 202, "{:?}", accepted.body);
+    let big_result = get(
+        &client,
+        &format!(
+            "http://{}{}/result?wait=40",
+            c.http,
+            accepted.header("location")
+        ),
+    )
+    .await;
+    assert_eq!(big_result.head.status, 200);
+    assert!(big_result.body == big, "1.5 MiB back byte for byte");
+
     // The same key at C is the same job, not run again.
     let runs_before = runs.load(Ordering::SeqCst);
     let req = Request::post(format!("http://{}/report", c.http))

@@ -86,6 +86,20 @@ async fn the_demo_serves_the_curl_line_it_prints() {
             .is_some_and(|w| w.iter().all(|w| w["worker_id"] == "demo-echo") && !w.is_empty()),
         "{doc}"
     );
+    // The job lines: 202 with a Location, then the result there.
+    let job = http::Request::post(&url)
+        .header("prefer", "respond-async")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"later",
+        )))
+        .expect("request");
+    let accepted = send(&client, job).await;
+    assert_eq!(accepted.head.status, 202, "{:?}", accepted.body);
+    let result = url.replace(
+        "/x",
+        &format!("{}/result?wait=10", accepted.header("location")),
+    );
+    assert_eq!(get(&client, &result).await.body, "later");
     let _ = child.kill().await;
 }
 

@@ -84,7 +84,10 @@ async fn a_slow_call_gets_202_at_once_and_its_result_byte_for_byte_later() {
     // The result is not there yet: 202 with the job.
     let early = get(&client, &bridge.at(&format!("{location}/result"))).await;
     assert_eq!(early.head.status, 202);
-    assert!(matches!(early.json()["state"].as_str(), Some("queued" | "running")));
+    assert!(matches!(
+        early.json()["state"].as_str(),
+        Some("queued" | "running")
+    ));
 
     // Long-poll the result; it is the worker's reply, byte for byte.
     let done = get(&client, &bridge.at(&format!("{location}/result?wait=10"))).await;
@@ -488,4 +491,51 @@ async fn a_callback_is_signed_and_sent_again_until_taken() {
             .is_err(),
         "delivered once it was taken"
     );
+}
+
+#[tokio::test]
+async fn past_max_live_jobs_a_submission_is_refused_and_nothing_stored() {
+    let dir = TempDir::new("jobs");
+    let bridge = TestBridge::start(|c| {
+        with_jobs(&dir)(c);
+        c.jobs.max_live = 2;
+    })
+    .await;
+    let client = http_client();
+    for _ in 0..2 {
+        let queued = send(&client, submit(&bridge, "respond-async", Bytes::from("x"))).await;
+        assert_eq!(queued.head.status, 202, "{:?}", queued.body);
+    }
+    let refused = send(&client, submit(&bridge, "respond-async", Bytes::from("x"))).await;
+    assert_eq!(refused.head.status, 503);
+    assert_eq!(refused.error_code(), "jobs_full");
+    assert_eq!(refused.header("retry-after"), "1");
+    assert!(refused.json()["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("jobs.max_live")));
+}
+
+#[tokio::test]
+async fn a_large_result_is_spooled_and_replayed_byte_for_byte() {
+    let dir = TempDir::new("jobs");
+    let bridge = TestBridge::start(with_jobs(&dir)).await;
+    let _w = bridge.worker(&["orders"], 4, echo_as("w")).await;
+    let client = http_client();
+    let body = noise(3 << 20);
+    let accepted = send(&client, submit(&bridge, "respond-async", body.clone())).await;
+    assert_eq!(accepted.head.status, 202, "{:?}", accepted.body);
+    let location = accepted.header("location").to_owned();
+    let done = get(&client, &bridge.at(&format!("{location}/result?wait=20"))).await;
+    assert_eq!(done.head.status, 200);
+    assert_eq!(done.header("content-length"), (3 << 20).to_string());
+    assert!(done.body == body, "3 MiB back byte for byte");
+    let id = location.rsplit('/').next().unwrap_or_default();
+    let spooled = dir.0.join("jobs").join("results").join(id);
+    assert!(spooled.is_file(), "a result over 1 MiB is in its own file");
+    // DELETE forgets it, file included.
+    let req = Request::delete(bridge.at(&location))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    assert_eq!(send(&client, req).await.head.status, 204);
+    assert!(!spooled.exists(), "its file went with it");
 }

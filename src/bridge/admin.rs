@@ -194,7 +194,7 @@ fn gauges(shared: &Shared) -> Gauges {
         jobs: shared
             .jobs
             .get()
-            .map(|j| (j.live() as u64, j.store.stored())),
+            .map(|j| (j.live() as u64, j.store.stored(), j.store.commits())),
     }
 }
 

@@ -112,6 +112,15 @@ async fn payload(jobs: &Jobs, record: &Record) -> Result<(u16, String, Bytes), S
                 .await
                 .map(Bytes::from)
                 .map_err(|e| e.to_string())?,
+            ResultBody::Object(mut object) => {
+                use tokio::io::AsyncReadExt;
+                let mut bytes = Vec::new();
+                object
+                    .read_to_end(&mut bytes)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Bytes::from(bytes)
+            }
         };
         return Ok((outcome.status, content_type, body));
     }

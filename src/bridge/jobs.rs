@@ -191,6 +191,11 @@ pub(super) async fn submit(
     };
     match &jobs.store {
         Backend::Local(store) => {
+            if jobs.live() >= jobs_config.max_live {
+                return Err(CallError::JobsBusy {
+                    limit: jobs_config.max_live,
+                });
+            }
             store.insert(&record, body).await.map_err(unavailable)?;
             job_run::start(&own.shared, &jobs, record.clone());
         }
@@ -454,8 +459,18 @@ async fn result(
                     });
                     Body::wrap(StreamBody::new(frames))
                 }
+                ResultBody::Object(object) => {
+                    let frames = futures_util::StreamExt::map(ReaderStream::new(object), |chunk| {
+                        chunk.map(Frame::data)
+                    });
+                    Body::wrap(StreamBody::new(frames))
+                }
             };
-            (outcome.status, Header::map(&outcome.headers), body)
+            let mut headers = Header::map(&outcome.headers);
+            // A body streamed from a file or an object still says how long
+            // it is.
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(outcome.len));
+            (outcome.status, headers, body)
         }
         _ => {
             let (status, body) = error_body(record);

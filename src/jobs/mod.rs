@@ -59,7 +59,10 @@ impl Backend {
     pub(crate) async fn result(&self, record: &Record) -> Result<ResultBody, StoreError> {
         match self {
             Backend::Local(s) => s.result(record).await,
-            Backend::Stream(s) => s.result(&record.id).await.map(ResultBody::Inline),
+            Backend::Stream(s) => s
+                .result(&record.id)
+                .await
+                .map(|o| ResultBody::Object(Box::new(o))),
         }
     }
 
@@ -71,6 +74,14 @@ impl Backend {
                 Some(record) => s.purge(&record).await,
                 None => Ok(()),
             },
+        }
+    }
+
+    /// Commits and the changes they held (this bridge's store only).
+    pub(crate) fn commits(&self) -> (u64, u64) {
+        match self {
+            Backend::Local(s) => s.commits(),
+            Backend::Stream(_) => (0, 0),
         }
     }
 

@@ -57,6 +57,8 @@ pub(crate) enum ResultBody {
     Inline(Bytes),
     /// In its own file.
     File(PathBuf),
+    /// In the cluster's object store, read as it is sent.
+    Object(Box<async_nats::jetstream::object_store::Object>),
 }
 
 enum Write {
@@ -82,6 +84,9 @@ struct Inner {
     /// Bytes charged (see `Record::charge`); the writer alone changes it.
     stored: AtomicU64,
     max_bytes: u64,
+    /// Transactions committed (each one fsync), and changes they held.
+    commits: AtomicU64,
+    changes: AtomicU64,
 }
 
 /// The job store; cheap to clone.
@@ -112,6 +117,8 @@ impl Store {
             dir: dir.to_owned(),
             stored: AtomicU64::new(stored),
             max_bytes,
+            commits: AtomicU64::new(0),
+            changes: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel();
         let writer = inner.clone();
@@ -120,6 +127,15 @@ impl Store {
             .spawn(move || write_loop(&writer, &rx))
             .map_err(io_error)?;
         Ok((Store { inner, tx }, records))
+    }
+
+    /// Transactions committed (one fsync each), and the changes they
+    /// held: their ratio is what group commit saves.
+    pub(crate) fn commits(&self) -> (u64, u64) {
+        (
+            self.inner.commits.load(Ordering::Relaxed),
+            self.inner.changes.load(Ordering::Relaxed),
+        )
     }
 
     /// Bytes charged against `jobs.max_bytes`.
@@ -350,6 +366,10 @@ fn commit(inner: &Inner, batch: &[Op]) -> Vec<Result<(), StoreError>> {
     match result {
         Ok(()) => {
             inner.stored.store(stored, Ordering::Relaxed);
+            inner.commits.fetch_add(1, Ordering::Relaxed);
+            inner
+                .changes
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
             for path in files.remove {
                 let _ = fs::remove_file(path);
             }

@@ -278,9 +278,9 @@ impl Stream {
         self.put(record).await
     }
 
-    /// A finished job's result body.
-    pub(crate) async fn result(&self, id: &str) -> Result<Bytes, StoreError> {
-        self.read_object(&result_name(id)).await
+    /// A finished job's result body, to be read as it is sent.
+    pub(crate) async fn result(&self, id: &str) -> Result<object_store::Object, StoreError> {
+        self.data.get(result_name(id)).await.map_err(nats_error)
     }
 
     /// Forgets a job: its record, key, cancel mark and objects.
