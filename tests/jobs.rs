@@ -403,15 +403,23 @@ async fn a_callback_is_signed_and_sent_again_until_taken() {
     .await;
     let _w = bridge.worker(&["orders"], 4, echo_as("w")).await;
     let client = http_client();
-    // A URL outside the allowed prefixes is refused before anything is stored.
-    let req = Request::post(bridge.at("/orders/x"))
-        .header("prefer", "respond-async")
-        .header("wsbridge-callback", "http://169.254.169.254/latest")
-        .body(Full::new(Bytes::from("x")))
-        .expect("request");
-    let refused = send(&client, req).await;
-    assert_eq!(refused.head.status, 400);
-    assert_eq!(refused.error_code(), "callback_not_allowed");
+    // A URL outside the allowed prefixes is refused before anything is
+    // stored, including ones that only look like they are inside.
+    for url in [
+        "http://169.254.169.254/latest".to_owned(),
+        format!("http://{addr}@10.0.0.5/hooks/"),
+        format!("https://{addr}/hooks/"),
+        format!("http://{addr}/hooksx"),
+    ] {
+        let req = Request::post(bridge.at("/orders/x"))
+            .header("prefer", "respond-async")
+            .header("wsbridge-callback", url.as_str())
+            .body(Full::new(Bytes::from("x")))
+            .expect("request");
+        let refused = send(&client, req).await;
+        assert_eq!(refused.head.status, 400, "{url}");
+        assert_eq!(refused.error_code(), "callback_not_allowed", "{url}");
+    }
 
     let req = Request::post(bridge.at("/orders/x"))
         .header("prefer", "respond-async")
@@ -538,4 +546,34 @@ async fn a_large_result_is_spooled_and_replayed_byte_for_byte() {
         .expect("request");
     assert_eq!(send(&client, req).await.head.status, 204);
     assert!(!spooled.exists(), "its file went with it");
+}
+
+#[tokio::test]
+async fn a_job_deleted_while_its_callback_is_retried_stays_gone() {
+    let dir = TempDir::new("jobs");
+    let (addr, mut posts) = receiver(usize::MAX).await;
+    let bridge = TestBridge::start(|c| {
+        with_jobs(&dir)(c);
+        c.jobs.callback_secret = Some(Secret::new("a-callback-secret-of-some-length"));
+        c.jobs.callback_allow = vec![format!("http://{addr}/")];
+    })
+    .await;
+    let _w = bridge.worker(&["orders"], 4, echo_as("w")).await;
+    let client = http_client();
+    let req = Request::post(bridge.at("/orders/x"))
+        .header("prefer", "respond-async")
+        .header("wsbridge-callback", format!("http://{addr}/hook"))
+        .body(Full::new(Bytes::from("x")))
+        .expect("request");
+    let location = send(&client, req).await.header("location").to_owned();
+    within(Duration::from_secs(5), "the first callback", posts.recv()).await;
+    let req = Request::delete(bridge.at(&location))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    assert_eq!(send(&client, req).await.head.status, 204);
+    // The delivery that was under way records nothing, and stops.
+    let next = tokio::time::timeout(Duration::from_secs(3), posts.recv()).await;
+    let gone = get(&client, &bridge.at(&location)).await;
+    assert_eq!(gone.head.status, 404, "the job came back: {:?}", gone.body);
+    assert!(next.is_err(), "no callback for a job that is gone");
 }

@@ -130,14 +130,7 @@ pub(super) async fn call(
     body: RequestBody,
     trace: &mut Trace,
 ) -> Result<Response<CallBody>, CallError> {
-    let target = ctx
-        .settings
-        .router
-        .resolve(parts.uri.path())
-        .ok_or_else(|| CallError::NoRoute {
-            path: parts.uri.path().to_owned(),
-        })?
-        .clone();
+    let target = ctx.settings.router.route(parts.uri.path())?;
     call_target(ctx, target, parts, body, trace).await
 }
 
@@ -246,7 +239,7 @@ pub(super) struct Plan<'a> {
     /// The whole body travels in the request frame (and may be sent again).
     pub(super) single: bool,
     /// Sending the call again cannot do anything twice.
-    replayable: bool,
+    pub(super) replayable: bool,
     /// The body is already compressed: sent as it is.
     precompressed: bool,
     /// The request's headers as the JSON each attempt's frame carries.
@@ -449,7 +442,11 @@ async fn attempt(
         sent.mark();
     }
     if let Some(job) = ctx.job {
-        job.placed(at.worker(), None).await;
+        if !job.placed(at.worker(), None).await && !plan.replayable {
+            // Not stored as running: sending it could make a restart run
+            // it twice. The worker was sent nothing.
+            return Step::Done(Placed::Local(at), Ok(Err(JobHook::unstored())));
+        }
     }
     fields.id = at.id();
     fields.end = plan.single;

@@ -13,7 +13,10 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
-use super::{job_run::Jobs, Shared};
+use super::{
+    job_run::{Jobs, Writer},
+    Shared,
+};
 use crate::jobs::{now_ms, sign, Record, ResultBody, State};
 
 /// The first pause after a failed delivery; it doubles up to [`MAX_PAUSE`].
@@ -22,21 +25,34 @@ const MAX_PAUSE: Duration = Duration::from_secs(60);
 /// One delivery, connection to answer.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Delivers `record`'s callback; gives up when the job's retention ends
-/// or the bridge stops (a restart takes it up again).
-pub(super) async fn deliver(shared: Arc<Shared>, jobs: Arc<Jobs>, mut record: Record) {
+/// Delivers `record`'s callback, storing each attempt through `writer`.
+/// True when it is done with: delivered, given up at the end of the job's
+/// retention, or the job is gone; false when the bridge stopped first (a
+/// restart, or another bridge, takes it up again).
+pub(super) async fn deliver(
+    shared: Arc<Shared>,
+    jobs: Arc<Jobs>,
+    mut record: Record,
+    writer: Writer,
+) -> bool {
     let Some(url) = record.callback.clone() else {
-        return;
-    };
-    let (status, content_type, body) = match payload(&jobs, &record).await {
-        Ok(p) => p,
-        Err(e) => {
-            warn!(job = record.id, error = %e, "the callback's body cannot be read; not sent");
-            return;
-        }
+        return true;
     };
     let mut pause = FIRST_PAUSE;
     loop {
+        // A job purged meanwhile (DELETE, retention) is called back no more.
+        if !writer.exists(&record.id).await {
+            return true;
+        }
+        // Read for each attempt, not kept between them: a result may be
+        // large, and the attempts may go on for hours.
+        let (status, content_type, body) = match payload(&jobs, &record).await {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(job = record.id, error = %e, "the callback's body cannot be read; not sent");
+                return true;
+            }
+        };
         let config = shared.settings.load_full();
         let jobs_config = &config.config.jobs;
         let retention = u64::try_from(jobs_config.retention.as_millis()).unwrap_or(u64::MAX);
@@ -46,7 +62,7 @@ pub(super) async fn deliver(shared: Arc<Shared>, jobs: Arc<Jobs>, mut record: Re
                 attempts = record.callback_attempts,
                 "the callback was never acknowledged within jobs.retention; given up"
             );
-            return;
+            return true;
         }
         let secret = jobs_config
             .callback_secret
@@ -72,8 +88,19 @@ pub(super) async fn deliver(shared: Arc<Shared>, jobs: Arc<Jobs>, mut record: Re
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {ATTEMPT_TIMEOUT:?}")));
         record.callback_delivered = outcome.is_ok();
-        if let Err(e) = jobs.store.put(&record).await {
-            warn!(job = record.id, error = %e, "could not store a callback's delivery");
+        let (delivered, attempts) = (record.callback_delivered, record.callback_attempts);
+        let stored = writer
+            .modify(&record.id, |r| {
+                r.callback_delivered = delivered;
+                r.callback_attempts = attempts;
+            })
+            .await;
+        match stored {
+            Ok(true) => {}
+            // Purged meanwhile (DELETE, retention), or held by another
+            // bridge now: not this delivery's any more.
+            Ok(false) | Err(crate::jobs::StoreError::Conflict) => return true,
+            Err(e) => warn!(job = record.id, error = %e, "could not store a callback's delivery"),
         }
         match outcome {
             Ok(()) => {
@@ -82,14 +109,14 @@ pub(super) async fn deliver(shared: Arc<Shared>, jobs: Arc<Jobs>, mut record: Re
                     attempts = record.callback_attempts,
                     "callback delivered"
                 );
-                return;
+                return true;
             }
             Err(e) => {
                 info!(job = record.id, attempt = record.callback_attempts, error = %e, retry_in = ?pause, "callback failed")
             }
         }
         tokio::select! {
-            _ = jobs.stop.cancelled() => return,
+            _ = jobs.stop.cancelled() => return false,
             _ = tokio::time::sleep(pause) => {}
         }
         pause = (pause * 2).min(MAX_PAUSE);

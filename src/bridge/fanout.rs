@@ -35,7 +35,7 @@ use super::{
     caller::Caller,
     directory,
     idempotency::IDEMPOTENCY_KEY,
-    reply::{CallBody, Trace},
+    reply::{json_response, CallBody, Trace},
     request_body::{read_error, RequestBody},
     routes::Target,
     Settings, Shared,
@@ -232,14 +232,7 @@ pub(super) async fn fanout(
             });
         }
     }
-    let target = own
-        .settings
-        .router
-        .resolve(head.uri.path())
-        .ok_or_else(|| CallError::NoRoute {
-            path: head.uri.path().to_owned(),
-        })?
-        .clone();
+    let target = own.settings.router.route(head.uri.path())?;
     trace.service = Some(target.service.clone());
     let query = selector(&head.headers, &target.service)?;
     let mode = mode(&head.headers)?;
@@ -526,19 +519,6 @@ fn header_map(headers: &http::HeaderMap) -> BTreeMap<String, String> {
             .or_insert_with(|| text.into_owned());
     }
     map
-}
-
-fn json_response(status: StatusCode, content_type: &'static str, body: Body) -> Response<CallBody> {
-    let mut resp = Response::new(CallBody {
-        body,
-        _call: None,
-        log: None,
-    });
-    *resp.status_mut() = status;
-    let headers = resp.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
 }
 
 /// Every result in one document, the replies' bodies together bounded by

@@ -93,46 +93,36 @@ pub(super) async fn handle(
     // not, and moves it in per request; these two would be most of its size.
     // Boxed in a statement of its own: a temporary of the statement that
     // awaits keeps its room in this future even once moved into the box.
+    // What a fan-out or a job owns: they outlive this handler.
+    let own = || fanout::Owned {
+        shared: shared.clone(),
+        settings: settings.clone(),
+        caller: caller.clone(),
+        request_id: request_id.clone(),
+        started,
+    };
+    // A job, when there is a store to keep it; without one the preference
+    // is ignored (RFC 7240 allows it).
+    let job = shared
+        .jobs
+        .get()
+        .cloned()
+        .zip(jobs::requested(&head.headers));
     let exchange: Pin<Box<dyn Future<Output = _> + Send + '_>> =
-        match (refused, token_header(&head.headers, &IDEMPOTENCY_KEY)) {
-            (Err(err), _) => Box::pin(std::future::ready(Err(err))),
+        match (refused, token_header(&head.headers, &IDEMPOTENCY_KEY), job) {
+            (Err(err), _, _) => Box::pin(std::future::ready(Err(err))),
             // The bridge's own paths never reach a worker.
-            (Ok(()), _) if reserved::is_reserved(head.uri.path()) => {
+            (Ok(()), _, _) if reserved::is_reserved(head.uri.path()) => {
                 Box::pin(async { reserved::answer(&ctx, &head).await })
             }
-            (Ok(()), _) if fanout::requested(&head.headers) => {
-                let own = fanout::Owned {
-                    shared: shared.clone(),
-                    settings: settings.clone(),
-                    caller: caller.clone(),
-                    request_id: request_id.clone(),
-                    started,
-                };
-                Box::pin(fanout::fanout(own, head, body, trace))
+            (Ok(()), _, _) if fanout::requested(&head.headers) => {
+                Box::pin(fanout::fanout(own(), head, body, trace))
             }
-            // A job, when there is a store to keep it; without one the
-            // preference is ignored (RFC 7240 allows it).
-            (Ok(()), _)
-                if shared.jobs.get().is_some() && jobs::requested(&head.headers).is_some() =>
-            {
-                let own = fanout::Owned {
-                    shared: shared.clone(),
-                    settings: settings.clone(),
-                    caller: caller.clone(),
-                    request_id: request_id.clone(),
-                    started,
-                };
-                match (shared.jobs.get().cloned(), jobs::requested(&head.headers)) {
-                    (Some(store), Some(prefer)) => {
-                        Box::pin(jobs::submit(own, store, prefer, head, body, trace))
-                    }
-                    _ => Box::pin(std::future::ready(Err(CallError::JobsUnavailable {
-                        reason: "no job store".into(),
-                    }))),
-                }
+            (Ok(()), _, Some((jobs, prefer))) => {
+                Box::pin(jobs::submit(own(), jobs, prefer, head, body, trace))
             }
-            (Ok(()), Some(key)) => Box::pin(keyed(&ctx, head, body, trace, key)),
-            (Ok(()), None) => Box::pin(call(&ctx, head, RequestBody::plain(body), trace)),
+            (Ok(()), Some(key), None) => Box::pin(keyed(&ctx, head, body, trace, key)),
+            (Ok(()), None, None) => Box::pin(call(&ctx, head, RequestBody::plain(body), trace)),
         };
     let outcome = exchange.await;
     let mut error = None;
@@ -206,7 +196,7 @@ fn attempts_value(n: u32) -> HeaderValue {
 }
 
 /// Header `name` if it is a sane token: 1 to 128 visible ASCII characters.
-fn token_header(headers: &http::HeaderMap, name: &HeaderName) -> Option<String> {
+pub(super) fn token_header(headers: &http::HeaderMap, name: &HeaderName) -> Option<String> {
     headers
         .get(name)
         .and_then(|v| v.to_str().ok())

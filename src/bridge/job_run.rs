@@ -37,15 +37,12 @@ use crate::{
     body::Body,
     error::CallError,
     jobs::{
-        now_ms,
-        record::Header,
-        store::SPOOL_OVER,
-        stream::{Sizing, ACK_WAIT, JOB_ID},
-        Backend, JobError, Outcome, Record, State, StoreError, Stream,
+        now_ms, record::Header, store::SPOOL_OVER, stream::Claim, Backend, JobError, Outcome,
+        Record, State, Store, StoreError,
     },
 };
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -68,9 +65,9 @@ pub(crate) struct Jobs {
     pub(super) tasks: TaskTracker,
     /// Set when the bridge stops: queued jobs stay in the store.
     pub(super) stop: CancellationToken,
-    /// Serialises submissions that carry an idempotency key, so that two
-    /// at once cannot both make a job.
-    pub(super) keyed: tokio::sync::Mutex<()>,
+    /// Serialise submissions that carry the same idempotency key (by a
+    /// hash of it), so that two at once cannot both make a job.
+    keyed: [tokio::sync::Mutex<()>; 64],
 }
 
 impl Jobs {
@@ -83,8 +80,16 @@ impl Jobs {
             expiry_changed: Notify::new(),
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
-            keyed: tokio::sync::Mutex::new(()),
+            keyed: std::array::from_fn(|_| tokio::sync::Mutex::new(())),
         }
+    }
+
+    /// The lock of submissions with idempotency key `key`.
+    pub(super) fn keyed(&self, key: &str) -> &tokio::sync::Mutex<()> {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = foldhash::fast::FixedState::with_seed(0).build_hasher();
+        h.write(key.as_bytes());
+        &self.keyed[(h.finish() % 64) as usize]
     }
 
     /// Jobs queued or running here.
@@ -95,6 +100,11 @@ impl Jobs {
     /// A live job's state changes, or `None` once it has ended.
     pub(super) fn watch(&self, id: &str) -> Option<watch::Receiver<State>> {
         lock(&self.live).get(id).map(|l| l.state.subscribe())
+    }
+
+    /// Forgets a live job that goes back to the stream without running.
+    pub(super) fn forget(&self, id: &str) {
+        lock(&self.live).remove(id);
     }
 
     /// Cancels a live job; false if it is not live here.
@@ -108,9 +118,17 @@ impl Jobs {
         }
     }
 
-    fn permits(&self, service: &str, n: usize) -> Arc<Semaphore> {
-        lock(&self.permits)
-            .entry(Arc::from(service))
+    /// The permits of `key` (a service, or a service's one worker).
+    /// Keys no job uses any more are dropped once there are many: one per
+    /// worker id a job was ever addressed to would otherwise pile up.
+    fn permits(&self, key: &str, n: usize) -> Arc<Semaphore> {
+        let mut permits = lock(&self.permits);
+        // At each power of two past 1024: the sweeps cost O(1) per job.
+        if permits.len() >= 1024 && permits.len().is_power_of_two() {
+            permits.retain(|_, s| Arc::strong_count(s) > 1);
+        }
+        permits
+            .entry(Arc::from(key))
             .or_insert_with(|| Arc::new(Semaphore::new(n)))
             .clone()
     }
@@ -124,26 +142,97 @@ impl Jobs {
     }
 }
 
+/// Where a run writes its job: this bridge's store, or the cluster's
+/// through this bridge's hold on the job.
+#[derive(Clone)]
+pub(super) enum Writer {
+    Local(Store),
+    Claim(Arc<Claim>),
+}
+
+impl Writer {
+    /// Stores a changed record.
+    pub(super) async fn put(&self, record: &Record) -> Result<(), StoreError> {
+        match self {
+            Writer::Local(store) => store.put(record).await,
+            Writer::Claim(claim) => claim.modify(|r| replace(r, record)).await.map(drop),
+        }
+    }
+
+    /// Stores how the job ended, with its result body.
+    async fn finish(&self, record: &Record, body: Option<Bytes>) -> Result<(), StoreError> {
+        match self {
+            Writer::Local(store) => store.finish(record, body).await,
+            Writer::Claim(claim) => {
+                let stream = claim.stream();
+                if let Some(body) = &body {
+                    stream.store_result(&record.id, body).await?;
+                }
+                claim.modify(|r| replace(r, record)).await?;
+                stream.drop_body(&record.id).await;
+                Ok(())
+            }
+        }
+    }
+
+    /// Changes the stored job with `change`; false if it is gone.
+    pub(super) async fn modify(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut Record),
+    ) -> Result<bool, StoreError> {
+        match self {
+            Writer::Local(store) => {
+                let Some(mut record) = store.get(id).await? else {
+                    return Ok(false);
+                };
+                change(&mut record);
+                store.put(&record).await.map(|()| true)
+            }
+            Writer::Claim(claim) => claim.modify(change).await.map(|_| true),
+        }
+    }
+
+    /// Whether the job is still stored (not purged).
+    pub(super) async fn exists(&self, id: &str) -> bool {
+        let found = match self {
+            Writer::Local(store) => store.get(id).await,
+            Writer::Claim(claim) => claim.stream().get(id).await,
+        };
+        // A store that cannot be read is not taken for an answer.
+        found.map_or(true, |r| r.is_some())
+    }
+
+    /// The job as stored now (`fallback` if it cannot be read).
+    async fn current(&self, fallback: Record) -> Record {
+        match self {
+            Writer::Local(store) => match store.get(&fallback.id).await {
+                Ok(Some(record)) => record,
+                _ => fallback,
+            },
+            Writer::Claim(claim) => claim.record().await,
+        }
+    }
+}
+
+/// `record` in place of `held`, keeping who holds it.
+fn replace(held: &mut Record, record: &Record) {
+    let (owner, lease) = (held.owner.take(), held.lease_ms);
+    *held = record.clone();
+    held.owner = owner;
+    held.lease_ms = lease;
+}
+
 /// Starts the task of a job that was just stored (or recovered) in this
 /// bridge's own store.
-pub(super) fn start(shared: &Arc<Shared>, jobs: &Arc<Jobs>, record: Record) {
-    let run = Run::new(shared, jobs, &record);
+pub(super) fn start(shared: &Arc<Shared>, jobs: &Arc<Jobs>, store: &Store, record: Record) {
+    let writer = Writer::Local(store.clone());
+    let run = Run::new(shared, jobs, &record, writer.clone());
     jobs.tasks.spawn(async move {
-        let body = match &run.jobs.store {
-            Backend::Local(store) => store.body(&record).await,
-            Backend::Stream(_) => Ok(Bytes::new()),
-        };
-        let record = match body {
-            Ok(body) => run.run(record, body).await,
-            Err(e) => {
-                let error = job_error(&CallError::JobsUnavailable {
-                    reason: e.to_string(),
-                });
-                run.end(record, Ended::Error(State::Failed, error)).await
-            }
-        };
+        // The body is read once the job may go (see `Run::call`).
+        let record = run.run(record, None).await;
         if let Some(record) = record.filter(|r| r.callback.is_some()) {
-            callback::deliver(run.shared.clone(), run.jobs.clone(), record).await;
+            callback::deliver(run.shared.clone(), run.jobs.clone(), record, writer).await;
         }
     });
 }
@@ -154,7 +243,7 @@ pub(super) fn start(shared: &Arc<Shared>, jobs: &Arc<Jobs>, record: Record) {
 pub(crate) struct JobHook {
     pub(super) queue_deadline: Instant,
     record: tokio::sync::Mutex<Record>,
-    store: Backend,
+    writer: Writer,
     state: watch::Sender<State>,
     placed: AtomicBool,
     placed_now: Notify,
@@ -163,34 +252,47 @@ pub(crate) struct JobHook {
 }
 
 impl JobHook {
-    /// A worker (`worker`, at bridge `node` if not this one) has the job.
-    pub(super) async fn placed(&self, worker: &str, node: Option<&str>) {
+    /// The failure of a job that could not be stored as running.
+    pub(super) fn unstored() -> CallError {
+        CallError::JobsUnavailable {
+            reason: "the job could not be stored as running, so it was not sent".into(),
+        }
+    }
+
+    /// A worker (`worker`, at bridge `node` if not this one) has the job;
+    /// false if that could not be stored.
+    pub(super) async fn placed(&self, worker: &str, node: Option<&str>) -> bool {
         let mut record = self.record.lock().await;
         record.state = State::Running;
         record.started_ms = Some(now_ms());
         record.attempts += 1;
         record.ran_by = Some(worker.to_owned());
         record.node = node.map(str::to_owned).or_else(|| self.here.clone());
-        if let Err(e) = self.store.put(&record).await {
-            // The job goes on; a restart would then see it queued.
-            warn!(job = record.id, error = %e, "could not store that a job is running");
-        }
+        let stored = match self.writer.put(&record).await {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(job = record.id, error = %e, "could not store that a job is running");
+                false
+            }
+        };
         self.placed.store(true, Ordering::Release);
         self.placed_now.notify_one();
         self.state.send_replace(State::Running);
+        stored
     }
 }
 
 /// One job's task.
-struct Run {
+pub(super) struct Run {
     shared: Arc<Shared>,
     jobs: Arc<Jobs>,
+    writer: Writer,
     state: watch::Sender<State>,
     cancel: CancellationToken,
 }
 
 /// How a job's call ended.
-enum Ended {
+pub(super) enum Ended {
     Reply(Outcome, Bytes),
     Error(State, JobError),
     /// The bridge is stopping before a worker had it: it stays queued.
@@ -200,7 +302,12 @@ enum Ended {
 impl Run {
     /// The run of `record`, live from now on (its waiters and `DELETE`
     /// find it).
-    fn new(shared: &Arc<Shared>, jobs: &Arc<Jobs>, record: &Record) -> Run {
+    pub(super) fn new(
+        shared: &Arc<Shared>,
+        jobs: &Arc<Jobs>,
+        record: &Record,
+        writer: Writer,
+    ) -> Run {
         let (state, _) = watch::channel(record.state);
         let cancel = CancellationToken::new();
         lock(&jobs.live).insert(
@@ -213,25 +320,41 @@ impl Run {
         Run {
             shared: shared.clone(),
             jobs: jobs.clone(),
+            writer,
             state,
             cancel,
         }
     }
 
-    /// Runs the job to its end; the record as stored then, or `None` if
-    /// the bridge stopped first (the job is left as it was).
-    async fn run(&self, record: Record, body: Bytes) -> Option<Record> {
+    /// Whether the job was cancelled (`DELETE` here or, in a cluster,
+    /// anywhere) since its run began.
+    pub(super) fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// Runs the job to its end (with its request body, or reading it from
+    /// this bridge's store once the job may go); the record as stored
+    /// then, or `None` if the bridge stopped first or the record could
+    /// not be stored (the job is left as it was, for a restart's rules).
+    pub(super) async fn run(&self, record: Record, body: Option<Bytes>) -> Option<Record> {
         let ended = self.call(record.clone(), body).await;
         self.end(record, ended).await
+    }
+
+    /// Ends a job that did not run (cancelled before it went, say).
+    pub(super) async fn end_now(
+        &self,
+        record: Record,
+        state: State,
+        error: JobError,
+    ) -> Option<Record> {
+        self.end(record, Ended::Error(state, error)).await
     }
 
     /// Stores how the job ended (read again first: the run changed it).
     async fn end(&self, record: Record, ended: Ended) -> Option<Record> {
         let id = record.id.clone();
-        let mut record = match self.jobs.store.get(&id).await {
-            Ok(Some(stored)) => stored,
-            _ => record,
-        };
+        let mut record = self.writer.current(record).await;
         match ended {
             Ended::Stopped => {
                 lock(&self.jobs.live).remove(&id);
@@ -240,31 +363,45 @@ impl Run {
             Ended::Reply(outcome, body) => {
                 record.state = State::Succeeded;
                 record.outcome = Some(outcome);
-                Some(self.finish(record, Some(body)).await)
+                self.finish(record, Some(body)).await
             }
             Ended::Error(state, error) => {
                 record.state = state;
                 record.error = Some(error);
-                Some(self.finish(record, None).await)
+                self.finish(record, None).await
             }
         }
     }
 
-    /// Stores how the job ended and tells its waiters.
-    async fn finish(&self, mut record: Record, body: Option<Bytes>) -> Record {
+    /// Stores how the job ended (trying a few times) and tells its
+    /// waiters; `None` if it could not be stored.
+    async fn finish(&self, mut record: Record, body: Option<Bytes>) -> Option<Record> {
         record.finished_ms = Some(now_ms());
-        let stored = match self.jobs.store.finish(&record, body.clone()).await {
-            Ok(()) => Ok(()),
-            Err(StoreError::Full { limit }) if body.is_some() => {
-                record.state = State::Failed;
-                record.outcome = None;
-                record.error = Some(job_error(&CallError::JobsFull { limit }));
-                self.jobs.store.finish(&record, None).await
+        let mut pause = Duration::from_millis(100);
+        let mut tries = 0;
+        let stored = loop {
+            tries += 1;
+            let body = body.clone().filter(|_| record.outcome.is_some());
+            match self.writer.finish(&record, body).await {
+                Ok(()) => break Ok(()),
+                Err(StoreError::Full { limit }) if record.outcome.is_some() => {
+                    record.state = State::Failed;
+                    record.outcome = None;
+                    record.error = Some(job_error(&CallError::JobsFull { limit }));
+                }
+                // Another bridge holds it now: it is that bridge's to end.
+                Err(StoreError::Conflict) => break Err(StoreError::Conflict),
+                Err(e) if tries >= 3 => break Err(e),
+                Err(_) => {
+                    tokio::time::sleep(pause).await;
+                    pause *= 4;
+                }
             }
-            Err(e) => Err(e),
         };
+        lock(&self.jobs.live).remove(&record.id);
         if let Err(e) = stored {
-            warn!(job = record.id, error = %e, "could not store how a job ended; a restart will take it up again");
+            warn!(job = record.id, error = %e, "could not store how a job ended; it will be taken up again");
+            return None;
         }
         if let Backend::Local(_) = self.jobs.store {
             // JetStream forgets by itself (the buckets' max_age).
@@ -278,25 +415,31 @@ impl Run {
             "job ended"
         );
         self.shared.metrics.job_ended(record.state.as_str());
-        lock(&self.jobs.live).remove(&record.id);
         self.state.send_replace(record.state);
-        record
+        Some(record)
     }
 
     /// Waits for room, sends the call, and reads its reply.
-    async fn call(&self, record: Record, body: Bytes) -> Ended {
+    async fn call(&self, record: Record, body: Option<Bytes>) -> Ended {
         let config = self.shared.settings.load_full();
         let jobs_config = &config.config.jobs;
         let now = now_ms();
-        let left = Duration::from_millis(record.queue_deadline_ms.saturating_sub(now));
+        // Bounded: a record is data (in a cluster, any NATS client with
+        // access could write one).
+        let left = Duration::from_millis(record.queue_deadline_ms.saturating_sub(now))
+            .min(jobs_config.queue_timeout);
         let queue_deadline = Instant::now() + left;
-        // A job for one worker waits for that worker; the others queue
-        // behind their service's permits.
-        let permit = match (&record.worker, &self.jobs.store) {
-            // In a cluster each bridge bounds the jobs it pulls.
-            (Some(_), _) | (_, Backend::Stream(_)) => None,
-            (None, Backend::Local(_)) => {
-                let permits = self.jobs.permits(&record.service, jobs_config.concurrency);
+        // A job queues behind its service's permits (or those of the one
+        // worker it is for). In a cluster each bridge bounds the jobs it
+        // pulls instead.
+        let permit = match &self.writer {
+            Writer::Claim(..) => None,
+            Writer::Local(_) => {
+                let key = match &record.worker {
+                    Some(worker) => format!("{}\0{worker}", record.service),
+                    None => record.service.clone(),
+                };
+                let permits = self.jobs.permits(&key, jobs_config.concurrency);
                 tokio::select! {
                     p = permits.acquire_owned() => p.ok(),
                     _ = self.cancel.cancelled() => return cancelled(),
@@ -305,10 +448,25 @@ impl Run {
                 }
             }
         };
+        let body = match (body, &self.writer) {
+            (Some(body), _) => body,
+            (None, Writer::Local(store)) => match store.body(&record).await {
+                Ok(body) => body,
+                Err(e) => {
+                    return Ended::Error(
+                        State::Failed,
+                        job_error(&CallError::JobsUnavailable {
+                            reason: e.to_string(),
+                        }),
+                    )
+                }
+            },
+            (None, Writer::Claim(..)) => Bytes::new(),
+        };
         let hook = JobHook {
             queue_deadline,
             record: tokio::sync::Mutex::new(record.clone()),
-            store: self.jobs.store.clone(),
+            writer: self.writer.clone(),
             state: self.state.clone(),
             placed: AtomicBool::new(false),
             placed_now: Notify::new(),
@@ -427,7 +585,7 @@ fn request_parts(record: &Record) -> Result<Box<http::request::Parts>, CallError
     Ok(Box::new(req.into_parts().0))
 }
 
-fn cancelled() -> Ended {
+pub(super) fn cancelled() -> Ended {
     Ended::Error(
         State::Cancelled,
         JobError {
@@ -438,7 +596,7 @@ fn cancelled() -> Ended {
     )
 }
 
-fn expired(record: &Record, queue_timeout: Duration) -> Ended {
+pub(super) fn expired(record: &Record, queue_timeout: Duration) -> Ended {
     let whom = match &record.worker {
         Some(id) => format!("worker {id:?} of service {:?}", record.service),
         None => format!("a worker of service {:?}", record.service),
@@ -468,42 +626,57 @@ pub(super) fn job_error(e: &CallError) -> JobError {
 /// one runs again if that is safe (an idempotent method or a key), else it
 /// fails with `worker_lost`; finished ones wait for their purge, and an
 /// undelivered callback is sent again.
-pub(super) async fn recover(shared: &Arc<Shared>, jobs: &Arc<Jobs>, records: Vec<Record>) {
+pub(super) async fn recover(
+    shared: &Arc<Shared>,
+    jobs: &Arc<Jobs>,
+    store: &Store,
+    records: Vec<Record>,
+) {
     let retention = shared.settings.load().config.jobs.retention;
     let (mut queued, mut rerun, mut lost) = (0, 0, 0);
     for mut record in records {
         match record.state {
             State::Queued => {
                 queued += 1;
-                start(shared, jobs, record);
+                start(shared, jobs, store, record);
             }
             State::Running if record.replayable => {
                 rerun += 1;
                 record.state = State::Queued;
-                if let Err(e) = jobs.store.put(&record).await {
+                if let Err(e) = store.put(&record).await {
                     warn!(job = record.id, error = %e, "could not requeue a job");
                 }
-                start(shared, jobs, record);
+                start(shared, jobs, store, record);
             }
             State::Running => {
                 lost += 1;
                 record.state = State::Failed;
                 record.finished_ms = Some(now_ms());
                 record.error = Some(lost_error());
-                if let Err(e) = jobs.store.finish(&record, None).await {
+                if let Err(e) = store.finish(&record, None).await {
                     warn!(job = record.id, error = %e, "could not fail a lost job");
                 }
                 jobs.expires(&record, retention);
                 if record.callback.is_some() {
-                    jobs.tasks
-                        .spawn(callback::deliver(shared.clone(), jobs.clone(), record));
+                    let writer = Writer::Local(store.clone());
+                    jobs.tasks.spawn(callback::deliver(
+                        shared.clone(),
+                        jobs.clone(),
+                        record,
+                        writer,
+                    ));
                 }
             }
             _ => {
                 jobs.expires(&record, retention);
                 if record.callback.is_some() && !record.callback_delivered {
-                    jobs.tasks
-                        .spawn(callback::deliver(shared.clone(), jobs.clone(), record));
+                    let writer = Writer::Local(store.clone());
+                    jobs.tasks.spawn(callback::deliver(
+                        shared.clone(),
+                        jobs.clone(),
+                        record,
+                        writer,
+                    ));
                 }
             }
         }
@@ -542,265 +715,8 @@ pub(super) async fn sweep(jobs: Arc<Jobs>) {
     }
 }
 
-/// Opens the cluster's job store and starts pulling jobs from it.
-pub(super) async fn join_stream(
-    shared: &Arc<Shared>,
-    cluster: Option<&crate::cluster::Cluster>,
-) -> std::io::Result<Arc<Jobs>> {
-    let no = |e: String| std::io::Error::other(format!("jobs in JetStream: {e}"));
-    let cluster = cluster.ok_or_else(|| no("no cluster".into()))?;
-    let config = shared.settings.load().config.jobs.clone();
-    let sizing = Sizing {
-        max_bytes: config.max_bytes.bytes() as u64,
-        max_age: config.queue_timeout + config.timeout + config.retention,
-        replicas: config.replicas,
-    };
-    let stream = Stream::open(cluster.client().clone(), &cluster.name, &sizing)
-        .await
-        .map_err(|e| no(e.to_string()))?;
-    let cancels = cluster
-        .client()
-        .subscribe(stream.cancel_subject().to_owned())
-        .await
-        .map_err(|e| no(e.to_string()))?;
-    let consumer = stream.consumer().await.map_err(|e| no(e.to_string()))?;
-    let jobs = Arc::new(Jobs::new(Backend::Stream(Box::new(stream.clone()))));
-    jobs.tasks.spawn(listen_cancels(jobs.clone(), cancels));
-    jobs.tasks
-        .spawn(consume(shared.clone(), jobs.clone(), stream, consumer));
-    info!("jobs kept in JetStream, pulled by every bridge of the cluster");
-    Ok(jobs)
-}
-
-/// Cancels the jobs running here that a `DELETE` anywhere named.
-async fn listen_cancels(jobs: Arc<Jobs>, mut cancels: async_nats::Subscriber) {
-    use futures_util::StreamExt;
-    loop {
-        let message = tokio::select! {
-            _ = jobs.stop.cancelled() => return,
-            m = cancels.next() => m,
-        };
-        let Some(message) = message else { return };
-        jobs.cancel(&String::from_utf8_lossy(&message.payload));
-    }
-}
-
-/// Pulls jobs while this bridge has room for them (`jobs.concurrency` at
-/// once), each into a task of its own.
-async fn consume(
-    shared: Arc<Shared>,
-    jobs: Arc<Jobs>,
-    stream: Stream,
-    consumer: async_nats::jetstream::consumer::Consumer<
-        async_nats::jetstream::consumer::pull::Config,
-    >,
-) {
-    use futures_util::StreamExt;
-    let n = shared.settings.load().config.jobs.concurrency;
-    let room = Arc::new(Semaphore::new(n));
-    loop {
-        let first = tokio::select! {
-            _ = jobs.stop.cancelled() => return,
-            p = room.clone().acquire_owned() => p,
-        };
-        let Ok(first) = first else { return };
-        let mut permits = vec![first];
-        while let Ok(p) = room.clone().try_acquire_owned() {
-            permits.push(p);
-        }
-        // Only as many as can start now: a message pulled and left
-        // waiting would be given to another bridge after ACK_WAIT.
-        let batch = consumer
-            .fetch()
-            .max_messages(permits.len())
-            .expires(Duration::from_secs(5))
-            .messages()
-            .await;
-        let mut batch = match batch {
-            Ok(batch) => batch,
-            Err(e) => {
-                warn!(error = %e, "cannot pull jobs from JetStream; trying again");
-                tokio::select! {
-                    _ = jobs.stop.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                }
-            }
-        };
-        loop {
-            let message = tokio::select! {
-                _ = jobs.stop.cancelled() => return,
-                m = batch.next() => m,
-            };
-            let Some(Ok(message)) = message else { break };
-            let Some(permit) = permits.pop() else { break };
-            let (shared, jobs2, stream) = (shared.clone(), jobs.clone(), stream.clone());
-            jobs.tasks.spawn(async move {
-                pulled(&shared, &jobs2, &stream, message).await;
-                drop(permit);
-            });
-        }
-    }
-}
-
-/// Tells JetStream, until dropped, that a pulled job is still at work.
-fn keep_alive(message: &async_nats::jetstream::Message) -> tokio_util::task::AbortOnDropHandle<()> {
-    let (context, reply) = (message.context.clone(), message.reply.clone());
-    tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
-        let Some(reply) = reply else { return };
-        loop {
-            tokio::time::sleep(ACK_WAIT / 3).await;
-            let progress: Bytes = async_nats::jetstream::AckKind::Progress.into();
-            let _ = context.client().publish(reply.clone(), progress).await;
-        }
-    }))
-}
-
-/// One job pulled from the stream: taken up by the restart rules (the
-/// bridge that pulled it before may have died), run, called back, then
-/// acknowledged. A job no worker anywhere can take yet goes back to the
-/// stream for a while, so that it holds no room here.
-async fn pulled(
-    shared: &Arc<Shared>,
-    jobs: &Arc<Jobs>,
-    stream: &Stream,
-    message: async_nats::jetstream::Message,
-) {
-    use async_nats::jetstream::AckKind;
-    let id = message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(JOB_ID))
-        .map(|v| v.as_str().to_owned())
-        .unwrap_or_default();
-    let record = match stream.get(&id).await {
-        Ok(Some(record)) => record,
-        // Purged, or not a job's message: nothing to run.
-        Ok(None) => {
-            let _ = message.ack().await;
-            return;
-        }
-        Err(e) => {
-            warn!(job = id, error = %e, "cannot read a pulled job; it goes back");
-            let _ = message
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
-            return;
-        }
-    };
-    let _alive = keep_alive(&message);
-    let record = match take_up(shared, jobs, stream, record, &message).await {
-        TakenUp::Run(record) => record,
-        TakenUp::Later(delay) => {
-            let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
-            return;
-        }
-        TakenUp::Ended(record) => {
-            if record.callback.is_some() && !record.callback_delivered {
-                callback::deliver(shared.clone(), jobs.clone(), record).await;
-            }
-            let _ = message.ack().await;
-            return;
-        }
-    };
-    let body = match stream.body(&id, &message).await {
-        Ok(body) => body,
-        Err(e) => {
-            warn!(job = id, error = %e, "cannot read a job's body; it goes back");
-            let _ = message
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                .await;
-            return;
-        }
-    };
-    let run = Run::new(shared, jobs, &record);
-    match run.run(record, body).await {
-        // The bridge is stopping: another takes the job at once.
-        None => {
-            let _ = message.ack_with(AckKind::Nak(None)).await;
-        }
-        Some(record) => {
-            if record.callback.is_some() {
-                callback::deliver(shared.clone(), jobs.clone(), record).await;
-            }
-            let _ = message.ack().await;
-        }
-    }
-}
-
-/// What a pulled job needs.
-enum TakenUp {
-    Run(Record),
-    /// Back to the stream for this long: no worker can take it yet.
-    Later(Duration),
-    /// It has ended (now or before): only its callback may be due.
-    Ended(Record),
-}
-
-async fn take_up(
-    shared: &Arc<Shared>,
-    jobs: &Arc<Jobs>,
-    stream: &Stream,
-    mut record: Record,
-    message: &async_nats::jetstream::Message,
-) -> TakenUp {
-    if record.state.finished() {
-        return TakenUp::Ended(record);
-    }
-    let config = shared.settings.load().config.jobs.clone();
-    let end = |mut record: Record, state: State, error: JobError| async move {
-        record.state = state;
-        record.error = Some(error);
-        record.finished_ms = Some(now_ms());
-        if let Err(e) = stream.finish(&record, None).await {
-            warn!(job = record.id, error = %e, "could not store how a job ended");
-        }
-        shared.metrics.job_ended(state.as_str());
-        TakenUp::Ended(record)
-    };
-    if stream.cancelled(&record.id).await.unwrap_or(false) {
-        let Ended::Error(state, error) = cancelled() else {
-            unreachable!()
-        };
-        return end(record, state, error).await;
-    }
-    if record.state == State::Running {
-        if !record.replayable {
-            return end(record, State::Failed, lost_error()).await;
-        }
-        record.state = State::Queued;
-    }
-    if now_ms() >= record.queue_deadline_ms {
-        if let Ended::Error(state, error) = expired(&record, config.queue_timeout) {
-            return end(record, state, error).await;
-        }
-    }
-    if !placeable(shared, &record) {
-        let delivered = message.info().map_or(1, |i| i.delivered.max(1));
-        let pause = Duration::from_millis(250)
-            .saturating_mul(1 << delivered.min(5) as u32)
-            .min(Duration::from_secs(5));
-        let _ = jobs;
-        return TakenUp::Later(pause);
-    }
-    TakenUp::Run(record)
-}
-
-/// Whether a worker here or at a peer could take the job now.
-fn placeable(shared: &Shared, record: &Record) -> bool {
-    let cluster = shared.cluster.get();
-    match &record.worker {
-        Some(id) => {
-            shared.registry.hosts(&record.service, id)
-                || cluster.is_some_and(|c| !c.hosting(&record.service, id).is_empty())
-        }
-        None => {
-            shared.registry.connected(&record.service) > 0
-                || cluster.is_some_and(|c| !c.candidates(&record.service).is_empty())
-        }
-    }
-}
-
-fn lost_error() -> JobError {
+/// Why a job that was running when its bridge went away is not run again.
+pub(super) fn lost_error() -> JobError {
     JobError {
         status: 502,
         code: "worker_lost".into(),

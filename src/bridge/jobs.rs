@@ -18,10 +18,11 @@ use tokio_util::io::ReaderStream;
 use super::{
     call::{deadline_of, target_worker, WSBRIDGE_WORKER_WAIT},
     fanout::{read_whole, Owned},
+    http::token_header,
     idempotency::IDEMPOTENCY_KEY,
     job_run::{self, Jobs},
     keyed::scoped_key,
-    reply::{CallBody, Trace},
+    reply::{json_response, CallBody, Trace},
     reserved::PREFIX,
     Shared,
 };
@@ -63,7 +64,8 @@ pub(super) fn requested(headers: &http::HeaderMap) -> Option<Prefer> {
             };
             if name.eq_ignore_ascii_case("respond-async") {
                 respond_async = true;
-            } else if name.eq_ignore_ascii_case("wait") {
+            } else if name.eq_ignore_ascii_case("wait") && wait.is_none() {
+                // The first occurrence of a preference wins (RFC 7240 2).
                 wait = arg
                     .and_then(|a| a.parse::<u64>().ok())
                     .map(Duration::from_secs);
@@ -91,14 +93,7 @@ pub(super) async fn submit(
     body: Incoming,
     trace: &mut Trace,
 ) -> Result<Response<CallBody>, CallError> {
-    let target = own
-        .settings
-        .router
-        .resolve(head.uri.path())
-        .ok_or_else(|| CallError::NoRoute {
-            path: head.uri.path().to_owned(),
-        })?
-        .clone();
+    let target = own.settings.router.route(head.uri.path())?;
     trace.service = Some(target.service.clone());
     let jobs_config = &own.settings.config.jobs;
     let callback = callback(&head.headers, &jobs_config.callback_allow)?;
@@ -108,19 +103,17 @@ pub(super) async fn submit(
     trace.bytes_in = Some(body.len() as u64);
     let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
     let fingerprint = fingerprint(&head.method, path, &body);
-    let key = head
-        .headers
-        .get(&IDEMPOTENCY_KEY)
-        .and_then(|v| v.to_str().ok())
-        .map(|k| {
-            let scoped = scoped_key(k, head.headers.get(header::AUTHORIZATION));
-            format!("{} {scoped}", target.service)
-        });
+    // A key as calls take it (1 to 128 visible ASCII characters); any
+    // other value is no key.
+    let key = token_header(&head.headers, &IDEMPOTENCY_KEY).map(|k| {
+        let scoped = scoped_key(&k, head.headers.get(header::AUTHORIZATION));
+        format!("{} {scoped}", target.service)
+    });
     let id = new_id().map_err(unavailable)?;
     // One keyed submission at a time on this bridge: the lookup and the
     // insert are one. (In a cluster the key is taken atomically too.)
-    let _serial = match key {
-        Some(_) => Some(jobs.keyed.lock().await),
+    let _serial = match &key {
+        Some(key) => Some(jobs.keyed(key).lock().await),
         None => None,
     };
     if let Some(key) = &key {
@@ -186,6 +179,8 @@ pub(super) async fn submit(
         node: None,
         outcome: None,
         error: None,
+        owner: None,
+        lease_ms: 0,
         callback_delivered: false,
         callback_attempts: 0,
     };
@@ -197,7 +192,7 @@ pub(super) async fn submit(
                 });
             }
             store.insert(&record, body).await.map_err(unavailable)?;
-            job_run::start(&own.shared, &jobs, record.clone());
+            job_run::start(&own.shared, &jobs, store, record.clone());
         }
         // A bridge of the cluster pulls it from the stream.
         Backend::Stream(stream) => stream.insert(&record, body).await.map_err(unavailable)?,
@@ -326,15 +321,35 @@ fn callback(headers: &http::HeaderMap, allow: &[String]) -> Result<Option<String
     let parsed: http::Uri = url.parse().map_err(|_| CallError::BadRequest {
         reason: "Wsbridge-Callback: not a URL".into(),
     })?;
-    let allowed = matches!(parsed.scheme_str(), Some("http" | "https"))
-        && parsed.host().is_some()
-        && allow.iter().any(|prefix| url.starts_with(prefix.as_str()));
-    if !allowed {
+    if !allow.iter().any(|prefix| allows(prefix, &parsed)) {
         return Err(CallError::CallbackNotAllowed {
             url: url.to_owned(),
         });
     }
     Ok(Some(url.to_owned()))
+}
+
+/// Whether `url` is under the allowed `prefix`: the same scheme, host and
+/// port exactly, and a path that starts with the prefix's. A URL with
+/// user information (`https://allowed@elsewhere/`) never is.
+fn allows(prefix: &str, url: &http::Uri) -> bool {
+    let Ok(prefix) = prefix.parse::<http::Uri>() else {
+        return false;
+    };
+    let port = |u: &http::Uri| {
+        u.port_u16().unwrap_or(if u.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        })
+    };
+    let userinfo = url.authority().is_some_and(|a| a.as_str().contains('@'));
+    matches!(url.scheme_str(), Some("http" | "https"))
+        && !userinfo
+        && url.scheme_str() == prefix.scheme_str()
+        && url.host().is_some_and(|h| Some(h) == prefix.host())
+        && port(url) == port(&prefix)
+        && url.path().starts_with(prefix.path())
 }
 
 fn rfc3339(ms: u64) -> String {
@@ -405,19 +420,7 @@ fn document(shared: &Shared, record: &Record, status: StatusCode) -> Response<Ca
             }
         }
     }
-    let mut resp = Response::new(CallBody {
-        body: Body::full(doc.to_string()),
-        _call: None,
-        log: None,
-    });
-    *resp.status_mut() = status;
-    let headers = resp.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
+    json_response(status, "application/json", Body::full(doc.to_string()))
 }
 
 /// A job without a reply: its status and the error JSON a call would
@@ -614,7 +617,7 @@ async fn delete(
                     code: "job_cancelled".into(),
                     message: "the job was cancelled (DELETE)".into(),
                 });
-                stream.put(&ended).await.map_err(unavailable)?;
+                stream.end_unheld(&ended).await.map_err(unavailable)?;
             }
             // Running at another bridge: it is told.
             stream.cancel(&record.id).await.map_err(unavailable)?;
@@ -627,4 +630,56 @@ async fn delete(
 /// Whether a reserved path is a job's.
 pub(super) fn is_jobs_path(path: &str) -> bool {
     path.starts_with(JOBS_PATH) && path.len() > JOBS_PATH.len() && path.starts_with(PREFIX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_callback_must_be_under_an_allowed_prefix_exactly() {
+        let ok = |prefix: &str, url: &str| allows(prefix, &url.parse().expect("url"));
+        assert!(ok(
+            "https://app.internal/hooks/",
+            "https://app.internal/hooks/job?x=1"
+        ));
+        assert!(ok("https://app.internal", "https://app.internal:443/x"));
+        assert!(!ok(
+            "https://app.internal",
+            "https://app.internal.evil.tld/x"
+        ));
+        assert!(!ok(
+            "https://app.internal",
+            "https://app.internal@10.0.0.5/x"
+        ));
+        assert!(!ok("https://app.internal", "http://app.internal/x"));
+        assert!(!ok("https://app.internal", "https://app.internal:8443/x"));
+        assert!(!ok(
+            "https://app.internal/hooks/",
+            "https://app.internal/other"
+        ));
+    }
+
+    #[test]
+    fn prefer_takes_respond_async_and_the_first_wait() {
+        let prefer = |v: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert("prefer", HeaderValue::from_str(v).expect("value"));
+            requested(&h)
+        };
+        assert_eq!(prefer("respond-async"), Some(Prefer { wait: None }));
+        assert_eq!(
+            prefer("Respond-Async, wait=10, wait=20"),
+            Some(Prefer {
+                wait: Some(Duration::from_secs(10))
+            })
+        );
+        assert_eq!(prefer("return=minimal"), None);
+        assert_eq!(
+            prefer("respond-async; foo=bar, wait=\"5\""),
+            Some(Prefer {
+                wait: Some(Duration::from_secs(5))
+            })
+        );
+    }
 }

@@ -12,8 +12,9 @@
 //!   flight.
 //! * [`routes`] maps paths to services.
 //! * [`jobs`] turns a call with `Prefer: respond-async` into a durable job
-//!   and serves `/_wsbridge/jobs/`; [`job_run`] runs jobs and [`callback`]
-//!   delivers their results.
+//!   and serves `/_wsbridge/jobs/`; [`job_run`] runs jobs (in a cluster,
+//!   [`job_pull`] pulls them from JetStream) and [`callback`] delivers
+//!   their results.
 //! * [`admin`] serves `/metrics`, `/status`, the dashboard and `/reload`;
 //!   [`reload`] swaps in a re-read config without dropping anything.
 
@@ -31,6 +32,7 @@ mod handshake;
 mod http;
 mod idempotency;
 mod ingress;
+mod job_pull;
 mod job_run;
 mod jobs;
 mod keyed;
@@ -356,11 +358,13 @@ impl Bridge {
         }
         ingress.close();
         if let Some(jobs) = self.shared.jobs.get() {
-            job_run::recover(&self.shared, jobs, self.recovered).await;
+            if let crate::jobs::Backend::Local(store) = &jobs.store {
+                job_run::recover(&self.shared, jobs, store, self.recovered).await;
+            }
             jobs.tasks.spawn(job_run::sweep(jobs.clone()));
         } else if settings.config.jobs.jetstream {
             let cluster = self.shared.cluster.get().cloned();
-            let jobs = job_run::join_stream(&self.shared, cluster.as_deref()).await?;
+            let jobs = job_pull::join(&self.shared, cluster.as_deref()).await?;
             let _ = self.shared.jobs.set(jobs);
         }
         info!(addr = %http_addr, "http listener ready");

@@ -110,6 +110,7 @@ fn try_reload(shared: &Shared) -> Result<Reloaded, ReloadError> {
     keep!(jobs.max_bytes);
     keep!(jobs.jetstream);
     keep!(jobs.replicas);
+    keep!(jobs.concurrency);
     if format!("{:?}", new.admin) != format!("{:?}", old.admin) {
         needs_restart.push("admin".to_owned());
         new.admin = old.admin.clone();

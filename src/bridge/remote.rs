@@ -30,6 +30,7 @@ use tracing::{debug, warn};
 use super::{
     call::{Ctx, Exchange, Plan, Step},
     dispatch::Placed,
+    job_run::JobHook,
     reply::Trace,
     request_body::{read_error, RequestBody},
     session::Failure,
@@ -84,6 +85,14 @@ pub(super) async fn attempt(
         if sent > 0 && call.window.take(sent.min(relay::WINDOW)).await.is_err() {
             continue;
         }
+        // A job is stored as running before the offer (which may start
+        // it there): a restart must never run it again if it may not.
+        if let Some(job) = ctx.job {
+            let worker = plan.worker.as_deref().unwrap_or_default();
+            if !job.placed(worker, Some(&peer.node)).await && !plan.replayable {
+                return Some(Step::Unplaced(JobHook::unstored()));
+            }
+        }
         let mut answered = None;
         let by = (Instant::now() + ACK_WITHIN).min(plan.deadline);
         match cluster.offer(&peer.node, message, by).await {
@@ -120,9 +129,7 @@ pub(super) async fn attempt(
         if let Some(sent) = ctx.fanout {
             sent.mark();
         }
-        if let Some(job) = ctx.job {
-            job.placed(&call.worker(), Some(&peer.node)).await;
-        }
+
         trace.attempts = n;
         trace.node = Some(peer.node.as_str().into());
         let upload = (sent < plan.start.len() || !plan.single).then(|| Upload {

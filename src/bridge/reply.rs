@@ -261,3 +261,28 @@ impl HttpBody for CallBody {
         self.body.size_hint()
     }
 }
+
+/// A response the bridge itself writes: `body` as `content_type`, never
+/// cached.
+pub(super) fn json_response(
+    status: http::StatusCode,
+    content_type: &'static str,
+    body: Body,
+) -> http::Response<CallBody> {
+    let mut resp = http::Response::new(CallBody {
+        body,
+        _call: None,
+        log: None,
+    });
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    resp
+}

@@ -3,9 +3,13 @@
 //! routes say: `GET /_wsbridge/workers` (presence, `directory.rs`) and
 //! `/_wsbridge/jobs/<id>` (asynchronous calls, `jobs.rs`).
 
-use http::{header, request::Parts, HeaderValue, Method, Response};
+use http::{request::Parts, Method, Response, StatusCode};
 
-use super::{call::Ctx, directory, jobs, reply::CallBody};
+use super::{
+    call::Ctx,
+    directory, jobs,
+    reply::{json_response, CallBody},
+};
 use crate::{body::Body, error::CallError};
 
 /// The reserved prefix.
@@ -35,16 +39,9 @@ pub(super) async fn answer(ctx: &Ctx<'_>, head: &Parts) -> Result<Response<CallB
     }
     let query = directory::parse(head.uri.query())?;
     let json = directory::document(ctx.shared, &query).await;
-    let mut resp = Response::new(CallBody {
-        body: Body::full(json),
-        _call: None,
-        log: None,
-    });
-    let headers = resp.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    Ok(resp)
+    Ok(json_response(
+        StatusCode::OK,
+        "application/json",
+        Body::full(json),
+    ))
 }

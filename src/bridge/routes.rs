@@ -3,7 +3,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use crate::config::Config;
+use crate::{config::Config, error::CallError};
 
 /// What a request is routed to, with its effective limits.
 #[derive(Debug, Clone)]
@@ -49,6 +49,15 @@ impl Router {
             routes,
             default: config.default_service.as_deref().map(base),
         }
+    }
+
+    /// The target for a request path, or `no_route`.
+    pub(crate) fn route(&self, path: &str) -> Result<Target, CallError> {
+        self.resolve(path)
+            .cloned()
+            .ok_or_else(|| CallError::NoRoute {
+                path: path.to_owned(),
+            })
     }
 
     /// The target for a request path (without the query).

@@ -15,8 +15,6 @@ pub(crate) use record::{JobError, Outcome, Record, State};
 pub(crate) use store::{ResultBody, Store, StoreError};
 pub(crate) use stream::Stream;
 
-use bytes::Bytes;
-
 /// Where jobs are kept: this bridge's own store, or the cluster's.
 #[derive(Clone)]
 pub(crate) enum Backend {
@@ -27,26 +25,6 @@ pub(crate) enum Backend {
 }
 
 impl Backend {
-    /// Stores a changed record durably.
-    pub(crate) async fn put(&self, record: &Record) -> Result<(), StoreError> {
-        match self {
-            Backend::Local(s) => s.put(record).await,
-            Backend::Stream(s) => s.put(record).await,
-        }
-    }
-
-    /// Stores a finished job and its result durably.
-    pub(crate) async fn finish(
-        &self,
-        record: &Record,
-        result: Option<Bytes>,
-    ) -> Result<(), StoreError> {
-        match self {
-            Backend::Local(s) => s.finish(record, result).await,
-            Backend::Stream(s) => s.finish(record, result).await,
-        }
-    }
-
     /// A job's record.
     pub(crate) async fn get(&self, id: &str) -> Result<Option<Record>, StoreError> {
         match self {

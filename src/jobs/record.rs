@@ -173,6 +173,12 @@ pub(crate) struct Record {
     pub(crate) outcome: Option<Outcome>,
     #[serde(default)]
     pub(crate) error: Option<JobError>,
+    /// In a cluster: the bridge that holds the job now, and until when
+    /// (ms) its hold lasts unless renewed.
+    #[serde(default)]
+    pub(crate) owner: Option<String>,
+    #[serde(default)]
+    pub(crate) lease_ms: u64,
     /// The callback got a 2xx.
     #[serde(default)]
     pub(crate) callback_delivered: bool,

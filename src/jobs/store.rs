@@ -45,6 +45,10 @@ pub(crate) enum StoreError {
     /// The writer thread is gone (the bridge is stopping).
     #[error("the job store is closed")]
     Closed,
+    /// Another bridge changed the job since this one last wrote it: this
+    /// bridge no longer holds it.
+    #[error("the job was taken over by another bridge")]
+    Conflict,
 }
 
 fn io_error(e: impl std::fmt::Display) -> StoreError {
@@ -443,7 +447,12 @@ fn apply(
             *stored = stored.saturating_add(charge);
         }
         Write::Put(record) => {
-            let before = t.record(&record.id)?.map_or(0, |r| r.charge());
+            // A change to a job that was purged meanwhile is dropped: it
+            // must not bring the job back.
+            let Some(before) = t.record(&record.id)? else {
+                return Ok(());
+            };
+            let before = before.charge();
             t.put(record)?;
             *stored = stored
                 .saturating_sub(before)

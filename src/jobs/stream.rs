@@ -26,14 +26,24 @@ use async_nats::jetstream::{
     object_store::{self, ObjectStore},
     stream::{DiscardPolicy, RetentionPolicy, StorageType},
 };
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Arc,
+};
+
 use bytes::Bytes;
 use tokio::io::AsyncReadExt;
 
-use super::{Record, StoreError};
+use super::{now_ms, Record, StoreError};
 
 /// How long a pulled job may go without word from its bridge before
 /// JetStream gives it to another: what a dead bridge costs its jobs.
 pub(crate) const ACK_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a bridge's hold on a job lasts unless renewed (every
+/// `ACK_WAIT / 3`, with the progress it tells JetStream). A bridge that
+/// pulls a job another holds waits for the hold to lapse.
+pub(crate) const LEASE: Duration = Duration::from_secs(20);
 
 /// Bodies up to this size travel in the work message itself.
 const INLINE_BODY: usize = 512 * 1024;
@@ -252,30 +262,87 @@ impl Stream {
             .transpose()
     }
 
-    /// Stores a changed record.
-    pub(crate) async fn put(&self, record: &Record) -> Result<(), StoreError> {
-        let json = serde_json::to_vec(record).map_err(nats_error)?;
-        self.jobs
-            .put(&record.id, Bytes::from(json))
+    /// Stores a finished job's result body.
+    pub(crate) async fn store_result(&self, id: &str, body: &Bytes) -> Result<(), StoreError> {
+        self.data
+            .put(result_name(id).as_str(), &mut body.as_ref())
             .await
-            .map_err(nats_error)?;
+            .map_err(|e| self.full_or(e))?;
         Ok(())
     }
 
-    /// Stores a finished job: its result first, then its record.
-    pub(crate) async fn finish(
-        &self,
-        record: &Record,
-        result: Option<Bytes>,
-    ) -> Result<(), StoreError> {
-        if let Some(body) = result {
-            self.data
-                .put(result_name(&record.id).as_str(), &mut body.as_ref())
-                .await
-                .map_err(|e| self.full_or(e))?;
+    /// Drops a job's request body once it is no longer needed.
+    pub(crate) async fn drop_body(&self, id: &str) {
+        let _ = self.data.delete(body_name(id)).await;
+    }
+
+    /// A job's record with its revision, unless it is gone.
+    async fn entry(&self, id: &str) -> Result<Option<(Record, u64)>, StoreError> {
+        let Some(entry) = self.jobs.entry(id).await.map_err(nats_error)? else {
+            return Ok(None);
+        };
+        if entry.operation != kv::Operation::Put {
+            return Ok(None);
         }
-        let _ = self.data.delete(body_name(&record.id)).await;
-        self.put(record).await
+        let record = serde_json::from_slice(&entry.value).map_err(nats_error)?;
+        Ok(Some((record, entry.revision)))
+    }
+
+    /// Writes `record` if it is still at `revision`; its new revision.
+    async fn update(&self, record: &Record, revision: u64) -> Result<u64, StoreError> {
+        let json = serde_json::to_vec(record).map_err(nats_error)?;
+        match self
+            .jobs
+            .update(&record.id, Bytes::from(json), revision)
+            .await
+        {
+            Ok(revision) => Ok(revision),
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                Err(StoreError::Conflict)
+            }
+            Err(e) => Err(nats_error(e)),
+        }
+    }
+
+    /// Ends a queued job that no bridge holds (a `DELETE`), unless it
+    /// changed meanwhile; false if it could not be ended here.
+    pub(crate) async fn end_unheld(&self, ended: &Record) -> Result<bool, StoreError> {
+        let Some((now, revision)) = self.entry(&ended.id).await? else {
+            return Ok(false);
+        };
+        let held = now.owner.is_some() && now.lease_ms > now_ms();
+        if now.state.finished() || held {
+            return Ok(false);
+        }
+        match self.update(ended, revision).await {
+            Ok(_) => Ok(true),
+            Err(StoreError::Conflict) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Takes hold of job `id` for bridge `node`.
+    pub(crate) async fn claim(&self, node: &str, id: &str) -> Result<Claimed, StoreError> {
+        let Some((mut record, revision)) = self.entry(id).await? else {
+            return Ok(Claimed::Gone);
+        };
+        let now = now_ms();
+        if record.owner.as_deref().is_some_and(|o| o != node) && record.lease_ms > now {
+            return Ok(Claimed::Held {
+                for_ms: record.lease_ms - now,
+            });
+        }
+        record.owner = Some(node.to_owned());
+        record.lease_ms = now + LEASE.as_millis() as u64;
+        match self.update(&record, revision).await {
+            Ok(revision) => Ok(Claimed::Mine(Arc::new(Claim {
+                stream: self.clone(),
+                held: tokio::sync::Mutex::new((record, revision)),
+                lost: AtomicBool::new(false),
+            }))),
+            Err(StoreError::Conflict) => Ok(Claimed::Held { for_ms: 1000 }),
+            Err(e) => Err(e),
+        }
     }
 
     /// A finished job's result body, to be read as it is sent.
@@ -321,6 +388,66 @@ impl Stream {
     /// The record's changes from now on.
     pub(crate) async fn watch(&self, id: &str) -> Result<kv::Watch, StoreError> {
         self.jobs.watch_with_history(id).await.map_err(nats_error)
+    }
+}
+
+/// What became of a bridge's attempt to take hold of a job.
+pub(crate) enum Claimed {
+    /// This bridge holds it now.
+    Mine(Arc<Claim>),
+    /// Another bridge holds it, for this long at most.
+    Held { for_ms: u64 },
+    /// It was purged.
+    Gone,
+}
+
+/// A bridge's hold on a job it pulled. Every write it makes is checked
+/// against the revision it wrote last: a bridge whose hold lapsed (it was
+/// cut off for longer than [`LEASE`]) and that another bridge took over
+/// can no longer change the job, and learns that it lost it.
+pub(crate) struct Claim {
+    stream: Stream,
+    held: tokio::sync::Mutex<(Record, u64)>,
+    lost: AtomicBool,
+}
+
+impl Claim {
+    /// The job as this bridge last wrote it.
+    pub(crate) async fn record(&self) -> Record {
+        self.held.lock().await.0.clone()
+    }
+
+    /// The store the job is in.
+    pub(crate) fn stream(&self) -> &Stream {
+        &self.stream
+    }
+
+    /// Whether another bridge took the job over.
+    pub(crate) fn lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
+
+    /// Changes the job with `change` and writes it, renewing the hold.
+    pub(crate) async fn modify(
+        &self,
+        change: impl FnOnce(&mut Record),
+    ) -> Result<Record, StoreError> {
+        let mut held = self.held.lock().await;
+        let mut record = held.0.clone();
+        change(&mut record);
+        record.lease_ms = now_ms() + LEASE.as_millis() as u64;
+        match self.stream.update(&record, held.1).await {
+            Ok(revision) => {
+                *held = (record.clone(), revision);
+                Ok(record)
+            }
+            Err(e) => {
+                if matches!(e, StoreError::Conflict) {
+                    self.lost.store(true, Ordering::Release);
+                }
+                Err(e)
+            }
+        }
     }
 }
 
