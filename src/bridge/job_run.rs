@@ -491,7 +491,6 @@ impl Run {
             max_body: usize::MAX,
         };
         let limit = jobs_config.max_result.bytes();
-        let exchange = exchange(&ctx, &record, target, body, limit);
         let ran_too_long = async {
             hook.placed_now.notified().await;
             tokio::time::sleep(jobs_config.timeout).await;
@@ -502,19 +501,38 @@ impl Run {
                 std::future::pending::<()>().await;
             }
         };
-        let ended = tokio::select! {
-            ended = exchange => ended,
-            _ = self.cancel.cancelled() => cancelled(),
-            _ = ran_too_long => Ended::Error(State::Failed, job_error(&CallError::Timeout {
-                service: record.service.clone(),
-                after: jobs_config.timeout,
-            })),
-            _ = stopped_unplaced => Ended::Stopped,
+        tokio::pin!(ran_too_long, stopped_unplaced);
+        let ended = loop {
+            let exchange = exchange(&ctx, &record, target.clone(), body.clone(), limit);
+            let ended = tokio::select! {
+                ended = exchange => ended,
+                _ = self.cancel.cancelled() => cancelled(),
+                _ = &mut ran_too_long => Ended::Error(State::Failed, job_error(&CallError::Timeout {
+                    service: record.service.clone(),
+                    after: jobs_config.timeout,
+                })),
+                _ = &mut stopped_unplaced => Ended::Stopped,
+            };
+            // The cluster is unreachable and no worker here can take it:
+            // the job waits for either, as it waits for a worker.
+            let unreachable =
+                matches!(&ended, Ended::Error(_, e) if e.code == "cluster_unavailable");
+            if !unreachable || Instant::now() >= queue_deadline {
+                break ended;
+            }
+            tokio::select! {
+                _ = self.cancel.cancelled() => break cancelled(),
+                _ = &mut stopped_unplaced => break Ended::Stopped,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
         };
         drop(permit);
         match ended {
             // A worker was never found: the job expired.
-            Ended::Error(_, e) if e.code == "no_worker" || e.code == "unknown_worker" => {
+            Ended::Error(_, e)
+                if ["no_worker", "unknown_worker", "cluster_unavailable"]
+                    .contains(&e.code.as_str()) =>
+            {
                 expired(&record, jobs_config.queue_timeout)
             }
             other => other,

@@ -116,30 +116,25 @@ pub(super) async fn submit(
         Some(key) => Some(jobs.keyed(key).lock().await),
         None => None,
     };
-    if let Some(key) = &key {
-        let held = match &jobs.store {
-            Backend::Local(store) => store.by_key(key).await,
-            Backend::Stream(stream) => stream.take_key(key, &id).await,
+    // The job a key names already, on this bridge (in a cluster, the
+    // store takes the key atomically as it inserts, below).
+    if let (Some(key), Backend::Local(store)) = (&key, &jobs.store) {
+        let held = match store.by_key(key).await.map_err(unavailable)? {
+            Some(held) => store.get(&held).await.map_err(unavailable)?,
+            None => None,
         };
-        if let Some(held) = held.map_err(unavailable)? {
-            let Some(record) = jobs.store.get(&held).await.map_err(unavailable)? else {
-                return Err(CallError::JobsUnavailable {
-                    reason: format!("Idempotency-Key names job {held}, which is not stored"),
-                });
-            };
-            if record.fingerprint.as_deref() != Some(fingerprint.as_str()) {
-                return Err(CallError::IdempotencyKeyMismatch {
-                    key: head
-                        .headers
-                        .get(&IDEMPOTENCY_KEY)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default()
-                        .to_owned(),
-                    differs: "method, path or body",
-                });
-            }
+        if let Some(record) = held {
             drop(_serial);
-            return answer_submitted(&own.shared, &jobs, record, prefer, &target).await;
+            return same_job(
+                &own.shared,
+                &jobs,
+                record,
+                &fingerprint,
+                &head,
+                prefer,
+                &target,
+            )
+            .await;
         }
     }
     let mut headers = Header::lines(&head.headers);
@@ -167,7 +162,7 @@ pub(super) async fn submit(
         replayable: is_idempotent(&head.method) || key.is_some(),
         callback,
         key,
-        fingerprint: Some(fingerprint),
+        fingerprint: Some(fingerprint.clone()),
         body_len: body.len() as u64,
         body_spooled: body.len() > crate::jobs::store::SPOOL_OVER,
         created_ms: now,
@@ -195,11 +190,45 @@ pub(super) async fn submit(
             job_run::start(&own.shared, &jobs, store, record.clone());
         }
         // A bridge of the cluster pulls it from the stream.
-        Backend::Stream(stream) => stream.insert(&record, body).await.map_err(unavailable)?,
+        Backend::Stream(stream) => {
+            if let Some(held) = stream.insert(&record, body).await.map_err(unavailable)? {
+                drop(_serial);
+                return same_job(
+                    &own.shared,
+                    &jobs,
+                    held,
+                    &fingerprint,
+                    &head,
+                    prefer,
+                    &target,
+                )
+                .await;
+            }
+        }
     }
     drop(_serial);
     own.shared.metrics.job_submitted();
     answer_submitted(&own.shared, &jobs, record, prefer, &target).await
+}
+
+/// A submission whose idempotency key names `record` already: that job,
+/// if the request is the one the key was first used for.
+async fn same_job(
+    shared: &Shared,
+    jobs: &Jobs,
+    record: Record,
+    fingerprint: &str,
+    head: &Parts,
+    prefer: Prefer,
+    target: &super::routes::Target,
+) -> Result<Response<CallBody>, CallError> {
+    if record.fingerprint.as_deref() != Some(fingerprint) {
+        return Err(CallError::IdempotencyKeyMismatch {
+            key: token_header(&head.headers, &IDEMPOTENCY_KEY).unwrap_or_default(),
+            differs: "method, path or body",
+        });
+    }
+    answer_submitted(shared, jobs, record, prefer, target).await
 }
 
 /// The answer to a submission: the result if it is ready within `wait`,

@@ -168,35 +168,63 @@ impl Stream {
         &self.cancel_subject
     }
 
-    /// Takes `key` for job `id`; if it is taken, the job that has it.
-    pub(crate) async fn take_key(&self, key: &str, id: &str) -> Result<Option<String>, StoreError> {
+    /// Takes `record`'s idempotency key for it (atomically: the same key
+    /// at two bridges makes one job); the job that has it already, if
+    /// any. The record is stored first, so a key never names a job that
+    /// is not there (unless it was forgotten, and then the key is taken
+    /// over).
+    async fn take_key(&self, record: &Record) -> Result<Option<Record>, StoreError> {
+        let Some(key) = &record.key else {
+            return Ok(None);
+        };
         let name = key_name(key);
-        match self.keys.create(&name, Bytes::from(id.to_owned())).await {
-            Ok(_) => Ok(None),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                let held = self.keys.get(&name).await.map_err(nats_error)?;
-                Ok(held.map(|v| String::from_utf8_lossy(&v).into_owned()))
-            }
-            Err(e) => Err(nats_error(e)),
+        let id = Bytes::from(record.id.clone());
+        match self.keys.create(&name, id.clone()).await {
+            Ok(_) => return Ok(None),
+            Err(e) if e.kind() != kv::CreateErrorKind::AlreadyExists => return Err(nats_error(e)),
+            Err(_) => {}
         }
+        let held = self.keys.get(&name).await.map_err(nats_error)?;
+        let held = held.map(|v| String::from_utf8_lossy(&v).into_owned());
+        if let Some(held) = held.filter(|h| *h != record.id) {
+            if let Some(existing) = self.get(&held).await? {
+                return Ok(Some(existing));
+            }
+        }
+        self.keys.put(&name, id).await.map_err(nats_error)?;
+        Ok(None)
     }
 
-    /// Stores a new job and queues it to run; on a failure nothing of it
-    /// is left (its record, key and body are removed again).
-    pub(crate) async fn insert(&self, record: &Record, body: Bytes) -> Result<(), StoreError> {
+    /// Stores a new job and queues it to run; with an idempotency key that
+    /// another job has, stores nothing and returns that job. On a failure
+    /// nothing of it is left (its record, key and body are removed again).
+    pub(crate) async fn insert(
+        &self,
+        record: &Record,
+        body: Bytes,
+    ) -> Result<Option<Record>, StoreError> {
         let outcome = self.try_insert(record, body).await;
-        if outcome.is_err() {
-            let _ = self.purge(record).await;
+        match &outcome {
+            Ok(Some(_)) => {
+                let _ = self.jobs.purge(&record.id).await;
+            }
+            Err(_) => {
+                let _ = self.purge(record).await;
+            }
+            Ok(None) => {}
         }
         outcome
     }
 
-    async fn try_insert(&self, record: &Record, body: Bytes) -> Result<(), StoreError> {
+    async fn try_insert(&self, record: &Record, body: Bytes) -> Result<Option<Record>, StoreError> {
         let json = serde_json::to_vec(record).map_err(nats_error)?;
         self.jobs
             .put(&record.id, Bytes::from(json))
             .await
             .map_err(nats_error)?;
+        if let Some(existing) = self.take_key(record).await? {
+            return Ok(Some(existing));
+        }
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(JOB_ID, record.id.as_str());
         let payload = if body.len() > INLINE_BODY {
@@ -215,7 +243,7 @@ impl Stream {
             .await
             .map_err(|e| self.full_or(e))?;
         ack.await.map_err(|e| self.full_or(e))?;
-        Ok(())
+        Ok(None)
     }
 
     /// JetStream refuses a write past `max_bytes` with an error that says
