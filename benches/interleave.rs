@@ -33,7 +33,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::{BridgeProcess, TestWorker};
+use common::{runtime, BridgeProcess, TestWorker};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full, StreamBody};
 use wsbridge::body::Body;
@@ -166,14 +166,6 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
-}
-
-fn runtime(threads: usize) -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()
-        .expect("runtime")
 }
 
 /// Per-round figures of one scenario.

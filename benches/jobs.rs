@@ -21,7 +21,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{http_client, BridgeProcess, TempDir, TestWorker};
+use common::{http_client, runtime, BridgeProcess, TempDir, TestWorker};
 use http::Request;
 use http_body_util::{BodyExt, Full};
 
@@ -32,14 +32,6 @@ fn env(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn runtime(threads: usize) -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()
-        .expect("runtime")
 }
 
 /// `n` POSTs to `url` by `CONCURRENCY` callers, `prefer` as `Prefer` (or

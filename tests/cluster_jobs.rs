@@ -17,9 +17,8 @@ use std::{
 
 use bytes::Bytes;
 use common::*;
-use http::{Request, Response};
+use http::Request;
 use http_body_util::Full;
-use tokio::sync::mpsc;
 use wsbridge::{body::Body, worker::echo};
 
 /// A single NATS server with JetStream, its store in a temporary directory.
@@ -144,16 +143,7 @@ async fn jobs_cancelled_at_one_bridge_are_cancelled_where_they_run() {
     let a = bridge(&nats, "node-a").await;
     let b = bridge(&nats, "node-b").await;
     let c = bridge(&nats, "node-c").await;
-    let (dropped_tx, mut dropped) = mpsc::unbounded_channel();
-    let (started_tx, mut started) = mpsc::unbounded_channel();
-    let hang = move |_req: Request<Body>| {
-        let guard = OnDrop(dropped_tx.clone());
-        let _ = started_tx.send(());
-        async move {
-            let _guard = guard;
-            std::future::pending::<Response<Body>>().await
-        }
-    };
+    let (hang, mut started, mut dropped) = hanging();
     let _at_b = TestWorker::start(b.worker_config(&["default"], 8), hang).await;
     for admin in [a.admin, c.admin] {
         until_status(admin, "B's worker listed", |s| workers_at(s, "node-b") == 1).await;

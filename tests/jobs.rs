@@ -130,16 +130,7 @@ async fn a_slow_call_gets_202_at_once_and_its_result_byte_for_byte_later() {
 async fn the_state_long_polls_until_it_changes_and_delete_cancels_at_the_worker() {
     let dir = TempDir::new("jobs");
     let bridge = TestBridge::start(with_jobs(&dir)).await;
-    let (dropped_tx, mut dropped) = mpsc::unbounded_channel();
-    let (started_tx, mut started) = mpsc::unbounded_channel();
-    let hang = move |_req: Request<Body>| {
-        let guard = OnDrop(dropped_tx.clone());
-        let _ = started_tx.send(());
-        async move {
-            let _guard = guard;
-            std::future::pending::<Response<Body>>().await
-        }
-    };
+    let (hang, mut started, mut dropped) = hanging();
     let client = http_client();
     let accepted = send(&client, submit(&bridge, "respond-async", Bytes::from("x"))).await;
     let location = accepted.header("location").to_owned();

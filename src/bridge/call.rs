@@ -43,7 +43,7 @@ use crate::{
 
 /// Methods that RFC 9110 defines as idempotent: sending one twice has the
 /// effect of sending it once, so a call may go to a second worker.
-fn idempotent(method: &http::Method) -> bool {
+pub(super) fn idempotent(method: &http::Method) -> bool {
     use http::Method;
     [
         Method::GET,

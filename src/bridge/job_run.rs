@@ -652,6 +652,14 @@ pub(super) async fn recover(
 ) {
     let retention = shared.settings.load().config.jobs.retention;
     let (mut queued, mut rerun, mut lost) = (0, 0, 0);
+    // A finished job's callback, if it is still due.
+    let call_back = |record: Record| {
+        if record.callback.is_some() && !record.callback_delivered {
+            let writer = Writer::Local(store.clone());
+            let deliver = callback::deliver(shared.clone(), jobs.clone(), record, writer);
+            jobs.tasks.spawn(deliver);
+        }
+    };
     for mut record in records {
         match record.state {
             State::Queued => {
@@ -675,27 +683,11 @@ pub(super) async fn recover(
                     warn!(job = record.id, error = %e, "could not fail a lost job");
                 }
                 jobs.expires(&record, retention);
-                if record.callback.is_some() {
-                    let writer = Writer::Local(store.clone());
-                    jobs.tasks.spawn(callback::deliver(
-                        shared.clone(),
-                        jobs.clone(),
-                        record,
-                        writer,
-                    ));
-                }
+                call_back(record);
             }
             _ => {
                 jobs.expires(&record, retention);
-                if record.callback.is_some() && !record.callback_delivered {
-                    let writer = Writer::Local(store.clone());
-                    jobs.tasks.spawn(callback::deliver(
-                        shared.clone(),
-                        jobs.clone(),
-                        record,
-                        writer,
-                    ));
-                }
+                call_back(record);
             }
         }
     }

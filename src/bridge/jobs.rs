@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use tokio_util::io::ReaderStream;
 
 use super::{
-    call::{deadline_of, target_worker, WSBRIDGE_WORKER_WAIT},
+    call::{deadline_of, idempotent, target_worker, WSBRIDGE_WORKER_WAIT},
     fanout::{read_whole, Owned},
     http::token_header,
     idempotency::IDEMPOTENCY_KEY,
@@ -159,7 +159,7 @@ pub(super) async fn submit(
         path: path.to_owned(),
         headers,
         worker: worker.map(String::from),
-        replayable: is_idempotent(&head.method) || key.is_some(),
+        replayable: idempotent(&head.method) || key.is_some(),
         callback,
         key,
         fingerprint: Some(fingerprint.clone()),
@@ -314,18 +314,6 @@ async fn awaited(
         .await
         .map_err(unavailable)?
         .unwrap_or(record))
-}
-
-fn is_idempotent(method: &Method) -> bool {
-    [
-        Method::GET,
-        Method::HEAD,
-        Method::OPTIONS,
-        Method::PUT,
-        Method::DELETE,
-        Method::TRACE,
-    ]
-    .contains(method)
 }
 
 /// Hex SHA-256 of what an idempotency key binds: method, path, body.

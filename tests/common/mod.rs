@@ -111,6 +111,36 @@ impl Drop for OnDrop {
     }
 }
 
+/// A handler whose calls never end: each says when it started (first
+/// receiver) and when it was dropped, the worker told to cancel it (second).
+pub fn hanging() -> (
+    impl wsbridge::worker::Handler,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    let (dropped_tx, dropped) = tokio::sync::mpsc::unbounded_channel();
+    let (started_tx, started) = tokio::sync::mpsc::unbounded_channel();
+    let handler = move |_req: http::Request<wsbridge::body::Body>| {
+        let guard = OnDrop(dropped_tx.clone());
+        let _ = started_tx.send(());
+        async move {
+            let _guard = guard;
+            std::future::pending::<http::Response<wsbridge::body::Body>>().await
+        }
+    };
+    (handler, started, dropped)
+}
+
+/// A multi-threaded runtime of `threads` workers, for load generators and
+/// workers that must not share the test's scheduler.
+pub fn runtime(threads: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// Shared counter type for worker handlers.
 pub type Counter = Arc<std::sync::atomic::AtomicUsize>;
 
