@@ -6,9 +6,16 @@
 #   a-nginx  wrk -> nginx `return 200`                         (ceiling)
 #   a-echo   wrk -> hyper echo server (examples/bench_echo.rs)  (ceiling)
 #   b        wrk -> nginx proxy_pass, upstream keepalive -> nginx `return 200`
-#   c        wrk -> wsbridge ==wss==> `wsbridge worker --echo`
-#   d        wrk -> wsbridge ==wss==> `wsbridge worker --upstream` -> nginx `return 200`
-#   c-ng, d-ng   c and d with `--no-start-gate` workers (no accepted/start round trip)
+#   b-echo   wrk -> nginx proxy_pass, upstream keepalive -> the hyper echo (moves
+#            the body both ways, as the echo worker does: the fair peer of c)
+#   c        wrk -> wsbridge ==wss==> `wsbridge worker --echo`, default settings:
+#            no flags, no tuning, tokio's default thread count (as users run it)
+#   c1       as c, WSB_THREADS tokio threads per process and limits above any
+#            concurrency (what every run before issue 21 measured as c-ng)
+#   c-g      as c1, with the start gate on (`[http] start_gate = true`)
+#   d        wrk -> wsbridge ==wss==> `wsbridge worker --upstream` -> nginx `return 200`,
+#            default settings
+#   d1       as d, tuned as c1
 #   e        wrk -> rathole server <-tcp- rathole client -> nginx `return 200`
 #   x        wrk -> wsbridge A -> NATS -> wsbridge B ==wss==> `wsbridge worker --echo`
 #            (a cross-node call: A has no worker; one nats-server, scripts/nats-server;
@@ -19,10 +26,11 @@
 #   ROUNDS=3       runs per scenario and point, interleaved A/B/A/B; medians reported
 #   WARMUP=2s      unmeasured run before the first round of each scenario and point (0: none)
 #   QUICK=1        smoke run: DURATION=2s ROUNDS=1 WARMUP=0 unless set explicitly
-#   CONCS="1 64 1024"  SIZES="64 16384"  SCENARIOS="a-nginx a-echo b c c-ng d d-ng e x"
+#   CONCS="1 64 1024"  SIZES="64 16384"  SCENARIOS="a-nginx a-echo b b-echo c c1 c-g d d1 e x"
 #   OUT=bench/results.json   (relative to the repository root)
 #   KEEP_TMP=1     keep the temp directory (configs, logs) after the run
-#   WSB_THREADS=1  tokio worker threads of each wsbridge process (default 1:
+#   WSB_THREADS=1  tokio worker threads of each wsbridge process in c1, c-g, d1
+#                  and x (default 1:
 #                  on two cores shared with wrk and the origin, one thread per
 #                  process beats two - fewer cross-thread wake-ups - see
 #                  docs/PERFORMANCE.md; empty = tokio's default, one per core).
@@ -45,7 +53,7 @@ ROUNDS=${ROUNDS:-3}
 WARMUP=${WARMUP:-2s}
 CONCS=${CONCS:-"1 64 1024"}
 SIZES=${SIZES:-"64 16384"}
-SCENARIOS=${SCENARIOS:-"a-nginx a-echo b c c-ng d d-ng e x"}
+SCENARIOS=${SCENARIOS:-"a-nginx a-echo b b-echo c c1 c-g d d1 e x"}
 WSB_THREADS=${WSB_THREADS-1}
 OUT=${OUT:-bench/results.json}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
@@ -135,10 +143,11 @@ trap 'exit 130' INT TERM
 
 # Free loopback ports, all picked at once so they differ from each other.
 read -r P_ORIGIN P_PROXY P_ECHO P_BR_C P_BRW_C P_BR_D P_BRW_D P_RH_CTL P_RH_PUB \
-    P_BR_CN P_BRW_CN P_BR_DN P_BRW_DN P_NATS P_BR_XA P_BRW_XA P_BR_XB P_BRW_XB < <(python3 - <<'EOF'
+    P_BR_C1 P_BRW_C1 P_BR_D1 P_BRW_D1 P_NATS P_BR_XA P_BRW_XA P_BR_XB P_BRW_XB \
+    P_BR_CG P_BRW_CG P_PROXY_ECHO < <(python3 - <<'EOF'
 import socket
 socks = []
-for _ in range(18):
+for _ in range(21):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     socks.append(s)
@@ -234,7 +243,7 @@ cpu_ticks() {
 # ---------------------------------------------------------------- servers ----
 log "starting servers on 127.0.0.1 (temp dir $TMP)"
 NEED_ORIGIN=0
-for s in a-nginx b d d-ng e; do want "$s" && NEED_ORIGIN=1; done
+for s in a-nginx b d d1 e; do want "$s" && NEED_ORIGIN=1; done
 
 if ((NEED_ORIGIN)); then
     nginx_conf "$TMP/nginx-origin" "$P_ORIGIN" 'return 200 "ok\n";'
@@ -248,25 +257,37 @@ if want b; then
     start nginx-proxy nginx -p "$TMP/nginx-proxy" -c "$TMP/nginx-proxy/nginx.conf" -e "$TMP/nginx-proxy/logs/error.log"
     wait_http nginx-proxy "$PID_nginx_proxy" "http://127.0.0.1:$P_PROXY/"
 fi
-if want a-echo; then
+if want a-echo || want b-echo; then
     start echo "$ECHO_BIN" "127.0.0.1:$P_ECHO"
     wait_http echo "$PID_echo" "http://127.0.0.1:$P_ECHO/"
+fi
+if want b-echo; then
+    nginx_conf "$TMP/nginx-proxy-echo" "$P_PROXY_ECHO" \
+        'proxy_pass http://echo; proxy_http_version 1.1; proxy_set_header Connection "";' \
+        "upstream echo { server 127.0.0.1:$P_ECHO; keepalive 1024; keepalive_requests 1000000; keepalive_timeout 120s; }"
+    start nginx-proxy-echo nginx -p "$TMP/nginx-proxy-echo" -c "$TMP/nginx-proxy-echo/nginx.conf" -e "$TMP/nginx-proxy-echo/logs/error.log"
+    wait_http nginx-proxy-echo "$PID_nginx_proxy_echo" "http://127.0.0.1:$P_PROXY_ECHO/"
 fi
 
 # wsbridge: self-signed certificate, one bridge per scenario (so CPU is
 # attributed cleanly), TLS on, access lines off (RUST_LOG=warn).
+# bridge_conf FILE HTTP-PORT WORKER-PORT PROFILE [TAIL]. PROFILE `default`:
+# the addresses, TLS and the token, nothing else (wsbridge's defaults);
+# `tuned`: limits above any concurrency measured, so nothing queues inside
+# wsbridge; `gate`: tuned, with the start gate on.
 bridge_conf() {
-    local file=$1 http=$2 wport=$3 tail=${4:-}
+    local file=$1 http=$2 wport=$3 profile=$4 tail=${5:-} limits=""
+    if [[ $profile != default ]]; then
+        limits=$'max_connections = 65536\nqueue_limit = 65536\nqueue_timeout = "30s"\nrequest_timeout = "60s"'
+    fi
+    if [[ $profile == gate ]]; then limits+=$'\nstart_gate = true'; fi
     cat >"$file" <<EOF
-# Generated by scripts/bench.sh
+# Generated by scripts/bench.sh (profile $profile)
 default_service = "default"
 shutdown_timeout = "1s"
 [http]
 listen = "127.0.0.1:$http"
-max_connections = 65536
-queue_limit = 65536
-queue_timeout = "30s"
-request_timeout = "60s"
+$limits
 # One bridge per scenario: no admin listener (its default port would clash).
 [admin]
 enabled = false
@@ -280,38 +301,44 @@ $tail
 EOF
     "$WSB" check-config "$file" >/dev/null
 }
-if want c || want d || want c-ng || want d-ng || want x; then
+if want c || want c1 || want c-g || want d || want d1 || want x; then
     "$WSB" gen-cert --out "$TMP/certs" >/dev/null 2>&1
     export WSBRIDGE_TOKEN=bench-token
 fi
-start_bridge() { # LETTER HTTP-PORT WORKER-PORT WORKER-MODE...
-    local x=$1 http=$2 wport=$3
-    shift 3
-    bridge_conf "$TMP/bridge-$x.toml" "$http" "$wport"
-    RUST_LOG=warn TOKIO_WORKER_THREADS=${WSB_THREADS:-$(nproc)} start "bridge-$x" "$WSB" serve --config "$TMP/bridge-$x.toml"
-    RUST_LOG=warn TOKIO_WORKER_THREADS=${WSB_THREADS:-$(nproc)} start "worker-$x" "$WSB" worker --connect "wss://127.0.0.1:$wport" \
-        --ca "$TMP/certs/server.crt" --service default --max-inflight "$WORKER_INFLIGHT" \
-        --id "bench-$x" "$@"
+# The environment of a tuned process: WSB_THREADS tokio threads.
+tuned_env() { echo "TOKIO_WORKER_THREADS=${WSB_THREADS:-$(nproc)}"; }
+start_bridge() { # LETTER HTTP-PORT WORKER-PORT PROFILE WORKER-MODE...
+    local x=$1 http=$2 wport=$3 profile=$4 threads
+    shift 4
+    bridge_conf "$TMP/bridge-$x.toml" "$http" "$wport" "$profile"
+    # default: no thread count and no worker flags but the mode; tokio's
+    # own default (one thread per core) even if the caller's shell sets one.
+    local -a tune=(--max-inflight "$WORKER_INFLIGHT")
+    threads=$(tuned_env)
+    [[ $profile == default ]] && { tune=(); threads=RUST_LOG=warn; }
+    start "bridge-$x" env -u TOKIO_WORKER_THREADS RUST_LOG=warn "$threads" "$WSB" serve --config "$TMP/bridge-$x.toml"
+    start "worker-$x" env -u TOKIO_WORKER_THREADS RUST_LOG=warn "$threads" "$WSB" worker --connect "wss://127.0.0.1:$wport" \
+        --ca "$TMP/certs/server.crt" --service default "${tune[@]}" --id "bench-$x" "$@"
     local pid_var="PID_bridge_$x" wpid_var="PID_worker_$x"
     wait_http "bridge-$x" "${!pid_var} ${!wpid_var}" "http://127.0.0.1:$http/"
 }
-want c && start_bridge c "$P_BR_C" "$P_BRW_C" --echo
-want d && start_bridge d "$P_BR_D" "$P_BRW_D" --upstream "http://127.0.0.1:$P_ORIGIN"
-# The same two paths with workers that start every call at once: no
-# `accepted`/`start` round trip, and so no retry of a started POST if the
-# worker dies (nginx's guarantee; the default one is stronger).
-want c-ng && start_bridge cn "$P_BR_CN" "$P_BRW_CN" --echo --no-start-gate
-want d-ng && start_bridge dn "$P_BR_DN" "$P_BRW_DN" --upstream "http://127.0.0.1:$P_ORIGIN" --no-start-gate
+want c && start_bridge c "$P_BR_C" "$P_BRW_C" default --echo
+want d && start_bridge d "$P_BR_D" "$P_BRW_D" default --upstream "http://127.0.0.1:$P_ORIGIN"
+want c1 && start_bridge c1 "$P_BR_C1" "$P_BRW_C1" tuned --echo
+want d1 && start_bridge d1 "$P_BR_D1" "$P_BRW_D1" tuned --upstream "http://127.0.0.1:$P_ORIGIN"
+# The start gate (PROTOCOL 3.7): one more bridge-worker round trip per POST,
+# so that a POST its worker never started can go to another worker.
+want c-g && start_bridge cg "$P_BR_CG" "$P_BRW_CG" gate --echo
 
 if want x; then
     NATS_BIN=$("$ROOT/scripts/nats-server")
     start nats "$NATS_BIN" -a 127.0.0.1 -p "$P_NATS"
     cluster_toml() { printf '[cluster]\nnats = ["nats://127.0.0.1:%s"]\nnode = "%s"\nname = "bench"\n' "$P_NATS" "$1"; }
     # A: the bridge wrk calls; no worker of its own.
-    bridge_conf "$TMP/bridge-xa.toml" "$P_BR_XA" "$P_BRW_XA" "$(cluster_toml node-a)"
+    bridge_conf "$TMP/bridge-xa.toml" "$P_BR_XA" "$P_BRW_XA" tuned "$(cluster_toml node-a)"
     RUST_LOG=warn TOKIO_WORKER_THREADS=${WSB_THREADS:-$(nproc)} start bridge-xa "$WSB" serve --config "$TMP/bridge-xa.toml"
     # B: the echo worker's bridge.
-    bridge_conf "$TMP/bridge-xb.toml" "$P_BR_XB" "$P_BRW_XB" "$(cluster_toml node-b)"
+    bridge_conf "$TMP/bridge-xb.toml" "$P_BR_XB" "$P_BRW_XB" tuned "$(cluster_toml node-b)"
     RUST_LOG=warn TOKIO_WORKER_THREADS=${WSB_THREADS:-$(nproc)} start bridge-xb "$WSB" serve --config "$TMP/bridge-xb.toml"
     RUST_LOG=warn TOKIO_WORKER_THREADS=${WSB_THREADS:-$(nproc)} start worker-xb "$WSB" worker --connect "wss://127.0.0.1:$P_BRW_XB" \
         --ca "$TMP/certs/server.crt" --service default --max-inflight "$WORKER_INFLIGHT" --id bench-xb --echo
@@ -344,7 +371,8 @@ fi
 
 # Sanity: the echo paths really echo.
 for url in ${PID_echo:+http://127.0.0.1:$P_ECHO/} ${PID_bridge_c:+http://127.0.0.1:$P_BR_C/} \
-    ${PID_bridge_cn:+http://127.0.0.1:$P_BR_CN/} ${PID_bridge_xa:+http://127.0.0.1:$P_BR_XA/}; do
+    ${PID_bridge_c1:+http://127.0.0.1:$P_BR_C1/} ${PID_bridge_cg:+http://127.0.0.1:$P_BR_CG/} \
+    ${PID_nginx_proxy_echo:+http://127.0.0.1:$P_PROXY_ECHO/} ${PID_bridge_xa:+http://127.0.0.1:$P_BR_XA/}; do
     [[ $(curl -s -m 5 -d sanity-check "$url") == sanity-check ]] || die "$url does not echo"
 done
 
@@ -357,8 +385,10 @@ URL[a-echo]=http://127.0.0.1:$P_ECHO/
 URL[b]=http://127.0.0.1:$P_PROXY/
 URL[c]=http://127.0.0.1:$P_BR_C/
 URL[d]=http://127.0.0.1:$P_BR_D/
-URL[c-ng]=http://127.0.0.1:$P_BR_CN/
-URL[d-ng]=http://127.0.0.1:$P_BR_DN/
+URL[b-echo]=http://127.0.0.1:$P_PROXY_ECHO/
+URL[c1]=http://127.0.0.1:$P_BR_C1/
+URL[c-g]=http://127.0.0.1:$P_BR_CG/
+URL[d1]=http://127.0.0.1:$P_BR_D1/
 URL[e]=http://127.0.0.1:$P_RH_PUB/
 URL[x]=http://127.0.0.1:$P_BR_XA/
 want a-nginx && { HOP[a-nginx]=""; ORIGIN[a-nginx]=$(origin_pids); }
@@ -366,8 +396,10 @@ want a-echo && { HOP[a-echo]=""; ORIGIN[a-echo]=$PID_echo; }
 want b && { HOP[b]=$(with_children "$PID_nginx_proxy"); ORIGIN[b]=$(origin_pids); }
 want c && { HOP[c]="$PID_bridge_c $PID_worker_c"; ORIGIN[c]=""; }
 want d && { HOP[d]="$PID_bridge_d $PID_worker_d"; ORIGIN[d]=$(origin_pids); }
-want c-ng && { HOP[c-ng]="$PID_bridge_cn $PID_worker_cn"; ORIGIN[c-ng]=""; }
-want d-ng && { HOP[d-ng]="$PID_bridge_dn $PID_worker_dn"; ORIGIN[d-ng]=$(origin_pids); }
+want b-echo && { HOP[b-echo]=$(with_children "$PID_nginx_proxy_echo"); ORIGIN[b-echo]=$PID_echo; }
+want c1 && { HOP[c1]="$PID_bridge_c1 $PID_worker_c1"; ORIGIN[c1]=""; }
+want c-g && { HOP[c-g]="$PID_bridge_cg $PID_worker_cg"; ORIGIN[c-g]=""; }
+want d1 && { HOP[d1]="$PID_bridge_d1 $PID_worker_d1"; ORIGIN[d1]=$(origin_pids); }
 want e && { HOP[e]="$PID_rathole_server $PID_rathole_client"; ORIGIN[e]=$(origin_pids); }
 want x && { HOP[x]="$PID_bridge_xa $PID_nats $PID_bridge_xb $PID_worker_xb"; ORIGIN[x]=""; }
 
@@ -377,7 +409,7 @@ RUNS=$TMP/runs.jsonl
 n_scen=$(wc -w <<<"$SCENARIOS")
 n_runs=$((n_scen * $(wc -w <<<"$CONCS") * $(wc -w <<<"$SIZES") * ROUNDS))
 log "logging: nginx access_log off; wsbridge bridge and worker RUST_LOG=warn (no access lines)"
-log "threads: nginx worker_processes auto ($(nproc)) per instance; wsbridge TOKIO_WORKER_THREADS=${WSB_THREADS:-default (one per core)} per process"
+log "threads: nginx worker_processes auto ($(nproc)) per instance; wsbridge c and d tokio's default (one per core), c1, c-g, d1 and x TOKIO_WORKER_THREADS=${WSB_THREADS:-default (one per core)} per process"
 log "$n_runs measured runs of $DURATION (ROUNDS=$ROUNDS, WARMUP=$WARMUP), scenarios interleaved per point"
 
 run_wrk() { # URL CONC SIZE DURATION -> wrk output

@@ -19,18 +19,26 @@ SCENARIOS = {
     "a-nginx": "direct: wrk -> nginx `return 200`",
     "a-echo": "direct: wrk -> hyper echo (examples/bench_echo.rs)",
     "b": "nginx proxy_pass (upstream keepalive) -> nginx `return 200`",
-    "c": "wsbridge ==wss==> wsbridge worker --echo",
-    "c-ng": "as c, worker with --no-start-gate (no accepted/start round trip)",
-    "d": "wsbridge ==wss==> wsbridge worker --upstream -> nginx `return 200`",
-    "d-ng": "as d, agent with --no-start-gate (no accepted/start round trip)",
-    "e": "rathole (tcp) server <- client -> nginx `return 200`",
-    "x": "wsbridge A -> NATS -> wsbridge B ==wss==> wsbridge worker --echo (cross-node)",
+    "b-echo": "nginx proxy_pass (upstream keepalive) -> hyper echo (the body both ways)",
+    "c": "wsbridge ==wss==> wsbridge worker --echo, default settings (no flags, default threads)",
+    "c1": "as c, one tokio thread per process (WSB_THREADS) and limits above any concurrency",
+    "c-g": "as c1, with the start gate on ([http] start_gate = true)",
+    "d": "wsbridge ==wss==> wsbridge worker --upstream -> nginx `return 200`, default settings",
+    "d1": "as d, tuned as c1",
+    "e": "rathole (tcp, no TLS) server <- client -> nginx `return 200`",
+    "x": "wsbridge A -> NATS -> wsbridge B ==wss==> wsbridge worker --echo (cross-node, tuned as c1)",
 }
 ORDER = list(SCENARIOS)
 # Which direct scenario is "(a)" for each wsbridge scenario: the one with the
 # same end server (the echo worker echoes; the agent forwards to nginx).
-BASELINE_A = {"c": "a-echo", "c-ng": "a-echo", "d": "a-nginx", "d-ng": "a-nginx",
+BASELINE_A = {"c": "a-echo", "c1": "a-echo", "c-g": "a-echo", "d": "a-nginx", "d1": "a-nginx",
               "x": "a-echo"}
+# What each wsbridge scenario is compared with: its direct server, the nginx
+# two-hop (b), and for the echoes the nginx two-hop that echoes too (b-echo);
+# the cross-node call with the same call made locally (c1, the same tuning).
+PEERS = {"c": ("a-echo", "b", "b-echo", "e"), "c1": ("a-echo", "b", "b-echo", "e"),
+         "c-g": ("a-echo", "b", "b-echo", "e"), "d": ("a-nginx", "b", "e"),
+         "d1": ("a-nginx", "b", "e"), "x": ("c1", "a-echo")}
 
 
 def machine():
@@ -102,12 +110,11 @@ def ratios(rows):
     out = []
     points = sorted({(r["conc"], r["size"]) for r in rows})
     for conc, size in points:
-        for x in ("c", "c-ng", "d", "d-ng", "x"):
+        for x, peers in PEERS.items():
             rx = find(rows, x, conc, size)
             if not rx:
                 continue
-            # The cross-node call is compared with the same call made locally.
-            for y in (BASELINE_A[x], "b", "e") if x != "x" else ("c", BASELINE_A[x]):
+            for y in peers:
                 ry = find(rows, y, conc, size)
                 if not ry:
                     continue
@@ -125,56 +132,71 @@ def ratios(rows):
 
 
 def targets(rows):
+    """The targets of issue 21 (docs/PERFORMANCE.md, "Targets")."""
     out = []
 
     def add(name, ok, detail):
         out.append({"target": name, "result": "SKIP" if ok is None else ("PASS" if ok else "FAIL"),
                     "detail": detail})
 
-    for cx in ("c", "c-ng"):
+    def need(name, *what):
+        add(name, None, "needs " + ", ".join(f"{s} at c={c} {size_label(z)}" for s, c, z in what))
+
+    for cx in ("c", "c1"):
         c, b = find(rows, cx, 64, 64), find(rows, "b", 64, 64)
-        name = f"({cx}) at c=64 64B: >= 1.1x (b) req/s and p99 <= (b)'s"
+        name = f"1. ({cx}) at c=64 64B: >= 1.1x (b) req/s, p99 and cpu/100k <= (b)'s"
         if c and b:
-            ok = c["rps"] >= 1.1 * b["rps"] and c["p99_us"] <= b["p99_us"]
+            ok = (c["rps"] >= 1.1 * b["rps"] and c["p99_us"] <= b["p99_us"]
+                  and c["cpu_all_s_per_100k"] <= b["cpu_all_s_per_100k"])
             add(name, ok, f"{c['rps'] / b['rps']:.2f}x req/s ({c['rps']:.0f} vs {b['rps']:.0f}), "
-                          f"p99 {us(c['p99_us'])} vs {us(b['p99_us'])}")
+                          f"p99 {us(c['p99_us'])} vs {us(b['p99_us'])}, cpu/100k "
+                          f"{cpu(c['cpu_all_s_per_100k'])} vs {cpu(b['cpu_all_s_per_100k'])}")
         else:
-            add(name, None, f"needs scenarios {cx} and b at CONCS 64, SIZES 64")
+            need(name, (cx, 64, 64), ("b", 64, 64))
 
         c, a = find(rows, cx, 1, 64), find(rows, "a-echo", 1, 64)
-        name = f"({cx}) at c=1 64B: added p50 over (a-echo) < 100us"
-        if c and a:
-            added = c["p50_us"] - a["p50_us"]
-            add(name, added < 100, f"+{added:.0f}us (p50 {us(c['p50_us'])} vs {us(a['p50_us'])})")
+        b, an = find(rows, "b", 1, 64), find(rows, "a-nginx", 1, 64)
+        name = f"2. ({cx}) at c=1 64B: p50 added over (a-echo) <= nginx's own hop ((b) - (a-nginx))"
+        if c and a and b and an:
+            added, hop = c["p50_us"] - a["p50_us"], b["p50_us"] - an["p50_us"]
+            add(name, added <= hop, f"+{added:.0f}us against +{hop:.0f}us "
+                                    f"(p50 {us(c['p50_us'])} vs {us(a['p50_us'])})")
         else:
-            add(name, None, f"needs scenarios {cx} and a-echo at CONCS 1, SIZES 64")
+            need(name, (cx, 1, 64), ("a-echo", 1, 64), ("b", 1, 64), ("a-nginx", 1, 64))
 
-    x, c = find(rows, "x", 1, 64), find(rows, "c", 1, 64)
-    name = "(x) at c=1 64B: p50 added over a local call (c) <= 150us"
+    c, b = find(rows, "c", 64, 16384), find(rows, "b-echo", 64, 16384)
+    name = "3. (c) at c=64 16KiB: >= 1.0x (b-echo) req/s"
+    if c and b:
+        add(name, c["rps"] >= b["rps"], f"{c['rps'] / b['rps']:.2f}x ({c['rps']:.0f} vs "
+                                        f"{b['rps']:.0f}), cpu/100k {cpu(c['cpu_all_s_per_100k'])} "
+                                        f"vs {cpu(b['cpu_all_s_per_100k'])}")
+    else:
+        need(name, ("c", 64, 16384), ("b-echo", 64, 16384))
+
+    for dx in ("d", "d1"):
+        d, e = find(rows, dx, 64, 64), find(rows, "e", 64, 64)
+        name = f"4. ({dx}) at c=64 64B: >= 1.0x (e) req/s (TLS on our side, none in rathole's)"
+        if d and e:
+            add(name, d["rps"] >= e["rps"], f"{d['rps'] / e['rps']:.2f}x ({d['rps']:.0f} vs "
+                                            f"{e['rps']:.0f})")
+        else:
+            need(name, (dx, 64, 64), ("e", 64, 64))
+
+    x, c = find(rows, "x", 1, 64), find(rows, "c1", 1, 64)
+    name = "6. (x) at c=1 64B: p50 added over a local call (c1) <= 150us"
     if x and c:
         added = x["p50_us"] - c["p50_us"]
         add(name, added <= 150, f"+{added:.0f}us (p50 {us(x['p50_us'])} vs {us(c['p50_us'])})")
     else:
-        add(name, None, "needs scenarios x and c at CONCS 1, SIZES 64")
-    x, c = find(rows, "x", 64, 64), find(rows, "c", 64, 64)
-    name = "(x) at c=64 64B: >= 0.6x a local call's (c) req/s"
+        need(name, ("x", 1, 64), ("c1", 1, 64))
+    x, c = find(rows, "x", 64, 64), find(rows, "c1", 64, 64)
+    name = "6. (x) at c=64 64B: >= 0.6x a local call's (c1) req/s"
     if x and c:
         add(name, x["rps"] >= 0.6 * c["rps"],
             f"{x['rps'] / c['rps']:.2f}x ({x['rps']:.0f} vs {c['rps']:.0f}), "
             f"cpu/100k {cpu(x['cpu_all_s_per_100k'])} vs {cpu(c['cpu_all_s_per_100k'])}")
     else:
-        add(name, None, "needs scenarios x and c at CONCS 64, SIZES 64")
-
-    sizes = sorted({r["size"] for r in rows if r["conc"] == 64})
-    for dx in ("d", "d-ng"):
-        for size in sizes or [64]:
-            d, e = find(rows, dx, 64, size), find(rows, "e", 64, size)
-            name = f"({dx}) at c=64 {size}B: >= 1.2x (e) req/s"
-            if d and e:
-                add(name, d["rps"] >= 1.2 * e["rps"],
-                    f"{d['rps'] / e['rps']:.2f}x ({d['rps']:.0f} vs {e['rps']:.0f})")
-            else:
-                add(name, None, f"needs scenarios {dx} and e at CONCS 64")
+        need(name, ("x", 64, 64), ("c1", 64, 64))
     return out
 
 
@@ -210,7 +232,8 @@ def print_report(res):
           f"({m.get('rathole_install')})")
     print("logging: nginx access_log off; wsbridge bridge and worker RUST_LOG=warn "
           "(no access lines); TLS on between bridge and worker")
-    print(f"threads: nginx worker_processes auto (one per core) per instance; wsbridge "
+    print(f"threads: nginx worker_processes auto (one per core) per instance; wsbridge c and d "
+          f"tokio's default (one per core), c1, c-g, d1 and x "
           f"{m.get('wsbridge_threads') or 'default (one per core)'} tokio worker thread(s) per process")
     print()
     for s, desc in SCENARIOS.items():
@@ -245,7 +268,7 @@ def print_report(res):
         rr = "-" if q["rps_ratio"] is None else f"{q['rps_ratio']:.2f}x"
         pr = "-" if q["p99_ratio"] is None else f"{q['p99_ratio']:.2f}x"
         cr = "-" if q["cpu_all_ratio"] is None else f"{q['cpu_all_ratio']:.2f}x"
-        print(f"{q['conc']:>5} {size_label(q['size']):>6}  {q['x']} vs {q['y']:8} req/s {rr:>6}  "
+        print(f"{q['conc']:>5} {size_label(q['size']):>6}  {q['x']:>3} vs {q['y']:7} req/s {rr:>6}  "
               f"p50 {q['p50_added_us']:+7.0f}us  p99 {pr:>6}  cpu {cr:>6}")
     print()
     print("targets:")

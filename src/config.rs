@@ -227,6 +227,13 @@ pub struct HttpConfig {
     /// before replying (only calls that cannot take effect twice; see docs).
     #[serde(default = "defaults::max_retries")]
     pub max_retries: u32,
+    /// Ask the worker to confirm a POST or PATCH before it runs it
+    /// (PROTOCOL 3.7), so that one whose worker dies before confirming goes
+    /// to another worker instead of failing with 502. Costs a bridge-worker
+    /// round trip per such call; off by default (see docs/PERFORMANCE.md,
+    /// "The start gate").
+    #[serde(default)]
+    pub start_gate: bool,
     /// How long the response to a call with an `Idempotency-Key` is kept,
     /// so that a retry with the same key gets it without a second call.
     #[serde(default = "defaults::idempotency_ttl", with = "humantime_serde")]

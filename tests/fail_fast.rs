@@ -85,7 +85,11 @@ async fn an_idempotent_call_moves_to_a_live_worker_at_once_and_the_resumed_worke
 
 #[tokio::test]
 async fn a_post_that_never_started_moves_to_a_live_worker_at_once() {
-    let bridge = TestBridge::start(long_window).await;
+    let bridge = TestBridge::start(|c| {
+        long_window(c);
+        c.http.start_gate = true;
+    })
+    .await;
     let mut first = RawWorker::connect_hello(&bridge, resumable_hello(None)).await;
     let call = spawn_post(&bridge, "/order", "x");
     // Read, but never accepted: it waits for `start` and cannot have run.

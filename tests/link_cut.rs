@@ -181,9 +181,11 @@ fn silence_bound() -> Duration {
 /// Slack on top of `silence_bound` for scheduling on a small machine.
 const SLACK: Duration = Duration::from_millis(600);
 
-/// A bridge with a fast heartbeat, for the link-cut tests.
+/// A bridge with a fast heartbeat, for the link-cut tests; with the start
+/// gate, so that the cuts show what it saves.
 async fn heartbeat_bridge(resume_window: Duration) -> TestBridge {
     TestBridge::start(|c| {
+        c.http.start_gate = true;
         c.workers.ping_interval = PING_INTERVAL;
         c.workers.ping_misses = PING_MISSES;
         c.workers.resume_window = resume_window;

@@ -108,7 +108,7 @@ async fn a_call_survives_its_workers_connection_dropping() {
 
 #[tokio::test]
 async fn on_resume_calls_the_worker_never_saw_are_sent_again_and_running_ones_stand() {
-    let bridge = TestBridge::start(|_| {}).await;
+    let bridge = TestBridge::start(|c| c.http.start_gate = true).await;
     let mut raw = RawWorker::connect_hello(&bridge, resumable_hello(None)).await;
     let session_id = raw.welcome.session_id.clone();
     assert!(raw.welcome.resume_window_ms > 0);

@@ -62,7 +62,7 @@ fn vanish(raw: RawWorker) {
 
 #[tokio::test]
 async fn a_call_the_worker_never_accepted_goes_to_another_worker() {
-    let bridge = TestBridge::start(|_| {}).await;
+    let bridge = TestBridge::start(|c| c.http.start_gate = true).await;
     let mut first = acking(&bridge).await;
     let caller = call(&bridge, "POST", &[]);
     first.next_request().await;
@@ -175,7 +175,11 @@ async fn the_start_gate_is_asked_for_only_where_it_decides_a_retry() {
     // Gated: a POST that could go to another worker only because it never
     // started. Not gated: calls retried anyway (idempotent, keyed) and the
     // last attempt, which nothing would retry.
-    let bridge = TestBridge::start(|c| c.http.max_retries = 1).await;
+    let bridge = TestBridge::start(|c| {
+        c.http.start_gate = true;
+        c.http.max_retries = 1;
+    })
+    .await;
     let mut worker = acking(&bridge).await;
     let mut gated = Vec::new();
     for (method, headers, gate) in [
@@ -218,12 +222,43 @@ async fn the_start_gate_is_asked_for_only_where_it_decides_a_retry() {
 }
 
 #[tokio::test]
+async fn by_default_no_post_waits_for_the_gate_and_one_whose_worker_dies_fails() {
+    // `start_gate` is off by default: even to a worker that offers the
+    // gate, a POST goes with `"gate": false`, starts on arrival, and so
+    // cannot be sent elsewhere once its worker is gone, accepted or not.
+    let bridge = TestBridge::start(|_| {}).await;
+    let mut first = acking(&bridge).await;
+    let caller = call(&bridge, "POST", &[]);
+    let (req, _) = first.next_request().await;
+    assert!(!req.gate, "a POST is not gated by default");
+    let mut second = acking(&bridge).await;
+    vanish(first);
+    let r = with_timeout(caller).await.expect("join");
+    assert_eq!(
+        (r.head.status, r.error_code().as_str()),
+        (StatusCode::BAD_GATEWAY, "worker_lost")
+    );
+    assert_eq!(r.header("x-bridge-attempts"), "1");
+    // The second worker never saw it: the next frame it gets is a new call.
+    let next = spawn_get(&bridge, "/next");
+    let (got, _) = second.next_request().await;
+    assert_eq!(got.path, "/next");
+    second.reply(got.id, 200, &[], b"ok").await;
+    with_timeout(next).await.expect("join");
+    bridge.stop().await;
+}
+
+#[tokio::test]
 async fn with_no_retries_a_post_skips_the_gate_and_its_loss_is_final() {
     // With no retries configured the gate would decide nothing, so a POST
     // goes without it (no `accepted`), and losing its worker ends the call
     // with 502 after one attempt. (Whether an ungated call counts as
     // started on a resume is checked in tests/resume.rs.)
-    let bridge = TestBridge::start(|c| c.http.max_retries = 0).await;
+    let bridge = TestBridge::start(|c| {
+        c.http.start_gate = true;
+        c.http.max_retries = 0;
+    })
+    .await;
     let mut first = acking(&bridge).await;
     let caller = call(&bridge, "POST", &[]);
     let (req, _) = first.next_request().await;

@@ -407,11 +407,12 @@ async fn attempt(
     let retries_left = plan.single && n <= ctx.max_retries();
     let how = StartAs {
         upload: !plan.single,
-        // The start gate (PROTOCOL 3.7) costs a round trip to the worker and
-        // only pays when it is what makes a retry allowed: a call that would
-        // be retried anyway (idempotent, keyed) or can't be (body not whole
-        // in memory, no retries left) starts at once.
-        gated: retries_left && !plan.replayable,
+        // The start gate (PROTOCOL 3.7) costs a round trip to the worker, so
+        // it is asked for only when configured, and then only where it is
+        // what makes a retry allowed: a call that would be retried anyway
+        // (idempotent, keyed) or can't be (body not whole in memory, no
+        // retries left) starts at once.
+        gated: http.start_gate && retries_left && !plan.replayable,
         // A call that would be retried even after it started: if its worker's
         // connection drops, it moves on at once instead of waiting for a resume.
         movable: retries_left && plan.replayable,
