@@ -85,9 +85,30 @@ async fn a_call_the_worker_never_accepted_goes_to_another_worker() {
     bridge.stop().await;
 }
 
+/// The call failed with 502 `worker_lost` after one attempt, and `second`
+/// never saw it: the next frame it gets is a new call.
+async fn failed_and_sent_nowhere_else(
+    bridge: &TestBridge,
+    caller: JoinHandle<Reply>,
+    second: &mut RawWorker,
+) {
+    let r = with_timeout(caller).await.expect("join");
+    assert_eq!(
+        (r.head.status, r.error_code().as_str()),
+        (StatusCode::BAD_GATEWAY, "worker_lost")
+    );
+    assert_eq!(r.header("x-bridge-attempts"), "1");
+    assert_eq!(r.json()["error"]["request_id"], "retry-1");
+    let next = spawn_get(bridge, "/next");
+    let (got, _) = second.next_request().await;
+    assert_eq!(got.path, "/next");
+    second.reply(got.id, 200, &[], b"ok").await;
+    with_timeout(next).await.expect("join");
+}
+
 #[tokio::test]
 async fn an_accepted_post_is_never_sent_twice() {
-    let bridge = TestBridge::start(|_| {}).await;
+    let bridge = TestBridge::start(|c| c.http.start_gate = true).await;
     let mut first = acking(&bridge).await;
     let caller = call(&bridge, "POST", &[]);
     let (req, _) = first.next_request().await;
@@ -97,19 +118,7 @@ async fn an_accepted_post_is_never_sent_twice() {
     accept(&mut first, req.id).await;
     let mut second = acking(&bridge).await;
     vanish(first);
-    let r = with_timeout(caller).await.expect("join");
-    assert_eq!(
-        (r.head.status, r.error_code().as_str()),
-        (StatusCode::BAD_GATEWAY, "worker_lost")
-    );
-    assert_eq!(r.header("x-bridge-attempts"), "1");
-    assert_eq!(r.json()["error"]["request_id"], "retry-1");
-    // The second worker never saw it: the next frame it gets is a new call.
-    let next = spawn_get(&bridge, "/next");
-    let (got, _) = second.next_request().await;
-    assert_eq!(got.path, "/next");
-    second.reply(got.id, 200, &[], b"ok").await;
-    with_timeout(next).await.expect("join");
+    failed_and_sent_nowhere_else(&bridge, caller, &mut second).await;
     bridge.stop().await;
 }
 
@@ -233,18 +242,7 @@ async fn by_default_no_post_waits_for_the_gate_and_one_whose_worker_dies_fails()
     assert!(!req.gate, "a POST is not gated by default");
     let mut second = acking(&bridge).await;
     vanish(first);
-    let r = with_timeout(caller).await.expect("join");
-    assert_eq!(
-        (r.head.status, r.error_code().as_str()),
-        (StatusCode::BAD_GATEWAY, "worker_lost")
-    );
-    assert_eq!(r.header("x-bridge-attempts"), "1");
-    // The second worker never saw it: the next frame it gets is a new call.
-    let next = spawn_get(&bridge, "/next");
-    let (got, _) = second.next_request().await;
-    assert_eq!(got.path, "/next");
-    second.reply(got.id, 200, &[], b"ok").await;
-    with_timeout(next).await.expect("join");
+    failed_and_sent_nowhere_else(&bridge, caller, &mut second).await;
     bridge.stop().await;
 }
 
