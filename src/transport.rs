@@ -21,12 +21,17 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 
-/// WebSocket read buffer per connection, both sides. tungstenite allocates it
-/// up front and zero-fills it before *every* read, including reads that find
-/// nothing: at its 128 KiB default that was a fifth of the bridge's
-/// instructions per call (`scripts/profile`) and 128 KiB of RSS per worker.
-/// TLS hands over at most one 16 KiB record per read anyway.
-pub(crate) const READ_BUFFER: usize = 16 * 1024;
+/// Most bytes tungstenite reads per call, both sides; also the read buffer it
+/// allocates when a connection opens. It zero-fills this much before *every*
+/// read, including reads that find nothing, and keeps the buffer for the
+/// connection's life. A frame larger than this still arrives whole: the
+/// buffer grows to the frame's length once its head is read, and the frame is
+/// read in steps of this size. 1 KiB holds a small call's frame, and against
+/// 16 KiB it costs less per call (64 B calls 51.3k -> 48.4k instructions,
+/// 16 KiB calls 277k -> 243k, `scripts/profile`) and 19 KiB less RSS per idle
+/// worker connection (`scripts/bench-scale.sh`), with bulk transfers as fast
+/// (`cargo bench --bench interleave`). See docs/PERFORMANCE.md.
+pub(crate) const READ_BUFFER: usize = 1024;
 
 /// Most frames written before one flush: a burst becomes a few TLS records
 /// and syscalls, while a lone frame still goes out at once.
