@@ -105,29 +105,33 @@ impl Drop for Live {
     }
 }
 
-/// Serves one worker connection (already TLS-terminated when TLS is on)
-/// until it ends or the bridge shuts down. `cert`: the SHA-256 of the
-/// client certificate's DER, with mutual TLS.
+/// Serves one worker connection until it ends or the bridge shuts down.
+/// `handshake` yields the stream (TLS-terminated when TLS is on) and, with
+/// mutual TLS, the SHA-256 of the client certificate's DER; `None` if it
+/// failed (it logs why).
 ///
-/// Two phases, so that an idle connection keeps little: the handshake
-/// (which holds the raw socket, the hello and the welcome) runs in a box
-/// of its own that is freed once the connection is registered, and the
-/// long-lived phase holds only the split socket's halves and handles. As
-/// one `async fn` the task kept the largest of all its states, and every
-/// by-value argument, for the connection's whole life: its cell took 7.8 KB
-/// per idle worker, 3.7 KB now (massif, docs/PERFORMANCE.md "Scale").
-pub(crate) fn serve<S>(
-    stream: S,
+/// Two phases, so that an idle connection keeps little: the TLS handshake,
+/// the upgrade, the hello and the welcome run in a box of their own that is
+/// freed once the connection is registered, and the long-lived phase holds
+/// only the split socket's halves and handles. As one `async fn` the task
+/// kept the largest of all its states, and every by-value argument, for the
+/// connection's whole life (docs/PERFORMANCE.md "Where an idle worker
+/// connection's memory goes").
+pub(crate) fn serve<S, H>(
+    handshake: H,
     peer: SocketAddr,
-    cert: Option<[u8; 32]>,
     shared: Arc<Shared>,
     settings: Arc<Settings>,
     shutdown: CancellationToken,
 ) -> impl std::future::Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: std::future::Future<Output = Option<(S, Option<[u8; 32]>)>> + Send + 'static,
 {
-    let opening = Box::pin(open(stream, peer, cert, shared, settings, shutdown));
+    let opening = Box::pin(async move {
+        let (stream, cert) = handshake.await?;
+        open(stream, peer, cert, shared, settings, shutdown).await
+    });
     async move {
         if let Some(opened) = opening.await {
             run(opened).await;
