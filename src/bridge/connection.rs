@@ -4,6 +4,7 @@
 //! batches frames and sends pings. The session it serves (which outlives
 //! a dropped connection when the worker can resume) is `session.rs`.
 
+use crate::transport::OutFrame;
 use std::{
     net::SocketAddr,
     sync::{atomic::Ordering, Arc, OnceLock},
@@ -508,7 +509,7 @@ where
             // reading must not make it queue (or spawn) anything for that.
             session
                 .outbox()
-                .try_control(Message::text(protocol::encode_control(&frame)));
+                .try_control(OutFrame::text(protocol::encode_control(&frame)));
         }
     }
 }
@@ -607,7 +608,7 @@ fn on_text(session: &Session, shared: &Shared, key: u64, text: &str) -> Problem 
                 let start = Control::Start { id };
                 session
                     .outbox()
-                    .control(Message::text(protocol::encode_control(&start)));
+                    .control(OutFrame::text(protocol::encode_control(&start)));
             }
             None
         }

@@ -7,6 +7,7 @@
 //! [`CallGuard`] being dropped sends a `cancel`, the connection ending fails
 //! them all with the cause).
 
+use crate::transport::OutFrame;
 use std::{
     net::SocketAddr,
     sync::{
@@ -19,7 +20,6 @@ use std::{
 use bytes::Bytes;
 use http::{header, Response, StatusCode};
 use tokio::sync::oneshot;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -182,7 +182,7 @@ impl Drop for CallGuard {
         // (the worker ignores chunks of calls it no longer knows).
         self.session
             .outbox()
-            .control(Message::text(protocol::encode_control(&cancel)));
+            .control(OutFrame::text(protocol::encode_control(&cancel)));
     }
 }
 
@@ -344,7 +344,7 @@ impl Session {
     /// chunks of streamed ones.
     pub(crate) async fn send_whole(&self, frame: Bytes) -> Result<(), Failure> {
         self.outbox()
-            .urgent(Message::Binary(frame))
+            .urgent(OutFrame::Binary(frame))
             .await
             .map_err(|_| Failure::Unsent("connection closed before sending".into()))
     }
@@ -352,7 +352,7 @@ impl Session {
     /// Queues a body chunk for the worker, waiting while the queue is full.
     pub(crate) async fn send_chunk(&self, frame: Bytes) -> Result<(), Failure> {
         self.outbox()
-            .bulk(Message::Binary(frame))
+            .bulk(OutFrame::Binary(frame))
             .await
             .map_err(|_| Failure::Lost("connection closed while sending".into()))
     }
@@ -414,7 +414,7 @@ impl Session {
             let resumed = calls.resume(issued, &known);
             for frame in &resumed.frames {
                 self.outbox()
-                    .control(Message::text(protocol::encode_control(frame)));
+                    .control(OutFrame::text(protocol::encode_control(frame)));
             }
             (resumed.resend, resumed.gone)
         };
@@ -433,7 +433,7 @@ impl Session {
                 reason: reason.to_owned(),
             };
             self.outbox()
-                .control(Message::text(protocol::encode_control(&cancel)));
+                .control(OutFrame::text(protocol::encode_control(&cancel)));
         }
     }
 
@@ -509,7 +509,7 @@ impl Session {
                     id: *id,
                     bytes: n as u64,
                 };
-                outbox.control(Message::text(protocol::encode_control(&frame)));
+                outbox.control(OutFrame::text(protocol::encode_control(&frame)));
             }
         });
         sender.send(body);

@@ -5,6 +5,7 @@
 //! Each call runs in its own task; a `cancel` frame aborts it, and so does
 //! the connection ending.
 
+use crate::transport::OutFrame;
 use std::{
     collections::HashMap,
     future::Future,
@@ -23,7 +24,6 @@ use futures_util::{future::OptionFuture, FutureExt};
 use http::{header, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use tokio::{sync::oneshot, task::AbortHandle, time::Instant};
-use tokio_tungstenite::tungstenite::Message;
 use tracing::warn;
 
 use crate::{
@@ -153,7 +153,7 @@ impl CallCtx {
             let (go, start) = oneshot::channel();
             lock(&self.starts).insert(id, go);
             let accepted = Control::Accepted { id };
-            outbox.control(Message::text(protocol::encode_control(&accepted)));
+            outbox.control(OutFrame::text(protocol::encode_control(&accepted)));
             start
         });
         // The map lock is held across the spawn so the task's own removal
@@ -193,7 +193,7 @@ impl CallCtx {
                     code: "bad_response".into(),
                     message: reason,
                 };
-                outbox.control(Message::text(protocol::encode_control(&frame)));
+                outbox.control(OutFrame::text(protocol::encode_control(&frame)));
             }
             // A cancel may abort the task until here: while a streamed
             // reply is being sent, it means "stop sending".
@@ -242,7 +242,7 @@ impl ReplySender<'_> {
         let head = DataHead::Body(BodyHead { id: self.id, end });
         let frame = protocol::encode_frame(&head, data, self.codec);
         self.outbox
-            .bulk(Message::Binary(frame))
+            .bulk(OutFrame::Binary(frame))
             .await
             .map_err(|_| "connection closed".to_owned())
     }
@@ -287,7 +287,7 @@ impl ReplySender<'_> {
             // connection drops first, it goes out on the resumed one.
             let written = self
                 .outbox
-                .urgent_written(Message::Binary(frame.clone()))
+                .urgent_written(OutFrame::Binary(frame.clone()))
                 .await
                 .map_err(|_| "connection closed".to_owned())?;
             // Written, or lost with a broken connection: either way it is
@@ -299,7 +299,7 @@ impl ReplySender<'_> {
         self.streaming.store(true, Ordering::Relaxed);
         // A streamed head stays in order with its own chunks.
         self.outbox
-            .bulk(Message::Binary(frame))
+            .bulk(OutFrame::Binary(frame))
             .await
             .map_err(|_| "connection closed".to_owned())?;
         for piece in early.chunks(CHUNK_SIZE) {

@@ -7,6 +7,7 @@
 //! `ping_interval * (ping_misses + 1)` from the welcome) is treated as gone,
 //! so a connection cut without a FIN never leaves the worker waiting.
 
+use crate::transport::OutFrame;
 use std::{
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -133,7 +134,7 @@ where
         let msg = tokio::select! {
             _ = shutdown.cancelled(), if drain_deadline.is_none() => {
                 info!(in_flight = lock(&calls).len(), "draining: no new calls; finishing the ones in flight");
-                outbox.control(Message::text(protocol::encode_control(&Control::Drain)));
+                outbox.control(OutFrame::text(protocol::encode_control(&Control::Drain)));
                 drain_deadline = Some(Instant::now() + terms.drain_timeout);
                 continue;
             }
@@ -238,7 +239,7 @@ fn on_data(ctx: &CallCtx, frame: &Bytes, inflate_limit: usize) {
                             id,
                             bytes: n as u64,
                         };
-                        outbox.control(Message::text(protocol::encode_control(&frame)));
+                        outbox.control(OutFrame::text(protocol::encode_control(&frame)));
                     })
                 }
             };
@@ -314,5 +315,5 @@ fn send_error(outbox: &Outbox, id: Option<u64>, code: &str, message: &str) {
         code: code.to_owned(),
         message: message.to_owned(),
     };
-    outbox.try_control(Message::text(protocol::encode_control(&frame)));
+    outbox.try_control(OutFrame::text(protocol::encode_control(&frame)));
 }

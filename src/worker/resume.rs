@@ -4,13 +4,13 @@
 //! delivers their replies and a resume's hello can say what ran
 //! (PROTOCOL 8.5).
 
+use crate::transport::OutFrame;
 use std::{
     sync::{atomic::Ordering, Arc, Mutex},
     time::Duration,
 };
 
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::{
     body::BodyError,
@@ -77,7 +77,7 @@ impl Carry {
         let mut replied = lock(&self.replied);
         for (id, frame) in replied.iter() {
             if ids.contains(id) {
-                self.outbox.control(Message::Binary(frame.clone()));
+                self.outbox.control(OutFrame::Binary(frame.clone()));
             }
         }
         replied.clear();
