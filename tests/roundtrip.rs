@@ -164,3 +164,39 @@ async fn keep_alive_connection_serves_many_calls() {
     }
     bridge.stop().await;
 }
+
+/// A body whose start arrives as several chunks (chunked encoding: hyper
+/// hands each chunk over as a frame of its own) reaches the worker whole and
+/// in order, whether the first chunk is large enough to be kept as it came
+/// or small enough to be copied.
+#[tokio::test]
+async fn a_body_read_in_several_chunks_arrives_whole_and_in_order() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let _w = bridge.worker(&["default"], 8, worker::echo).await;
+    let body = noise(20_000);
+    for sizes in [
+        &[5_000, 100, 3, 6_000][..],
+        &[100, 5_000, 1][..],
+        &[9_000][..],
+    ] {
+        let mut request = b"POST /pieces HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        let mut sent = Vec::new();
+        let mut at = 0;
+        for &n in sizes {
+            let piece = &body[at..at + n];
+            at += n;
+            request.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+            request.extend_from_slice(piece);
+            request.extend_from_slice(b"\r\n");
+            sent.extend_from_slice(piece);
+        }
+        request.extend_from_slice(b"0\r\n\r\n");
+        let r = raw_http::exchange(bridge.http, &request).await;
+        assert_eq!(r.status, 200, "chunks {sizes:?}");
+        assert!(
+            r.body == sent,
+            "chunks {sizes:?}: the body came back byte for byte"
+        );
+    }
+    bridge.stop().await;
+}
