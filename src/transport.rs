@@ -67,9 +67,9 @@ impl fmt::Display for WriteError {
 /// Runs one write step under the stall bound. The bound's timer is made only
 /// once the step has to wait: most steps complete on their first poll (the
 /// buffer has room), and arming a timeout reads the clock, once per frame.
-pub(crate) async fn step<F>(stall: Duration, fut: F) -> Result<(), WriteError>
+pub(crate) async fn step<F, T>(stall: Duration, fut: F) -> Result<T, WriteError>
 where
-    F: Future<Output = Result<(), tungstenite::Error>>,
+    F: Future<Output = Result<T, tungstenite::Error>>,
 {
     let mut fut = pin!(fut);
     let mut timer = pin!(None::<tokio::time::Sleep>);
@@ -87,7 +87,7 @@ where
     })
     .await;
     match done {
-        Some(Ok(())) => Ok(()),
+        Some(Ok(t)) => Ok(t),
         Some(Err(e)) => Err(WriteError::Failed(e)),
         None => Err(WriteError::Stalled(stall)),
     }
@@ -101,6 +101,8 @@ where
 pub(crate) enum OutFrame {
     Text(Utf8Bytes),
     Binary(Bytes),
+    Ping(Bytes),
+    Pong(Bytes),
 }
 
 impl OutFrame {
@@ -109,10 +111,11 @@ impl OutFrame {
         OutFrame::Text(text.into())
     }
 
-    fn len(&self) -> usize {
+    /// The frame's payload.
+    pub(crate) fn payload(&self) -> &[u8] {
         match self {
-            OutFrame::Text(t) => t.len(),
-            OutFrame::Binary(b) => b.len(),
+            OutFrame::Text(t) => t.as_bytes(),
+            OutFrame::Binary(b) | OutFrame::Ping(b) | OutFrame::Pong(b) => b,
         }
     }
 }
@@ -122,6 +125,8 @@ impl From<OutFrame> for Message {
         match frame {
             OutFrame::Text(t) => Message::Text(t),
             OutFrame::Binary(b) => Message::Binary(b),
+            OutFrame::Ping(b) => Message::Ping(b),
+            OutFrame::Pong(b) => Message::Pong(b),
         }
     }
 }
@@ -384,28 +389,39 @@ impl Inbox {
     }
 }
 
-/// Writes `first` and whatever else is already queued (up to a batch, urgent
-/// frames first), then flushes.
-pub(crate) async fn write_batch<S>(
-    sink: &mut S,
-    first: Outgoing,
-    inbox: &mut Inbox,
-    stall: Duration,
-) -> Result<(), WriteError>
-where
-    S: Sink<Message, Error = tungstenite::Error> + Unpin,
-{
-    let mut waiting = Vec::new();
+/// Frames taken from an [`Inbox`] for one flush.
+pub(crate) struct Batch {
+    pub(crate) frames: Vec<OutFrame>,
+    /// Told once the batch has been written.
+    waiting: Vec<oneshot::Sender<()>>,
+}
+
+impl Batch {
+    /// Tells those waiting for the batch's frames that they were written.
+    /// A batch dropped instead (its write failed) fails their receivers.
+    pub(crate) fn written(self) {
+        for tx in self.waiting {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// `first` and whatever else is already queued (up to a batch, urgent
+/// frames first).
+pub(crate) async fn take_batch(first: Outgoing, inbox: &mut Inbox) -> Batch {
+    let mut batch = Batch {
+        frames: Vec::new(),
+        waiting: Vec::new(),
+    };
     let mut next = Some(first);
-    let (mut bytes, mut frames) = (0, 0);
+    let mut bytes = 0;
     let mut yielded = false;
     loop {
         while let Some(Outgoing { msg, written }) = next {
-            bytes += msg.len();
-            frames += 1;
-            waiting.extend(written);
-            step(stall, sink.feed(msg.into())).await?;
-            next = if frames < BATCH_FRAMES && bytes < BATCH_BYTES {
+            bytes += msg.payload().len();
+            batch.waiting.extend(written);
+            batch.frames.push(msg);
+            next = if batch.frames.len() < BATCH_FRAMES && bytes < BATCH_BYTES {
                 inbox.try_recv()
             } else {
                 None
@@ -418,20 +434,35 @@ where
         // When nothing else is ready, the yield costs one scheduler pass.
         // Large frames are not held back: their cost is per byte, and a
         // bigger batch only delays the peer's start on them.
-        if yielded || frames >= BATCH_FRAMES || bytes >= COALESCE_BELOW {
-            break;
+        if yielded || batch.frames.len() >= BATCH_FRAMES || bytes >= COALESCE_BELOW {
+            return batch;
         }
         yielded = true;
         tokio::task::yield_now().await;
         next = inbox.try_recv();
         if next.is_none() {
-            break;
+            return batch;
         }
     }
-    step(stall, sink.flush()).await?;
-    for tx in waiting {
-        let _ = tx.send(());
+}
+
+/// Writes `first` and whatever else is already queued (up to a batch, urgent
+/// frames first) into a tungstenite sink (the worker's side), then flushes.
+pub(crate) async fn write_batch<S>(
+    sink: &mut S,
+    first: Outgoing,
+    inbox: &mut Inbox,
+    stall: Duration,
+) -> Result<(), WriteError>
+where
+    S: Sink<Message, Error = tungstenite::Error> + Unpin,
+{
+    let mut batch = take_batch(first, inbox).await;
+    for msg in std::mem::take(&mut batch.frames) {
+        step(stall, sink.feed(msg.into())).await?;
     }
+    step(stall, sink.flush()).await?;
+    batch.written();
     Ok(())
 }
 

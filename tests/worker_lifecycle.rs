@@ -655,3 +655,32 @@ async fn a_worker_that_stops_reading_is_dropped_after_the_write_stall_bound() {
     drop(stuck);
     bridge.stop().await;
 }
+
+/// After the welcome the bridge writes its frames itself: a worker's ping
+/// still gets its pong, with the ping's payload, and calls before and after
+/// it go through on the same connection.
+#[tokio::test]
+async fn a_workers_ping_is_answered_with_its_payload_between_calls() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
+    served_by_raw(&bridge, &mut raw, "/before").await;
+    let payload = Bytes::from_static(b"are you there? 0123456789");
+    raw.ws
+        .send(Message::Ping(payload.clone()))
+        .await
+        .expect("ping");
+    let pong = within(Duration::from_secs(10), "the pong", async {
+        loop {
+            match raw.ws.next().await {
+                Some(Ok(Message::Pong(p))) => break p,
+                // The bridge's own heartbeat may come first.
+                Some(Ok(Message::Ping(_))) => continue,
+                other => panic!("expected a pong, got {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(pong, payload);
+    served_by_raw(&bridge, &mut raw, "/after").await;
+    bridge.stop().await;
+}

@@ -4,7 +4,6 @@
 //! batches frames and sends pings. The session it serves (which outlives
 //! a dropped connection when the worker can resume) is `session.rs`.
 
-use crate::transport::OutFrame;
 use std::{
     net::SocketAddr,
     sync::{atomic::Ordering, Arc, OnceLock},
@@ -15,10 +14,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::{
-    tungstenite::{
-        protocol::{frame::coding::CloseCode, CloseFrame},
-        Message,
-    },
+    tungstenite::{protocol::frame::coding::CloseCode, Message},
     WebSocketStream,
 };
 use tokio_util::sync::CancellationToken;
@@ -28,12 +24,13 @@ use super::{
     credentials::Credentials,
     handshake::{self, Terms},
     session::{Failure, Session},
+    wire::{self, Duplex, FrameWriter},
     Settings, Shared,
 };
 use crate::{
     config::DuplicateIds,
     protocol::{self, json::HeadRef, Compression, Control, DataHead},
-    transport::{self, Inbox},
+    transport::{self, Inbox, OutFrame},
 };
 
 /// The close reason of a connection whose worker id a newer connection
@@ -142,8 +139,8 @@ where
 
 /// A worker connection past its handshake, registered and welcomed.
 struct Opened<S> {
-    sink: Sink<S>,
-    stream: Source<S>,
+    writer: FrameWriter<S>,
+    ws: WebSocketStream<Duplex<S>>,
     inbox: Inbox,
     live: Arc<Live>,
     session: Arc<Session>,
@@ -168,7 +165,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut ws, hello, credentials) =
-        handshake::accept(stream, peer, cert, &settings, &shutdown).await?;
+        handshake::accept(Duplex::new(stream), peer, cert, &settings, &shutdown).await?;
 
     let policy = settings.config.workers.duplicate_ids;
     if hello.resume.is_none()
@@ -272,10 +269,11 @@ where
         "worker connected"
     );
 
-    let (sink, stream) = ws.split();
+    // From here on the bridge writes its own frames (`wire`).
+    let writer = ws.get_mut().take_writer()?;
     Some(Opened {
-        sink,
-        stream,
+        writer,
+        ws,
         inbox,
         live,
         session,
@@ -295,7 +293,7 @@ where
 {
     let conn = c.shutdown.child_token();
     let writer = tokio::spawn(write_loop(
-        c.sink,
+        c.writer,
         c.inbox,
         c.live.clone(),
         conn.clone(),
@@ -303,7 +301,7 @@ where
     ));
     let shared = c.live.shared.clone();
     let (cause, may_resume) =
-        read_loop(c.stream, &c.session, &shared, c.key, &conn, &c.superseded).await;
+        read_loop(c.ws, &c.session, &shared, c.key, &conn, &c.superseded).await;
     c.live.end(&cause, may_resume);
     conn.cancel();
     let _ = writer.await;
@@ -362,13 +360,10 @@ fn read_failure(e: &tokio_tungstenite::tungstenite::Error) -> String {
     }
 }
 
-type Sink<S> = futures_util::stream::SplitSink<WebSocketStream<S>, Message>;
-type Source<S> = futures_util::stream::SplitStream<WebSocketStream<S>>;
-
 /// Owns the socket's write half: frames from the outbox, batched; pings on
 /// schedule; and the decision to drop a worker that stopped answering them.
 async fn write_loop<S>(
-    mut sink: Sink<S>,
+    mut writer: FrameWriter<S>,
     mut inbox: Inbox,
     live: Arc<Live>,
     conn: CancellationToken,
@@ -396,9 +391,10 @@ async fn write_loop<S>(
                 if missed >= cfg.ping_misses {
                     break Some(format!("missed {missed} pongs in a row"));
                 }
+                let ping = [OutFrame::Ping(live.session.stats.ping_payload())];
                 tokio::select! {
                     _ = conn.cancelled() => break None,
-                    r = transport::step(stall, sink.send(Message::Ping(live.session.stats.ping_payload()))) => r,
+                    r = writer.write(&ping, stall) => r,
                 }
             }
             msg = inbox.recv() => {
@@ -406,7 +402,7 @@ async fn write_loop<S>(
                 tokio::select! {
                     _ = conn.cancelled() => break None,
                     _ = choked.cancelled() => break Some(not_reading.to_owned()),
-                    r = transport::write_batch(&mut sink, msg, &mut inbox, stall) => r,
+                    r = wire::write_batch(&mut writer, msg, &mut inbox, stall) => r,
                 }
             }
         };
@@ -419,9 +415,8 @@ async fn write_loop<S>(
         conn.cancel();
         return;
     }
-    // Orderly end, briefly. If the worker closed first, tungstenite has
-    // queued the echo of its close frame and a new close would be refused:
-    // `close()` then just flushes that echo.
+    // Orderly end, briefly: a close frame (the answer to the worker's, if
+    // it closed first), then the end of the stream's write side.
     let (code, reason) = if live.session.replaced.load(Ordering::Relaxed) {
         (CloseCode::Normal, REPLACED)
     } else if live.session.drained.is_cancelled() {
@@ -437,22 +432,17 @@ async fn write_loop<S>(
         if bridge_stopping.is_cancelled() {
             // `drain` tells the worker why it is being closed, and that it
             // gets no new calls here any more.
-            let drain = protocol::encode_control(&Control::Drain);
-            let _ = sink.send(Message::text(drain)).await;
+            let drain = OutFrame::text(protocol::encode_control(&Control::Drain));
+            let _ = writer.write(&[drain], stall).await;
         }
-        let close = CloseFrame {
-            code,
-            reason: reason.into(),
-        };
-        let _ = sink.send(Message::Close(Some(close))).await;
-        let _ = sink.close().await;
+        writer.close(code, reason, stall).await;
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), goodbye).await;
 }
 
 /// Owns the socket's read half until the connection ends; returns the cause.
 async fn read_loop<S>(
-    mut stream: Source<S>,
+    mut stream: WebSocketStream<Duplex<S>>,
     session: &Arc<Session>,
     shared: &Shared,
     key: u64,
@@ -490,7 +480,14 @@ where
                     .unwrap_or_default();
                 return (format!("worker closed the connection{why}"), false);
             }
-            Message::Ping(_) | Message::Frame(_) => None,
+            Message::Ping(payload) => {
+                // tungstenite's own answer goes nowhere (`wire::Duplex`).
+                // Best effort, like error reports: a worker that pings
+                // without reading must not make the bridge queue more.
+                session.outbox().try_control(OutFrame::Pong(payload));
+                None
+            }
+            Message::Frame(_) => None,
         };
         if let Some((id, code, message)) = problem {
             shared.violations.fetch_add(1, Ordering::Relaxed);

@@ -53,6 +53,7 @@ mod sniff;
 mod stall;
 pub mod status;
 mod upload;
+mod wire;
 
 pub use reload::{ReloadError, Reloaded};
 

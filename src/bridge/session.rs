@@ -7,7 +7,6 @@
 //! [`CallGuard`] being dropped sends a `cancel`, the connection ending fails
 //! them all with the cause).
 
-use crate::transport::OutFrame;
 use std::{
     net::SocketAddr,
     sync::{
@@ -33,7 +32,7 @@ use crate::{
     flow::Window,
     headers,
     protocol::{self, json::ResponseRef, Compression, Control},
-    transport::Outbox,
+    transport::{OutFrame, Outbox},
 };
 
 pub(crate) use super::pending::{Failure, Reply};

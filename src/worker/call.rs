@@ -5,7 +5,6 @@
 //! Each call runs in its own task; a `cancel` frame aborts it, and so does
 //! the connection ending.
 
-use crate::transport::OutFrame;
 use std::{
     collections::HashMap,
     future::Future,
@@ -31,7 +30,7 @@ use crate::{
     flow::Window,
     headers,
     protocol::{self, BodyHead, Compression, Control, DataHead, RequestHead, CHUNK_SIZE},
-    transport::Outbox,
+    transport::{OutFrame, Outbox},
 };
 
 use super::replied::Replied;

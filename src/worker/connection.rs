@@ -7,7 +7,6 @@
 //! `ping_interval * (ping_misses + 1)` from the welcome) is treated as gone,
 //! so a connection cut without a FIN never leaves the worker waiting.
 
-use crate::transport::OutFrame;
 use std::{
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -29,7 +28,7 @@ use tracing::{debug, info, warn};
 use crate::{
     body::Body,
     protocol::{self, Compression, Control, DataHead, Welcome, CHUNK_SIZE},
-    transport::{self, Inbox, Outbox},
+    transport::{self, Inbox, OutFrame, Outbox},
 };
 
 use super::{

@@ -4,7 +4,6 @@
 //! delivers their replies and a resume's hello can say what ran
 //! (PROTOCOL 8.5).
 
-use crate::transport::OutFrame;
 use std::{
     sync::{atomic::Ordering, Arc, Mutex},
     time::Duration,
@@ -15,7 +14,7 @@ use tokio::time::Instant;
 use crate::{
     body::BodyError,
     protocol::Resume,
-    transport::{self, Inbox, Outbox},
+    transport::{self, Inbox, OutFrame, Outbox},
 };
 
 use super::{

@@ -1,0 +1,211 @@
+//! A worker connection's socket as the bridge uses it once the worker is
+//! welcomed: tungstenite reads the frames ([`Duplex`]), and the bridge
+//! writes its own ([`FrameWriter`]), straight from the outbox into the
+//! stream with one vectored write per batch.
+//!
+//! A frame the bridge sends is never masked (RFC 6455 5.1: only clients
+//! mask) and never fragmented, so writing one is a head of 2 to 10 bytes
+//! before the payload. Written here, a frame is not first copied into
+//! tungstenite's write buffer (a copy of every body the bridge sends, and a
+//! buffer that kept the size of the largest batch for the connection's
+//! life).
+
+use std::{
+    io::{self, IoSlice},
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
+use tokio_tungstenite::tungstenite::{self, protocol::frame::coding::CloseCode};
+
+use crate::transport::{self, Inbox, OutFrame, Outgoing, WriteError};
+
+/// The stream tungstenite is given. Reads come from the socket. Writes go
+/// to the socket until the bridge takes the write half
+/// ([`Duplex::take_writer`], after the handshake and the welcome), and are
+/// dropped after that: from then on the bridge answers pings and closes
+/// itself, and tungstenite's automatic replies must not land between the
+/// bridge's frames.
+pub(crate) struct Duplex<S> {
+    read: ReadHalf<S>,
+    write: Option<WriteHalf<S>>,
+}
+
+impl<S: AsyncRead + AsyncWrite> Duplex<S> {
+    pub(crate) fn new(stream: S) -> Duplex<S> {
+        let (read, write) = tokio::io::split(stream);
+        Duplex {
+            read,
+            write: Some(write),
+        }
+    }
+
+    /// The write half, for the bridge's own writer; `None` once taken.
+    pub(crate) fn take_writer(&mut self) -> Option<FrameWriter<S>> {
+        self.write.take().map(|io| FrameWriter { io })
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for Duplex<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.read).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for Duplex<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.write {
+            Some(w) => Pin::new(w).poll_write(cx, buf),
+            None => Poll::Ready(Ok(buf.len())),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.write {
+            Some(w) => Pin::new(w).poll_flush(cx),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.write {
+            Some(w) => Pin::new(w).poll_shutdown(cx),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+/// The write half of a worker connection, writing WebSocket frames.
+pub(crate) struct FrameWriter<S> {
+    io: WriteHalf<S>,
+}
+
+const TEXT: u8 = 0x1;
+const BINARY: u8 = 0x2;
+const CLOSE: u8 = 0x8;
+const PING: u8 = 0x9;
+const PONG: u8 = 0xA;
+
+/// Appends the head of an unmasked, final frame (RFC 6455 5.2).
+fn head(opcode: u8, len: usize, out: &mut Vec<u8>) {
+    out.push(0x80 | opcode);
+    if len < 126 {
+        out.push(len as u8);
+    } else if let Ok(short) = u16::try_from(len) {
+        out.push(126);
+        out.extend_from_slice(&short.to_be_bytes());
+    } else {
+        out.push(127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+}
+
+fn opcode(frame: &OutFrame) -> u8 {
+    match frame {
+        OutFrame::Text(_) => TEXT,
+        OutFrame::Binary(_) => BINARY,
+        OutFrame::Ping(_) => PING,
+        OutFrame::Pong(_) => PONG,
+    }
+}
+
+impl<S: AsyncWrite> FrameWriter<S> {
+    /// Writes `frames` in order and flushes, each write step under the
+    /// stall bound (a slow but live reader is fine; one that stopped is
+    /// not).
+    pub(crate) async fn write(
+        &mut self,
+        frames: &[OutFrame],
+        stall: Duration,
+    ) -> Result<(), WriteError> {
+        let mut heads = Vec::with_capacity(frames.len() * 10);
+        let mut ends = Vec::with_capacity(frames.len());
+        for frame in frames {
+            head(opcode(frame), frame.payload().len(), &mut heads);
+            ends.push(heads.len());
+        }
+        let mut slices = Vec::with_capacity(frames.len() * 2);
+        let mut at = 0;
+        for (frame, end) in frames.iter().zip(ends) {
+            slices.push(IoSlice::new(&heads[at..end]));
+            at = end;
+            let payload = frame.payload();
+            if !payload.is_empty() {
+                slices.push(IoSlice::new(payload));
+            }
+        }
+        self.write_all(&mut slices, stall).await
+    }
+
+    /// Writes every byte of `slices` and flushes.
+    async fn write_all(
+        &mut self,
+        slices: &mut [IoSlice<'_>],
+        stall: Duration,
+    ) -> Result<(), WriteError> {
+        let mut bufs = slices;
+        while !bufs.is_empty() {
+            let wrote = self.io.write_vectored(bufs);
+            let n = transport::step(stall, async { wrote.await.map_err(tungstenite::Error::Io) })
+                .await?;
+            if n == 0 {
+                let zero = io::Error::from(io::ErrorKind::WriteZero);
+                return Err(WriteError::Failed(tungstenite::Error::Io(zero)));
+            }
+            IoSlice::advance_slices(&mut bufs, n);
+        }
+        let flushed = self.io.flush();
+        transport::step(stall, async {
+            flushed.await.map_err(tungstenite::Error::Io)
+        })
+        .await
+    }
+
+    /// Sends a close frame with `code` and `reason`, then ends the stream's
+    /// write side (TLS close_notify, then the TCP FIN). The reason is cut to
+    /// the 123 bytes a close frame holds, at a character boundary.
+    pub(crate) async fn close(&mut self, code: CloseCode, reason: &str, stall: Duration) {
+        let mut cut = reason.len().min(123);
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let mut payload = Vec::with_capacity(2 + cut);
+        payload.extend_from_slice(&u16::from(code).to_be_bytes());
+        payload.extend_from_slice(&reason.as_bytes()[..cut]);
+        let mut frame = Vec::with_capacity(4 + payload.len());
+        head(CLOSE, payload.len(), &mut frame);
+        frame.extend_from_slice(&payload);
+        if self
+            .write_all(&mut [IoSlice::new(&frame)], stall)
+            .await
+            .is_ok()
+        {
+            let _ = self.io.shutdown().await;
+        }
+    }
+}
+
+/// Writes `first` and whatever else is already queued (up to a batch,
+/// urgent frames first) with one vectored write, then flushes; tells those
+/// waiting for the frames once they are written.
+pub(crate) async fn write_batch<S: AsyncWrite>(
+    writer: &mut FrameWriter<S>,
+    first: Outgoing,
+    inbox: &mut Inbox,
+    stall: Duration,
+) -> Result<(), WriteError> {
+    let batch = transport::take_batch(first, inbox).await;
+    writer.write(&batch.frames, stall).await?;
+    batch.written();
+    Ok(())
+}
