@@ -101,6 +101,10 @@ where
 pub(crate) enum OutFrame {
     Text(Utf8Bytes),
     Binary(Bytes),
+    /// A binary frame whose payload is the first part followed by the
+    /// second (a request head and the body it carries, not copied
+    /// together); boxed to keep the slot small.
+    Split(Box<[Bytes; 2]>),
     Ping(Bytes),
     Pong(Bytes),
 }
@@ -111,12 +115,28 @@ impl OutFrame {
         OutFrame::Text(text.into())
     }
 
-    /// The frame's payload.
-    pub(crate) fn payload(&self) -> &[u8] {
-        match self {
-            OutFrame::Text(t) => t.as_bytes(),
-            OutFrame::Binary(b) | OutFrame::Ping(b) | OutFrame::Pong(b) => b,
+    /// A binary frame of `head` followed by `body`.
+    pub(crate) fn binary_parts(head: Bytes, body: Bytes) -> OutFrame {
+        if body.is_empty() {
+            OutFrame::Binary(head)
+        } else {
+            OutFrame::Split(Box::new([head, body]))
         }
+    }
+
+    /// The frame's payload, in two parts (the second often empty).
+    pub(crate) fn payload(&self) -> [&[u8]; 2] {
+        match self {
+            OutFrame::Text(t) => [t.as_bytes(), &[]],
+            OutFrame::Binary(b) | OutFrame::Ping(b) | OutFrame::Pong(b) => [b, &[]],
+            OutFrame::Split(parts) => [&parts[0], &parts[1]],
+        }
+    }
+
+    /// The payload's length.
+    pub(crate) fn len(&self) -> usize {
+        let [a, b] = self.payload();
+        a.len() + b.len()
     }
 }
 
@@ -125,6 +145,9 @@ impl From<OutFrame> for Message {
         match frame {
             OutFrame::Text(t) => Message::Text(t),
             OutFrame::Binary(b) => Message::Binary(b),
+            OutFrame::Split(parts) => {
+                Message::Binary(Bytes::from([&parts[0][..], &parts[1][..]].concat()))
+            }
             OutFrame::Ping(b) => Message::Ping(b),
             OutFrame::Pong(b) => Message::Pong(b),
         }
@@ -418,7 +441,7 @@ pub(crate) async fn take_batch(first: Outgoing, inbox: &mut Inbox) -> Batch {
     let mut yielded = false;
     loop {
         while let Some(Outgoing { msg, written }) = next {
-            bytes += msg.payload().len();
+            bytes += msg.len();
             batch.waiting.extend(written);
             batch.frames.push(msg);
             next = if batch.frames.len() < BATCH_FRAMES && bytes < BATCH_BYTES {

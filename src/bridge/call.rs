@@ -39,6 +39,7 @@ use crate::{
     error::CallError,
     headers::{self, WireText},
     protocol::{self, json, json::RequestFields, Compression},
+    transport::OutFrame,
 };
 
 /// Methods that RFC 9110 defines as idempotent: sending one twice has the
@@ -365,6 +366,11 @@ struct Gathered {
 /// The smallest first chunk kept without a copy.
 const KEEP_MIN: usize = 4096;
 
+/// The smallest body sent behind its head rather than copied into one
+/// frame with it: below this, the copy costs less than the box that holds
+/// the two parts.
+const SPLIT_MIN: usize = 2048;
+
 impl Gathered {
     fn len(&self) -> usize {
         self.first.len() + self.more.as_ref().map_or(0, BytesMut::len)
@@ -500,8 +506,16 @@ async fn attempt(
         at.compression()
     };
     if plan.single {
-        let Ok(frame) = protocol::encode_request_encoded(fields, &plan.headers, &plan.start, codec)
-        else {
+        // A large body goes out as it came, behind its head, not copied
+        // into one buffer with it (`wire` writes the two as one frame).
+        let frame = if plan.start.len() >= SPLIT_MIN {
+            protocol::encode_request_split(fields, &plan.headers, &plan.start, codec)
+                .map(|(head, body)| OutFrame::binary_parts(head, body))
+        } else {
+            protocol::encode_request_encoded(fields, &plan.headers, &plan.start, codec)
+                .map(OutFrame::Binary)
+        };
+        let Ok(frame) = frame else {
             // wire_headers() checked this before a worker was chosen; this
             // is the backstop.
             return Step::Done(Placed::Local(at), Ok(Err(Plan::head_too_large())));
@@ -642,7 +656,7 @@ async fn exchange_whole(
     ctx: &Ctx<'_>,
     plan: &Plan<'_>,
     at: &mut Attempt,
-    frame: Bytes,
+    frame: OutFrame,
     n: u32,
 ) -> Whole {
     let deadline = plan.deadline;

@@ -13,7 +13,6 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
 use tokio::{sync::oneshot, time::Instant};
 
 pub(super) use super::registry::AcquireError;
@@ -23,7 +22,7 @@ use super::{
     session::{CallGuard, Failure, Reply, Session, Started},
     upload::Upload,
 };
-use crate::{flow::Window, protocol::Compression};
+use crate::{flow::Window, protocol::Compression, transport::OutFrame};
 
 /// Where a call's attempts can run.
 pub(super) enum Dispatch<'a> {
@@ -153,7 +152,7 @@ impl Attempt {
     }
 
     /// Sends a whole request (one frame), ahead of queued body chunks.
-    pub(super) async fn send_whole(&self, frame: Bytes) -> Result<(), Failure> {
+    pub(super) async fn send_whole(&self, frame: OutFrame) -> Result<(), Failure> {
         self.lease.session().send_whole(frame).await
     }
 

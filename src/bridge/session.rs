@@ -341,9 +341,9 @@ impl Session {
 
     /// Queues a whole message (one frame) for the worker, ahead of queued
     /// chunks of streamed ones.
-    pub(crate) async fn send_whole(&self, frame: Bytes) -> Result<(), Failure> {
+    pub(crate) async fn send_whole(&self, frame: OutFrame) -> Result<(), Failure> {
         self.outbox()
-            .urgent(OutFrame::Binary(frame))
+            .urgent(frame)
             .await
             .map_err(|_| Failure::Unsent("connection closed before sending".into()))
     }

@@ -113,7 +113,7 @@ fn head(opcode: u8, len: usize, out: &mut Vec<u8>) {
 fn opcode(frame: &OutFrame) -> u8 {
     match frame {
         OutFrame::Text(_) => TEXT,
-        OutFrame::Binary(_) => BINARY,
+        OutFrame::Binary(_) | OutFrame::Split(_) => BINARY,
         OutFrame::Ping(_) => PING,
         OutFrame::Pong(_) => PONG,
     }
@@ -131,17 +131,18 @@ impl<S: AsyncWrite> FrameWriter<S> {
         let mut heads = Vec::with_capacity(frames.len() * 10);
         let mut ends = Vec::with_capacity(frames.len());
         for frame in frames {
-            head(opcode(frame), frame.payload().len(), &mut heads);
+            head(opcode(frame), frame.len(), &mut heads);
             ends.push(heads.len());
         }
-        let mut slices = Vec::with_capacity(frames.len() * 2);
+        let mut slices = Vec::with_capacity(frames.len() * 3);
         let mut at = 0;
         for (frame, end) in frames.iter().zip(ends) {
             slices.push(IoSlice::new(&heads[at..end]));
             at = end;
-            let payload = frame.payload();
-            if !payload.is_empty() {
-                slices.push(IoSlice::new(payload));
+            for part in frame.payload() {
+                if !part.is_empty() {
+                    slices.push(IoSlice::new(part));
+                }
             }
         }
         self.write_all(&mut slices, stall).await

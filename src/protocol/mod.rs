@@ -761,6 +761,26 @@ pub fn encode_request_encoded(
     ))
 }
 
+/// [`encode_request_encoded`] without copying the body: the frame as its
+/// head (the length prefix and the JSON) and its body, to be written one
+/// after the other as one WebSocket frame. A body the codec compresses
+/// comes back as the whole frame, with an empty body.
+pub fn encode_request_split(
+    fields: &json::RequestFields<'_>,
+    headers: &json::EncodedHeaders,
+    body: &Bytes,
+    codec: Compression,
+) -> Result<(Bytes, Bytes), FrameError> {
+    if codec == Compression::Lz4 && body.len() >= COMPRESS_MIN {
+        let frame = encode_request_encoded(fields, headers, body, codec)?;
+        return Ok((frame, Bytes::new()));
+    }
+    let write = |out: &mut Vec<u8>| json::write_request_encoded(fields, headers, out);
+    let hint = fields.size_hint_encoded(headers);
+    let head = checked(frame_with(hint, write, &[], Compression::None))?;
+    Ok((head, body.clone()))
+}
+
 /// Encodes a response head frame from borrowed headers: the frame
 /// [`encode_head`] builds for the [`ResponseHead`] they describe (the
 /// worker's hot path).
