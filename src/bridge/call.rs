@@ -366,11 +366,6 @@ struct Gathered {
 /// The smallest first chunk kept without a copy.
 const KEEP_MIN: usize = 4096;
 
-/// The smallest body sent behind its head rather than copied into one
-/// frame with it: below this, the copy costs less than the box that holds
-/// the two parts.
-const SPLIT_MIN: usize = 2048;
-
 impl Gathered {
     fn len(&self) -> usize {
         self.first.len() + self.more.as_ref().map_or(0, BytesMut::len)
@@ -508,7 +503,7 @@ async fn attempt(
     if plan.single {
         // A large body goes out as it came, behind its head, not copied
         // into one buffer with it (`wire` writes the two as one frame).
-        let frame = if plan.start.len() >= SPLIT_MIN {
+        let frame = if plan.start.len() >= OutFrame::SPLIT_MIN {
             protocol::encode_request_split(fields, &plan.headers, &plan.start, codec)
                 .map(|(head, body)| OutFrame::binary_parts(head, body))
         } else {

@@ -349,9 +349,9 @@ impl Session {
     }
 
     /// Queues a body chunk for the worker, waiting while the queue is full.
-    pub(crate) async fn send_chunk(&self, frame: Bytes) -> Result<(), Failure> {
+    pub(crate) async fn send_chunk(&self, frame: OutFrame) -> Result<(), Failure> {
         self.outbox()
-            .bulk(OutFrame::Binary(frame))
+            .bulk(frame)
             .await
             .map_err(|_| Failure::Lost("connection closed while sending".into()))
     }

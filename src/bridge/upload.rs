@@ -24,6 +24,7 @@ use super::{
 use crate::{
     flow::Window,
     protocol::{self, BodyHead, Compression, DataHead},
+    transport::OutFrame,
 };
 
 /// How the wait for a reply beside a running upload ended.
@@ -119,10 +120,17 @@ impl Upload {
         }
     }
 
-    async fn chunk(&self, data: &[u8], end: bool) -> Result<(), UploadError> {
+    async fn chunk(&self, data: Bytes, end: bool) -> Result<(), UploadError> {
         self.reserve(data.len()).await?;
         let head = DataHead::Body(BodyHead { id: self.id, end });
-        let frame = protocol::encode_frame(&head, data, self.codec);
+        // A large chunk goes out behind its head, not copied into one
+        // buffer with it (`wire` writes the two as one frame).
+        let frame = if data.len() >= OutFrame::SPLIT_MIN {
+            let (head, body) = protocol::encode_frame_split(&head, &data, self.codec);
+            OutFrame::binary_parts(head, body)
+        } else {
+            OutFrame::Binary(protocol::encode_frame(&head, &data, self.codec))
+        };
         self.session
             .send_chunk(frame)
             .await
@@ -144,13 +152,11 @@ impl Upload {
         // The head of a streamed body takes the bulk queue, in order with its
         // chunks: through the urgent queue a chunk could overtake it.
         self.session
-            .send_chunk(head)
+            .send_chunk(OutFrame::Binary(head))
             .await
             .map_err(UploadError::Worker)?;
         self.sent.fetch_add(first as u64, Ordering::Relaxed);
-        for piece in start[first..].chunks(protocol::CHUNK_SIZE) {
-            self.chunk(piece, false).await?;
-        }
+        self.chunks(start.slice(first..)).await?;
         loop {
             // A caller that stops sending mid-body holds a worker slot; give
             // up after the route's request_timeout of silence.
@@ -166,11 +172,18 @@ impl Upload {
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            for piece in data.chunks(protocol::CHUNK_SIZE) {
-                self.chunk(piece, false).await?;
-            }
+            self.chunks(data).await?;
         }
-        self.chunk(&[], true).await
+        self.chunk(Bytes::new(), true).await
+    }
+
+    /// Sends `data` as body chunks of at most [`protocol::CHUNK_SIZE`].
+    async fn chunks(&self, mut data: Bytes) -> Result<(), UploadError> {
+        while !data.is_empty() {
+            let piece = data.split_to(protocol::CHUNK_SIZE.min(data.len()));
+            self.chunk(piece, false).await?;
+        }
+        Ok(())
     }
 }
 

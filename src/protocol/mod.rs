@@ -587,6 +587,17 @@ pub fn encode_frame(head: &DataHead, body: &[u8], codec: Compression) -> Bytes {
     frame_with(json::size_hint(head), write, body, codec).0
 }
 
+/// [`encode_frame`] without copying the body: the frame as its head (the
+/// length prefix and the JSON) and its body, to be written one after the
+/// other as one WebSocket frame. A body the codec compresses comes back as
+/// the whole frame, with an empty body.
+pub fn encode_frame_split(head: &DataHead, body: &Bytes, codec: Compression) -> (Bytes, Bytes) {
+    if codec == Compression::Lz4 && body.len() >= COMPRESS_MIN {
+        return (encode_frame(head, body, codec), Bytes::new());
+    }
+    (encode_frame(head, &[], Compression::None), body.clone())
+}
+
 /// Builds a frame in one buffer: the prefix, the head written in place by
 /// `write` (about `hint` bytes) and the body after it. Also returns the
 /// head's length, which the caller checks against [`MAX_HEADER_LEN`].
