@@ -110,11 +110,6 @@ pub(crate) enum OutFrame {
 }
 
 impl OutFrame {
-    /// The smallest body sent behind its head rather than copied into one
-    /// frame with it: below this, the copy costs less than the box that
-    /// holds the two parts.
-    pub(crate) const SPLIT_MIN: usize = 2048;
-
     /// A text frame.
     pub(crate) fn text(text: impl Into<Utf8Bytes>) -> OutFrame {
         OutFrame::Text(text.into())

@@ -503,14 +503,8 @@ async fn attempt(
     if plan.single {
         // A large body goes out as it came, behind its head, not copied
         // into one buffer with it (`wire` writes the two as one frame).
-        let frame = if plan.start.len() >= OutFrame::SPLIT_MIN {
-            protocol::encode_request_split(fields, &plan.headers, &plan.start, codec)
-                .map(|(head, body)| OutFrame::binary_parts(head, body))
-        } else {
-            protocol::encode_request_encoded(fields, &plan.headers, &plan.start, codec)
-                .map(OutFrame::Binary)
-        };
-        let Ok(frame) = frame else {
+        let split = protocol::encode_request_split(fields, &plan.headers, &plan.start, codec);
+        let Ok(frame) = split.map(|(head, body)| OutFrame::binary_parts(head, body)) else {
             // wire_headers() checked this before a worker was chosen; this
             // is the backstop.
             return Step::Done(Placed::Local(at), Ok(Err(Plan::head_too_large())));

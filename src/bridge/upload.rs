@@ -125,12 +125,8 @@ impl Upload {
         let head = DataHead::Body(BodyHead { id: self.id, end });
         // A large chunk goes out behind its head, not copied into one
         // buffer with it (`wire` writes the two as one frame).
-        let frame = if data.len() >= OutFrame::SPLIT_MIN {
-            let (head, body) = protocol::encode_frame_split(&head, &data, self.codec);
-            OutFrame::binary_parts(head, body)
-        } else {
-            OutFrame::Binary(protocol::encode_frame(&head, &data, self.codec))
-        };
+        let (head, body) = protocol::encode_frame_split(&head, &data, self.codec);
+        let frame = OutFrame::binary_parts(head, body);
         self.session
             .send_chunk(frame)
             .await

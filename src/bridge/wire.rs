@@ -96,6 +96,15 @@ const CLOSE: u8 = 0x8;
 const PING: u8 = 0x9;
 const PONG: u8 = 0xA;
 
+/// The length of a frame head for a payload of `len` bytes.
+fn head_len(len: usize) -> usize {
+    match len {
+        0..126 => 2,
+        126..=0xffff => 4,
+        _ => 10,
+    }
+}
+
 /// Appends the head of an unmasked, final frame (RFC 6455 5.2).
 fn head(opcode: u8, len: usize, out: &mut Vec<u8>) {
     out.push(0x80 | opcode);
@@ -129,14 +138,13 @@ impl<S: AsyncWrite> FrameWriter<S> {
         stall: Duration,
     ) -> Result<(), WriteError> {
         let mut heads = Vec::with_capacity(frames.len() * 10);
-        let mut ends = Vec::with_capacity(frames.len());
         for frame in frames {
             head(opcode(frame), frame.len(), &mut heads);
-            ends.push(heads.len());
         }
         let mut slices = Vec::with_capacity(frames.len() * 3);
         let mut at = 0;
-        for (frame, end) in frames.iter().zip(ends) {
+        for frame in frames {
+            let end = at + head_len(frame.len());
             slices.push(IoSlice::new(&heads[at..end]));
             at = end;
             for part in frame.payload() {
@@ -209,4 +217,18 @@ pub(crate) async fn write_batch<S: AsyncWrite>(
     writer.write(&batch.frames, stall).await?;
     batch.written();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_len_is_the_length_head_writes() {
+        for len in [0, 1, 125, 126, 127, 65_535, 65_536, 1 << 32] {
+            let mut out = Vec::new();
+            head(BINARY, len, &mut out);
+            assert_eq!(out.len(), head_len(len), "payload of {len} bytes");
+        }
+    }
 }

@@ -50,6 +50,17 @@ pub const WINDOW: usize = 256 * 1024;
 /// and the latency cost more than the bytes saved.
 pub const COMPRESS_MIN: usize = 16 * 1024;
 
+/// The smallest body the `_split` encoders keep apart from its head (to be
+/// written behind it without a copy): below this, the copy costs less than
+/// holding the two parts.
+pub const SPLIT_MIN: usize = 2048;
+
+/// Whether a body is kept apart from its head: large enough, and not one
+/// the codec compresses (compressing writes a new body anyway).
+fn kept_apart(body: &[u8], codec: Compression) -> bool {
+    body.len() >= SPLIT_MIN && !(codec == Compression::Lz4 && body.len() >= COMPRESS_MIN)
+}
+
 /// Flag bit in the top byte of a binary frame's length prefix: the body is
 /// an LZ4 block preceded by its uncompressed length (u32 little-endian).
 const FLAG_LZ4: u32 = 1 << 24;
@@ -587,12 +598,10 @@ pub fn encode_frame(head: &DataHead, body: &[u8], codec: Compression) -> Bytes {
     frame_with(json::size_hint(head), write, body, codec).0
 }
 
-/// [`encode_frame`] without copying the body: the frame as its head (the
-/// length prefix and the JSON) and its body, to be written one after the
-/// other as one WebSocket frame. A body the codec compresses comes back as
-/// the whole frame, with an empty body.
+/// [`encode_frame`] without copying a large body, as
+/// [`encode_request_split`] does.
 pub fn encode_frame_split(head: &DataHead, body: &Bytes, codec: Compression) -> (Bytes, Bytes) {
-    if codec == Compression::Lz4 && body.len() >= COMPRESS_MIN {
+    if !kept_apart(body, codec) {
         return (encode_frame(head, body, codec), Bytes::new());
     }
     (encode_frame(head, &[], Compression::None), body.clone())
@@ -772,17 +781,18 @@ pub fn encode_request_encoded(
     ))
 }
 
-/// [`encode_request_encoded`] without copying the body: the frame as its
-/// head (the length prefix and the JSON) and its body, to be written one
-/// after the other as one WebSocket frame. A body the codec compresses
-/// comes back as the whole frame, with an empty body.
+/// [`encode_request_encoded`] without copying a large body: the frame as
+/// its head (the length prefix and the JSON) and its body, to be written one
+/// after the other as one WebSocket frame. A body under [`SPLIT_MIN`], or
+/// one the codec compresses, comes back inside the whole frame, with an
+/// empty body.
 pub fn encode_request_split(
     fields: &json::RequestFields<'_>,
     headers: &json::EncodedHeaders,
     body: &Bytes,
     codec: Compression,
 ) -> Result<(Bytes, Bytes), FrameError> {
-    if codec == Compression::Lz4 && body.len() >= COMPRESS_MIN {
+    if !kept_apart(body, codec) {
         let frame = encode_request_encoded(fields, headers, body, codec)?;
         return Ok((frame, Bytes::new()));
     }
