@@ -363,10 +363,9 @@ impl Cluster {
     /// NATS is unreachable).
     pub(crate) async fn offer(&self, node: &str, message: Bytes, by: Instant) -> Offered {
         use async_nats::RequestErrorKind as Kind;
-        let within = by.saturating_duration_since(Instant::now());
-        let request = async_nats::Request::new()
-            .payload(message)
-            .timeout(Some(within));
+        // One timer for the whole wait: the client's own would be a second
+        // (and a second expiry to handle) for the same deadline.
+        let request = async_nats::Request::new().payload(message).timeout(None);
         let sent = self.client.send_request(self.node_subject(node), request);
         let Ok(answer) = tokio::time::timeout_at(by, sent).await else {
             return Offered::TimedOut;

@@ -17,7 +17,13 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::{flow::Window, protocol::Header};
+use crate::{
+    flow::Window,
+    protocol::{
+        json::{self, set},
+        Header,
+    },
+};
 
 /// Largest JSON head a bridge reads; a message whose head is longer is
 /// dropped unread.
@@ -181,19 +187,73 @@ pub(crate) fn encode(frame: &Frame, body: &[u8]) -> Bytes {
 /// [`encode`] for a [`Frame::Call`] or [`Frame::ResHead`] whose headers
 /// are already JSON (`,"headers":[...]` and any `,"latin1":[...]`, as
 /// `protocol::json::EncodedHeaders` holds them): the frame's own header
-/// list must be empty, and the JSON is put in its place.
+/// list must be empty, and the JSON is put in its place. Written by hand,
+/// byte for byte what serde writes (one of each per call).
 pub(crate) fn encode_with_headers(frame: &Frame, headers: &[u8], body: &[u8]) -> Bytes {
-    const EMPTY: &[u8] = br#","headers":[]}"#;
-    let json = serde_json::to_vec(frame).unwrap_or_default();
-    let Some(stem) = json.strip_suffix(EMPTY) else {
-        return encode(frame, body);
+    let (size, write): (usize, fn(&Frame, &mut Vec<u8>)) = match frame {
+        Frame::Call(h) if h.headers.is_empty() && h.latin1.is_empty() => {
+            let strings = h.from.len() + h.request_id.len() + h.service.len();
+            (strings + h.method.len() + h.path.len() + 200, write_call)
+        }
+        Frame::ResHead(h) if h.headers.is_empty() && h.latin1.is_empty() => {
+            let strings = h.error.as_ref().map_or(0, String::len);
+            (
+                strings + h.worker.as_ref().map_or(0, String::len) + 100,
+                write_res_head,
+            )
+        }
+        _ => return encode(frame, body),
     };
-    let mut out = Vec::with_capacity(stem.len() + headers.len() + 2 + body.len());
-    out.extend_from_slice(stem);
+    let mut out = Vec::with_capacity(size + headers.len() + 2 + body.len());
+    write(frame, &mut out);
     out.extend_from_slice(headers);
     out.extend_from_slice(b"}\n");
     out.extend_from_slice(body);
     out.into()
+}
+
+/// A [`Frame::Call`]'s JSON up to its headers, in serde's field order.
+fn write_call(frame: &Frame, out: &mut Vec<u8>) {
+    let Frame::Call(h) = frame else { return };
+    out.extend_from_slice(br#"{"t":"call","from":"#);
+    json::write_str(&h.from, out);
+    out.extend_from_slice(br#","epoch":"#);
+    json::write_u64(h.epoch, out);
+    out.extend_from_slice(br#","call":"#);
+    json::write_u64(h.call, out);
+    out.extend_from_slice(br#","request_id":"#);
+    json::write_str(&h.request_id, out);
+    out.extend_from_slice(br#","service":"#);
+    json::write_str(&h.service, out);
+    out.extend_from_slice(br#","method":"#);
+    json::write_str(&h.method, out);
+    out.extend_from_slice(br#","path":"#);
+    json::write_str(&h.path, out);
+    out.extend_from_slice(br#","timeout_ms":"#);
+    json::write_u64(h.timeout_ms, out);
+    out.extend_from_slice(br#","idle_ms":"#);
+    json::write_u64(h.idle_ms, out);
+    out.extend_from_slice(br#","max_body":"#);
+    json::write_u64(h.max_body, out);
+    json::write_end(h.end, out);
+}
+
+/// A [`Frame::ResHead`]'s JSON up to its headers, in serde's field order.
+fn write_res_head(frame: &Frame, out: &mut Vec<u8>) {
+    let Frame::ResHead(h) = frame else { return };
+    out.extend_from_slice(br#"{"t":"res_head","call":"#);
+    json::write_u64(h.call, out);
+    out.extend_from_slice(br#","status":"#);
+    json::write_u64(u64::from(h.status), out);
+    json::write_end(h.end, out);
+    if let Some(error) = &h.error {
+        out.extend_from_slice(br#","error":"#);
+        json::write_str(error, out);
+    }
+    if let Some(worker) = &h.worker {
+        out.extend_from_slice(br#","worker":"#);
+        json::write_str(worker, out);
+    }
 }
 
 /// Why a message could not be read.
@@ -214,17 +274,92 @@ pub(crate) fn decode(payload: &Bytes) -> Result<(Frame, Bytes), DecodeError> {
         .ok_or(DecodeError::NoHead)?;
     let json = &payload[..nl];
     let json_error = |e: serde_json::Error| DecodeError::Json(e.to_string());
-    // The two frames with headers, as this crate writes them (the tag
-    // first): read straight into their struct, which ignores the tag. The
-    // generic path buffers the whole head before reading it again.
+    // The two frames with headers, one of each per call, as this crate
+    // writes them (the tag first): read by hand, or failing that straight
+    // into their struct, which ignores the tag. The generic path buffers the
+    // whole head before reading it again.
     let frame = if json.starts_with(br#"{"t":"call","#) {
-        Frame::Call(serde_json::from_slice(json).map_err(json_error)?)
+        match read_call(json) {
+            Some(head) => Frame::Call(head),
+            None => Frame::Call(serde_json::from_slice(json).map_err(json_error)?),
+        }
     } else if json.starts_with(br#"{"t":"res_head","#) {
-        Frame::ResHead(serde_json::from_slice(json).map_err(json_error)?)
+        match read_res_head(json) {
+            Some(head) => Frame::ResHead(head),
+            None => Frame::ResHead(serde_json::from_slice(json).map_err(json_error)?),
+        }
     } else {
         serde_json::from_slice(json).map_err(json_error)?
     };
     Ok((frame, payload.slice(nl + 1..)))
+}
+
+/// A [`CallHead`] read by hand, as `protocol::json` reads the worker
+/// protocol's heads: `None` for anything it does not expect, and serde then
+/// decides. What it returns is what serde would have.
+fn read_call(json: &[u8]) -> Option<CallHead> {
+    let (mut from, mut epoch, mut call, mut request_id) = (None, None, None, None);
+    let (mut service, mut method, mut path, mut timeout_ms) = (None, None, None, None);
+    let (mut idle_ms, mut max_body, mut end, mut headers, mut latin1) =
+        (None, None, None, None, None);
+    json::read_object(json, |r, key| match key {
+        "t" => (r.string()? == "call").then_some(()),
+        "from" => set(&mut from, r.string()?.into_owned()),
+        "epoch" => set(&mut epoch, r.number()?),
+        "call" => set(&mut call, r.number()?),
+        "request_id" => set(&mut request_id, r.string()?.into_owned()),
+        "service" => set(&mut service, r.string()?.into_owned()),
+        "method" => set(&mut method, r.string()?.into_owned()),
+        "path" => set(&mut path, r.string()?.into_owned()),
+        "timeout_ms" => set(&mut timeout_ms, r.number()?),
+        "idle_ms" => set(&mut idle_ms, r.number()?),
+        "max_body" => set(&mut max_body, r.number()?),
+        "end" => set(&mut end, r.boolean()?),
+        "headers" => set(&mut headers, json::owned(r.headers()?)),
+        "latin1" => set(&mut latin1, r.indices()?),
+        _ => None,
+    })?;
+    Some(CallHead {
+        from: from?,
+        epoch: epoch.unwrap_or_default(),
+        call: call?,
+        request_id: request_id?,
+        service: service?,
+        method: method?,
+        path: path?,
+        timeout_ms: timeout_ms?,
+        idle_ms: idle_ms.unwrap_or_default(),
+        max_body: max_body.unwrap_or_default(),
+        end: end?,
+        headers: headers.unwrap_or_default(),
+        latin1: latin1.unwrap_or_default(),
+    })
+}
+
+/// A [`ResHead`] read by hand; see [`read_call`].
+fn read_res_head(json: &[u8]) -> Option<ResHead> {
+    let (mut call, mut status, mut end, mut error) = (None, None, None, None);
+    let (mut worker, mut headers, mut latin1) = (None, None, None);
+    json::read_object(json, |r, key| match key {
+        "t" => (r.string()? == "res_head").then_some(()),
+        "call" => set(&mut call, r.number()?),
+        "status" => set(&mut status, u16::try_from(r.number()?).ok()?),
+        "end" => set(&mut end, r.boolean()?),
+        "error" => set(&mut error, r.string()?.into_owned()),
+        "worker" => set(&mut worker, r.string()?.into_owned()),
+        "headers" => set(&mut headers, json::owned(r.headers()?)),
+        "latin1" => set(&mut latin1, r.indices()?),
+        _ => None,
+    })?;
+    Some(ResHead {
+        call: call?,
+        status: status?,
+        end: end?,
+        error,
+        worker,
+        headers: headers.unwrap_or_default(),
+        latin1: latin1.unwrap_or_default(),
+    })
 }
 
 /// A frame routed to the call it belongs to, with its body bytes.
@@ -436,6 +571,95 @@ mod tests {
         let mut message = moved.to_vec();
         message.push(b'\n');
         assert_eq!(decode(&Bytes::from(message)).expect("decodes").0, reply);
+    }
+
+    #[test]
+    fn heads_written_by_hand_are_the_bytes_serde_writes() {
+        let pairs = vec![("x-a", "1"), ("x-\"b", "t\two\u{1}")];
+        let encoded = crate::protocol::json::EncodedHeaders::new(&pairs);
+        let owned: Vec<Header> = pairs
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+            .collect();
+        let mut call = head();
+        call.request_id = "r\"\\\n".into();
+        call.headers.clear();
+        let replies = [(None, None), (Some("no_worker"), Some("w\u{7f}\u{e9}"))];
+        let mut frames = vec![Frame::Call(call)];
+        for (error, worker) in replies {
+            frames.push(Frame::ResHead(ResHead {
+                call: u64::MAX,
+                status: 200,
+                end: error.is_some(),
+                error: error.map(str::to_owned),
+                worker: worker.map(str::to_owned),
+                headers: Vec::new(),
+                latin1: Vec::new(),
+            }));
+        }
+        for bare in frames {
+            let mut full = bare.clone();
+            match &mut full {
+                Frame::Call(h) => h.headers = owned.clone(),
+                Frame::ResHead(h) => h.headers = owned.clone(),
+                _ => {}
+            }
+            let by_hand = encode_with_headers(&bare, encoded.as_bytes(), b"\nbody");
+            assert_eq!(
+                String::from_utf8_lossy(&by_hand),
+                String::from_utf8_lossy(&encode(&full, b"\nbody"))
+            );
+        }
+    }
+
+    #[test]
+    fn heads_read_by_hand_are_the_ones_serde_reads_or_left_to_it() {
+        let reply = ResHead {
+            call: 3,
+            status: 502,
+            end: false,
+            error: Some("worker_lost".into()),
+            worker: Some("w\"1".into()),
+            headers: vec![("x-\u{e9}".into(), "a\tb\\c".into())],
+            latin1: vec![0],
+        };
+        let mut minimal = head();
+        (minimal.epoch, minimal.idle_ms, minimal.max_body) = (0, 0, 0);
+        minimal.headers.clear();
+        let written = [
+            serde_json::to_vec(&Frame::Call(head())),
+            serde_json::to_vec(&Frame::ResHead(reply.clone())),
+            serde_json::to_vec(&Frame::Call(minimal)),
+        ];
+        for json in written {
+            let json = json.expect("serialises");
+            let by_hand = read_call(&json)
+                .map(Frame::Call)
+                .or_else(|| read_res_head(&json).map(Frame::ResHead));
+            let by_serde: Frame = serde_json::from_slice(&json).expect("serde reads it");
+            assert_eq!(
+                by_hand,
+                Some(by_serde),
+                "{}",
+                String::from_utf8_lossy(&json)
+            );
+        }
+        // Whitespace and another order are still read by hand.
+        let spaced = br#" { "status" : 200 , "t" : "res_head", "call":1, "end":true } "#;
+        assert_eq!(read_res_head(spaced).map(|h| h.status), Some(200));
+        // Anything unexpected goes to serde, which decides: a null, an
+        // unknown or repeated field, a missing one, another frame's tag.
+        for odd in [
+            &br#"{"t":"res_head","call":1,"status":200,"end":true,"error":null}"#[..],
+            br#"{"t":"res_head","call":1,"status":200,"end":true,"new":1}"#,
+            br#"{"t":"res_head","call":1,"call":2,"status":200,"end":true}"#,
+            br#"{"t":"res_head","call":1,"end":true}"#,
+            br#"{"t":"call","call":1,"status":200,"end":true}"#,
+            br#"{"t":"res_head","call":1,"status":200,"end":true} x"#,
+        ] {
+            assert_eq!(read_res_head(odd), None, "{}", String::from_utf8_lossy(odd));
+        }
+        assert_eq!(read_call(br#"{"t":"call","from":"a","call":1}"#), None);
     }
 
     #[test]

@@ -271,7 +271,7 @@ fn write_pairs<N: AsRef<str>, V: AsRef<str>>(headers: &[(N, V)], out: &mut Vec<u
     out.push(b']');
 }
 
-fn write_end(end: bool, out: &mut Vec<u8>) {
+pub(crate) fn write_end(end: bool, out: &mut Vec<u8>) {
     out.extend_from_slice(if end {
         br#","end":true"#
     } else {
@@ -279,7 +279,7 @@ fn write_end(end: bool, out: &mut Vec<u8>) {
     });
 }
 
-fn write_u64(mut n: u64, out: &mut Vec<u8>) {
+pub(crate) fn write_u64(mut n: u64, out: &mut Vec<u8>) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     loop {
@@ -296,7 +296,7 @@ fn write_u64(mut n: u64, out: &mut Vec<u8>) {
 /// A JSON string, escaped as serde_json escapes: `"` and `\` with a
 /// backslash, control characters as `\b \t \n \f \r` or `\u00xx`, and
 /// everything else (`/`, DEL, non-ASCII) as it is.
-fn write_str(s: &str, out: &mut Vec<u8>) {
+pub(crate) fn write_str(s: &str, out: &mut Vec<u8>) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut rest = s.as_bytes();
     out.reserve(rest.len() + 2);
@@ -416,7 +416,8 @@ impl HeadRef<'_> {
     }
 }
 
-fn owned(pairs: Vec<(Cow<'_, str>, Cow<'_, str>)>) -> Vec<Header> {
+/// The pairs [`Reader::headers`] read, as owned strings.
+pub(crate) fn owned(pairs: Vec<(Cow<'_, str>, Cow<'_, str>)>) -> Vec<Header> {
     pairs
         .into_iter()
         .map(|(n, v)| (n.into_owned(), v.into_owned()))
@@ -426,50 +427,21 @@ fn owned(pairs: Vec<(Cow<'_, str>, Cow<'_, str>)>) -> Vec<Header> {
 /// Reads the common heads; `None` means "ask serde" (see the module doc).
 /// A response's header strings borrow `json` unless they were escaped.
 pub fn read_head_ref(json: &[u8]) -> Option<HeadRef<'_>> {
-    // Valid JSON is UTF-8 throughout; a head that is not goes to serde.
-    let s = std::str::from_utf8(json).ok()?;
-    let mut r = Reader {
-        s,
-        b: s.as_bytes(),
-        at: 0,
-    };
     let mut f = Fields::default();
-    r.ws();
-    r.eat(b'{')?;
-    r.ws();
-    if r.peek()? == b'}' {
-        return None;
-    }
-    loop {
-        let key = r.string()?;
-        r.ws();
-        r.eat(b':')?;
-        r.ws();
-        match &*key {
-            "type" => set(&mut f.kind, r.string()?)?,
-            "id" => set(&mut f.id, r.number()?)?,
-            "request_id" => set(&mut f.request_id, r.string()?)?,
-            "service" => set(&mut f.service, r.string()?)?,
-            "method" => set(&mut f.method, r.string()?)?,
-            "path" => set(&mut f.path, r.string()?)?,
-            "headers" => set(&mut f.headers, r.headers()?)?,
-            "latin1" => set(&mut f.latin1, r.indices()?)?,
-            "status" => set(&mut f.status, u16::try_from(r.number()?).ok()?)?,
-            "end" => set(&mut f.end, r.boolean()?)?,
-            "gate" => set(&mut f.gate, r.boolean()?)?,
-            _ => return None,
-        }
-        r.ws();
-        match r.next()? {
-            b',' => r.ws(),
-            b'}' => break,
-            _ => return None,
-        }
-    }
-    r.ws();
-    if r.at != r.b.len() {
-        return None;
-    }
+    read_object(json, |r, key| match key {
+        "type" => set(&mut f.kind, r.string()?),
+        "id" => set(&mut f.id, r.number()?),
+        "request_id" => set(&mut f.request_id, r.string()?),
+        "service" => set(&mut f.service, r.string()?),
+        "method" => set(&mut f.method, r.string()?),
+        "path" => set(&mut f.path, r.string()?),
+        "headers" => set(&mut f.headers, r.headers()?),
+        "latin1" => set(&mut f.latin1, r.indices()?),
+        "status" => set(&mut f.status, u16::try_from(r.number()?).ok()?),
+        "end" => set(&mut f.end, r.boolean()?),
+        "gate" => set(&mut f.gate, r.boolean()?),
+        _ => None,
+    })?;
     let end = f.end.unwrap_or(true);
     Some(match &*f.kind? {
         "request" => HeadRef::Other(DataHead::Request(RequestHead {
@@ -495,9 +467,48 @@ pub fn read_head_ref(json: &[u8]) -> Option<HeadRef<'_>> {
     })
 }
 
+/// Reads `json` as one non-empty object, handing each key to `field` with
+/// the reader at its value, which `field` reads. `None` as soon as anything
+/// is not as expected (`field` returning `None` included): the caller then
+/// asks serde. Other heads than the protocol's (the cluster's relay) use it
+/// for the same reason.
+pub(crate) fn read_object<'a>(
+    json: &'a [u8],
+    mut field: impl FnMut(&mut Reader<'a>, &str) -> Option<()>,
+) -> Option<()> {
+    // Valid JSON is UTF-8 throughout; a head that is not goes to serde.
+    let s = std::str::from_utf8(json).ok()?;
+    let mut r = Reader {
+        s,
+        b: s.as_bytes(),
+        at: 0,
+    };
+    r.ws();
+    r.eat(b'{')?;
+    r.ws();
+    if r.peek()? == b'}' {
+        return None;
+    }
+    loop {
+        let key = r.string()?;
+        r.ws();
+        r.eat(b':')?;
+        r.ws();
+        field(&mut r, &key)?;
+        r.ws();
+        match r.next()? {
+            b',' => r.ws(),
+            b'}' => break,
+            _ => return None,
+        }
+    }
+    r.ws();
+    (r.at == r.b.len()).then_some(())
+}
+
 /// Sets a field seen for the first time; a repeated key is left to serde
 /// (which refuses it).
-fn set<T>(slot: &mut Option<T>, value: T) -> Option<()> {
+pub(crate) fn set<T>(slot: &mut Option<T>, value: T) -> Option<()> {
     if slot.is_some() {
         return None;
     }
@@ -520,7 +531,8 @@ struct Fields<'a> {
     gate: Option<bool>,
 }
 
-struct Reader<'a> {
+/// A cursor over one head's JSON (see [`read_object`]).
+pub(crate) struct Reader<'a> {
     /// The whole head, checked to be UTF-8 once, so that a string between
     /// two quotes is a slice of it rather than a validation of its own.
     s: &'a str,
@@ -549,7 +561,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn boolean(&mut self) -> Option<bool> {
+    pub(crate) fn boolean(&mut self) -> Option<bool> {
         let rest = self.b.get(self.at..)?;
         if rest.starts_with(b"true") {
             self.at += 4;
@@ -563,7 +575,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A non-negative integer without fraction or exponent that fits a u64.
-    fn number(&mut self) -> Option<u64> {
+    pub(crate) fn number(&mut self) -> Option<u64> {
         let start = self.at;
         let mut n: u64 = 0;
         while let Some(c @ b'0'..=b'9') = self.peek() {
@@ -583,7 +595,7 @@ impl<'a> Reader<'a> {
     }
 
     /// `[["name","value"], ...]`.
-    fn headers(&mut self) -> Option<Vec<(Cow<'a, str>, Cow<'a, str>)>> {
+    pub(crate) fn headers(&mut self) -> Option<Vec<(Cow<'a, str>, Cow<'a, str>)>> {
         self.list(|p| {
             p.eat(b'[')?;
             p.ws();
@@ -599,7 +611,7 @@ impl<'a> Reader<'a> {
     }
 
     /// `[n, ...]`: a `"latin1"` list of header indices.
-    fn indices(&mut self) -> Option<Vec<usize>> {
+    pub(crate) fn indices(&mut self) -> Option<Vec<usize>> {
         self.list(|p| usize::try_from(p.number()?).ok())
     }
 
@@ -624,7 +636,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A JSON string, borrowed when it has no escapes.
-    fn string(&mut self) -> Option<Cow<'a, str>> {
+    pub(crate) fn string(&mut self) -> Option<Cow<'a, str>> {
         self.eat(b'"')?;
         let start = self.at;
         self.at += plain_prefix(self.b.get(start..)?);
