@@ -37,6 +37,10 @@
 #                  This is a multi-thread runtime with one worker, as in every
 #                  run so far; `wsbridge --threads 1` (a current-thread runtime)
 #                  trades some peak req/s at c=1024 for a lower p99, see there)
+#   X_THREADS=     `wsbridge --threads N` for x's two bridges (unset: as c1,
+#                  WSB_THREADS tokio threads); X_THREADS=1 runs each on one
+#                  current-thread runtime, which batches NATS writes (see
+#                  docs/CLUSTER.md, "Benchmark")
 #   CARGO_TARGET_DIR  where wsbridge is built (default: target/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -336,10 +340,12 @@ if want x; then
     cluster_toml() { printf '[cluster]\nnats = ["nats://127.0.0.1:%s"]\nnode = "%s"\nname = "bench"\n' "$P_NATS" "$1"; }
     # A: the bridge wrk calls; no worker of its own.
     bridge_conf "$TMP/bridge-xa.toml" "$P_BR_XA" "$P_BRW_XA" tuned "$(cluster_toml node-a)"
-    RUST_LOG=warn TOKIO_WORKER_THREADS=${WSB_THREADS:-$(nproc)} start bridge-xa "$WSB" serve --config "$TMP/bridge-xa.toml"
+    xthreads=()
+    [[ -n ${X_THREADS:-} ]] && xthreads=(--threads "$X_THREADS")
+    RUST_LOG=warn TOKIO_WORKER_THREADS=${WSB_THREADS:-$(nproc)} start bridge-xa "$WSB" "${xthreads[@]}" serve --config "$TMP/bridge-xa.toml"
     # B: the echo worker's bridge.
     bridge_conf "$TMP/bridge-xb.toml" "$P_BR_XB" "$P_BRW_XB" tuned "$(cluster_toml node-b)"
-    RUST_LOG=warn TOKIO_WORKER_THREADS=${WSB_THREADS:-$(nproc)} start bridge-xb "$WSB" serve --config "$TMP/bridge-xb.toml"
+    RUST_LOG=warn TOKIO_WORKER_THREADS=${WSB_THREADS:-$(nproc)} start bridge-xb "$WSB" "${xthreads[@]}" serve --config "$TMP/bridge-xb.toml"
     RUST_LOG=warn TOKIO_WORKER_THREADS=${WSB_THREADS:-$(nproc)} start worker-xb "$WSB" worker --connect "wss://127.0.0.1:$P_BRW_XB" \
         --ca "$TMP/certs/server.crt" --service default --max-inflight "$WORKER_INFLIGHT" --id bench-xb --echo
     wait_http bridge-x "$PID_bridge_xa $PID_bridge_xb $PID_worker_xb $PID_nats" "http://127.0.0.1:$P_BR_XA/"
@@ -468,7 +474,7 @@ done
 
 # ----------------------------------------------------------------- report ----
 mkdir -p "$(dirname "$OUT")"
-export BENCH_DURATION=$DURATION BENCH_ROUNDS=$ROUNDS BENCH_WARMUP=$WARMUP BENCH_QUICK=$QUICK BENCH_WSB_THREADS=$WSB_THREADS
+export BENCH_DURATION=$DURATION BENCH_ROUNDS=$ROUNDS BENCH_WARMUP=$WARMUP BENCH_QUICK=$QUICK BENCH_WSB_THREADS=$WSB_THREADS BENCH_X_THREADS=${X_THREADS:-}
 export BENCH_RATHOLE_NOTE=$RATHOLE_NOTE BENCH_WORKER_INFLIGHT=$WORKER_INFLIGHT
 export BENCH_NGINX_VERSION="$(nginx -v 2>&1)" BENCH_WRK_VERSION="$(wrk -v 2>&1 | head -n 1)"
 export BENCH_RATHOLE_VERSION="$(has rathole && rathole -V 2>&1 | head -n 1 || true)"

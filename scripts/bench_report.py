@@ -234,7 +234,8 @@ def print_report(res):
           "(no access lines); TLS on between bridge and worker")
     print(f"threads: nginx worker_processes auto (one per core) per instance; wsbridge c and d "
           f"tokio's default (one per core), c1, c-g, d1 and x "
-          f"{m.get('wsbridge_threads') or 'default (one per core)'} tokio worker thread(s) per process")
+          f"{m.get('wsbridge_threads') or 'default (one per core)'} tokio worker thread(s) per process"
+          + (f"; x's bridges --threads {m['x_threads']}" if m.get("x_threads") else ""))
     print()
     for s, desc in SCENARIOS.items():
         print(f"  {s:8} {desc}")
@@ -297,6 +298,7 @@ def main():
             "warmup": env("BENCH_WARMUP"),
             "quick": env("BENCH_QUICK", "0"),
             "wsbridge_threads": env("BENCH_WSB_THREADS", ""),
+            "x_threads": env("BENCH_X_THREADS", ""),
             "worker_max_inflight": env("BENCH_WORKER_INFLIGHT"),
             "nginx": env("BENCH_NGINX_VERSION"),
             "wrk": env("BENCH_WRK_VERSION"),
