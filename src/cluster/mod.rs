@@ -375,6 +375,7 @@ impl Cluster {
             Ok(reply) => Offered::Ack(Ack::parse(&reply.payload)),
             Err(e) => match e.kind() {
                 Kind::NoResponders => Offered::NoResponders,
+                // Only the deadline above times out now (`.timeout(None)`).
                 Kind::TimedOut => Offered::TimedOut,
                 _ => Offered::NotSent,
             },

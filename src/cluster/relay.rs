@@ -298,12 +298,14 @@ pub(crate) fn decode(payload: &Bytes) -> Result<(Frame, Bytes), DecodeError> {
 /// protocol's heads: `None` for anything it does not expect, and serde then
 /// decides. What it returns is what serde would have.
 fn read_call(json: &[u8]) -> Option<CallHead> {
+    let mut tag = None;
     let (mut from, mut epoch, mut call, mut request_id) = (None, None, None, None);
     let (mut service, mut method, mut path, mut timeout_ms) = (None, None, None, None);
     let (mut idle_ms, mut max_body, mut end, mut headers, mut latin1) =
         (None, None, None, None, None);
     json::read_object(json, |r, key| match key {
-        "t" => (r.string()? == "call").then_some(()),
+        // Once, as the whole frame's serde would have it.
+        "t" if r.string()? == "call" => set(&mut tag, ()),
         "from" => set(&mut from, r.string()?.into_owned()),
         "epoch" => set(&mut epoch, r.number()?),
         "call" => set(&mut call, r.number()?),
@@ -338,10 +340,11 @@ fn read_call(json: &[u8]) -> Option<CallHead> {
 
 /// A [`ResHead`] read by hand; see [`read_call`].
 fn read_res_head(json: &[u8]) -> Option<ResHead> {
+    let mut tag = None;
     let (mut call, mut status, mut end, mut error) = (None, None, None, None);
     let (mut worker, mut headers, mut latin1) = (None, None, None);
     json::read_object(json, |r, key| match key {
-        "t" => (r.string()? == "res_head").then_some(()),
+        "t" if r.string()? == "res_head" => set(&mut tag, ()),
         "call" => set(&mut call, r.number()?),
         "status" => set(&mut status, u16::try_from(r.number()?).ok()?),
         "end" => set(&mut end, r.boolean()?),
@@ -575,16 +578,29 @@ mod tests {
 
     #[test]
     fn heads_written_by_hand_are_the_bytes_serde_writes() {
-        let pairs = vec![("x-a", "1"), ("x-\"b", "t\two\u{1}")];
+        // The last value is not UTF-8 (PROTOCOL 5.1): `"latin1"` follows.
+        let mut map = http::HeaderMap::new();
+        map.insert("x-a", http::HeaderValue::from_static("1"));
+        map.insert("x-b", http::HeaderValue::from_static("t\two"));
+        map.insert(
+            "x-l",
+            http::HeaderValue::from_bytes(b"\xe9").expect("a value"),
+        );
+        let pairs = crate::headers::to_wire_ref(&map);
         let encoded = crate::protocol::json::EncodedHeaders::new(&pairs);
         let owned: Vec<Header> = pairs
             .iter()
-            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+            .map(|(n, v)| ((*n).to_owned(), v.as_ref().to_owned()))
             .collect();
+        let latin1 = vec![2];
         let mut call = head();
         call.request_id = "r\"\\\n".into();
         call.headers.clear();
-        let replies = [(None, None), (Some("no_worker"), Some("w\u{7f}\u{e9}"))];
+        let replies = [
+            (None, None),
+            (None, Some("w")),
+            (Some("no_worker"), Some("w\u{7f}\u{e9}")),
+        ];
         let mut frames = vec![Frame::Call(call)];
         for (error, worker) in replies {
             frames.push(Frame::ResHead(ResHead {
@@ -600,8 +616,8 @@ mod tests {
         for bare in frames {
             let mut full = bare.clone();
             match &mut full {
-                Frame::Call(h) => h.headers = owned.clone(),
-                Frame::ResHead(h) => h.headers = owned.clone(),
+                Frame::Call(h) => (h.headers, h.latin1) = (owned.clone(), latin1.clone()),
+                Frame::ResHead(h) => (h.headers, h.latin1) = (owned.clone(), latin1.clone()),
                 _ => {}
             }
             let by_hand = encode_with_headers(&bare, encoded.as_bytes(), b"\nbody");
@@ -644,9 +660,13 @@ mod tests {
                 String::from_utf8_lossy(&json)
             );
         }
-        // Whitespace and another order are still read by hand.
+        // Whitespace, another order and absent defaults are still read by hand.
         let spaced = br#" { "status" : 200 , "t" : "res_head", "call":1, "end":true } "#;
-        assert_eq!(read_res_head(spaced).map(|h| h.status), Some(200));
+        let serde_reads: ResHead = serde_json::from_slice(spaced).expect("serde reads it");
+        assert_eq!(read_res_head(spaced), Some(serde_reads));
+        let bare = br#"{"t":"call","from":"a","call":1,"request_id":"r","service":"s","method":"GET","path":"/","timeout_ms":5,"end":true}"#;
+        let serde_reads: CallHead = serde_json::from_slice(bare).expect("serde reads it");
+        assert_eq!(read_call(bare), Some(serde_reads));
         // Anything unexpected goes to serde, which decides: a null, an
         // unknown or repeated field, a missing one, another frame's tag.
         for odd in [
@@ -656,6 +676,8 @@ mod tests {
             br#"{"t":"res_head","call":1,"end":true}"#,
             br#"{"t":"call","call":1,"status":200,"end":true}"#,
             br#"{"t":"res_head","call":1,"status":200,"end":true} x"#,
+            br#"{"t":"res_head","call":1,"status":200,"end":true,"t":"res_head"}"#,
+            br#"{"t":"res_head","call":1,"status":70000,"end":true}"#,
         ] {
             assert_eq!(read_res_head(odd), None, "{}", String::from_utf8_lossy(odd));
         }
