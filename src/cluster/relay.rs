@@ -215,44 +215,61 @@ pub(crate) fn encode_with_headers(frame: &Frame, headers: &[u8], body: &[u8]) ->
 /// A [`Frame::Call`]'s JSON up to its headers, in serde's field order.
 fn write_call(frame: &Frame, out: &mut Vec<u8>) {
     let Frame::Call(h) = frame else { return };
-    out.extend_from_slice(br#"{"t":"call","from":"#);
-    json::write_str(&h.from, out);
-    out.extend_from_slice(br#","epoch":"#);
-    json::write_u64(h.epoch, out);
-    out.extend_from_slice(br#","call":"#);
-    json::write_u64(h.call, out);
-    out.extend_from_slice(br#","request_id":"#);
-    json::write_str(&h.request_id, out);
-    out.extend_from_slice(br#","service":"#);
-    json::write_str(&h.service, out);
-    out.extend_from_slice(br#","method":"#);
-    json::write_str(&h.method, out);
-    out.extend_from_slice(br#","path":"#);
-    json::write_str(&h.path, out);
-    out.extend_from_slice(br#","timeout_ms":"#);
-    json::write_u64(h.timeout_ms, out);
-    out.extend_from_slice(br#","idle_ms":"#);
-    json::write_u64(h.idle_ms, out);
-    out.extend_from_slice(br#","max_body":"#);
-    json::write_u64(h.max_body, out);
+    out.extend_from_slice(br#"{"t":"call""#);
+    texts(out, &[(r#","from":"#, h.from.as_str())]);
+    numbers(out, &[(r#","epoch":"#, h.epoch), (r#","call":"#, h.call)]);
+    texts(
+        out,
+        &[
+            (r#","request_id":"#, h.request_id.as_str()),
+            (r#","service":"#, h.service.as_str()),
+            (r#","method":"#, h.method.as_str()),
+            (r#","path":"#, h.path.as_str()),
+        ],
+    );
+    numbers(
+        out,
+        &[
+            (r#","timeout_ms":"#, h.timeout_ms),
+            (r#","idle_ms":"#, h.idle_ms),
+            (r#","max_body":"#, h.max_body),
+        ],
+    );
     json::write_end(h.end, out);
 }
 
 /// A [`Frame::ResHead`]'s JSON up to its headers, in serde's field order.
 fn write_res_head(frame: &Frame, out: &mut Vec<u8>) {
     let Frame::ResHead(h) = frame else { return };
-    out.extend_from_slice(br#"{"t":"res_head","call":"#);
-    json::write_u64(h.call, out);
-    out.extend_from_slice(br#","status":"#);
-    json::write_u64(u64::from(h.status), out);
+    out.extend_from_slice(br#"{"t":"res_head""#);
+    numbers(
+        out,
+        &[
+            (r#","call":"#, h.call),
+            (r#","status":"#, u64::from(h.status)),
+        ],
+    );
     json::write_end(h.end, out);
-    if let Some(error) = &h.error {
-        out.extend_from_slice(br#","error":"#);
-        json::write_str(error, out);
+    for (key, value) in [(r#","error":"#, &h.error), (r#","worker":"#, &h.worker)] {
+        if let Some(value) = value {
+            texts(out, &[(key, value.as_str())]);
+        }
     }
-    if let Some(worker) = &h.worker {
-        out.extend_from_slice(br#","worker":"#);
-        json::write_str(worker, out);
+}
+
+/// `,"key":"value"` for each pair (the key as written, with its comma).
+fn texts(out: &mut Vec<u8>, fields: &[(&str, &str)]) {
+    for (key, value) in fields {
+        out.extend_from_slice(key.as_bytes());
+        json::write_str(value, out);
+    }
+}
+
+/// `,"key":n` for each pair.
+fn numbers(out: &mut Vec<u8>, fields: &[(&str, u64)]) {
+    for (key, n) in fields {
+        out.extend_from_slice(key.as_bytes());
+        json::write_u64(*n, out);
     }
 }
 
