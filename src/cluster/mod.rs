@@ -7,6 +7,7 @@
 //! drops a peer after three missed announcements. docs/CLUSTER.md has the
 //! subjects and the failure bounds.
 
+mod batch;
 pub(crate) mod directory;
 pub(crate) mod presence;
 pub(crate) mod relay;
@@ -119,6 +120,8 @@ pub(crate) struct Cluster {
     /// Between announcements, at the latest.
     heartbeat: Duration,
     client: async_nats::Client,
+    /// The calls' messages, to `client` in batches.
+    batch: batch::Batcher,
     /// Whether the NATS connection is up now, and the last error NATS or
     /// the client reported (an operator's first clue).
     link: Arc<Link>,
@@ -201,6 +204,7 @@ impl Cluster {
             epoch,
             seq: AtomicU64::new(0),
             heartbeat: config.heartbeat,
+            batch: batch::Batcher::start(client.clone()),
             client,
             link,
             peers: Mutex::new(Peers::new(&config.node)),
@@ -363,19 +367,22 @@ impl Cluster {
     /// NATS is unreachable).
     pub(crate) async fn offer(&self, node: &str, message: Bytes, by: Instant) -> Offered {
         use async_nats::RequestErrorKind as Kind;
-        // One timer for the whole wait: the client's own would be a second
-        // (and a second expiry to handle) for the same deadline.
-        let request = async_nats::Request::new().payload(message).timeout(None);
-        let sent = self.client.send_request(self.node_subject(node), request);
+        // One timer for the whole wait: the request has none of its own.
+        let subject = self.node_subject(node).into();
+        let sent = async {
+            let answer = self.batch.request(subject, message).await?;
+            Some(answer.await)
+        };
         let Ok(answer) = tokio::time::timeout_at(by, sent).await else {
             return Offered::TimedOut;
         };
         match answer {
-            Ok(reply) if reply.payload.first() == Some(&b'{') => Offered::Head(reply.payload),
-            Ok(reply) => Offered::Ack(Ack::parse(&reply.payload)),
-            Err(e) => match e.kind() {
+            None => Offered::NotSent,
+            Some(Ok(reply)) if reply.payload.first() == Some(&b'{') => Offered::Head(reply.payload),
+            Some(Ok(reply)) => Offered::Ack(Ack::parse(&reply.payload)),
+            Some(Err(e)) => match e.kind() {
                 Kind::NoResponders => Offered::NoResponders,
-                // Only the deadline above times out now (`.timeout(None)`).
+                // Only the deadline above times out.
                 Kind::TimedOut => Offered::TimedOut,
                 _ => Offered::NotSent,
             },
@@ -385,31 +392,26 @@ impl Cluster {
     /// Answers a call offered to this bridge: an [`Ack`], or the reply's
     /// head itself (see [`Offered::Head`]).
     pub(crate) async fn answer(&self, reply: async_nats::Subject, payload: Bytes) -> bool {
-        match self.client.publish(reply, payload).await {
-            Ok(()) => true,
-            Err(e) => {
-                debug!(error = %e, "cluster answer not sent");
-                false
-            }
-        }
+        self.batch.publish(reply, payload).await
     }
 
     /// Sends a frame of a call in progress to `node`.
     pub(crate) async fn send(&self, node: &str, message: Bytes) -> bool {
-        self.client
-            .publish(self.node_subject(node), message)
+        self.batch
+            .publish(self.node_subject(node).into(), message)
             .await
-            .is_ok()
     }
 
     /// [`Cluster::send`] from code that cannot wait (a drop, a body's read
-    /// hook): the message goes out from a task of its own.
-    pub(crate) fn send_soon(&self, node: &str, message: Bytes) {
-        let client = self.client.clone();
-        let subject = self.node_subject(node);
-        tokio::spawn(async move {
-            let _ = client.publish(subject, message).await;
-        });
+    /// hook): queued at once if there is room, else from a task of its own.
+    pub(crate) fn send_soon(self: &Arc<Self>, node: &str, message: Bytes) {
+        let subject: async_nats::Subject = self.node_subject(node).into();
+        if let Err(message) = self.batch.try_publish(subject.clone(), message) {
+            let cluster = self.clone();
+            tokio::spawn(async move {
+                cluster.batch.publish(subject, message).await;
+            });
+        }
     }
 
     /// Takes in this bridge's messages: new calls go to `serve`, frames of
