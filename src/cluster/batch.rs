@@ -27,6 +27,9 @@ const QUEUE: usize = 1024;
 /// Most messages passed to the client before the task yields again.
 const BATCH: usize = 64;
 
+/// Whether more than one call is in progress through the cluster.
+pub(crate) type Busy = Box<dyn Fn() -> bool + Send + Sync>;
+
 /// A request on its way: await it for the answer. Whoever polls it drives
 /// it, so it is sent even if the batcher's task could not hand it over yet.
 pub(crate) type Answer = Pin<Box<dyn Future<Output = Result<Message, RequestError>> + Send>>;
@@ -60,10 +63,11 @@ impl std::fmt::Debug for Out {
 
 impl Batcher {
     /// Starts the batcher's task, which ends once the batcher is dropped and
-    /// what it holds is handed to `client`.
-    pub(crate) fn start(client: Client) -> Batcher {
+    /// what it holds is handed to `client`. `busy` says whether more than
+    /// one call is in progress, so that others may have messages to add.
+    pub(crate) fn start(client: Client, busy: Busy) -> Batcher {
         let (queue, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(client, rx));
+        tokio::spawn(run(client, rx, busy));
         Batcher { queue }
     }
 
@@ -97,11 +101,15 @@ impl Batcher {
 }
 
 /// The batcher's task: waits for a message, lets the ready tasks queue
-/// theirs, then hands the client up to [`BATCH`] at once.
-async fn run(client: Client, mut rx: mpsc::Receiver<Out>) {
+/// theirs, then hands the client up to [`BATCH`] at once. It lets them only
+/// when other calls are in progress (`busy`): a lone call's message goes at
+/// once, without the scheduler pass a yield costs.
+async fn run(client: Client, mut rx: mpsc::Receiver<Out>, busy: Busy) {
     let mut batch = Vec::with_capacity(BATCH);
     while let Some(first) = rx.recv().await {
-        tokio::task::yield_now().await;
+        if busy() {
+            tokio::task::yield_now().await;
+        }
         batch.push(first);
         while batch.len() < BATCH {
             match rx.try_recv() {

@@ -133,7 +133,7 @@ pub(crate) struct Cluster {
     /// for their presence, and announce ours, at once.
     reconnected: Arc<Notify>,
     /// Calls in progress between this bridge and others.
-    pub(crate) calls: relay::Table,
+    pub(crate) calls: Arc<relay::Table>,
     /// Calls this bridge sent to others that were taken there.
     pub(crate) calls_out: AtomicU64,
     /// Calls other bridges sent this one that it took.
@@ -198,19 +198,20 @@ impl Cluster {
         let epoch = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
+        let calls = Arc::new(relay::Table::default());
         let cluster = Arc::new(Cluster {
             node: config.node.clone(),
             name: config.name.clone(),
             epoch,
             seq: AtomicU64::new(0),
             heartbeat: config.heartbeat,
-            batch: batch::Batcher::start(client.clone()),
+            batch: batch::Batcher::start(client.clone(), busy(&calls)),
+            calls,
             client,
             link,
             peers: Mutex::new(Peers::new(&config.node)),
             announce: Notify::new(),
             reconnected,
-            calls: relay::Table::default(),
             calls_out: AtomicU64::new(0),
             calls_in: AtomicU64::new(0),
             out_done: AtomicU64::new(0),
@@ -615,6 +616,13 @@ impl Cluster {
 
 /// The client's options from the config: credentials, TLS, and an event
 /// callback that keeps `connected` current.
+/// Whether more than one call is in progress between this bridge and
+/// others: then the batcher waits for the others' messages (see [`batch`]).
+fn busy(calls: &Arc<relay::Table>) -> batch::Busy {
+    let calls = calls.clone();
+    Box::new(move || calls.outgoing_len() + calls.incoming_len() > 1)
+}
+
 async fn options(
     config: &ClusterConfig,
     link: Arc<Link>,
