@@ -430,8 +430,9 @@ impl Batch {
 }
 
 /// `first` and whatever else is already queued (up to a batch, urgent
-/// frames first).
-pub(crate) async fn take_batch(first: Outgoing, inbox: &mut Inbox) -> Batch {
+/// frames first). `busy`: other calls are in progress on the connection, so
+/// other tasks may be about to queue frames (see below).
+pub(crate) async fn take_batch(first: Outgoing, inbox: &mut Inbox, busy: bool) -> Batch {
     let mut batch = Batch {
         frames: Vec::new(),
         waiting: Vec::new(),
@@ -454,10 +455,11 @@ pub(crate) async fn take_batch(first: Outgoing, inbox: &mut Inbox) -> Batch {
         // now run once: tokio wakes this writer straight after the first
         // task that queued a frame (its LIFO slot), so without this every
         // small call under load went out in its own write and TLS record.
-        // When nothing else is ready, the yield costs one scheduler pass.
-        // Large frames are not held back: their cost is per byte, and a
-        // bigger batch only delays the peer's start on them.
-        if yielded || batch.frames.len() >= BATCH_FRAMES || bytes >= COALESCE_BELOW {
+        // When nothing else is ready, the yield costs one scheduler pass, so
+        // a lone call (`!busy`) goes at once. Large frames are not held
+        // back: their cost is per byte, and a bigger batch only delays the
+        // peer's start on them.
+        if yielded || !busy || batch.frames.len() >= BATCH_FRAMES || bytes >= COALESCE_BELOW {
             return batch;
         }
         yielded = true;
@@ -475,12 +477,13 @@ pub(crate) async fn write_batch<S>(
     sink: &mut S,
     first: Outgoing,
     inbox: &mut Inbox,
+    busy: bool,
     stall: Duration,
 ) -> Result<(), WriteError>
 where
     S: Sink<Message, Error = tungstenite::Error> + Unpin,
 {
-    let mut batch = take_batch(first, inbox).await;
+    let mut batch = take_batch(first, inbox, busy).await;
     for msg in std::mem::take(&mut batch.frames) {
         step(stall, sink.feed(msg.into())).await?;
     }

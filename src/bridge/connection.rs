@@ -399,10 +399,11 @@ async fn write_loop<S>(
             }
             msg = inbox.recv() => {
                 let Some(msg) = msg else { break None };
+                let busy = live.session.pending() > 1;
                 tokio::select! {
                     _ = conn.cancelled() => break None,
                     _ = choked.cancelled() => break Some(not_reading.to_owned()),
-                    r = wire::write_batch(&mut writer, msg, &mut inbox, stall) => r,
+                    r = wire::write_batch(&mut writer, msg, &mut inbox, busy, stall) => r,
                 }
             }
         };

@@ -206,14 +206,16 @@ impl<S: AsyncWrite> FrameWriter<S> {
 
 /// Writes `first` and whatever else is already queued (up to a batch,
 /// urgent frames first) with one vectored write, then flushes; tells those
-/// waiting for the frames once they are written.
+/// waiting for the frames once they are written. `busy`: see
+/// [`transport::take_batch`].
 pub(crate) async fn write_batch<S: AsyncWrite>(
     writer: &mut FrameWriter<S>,
     first: Outgoing,
     inbox: &mut Inbox,
+    busy: bool,
     stall: Duration,
 ) -> Result<(), WriteError> {
-    let batch = transport::take_batch(first, inbox).await;
+    let batch = transport::take_batch(first, inbox, busy).await;
     writer.write(&batch.frames, stall).await?;
     batch.written();
     Ok(())

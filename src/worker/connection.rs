@@ -32,7 +32,7 @@ use crate::{
 };
 
 use super::{
-    call::{abandon, lock, CallCtx, Handler},
+    call::{abandon, lock, CallCtx, Calls, Handler},
     resume::Carry,
 };
 
@@ -108,9 +108,9 @@ where
     // a resume (PROTOCOL.md 8.3, 8.5).
     let silent = Arc::new(AtomicBool::new(false));
     let dropped = silent.clone();
-    spawn_writer(sink, inbox, writer_conn, silence, dropped);
-
     let calls = carry.calls.clone();
+    spawn_writer(sink, inbox, calls.clone(), writer_conn, silence, dropped);
+
     let ctx = CallCtx {
         handler,
         outbox: outbox.clone(),
@@ -182,10 +182,12 @@ where
 
 /// Spawns the connection's writer: the outbox's queues to the socket, in
 /// batches, until the connection ends (`writer_conn` is cancelled either way).
-/// The inbox is locked for as long as the writer runs.
+/// The inbox is locked for as long as the writer runs. A batch waits for
+/// more frames only while other calls than its own are in progress.
 fn spawn_writer<S>(
     mut sink: SplitSink<WebSocketStream<S>, Message>,
     inbox: Arc<tokio::sync::Mutex<Inbox>>,
+    calls: Calls,
     writer_conn: CancellationToken,
     silence: Duration,
     dropped: Arc<AtomicBool>,
@@ -199,11 +201,12 @@ fn spawn_writer<S>(
                 _ = writer_conn.cancelled() => break,
                 m = inbox.recv() => match m { Some(m) => m, None => break },
             };
+            let busy = lock(&calls).len() > 1;
             // A bridge that stops reading must not keep this task (and the
             // socket) alive after the connection is given up.
             let written = tokio::select! {
                 _ = writer_conn.cancelled() => break,
-                r = transport::write_batch(&mut sink, msg, &mut inbox, silence) => r,
+                r = transport::write_batch(&mut sink, msg, &mut inbox, busy, silence) => r,
             };
             if let Err(e) = written {
                 debug!(error = %e, "write to bridge failed");
