@@ -52,15 +52,6 @@ enum Out {
     },
 }
 
-impl std::fmt::Debug for Out {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Out::Publish { subject, .. } => write!(f, "Publish({subject})"),
-            Out::Request { subject, .. } => write!(f, "Request({subject})"),
-        }
-    }
-}
-
 impl Batcher {
     /// Starts the batcher's task, which ends once the batcher is dropped and
     /// what it holds is handed to `client`. `busy` says whether more than
@@ -71,7 +62,10 @@ impl Batcher {
         Batcher { queue }
     }
 
-    /// Publishes `payload` on `subject`: `false` if the client is gone.
+    /// Publishes `payload` on `subject`: `false` if the batcher's task is
+    /// gone. The client takes it in order after the messages handed before;
+    /// if the client itself is closed (the bridge is stopping), the message
+    /// is dropped there and logged at debug level.
     pub(crate) async fn publish(&self, subject: Subject, payload: Bytes) -> bool {
         let out = Out::Publish { subject, payload };
         self.queue.send(out).await.is_ok()

@@ -614,8 +614,6 @@ impl Cluster {
     }
 }
 
-/// The client's options from the config: credentials, TLS, and an event
-/// callback that keeps `connected` current.
 /// Whether more than one call is in progress between this bridge and
 /// others: then the batcher waits for the others' messages (see [`batch`]).
 fn busy(calls: &Arc<relay::Table>) -> batch::Busy {
@@ -623,6 +621,8 @@ fn busy(calls: &Arc<relay::Table>) -> batch::Busy {
     Box::new(move || calls.outgoing_len() + calls.incoming_len() > 1)
 }
 
+/// The client's options from the config: credentials, TLS, and an event
+/// callback that keeps `connected` current.
 async fn options(
     config: &ClusterConfig,
     link: Arc<Link>,
