@@ -18,9 +18,13 @@ use std::{
 
 use bytes::Bytes;
 use futures_util::{Sink, SinkExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
+
+mod queues;
+
+use queues::{Lane, TrySendError};
 
 /// Most bytes tungstenite reads per call, both sides; also the read buffer it
 /// allocates when a connection opens. It zero-fills this much before *every*
@@ -94,9 +98,7 @@ where
 }
 
 /// A frame as the outbox queues it: a text (control) or binary (data)
-/// frame, 40 bytes where a tungstenite `Message` takes 64. The queues'
-/// slots are allocated 32 at a time per queue and the first block lives as
-/// long as the connection, so this is memory every idle worker keeps.
+/// frame, 40 bytes where a tungstenite `Message` takes 64.
 #[derive(Debug, Clone)]
 pub(crate) enum OutFrame {
     Text(Utf8Bytes),
@@ -178,18 +180,17 @@ impl From<OutFrame> for Outgoing {
 /// The two queues in front of a connection's writer: `urgent` for control
 /// frames and message heads (small; always written first, so a short call
 /// never waits behind someone's upload) and `bulk` for body chunks.
-#[derive(Clone, Debug)]
+/// Both hold no memory while empty (see [`queues`]).
+#[derive(Clone)]
 pub(crate) struct Outbox {
-    urgent: mpsc::Sender<Outgoing>,
-    bulk: mpsc::Sender<Outgoing>,
+    queues: queues::Sender<Outgoing>,
     /// Control frames from code that cannot wait, while `urgent` is full.
     overflow: Arc<Overflow>,
 }
 
 /// The writer's end of an [`Outbox`].
 pub(crate) struct Inbox {
-    urgent: mpsc::Receiver<Outgoing>,
-    bulk: mpsc::Receiver<Outgoing>,
+    queues: queues::Receiver<Outgoing>,
     /// Cancelled once the overflow has passed its bound.
     choked: CancellationToken,
 }
@@ -208,8 +209,7 @@ pub(crate) fn outbox() -> (Outbox, Inbox) {
 /// `overflow` control frames wait behind a full urgent queue, the peer has
 /// stopped reading and the connection is choked (see [`Overflow`]).
 pub(crate) fn bounded_outbox(overflow: usize) -> (Outbox, Inbox) {
-    let (urgent, urgent_rx) = mpsc::channel(URGENT);
-    let (bulk, bulk_rx) = mpsc::channel(BULK);
+    let (queues, queues_rx) = queues::queues(URGENT, BULK);
     let overflow = Arc::new(Overflow {
         limit: overflow,
         queued: AtomicBool::new(false),
@@ -218,14 +218,9 @@ pub(crate) fn bounded_outbox(overflow: usize) -> (Outbox, Inbox) {
     });
     let choked = overflow.choked.clone();
     (
-        Outbox {
-            urgent,
-            bulk,
-            overflow,
-        },
+        Outbox { queues, overflow },
         Inbox {
-            urgent: urgent_rx,
-            bulk: bulk_rx,
+            queues: queues_rx,
             choked,
         },
     )
@@ -269,7 +264,7 @@ impl Overflow {
 
     /// Queues `msg` behind the frames already waiting; starts the task that
     /// moves them if none runs.
-    fn push(self: &Arc<Self>, msg: Outgoing, urgent: &mpsc::Sender<Outgoing>) {
+    fn push(self: &Arc<Self>, msg: Outgoing, outbox: &Outbox) {
         let mut frames = self.lock();
         if self.choked.is_cancelled() {
             return; // the connection is ending; the frame goes with it
@@ -290,14 +285,14 @@ impl Overflow {
             return;
         };
         frames.draining = true;
-        let (overflow, urgent) = (self.clone(), urgent.clone());
-        rt.spawn(async move { overflow.drain(urgent).await });
+        let (overflow, queues) = (self.clone(), outbox.queues.clone());
+        rt.spawn(async move { overflow.drain(queues).await });
     }
 
     /// Moves the queued frames into the urgent channel, in order, as room
     /// appears; ends when the queue is empty, the connection is choked or
     /// the channel is closed.
-    async fn drain(&self, urgent: mpsc::Sender<Outgoing>) {
+    async fn drain(&self, queues: queues::Sender<Outgoing>) {
         loop {
             let next = {
                 let mut frames = self.lock();
@@ -312,7 +307,7 @@ impl Overflow {
             };
             let sent = tokio::select! {
                 _ = self.choked.cancelled() => false,
-                sent = urgent.send(next) => sent.is_ok(),
+                sent = queues.send(Lane::Urgent, next) => sent.is_ok(),
             };
             if !sent {
                 let mut frames = self.lock();
@@ -330,12 +325,12 @@ impl Outbox {
         // Queued at once when there is room, as nearly always; the wait for
         // room is boxed, so that the futures of the bridge's calls, which
         // await this, keep no room for it while they wait for their replies.
-        match self.urgent.try_send(msg.into()) {
+        match self.queues.try_send(Lane::Urgent, msg.into()) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(Closed),
-            Err(mpsc::error::TrySendError::Full(msg)) => {
-                Box::pin(self.urgent.send(msg)).await.map_err(|_| Closed)
-            }
+            Err(TrySendError::Closed(_)) => Err(Closed),
+            Err(TrySendError::Full(msg)) => Box::pin(self.queues.send(Lane::Urgent, msg))
+                .await
+                .map_err(|_| Closed),
         }
     }
 
@@ -351,19 +346,21 @@ impl Outbox {
             msg,
             written: Some(tx),
         };
-        self.urgent.send(msg).await.map_err(|_| Closed)?;
+        let sent = self.queues.send(Lane::Urgent, msg).await;
+        sent.map_err(|_| Closed)?;
         Ok(rx)
     }
 
     /// Queues a body chunk, waiting if the queue is full.
     pub(crate) async fn bulk(&self, msg: OutFrame) -> Result<(), Closed> {
-        self.bulk.send(msg.into()).await.map_err(|_| Closed)
+        let sent = self.queues.send(Lane::Bulk, msg.into()).await;
+        sent.map_err(|_| Closed)
     }
 
     /// Queues a control frame if there is room, else drops it: for error
     /// reports, which are advice, never for credits or cancels.
     pub(crate) fn try_control(&self, msg: OutFrame) {
-        let _ = self.urgent.try_send(msg.into());
+        let _ = self.queues.try_send(Lane::Urgent, msg.into());
     }
 
     /// Queues a control frame from code that cannot wait (a `Drop`, the
@@ -372,12 +369,12 @@ impl Outbox {
     pub(crate) fn control(&self, msg: OutFrame) {
         let mut msg = Outgoing::from(msg);
         if !self.overflow.queued.load(Ordering::Acquire) {
-            match self.urgent.try_send(msg) {
-                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
-                Err(mpsc::error::TrySendError::Full(m)) => msg = m,
+            match self.queues.try_send(Lane::Urgent, msg) {
+                Ok(()) | Err(TrySendError::Closed(_)) => return,
+                Err(TrySendError::Full(m)) => msg = m,
             }
         }
-        self.overflow.push(msg, &self.urgent);
+        self.overflow.push(msg, self);
     }
 }
 
@@ -391,12 +388,7 @@ impl Inbox {
 
     /// The next frame, urgent ones first; `None` once both queues are closed.
     pub(crate) async fn recv(&mut self) -> Option<Outgoing> {
-        tokio::select! {
-            biased;
-            Some(m) = self.urgent.recv() => Some(m),
-            Some(m) = self.bulk.recv() => Some(m),
-            else => None,
-        }
+        self.queues.recv().await
     }
 
     /// Drops every queued frame (their writers' receivers fail).
@@ -405,10 +397,7 @@ impl Inbox {
     }
 
     fn try_recv(&mut self) -> Option<Outgoing> {
-        self.urgent
-            .try_recv()
-            .or_else(|_| self.bulk.try_recv())
-            .ok()
+        self.queues.try_recv()
     }
 }
 
