@@ -343,8 +343,15 @@ impl NatsCluster {
                     }
                 }
             }
-            match self.routes_complete().await {
-                Ok(()) => break,
+            // A server with JetStream answers on its monitoring port before
+            // it listens for clients: a refused client connection is "not
+            // yet" too.
+            let formed = match self.routes_complete().await {
+                Ok(()) => self.greets().await,
+                Err(e) => Err(e),
+            };
+            match formed {
+                Ok(()) => return Ok(()),
                 Err(e) if Instant::now() >= deadline => {
                     return Err(format!("not formed within {LIMIT:?}: {e}"));
                 }
@@ -352,6 +359,10 @@ impl NatsCluster {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Whether every live server answers a client with INFO.
+    async fn greets(&self) -> Result<(), String> {
         for i in self.live() {
             let addr = self.client_addr(i);
             let info = tokio::time::timeout(LIMIT, async {
