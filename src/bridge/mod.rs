@@ -52,6 +52,7 @@ mod session;
 mod sniff;
 mod stall;
 pub mod status;
+mod tls_stream;
 mod upload;
 mod wire;
 
@@ -63,7 +64,6 @@ use arc_swap::ArcSwap;
 
 use futures_util::future::Either;
 use tokio::net::{TcpListener, TcpSocket};
-use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn, Instrument};
@@ -126,7 +126,7 @@ pub(crate) struct Settings {
     /// Frame limits for worker connections.
     pub(crate) ws_config: WebSocketConfig,
     /// The worker listener's TLS; `None` serves plain ws.
-    pub(crate) tls: Option<TlsAcceptor>,
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Settings {
@@ -139,7 +139,7 @@ impl Settings {
             router: Router::new(&config),
             config,
             ws_config,
-            tls: tls.map(TlsAcceptor::from),
+            tls,
         }
     }
 }
@@ -509,9 +509,9 @@ async fn accept_workers(listener: TcpListener, shared: Arc<Shared>, shutdown: Ca
                 let plain = std::future::ready(Some((tcp, None)));
                 Either::Left(connection::serve(plain, peer, shared, settings, shutdown))
             }
-            Some(acceptor) => {
+            Some(config) => {
                 let timeout = settings.config.workers.handshake_timeout;
-                let tls = tls_handshake(acceptor, tcp, peer, timeout, shutdown.clone());
+                let tls = tls_handshake(config, tcp, peer, timeout, shutdown.clone());
                 Either::Right(connection::serve(tls, peer, shared, settings, shutdown))
             }
         };
@@ -526,16 +526,13 @@ async fn accept_workers(listener: TcpListener, shared: Arc<Shared>, shutdown: Ca
 /// and, with mutual TLS, the SHA-256 of the client certificate (a session
 /// is bound to it too, PROTOCOL.md 8.5). `None` if it failed (logged).
 async fn tls_handshake(
-    acceptor: TlsAcceptor,
+    config: Arc<rustls::ServerConfig>,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
     timeout: std::time::Duration,
     shutdown: CancellationToken,
-) -> Option<(
-    tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-    Option<[u8; 32]>,
-)> {
-    let accept = tokio::time::timeout(timeout, acceptor.accept(tcp));
+) -> Option<(tls_stream::TlsStream, Option<[u8; 32]>)> {
+    let accept = tokio::time::timeout(timeout, tls_stream::accept(config, tcp));
     let accepted = tokio::select! {
         _ = shutdown.cancelled() => return None,
         accepted = accept => accepted,
@@ -543,8 +540,6 @@ async fn tls_handshake(
     match accepted {
         Ok(Ok(stream)) => {
             let cert = stream
-                .get_ref()
-                .1
                 .peer_certificates()
                 .and_then(|chain| chain.first())
                 .map(|der| credentials::sha256(der));
