@@ -54,7 +54,8 @@ TARGET_DIR=${CARGO_TARGET_DIR:-target}
 FD_MARGIN=256
 # Targets.
 MAX_CALL_BYTES=2048
-MAX_WORKER_KIB=64
+# Issue 21 target 5 (issue 5 asked for 64).
+MAX_WORKER_KIB=16
 MAX_IDLE_KIB=$((16 * 1024))
 MAX_LATENCY_RATIO=1.5
 
@@ -301,7 +302,7 @@ ratio_json="[$(IFS=,; echo "${RATIOS[*]}")]"
 m=$(field "$WRES" m)
 per_worker=$(field "$WRES" per_worker_kib)
 row "[$m workers] registered (bridge log lines)" "$REGISTERED" "$m" "$([[ $REGISTERED == "$m" ]] && echo PASS || echo FAIL)"
-row "[$m workers] bridge RSS per worker connection" "$per_worker KiB" "< $MAX_WORKER_KIB KiB" "$(verdict "$per_worker < $MAX_WORKER_KIB")"
+row "[$m workers] bridge RSS per worker connection" "$per_worker KiB" "<= $MAX_WORKER_KIB KiB" "$(verdict "$per_worker <= $MAX_WORKER_KIB")"
 row "[$m workers] worker-process RSS per connection" "$(field "$WRES" own_per_worker_kib) KiB" "" "info"
 row "[$m workers] time to connect all" "$(field "$WRES" connect_ms) ms" "" "info"
 

@@ -5,11 +5,11 @@
 //! 4 KiB from the first read on and never shrinks: 4 KiB of every idle
 //! worker connection, which is most of a bridge's memory at 100,000 browser
 //! tabs. Here the socket is read only once it is readable, into a buffer
-//! made then; what is left over is a partial record, and a buffer with
-//! nothing in it is given back. Decrypted bytes go straight into the
-//! reader's buffer, and only what does not fit is kept. Encrypted bytes wait
-//! in a buffer of their own until the socket takes them, bounded by
-//! [`HIGH_WATER`].
+//! taken then (see [`buffer`]); what is left over is a partial record, and
+//! a buffer with nothing in it is given back. Decrypted bytes go straight
+//! into the reader's buffer, and only what does not fit is kept. Encrypted
+//! bytes wait in a buffer of their own until the socket takes them: a write
+//! waits while any do, and takes at most [`WRITE_SIZE`] bytes.
 
 use std::{
     io::{self, IoSlice},
@@ -28,12 +28,18 @@ use tokio::{
     net::TcpStream,
 };
 
-/// Most bytes read from the socket at once: one whole TLS record (16 KiB
-/// of data plus a TLS 1.3 record's largest overhead and its head).
-const READ_SIZE: usize = 5 + 16 * 1024 + 256;
+mod buffer;
 
-/// Encrypted bytes that may wait for the socket before a write waits.
-const HIGH_WATER: usize = 64 * 1024;
+use buffer::Buffer;
+
+/// Room made for each read from the socket: at least one whole TLS record
+/// (16 KiB of data plus a TLS 1.3 record's largest overhead and its head).
+/// A read takes what the buffer has room for, up to [`buffer::SIZE`].
+const RECORD_WIRE: usize = 5 + 16 * 1024 + 256;
+
+/// Most plaintext bytes one write takes: two records, which fit a pooled
+/// buffer once encrypted.
+const WRITE_SIZE: usize = 2 * RECORD_DATA;
 
 /// Slices at least this long are encrypted where they are; shorter ones
 /// are gathered first, so that a batch of small frames becomes one record
@@ -48,13 +54,11 @@ pub(crate) struct TlsStream {
     tcp: TcpStream,
     conn: UnbufferedServerConnection,
     /// Bytes read from the socket and not yet processed: a partial record.
-    incoming: Vec<u8>,
-    /// Decrypted bytes the reader has not taken yet, from `plain_at` on.
-    plain: Vec<u8>,
-    plain_at: usize,
-    /// Encrypted bytes the socket has not taken yet, from `out_at` on.
-    outgoing: Vec<u8>,
-    out_at: usize,
+    incoming: Buffer,
+    /// Decrypted bytes the reader has not taken yet.
+    plain: Buffer,
+    /// Encrypted bytes the socket has not taken yet.
+    outgoing: Buffer,
     /// The peer has ended its side: reads end once `plain` is empty.
     read_closed: bool,
     /// Our close_notify is queued.
@@ -78,7 +82,7 @@ enum Rest {
 /// Called with the state that lets data be encrypted, and the buffer of
 /// encrypted bytes to append to.
 type Encrypt<'f> =
-    &'f mut dyn FnMut(&mut WriteTraffic<'_, ServerConnectionData>, &mut Vec<u8>) -> io::Result<()>;
+    &'f mut dyn FnMut(&mut WriteTraffic<'_, ServerConnectionData>, &mut Buffer) -> io::Result<()>;
 
 fn tls_error(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
@@ -90,11 +94,9 @@ pub(crate) async fn accept(config: Arc<ServerConfig>, tcp: TcpStream) -> io::Res
     let mut stream = TlsStream {
         tcp,
         conn,
-        incoming: Vec::new(),
-        plain: Vec::new(),
-        plain_at: 0,
-        outgoing: Vec::new(),
-        out_at: 0,
+        incoming: Buffer::default(),
+        plain: Buffer::default(),
+        outgoing: Buffer::default(),
         read_closed: false,
         write_closed: false,
         reader: None,
@@ -142,12 +144,11 @@ impl TlsStream {
                 conn,
                 incoming,
                 plain,
-                plain_at,
                 outgoing,
                 read_closed,
                 ..
             } = self;
-            let UnbufferedStatus { discard, state } = conn.process_tls_records(incoming);
+            let UnbufferedStatus { discard, state } = conn.process_tls_records(incoming.data_mut());
             let state = match state {
                 Ok(state) => state,
                 Err(e) => {
@@ -159,13 +160,13 @@ impl TlsStream {
                 ConnectionState::ReadTraffic(mut traffic) => {
                     while let Some(record) = traffic.next_record() {
                         let mut data = record.map_err(tls_error)?.payload;
-                        if let Some(dst) = dst.as_deref_mut().filter(|_| plain.len() == *plain_at) {
+                        if let Some(dst) = dst.as_deref_mut().filter(|_| plain.is_empty()) {
                             let n = data.len().min(dst.remaining());
                             dst.put_slice(&data[..n]);
                             data = &data[n..];
                         }
                         if !data.is_empty() {
-                            plain.extend_from_slice(data);
+                            plain.extend(data);
                             woke = true;
                         }
                     }
@@ -201,7 +202,7 @@ impl TlsStream {
                 // future states are not ours to guess at.
                 _ => return Err(io::Error::other("unexpected TLS state")),
             };
-            self.discard(discard);
+            self.incoming.consume(discard);
             if let Some(rest) = rest {
                 if woke && dst.is_none() {
                     if let Some(reader) = self.reader.take() {
@@ -210,15 +211,6 @@ impl TlsStream {
                 }
                 return Ok(rest);
             }
-        }
-    }
-
-    /// Drops `n` processed bytes; a buffer left empty is given back.
-    fn discard(&mut self, n: usize) {
-        if n >= self.incoming.len() {
-            self.incoming = Vec::new();
-        } else if n > 0 {
-            self.incoming.drain(..n);
         }
     }
 
@@ -241,16 +233,14 @@ impl TlsStream {
     /// the socket to be writable is the one woken when it is, so only the
     /// writer's side waits (in [`TlsStream::poll_send`]).
     fn send_now(&mut self) -> io::Result<()> {
-        while self.out_at < self.outgoing.len() {
-            match self.tcp.try_write(&self.outgoing[self.out_at..]) {
+        while !self.outgoing.is_empty() {
+            match self.tcp.try_write(self.outgoing.data()) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.out_at += n,
+                Ok(n) => self.outgoing.consume(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
             }
         }
-        self.outgoing = Vec::new();
-        self.out_at = 0;
         Ok(())
     }
 
@@ -259,8 +249,7 @@ impl TlsStream {
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             ready!(self.tcp.poll_read_ready(cx))?;
-            self.incoming.reserve(READ_SIZE);
-            match self.tcp.try_read_buf(&mut self.incoming) {
+            match self.tcp.try_read(self.incoming.room(RECORD_WIRE)) {
                 Ok(0) => {
                     self.read_closed = true;
                     if !self.incoming.is_empty() {
@@ -268,12 +257,11 @@ impl TlsStream {
                     }
                     return Poll::Ready(Ok(()));
                 }
-                Ok(_) => return Poll::Ready(Ok(())),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if self.incoming.is_empty() {
-                        self.incoming = Vec::new();
-                    }
+                Ok(n) => {
+                    self.incoming.filled(n);
+                    return Poll::Ready(Ok(()));
                 }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.incoming.release_if_empty(),
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
@@ -283,32 +271,20 @@ impl TlsStream {
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             self.send_now()?;
-            if self.waiting() == 0 {
+            if self.outgoing.is_empty() {
                 return Poll::Ready(Ok(()));
             }
             ready!(self.tcp.poll_write_ready(cx))?;
         }
     }
 
-    /// Encrypted bytes waiting for the socket.
-    fn waiting(&self) -> usize {
-        self.outgoing.len() - self.out_at
-    }
-
-    /// Encrypts up to [`HIGH_WATER`] bytes of `bufs`; returns how many.
+    /// Encrypts up to [`WRITE_SIZE`] bytes of `bufs`; returns how many.
     fn encrypt(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        // Bytes already sent are dropped before more are appended, once
-        // they are most of the buffer.
-        if self.out_at > 0 && self.out_at * 2 >= self.outgoing.len() {
-            self.outgoing.drain(..self.out_at);
-            self.out_at = 0;
-        }
         let mut taken = 0;
-        let mut write = |traffic: &mut WriteTraffic<'_, ServerConnectionData>,
-                         out: &mut Vec<u8>| {
+        let mut write = |traffic: &mut WriteTraffic<'_, ServerConnectionData>, out: &mut Buffer| {
             let mut gathered = Vec::new();
             for buf in bufs {
-                let room = HIGH_WATER - taken;
+                let room = WRITE_SIZE - taken;
                 if room == 0 {
                     break;
                 }
@@ -339,7 +315,7 @@ impl TlsStream {
 fn seal(
     traffic: &mut WriteTraffic<'_, ServerConnectionData>,
     data: &[u8],
-    out: &mut Vec<u8>,
+    out: &mut Buffer,
 ) -> io::Result<()> {
     if data.is_empty() {
         return Ok(());
@@ -357,30 +333,23 @@ fn seal(
 }
 
 /// Appends what `write` puts into the room it is given at the end of
-/// `out`, `room` bytes at first; `write` answers `Ok(Err(n))` when it needs
-/// `n` bytes of room.
+/// `out`, at least `room` bytes at first; `write` answers `Ok(Err(n))` when
+/// it needs `n` bytes of room.
 fn append(
-    out: &mut Vec<u8>,
+    out: &mut Buffer,
     mut room: usize,
     mut write: impl FnMut(&mut [u8]) -> io::Result<Result<usize, usize>>,
 ) -> io::Result<()> {
-    let start = out.len();
     loop {
-        out.resize(start + room, 0);
-        match write(&mut out[start..]) {
-            Ok(Ok(n)) => {
-                out.truncate(start + n);
+        let space = out.room(room);
+        let offered = space.len();
+        match write(space)? {
+            Ok(n) => {
+                out.filled(n);
                 return Ok(());
             }
-            Ok(Err(needed)) if needed > room => room = needed,
-            Ok(Err(_)) => {
-                out.truncate(start);
-                return Err(io::Error::other("TLS buffer size refused"));
-            }
-            Err(e) => {
-                out.truncate(start);
-                return Err(e);
-            }
+            Err(needed) if needed > offered => room = needed,
+            Err(_) => return Err(io::Error::other("TLS buffer size refused")),
         }
     }
 }
@@ -394,21 +363,17 @@ impl AsyncRead for TlsStream {
         let this = self.get_mut();
         let start = buf.filled().len();
         loop {
-            if this.plain_at < this.plain.len() {
-                let n = (this.plain.len() - this.plain_at).min(buf.remaining());
-                buf.put_slice(&this.plain[this.plain_at..this.plain_at + n]);
-                this.plain_at += n;
-                if this.plain_at == this.plain.len() {
-                    this.plain = Vec::new();
-                    this.plain_at = 0;
-                }
+            if !this.plain.is_empty() {
+                let n = this.plain.len().min(buf.remaining());
+                buf.put_slice(&this.plain.data()[..n]);
+                this.plain.consume(n);
                 return Poll::Ready(Ok(()));
             }
             this.process(Some(buf), None)?;
             if buf.filled().len() > start {
                 return Poll::Ready(Ok(()));
             }
-            if this.plain_at < this.plain.len() {
+            if !this.plain.is_empty() {
                 continue;
             }
             // What rustls answered (a key update, say) goes out now if the
@@ -447,9 +412,9 @@ impl AsyncWrite for TlsStream {
         if this.write_closed {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
-        if this.waiting() >= HIGH_WATER {
-            ready!(this.poll_send(cx))?;
-        }
+        // Encrypted bytes wait in one pooled buffer: what the last write
+        // left goes first.
+        ready!(this.poll_send(cx))?;
         let n = this.encrypt(bufs)?;
         // Sent at once if the socket takes it; what it does not goes with
         // the flush or the next write.
@@ -471,7 +436,7 @@ impl AsyncWrite for TlsStream {
         let this = self.get_mut();
         if !this.write_closed {
             let mut close = |traffic: &mut WriteTraffic<'_, ServerConnectionData>,
-                             out: &mut Vec<u8>| {
+                             out: &mut Buffer| {
                 append(out, 64, |room| match traffic.queue_close_notify(room) {
                     Ok(n) => Ok(Ok(n)),
                     Err(EncryptError::InsufficientSize(e)) => Ok(Err(e.required_size)),
@@ -608,8 +573,7 @@ mod tests {
         })
         .await;
         assert!(waits, "nothing was sent");
-        let held =
-            server.incoming.capacity() + server.plain.capacity() + server.outgoing.capacity();
+        let held = server.incoming.held() + server.plain.held() + server.outgoing.held();
         assert_eq!(held, 0, "bytes of buffer held while idle");
     }
 
