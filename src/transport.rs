@@ -346,15 +346,19 @@ impl Outbox {
             msg,
             written: Some(tx),
         };
-        let sent = self.queues.send(Lane::Urgent, msg).await;
-        sent.map_err(|_| Closed)?;
+        self.queues
+            .send(Lane::Urgent, msg)
+            .await
+            .map_err(|_| Closed)?;
         Ok(rx)
     }
 
     /// Queues a body chunk, waiting if the queue is full.
     pub(crate) async fn bulk(&self, msg: OutFrame) -> Result<(), Closed> {
-        let sent = self.queues.send(Lane::Bulk, msg.into()).await;
-        sent.map_err(|_| Closed)
+        self.queues
+            .send(Lane::Bulk, msg.into())
+            .await
+            .map_err(|_| Closed)
     }
 
     /// Queues a control frame if there is room, else drops it: for error

@@ -20,7 +20,9 @@ use std::{
 
 use rustls::{
     server::{ServerConnectionData, UnbufferedServerConnection},
-    unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus, WriteTraffic},
+    unbuffered::{
+        ConnectionState, EncodeError, EncodeTlsData, EncryptError, UnbufferedStatus, WriteTraffic,
+    },
     ServerConfig,
 };
 use tokio::{
@@ -173,11 +175,7 @@ impl TlsStream {
                     None
                 }
                 ConnectionState::EncodeTlsData(mut message) => {
-                    append(outgoing, 512, |out| match message.encode(out) {
-                        Ok(n) => Ok(Ok(n)),
-                        Err(EncodeError::InsufficientSize(e)) => Ok(Err(e.required_size)),
-                        Err(e) => Err(tls_error(e)),
-                    })?;
+                    encode(&mut message, outgoing)?;
                     None
                 }
                 // What is encoded waits in `outgoing`, in order, for the
@@ -219,11 +217,7 @@ impl TlsStream {
     fn queue_alert(&mut self) {
         let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
         if let Ok(ConnectionState::EncodeTlsData(mut message)) = state {
-            let _ = append(&mut self.outgoing, 64, |out| match message.encode(out) {
-                Ok(n) => Ok(Ok(n)),
-                Err(EncodeError::InsufficientSize(e)) => Ok(Err(e.required_size)),
-                Err(e) => Err(tls_error(e)),
-            });
+            let _ = encode(&mut message, &mut self.outgoing);
             let _ = self.send_now();
         }
     }
@@ -309,6 +303,19 @@ impl TlsStream {
             Rest::Blocked | Rest::Closed => Err(io::ErrorKind::NotConnected.into()),
         }
     }
+}
+
+/// Appends a message of rustls' own (handshake, ticket, key update, alert)
+/// to `out`.
+fn encode(
+    message: &mut EncodeTlsData<'_, ServerConnectionData>,
+    out: &mut Buffer,
+) -> io::Result<()> {
+    append(out, 512, |room| match message.encode(room) {
+        Ok(n) => Ok(Ok(n)),
+        Err(EncodeError::InsufficientSize(e)) => Ok(Err(e.required_size)),
+        Err(e) => Err(tls_error(e)),
+    })
 }
 
 /// Encrypts `data` onto the end of `out`.
