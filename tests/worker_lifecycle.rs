@@ -11,7 +11,13 @@ use common::{raw_http::read_reply, *};
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
 use tokio::{io::AsyncWriteExt, net::TcpStream};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{
+    protocol::frame::{
+        coding::{CloseCode, Data, OpCode},
+        Frame as WsFrame,
+    },
+    Message,
+};
 use tokio_util::task::AbortOnDropHandle;
 use wsbridge::{
     protocol::{self, Control, DataHead},
@@ -474,6 +480,60 @@ async fn a_message_over_max_frame_drops_the_worker() {
     assert_eq!(
         (r.head.status, r.error_code().as_str()),
         (StatusCode::BAD_GATEWAY, "worker_lost")
+    );
+    // The worker is told why: 1009, with the sizes.
+    let (code, reason) = close_frame(&mut raw).await;
+    assert_eq!(code, CloseCode::Size, "{reason}");
+    let max = raw.welcome.max_frame;
+    assert!(
+        reason.contains(&format!("over max_frame ({max})")),
+        "{reason}"
+    );
+    bridge.stop().await;
+}
+
+/// The close frame the bridge sends next, skipping anything before it.
+async fn close_frame(raw: &mut RawWorker) -> (CloseCode, String) {
+    with_timeout(async {
+        loop {
+            match raw.ws.next().await {
+                Some(Ok(Message::Close(Some(close)))) => {
+                    return (close.code, close.reason.to_string())
+                }
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_frame_that_breaks_rfc_6455_drops_the_worker_with_a_1002_close() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let mut raw = RawWorker::connect(&bridge, &["default"], 4).await;
+    let call = spawn_get(&bridge, "/broken");
+    let _ = raw.next_request().await;
+    // A reserved bit, with no extension negotiated.
+    let mut frame = WsFrame::message(b"x".to_vec(), OpCode::Data(Data::Binary), true);
+    frame.header_mut().rsv1 = true;
+    let _ = raw.ws.send(Message::Frame(frame)).await;
+    let r = with_timeout(call).await.expect("join");
+    assert_eq!(
+        (r.head.status, r.error_code().as_str()),
+        (StatusCode::BAD_GATEWAY, "worker_lost")
+    );
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("protocol error: reserved bits set")),
+        "{}",
+        r.json()
+    );
+    let (code, reason) = close_frame(&mut raw).await;
+    assert_eq!(
+        (code, reason.as_str()),
+        (CloseCode::Protocol, "reserved bits set, with no extension")
     );
     bridge.stop().await;
 }

@@ -11,12 +11,8 @@ use std::{
 };
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_tungstenite::{
-    tungstenite::{protocol::frame::coding::CloseCode, Message},
-    WebSocketStream,
-};
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -24,7 +20,7 @@ use super::{
     credentials::Credentials,
     handshake::{self, Terms},
     session::{Failure, Session},
-    wire::{self, Duplex, FrameWriter},
+    wire::{self, FrameReader, FrameWriter, Incoming, ReadError},
     Settings, Shared,
 };
 use crate::{
@@ -64,6 +60,9 @@ struct Live {
     /// The first `end`'s cause: what happened to the connection, whatever
     /// the other half of it reports afterwards.
     ended: OnceLock<String>,
+    /// The close frame the worker earned by breaking the WebSocket
+    /// protocol, if it did (set before the write loop is told to stop).
+    earned: OnceLock<(CloseCode, String)>,
 }
 
 impl Live {
@@ -140,7 +139,7 @@ where
 /// A worker connection past its handshake, registered and welcomed.
 struct Opened<S> {
     writer: FrameWriter<S>,
-    ws: WebSocketStream<Duplex<S>>,
+    reader: FrameReader<ReadHalf<S>>,
     inbox: Inbox,
     live: Arc<Live>,
     session: Arc<Session>,
@@ -164,8 +163,13 @@ async fn open<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut ws, hello, credentials) =
-        handshake::accept(Duplex::new(stream), peer, cert, &settings, &shutdown).await?;
+    let handshake::Accepted {
+        reader,
+        mut writer,
+        hello,
+        credentials,
+    } = handshake::accept(stream, peer, cert, &settings, &shutdown).await?;
+    let stall = settings.config.workers.handshake_timeout;
 
     let policy = settings.config.workers.duplicate_ids;
     if hello.resume.is_none()
@@ -177,7 +181,7 @@ where
             "worker_id {:?} is already connected (workers.duplicate_ids = \"refuse\")",
             hello.worker_id
         );
-        handshake::reject(&mut ws, "duplicate_worker_id", &reason).await;
+        handshake::reject(&mut writer, "duplicate_worker_id", &reason, stall).await;
         info!(%peer, worker = %hello.worker_id, "worker refused: its id is taken");
         return None;
     }
@@ -253,12 +257,11 @@ where
         key,
         session: session.clone(),
         ended: OnceLock::new(),
+        earned: OnceLock::new(),
     });
     let welcome = handshake::welcome(&settings, &terms, session_id, resumed, resend);
-    if let Err(e) = ws
-        .send(Message::text(protocol::encode_control(&welcome)))
-        .await
-    {
+    let welcome = OutFrame::text(protocol::encode_control(&welcome));
+    if let Err(e) = writer.write(&[welcome], stall).await {
         live.end("worker left during the handshake", true);
         info!(%peer, error = %e, "worker left during handshake");
         return None;
@@ -268,12 +271,9 @@ where
         services = ?hello.services, max_inflight = hello.max_inflight, resumed,
         "worker connected"
     );
-
-    // From here on the bridge writes its own frames (`wire`).
-    let writer = ws.get_mut().take_writer()?;
     Some(Opened {
         writer,
-        ws,
+        reader,
         inbox,
         live,
         session,
@@ -300,8 +300,13 @@ where
         c.shutdown.clone(),
     ));
     let shared = c.live.shared.clone();
-    let (cause, may_resume) =
-        read_loop(c.ws, &c.session, &shared, c.key, &conn, &c.superseded).await;
+    let read = read_loop(c.reader, &c.session, &shared, c.key, &conn, &c.superseded).await;
+    let (cause, may_resume) = read.unwrap_or_else(|e| {
+        if let Some(close) = e.close() {
+            let _ = c.live.earned.set(close);
+        }
+        (e.to_string(), true)
+    });
     c.live.end(&cause, may_resume);
     conn.cancel();
     let _ = writer.await;
@@ -341,23 +346,6 @@ async fn resume_lookup(
         );
     }
     taken.ok()
-}
-
-/// Why reading from a worker failed, in words fit for a caller's 502 body:
-/// the kind of I/O error, not the TLS library's message (which carries a
-/// link to its manual for an EOF without `close_notify`, a worker killed).
-fn read_failure(e: &tokio_tungstenite::tungstenite::Error) -> String {
-    use tokio_tungstenite::tungstenite::{error::ProtocolError, Error};
-    match e {
-        Error::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-            "the connection was cut (no close frame)".to_owned()
-        }
-        Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
-            "the connection was cut (no close frame)".to_owned()
-        }
-        Error::Io(io) => format!("read failed: {}", io.kind()),
-        other => format!("read failed: {other}"),
-    }
 }
 
 /// Owns the socket's write half: frames from the outbox, batched; pings on
@@ -418,7 +406,9 @@ async fn write_loop<S>(
     }
     // Orderly end, briefly: a close frame (the answer to the worker's, if
     // it closed first), then the end of the stream's write side.
-    let (code, reason) = if live.session.replaced.load(Ordering::Relaxed) {
+    let (code, reason) = if let Some((code, reason)) = live.earned.get() {
+        (*code, reason.as_str())
+    } else if live.session.replaced.load(Ordering::Relaxed) {
         (CloseCode::Normal, REPLACED)
     } else if live.session.drained.is_cancelled() {
         (CloseCode::Normal, "drained")
@@ -441,15 +431,17 @@ async fn write_loop<S>(
     let _ = tokio::time::timeout(Duration::from_secs(1), goodbye).await;
 }
 
-/// Owns the socket's read half until the connection ends; returns the cause.
+/// Owns the socket's read half until the connection ends; returns the
+/// cause and whether the worker may resume, or the read error that ended
+/// it.
 async fn read_loop<S>(
-    mut stream: WebSocketStream<Duplex<S>>,
+    mut reader: FrameReader<ReadHalf<S>>,
     session: &Arc<Session>,
     shared: &Shared,
     key: u64,
     conn: &CancellationToken,
     superseded: &CancellationToken,
-) -> (String, bool)
+) -> Result<(String, bool), ReadError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -457,38 +449,31 @@ where
         let msg = tokio::select! {
             // Cancelled by the write loop (which recorded its own cause
             // first) or by the bridge shutting down.
-            _ = conn.cancelled() => return ("the bridge is shutting down".to_owned(), false),
-            _ = session.drained.cancelled() => return ("drained".to_owned(), false),
-            _ = superseded.cancelled() => return ("the worker resumed on a new connection".to_owned(), true),
-            msg = stream.next() => msg,
-        };
-        let msg = match msg {
-            None => return ("connection closed".to_owned(), true),
-            Some(Err(e)) => return (read_failure(&e), true),
-            Some(Ok(m)) => m,
+            _ = conn.cancelled() => return Ok(("the bridge is shutting down".to_owned(), false)),
+            _ = session.drained.cancelled() => return Ok(("drained".to_owned(), false)),
+            _ = superseded.cancelled() => return Ok(("the worker resumed on a new connection".to_owned(), true)),
+            msg = reader.next() => msg?,
         };
         let problem = match msg {
-            Message::Binary(frame) => on_binary(session, frame),
-            Message::Text(text) => on_text(session, shared, key, &text),
-            Message::Pong(payload) => {
+            Incoming::Binary(frame) => on_binary(session, frame),
+            Incoming::Text(text) => on_text(session, shared, key, &text),
+            Incoming::Pong(payload) => {
                 session.unanswered.store(0, Ordering::Relaxed);
                 session.stats.pong(&payload);
                 None
             }
-            Message::Close(frame) => {
+            Incoming::Close(frame) => {
                 let why = frame
-                    .map(|f| format!(" ({} {})", f.code, f.reason))
+                    .map(|(code, reason)| format!(" ({code} {reason})"))
                     .unwrap_or_default();
-                return (format!("worker closed the connection{why}"), false);
+                return Ok((format!("worker closed the connection{why}"), false));
             }
-            Message::Ping(payload) => {
-                // tungstenite's own answer goes nowhere (`wire::Duplex`).
+            Incoming::Ping(payload) => {
                 // Best effort, like error reports: a worker that pings
                 // without reading must not make the bridge queue more.
                 session.outbox().try_control(OutFrame::Pong(payload));
                 None
             }
-            Message::Frame(_) => None,
         };
         if let Some((id, code, message)) = problem {
             shared.violations.fetch_add(1, Ordering::Relaxed);
@@ -496,7 +481,7 @@ where
             warn!(worker = %session.worker_id, ?id, code, %message, violations = n, "protocol violation");
             if n >= MAX_VIOLATIONS {
                 // A worker this broken (or hostile) is not worth the log.
-                return (format!("closed after {n} protocol violations"), false);
+                return Ok((format!("closed after {n} protocol violations"), false));
             }
             let frame = Control::Error {
                 id,

@@ -4,25 +4,27 @@
 //! to (token and, with mutual TLS, client certificate), the terms both sides
 //! settle on, and the welcome that states them.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
-use futures_util::{SinkExt, StreamExt};
 use http::{header, HeaderValue, StatusCode};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_tungstenite::{
-    tungstenite::{
-        handshake::server::{ErrorResponse, Request as WsRequest, Response as WsResponse},
-        protocol::{frame::coding::CloseCode, CloseFrame},
-        Message,
-    },
-    WebSocketStream,
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf};
+use tokio_tungstenite::tungstenite::{
+    handshake::server::{ErrorResponse, Request as WsRequest, Response as WsResponse},
+    protocol::frame::coding::CloseCode,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use super::{credentials::Credentials, Settings};
-use crate::protocol::{self, Compression, Control, Hello, Welcome};
+use super::{
+    credentials::Credentials,
+    wire::{self, FrameReader, FrameWriter, Incoming, ReadError},
+    Settings,
+};
+use crate::{
+    protocol::{self, Compression, Control, Hello, Welcome},
+    transport::OutFrame,
+};
 
 /// The parameters of one worker connection, settled by hello and welcome.
 #[derive(Debug, Clone, Copy)]
@@ -57,9 +59,18 @@ impl Terms {
     }
 }
 
+/// A worker connection past its upgrade and hello: the bridge's reader and
+/// writer of its frames, the hello, and the credentials it authenticated
+/// with.
+pub(super) struct Accepted<S> {
+    pub(super) reader: FrameReader<ReadHalf<S>>,
+    pub(super) writer: FrameWriter<S>,
+    pub(super) hello: Hello,
+    pub(super) credentials: Credentials,
+}
+
 /// Takes a new worker connection through the upgrade and the hello, within
-/// `handshake_timeout`: the socket, the hello and the credentials it
-/// authenticated with. `None` if the handshake was refused or timed out
+/// `handshake_timeout`. `None` if the handshake was refused or timed out
 /// (both logged) or the bridge is shutting down. `cert`: the SHA-256 of
 /// the client certificate's DER, with mutual TLS.
 pub(super) async fn accept<S>(
@@ -68,7 +79,7 @@ pub(super) async fn accept<S>(
     cert: Option<[u8; 32]>,
     settings: &Settings,
     shutdown: &CancellationToken,
-) -> Option<(WebSocketStream<S>, Hello, Credentials)>
+) -> Option<Accepted<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -94,13 +105,17 @@ where
     }
 }
 
-/// The upgrade (see [`check_upgrade`]) and the hello, checked.
+/// The upgrade (tungstenite's, checked by [`check_upgrade`]), then the
+/// hello, read and checked by the bridge's own frame reader. tungstenite
+/// refuses bytes sent after the upgrade request before its answer (RFC
+/// 6455 4.1: a client waits for it), so it hands the stream back with
+/// nothing read ahead.
 #[allow(clippy::result_large_err)]
 async fn upgrade_and_hello<S>(
     stream: S,
     cert: Option<[u8; 32]>,
     settings: &Settings,
-) -> Result<(WebSocketStream<S>, Hello, Credentials), String>
+) -> Result<Accepted<S>, String>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -119,75 +134,103 @@ where
     let accepted =
         tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(settings.ws_config))
             .await;
-    let mut ws = accepted.map_err(|e| match refused.take() {
+    let ws = accepted.map_err(|e| match refused.take() {
         Some(why) => format!("refused {why}"),
         None => format!("upgrade failed: {e}"),
     })?;
+    let (mut reader, mut writer) = wire::split(ws.into_inner(), cfg.max_frame.bytes());
+    let stall = cfg.handshake_timeout;
     let hello = loop {
-        match ws.next().await {
-            Some(Ok(Message::Text(text))) => match protocol::decode_control(&text) {
+        match reader.next().await {
+            Ok(Incoming::Text(text)) => match protocol::decode_control(&text) {
                 Ok(Control::Hello(h)) => break h,
                 Ok(_) => {
-                    return Err(reject(&mut ws, "bad_hello", "first frame must be hello").await)
+                    return Err(reject(
+                        &mut writer,
+                        "bad_hello",
+                        "first frame must be hello",
+                        stall,
+                    )
+                    .await)
                 }
-                Err(e) => return Err(reject(&mut ws, "bad_hello", &e.to_string()).await),
+                Err(e) => return Err(reject(&mut writer, "bad_hello", &e.to_string(), stall).await),
             },
             // Some client libraries ping as soon as they connect.
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            Some(Ok(_)) => {
-                let problem = "first frame must be a text hello";
-                return Err(reject(&mut ws, "bad_hello", problem).await);
+            Ok(Incoming::Ping(payload)) => {
+                let _ = writer.write(&[OutFrame::Pong(payload)], stall).await;
             }
-            Some(Err(e)) => return Err(format!("read failed: {e}")),
-            None => return Err("closed before hello".to_owned()),
+            Ok(Incoming::Pong(_)) => {}
+            Ok(Incoming::Close(_)) | Err(ReadError::Cut) => {
+                return Err("closed before hello".to_owned())
+            }
+            Ok(Incoming::Binary(_)) => {
+                let problem = "first frame must be a text hello";
+                return Err(reject(&mut writer, "bad_hello", problem, stall).await);
+            }
+            Err(e) => return Err(e.to_string()),
         }
     };
-    if let Err(problem) = hello.check() {
-        return Err(reject(&mut ws, "bad_hello", &problem).await);
+    let refusal = check_hello(hello, token, settings);
+    match refusal {
+        Ok(hello) => {
+            // check_upgrade refuses a connection without a token.
+            let token = token
+                .and_then(|i| cfg.tokens.get(i))
+                .map_or("", |t| t.secret().expose());
+            Ok(Accepted {
+                reader,
+                writer,
+                hello,
+                credentials: Credentials::new(token, cert),
+            })
+        }
+        Err((code, problem)) => Err(reject(&mut writer, code, &problem, stall).await),
     }
+}
+
+/// Checks a hello against the token it came with (`token`: its index in
+/// `workers.tokens`): its services, its worker id, the metadata the token
+/// pins. The hello as it stands, or the refusal's code and message.
+fn check_hello(
+    hello: Hello,
+    token: Option<usize>,
+    settings: &Settings,
+) -> Result<Hello, (&'static str, String)> {
+    let cfg = &settings.config.workers;
+    hello.check().map_err(|problem| ("bad_hello", problem))?;
+    let token = token.and_then(|i| cfg.tokens.get(i));
     // A scoped token registers only for its own services.
-    let allowed = token
-        .and_then(|i| cfg.tokens.get(i))
-        .and_then(|t| t.services());
-    if let Some(allowed) = allowed {
+    if let Some(allowed) = token.and_then(|t| t.services()) {
         if let Some(other) = hello.services.iter().find(|s| !allowed.contains(s)) {
             let problem = format!("this token may not serve {other:?}");
-            return Err(reject(&mut ws, "forbidden_service", &problem).await);
+            return Err(("forbidden_service", problem));
         }
     }
     // A token may be bound to ids with a prefix: one user's worker cannot
     // claim another's id.
-    let prefix = token
-        .and_then(|i| cfg.tokens.get(i))
-        .and_then(|t| t.worker_id_prefix());
-    if let Some(prefix) = prefix {
+    if let Some(prefix) = token.and_then(|t| t.worker_id_prefix()) {
         if hello.worker_id.len() <= prefix.len() || !hello.worker_id.starts_with(prefix) {
             let problem = format!(
                 "this token may claim only worker ids that start with {prefix:?} (got {:?})",
                 hello.worker_id
             );
-            return Err(reject(&mut ws, "forbidden_worker_id", &problem).await);
+            return Err(("forbidden_worker_id", problem));
         }
     }
     // What the token pins wins over what the hello says.
     let mut hello = hello;
-    if let Some(pinned) = token
-        .and_then(|i| cfg.tokens.get(i))
-        .and_then(|t| t.metadata())
-    {
+    if let Some(pinned) = token.and_then(|t| t.metadata()) {
         hello
             .metadata
             .extend(pinned.iter().map(|(k, v)| (k.clone(), v.clone())));
         if let Err(problem) = protocol::check_metadata(&hello.metadata) {
-            let problem = format!("with this token's metadata: {problem}");
-            return Err(reject(&mut ws, "bad_hello", &problem).await);
+            return Err((
+                "bad_hello",
+                format!("with this token's metadata: {problem}"),
+            ));
         }
     }
-    // check_upgrade refuses a connection without a token.
-    let token = token
-        .and_then(|i| cfg.tokens.get(i))
-        .map_or("", |t| t.secret().expose());
-    Ok((ws, hello, Credentials::new(token, cert)))
+    Ok(hello)
 }
 
 /// The welcome for a connection of session `session_id` on `terms`;
@@ -347,23 +390,23 @@ fn foreign_origin(settings: &Settings, req: &WsRequest) -> Result<(), Refusal> {
 }
 
 /// Sends an error frame and a policy close; returns the reason for the log.
-pub(super) async fn reject<S>(ws: &mut WebSocketStream<S>, code: &str, reason: &str) -> String
+pub(super) async fn reject<S>(
+    writer: &mut FrameWriter<S>,
+    code: &str,
+    reason: &str,
+    stall: Duration,
+) -> String
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncWrite,
 {
     let frame = Control::Error {
         id: None,
         code: code.to_owned(),
         message: reason.to_owned(),
     };
-    let _ = ws
-        .send(Message::text(protocol::encode_control(&frame)))
-        .await;
-    let _ = ws
-        .close(Some(CloseFrame {
-            code: CloseCode::Policy,
-            reason: "bad hello".into(),
-        }))
-        .await;
+    let error = OutFrame::text(protocol::encode_control(&frame));
+    if writer.write(&[error], stall).await.is_ok() {
+        writer.close(CloseCode::Policy, "bad hello", stall).await;
+    }
     reason.to_owned()
 }

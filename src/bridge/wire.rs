@@ -1,7 +1,8 @@
-//! A worker connection's socket as the bridge uses it once the worker is
-//! welcomed: tungstenite reads the frames ([`Duplex`]), and the bridge
-//! writes its own ([`FrameWriter`]), straight from the outbox into the
-//! stream with one vectored write per batch.
+//! A worker connection's socket as the bridge uses it from the upgrade on:
+//! the bridge reads the worker's frames ([`FrameReader`], in `reader.rs`)
+//! and writes its own ([`FrameWriter`]), straight from the outbox into the
+//! stream with one vectored write per batch. tungstenite does the HTTP
+//! upgrade and nothing after it.
 //!
 //! A frame the bridge sends is never masked (RFC 6455 5.1: only clients
 //! mask) and never fragmented, so writing one is a head of 2 to 10 bytes
@@ -12,77 +13,27 @@
 
 use std::{
     io::{self, IoSlice},
-    pin::Pin,
-    task::{Context, Poll},
     time::Duration,
 };
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio_tungstenite::tungstenite::{self, protocol::frame::coding::CloseCode};
 
 use crate::transport::{self, Inbox, OutFrame, Outgoing, WriteError};
 
-/// The stream tungstenite is given. Reads come from the socket. Writes go
-/// to the socket until the bridge takes the write half
-/// ([`Duplex::take_writer`], after the handshake and the welcome), and are
-/// dropped after that: from then on the bridge answers pings and closes
-/// itself, and tungstenite's automatic replies must not land between the
-/// bridge's frames.
-pub(crate) struct Duplex<S> {
-    read: ReadHalf<S>,
-    write: Option<WriteHalf<S>>,
-}
+mod reader;
 
-impl<S: AsyncRead + AsyncWrite> Duplex<S> {
-    pub(crate) fn new(stream: S) -> Duplex<S> {
-        let (read, write) = tokio::io::split(stream);
-        Duplex {
-            read,
-            write: Some(write),
-        }
-    }
+pub(crate) use reader::{FrameReader, Incoming, ReadError};
 
-    /// The write half, for the bridge's own writer; `None` once taken.
-    pub(crate) fn take_writer(&mut self) -> Option<FrameWriter<S>> {
-        self.write.take().map(|io| FrameWriter { io })
-    }
-}
-
-impl<S: AsyncRead> AsyncRead for Duplex<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.read).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite> AsyncWrite for Duplex<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match &mut self.write {
-            Some(w) => Pin::new(w).poll_write(cx, buf),
-            None => Poll::Ready(Ok(buf.len())),
-        }
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.write {
-            Some(w) => Pin::new(w).poll_flush(cx),
-            None => Poll::Ready(Ok(())),
-        }
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.write {
-            Some(w) => Pin::new(w).poll_shutdown(cx),
-            None => Poll::Ready(Ok(())),
-        }
-    }
+/// Splits a worker connection's stream, once upgraded, into the bridge's
+/// frame reader (frames and messages of at most `max_frame` bytes) and
+/// frame writer.
+pub(crate) fn split<S: AsyncRead + AsyncWrite>(
+    stream: S,
+    max_frame: usize,
+) -> (FrameReader<ReadHalf<S>>, FrameWriter<S>) {
+    let (read, write) = tokio::io::split(stream);
+    (FrameReader::new(read, max_frame), FrameWriter { io: write })
 }
 
 /// The write half of a worker connection, writing WebSocket frames.
