@@ -36,6 +36,12 @@ pub(crate) const REPLACED: &str = "replaced: a newer connection claimed this wor
 /// Protocol violations after which a worker's connection is closed (1008).
 const MAX_VIOLATIONS: u32 = 32;
 
+/// How long, and for how many bytes at most, the bridge reads on after
+/// closing a worker that broke the WebSocket protocol (its close frame
+/// must not be lost to a reset).
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 8 << 20;
+
 /// Control frames that may wait behind a full urgent queue before the
 /// worker counts as not reading and its connection is dropped
 /// (`transport::bounded_outbox`). A live worker's backlog is bounded by its
@@ -300,7 +306,16 @@ where
         c.shutdown.clone(),
     ));
     let shared = c.live.shared.clone();
-    let read = read_loop(c.reader, &c.session, &shared, c.key, &conn, &c.superseded).await;
+    let mut reader = c.reader;
+    let read = read_loop(
+        &mut reader,
+        &c.session,
+        &shared,
+        c.key,
+        &conn,
+        &c.superseded,
+    )
+    .await;
     let (cause, may_resume) = read.unwrap_or_else(|e| {
         if let Some(close) = e.close() {
             let _ = c.live.earned.set(close);
@@ -310,6 +325,13 @@ where
     c.live.end(&cause, may_resume);
     conn.cancel();
     let _ = writer.await;
+    if c.live.earned.get().is_some() {
+        // The worker broke the protocol, and the close frame that says how
+        // is on its way: what it still sends is read and dropped for a
+        // moment, so that the socket is not reset ahead of that frame.
+        let linger = reader.linger(LINGER_BYTES);
+        let _ = tokio::time::timeout(LINGER, linger).await;
+    }
     // The session's cause if it closed, else the connection's own (a session
     // held for a resume has none yet): the first one recorded, not the read
     // loop's view of a connection the write loop ended.
@@ -435,7 +457,7 @@ async fn write_loop<S>(
 /// cause and whether the worker may resume, or the read error that ended
 /// it.
 async fn read_loop<S>(
-    mut reader: FrameReader<ReadHalf<S>>,
+    reader: &mut FrameReader<ReadHalf<S>>,
     session: &Arc<Session>,
     shared: &Shared,
     key: u64,

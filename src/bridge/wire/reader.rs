@@ -37,9 +37,11 @@ const STACK_READ: usize = 16 * 1024;
 /// payload's own allocation rather than through the stack.
 const DIRECT_READ: usize = 4 * 1024;
 
-/// The most a payload's allocation starts with; it grows as the bytes come,
-/// so a peer that announces a large frame and sends little holds little.
-const FIRST_ALLOCATION: usize = 1024 * 1024;
+/// The most a payload's allocation starts with: a whole body chunk and the
+/// largest head (the smallest `max_frame` there is). A larger payload's
+/// allocation grows as its bytes come, so a peer that announces a large
+/// frame and sends little holds little.
+const FIRST_ALLOCATION: usize = crate::protocol::MIN_FRAME;
 
 /// A message from the worker.
 #[derive(Debug, PartialEq)]
@@ -199,6 +201,24 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// Reads and drops what the peer still sends, until its end, an error
+    /// or `limit` bytes: a socket closed with bytes unread is reset, and a
+    /// reset can destroy the close frame on its way to the peer.
+    pub(crate) async fn linger(&mut self, limit: usize) {
+        let mut left = limit;
+        poll_fn(|cx| loop {
+            let mut stack = [MaybeUninit::<u8>::uninit(); STACK_READ];
+            let mut buf = ReadBuf::uninit(&mut stack);
+            match ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf)) {
+                Ok(()) if !buf.filled().is_empty() && buf.filled().len() < left => {
+                    left -= buf.filled().len();
+                }
+                _ => return Poll::Ready(()),
+            }
+        })
+        .await
+    }
+
     /// Reads into a buffer on the stack and takes in what came.
     fn read_stack(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, ReadError>> {
         let mut stack = [MaybeUninit::<u8>::uninit(); STACK_READ];
@@ -315,9 +335,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             return Ok(());
         };
         let (opcode, payload) = match frame.opcode {
-            CLOSE => return self.queue(Incoming::Close(close(frame.payload)?)),
-            PING => return self.queue(Incoming::Ping(frame.payload.freeze())),
-            PONG => return self.queue(Incoming::Pong(frame.payload.freeze())),
+            CLOSE => {
+                let close = Incoming::Close(close(frame.payload)?);
+                self.ready.push_back(close);
+                return Ok(());
+            }
+            PING | PONG => {
+                let payload = frame.payload.freeze();
+                let control = if frame.opcode == PING {
+                    Incoming::Ping(payload)
+                } else {
+                    Incoming::Pong(payload)
+                };
+                self.ready.push_back(control);
+                return Ok(());
+            }
             CONTINUATION => {
                 let Some((opcode, mut message)) = self.message.take() else {
                     return Err(ReadError::Protocol("a continuation with no message"));
@@ -338,10 +370,6 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             ),
             _ => Incoming::Binary(payload.freeze()),
         };
-        self.queue(message)
-    }
-
-    fn queue(&mut self, message: Incoming) -> Result<(), ReadError> {
         self.ready.push_back(message);
         Ok(())
     }
