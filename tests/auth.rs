@@ -6,7 +6,13 @@ mod common;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{
+    protocol::frame::{
+        coding::{CloseCode, Data, OpCode},
+        Frame,
+    },
+    Message,
+};
 use wsbridge::{
     config::{ScopedToken, Secret, WorkerToken},
     protocol::{self, Control},
@@ -168,15 +174,38 @@ async fn a_ping_before_hello_is_fine() {
     ws.send(Message::Ping("early".into())).await.expect("ping");
     let hello = r#"{"type":"hello","worker_id":"w","services":["default"],"max_inflight":1}"#;
     ws.send(Message::text(hello)).await.expect("hello");
+    let mut ponged = false;
     let welcomed = loop {
         match with_timeout(ws.next()).await {
             Some(Ok(Message::Text(t))) => {
                 break matches!(protocol::decode_control(&t), Ok(Control::Welcome(_)))
             }
-            Some(Ok(Message::Pong(_))) => continue,
+            Some(Ok(Message::Pong(p))) => ponged |= p[..] == b"early"[..],
             other => panic!("expected welcome, got {other:?}"),
         }
     };
     assert!(welcomed);
+    assert!(ponged, "the ping before the hello was answered");
+    bridge.stop().await;
+}
+
+#[tokio::test]
+async fn a_hello_that_is_not_utf8_gets_a_1007_close() {
+    let bridge = TestBridge::start(|_| {}).await;
+    let mut ws = raw_connect(&bridge, Some(TOKEN), Some(protocol::SUBPROTOCOL))
+        .await
+        .expect("upgrade");
+    let text = OpCode::Data(Data::Text);
+    let frame = Frame::message(b"{\"type\":\"hello\xff\"}".to_vec(), text, true);
+    ws.send(Message::Frame(frame)).await.expect("send");
+    let close = loop {
+        match with_timeout(ws.next()).await {
+            Some(Ok(Message::Close(close))) => break close,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    let close = close.expect("a close code");
+    assert_eq!(close.code, CloseCode::Invalid, "{}", close.reason);
     bridge.stop().await;
 }

@@ -36,12 +36,6 @@ pub(crate) const REPLACED: &str = "replaced: a newer connection claimed this wor
 /// Protocol violations after which a worker's connection is closed (1008).
 const MAX_VIOLATIONS: u32 = 32;
 
-/// How long, and for how many bytes at most, the bridge reads on after
-/// closing a worker that broke the WebSocket protocol (its close frame
-/// must not be lost to a reset).
-const LINGER: Duration = Duration::from_secs(1);
-const LINGER_BYTES: usize = 8 << 20;
-
 /// Control frames that may wait behind a full urgent queue before the
 /// worker counts as not reading and its connection is dropped
 /// (`transport::bounded_outbox`). A live worker's backlog is bounded by its
@@ -329,8 +323,10 @@ where
         // The worker broke the protocol, and the close frame that says how
         // is on its way: what it still sends is read and dropped for a
         // moment, so that the socket is not reset ahead of that frame.
-        let linger = reader.linger(LINGER_BYTES);
-        let _ = tokio::time::timeout(LINGER, linger).await;
+        tokio::select! {
+            _ = c.shutdown.cancelled() => {}
+            _ = reader.linger() => {}
+        }
     }
     // The session's cause if it closed, else the connection's own (a session
     // held for a resume has none yet): the first one recorded, not the read

@@ -160,14 +160,23 @@ where
                 let _ = writer.write(&[OutFrame::Pong(payload)], stall).await;
             }
             Ok(Incoming::Pong(_)) => {}
-            Ok(Incoming::Close(_)) | Err(ReadError::Cut) => {
-                return Err("closed before hello".to_owned())
+            Ok(Incoming::Close(_)) => {
+                writer.close(CloseCode::Normal, "", stall).await;
+                return Err("closed before hello".to_owned());
             }
+            Err(ReadError::Cut) => return Err("closed before hello".to_owned()),
             Ok(Incoming::Binary(_)) => {
                 let problem = "first frame must be a text hello";
                 return Err(reject(&mut writer, "bad_hello", problem, stall).await);
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => {
+                // A hello that breaks the protocol earns a close that says how.
+                if let Some((code, reason)) = e.close() {
+                    writer.close(code, &reason, stall).await;
+                    reader.linger().await;
+                }
+                return Err(e.to_string());
+            }
         }
     };
     let refusal = check_hello(hello, token, settings);

@@ -33,12 +33,20 @@ pub(crate) fn split<S: AsyncRead + AsyncWrite>(
     max_frame: usize,
 ) -> (FrameReader<ReadHalf<S>>, FrameWriter<S>) {
     let (read, write) = tokio::io::split(stream);
-    (FrameReader::new(read, max_frame), FrameWriter { io: write })
+    let writer = FrameWriter {
+        io: write,
+        cut: false,
+    };
+    (FrameReader::new(read, max_frame), writer)
 }
 
 /// The write half of a worker connection, writing WebSocket frames.
 pub(crate) struct FrameWriter<S> {
     io: WriteHalf<S>,
+    /// A write was given up part way (its future dropped, or failed): the
+    /// stream may end inside a frame, where a close frame would be read as
+    /// payload.
+    cut: bool,
 }
 
 const TEXT: u8 = 0x1;
@@ -113,6 +121,7 @@ impl<S: AsyncWrite> FrameWriter<S> {
         slices: &mut [IoSlice<'_>],
         stall: Duration,
     ) -> Result<(), WriteError> {
+        self.cut = true;
         let mut bufs = slices;
         while !bufs.is_empty() {
             let wrote = self.io.write_vectored(bufs);
@@ -124,6 +133,7 @@ impl<S: AsyncWrite> FrameWriter<S> {
             }
             IoSlice::advance_slices(&mut bufs, n);
         }
+        self.cut = false;
         let flushed = self.io.flush();
         transport::step(stall, async {
             flushed.await.map_err(tungstenite::Error::Io)
@@ -133,8 +143,13 @@ impl<S: AsyncWrite> FrameWriter<S> {
 
     /// Sends a close frame with `code` and `reason`, then ends the stream's
     /// write side (TLS close_notify, then the TCP FIN). The reason is cut to
-    /// the 123 bytes a close frame holds, at a character boundary.
+    /// the 123 bytes a close frame holds, at a character boundary. After a
+    /// write given up part way, only the stream's write side is ended.
     pub(crate) async fn close(&mut self, code: CloseCode, reason: &str, stall: Duration) {
+        if self.cut {
+            let _ = tokio::time::timeout(stall, self.io.shutdown()).await;
+            return;
+        }
         let mut cut = reason.len().min(123);
         while !reason.is_char_boundary(cut) {
             cut -= 1;

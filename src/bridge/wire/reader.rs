@@ -8,9 +8,9 @@
 //!
 //! What an idle connection holds here is this struct and nothing else.
 //! Bytes are read into a buffer on the stack, and each message's payload
-//! is copied out into an allocation of its own, exactly its size, handed
-//! on whole. The rest of a large frame is read straight into that
-//! allocation. A payload handed on keeps no buffer of the reader's alive,
+//! is copied out into an allocation of its own, handed on whole: exactly
+//! its size up to [`FIRST_ALLOCATION`], grown as the bytes come beyond.
+//! The rest of a large frame is read straight into that allocation. A payload handed on keeps no buffer of the reader's alive,
 //! and a large frame leaves nothing behind once it is taken (tungstenite's
 //! read buffer kept the largest frame's allocation for the connection's
 //! life).
@@ -23,6 +23,7 @@ use std::{
     mem::MaybeUninit,
     pin::Pin,
     task::{ready, Context, Poll},
+    time::Duration,
 };
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -36,6 +37,11 @@ const STACK_READ: usize = 16 * 1024;
 /// The rest of a payload from which it is read straight into the
 /// payload's own allocation rather than through the stack.
 const DIRECT_READ: usize = 4 * 1024;
+
+/// How long, and for how many bytes at most, [`FrameReader::linger`] reads
+/// on.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 8 << 20;
 
 /// The most a payload's allocation starts with: a whole body chunk and the
 /// largest head (the smallest `max_frame` there is). A larger payload's
@@ -67,6 +73,8 @@ pub(crate) enum ReadError {
     },
     /// Frames that break RFC 6455.
     Protocol(&'static str),
+    /// A text message that is not UTF-8.
+    NotUtf8,
 }
 
 impl fmt::Display for ReadError {
@@ -82,6 +90,7 @@ impl fmt::Display for ReadError {
                 "read failed: a message of {size} bytes, over workers.max_frame ({max} bytes)"
             ),
             ReadError::Protocol(what) => write!(f, "read failed: protocol error: {what}"),
+            ReadError::NotUtf8 => f.write_str("read failed: a text message that is not UTF-8"),
         }
     }
 }
@@ -90,7 +99,8 @@ impl std::error::Error for ReadError {}
 
 impl ReadError {
     /// The close frame that tells the worker what it did wrong, if it did:
-    /// 1009 for a message too big, 1002 for a broken frame (RFC 6455 7.4.1).
+    /// 1009 for a message too big, 1007 for text that is not UTF-8, 1002
+    /// for a broken frame (RFC 6455 7.4.1).
     pub(crate) fn close(&self) -> Option<(CloseCode, String)> {
         match self {
             ReadError::TooLarge { size, max } => Some((
@@ -98,6 +108,10 @@ impl ReadError {
                 format!("a message of {size} bytes, over max_frame ({max})"),
             )),
             ReadError::Protocol(what) => Some((CloseCode::Protocol, (*what).to_owned())),
+            ReadError::NotUtf8 => Some((
+                CloseCode::Invalid,
+                "a text message that is not UTF-8".into(),
+            )),
             ReadError::Cut | ReadError::Io(_) => None,
         }
     }
@@ -201,12 +215,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
-    /// Reads and drops what the peer still sends, until its end, an error
-    /// or `limit` bytes: a socket closed with bytes unread is reset, and a
-    /// reset can destroy the close frame on its way to the peer.
-    pub(crate) async fn linger(&mut self, limit: usize) {
-        let mut left = limit;
-        poll_fn(|cx| loop {
+    /// After a close frame for a protocol error: reads and drops what the
+    /// peer still sends, until its end, an error, [`LINGER_BYTES`] or
+    /// [`LINGER`]. A socket closed with bytes unread is reset, and a reset
+    /// can destroy the close frame on its way to the peer.
+    pub(crate) async fn linger(&mut self) {
+        let mut left = LINGER_BYTES;
+        let drain = poll_fn(|cx| loop {
             let mut stack = [MaybeUninit::<u8>::uninit(); STACK_READ];
             let mut buf = ReadBuf::uninit(&mut stack);
             match ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf)) {
@@ -215,8 +230,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
                 _ => return Poll::Ready(()),
             }
-        })
-        .await
+        });
+        let _ = tokio::time::timeout(LINGER, drain).await;
     }
 
     /// Reads into a buffer on the stack and takes in what came.
@@ -304,7 +319,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             CONTINUATION | TEXT | BINARY => {}
             _ => return Err(ReadError::Protocol("an unknown opcode")),
         }
-        let so_far = self.message.as_ref().map_or(0, |(_, m)| m.len() as u64);
+        if len > i64::MAX as u64 {
+            return Err(ReadError::Protocol("a frame length with its top bit set"));
+        }
+        // Control frames between fragments are not part of the message.
+        let so_far = match (&self.message, opcode) {
+            (Some((_, message)), CONTINUATION) => message.len() as u64,
+            _ => 0,
+        };
         let size = so_far.saturating_add(len);
         let len = match usize::try_from(len) {
             Ok(len) if size <= self.max as u64 => len,
@@ -365,8 +387,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
         let message = match opcode {
             TEXT => Incoming::Text(
-                String::from_utf8(Vec::from(payload))
-                    .map_err(|_| ReadError::Protocol("a text message that is not UTF-8"))?,
+                String::from_utf8(Vec::from(payload)).map_err(|_| ReadError::NotUtf8)?,
             ),
             _ => Incoming::Binary(payload.freeze()),
         };
@@ -414,20 +435,19 @@ fn head_needed(head: &[u8]) -> usize {
     2 + extended + key
 }
 
-/// A close frame's code and reason (RFC 6455 5.5.1, 7.4).
+/// A close frame's code and reason (RFC 6455 5.5.1). A code no endpoint
+/// may send, or a reason that is not UTF-8, still means the worker is
+/// closing: it is taken as such (as tungstenite did), shown as it came.
 fn close(payload: BytesMut) -> Result<Option<(u16, String)>, ReadError> {
     match payload.len() {
-        0 => return Ok(None),
-        1 => return Err(ReadError::Protocol("a close frame of one byte")),
-        _ => {}
+        0 => Ok(None),
+        1 => Err(ReadError::Protocol("a close frame of one byte")),
+        _ => {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            let reason = String::from_utf8_lossy(&payload[2..]).into_owned();
+            Ok(Some((code, reason)))
+        }
     }
-    let code = u16::from_be_bytes([payload[0], payload[1]]);
-    if !matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999) {
-        return Err(ReadError::Protocol("a close code that may not be sent"));
-    }
-    let reason = std::str::from_utf8(&payload[2..])
-        .map_err(|_| ReadError::Protocol("a close reason that is not UTF-8"))?;
-    Ok(Some((code, reason.to_owned())))
 }
 
 /// Unmasks `data`, which starts `offset` bytes into its frame's payload
@@ -610,15 +630,6 @@ mod tests {
                 frame(OpCode::Control(Control::Close), true, &[3], KEY),
                 "one byte",
             ),
-            (
-                frame(
-                    OpCode::Control(Control::Close),
-                    true,
-                    &1005u16.to_be_bytes(),
-                    KEY,
-                ),
-                "may not be sent",
-            ),
         ];
         for (data, expected) in cases {
             let error = error_of(data, 1024);
@@ -643,6 +654,26 @@ mod tests {
         fragments.extend(frame(OpCode::Data(Data::Continue), true, &[0; 600], KEY));
         let error = error_of(fragments, 1000);
         assert!(error.contains("1200 bytes"), "{error}");
+    }
+
+    #[test]
+    fn control_frames_between_fragments_do_not_count_toward_the_limit() {
+        // 950 + 50 bytes of message, and a 100-byte ping between.
+        let mut data = frame(OpCode::Data(Data::Binary), false, &[1; 950], KEY);
+        data.extend(frame(OpCode::Control(Control::Ping), true, &[2; 100], KEY));
+        data.extend(frame(OpCode::Data(Data::Continue), true, &[3; 50], KEY));
+        let (got, end) = read_all(&mut reader(data, vec![usize::MAX], 1000));
+        assert_eq!(got.len(), 2, "{end}");
+        assert!(matches!(&got[1], Incoming::Binary(b) if b.len() == 1000));
+    }
+
+    #[test]
+    fn any_close_code_closes() {
+        let mut payload = 1005u16.to_be_bytes().to_vec();
+        payload.extend_from_slice(&[b'a', 0xff]);
+        let data = frame(OpCode::Control(Control::Close), true, &payload, KEY);
+        let (got, _) = read_all(&mut reader(data, vec![1], 1000));
+        assert_eq!(got, vec![Incoming::Close(Some((1005, "a\u{fffd}".into())))]);
     }
 
     #[test]
