@@ -18,6 +18,11 @@
 #    being a thousandth;
 #  * worker scale: $WORKERS worker connections from one process
 #    (examples/many_workers.rs), RSS per connection once all are welcomed;
+#  * after large calls: $LARGE_WORKERS worker connections carry $LARGE_CALLS
+#    calls of $LARGE_BODY bytes each way (curl, 32 at a time), then stay idle
+#    for $LARGE_IDLE s; RSS per connection then, with jemalloc's background
+#    purging on (_RJEM_MALLOC_CONF=background_thread:true), so that pages
+#    freed are returned: what a connection still holds after large frames;
 #  * idle RSS of `wsbridge serve` with no traffic.
 #
 # Prints a table (figure, target, PASS/FAIL) and writes bench/scale.json.
@@ -35,7 +40,8 @@
 #
 # Environment: LEVELS ("10 1000 10000 100000"), H2_LEVELS (the same; "" to
 # skip), H2_STREAMS (1000), WORKERS (1000), DELAY_MS
-# (2000), HTTP_PORT (18080), WORKER_PORT (18443), CONTROL_PORT (19901),
+# (2000), LARGE_WORKERS (1000; 0 to skip), LARGE_CALLS (2000), LARGE_BODY
+# (65536), LARGE_IDLE (20), HTTP_PORT (18080), WORKER_PORT (18443), CONTROL_PORT (19901),
 # OUT (bench/scale.json), CARGO_TARGET_DIR (target).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +50,10 @@ LEVELS=${LEVELS-"10 1000 10000 100000"}
 H2_LEVELS=${H2_LEVELS-"10 1000 10000 100000"}
 H2_STREAMS=${H2_STREAMS:-1000}
 WORKERS=${WORKERS:-1000}
+LARGE_WORKERS=${LARGE_WORKERS:-1000}
+LARGE_CALLS=${LARGE_CALLS:-2000}
+LARGE_BODY=${LARGE_BODY:-65536}
+LARGE_IDLE=${LARGE_IDLE:-20}
 DELAY_MS=${DELAY_MS:-2000}
 HTTP_PORT=${HTTP_PORT:-18080}
 WORKER_PORT=${WORKER_PORT:-18443}
@@ -232,6 +242,35 @@ WRES=$(grep '^RESULT ' "$TMP/many.out" | sed 's/^RESULT //')
 REGISTERED=$(grep -c "worker connected" "$TMP/bridge-workers.log" || true)
 stop "$BRIDGE"
 
+# --- after large calls --------------------------------------------------------
+LARGE_PER=
+if ((LARGE_WORKERS > 0)); then
+    say "after large calls: $LARGE_WORKERS workers, $LARGE_CALLS calls of $LARGE_BODY B, then ${LARGE_IDLE} s idle"
+    command -v curl >/dev/null || die "curl is needed for the large calls"
+    export _RJEM_MALLOC_CONF=background_thread:true
+    start_bridge large
+    unset _RJEM_MALLOC_CONF
+    # The workers stay connected while the fifo is open.
+    mkfifo "$TMP/hold"
+    exec 9<>"$TMP/hold"
+    "$EX/many_workers" --url "wss://127.0.0.1:$WORKER_PORT" --token bench-token \
+        --ca "$TMP/certs/server.crt" --m "$LARGE_WORKERS" --bridge-pid "$BRIDGE" \
+        <"$TMP/hold" >"$TMP/many-large.out" 2>"$TMP/many-large.err" &
+    PIDS+=("$!")
+    wait_for_log "$TMP/many-large.out" "^RESULT " "$!" 600
+    LRES=$(grep '^RESULT ' "$TMP/many-large.out" | sed 's/^RESULT //')
+    head -c "$LARGE_BODY" /dev/urandom >"$TMP/body.bin"
+    seq "$LARGE_CALLS" | xargs -P 32 -I{} curl -s -o /dev/null -w '%{http_code}\n' \
+        --data-binary @"$TMP/body.bin" "http://127.0.0.1:$HTTP_PORT/" >"$TMP/large-codes.txt" || true
+    LARGE_OK=$(grep -c '^200$' "$TMP/large-codes.txt" || true)
+    sleep "$LARGE_IDLE"
+    large_rss=$(awk '/^VmRSS/ { print $2 }' "/proc/$BRIDGE/status")
+    LARGE_PER=$(awk -v a="$large_rss" -v b="$(field "$LRES" rss_before_kib)" -v m="$LARGE_WORKERS" \
+        'BEGIN { printf "%.2f", (a - b) / m }')
+    exec 9>&-
+    stop "$BRIDGE"
+fi
+
 # --- report -------------------------------------------------------------------
 verdict() { if awk "BEGIN { exit !($1) }"; then echo PASS; else echo FAIL; fi; }
 ROWS=()
@@ -305,6 +344,12 @@ row "[$m workers] registered (bridge log lines)" "$REGISTERED" "$m" "$([[ $REGIS
 row "[$m workers] bridge RSS per worker connection" "$per_worker KiB" "<= $MAX_WORKER_KIB KiB" "$(verdict "$per_worker <= $MAX_WORKER_KIB")"
 row "[$m workers] worker-process RSS per connection" "$(field "$WRES" own_per_worker_kib) KiB" "" "info"
 row "[$m workers] time to connect all" "$(field "$WRES" connect_ms) ms" "" "info"
+if [[ -n $LARGE_PER ]]; then
+    row "[$LARGE_WORKERS workers] calls of $LARGE_BODY B answered 200" "$LARGE_OK" "$LARGE_CALLS" \
+        "$([[ $LARGE_OK == "$LARGE_CALLS" ]] && echo PASS || echo FAIL)"
+    row "[$LARGE_WORKERS workers] RSS per connection, ${LARGE_IDLE} s after" "$LARGE_PER KiB" "<= $MAX_WORKER_KIB KiB" \
+        "$(verdict "$LARGE_PER <= $MAX_WORKER_KIB")"
+fi
 
 echo
 printf '%-46s %20s %12s  %s\n' "figure" "value" "target" "result"
@@ -326,6 +371,7 @@ cat >"$OUT" <<EOF
   "h2_streams_per_connection": $H2_STREAMS,
   "added_latency_ratio": $ratio_json,
   "workers": {"m": $m, "registered": $REGISTERED, "connect_ms": $(field "$WRES" connect_ms), "rss_before_kib": $(field "$WRES" rss_before_kib), "rss_after_kib": $(field "$WRES" rss_after_kib), "rss_per_worker_kib": $per_worker, "target_kib": $MAX_WORKER_KIB, "worker_process_rss_per_connection_kib": $(field "$WRES" own_per_worker_kib)},
+  "after_large_calls": {"workers": $LARGE_WORKERS, "calls": $LARGE_CALLS, "ok": ${LARGE_OK:-0}, "body_bytes": $LARGE_BODY, "idle_s": $LARGE_IDLE, "rss_per_worker_kib": ${LARGE_PER:-null}, "target_kib": $MAX_WORKER_KIB},
   "rows": [$(for r in "${ROWS[@]}"; do printf '"%s",' "$(sed 's/  */ /g; s/"/\\"/g' <<<"$r")"; done | sed 's/,$//')]
 }
 EOF
