@@ -156,8 +156,11 @@ pub(crate) struct FrameReader<R> {
     frame: Option<Frame>,
     /// A message in fragments: its opcode and its payload so far.
     message: Option<(u8, BytesMut)>,
+    /// The first message parsed from a read, and the rest after it: most
+    /// reads carry one, which then needs no queue.
+    first: Option<Incoming>,
     ready: VecDeque<Incoming>,
-    /// What went wrong after the messages in `ready`.
+    /// What went wrong after the messages in `first` and `ready`.
     failed: Option<ReadError>,
 }
 
@@ -171,6 +174,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             head_len: 0,
             frame: None,
             message: None,
+            first: None,
             ready: VecDeque::new(),
             failed: None,
         }
@@ -184,6 +188,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<Incoming, ReadError>> {
         loop {
+            if let Some(message) = self.first.take() {
+                return Poll::Ready(Ok(message));
+            }
             if let Some(message) = self.ready.pop_front() {
                 if self.ready.is_empty() {
                     self.ready = VecDeque::new();
@@ -359,7 +366,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         let (opcode, payload) = match frame.opcode {
             CLOSE => {
                 let close = Incoming::Close(close(frame.payload)?);
-                self.ready.push_back(close);
+                self.queue(close);
                 return Ok(());
             }
             PING | PONG => {
@@ -369,7 +376,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 } else {
                     Incoming::Pong(payload)
                 };
-                self.ready.push_back(control);
+                self.queue(control);
                 return Ok(());
             }
             CONTINUATION => {
@@ -391,8 +398,18 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             ),
             _ => Incoming::Binary(payload.freeze()),
         };
-        self.ready.push_back(message);
+        self.queue(message);
         Ok(())
+    }
+
+    /// Queues a complete message behind those before it. Reads happen only
+    /// once every message is taken, so the first of a read goes in `first`.
+    fn queue(&mut self, message: Incoming) {
+        if self.first.is_none() && self.ready.is_empty() {
+            self.first = Some(message);
+        } else {
+            self.ready.push_back(message);
+        }
     }
 }
 
